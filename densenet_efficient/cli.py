@@ -1,0 +1,52 @@
+"""The ``densenet-efficient`` command (also ``python -m densenet_efficient``).
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("densenet_efficient.cli", "list the model names"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'densenet_bc*'")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .registry import list_models
+
+    print("\n".join(list_models(args.pattern)))
+    return 0
+
+
+def parse_efficient(value: str) -> bool | str:
+    """Parse a command-line memory mode: ``False``, ``True`` or ``max`` (case-insensitive)."""
+    modes = {"false": False, "true": True, "max": "max"}
+    if value.lower() not in modes:
+        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
+    return modes[value.lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densenet-efficient", description="Memory-efficient DenseNets: benchmark, plan, train, evaluate."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

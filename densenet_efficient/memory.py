@@ -1,0 +1,112 @@
+"""Measuring memory on any device: peak live tensor bytes, and bytes saved for backward.
+
+On CUDA, ``torch.cuda.max_memory_allocated`` answers; on CPU there is no allocator statistic, so
+:class:`LiveTensorBytes` counts, through a ``TorchDispatchMode``, the storage of every tensor an operator creates
+while it is active, until that storage is freed. Tensors that existed before (parameters, inputs) are not
+counted, so the peak is the extra memory the measured code needs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Context manager: ``current`` and ``peak`` bytes of tensor storage allocated inside it and still alive.
+
+    Storage is counted once, when an operator first returns it; storages first seen as an operator's input
+    were allocated before and are never counted. The count follows the storage's size when it is created.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._known: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._known.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs, _ = tree_flatten((args, kwargs or {}))
+        for tensor in inputs:
+            if isinstance(tensor, Tensor):
+                self._track(tensor, allocated_here=False)
+        out = func(*args, **(kwargs or {}))
+        outputs, _ = tree_flatten(out)
+        for tensor in outputs:
+            if isinstance(tensor, Tensor):
+                self._track(tensor, allocated_here=True)
+        return out
+
+    def _track(self, tensor: Tensor, allocated_here: bool) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._known:
+            return
+        nbytes = storage.nbytes() if allocated_here else 0
+        self._known.add(key)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key, nbytes)
+
+
+def saved_tensor_bytes(exclude: tuple[Tensor, ...] = ()) -> "_SavedBytes":
+    """Context manager counting the distinct storage bytes autograd saves for backward inside it.
+
+    ``exclude``: tensors (e.g. parameters) whose storage is not counted.
+    """
+    return _SavedBytes(exclude)
+
+
+class _SavedBytes:
+    def __init__(self, exclude: tuple[Tensor, ...]):
+        self.bytes = 0
+        self._seen = {id(t.untyped_storage()) for t in exclude}
+        self._keep: list[torch.UntypedStorage] = []
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if id(storage) not in self._seen:
+            self._seen.add(id(storage))
+            self._keep.append(storage)  # keeps ids unique while counting
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "_SavedBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._keep.clear()
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Measure the peak bytes allocated inside the block on ``device``; the result lands in ``stats["peak"]``.
+
+    CUDA: ``max_memory_allocated`` above what was allocated on entry. Other devices: :class:`LiveTensorBytes`.
+    """
+    stats = {"peak": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield stats
+        torch.cuda.synchronize(device)
+        stats["peak"] = torch.cuda.max_memory_allocated(device) - start
+    else:
+        with LiveTensorBytes() as counter:
+            yield stats
+        stats["peak"] = counter.peak

@@ -1,0 +1,14 @@
+import os
+
+# Read by huggingface_hub at import time: no telemetry side requests, loopback never through a proxy.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
