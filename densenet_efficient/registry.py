@@ -51,18 +51,26 @@ def architecture(name: str) -> dict[str, Any]:
     return dict(_ARCHITECTURES[name])
 
 
-def create_model(name: str, pretrained: bool = False, weights: str | None = None, **kwargs: Any) -> DenseNet:
+def create_model(name: str, pretrained: bool = False, weights: str | None = None, *, cache_dir: str | None = None,
+                 endpoint: str | None = None, **kwargs: Any) -> DenseNet:
     """Build the named architecture; ``kwargs`` override its ``DenseNet`` arguments.
 
     ``pretrained=True`` loads the model's default weights; ``weights`` names a tag, a file or an
-    ``hf-hub:`` repo (see the factory functions' documentation).
+    ``hf-hub:`` repo (see the factory functions' documentation). The weights' own constructor arguments apply
+    first, then ``kwargs``: another ``num_classes`` loads all but the classifier (fine-tuning). ``cache_dir``
+    and ``endpoint`` override the Hugging Face cache folder and Hub address for the download.
     """
-    model = DenseNet(**{**architecture(name), **kwargs})
-    model.arch_name = name
+    arch = architecture(name)
+    pretrained_weights = None
     if pretrained or weights:
-        from .weights import load_pretrained
+        from .weights import resolve_weights
 
-        load_pretrained(model, name, weights)
+        pretrained_weights = resolve_weights(name, weights, cache_dir=cache_dir, endpoint=endpoint)
+        arch.update(pretrained_weights.model_args)
+    model = DenseNet(**{**arch, **kwargs})
+    model.arch_name = name
+    if pretrained_weights is not None:
+        pretrained_weights.load_into(model)
     return model
 
 
