@@ -1,0 +1,225 @@
+"""The memory-efficient modes compute exactly what plain autograd computes: outputs, gradients, BN buffers."""
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import densenet_efficient as de
+from densenet_efficient import functional
+
+EFFICIENT_MODES = [True, "max"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def small_networks():
+    """Every layer kind: bottleneck + compression (BC), plain layers, ImageNet stem, dropout."""
+    return {
+        "bc": de.cifar_densenet(16, growth_rate=4),
+        "plain": de.cifar_densenet(10, growth_rate=4, bottleneck=False),
+        "imagenet_stem": de.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5),
+        "dropout": de.cifar_densenet(16, growth_rate=4, drop_rate=0.3),
+    }
+
+
+def train(model, inputs, targets, steps=3, autocast=nullcontext, seed=1):
+    """Run SGD steps; return the last logits, every parameter's last gradient and every buffer."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with autocast():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return logits.detach(), grads, buffers
+
+
+def assert_close_relative(actual, expected, rtol, name):
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
+
+
+def assert_same_training(base, inputs, targets, mode, rtol=1e-5, autocast=nullcontext, device="cpu",
+                         per_tensor_gradients=False):
+    """Train copies of ``base`` naive and in ``mode``; compare logits, gradients and buffers.
+
+    Gradients are compared as one vector (relative norm of the difference) unless ``per_tensor_gradients``:
+    in fp32 some BN weight gradients are ~1e-7, pure rounding noise, in which plain autograd itself differs
+    from float64 by percents.
+    """
+    reference = train(copy.deepcopy(base).to(device), inputs, targets, autocast=autocast)
+    result = train(copy.deepcopy(base).set_efficient(mode).to(device), inputs, targets, autocast=autocast)
+    assert_close_relative(result[0], reference[0], rtol, "logits")
+    assert reference[1].keys() == result[1].keys()
+    if per_tensor_gradients:
+        for name in reference[1]:
+            assert_close_relative(result[1][name], reference[1][name], rtol, name)
+    else:
+        expected = torch.cat([g.flatten().float() for g in reference[1].values()])
+        actual = torch.cat([g.flatten().float() for g in result[1].values()])
+        error = (actual - expected).norm() / expected.norm()
+        assert error <= rtol, f"gradients: relative error {error:.3g} > {rtol}"
+    for name in reference[2]:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(result[2][name], reference[2][name]), name
+        else:
+            assert_close_relative(result[2][name], reference[2][name], rtol, name)
+
+
+@pytest.fixture
+def batch():
+    return torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("network", ["bc", "plain", "imagenet_stem", "dropout"])
+def test_outputs_gradients_and_buffers_match_naive(network, mode, batch):
+    base = small_networks()[network].set_efficient(False)
+    assert_same_training(base, *batch, mode)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("network", ["bc", "plain", "imagenet_stem"])
+def test_float64_every_gradient_matches_naive(network, mode, batch):
+    base = small_networks()[network].set_efficient(False).double()
+    inputs, targets = batch
+    assert_same_training(base, inputs.double(), targets, mode, rtol=1e-9, per_tensor_gradients=True)
+
+
+def test_efficient_path_is_used_when_training(batch, monkeypatch):
+    calls = []
+    original = functional._BnReluConvChain.apply
+    monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: calls.append(1) or original(*a))
+    model = de.cifar_densenet(16, growth_rate=4)
+    model(batch[0]).sum().backward()
+    # 3 blocks x 2 layers + 2 transitions
+    assert len(calls) == 8
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_batch_norm_statistics_updated_once_per_step(mode, batch):
+    """Each BN counts one batch per step and its running stats equal plain autograd's."""
+    steps = 3
+    model = de.cifar_densenet(16, growth_rate=4, efficient=mode)
+    _, _, buffers = train(model, *batch, steps=steps)
+    counts = [b.item() for name, b in buffers.items() if name.endswith("num_batches_tracked")]
+    assert counts and all(count == steps for count in counts)
+
+
+def test_checkpointed_torchvision_densenet_counts_batches_twice():
+    """The defect this project avoids, shown on torchvision's memory_efficient=True (torch.utils.checkpoint)."""
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, memory_efficient=True)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    layer = model.features.denseblock1.denselayer1
+    assert layer.norm1.num_batches_tracked.item() == 2
+    assert model.features.norm0.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_autocast_bfloat16_cpu(mode, batch):
+    base = de.cifar_densenet(16, growth_rate=4, efficient=False)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert_same_training(base, *batch, mode, rtol=1e-2, autocast=autocast)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_channels_last(mode, batch):
+    base = de.cifar_densenet(16, growth_rate=4, efficient=False).to(memory_format=torch.channels_last)
+    inputs = batch[0].contiguous(memory_format=torch.channels_last)
+    assert_same_training(base, inputs, batch[1], mode)
+
+
+def test_dropout_mask_is_not_redrawn_in_backward(batch):
+    """With dropout, the efficient modes draw from the RNG exactly as often as plain autograd."""
+    model = de.cifar_densenet(16, growth_rate=4, drop_rate=0.5, efficient="max")
+    torch.manual_seed(3)
+    model(batch[0]).sum().backward()
+    after_efficient = torch.rand(1)
+    model.set_efficient(False)
+    torch.manual_seed(3)
+    model(batch[0]).sum().backward()
+    assert torch.equal(torch.rand(1), after_efficient)
+
+
+@pytest.mark.parametrize("mode", [False, True, "max"])
+def test_inference_runs_plain_modules(mode, batch, monkeypatch):
+    """eval() and no_grad() never enter the recomputing autograd function."""
+    monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: pytest.fail("recompute path used"))
+    model = de.cifar_densenet(16, growth_rate=4, efficient=mode)
+    with torch.no_grad():
+        model(batch[0])
+    model.eval()
+    model(batch[0]).sum().backward()
+
+
+def test_gradcheck_float64():
+    model = de.DenseNet(growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3,
+                        stem="cifar", efficient="max").double()
+    names = [name for name, _ in model.named_parameters()]
+
+    def logits(x, *params):
+        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    for mode in EFFICIENT_MODES:
+        model.set_efficient(mode)
+        assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_torch_compile_matches_eager(batch):
+    model = de.cifar_densenet(10, growth_rate=4, efficient=True)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model)
+    eager_out = model(batch[0])
+    eager_out.sum().backward()
+    compiled_out = compiled(batch[0])
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(model.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+def test_torchvision_densenet121_weights_load_strictly_and_match():
+    reference = torchvision.models.densenet121(weights=None).eval()
+    state = reference.state_dict()
+    inputs = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(inputs)
+    for mode in [False, True, "max"]:
+        model = de.densenet121_efficient(efficient=mode)
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(inputs), expected, rtol=1e-5, atol=1e-5)
+    train_model = de.densenet121_efficient(efficient=True)
+    train_model.load_state_dict(state, strict=True)
+    reference.train()
+    torch.testing.assert_close(train_model(inputs), reference(inputs), rtol=1e-5, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_cuda_matches_naive(mode, batch):
+    base = de.cifar_densenet(16, growth_rate=4, efficient=False)
+    inputs, targets = (t.cuda() for t in batch)
+    assert_same_training(base, inputs, targets, mode, rtol=1e-4, device="cuda")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_cuda_autocast(mode, dtype, batch):
+    base = de.cifar_densenet(16, growth_rate=4, efficient=False)
+    inputs, targets = (t.cuda() for t in batch)
+    autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    assert_same_training(base, inputs, targets, mode, rtol=2e-2, autocast=autocast, device="cuda")
