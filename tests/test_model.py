@@ -1,0 +1,176 @@
+"""Architectures, registry, fine-tuning surface and input validation."""
+
+import re
+
+import pytest
+import torch
+
+import densenet_efficient as de
+
+# Parameter counts from ../shared/docs/reference-facts.md (torchvision's num_params for ImageNet models).
+PARAMETER_COUNTS = {
+    ("densenet_40_k12", 10): 1_019_722,
+    ("densenet_bc_100_k12", 10): 769_162,
+    ("densenet_bc_100_k12", 100): 800_032,
+    ("densenet_bc_250_k24", 10): 15_324_406,
+    ("densenet_bc_190_k40", 10): 25_624_430,
+    ("densenet121_efficient", 1000): 7_978_856,
+    ("densenet169_efficient", 1000): 14_149_480,
+    ("densenet201_efficient", 1000): 20_013_928,
+    ("densenet161_efficient", 1000): 28_681_000,
+}
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "num_classes"), PARAMETER_COUNTS)
+def test_parameter_counts(name, num_classes):
+    model = de.create_model(name, num_classes=num_classes)
+    assert count_parameters(model) == PARAMETER_COUNTS[name, num_classes]
+
+
+def test_densenet264_layout():
+    model = de.densenet264_efficient()
+    blocks = [len(m) for n, m in model.features.named_children() if n.startswith("denseblock")]
+    assert blocks == [6, 12, 64, 48]
+    assert model.num_features == 2688
+
+
+def test_list_models_and_factories():
+    names = de.list_models()
+    assert names == sorted(names)
+    for name in ["densenet_40_k12", "densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
+                 "densenet121_efficient", "densenet169_efficient", "densenet201_efficient",
+                 "densenet161_efficient", "densenet264_efficient"]:
+        assert name in names
+        assert getattr(de, name).__name__ == name
+    assert de.list_models("densenet_bc*") == ["densenet_bc_100_k12", "densenet_bc_190_k40", "densenet_bc_250_k24"]
+
+
+def test_factory_and_create_model_build_the_same_network():
+    torch.manual_seed(0)
+    a = de.densenet_bc_100_k12(efficient="max", num_classes=100)
+    torch.manual_seed(0)
+    b = de.create_model("densenet_bc_100_k12", efficient="max", num_classes=100)
+    assert a.efficient == b.efficient == "max"
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_cifar_densenet_depths():
+    bc = de.cifar_densenet(100, growth_rate=12)
+    assert count_parameters(bc) == PARAMETER_COUNTS["densenet_bc_100_k12", 10]
+    plain = de.cifar_densenet(40, growth_rate=12, bottleneck=False)
+    assert count_parameters(plain) == PARAMETER_COUNTS["densenet_40_k12", 10]
+    assert [len(m) for n, m in de.cifar_densenet(250, 24).features.named_children() if "block" in n] == [41] * 3
+
+
+@pytest.mark.parametrize(("depth", "bottleneck", "message"), [
+    (101, True, "DenseNet-BC depth must be 6n+4"),
+    (4, True, "DenseNet-BC depth must be 6n+4"),
+    (41, False, "DenseNet depth must be 3n+4"),
+])
+def test_invalid_depth(depth, bottleneck, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        de.cifar_densenet(depth, bottleneck=bottleneck)
+    assert f"got {depth}" in str(error.value)
+
+
+def test_depth_must_be_int():
+    with pytest.raises(TypeError, match="depth must be an int"):
+        de.cifar_densenet(100.0)
+
+
+def test_unknown_model_lists_close_names():
+    with pytest.raises(ValueError, match=r"Unknown model 'densenet_bc_100_k13'\. Did you mean densenet_bc_100_k12"):
+        de.create_model("densenet_bc_100_k13")
+    with pytest.raises(ValueError, match="Available models: densenet121_efficient"):
+        de.create_model("resnet50")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(growth_rate=0), ValueError, "growth_rate must be >= 1, got 0"),
+    (dict(growth_rate=12.5), TypeError, "growth_rate must be an int"),
+    (dict(block_config=()), TypeError, "block_config must be a non-empty sequence"),
+    (dict(block_config=(6, 0)), ValueError, "block_config entries must be >= 1, got 0"),
+    (dict(block_config="6,12"), TypeError, "block_config must be a non-empty sequence"),
+    (dict(compression=0), ValueError, r"compression must be in \(0, 1\]"),
+    (dict(compression=1.5), ValueError, r"compression must be in \[0.0, 1.0\]"),
+    (dict(drop_rate=1.0), ValueError, r"drop_rate must be in \[0.0, 1.0\)"),
+    (dict(bn_size=-1), ValueError, "bn_size must be >= 0"),
+    (dict(num_classes=-1), ValueError, "num_classes must be >= 0"),
+    (dict(in_chans=0), ValueError, "in_chans must be >= 1"),
+    (dict(stem="tiny"), ValueError, "stem must be one of"),
+    (dict(efficient="fast"), ValueError, "efficient='fast' is not a memory mode; valid values are False"),
+    (dict(efficient=1), ValueError, "not a memory mode"),
+])
+def test_invalid_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        de.DenseNet(**kwargs)
+
+
+def test_set_efficient_rejects_invalid_mode():
+    model = de.cifar_densenet(10, growth_rate=2)
+    with pytest.raises(ValueError, match="valid values are False"):
+        model.set_efficient("true")
+    assert model.efficient is True
+
+
+def test_wrong_input_channels_and_size_fail_before_compute(monkeypatch):
+    model = de.densenet121_efficient(in_chans=1, num_classes=3)
+    monkeypatch.setattr(model.features, "forward", lambda x: pytest.fail("computed"))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, H, W\), got \(2, 3, 64, 64\)"):
+        model(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, H, W\), got \(1, 64, 64\)"):
+        model(torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match="too small: this network needs height and width of at least 29"):
+        model(torch.zeros(1, 1, 28, 28))
+
+
+def test_min_input_size_is_the_smallest_that_runs():
+    for model in [de.DenseNet(growth_rate=2, block_config=(1, 1, 1, 1), num_init_features=4, num_classes=2),
+                  de.cifar_densenet(10, growth_rate=2)]:
+        size = model.min_input_size
+        assert model(torch.randn(2, 3, size, size)).shape == (2, model.config["num_classes"])
+        with pytest.raises(ValueError, match="too small"):
+            model(torch.randn(2, 3, size - 1, size))
+
+
+def test_fine_tuning_surface():
+    model = de.densenet_bc_100_k12(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (2, model.num_features, 8, 8)
+    assert (features >= 0).all()
+    assert model.get_classifier() is model.classifier
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    assert model.config["num_classes"] == 7
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+
+
+def test_in_chans_and_state_dict_layout():
+    model = de.densenet121_efficient(in_chans=1, num_classes=4)
+    keys = model.state_dict().keys()
+    assert model.features.conv0.weight.shape == (64, 1, 7, 7)
+    for key in ["features.conv0.weight", "features.norm0.running_var",
+                "features.denseblock1.denselayer1.norm1.weight", "features.denseblock1.denselayer6.conv2.weight",
+                "features.transition3.norm.num_batches_tracked", "features.transition3.conv.weight",
+                "features.denseblock4.denselayer16.conv1.weight", "features.norm5.bias", "classifier.weight"]:
+        assert key in keys
+
+
+def test_core_import_is_light():
+    import subprocess
+    import sys
+
+    # tqdm is left out: torch itself imports it.
+    code = ("import sys, densenet_efficient; "
+            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'torchvision', 'sklearn') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
