@@ -12,3 +12,15 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def loopback_hub():
+    """A Hugging Face Hub on 127.0.0.1 (see tests/loopback_hub.py); closed, with the client's sessions, after."""
+    from huggingface_hub.utils import close_session
+    from loopback_hub import LoopbackHub
+
+    hub = LoopbackHub()
+    yield hub
+    close_session()
+    hub.close()
