@@ -4,7 +4,7 @@ Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``,
 ``DenseNet`` argument; ``torch.hub.help(repo, name)`` prints the details.
 """
 
-dependencies = ["torch", "torchvision", "safetensors", "huggingface_hub"]
+dependencies = ["torch", "safetensors", "huggingface_hub"]
 
 from densenet_efficient.registry import (  # noqa: E402
     densenet121_efficient,
