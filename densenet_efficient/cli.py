@@ -12,6 +12,8 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("densenet_efficient.cli", "list the model names"),
+    "train": ("densenet_efficient.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
+    "eval": ("densenet_efficient.evaluate", "top-1/top-5 of a model's weights on a dataset"),
 }
 
 

@@ -1,0 +1,262 @@
+"""Datasets for training and evaluation, each split into train, validation and test sets.
+
+* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside scikit-learn, no download),
+  upsampled to the input size. A fixed 20% is the test set; the validation set is taken from the rest.
+* ``cifar10`` / ``cifar100``: torchvision's CIFAR datasets in ``--data DIR`` (downloaded only with ``download``);
+  the official test set, and a validation set held out of the 50,000 training images.
+* ``imagefolder``: any ``torchvision.datasets.ImageFolder`` tree (one folder per class), either ``DIR/train`` with
+  ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR`` that is split into train/validation/test.
+
+Images are normalised with a :class:`Preprocessing` (mean, std, input size): the dataset's own by default, the
+pretrained weights' own when fine-tuning (:func:`weights_preprocessing`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+SPLIT_SEED = 0  # the held-out splits never depend on the training seed
+DIGITS_TEST_FRACTION = 0.2
+IMAGEFOLDER_TEST_FRACTION = 0.2
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they were looked for."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into network inputs: per-channel ``mean``/``std`` (the number of channels), square
+    ``input_size``, and for photos the evaluation resize (``input_size / crop_pct``, then a centre crop)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def with_size(self, input_size: int | None) -> Preprocessing:
+        """The same preprocessing at another input size (``None``: unchanged)."""
+        if input_size is None:
+            return self
+        if input_size < 1:
+            raise ValueError(f"image size must be a positive number of pixels, got {input_size}")
+        return Preprocessing(self.mean, self.std, input_size, self.crop_pct, self.interpolation)
+
+    def metadata(self) -> dict[str, Any]:
+        """The keys :func:`weights_preprocessing` reads back from exported weights."""
+        return dict(mean=list(self.mean), std=list(self.std), input_size=[self.channels, self.input_size,
+                    self.input_size], crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> Preprocessing:
+        """Read ``mean``, ``std``, ``input_size`` (and optional ``crop_pct``, ``interpolation``) from weights
+        metadata; raise ``ValueError`` naming ``where`` if they are missing or inconsistent."""
+        missing = [key for key in ("mean", "std", "input_size") if key not in metadata]
+        if missing:
+            raise ValueError(f"{where} gives no {', '.join(missing)}: cannot tell how its images were normalised")
+        mean, std, input_size = tuple(metadata["mean"]), tuple(metadata["std"]), metadata["input_size"]
+        size = input_size[-1] if isinstance(input_size, Sequence) else input_size
+        if len(mean) != len(std) or not isinstance(size, int):
+            raise ValueError(f"{where}: mean {mean}, std {std} and input_size {input_size} do not fit together")
+        return cls(tuple(map(float, mean)), tuple(map(float, std)), size,
+                   float(metadata.get("crop_pct", 0.875)), str(metadata.get("interpolation", "bilinear")))
+
+
+DEFAULT_PREPROCESSING = {
+    "cifar10": Preprocessing((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32),
+    "cifar100": Preprocessing((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32),
+    "imagefolder": Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+}
+
+
+@dataclass
+class Splits:
+    """A dataset's train, validation (``None`` when ``val_fraction`` is 0) and test sets of (image, label)."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    classes: list[str]
+    preprocessing: Preprocessing
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def weights_preprocessing(model: str, weights: str | os.PathLike | None) -> Preprocessing:
+    """The preprocessing pretrained ``weights`` of ``model`` were trained with (a tag, a folder or file written
+    by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag), from their metadata."""
+    from . import weights as weights_module
+
+    reference = None if weights is None else os.fspath(weights)
+    if reference is not None and reference.startswith(weights_module.HF_HUB_PREFIX):
+        from .hub import fetch_hub_file
+
+        repo_id, _, revision = reference[len(weights_module.HF_HUB_PREFIX):].partition("@")
+        config_file = Path(fetch_hub_file(repo_id, weights_module.CONFIG_FILENAME, revision=revision or None))
+        metadata = json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_cfg", {})
+    elif reference is None or not Path(reference).expanduser().exists():
+        metadata = weights_module.weights_entry(model, reference)[1]
+    else:
+        path = Path(reference).expanduser()
+        config_file = (path if path.is_dir() else path.parent) / weights_module.CONFIG_FILENAME
+        if not config_file.is_file():
+            raise ValueError(f"no {config_file}: cannot tell how the images of {path} were normalised; pass a "
+                             "folder written by save_pretrained (or by `densenet-efficient train`)")
+        metadata = json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_cfg", {})
+        reference = str(config_file)
+    return Preprocessing.from_metadata(metadata, f"weights {reference or model}")
+
+
+def build_splits(dataset: str, root: str | os.PathLike | None = None, *, download: bool = False,
+                 preprocessing: Preprocessing | None = None, image_size: int | None = None,
+                 val_fraction: float = 0.1, augment: bool = True) -> Splits:
+    """Load ``dataset`` (one of :data:`DATASETS`) and split it.
+
+    ``preprocessing`` defaults to the dataset's own; ``image_size`` overrides its input size. ``val_fraction`` of
+    the training images (chosen with a fixed seed) form the validation set. ``augment`` adds the training
+    augmentation (CIFAR: random crop with padding and horizontal flip; photos: random resized crop and flip).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if dataset == "digits":
+        return _digits_splits(preprocessing, image_size, val_fraction)
+    if root is None:
+        raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
+    preprocessing = (preprocessing or DEFAULT_PREPROCESSING[dataset]).with_size(image_size)
+    if dataset == "imagefolder":
+        return _imagefolder_splits(Path(root), preprocessing, val_fraction, augment)
+    return _cifar_splits(dataset, Path(root), download, preprocessing, val_fraction, augment)
+
+
+def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Indices ``0..n-1`` shuffled with :data:`SPLIT_SEED`: (the rest, the held-out ``fraction``)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    held_out = round(n * fraction)
+    return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, val_fraction: float) -> Splits:
+    """scikit-learn's digits as tensors: values 0..16 scaled to [0, 1], resized bilinearly, normalised."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("the digits dataset comes with scikit-learn: pip install 'densenet-efficient[train]'") \
+            from error
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    rest, test = _split(len(labels), DIGITS_TEST_FRACTION)
+    train, val = _split_subset(rest, val_fraction)
+    if preprocessing is None:
+        preprocessing = Preprocessing((images[train].mean().item(),), (images[train].std().item(),), 32)
+    preprocessing = preprocessing.with_size(image_size)
+    size = preprocessing.input_size
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    images = images.expand(-1, preprocessing.channels, -1, -1)
+    mean = torch.tensor(preprocessing.mean).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, -1, 1, 1)
+    images = ((images - mean) / std).contiguous()
+
+    def subset(indices: Tensor | list[int]) -> TensorDataset:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return TensorDataset(images[indices], labels[indices])
+
+    return Splits(subset(train), subset(val) if len(val) else None, subset(test),
+                  [str(label) for label in digits.target_names], preprocessing)
+
+
+def _split_subset(indices: list[int], fraction: float) -> tuple[list[int], list[int]]:
+    """Split a list of indices like :func:`_split` splits ``range(n)``."""
+    keep, held_out = _split(len(indices), fraction)
+    return [indices[i] for i in keep], [indices[i] for i in held_out]
+
+
+def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
+    """torchvision transforms: CIFAR-style (``photos=False``) or ImageNet-style resize/crop, then normalise."""
+    from torchvision import transforms as T
+
+    size = preprocessing.input_size
+    interpolation = T.InterpolationMode(preprocessing.interpolation)
+    if photos and train:
+        steps = [T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip()]
+    elif photos:
+        steps = [T.Resize(int(size / preprocessing.crop_pct), interpolation=interpolation), T.CenterCrop(size)]
+    else:
+        steps = [T.Resize(size, interpolation=interpolation)] if size != 32 else []
+        if train:
+            steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+    if preprocessing.channels == 1:
+        steps.append(T.Grayscale())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
+
+
+def _cifar_splits(dataset: str, root: Path, download: bool, preprocessing: Preprocessing, val_fraction: float,
+                  augment: bool) -> Splits:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    train_tf, eval_tf = _transforms(preprocessing, augment, photos=False), _transforms(preprocessing, False, False)
+    try:
+        train_full = cls(root, train=True, transform=train_tf, download=download)
+    except RuntimeError as error:
+        folder = root / cls.base_folder
+        raise DatasetNotFoundError(
+            f"{dataset} not found in {root} (looked for {folder}: {error}). Pass --download (download=True) to "
+            f"fetch it, or point --data at the folder that contains {cls.base_folder}."
+        ) from error
+    eval_full = cls(root, train=True, transform=eval_tf)
+    train, val = _split(len(train_full), val_fraction)
+    test = cls(root, train=False, transform=eval_tf)
+    return Splits(Subset(train_full, train), Subset(eval_full, val) if val else None, test,
+                  list(train_full.classes), preprocessing)
+
+
+def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool) -> Splits:
+    """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"no folder {root}: expected an ImageFolder tree (one sub-folder per class)")
+    train_tf, eval_tf = _transforms(preprocessing, augment, photos=True), _transforms(preprocessing, False, True)
+    has_train = (root / "train").is_dir()
+    train_root = root / "train" if has_train else root
+    train_full, eval_full = ImageFolder(train_root, train_tf), ImageFolder(train_root, eval_tf)
+    indices = list(range(len(train_full)))
+    named = [root / name for name in ("test", "val") if has_train and (root / name).is_dir()]
+    if named:
+        test: Dataset = ImageFolder(named[0], eval_tf)
+        _check_same_classes(train_full.classes, test.classes, train_root, named[0])  # type: ignore[attr-defined]
+    else:
+        indices, held_out = _split(len(indices), IMAGEFOLDER_TEST_FRACTION)
+        test = Subset(eval_full, held_out)
+    if len(named) == 2:
+        val: Dataset | None = ImageFolder(named[1], eval_tf)
+        _check_same_classes(train_full.classes, val.classes, train_root, named[1])  # type: ignore[union-attr]
+    else:
+        indices, held_out = _split_subset(indices, val_fraction)
+        val = Subset(eval_full, held_out) if held_out else None
+    return Splits(Subset(train_full, indices), val, test, list(train_full.classes), preprocessing)
+
+
+def _check_same_classes(expected: list[str], found: list[str], expected_root: Path, found_root: Path) -> None:
+    if expected != found:
+        raise ValueError(f"class folders differ: {expected_root} has {expected}, {found_root} has {found}")

@@ -1,0 +1,634 @@
+"""``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP).
+
+Python API: ``train(TrainConfig(...))`` returns the results that ``results.json`` holds. What a run writes in its
+output folder (rank 0 only):
+
+* ``checkpoints/epoch-NNNN.safetensors`` (model) and ``epoch-NNNN.pt`` (optimizer, scheduler, grad scaler,
+  history, config and the model file's sha256; read back with ``torch.load(weights_only=True)``), each written to
+  a temporary file and renamed, the last ``keep_checkpoints`` kept; ``--resume`` continues from the newest;
+* ``best.safetensors``: the weights of the epoch with the best validation top-1;
+* ``metrics.csv``: one row per epoch; ``curves.png``: the learning curves;
+* ``results.json``: test loss/top-1/top-5 of the best weights; ``export/``: those weights as ``save_pretrained``
+  writes them (model.safetensors, config.json, model card) and ``manifest_entry.json``.
+
+The random state is reseeded from (seed, epoch, rank) at the start of every epoch and the data order comes from
+``DistributedSampler(seed)``, so a resumed run repeats the uninterrupted one exactly on CPU.
+
+``batch_size`` is the global batch of one optimizer step: each of ``world_size`` processes loads
+``batch_size / world_size`` images per step and feeds them in ``accum_steps`` micro-batches (every
+``accum_steps``-th image), so one process with ``accum_steps=N`` sees the same micro-batches as N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .evaluate import AMP_DTYPES, autocast, evaluate, to_device
+from .functional import MemoryMode, check_memory_mode
+
+RECIPE_DEFAULTS: dict[str, Any] = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75),
+                                       gamma=0.1, val_fraction=0.1)
+# Per dataset: the paper's CIFAR recipe; a small network for the digits; fine-tuning defaults for photos.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cifar10": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
+    "cifar100": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
+    "digits": dict(model="densenet_bc_100_k12", model_args={"block_config": (2, 2, 2)}, epochs=10,
+                   batch_size=32, lr=0.1),
+    "imagefolder": dict(model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01),
+}
+# What a resumed run must share with the run it continues.
+RECIPE_KEYS = ("dataset", "model", "model_args", "weights", "pretrained", "num_classes", "freeze_backbone",
+               "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma",
+               "val_fraction", "image_size", "seed")
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"epoch-(\d{4,})\.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable, truncated, inconsistent or from another recipe."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``None`` fields take the dataset's recipe (:data:`RECIPES`)."""
+
+    dataset: str = "digits"
+    data: str | None = None
+    download: bool = False
+    model: str | None = None
+    model_args: dict[str, Any] | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    freeze_backbone: bool = False
+    efficient: MemoryMode = True
+    epochs: int | None = None
+    batch_size: int | None = None
+    accum_steps: int = 1
+    lr: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    milestones: tuple[float, ...] | None = None
+    gamma: float | None = None
+    val_fraction: float | None = None
+    image_size: int | None = None
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    workers: int | None = None
+    device: str | None = None
+    output: str = "runs/train"
+    resume: bool | str = False
+    keep_checkpoints: int = 2
+    export: bool = True
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` recipe field filled in from the dataset's recipe, checked."""
+        if self.dataset not in RECIPES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
+        recipe = {**RECIPE_DEFAULTS, **RECIPES[self.dataset],
+                  "workers": 0 if self.dataset == "digits" else min(8, os.cpu_count() or 1)}
+        if self.model is not None:  # the recipe's model arguments belong to the recipe's model
+            recipe["model_args"] = {}
+        recipe.setdefault("model_args", {})
+        filled = {key: value for key, value in recipe.items() if getattr(self, key) is None}
+        config = dataclasses.replace(self, **filled)
+        config.efficient = check_memory_mode(config.efficient)
+        config.milestones = tuple(config.milestones)
+        for name in ("epochs", "batch_size", "accum_steps", "keep_checkpoints"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+        if any(not 0 < m <= 1 for m in config.milestones):
+            raise ValueError(f"milestones are fractions of the epochs in (0, 1], got {config.milestones}")
+        if config.amp is not None and config.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+        if config.sync_bn and config.efficient is not False:
+            raise ValueError(
+                "SyncBatchNorm needs efficient=False (--efficient False): the memory-efficient modes compute batch "
+                "statistics per process inside their own autograd function, so they cannot be synchronised"
+            )
+        return config
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields a resumed run must share, as JSON values."""
+        return json.loads(json.dumps({key: getattr(self, key) for key in RECIPE_KEYS}))
+
+
+@dataclass
+class _Context:
+    """This process's place in the run: rank, world size and device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_process_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
+        """Sum (or max) ``tensor`` in place over all processes."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _distributed(device: str | None) -> Iterator[_Context]:
+    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on CUDA, gloo
+    on CPU. One process without those variables runs alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", local_rank)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    owns = world_size > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    try:
+        yield _Context(rank, world_size, target, owns)
+    finally:
+        if owns:
+            dist.destroy_process_group()
+
+
+def _reseed(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA) from (seed, epoch, rank): each epoch's randomness depends on nothing else."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]))
+
+
+def build_model(config: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """The configured model with ``num_classes`` outputs; pretrained weights loaded (another number of classes
+    keeps a fresh classifier); the backbone frozen if asked."""
+    from .registry import create_model
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, pretrained=config.pretrained, weights=config.weights,
+                         **{**config.model_args, "num_classes": num_classes, "in_chans": in_chans,
+                            "efficient": config.efficient})
+    if config.freeze_backbone:
+        model.features.requires_grad_(False)
+    return model
+
+
+def _data(config: TrainConfig):
+    """The dataset's splits, preprocessed as the pretrained weights were (if any)."""
+    from .data import build_splits, weights_preprocessing
+
+    preprocessing = None
+    if config.weights or config.pretrained:
+        preprocessing = weights_preprocessing(config.model, config.weights)
+    return build_splits(config.dataset, config.data, download=config.download, preprocessing=preprocessing,
+                        image_size=config.image_size, val_fraction=config.val_fraction)
+
+
+def _loaders(config: TrainConfig, splits, ctx: _Context):
+    """Train loader (DistributedSampler, per-process batches) and per-process shards of the eval sets."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    per_process, remainder = divmod(config.batch_size, ctx.world_size * config.accum_steps)
+    if remainder:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by world size x accumulation steps "
+            f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
+        )
+    if len(splits.train) < config.batch_size:
+        raise ValueError(f"the training set has {len(splits.train)} images, fewer than one batch of "
+                         f"{config.batch_size}")
+    options = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
+    sampler = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    train = DataLoader(splits.train, batch_size=per_process * config.accum_steps, sampler=sampler, drop_last=True,
+                       **options)
+
+    def shard(dataset):
+        return None if dataset is None else DataLoader(
+            Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)), batch_size=2 * per_process, **options)
+
+    return train, sampler, shard(splits.val), shard(splits.test)
+
+
+class Trainer:
+    """One training run: model, optimizer, schedule and data for this process (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, ctx: _Context):
+        self.config, self.ctx = config, ctx
+        self.output = Path(config.output)
+        self.splits = _data(config)
+        num_classes = config.num_classes or self.splits.num_classes
+        if num_classes != self.splits.num_classes:
+            raise ValueError(f"num_classes {num_classes} does not match the {self.splits.num_classes} classes of "
+                             f"{config.dataset}")
+        self.model = build_model(config, num_classes, self.splits.preprocessing.channels).to(ctx.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=config.gamma)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.start_epoch = 0
+        if config.resume:
+            self._restore(self._resume_path())
+        self.train_loader, self.sampler, self.val_loader, self.test_loader = _loaders(config, self.splits, ctx)
+        self.network = self._wrap()
+
+    def _wrap(self) -> nn.Module:
+        """SyncBatchNorm, DistributedDataParallel and torch.compile around the model, as configured."""
+        network, config = self.model, self.config
+        if config.sync_bn:
+            if self.ctx.device.type != "cuda":
+                raise ValueError("SyncBatchNorm works on CUDA devices only; drop --sync-bn on CPU")
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            self.model = network
+        self.ddp = None
+        if self.ctx.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            network = self.ddp = DistributedDataParallel(network, device_ids=device_ids)
+        return torch.compile(network) if config.compile else network
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def _resume_path(self) -> Path:
+        if isinstance(self.config.resume, (str, os.PathLike)):
+            return Path(self.config.resume)
+        found = checkpoints(self.output)
+        if not found:
+            raise CheckpointError(f"nothing to resume: no checkpoint in {self.output / CHECKPOINT_DIR}")
+        return found[-1]
+
+    def _restore(self, path: Path) -> None:
+        """Load model, optimizer, scheduler, grad scaler and history from checkpoint ``path`` (``epoch-N.pt``)."""
+        model_state, state = load_checkpoint(path)
+        differing = {key: (value, self.config.recipe()[key]) for key, value in state["config"].items()
+                     if self.config.recipe().get(key) != value}
+        if differing:
+            listing = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differing.items())
+            raise CheckpointError(f"{path} was written by another recipe ({listing}); resume with the same settings")
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.best, self.start_epoch = state["history"], state["best"], state["epoch"]
+
+    def _save(self, epoch: int) -> None:
+        """Rank 0: checkpoint after ``epoch`` (1-based), best weights, the metrics table."""
+        from .weights import write_atomically
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     scaler=self.scaler.state_dict(), history=self.history, best=self.best,
+                     config=self.config.recipe())
+        save_checkpoint(self.output, self.model, state, self.config.keep_checkpoints)
+        if self.best.get("epoch") == epoch:
+            write_atomically(self.output / "best.safetensors", _model_bytes(self.model))
+        write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
+
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, then test the best weights and export them. Returns the results."""
+        for epoch in range(self.start_epoch, self.config.epochs):
+            _reseed(self.config.seed, epoch, self.ctx.rank)
+            self.sampler.set_epoch(epoch)
+            row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **self._train_epoch(epoch)}
+            if self.val_loader is not None:
+                row.update(_prefixed("val", self._evaluate(self.val_loader)))
+            self.scheduler.step()
+            self.history.append(row)
+            score = row.get("val_top1", row["train_top1"])
+            if not self.best or score > self.best["score"]:
+                self.best = {"epoch": epoch + 1, "score": score}
+            if self.ctx.is_main:
+                self._save(epoch + 1)
+                if self.config.progress:
+                    print(_summary(row), flush=True)
+            self.ctx.barrier()
+        return self._finish()
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; loss, top-1, images/s (and CUDA peak memory) over all processes."""
+        from tqdm.auto import tqdm
+
+        config, device = self.config, self.ctx.device
+        self.network.train()
+        if config.freeze_backbone:
+            self.model.features.eval()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                   disable=not (config.progress and self.ctx.is_main))
+        for step, (images, labels) in enumerate(bar):
+            images, labels = to_device(images, labels, device, config.channels_last)
+            totals += self._step(images, labels)
+            if step % 10 == 0 or step == len(self.train_loader) - 1:
+                loss, correct, count = totals.tolist()
+                rate = count * self.ctx.world_size / (time.perf_counter() - start)
+                bar.set_postfix(_progress_fields(loss / count, 100 * correct / count, rate, device), refresh=False)
+        bar.close()
+        self.ctx.all_reduce(totals)
+        loss, correct, count = totals.tolist()
+        row = {"train_loss": loss / count, "train_top1": 100 * correct / count,
+               "images_per_s": count / (time.perf_counter() - start)}
+        if device.type == "cuda":
+            peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+            self.ctx.all_reduce(peak, op="max")
+            row["peak_memory_mb"] = peak.item() / 2**20
+        return row
+
+    def _step(self, images: Tensor, labels: Tensor) -> Tensor:
+        """One optimizer step over a per-process batch in ``accum_steps`` strided micro-batches; returns the
+        (loss sum, correct, images) of the batch."""
+        accum = self.config.accum_steps
+        totals = torch.zeros(3, dtype=torch.float64, device=images.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for index in range(accum):
+            inputs, targets = images[index::accum], labels[index::accum]
+            sync = self.ddp is None or index == accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with autocast(images.device, self.config.amp):
+                    logits = self.network(inputs)
+                    loss = F.cross_entropy(logits, targets)
+                self.scaler.scale(loss / accum).backward()
+            totals += torch.stack([loss.detach().double() * len(targets),
+                                   (logits.argmax(1) == targets).sum().double(),
+                                   torch.tensor(float(len(targets)), dtype=torch.float64, device=images.device)])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return totals
+
+    def _evaluate(self, loader) -> dict[str, float]:
+        """Loss, top-1 and top-5 over all processes' shards of ``loader``'s dataset, with rank 0's BatchNorm
+        buffers. The unwrapped model runs, so that shards of unequal length need no collective per batch."""
+        if self.ctx.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+        return evaluate(self.model, loader, self.ctx.device, amp=self.config.amp,
+                        channels_last=self.config.channels_last, all_reduce=self.ctx.all_reduce)
+
+    def _finish(self) -> dict[str, Any]:
+        """Test the best weights; rank 0 writes results.json, curves.png and the export."""
+        from safetensors.torch import load_file
+
+        best_file = self.output / "best.safetensors"
+        self.ctx.barrier()
+        self.model.load_state_dict(load_file(best_file, device=str(self.ctx.device)))
+        results = {"best_epoch": self.best["epoch"], "best_score": self.best["score"],
+                   "test": self._evaluate(self.test_loader), "epochs": len(self.history)}
+        if self.ctx.is_main:
+            from .weights import write_atomically
+
+            write_atomically(self.output / "curves.png", _curves_png(self.history))
+            if self.config.export:
+                results["export"] = str(self._export(results))
+            write_atomically(self.output / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            if self.config.progress:
+                test = results["test"]
+                print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch "
+                      f"{results['best_epoch']}); written to {self.output}", flush=True)
+        return results
+
+    def _export(self, results: dict[str, Any]) -> Path:
+        """Write the best weights with save_pretrained (and their manifest entry) to ``output/export``."""
+        from .weights import save_pretrained, write_atomically
+
+        config, test = self.config, results["test"]
+        metrics = [{"dataset": config.dataset, "split": "test", "top1": round(test["top1"], 3),
+                    "top5": round(test["top5"], 3), "protocol": f"densenet-efficient eval --dataset "
+                    f"{config.dataset} (input {self.splits.preprocessing.input_size} px)"}]
+        entry = save_pretrained(
+            self.model, self.output / "export", architecture=config.model, dataset=config.dataset,
+            classes=self.splits.classes, metrics=metrics, source="densenet-efficient train",
+            recipe=config.recipe(), **self.splits.preprocessing.metadata(),
+        )
+        write_atomically(self.output / "manifest_entry.json", (json.dumps(entry, indent=2) + "\n").encode())
+        return self.output / "export"
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{key}": value for key, value in metrics.items() if key != "images"}
+
+
+def _progress_fields(loss: float, top1: float, rate: float, device: torch.device) -> dict[str, str]:
+    fields = {"loss": f"{loss:.3f}", "acc": f"{top1:.1f}%", "img/s": f"{rate:.0f}"}
+    if device.type == "cuda":
+        fields["peak"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MiB"
+    return fields
+
+
+def _summary(row: dict[str, Any]) -> str:
+    """One line per epoch for the console."""
+    text = (f"epoch {row['epoch']}: lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} top-1 "
+            f"{row['train_top1']:.2f}%")
+    if "val_top1" in row:
+        text += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%"
+    text += f"  {row['images_per_s']:.0f} img/s"
+    if "peak_memory_mb" in row:
+        text += f"  peak {row['peak_memory_mb']:.0f} MiB"
+    return text
+
+
+def _model_bytes(model: nn.Module) -> bytes:
+    """The model's state dict as safetensors bytes (CPU, contiguous)."""
+    from safetensors.torch import save
+
+    return save({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()})
+
+
+def _csv_bytes(history: list[dict[str, Any]]) -> bytes:
+    """The per-epoch history as CSV (columns: every key any epoch has, in first-seen order)."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return text.getvalue().encode()
+
+
+def _curves_png(history: list[dict[str, Any]]) -> bytes:
+    """Loss and top-1 per epoch (train and validation) as a PNG; matplotlib's Agg canvas, no display needed."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    epochs = [row["epoch"] for row in history]
+    for axes, metric, label in zip(figure.subplots(1, 2), ("loss", "top1"), ("cross-entropy", "top-1 (%)")):
+        for split in ("train", "val"):
+            if f"{split}_{metric}" in history[0]:
+                axes.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
+        axes.set(xlabel="epoch", ylabel=label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def checkpoints(output: str | os.PathLike) -> list[Path]:
+    """The ``epoch-N.pt`` files of ``output/checkpoints``, oldest first."""
+    folder = Path(output) / CHECKPOINT_DIR
+    found = [p for p in folder.glob("epoch-*.pt") if _CHECKPOINT_NAME.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def save_checkpoint(output: Path, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
+    """Write ``epoch-N.safetensors`` (model) then ``epoch-N.pt`` (``state`` plus the model file's sha256), each
+    atomically; then delete all but the newest ``keep`` checkpoints. Returns the ``.pt`` path."""
+    import hashlib
+
+    from .weights import write_atomically
+
+    folder = output / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / f"epoch-{state['epoch']:04d}.pt"
+    model_bytes = _model_bytes(model)
+    write_atomically(state_path.with_suffix(".safetensors"), model_bytes)
+    buffer = io.BytesIO()
+    torch.save({**state, "model_sha256": hashlib.sha256(model_bytes).hexdigest()}, buffer)
+    write_atomically(state_path, buffer.getvalue())
+    for old in checkpoints(output)[:-keep]:
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+        old.unlink()
+    return state_path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read checkpoint ``epoch-N.pt`` and its ``epoch-N.safetensors``: (model state dict, training state).
+
+    Raises :class:`CheckpointError` naming the file, and the previous checkpoint if there is one, when either file
+    is missing, truncated or corrupt, or when the model file is not the one the state was saved with.
+    """
+    from safetensors.torch import load_file
+
+    from .weights import file_sha256
+
+    path = Path(path)
+    model_path = path.with_suffix(".safetensors")
+    older = [p for p in checkpoints(path.parent.parent) if p.name < path.name]
+    hint = f"; the previous checkpoint {older[-1]} can be resumed with --resume {older[-1]}" if older else ""
+    if not path.is_file() or not model_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are both "
+                              f"needed{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged file; all mean "unreadable"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}){hint}") from error
+    if not isinstance(state, dict) or "model_sha256" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint of densenet-efficient{hint}")
+    if file_sha256(model_path) != state["model_sha256"]:
+        raise CheckpointError(f"{model_path} is truncated, corrupt or from another checkpoint: its sha256 differs "
+                              f"from the one {path.name} recorded{hint}")
+    return load_file(model_path), state
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` in this process (joining torchrun's process group if there is one); returns the results."""
+    config = config.resolved()
+    with _distributed(config.device) as ctx:
+        return Trainer(config, ctx).fit()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import parse_efficient
+    from .data import DATASETS
+
+    recipe = ", ".join(f"{name}: {r['model']}, {r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}"
+                       for name, r in RECIPES.items())
+    parser.epilog = (f"Defaults per dataset ({recipe}); all: SGD with Nesterov momentum 0.9, weight decay 1e-4, "
+                     "lr x0.1 at 50%% and 75%% of the epochs, 10%% of the training images held out for validation.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (no download)")
+    data.add_argument("--data", help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
+    data.add_argument("--download", action="store_true", help="download CIFAR into --data if it is not there")
+    data.add_argument("--val-fraction", type=float, help="training images held out for validation (0: none)")
+    data.add_argument("--image-size", type=int, help="input size (default: the dataset's or the weights')")
+    data.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="registered model name (see `densenet-efficient models`)")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
+                       help="DenseNet argument override, e.g. block_config=2,2,2 or growth_rate=12 (repeatable)")
+    model.add_argument("--weights", help="fine-tune from: a weights tag, a .safetensors file, an exported folder or "
+                       "hf-hub:org/name[@revision]")
+    model.add_argument("--pretrained", action="store_true", help="fine-tune from the model's default weights")
+    model.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
+    model.add_argument("--freeze-backbone", action="store_true", help="train the classifier only")
+    model.add_argument("--efficient", type=parse_efficient, default=True, metavar="{False,True,max}",
+                       help="memory mode (default True)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int)
+    optim.add_argument("--batch-size", type=int, help="global batch per optimizer step, over all processes")
+    optim.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    optim.add_argument("--lr", type=float)
+    optim.add_argument("--momentum", type=float)
+    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
+    optim.add_argument("--weight-decay", type=float)
+    optim.add_argument("--milestones", type=float, nargs="+", help="lr x gamma at these fractions of the epochs")
+    optim.add_argument("--gamma", type=float)
+    optim.add_argument("--seed", type=int, default=0)
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available; torchrun: LOCAL_RANK)")
+    run_group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision (fp16 adds loss scaling)")
+    run_group.add_argument("--channels-last", action="store_true")
+    run_group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run_group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (--efficient False only)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", default="runs/train", help="output folder (default runs/train)")
+    out.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                     help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt)")
+    out.add_argument("--keep-checkpoints", type=int, default=2)
+    out.add_argument("--no-export", dest="export", action="store_false")
+    out.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    """Parse ``KEY=VALUE`` (VALUE: a Python literal; ``2,2,2`` is a tuple)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. growth_rate=12), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError) as error:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number, tuple or string literal") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {key: value for key, value in vars(args).items() if key in fields}
+    options["model_args"] = dict(args.model_arg) or None
+    train(TrainConfig(**options))
+    return 0
