@@ -71,8 +71,8 @@ def _hub_unavailable(repo_id: str, filename: str, revision: str, cache_dir, endp
     return (
         f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}) from {url}: {reason}. It is not in "
         f"the Hugging Face cache {cache} either. To get it: download it once while online (HF_ENDPOINT points at "
-        f"a mirror); or copy a cache that holds it and point HF_HUB_CACHE (or cache_dir=) at it; or fetch {url} "
-        f"on another machine and pass weights='path/to/{filename}'."
+        f"a mirror); or copy a cache that holds it and point HF_HUB_CACHE (or cache_dir=) at it; or fetch the "
+        f"repo's files on another machine and pass weights='path/to/folder' or 'path/to/model.safetensors'."
     )
 
 
