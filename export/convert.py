@@ -1,0 +1,108 @@
+"""Convert a torchvision DenseNet checkpoint into this project's safetensors layout, checked against torchvision.
+
+    python -m export.convert --torchvision densenet121 --output out/densenet121_efficient.tv_in1k
+    python -m export.convert --checkpoint densenet121-a639ec97.pth --model densenet121_efficient --output out/x
+
+The checkpoint may use torchvision's legacy key names (``norm.1``) or the current ones. The converted model and
+torchvision's own ``DenseNet`` load the same tensors and must give the same logits on a random image (max
+absolute difference printed, below 1e-5), otherwise nothing is written. The output folder gets the files of
+``save_pretrained`` (byte-identical on every run) and the manifest entry is printed as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from densenet_efficient.hub import fetch_url_file
+from densenet_efficient.registry import create_model
+from densenet_efficient.weights import read_state_dict, save_pretrained
+
+TORCHVISION_URL_BASE = "https://download.pytorch.org"
+TOLERANCE = 1e-5
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
+
+
+def torchvision_url(name: str, endpoint: str | None = None) -> str:
+    """URL of torchvision's ImageNet weights for ``name`` (``densenet121``...), optionally on a mirror."""
+    import torchvision
+
+    if not name.startswith("densenet") or name not in torchvision.models.list_models():
+        raise SystemExit(f"--torchvision must name a torchvision DenseNet: densenet121, densenet161, densenet169, "
+                         f"densenet201; got {name!r}")
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return url.replace(TORCHVISION_URL_BASE, endpoint.rstrip("/"), 1) if endpoint else url
+
+
+def fetch_checkpoint(location: str) -> Path:
+    """A local path as is; a URL downloaded to torch.hub's cache, its sha256 checked against the name's prefix."""
+    if not location.startswith(("http://", "https://")):
+        return Path(location)
+    prefix = _HASH_PREFIX.search(location)
+    if prefix is None:
+        raise SystemExit(f"{location}: a checkpoint URL must end in -<sha256 prefix>.pth, as torchvision's do")
+    return Path(fetch_url_file(location, prefix.group(1)))
+
+
+def torchvision_densenet(model_args: dict) -> torch.nn.Module:
+    """torchvision's DenseNet with the same architecture (ImageNet stem, compression 0.5, 3 input channels)."""
+    from torchvision.models import DenseNet
+
+    if model_args["stem"] != "imagenet" or model_args["compression"] != 0.5 or model_args["in_chans"] != 3:
+        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
+                         "this model cannot be compared with it")
+    return DenseNet(growth_rate=model_args["growth_rate"], block_config=tuple(model_args["block_config"]),
+                    num_init_features=model_args["num_init_features"], bn_size=model_args["bn_size"],
+                    num_classes=model_args["num_classes"])
+
+
+def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
+    """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
+    reference = torchvision_densenet(model.config)
+    reference.load_state_dict(state_dict, strict=True)
+    image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (model.eval()(image) - reference.eval()(image)).abs().max().item()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.convert", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--torchvision", metavar="NAME", help="a torchvision model name, e.g. densenet121 (online)")
+    source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="a .pth file or URL (legacy or new key names)")
+    parser.add_argument("--model", help="this project's model name (default for --torchvision: NAME_efficient)")
+    parser.add_argument("--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md")
+    parser.add_argument("--tag", default="tv_in1k", help="weights tag recorded in config.json (default: tv_in1k)")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the random test image (default 224)")
+    parser.add_argument("--endpoint", help=f"a mirror of {TORCHVISION_URL_BASE} for --torchvision")
+    args = parser.parse_args(argv)
+    if args.model is None and args.checkpoint:
+        parser.error("--model is required with --checkpoint")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    location = torchvision_url(args.torchvision, args.endpoint) if args.torchvision else args.checkpoint
+    name = args.model or f"{args.torchvision}_efficient"
+    state_dict = read_state_dict(fetch_checkpoint(location))
+    model = create_model(name)
+    model.load_state_dict(state_dict, strict=True)
+    difference = max_logit_difference(state_dict, model, args.image_size)
+    print(f"max abs logit difference vs torchvision: {difference:.3e}")
+    if not difference < TOLERANCE:
+        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
+        return 1
+    entry = save_pretrained(model, args.output, tag=args.tag, source=f"converted from torchvision ({location})")
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

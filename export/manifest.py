@@ -1,0 +1,123 @@
+"""Check or fill ``weights_manifest.json`` entries from the Hub, or print the table of available weights.
+
+    python -m export.manifest check                  # every entry: sha256, size, revision against the Hub
+    python -m export.manifest fill densenet121_efficient.ra_in1k   # write the Hub's values into empty fields
+    python -m export.manifest table                  # the Markdown table of README.md
+
+``check`` exits 1 if a recorded value differs from the Hub's or a file is missing. ``fill`` only fills empty
+(null) fields, with the LFS sha256 and size from ``HfApi.get_paths_info`` and the commit the revision resolves to
+now; it refuses to write anything if a recorded value differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from densenet_efficient.weights import load_manifest, manifest_path, write_atomically
+
+FIELDS = ("sha256", "size", "revision")
+
+
+def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
+    """What the Hub says about an entry's file: its LFS ``sha256`` and ``size``, and the ``revision`` (full
+    commit) that the entry's revision (or ``main``) resolves to. Raises if the repo, revision or file is missing."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    revision = api.model_info(hub["repo_id"], revision=hub["revision"] or "main").sha
+    infos = api.get_paths_info(hub["repo_id"], hub["filename"], revision=revision)
+    if not infos:
+        raise FileNotFoundError(f"{hub['repo_id']} has no {hub['filename']} at {revision}")
+    lfs = infos[0].lfs
+    return {"sha256": lfs.sha256 if lfs else None, "size": infos[0].size, "revision": revision}
+
+
+def compare(hub: dict[str, Any], facts: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(verified, mismatched)`` field descriptions; fields the manifest leaves empty are in neither."""
+    verified, mismatched = [], []
+    for field in FIELDS:
+        if hub[field] is None:
+            continue
+        if hub[field] == facts[field]:
+            verified.append(field)
+        else:
+            mismatched.append(f"{field}: manifest {hub[field]}, Hub {facts[field]}")
+    return verified, mismatched
+
+
+def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **hub_options: Any) -> bool:
+    """Print one line per entry; with ``fill``, put the Hub's values into empty fields. True if all agree."""
+    agree = True
+    for key in keys:
+        hub = manifest["weights"][key]["hub"]
+        if hub is None:
+            print(f"{key}: no Hub file (URL source only)")
+            continue
+        try:
+            facts = hub_facts(hub, **hub_options)
+        except Exception as error:  # any Hub error is this entry's failure; the others are still checked
+            print(f"{key}: FAILED {type(error).__name__}: {str(error).splitlines()[0]}")
+            agree = False
+            continue
+        verified, mismatched = compare(hub, facts)
+        empty = [field for field in FIELDS if hub[field] is None]
+        print(f"{key}: verified {', '.join(verified) or 'nothing'}"
+              + (f"; MISMATCH {'; '.join(mismatched)}" if mismatched else "")
+              + (f"; {'filled' if fill else 'empty'} {', '.join(f'{f}={facts[f]}' for f in empty)}" if empty else ""))
+        agree = agree and not mismatched
+        if fill:
+            hub.update({field: facts[field] for field in empty})
+    return agree
+
+
+def table(manifest: dict[str, Any]) -> str:
+    """Markdown table of the manifest's weights."""
+    rows = ["| weights | default | top-1 (protocol) | source | Hub file | pinned | torchvision fallback |",
+            "|---|---|---|---|---|---|---|"]
+    for key, entry in manifest["weights"].items():
+        default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
+        top1 = "<br>".join(f"{m['top1']} ({m['reported_by']}, {m['image_size']} px)" for m in entry["metrics"])
+        hub = entry["hub"]
+        hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
+        pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"
+        url = entry["url"]["url"] if entry["url"] else ""
+        rows.append(f"| `{key}` | {default} | {top1} | {entry['source']} | {hub_cell} | {pinned} | {url} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.manifest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("check", "fill", "table"))
+    parser.add_argument("keys", nargs="*", help="model.tag entries (default: all)")
+    parser.add_argument("--manifest", type=Path, help=f"manifest file (default: {manifest_path()})")
+    parser.add_argument("--endpoint", help="Hub address (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--token", help="Hub token for private repos")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = (args.manifest or manifest_path()).resolve()  # resolved: fill rewrites the file, not a link to it
+    manifest = json.loads(path.read_text(encoding="utf-8")) if args.manifest else load_manifest()
+    if args.action == "table":
+        print(table(manifest))
+        return 0
+    unknown = sorted(set(args.keys) - set(manifest["weights"]))
+    if unknown:
+        print(f"error: no entries {unknown}; entries: {', '.join(manifest['weights'])}", file=sys.stderr)
+        return 2
+    agree = check_and_fill(manifest, args.keys or list(manifest["weights"]), args.action == "fill",
+                           endpoint=args.endpoint, token=args.token)
+    if args.action == "fill" and agree:
+        write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+        print(f"wrote {path}")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

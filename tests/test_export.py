@@ -1,0 +1,173 @@
+"""Maintainer tools: torchvision -> safetensors conversion, publishing to the (loopback) Hub, manifest check/fill,
+and the exported weights loading strictly into torchvision and timm with the same logits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import densenet_efficient as de
+from densenet_efficient.weights import ChecksumMismatchError
+from export import convert, manifest, publish
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE = torch.randn(2, 3, 64, 64)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IMAGE)
+
+
+@pytest.fixture(scope="module")
+def torchvision_checkpoints(tmp_path_factory):
+    """A randomly initialised torchvision DenseNet-121 (with non-trivial BatchNorm statistics) saved in the
+    legacy key layout of torchvision's published files and in the current one."""
+    torch.manual_seed(1)
+    model = torchvision.models.densenet121().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    state = model.state_dict()
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value
+              for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    directory = tmp_path_factory.mktemp("torchvision")
+    torch.save(legacy, directory / "legacy.pth")
+    torch.save(state, directory / "new.pth")
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    return model, directory
+
+
+@pytest.fixture(scope="module")
+def exported(torchvision_checkpoints, tmp_path_factory):
+    """The legacy checkpoint converted by ``python -m export.convert``; returns (folder, printed output)."""
+    model, directory = torchvision_checkpoints
+    output = tmp_path_factory.mktemp("export") / "densenet121_efficient.test"
+    argv = ["--checkpoint", str(directory / "legacy.pth"), "--model", "densenet121_efficient",
+            "--output", str(output), "--tag", "test", "--image-size", "64"]
+    return output, run_tool(convert.main, argv)
+
+
+def run_tool(main, argv) -> str:
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buffer = StringIO()
+    with redirect_stdout(buffer):
+        assert main(argv) == 0
+    return buffer.getvalue()
+
+
+def test_convert_checks_logits_and_prints_the_entry(exported):
+    output, printed = exported
+    difference = float(re.search(r"max abs logit difference vs torchvision: (\S+)", printed).group(1))
+    assert difference < 1e-5
+    entry = json.loads(printed[printed.index("{"):])
+    data = (output / "model.safetensors").read_bytes()
+    assert entry["hub"]["sha256"] == hashlib.sha256(data).hexdigest() and entry["hub"]["size"] == len(data)
+    assert entry["model"] == "densenet121_efficient" and entry["tag"] == "test"
+    assert sorted(path.name for path in output.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_convert_gives_the_same_bytes_for_the_same_input(torchvision_checkpoints, exported, tmp_path, layout):
+    model, directory = torchvision_checkpoints
+    output, _ = exported
+    argv = ["--checkpoint", str(directory / f"{layout}.pth"), "--model", "densenet121_efficient",
+            "--output", str(tmp_path), "--tag", "test", "--image-size", "64"]
+    run_tool(convert.main, argv)
+    assert (tmp_path / "model.safetensors").read_bytes() == (output / "model.safetensors").read_bytes()
+
+
+def test_exported_weights_load_strictly_into_torchvision_and_timm(torchvision_checkpoints, exported):
+    from safetensors.torch import load_file
+
+    timm = pytest.importorskip("timm")
+    reference, _ = torchvision_checkpoints
+    output, _ = exported
+    state = load_file(output / "model.safetensors")
+    ours = de.create_model("densenet121_efficient", weights=str(output))
+    tv_model = torchvision.models.densenet121()
+    tv_model.load_state_dict(state, strict=True)
+    timm_model = timm.create_model("densenet121", pretrained=False)
+    timm_model.load_state_dict(state, strict=True)
+    expected = logits(reference)
+    for model in (ours, tv_model, timm_model):
+        torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+
+
+def test_torchvision_name_resolves_to_its_url_and_checks_the_hash(loopback_hub, tmp_path, monkeypatch):
+    assert convert.torchvision_url("densenet161") == "https://download.pytorch.org/models/densenet161-8d451a50.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    loopback_hub.url_files["/models/densenet121-a639ec97.pth"] = b"not torchvision's file"
+    with pytest.raises(ChecksumMismatchError, match='expected "a639ec97"'):
+        convert.main(["--torchvision", "densenet121", "--endpoint", loopback_hub.endpoint,
+                      "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="must name a torchvision DenseNet"):
+        convert.torchvision_url("resnet50")
+
+
+def test_export_publish_load_round_trip(loopback_hub, torchvision_checkpoints, exported, tmp_path):
+    reference, _ = torchvision_checkpoints
+    output, _ = exported
+    printed = run_tool(publish.main, [str(output), "--repo-id", "org/densenet121_efficient.test",
+                                      "--endpoint", loopback_hub.endpoint, "--token", "hf_loopback"])
+    commit = re.search(r"commit: ([0-9a-f]{40})", printed).group(1)
+    hub = json.loads(printed[printed.index("{"):])["hub"]
+    assert hub["revision"] == commit
+    assert hub["sha256"] == hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
+    model = de.create_model("densenet121_efficient", weights=f"hf-hub:org/densenet121_efficient.test@{commit}",
+                            cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=1e-5)
+
+
+def test_manifest_fill_then_check(loopback_hub, tmp_path):
+    from densenet_efficient.weights import save_pretrained
+
+    save_pretrained(de.create_model("densenet_40_k12", block_config=[2, 2, 2]), tmp_path / "small")
+    printed = run_tool(publish.main, [str(tmp_path / "small"), "--repo-id", "org/small",
+                                      "--endpoint", loopback_hub.endpoint, "--token", "hf_loopback"])
+    published = json.loads(printed[printed.index("{"):])["hub"]
+    path = tmp_path / "manifest.json"
+    unpinned = {**published, "revision": None, "sha256": None, "size": None}
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.x": {"hub": unpinned}}}))
+    options = ["--manifest", str(path), "--endpoint", loopback_hub.endpoint]
+
+    assert "densenet_40_k12.x: verified nothing; filled sha256=" in run_tool(manifest.main, ["fill", *options])
+    assert json.loads(path.read_text())["weights"]["densenet_40_k12.x"]["hub"] == published
+    assert "verified sha256, size, revision" in run_tool(manifest.main, ["check", *options])
+
+    wrong = json.loads(path.read_text())
+    wrong["weights"]["densenet_40_k12.x"]["hub"].update(sha256="0" * 64, revision=None)
+    path.write_text(json.dumps(wrong))
+    before = path.read_bytes()
+    for action in ("check", "fill"):
+        assert manifest.main([action, *options]) == 1
+    assert path.read_bytes() == before  # fill writes nothing when a recorded value is wrong
+
+
+def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
+    path = tmp_path / "manifest.json"
+    hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"m.x": {"hub": hub}}}))
+    assert manifest.main(["check", "--manifest", str(path), "--endpoint", loopback_hub.endpoint]) == 1
+    assert "m.x: FAILED RepositoryNotFoundError" in capsys.readouterr().out
+
+
+def test_weights_table_lists_every_entry_and_runs_from_the_repository_root():
+    from densenet_efficient.weights import load_manifest
+
+    result = subprocess.run([sys.executable, "-m", "export.manifest", "table"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(load_manifest()["weights"])
