@@ -136,7 +136,7 @@ class TrainConfig:
 
 
 @dataclass
-class _Context:
+class DistContext:
     """This process's place in the run: rank, world size and device."""
 
     rank: int
@@ -159,7 +159,7 @@ class _Context:
 
 
 @contextlib.contextmanager
-def _distributed(device: str | None) -> Iterator[_Context]:
+def distributed(device: str | None) -> Iterator[DistContext]:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on CUDA, gloo
     on CPU. One process without those variables runs alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,7 +173,7 @@ def _distributed(device: str | None) -> Iterator[_Context]:
     if owns:
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     try:
-        yield _Context(rank, world_size, target, owns)
+        yield DistContext(rank, world_size, target, owns)
     finally:
         if owns:
             dist.destroy_process_group()
@@ -209,7 +209,7 @@ def _data(config: TrainConfig):
                         image_size=config.image_size, val_fraction=config.val_fraction)
 
 
-def _loaders(config: TrainConfig, splits, ctx: _Context):
+def _loaders(config: TrainConfig, splits, ctx: DistContext):
     """Train loader (DistributedSampler, per-process batches) and per-process shards of the eval sets."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -238,7 +238,7 @@ def _loaders(config: TrainConfig, splits, ctx: _Context):
 class Trainer:
     """One training run: model, optimizer, schedule and data for this process (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, ctx: _Context):
+    def __init__(self, config: TrainConfig, ctx: DistContext):
         self.config, self.ctx = config, ctx
         self.output = Path(config.output)
         self.splits = _data(config)
@@ -557,7 +557,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` in this process (joining torchrun's process group if there is one); returns the results."""
     config = config.resolved()
-    with _distributed(config.device) as ctx:
+    with distributed(config.device) as ctx:
         return Trainer(config, ctx).fit()
 
 
