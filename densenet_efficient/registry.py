@@ -16,6 +16,8 @@ _FACTORY_ARGS_DOC = """
         pretrained: load the default pretrained weights for this model (see ``weights_manifest.json``).
         weights: a weights tag of this model (e.g. ``"tv_in1k"``), a path to a ``.safetensors`` file, or
             ``"hf-hub:org/name[@revision]"``. Overrides ``pretrained``.
+        cache_dir, endpoint: Hugging Face cache folder and Hub address for the download (default:
+            ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
         efficient: memory mode. ``False``: plain autograd. ``True`` (default): keep only batch statistics and
             bottleneck outputs, recompute concatenation, BN and ReLU in backward (same results, a fraction of
             the memory). ``"max"``: also recompute the bottleneck convolution, the lowest memory.

@@ -168,11 +168,14 @@ def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWe
     repo_id, _, revision = reference[len(HF_HUB_PREFIX):].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
-    hub_options = dict(revision=revision or None, cache_dir=cache_dir, endpoint=endpoint)
-    config = json.loads(Path(fetch_hub_file(repo_id, CONFIG_FILENAME, **hub_options)).read_text(encoding="utf-8"))
+    config_path = Path(fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir,
+                                      endpoint=endpoint))
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
 
     def read() -> dict[str, Tensor]:
-        return read_state_dict(fetch_hub_file(repo_id, WEIGHTS_FILENAME, **hub_options))
+        return read_state_dict(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir,
+                                              endpoint=endpoint))
 
     return PretrainedWeights(reference, _model_args_from_config(name, config, reference), read)
 

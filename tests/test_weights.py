@@ -310,12 +310,14 @@ def test_pinned_revision_loads_that_commit(loopback_hub, published, tmp_path, mo
 def test_hub_reference_with_and_without_revision(loopback_hub, published, tmp_path):
     model, files, commit = published
     newer_model = randomise_batch_norm(small_model(num_classes=5))
-    loopback_hub.commit("org/small", saved_files(newer_model, tmp_path / "newer"))
+    newer = loopback_hub.commit("org/small", saved_files(newer_model, tmp_path / "newer"))
     options = dict(cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     pinned = de.create_model("densenet_40_k12", weights=f"hf-hub:org/small@{commit}", **options)
     latest = de.create_model("densenet_40_k12", weights="hf-hub:org/small", **options)
     torch.testing.assert_close(logits(pinned), logits(model), rtol=0, atol=0)
     assert latest.classifier.out_features == 5  # num_classes from the repo's config.json
+    # the weights come from the commit that config.json came from, even if main moves in between
+    assert ("HEAD", f"/org/small/resolve/{newer}/model.safetensors") in loopback_hub.requests
     torch.testing.assert_close(logits(latest), logits(newer_model), rtol=0, atol=0)
 
 
