@@ -81,7 +81,7 @@ def table(manifest: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|"]
     for key, entry in manifest["weights"].items():
         default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
-        top1 = "<br>".join(f"{m['top1']} ({m['reported_by']}, {m['image_size']} px)" for m in entry["metrics"])
+        top1 = "<br>".join(f"{m['top1']:.3f} ({m['reported_by']}, {m['image_size']} px)" for m in entry["metrics"])
         hub = entry["hub"]
         hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
         pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"

@@ -164,10 +164,11 @@ def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
     assert "m.x: FAILED RepositoryNotFoundError" in capsys.readouterr().out
 
 
-def test_weights_table_lists_every_entry_and_runs_from_the_repository_root():
+def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     from densenet_efficient.weights import load_manifest
 
     result = subprocess.run([sys.executable, "-m", "export.manifest", "table"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True)  # also: the tools run from the root
     rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(load_manifest()["weights"])
+    assert result.stdout in (REPO_ROOT / "README.md").read_text(encoding="utf-8")

@@ -92,6 +92,8 @@ def test_manifest_ships_in_the_package_and_at_the_root():
     from importlib import resources
 
     packaged = resources.files("densenet_efficient").joinpath("weights_manifest.json").read_bytes()
+    # A real file in the package (wheels and torch.hub's GitHub zips keep it); the root one links to it.
+    assert not (REPO_ROOT / "densenet_efficient" / "weights_manifest.json").is_symlink()
     assert packaged == (REPO_ROOT / "weights_manifest.json").read_bytes()
     assert W.manifest_path().read_bytes() == packaged
 
