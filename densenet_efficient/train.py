@@ -241,7 +241,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, ctx: DistContext):
         self.config, self.ctx = config, ctx
         self.output = Path(config.output)
+        download_first = config.download and ctx.world_size > 1  # rank 0 downloads, the others wait for it
+        if download_first and not ctx.is_main:
+            ctx.barrier()
         self.splits = _data(config)
+        if download_first and ctx.is_main:
+            ctx.barrier()
         num_classes = config.num_classes or self.splits.num_classes
         if num_classes != self.splits.num_classes:
             raise ValueError(f"num_classes {num_classes} does not match the {self.splits.num_classes} classes of "
@@ -333,8 +338,7 @@ class Trainer:
                 self.best = {"epoch": epoch + 1, "score": score}
             if self.ctx.is_main:
                 self._save(epoch + 1)
-                if self.config.progress:
-                    print(_summary(row), flush=True)
+                print(_summary(row), flush=True)
             self.ctx.barrier()
         return self._finish()
 
@@ -416,10 +420,9 @@ class Trainer:
             if self.config.export:
                 results["export"] = str(self._export(results))
             write_atomically(self.output / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-            if self.config.progress:
-                test = results["test"]
-                print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch "
-                      f"{results['best_epoch']}); written to {self.output}", flush=True)
+            test = results["test"]
+            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch {results['best_epoch']}); "
+                  f"written to {self.output}", flush=True)
         return results
 
     def _export(self, results: dict[str, Any]) -> Path:
@@ -610,7 +613,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt)")
     out.add_argument("--keep-checkpoints", type=int, default=2)
     out.add_argument("--no-export", dest="export", action="store_false")
-    out.add_argument("--no-progress", dest="progress", action="store_false")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
