@@ -18,7 +18,6 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.error import URLError
 from urllib.parse import urlparse
 
 import torch
@@ -42,15 +41,13 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
     offline = constants.is_offline_mode()
     if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str):
         if offline:
-            raise WeightsNotAvailableError(
-                _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set"))
+            raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set")
         _check_reachable(repo_id, filename, revision, cache_dir, endpoint)
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                                local_files_only=offline)
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
-        raise WeightsNotAvailableError(
-            _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error))) from error
+        raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
     _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256)
     return path
 
@@ -61,14 +58,14 @@ def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endp
         get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
                              timeout=_PROBE_TIMEOUT_S, endpoint=endpoint)
     except Exception as error:  # any failure (HTTP, connection, timeout) means the file cannot be had now
-        raise WeightsNotAvailableError(
-            _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error))) from error
+        raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
 
 
-def _hub_unavailable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None, reason: str) -> str:
+def _hub_unavailable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None,
+                     reason: str) -> WeightsNotAvailableError:
     url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
     cache = cache_dir or constants.HF_HUB_CACHE
-    return (
+    return WeightsNotAvailableError(
         f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}) from {url}: {reason}. It is not in "
         f"the Hugging Face cache {cache} either. To get it: download it once while online (HF_ENDPOINT points at "
         f"a mirror); or copy a cache that holds it and point HF_HUB_CACHE (or cache_dir=) at it; or fetch the "
@@ -121,19 +118,19 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
             )
         return str(path)
     if constants.is_offline_mode():
-        raise WeightsNotAvailableError(_url_unavailable(url, path, "HF_HUB_OFFLINE is set"))
+        raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=True)
     except RuntimeError as error:  # torch.hub's hash check; the partial file is already removed
         raise ChecksumMismatchError(f"{url}: {error}; nothing was saved") from error
-    except (URLError, OSError) as error:
-        raise WeightsNotAvailableError(_url_unavailable(url, path, _reason(error))) from error
+    except OSError as error:  # urllib's URLError and HTTPError included
+        raise _url_unavailable(url, path, _reason(error)) from error
     return str(path)
 
 
-def _url_unavailable(url: str, path: Path, reason: str) -> str:
-    return (
+def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableError:
+    return WeightsNotAvailableError(
         f"Cannot download {url}: {reason}. It is not at {path} either. To get it: download it once while online; "
         f"or copy the file to {path} (TORCH_HOME moves that folder); or pass weights='path/to/{path.name}'."
     )
