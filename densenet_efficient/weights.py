@@ -96,7 +96,9 @@ def weights_entry(name: str, tag: str | None = None) -> tuple[str, dict[str, Any
             f"No pretrained weights are published for {name!r}. Models with weights: {', '.join(with_weights)}. "
             f"Pass weights='path/to/model.safetensors' or 'hf-hub:org/name' to load your own."
         )
-    tag = tag or manifest["default_tags"][name]
+    tag = tag or manifest["default_tags"].get(name)
+    if tag is None:
+        raise UnknownWeightsError(f"{name!r} has no default weights: pass weights=<tag>, one of {', '.join(tags)}.")
     if tag not in tags:
         raise UnknownWeightsError(f"Unknown weights tag {tag!r} for {name!r}. Valid tags: {', '.join(tags)}.")
     key = f"{name}.{tag}"

@@ -149,6 +149,32 @@ def test_save_pretrained_is_byte_reproducible_and_self_describing(tmp_path):
     assert entry["hub"]["sha256"] in first["README.md"].decode()
 
 
+def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    metadata = dict(tag="c10", label_source="CIFAR-10 class order of torchvision.datasets.CIFAR10",
+                    input_size=[3, 32, 32], mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
+                    interpolation=None, crop_pct=None, license="MIT", source="trained here",
+                    metrics=[{"dataset": "cifar10-test", "top1": 50.0, "protocol": "no augmentation",
+                              "reported_by": "this project"}])
+    entry = W.save_pretrained(small_model(), tmp_path, **metadata)
+    schema = manifest_schema()
+    manifest = {"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.c10": entry}}
+    with pytest.raises(jsonschema.ValidationError, match="None is not of type 'string'"):
+        jsonschema.validate(manifest, schema)  # not published yet: no repo_id
+    entry["hub"].update(repo_id="org/densenet_40_k12.c10", revision="0" * 40)
+    jsonschema.validate(manifest, schema)
+
+
+def test_model_with_weights_but_no_default_tag(tmp_path, monkeypatch):
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub=None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["default_tags"] = {}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(W.UnknownWeightsError, match="'densenet_40_k12' has no default weights: pass weights=<tag>, "
+                                                    "one of test"):
+        de.densenet_40_k12(pretrained=True)
+
+
 def test_save_pretrained_refuses_bad_metadata_and_keeps_existing_files(tmp_path):
     model = small_model()
     before = saved_files(model, tmp_path)
