@@ -12,6 +12,8 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("densenet_efficient.cli", "list the model names"),
+    "bench": ("densenet_efficient.bench", "peak memory and step time of every memory mode, side by side"),
+    "plan": ("densenet_efficient.plan", "largest batch and deepest network that train within a memory budget"),
     "train": ("densenet_efficient.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
     "eval": ("densenet_efficient.evaluate", "top-1/top-5 of a model's weights on a dataset"),
 }

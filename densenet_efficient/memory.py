@@ -4,16 +4,21 @@ On CUDA, ``torch.cuda.max_memory_allocated`` answers; on CPU there is no allocat
 :class:`LiveTensorBytes` counts, through a ``TorchDispatchMode``, the storage of every tensor an operator creates
 while it is active, until that storage is freed. Tensors that existed before (parameters, inputs) are not
 counted, so the peak is the extra memory the measured code needs.
+
+:func:`fake_footprint` predicts the same count without allocating anything: it runs the code on fake tensors,
+which carry shapes and dtypes but no data, so a step that needs more memory than any device has is measured on
+any machine.
 """
 
 from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -110,3 +115,34 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         with LiveTensorBytes() as counter:
             yield stats
         stats["peak"] = counter.peak
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes of a module's parameters and buffers, and the peak extra bytes of one call of a step on it."""
+
+    parameters: int
+    buffers: int
+    peak: int
+
+
+def _storage_bytes(tensors: Iterator[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def fake_footprint(setup: Callable[[], tuple[nn.Module, Any]], step: Callable[[nn.Module, Any], object]) -> Footprint:
+    """Measure ``step(module, data)`` with :class:`LiveTensorBytes` on fake tensors: no memory is allocated.
+
+    ``setup()`` returns ``(module, data)``; it runs on fake tensors too, and what it allocates (parameters,
+    buffers, the input batch) is not counted in the peak, as with :class:`LiveTensorBytes` on real tensors.
+    The module's tensors must be created inside ``setup`` (fake tensors cannot mix with real ones).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        module, data = setup()
+        with LiveTensorBytes() as counter:
+            step(module, data)
+    return Footprint(_storage_bytes(module.parameters()), _storage_bytes(module.buffers()), counter.peak)

@@ -1,0 +1,553 @@
+"""``densenet-efficient bench``: peak memory and training-step time of every memory mode, side by side.
+
+One run trains the same model in each memory mode (``efficient=False``, ``True``, ``"max"``) and, as a peer, the
+checkpointed DenseNet people use today: torchvision's ``memory_efficient=True`` for ImageNet architectures, and
+for the others a ``torch.utils.checkpoint`` baseline built the way gpleiss/efficient_densenet_pytorch builds it.
+Memory is measured in a pass of its own, then the peers' timed steps are interleaved, the order reversed every
+round, so that no peer gets a quieter or warmer machine than another.
+
+``--sweep depth`` and ``--sweep batch`` repeat this over depths of a CIFAR family or over batch sizes and plot
+memory against them. A peer whose predicted memory (:func:`densenet_efficient.plan.predict`) exceeds what the
+device has free is skipped, and its prediction is shown instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .memory import peak_memory
+from .model import DenseLayer, DenseNet
+from .registry import architecture, cifar_densenet, create_model, list_models
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES: dict[str, bool | str] = {"naive": False, "true": True, "max": "max"}
+BASELINE = "checkpoint"
+PEER_KEYS = (*MODES, BASELINE)
+MIB = 2**20
+
+_CIFAR_NAME = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
+_FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_model(name: str, efficient: bool | str) -> DenseNet:
+    """A registered model, or ``densenet_bc_<depth>_k<growth>`` / ``densenet_<depth>_k<growth>`` (CIFAR, any depth)."""
+    match = _CIFAR_NAME.fullmatch(name)
+    if name in list_models() or not match:
+        return create_model(name, efficient=efficient)
+    bottleneck, depth, growth_rate = bool(match[1]), int(match[2]), int(match[3])
+    return cifar_densenet(depth, growth_rate, bottleneck=bottleneck, efficient=efficient)
+
+
+def model_name(value: str) -> str:
+    """argparse type: a model :func:`build_model` accepts (checked by building it on the meta device)."""
+    try:
+        with torch.device("meta"):
+            build_model(value, False)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(
+            f"{error} (or any CIFAR depth as densenet_bc_<depth>_k<growth> / densenet_<depth>_k<growth>)"
+        ) from None
+    return value
+
+
+def family_name(value: str) -> str:
+    """argparse type: a CIFAR family, ``densenet_bc_k<growth>`` (DenseNet-BC) or ``densenet_k<growth>``."""
+    if not _FAMILY_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid family {value!r}: use densenet_bc_k<growth> (e.g. densenet_bc_k12) or densenet_k<growth>"
+        )
+    return value
+
+
+def family_member(family: str, depth: int) -> str:
+    """Model name of the member of CIFAR ``family`` with ``depth`` (not checked; :func:`model_name` checks)."""
+    match = _FAMILY_NAME.fullmatch(family)
+    assert match, family
+    return f"densenet{match[1] or ''}_{depth}_k{match[2]}"
+
+
+def family_depth(family: str, layers_per_block: int) -> int:
+    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
+    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
+
+
+def native_input_size(name: str) -> int:
+    """Input height and width the model was designed for: 32 (CIFAR stem) or 224 (ImageNet stem)."""
+    match = _CIFAR_NAME.fullmatch(name)
+    stem = "cifar" if match and name not in list_models() else architecture(name).get("stem", "imagenet")
+    return 32 if stem == "cifar" else 224
+
+
+class _CheckpointedLayer(nn.Module):
+    """A dense layer run the seed's way: ``torch.utils.checkpoint`` around concatenation, norm1, ReLU and conv1."""
+
+    def __init__(self, layer: DenseLayer):
+        super().__init__()
+        self.layer = layer
+
+    def _bottleneck(self, *features: Tensor) -> Tensor:
+        layer = self.layer
+        return layer.conv1(F.relu(layer.norm1(torch.cat(features, 1))))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        layer = self.layer
+        out = checkpoint(self._bottleneck, *features, use_reentrant=False)
+        if hasattr(layer, "conv2"):
+            out = layer.conv2(F.relu(layer.norm2(out)))
+        if layer.drop_rate > 0:
+            out = F.dropout(out, p=layer.drop_rate, training=layer.training)
+        return out
+
+
+def checkpointed_densenet(name: str) -> DenseNet:
+    """The naive model with every dense layer checkpointed as in gpleiss/efficient_densenet_pytorch."""
+    model = build_model(name, False)
+    for module in list(model.modules()):
+        if isinstance(module, DenseLayer):
+            continue
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, DenseLayer):
+                setattr(module, child_name, _CheckpointedLayer(child))
+    return model
+
+
+def torchvision_densenet(config: dict[str, Any]) -> nn.Module:
+    """torchvision's DenseNet with ``memory_efficient=True`` and the architecture of ``config``."""
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate", "num_classes")
+    return TorchvisionDenseNet(**{key: config[key] for key in keys}, memory_efficient=True)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One contestant: ``key`` (naive, true, max, checkpoint), the label printed, and how to build it."""
+
+    key: str
+    label: str
+    build: Callable[[], nn.Module]
+
+
+def baseline_peer(name: str) -> Peer:
+    """torchvision's checkpointed DenseNet where it has the architecture, else the seed-style checkpoint model."""
+    with torch.device("meta"):
+        config = build_model(name, False).config
+    torchvision_has_it = (
+        config["stem"] == "imagenet" and config["compression"] == 0.5 and config["in_chans"] == 3
+        and config["bn_size"] > 0
+    )
+    if torchvision_has_it:
+        return Peer(BASELINE, "torchvision memory_efficient=True", partial(torchvision_densenet, config))
+    return Peer(BASELINE, "torch.utils.checkpoint (seed's way)", partial(checkpointed_densenet, name))
+
+
+def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS) -> list[Peer]:
+    """The peers of ``keys`` for model ``name``, in the order of :data:`PEER_KEYS`."""
+    peers = [Peer(key, f"efficient={mode!r}", partial(build_model, name, mode)) for key, mode in MODES.items()]
+    peers.append(baseline_peer(name))
+    return [peer for peer in peers if peer.key in keys]
+
+
+# ----------------------------------------------------------------------------------------------- one step
+
+
+def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torch.dtype | None,
+               optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(images), labels)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+    if optimizer is not None and scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif optimizer is not None:
+        optimizer.step()
+
+
+def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Random images (N, C, H, W) and class labels (N,)."""
+    images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
+    return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+
+
+def model_io(model: nn.Module) -> tuple[int, int]:
+    """Input channels and number of classes of a DenseNet (ours or torchvision's)."""
+    classifier = model.classifier
+    return model.features.conv0.in_channels, classifier.out_features if isinstance(classifier, nn.Linear) else 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything a measurement depends on besides the model."""
+
+    device: torch.device
+    dtype: str = "fp32"
+    batch_size: int = 64
+    input_size: int = 32
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 1
+    repeats: int = 3
+
+
+class Runner:
+    """A peer's model, optimizer (SGD with momentum) and random batch on the device, ready to step."""
+
+    def __init__(self, peer: Peer, setting: Setting):
+        torch.manual_seed(0)
+        model = peer.build().to(setting.device)
+        memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        in_chans, num_classes = model_io(model)
+        images, self.labels = random_batch(setting.batch_size, setting.input_size, in_chans, num_classes,
+                                           setting.device)
+        self.images = images.contiguous(memory_format=memory_format)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.model = torch.compile(model) if setting.compile else model
+        self.amp_dtype = AMP_DTYPES[setting.dtype]
+        self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
+        self.device = setting.device
+
+    def step(self) -> None:
+        train_step(self.model, self.images, self.labels, self.amp_dtype, self.optimizer, self.scaler)
+
+    def timed_step(self) -> float:
+        """Seconds one training step takes, synchronising with the device before and after."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.step()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+    def peak_bytes(self) -> int:
+        """Peak memory of one training step above what was allocated before it."""
+        with peak_memory(self.device) as stats:
+            self.step()
+        return stats["peak"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: CUDA's free memory, or the host's available memory for CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, progress: Any = None,
+            ) -> list[dict[str, Any]]:
+    """Rows of peak memory and step times of every peer of model ``name`` (see the module's docstring).
+
+    Each peer's memory is predicted first and a peer that would not fit is skipped; once naive fits, every
+    peer fits (they all need less), and the others are not predicted.
+    """
+    rows: list[dict[str, Any]] = []
+    runners: dict[str, Runner] = {}
+    all_fit = False
+    for peer in make_peers(name, keys):
+        row = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
+        rows.append(row)
+        if not all_fit:
+            row["predicted_bytes"], fits = _predict_fit(peer, setting)
+            row["skipped"], all_fit = not fits, fits and peer.key == "naive"
+        if row["skipped"]:
+            _advance(progress, setting.warmup + 1 + setting.repeats)
+            continue
+        runner = runners[peer.key] = Runner(peer, setting)
+        for _ in range(setting.warmup):
+            runner.step()
+            _advance(progress)
+        row["peak_bytes"] = runner.peak_bytes()
+        _advance(progress)
+    gc.collect()  # the fake tensors of the predictions, not a peer's timed step, pay for their collection
+    times = _interleaved_times(runners, setting.repeats, progress)
+    for row in rows:
+        if row["mode"] in times:
+            row["step_times"] = times[row["mode"]]
+    return _with_ratios(rows, setting.batch_size)
+
+
+def _predict_fit(peer: Peer, setting: Setting) -> tuple[int, bool]:
+    """The predicted peak of a training step of ``peer``, and whether training it fits in the free memory."""
+    from .plan import predict, total_bytes
+
+    predicted = predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
+    return predicted.peak, total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
+
+
+def _interleaved_times(runners: dict[str, Runner], repeats: int, progress: Any) -> dict[str, list[float]]:
+    """Step times of each runner: one step per runner a round, the order reversed every round."""
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    order = list(runners)
+    for _ in range(repeats):
+        for key in order:
+            times[key].append(runners[key].timed_step())
+            _advance(progress)
+        order.reverse()
+    return times
+
+
+def _advance(progress: Any, steps: int = 1) -> None:
+    if progress is not None:
+        progress.update(steps)
+
+
+def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """Add the median step time, images/s and both ratios to naive (where naive and the peer were measured)."""
+    for row in rows:
+        if row.get("step_times"):
+            row["step_s"] = statistics.median(row["step_times"])
+            row["images_per_s"] = batch_size / row["step_s"]
+    naive = next((row for row in rows if row["mode"] == "naive" and not row["skipped"]), {})
+    for row in rows:
+        for value, ratio in (("peak_bytes", "memory_ratio"), ("step_s", "time_ratio")):
+            if value in row and naive.get(value):
+                row[ratio] = row[value] / naive[value]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def method_note(setting: Setting) -> str:
+    """How memory and time were measured, for the output."""
+    if setting.device.type == "cuda":
+        memory = ("torch.cuda.max_memory_allocated during one training step, minus what was allocated before it "
+                  "(parameters, optimizer state, input batch)")
+    else:
+        memory = ("peak bytes of tensor storage allocated during one training step and still alive, counted "
+                  "in-process by a TorchDispatchMode (parameters, optimizer state and input batch excluded)")
+        if setting.compile:
+            memory += "; compiled code runs eagerly under the counter, so memory is the eager figure"
+    timing = (f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) "
+              f"after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order reversed "
+              "every round")
+    return f"memory: {memory}.\ntime: {timing}."
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "-"
+
+
+def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
+    """A Markdown table of ``rows``; ``first`` names an extra leading column (``depth``, ``batch_size``)."""
+    header = ["mode", "peak memory (MiB)", "memory x naive", "step (s)", "time x naive", "images/s"]
+    lines = []
+    for row in rows:
+        cells = [row["label"]]
+        if row["skipped"]:
+            cells += [f"skipped: ~{row['predicted_bytes'] / MIB:.0f} predicted, does not fit", "-", "-", "-", "-"]
+        else:
+            cells += [f"{row['peak_bytes'] / MIB:.1f}", _cell(row, "memory_ratio", ".3f"), _cell(row, "step_s", ".3f"),
+                      _cell(row, "time_ratio", ".2f"), _cell(row, "images_per_s", ".1f")]
+        lines.append(([str(row[first])] if first else []) + cells)
+    header = ([first] if first else []) + header
+    table = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in table)
+
+
+CSV_FIELDS = ("model", "depth", "batch_size", "input_size", "device", "dtype", "mode", "label", "skipped",
+              "peak_bytes", "predicted_bytes", "memory_ratio", "step_s", "time_ratio", "images_per_s")
+
+
+def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
+    """PNG of peak memory against ``x_key`` per mode; predictions (for skipped peers) drawn hollow and dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for key in PEER_KEYS:
+        mine = [row for row in rows if row["mode"] == key]
+        if not mine:
+            continue
+        measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if not row["skipped"]]
+        line = axes.plot(*zip(*measured), marker="o", label=mine[0]["label"])[0] if measured else None
+        predicted = [(row[x_key], row["predicted_bytes"] / MIB) for row in mine if row["skipped"]]
+        if predicted:
+            color = line.get_color() if line else None
+            axes.plot(*zip(*(measured[-1:] + predicted)), linestyle="--", marker="o", markerfacecolor="none",
+                      color=color, label=f"{mine[0]['label']} (predicted, does not fit)")
+    axes.set_xlabel(x_key.replace("_", " "))
+    axes.set_ylabel("peak memory of a training step (MiB)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def device_name(value: str) -> torch.device:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
+    valid = "cpu" + (", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count()))
+                     if torch.cuda.is_available() else "")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid here: {valid}") from None
+    usable = device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    )
+    if not usable:
+        raise argparse.ArgumentTypeError(f"device {value!r} is not available on this machine; valid here: {valid}")
+    return device
+
+
+def positive_ints(value: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        numbers = [int(item) for item in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
+    return numbers
+
+
+def peer_keys(value: str, valid: tuple[str, ...] = PEER_KEYS) -> tuple[str, ...]:
+    """argparse type: a comma-separated subset of ``valid`` (naive, true, max, checkpoint)."""
+    keys = tuple(item.strip().lower() for item in value.split(","))
+    unknown = [key for key in keys if key not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
+    return keys
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments ``bench`` and ``plan`` share."""
+    parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
+                        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--input-size", type=int, help="height and width (default: the model's, 32 or 224)")
+    parser.add_argument("--dtype", choices=tuple(AMP_DTYPES), default="fp32",
+                        help="fp32, or bf16/fp16 autocast (default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", type=device_name, default=torch.device(default_device),
+                        help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode; 0: memory only (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default: 1)")
+    parser.add_argument("--modes", type=peer_keys, default=PEER_KEYS,
+                        help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)")
+    parser.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
+    parser.add_argument("--sweep", choices=("depth", "batch"), help="repeat over depths or batch sizes and plot")
+    parser.add_argument("--family", type=family_name, default="densenet_bc_k12",
+                        help="CIFAR family for --sweep depth (default: %(default)s)")
+    parser.add_argument("--depths", type=positive_ints, default=[40, 100, 160, 250, 400],
+                        help="depths for --sweep depth (default: 40,100,160,250,400)")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[16, 32, 64, 128],
+                        help="batch sizes for --sweep batch (default: 16,32,64,128)")
+    parser.add_argument("--plot", metavar="PNG", help="plot path for --sweep (default: bench-<sweep>.png)")
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
+    """(row fields, model name) of each configuration to measure; ``ArgumentTypeError`` for a bad depth."""
+    if args.sweep == "depth":
+        return [({"depth": depth}, model_name(family_member(args.family, depth))) for depth in args.depths]
+    if args.sweep == "batch":
+        return [({"batch_size": batch_size}, args.model) for batch_size in args.batch_sizes]
+    return [({}, args.model)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        configs = _configs(args)
+    except argparse.ArgumentTypeError as error:
+        print(f"densenet-efficient bench: error: {error}", file=sys.stderr)
+        return 2
+    base = Setting(args.device, args.dtype, args.batch_size, 0, args.channels_last, args.compile,
+                   args.warmup, args.repeats)
+    rows: list[dict[str, Any]] = []
+    steps = len(configs) * len(args.modes) * (args.warmup + 1 + args.repeats)
+    with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
+        for fields, name in configs:
+            setting = replace(base, input_size=args.input_size or native_input_size(name),
+                              batch_size=fields.get("batch_size", base.batch_size))
+            common = {"model": name, "depth": None, "batch_size": setting.batch_size,
+                      "input_size": setting.input_size, "device": str(setting.device), "dtype": setting.dtype}
+            rows += [{**common, **fields, **row} for row in measure(name, setting, args.modes, progress)]
+    summary = _summary(args, base, configs)
+    print(summary + "\n")
+    print(format_table(rows, {"depth": "depth", "batch": "batch_size"}.get(args.sweep)))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"summary": summary, "rows": rows}, file, indent=2)
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.sweep:
+        path = args.plot or f"bench-{args.sweep}.png"
+        plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
+        print(f"\nplot: {path}")
+    return 0
+
+
+def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dict[str, Any], str]]) -> str:
+    """First lines of the output: what ran where, and how it was measured."""
+    what = args.family if args.sweep == "depth" else args.model
+    if setting.device.type == "cuda":
+        where = torch.cuda.get_device_name(setting.device)
+    else:
+        where = f"cpu, {torch.get_num_threads()} threads"
+    size = args.input_size or native_input_size(configs[0][1])
+    batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
+    flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    head = f"{what}{batch}, {size}x{size}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
+    return f"{head}\n{method_note(setting)}"

@@ -1,0 +1,208 @@
+"""``densenet-efficient plan``: the largest batch, and the deepest network, that train within a memory budget.
+
+Memory is modelled without the target device: :func:`densenet_efficient.memory.fake_footprint` runs one training
+step (forward, cross-entropy, backward) on fake tensors, which have shapes but no data, and counts live tensor
+bytes exactly as ``bench`` does on CPU. The total is parameters, one optimizer copy of them (SGD momentum; set
+``--optimizer-copies``: 0 for plain SGD, 2 for Adam), buffers, and the step's peak. On CUDA, cuDNN workspaces
+and the caching allocator come on top: keep some headroom.
+
+* Largest batch: a step's peak is affine in the batch size (activations scale with it; parameters, gradients
+  and batch statistics do not), so two fake steps give the line and a third checks the answer.
+* Deepest network of a CIFAR family: with n layers per block, once n is past a dozen or so the total is a
+  quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
+  modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
+  n = 28, and solved for the budget. Where n = 28 does not fit, small depths are searched with fake steps directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Callable
+
+from torch import nn
+
+from .bench import (
+    AMP_DTYPES,
+    MODES,
+    add_common_arguments,
+    build_model,
+    family_depth,
+    family_member,
+    family_name,
+    model_io,
+    native_input_size,
+    peer_keys,
+    random_batch,
+    train_step,
+)
+from .memory import Footprint, fake_footprint
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+FIT_LAYERS = (16, 20, 24)
+CHECK_LAYERS = 28
+GIB = 2**30
+
+
+def parse_memory(value: str) -> int:
+    """Bytes in a memory size such as ``16GiB``, ``24GB`` or ``512 MiB`` (GB = 10^9 bytes, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]+)\s*", value)
+    if not match or match[2].lower() not in _UNITS or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid memory size {value!r}: give a positive number and a unit, e.g. 16GiB, 24GB or 512MiB "
+            "(units: B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024)"
+        )
+    return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
+    """Footprint of one training step of ``build()`` on a random batch, measured on fake tensors."""
+
+    def setup() -> tuple[nn.Module, tuple]:
+        model = build()
+        return model, random_batch(batch_size, input_size, *model_io(model))
+
+    return fake_footprint(setup, lambda model, batch: train_step(model, *batch, AMP_DTYPES[dtype]))
+
+
+def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
+    """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
+    return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
+
+
+@dataclass(frozen=True)
+class Question:
+    """What the totals depend on besides the model."""
+
+    batch_size: int
+    input_size: int
+    dtype: str = "fp32"
+    optimizer_copies: int = 1
+
+    def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
+        batch_size = batch_size or self.batch_size
+        return total_bytes(predict(build, batch_size, self.input_size, self.dtype), self.optimizer_copies)
+
+
+def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
+    """The largest batch size whose training total fits in ``budget`` bytes (0 if not even one image fits)."""
+    at_8, at_16 = question.total(build, 8), question.total(build, 16)
+    per_image = max((at_16 - at_8) / 8, 1.0)
+    batch = int((budget - (at_8 - 8 * per_image)) // per_image)
+    while batch >= 1 and (total := question.total(build, batch)) > budget:
+        batch -= max(1, int((total - budget) // per_image))
+    return max(batch, 0)
+
+
+@dataclass(frozen=True)
+class Deepest:
+    """The deepest member of a family that fits: depth, layers per block, predicted total, and the fit's error."""
+
+    depth: int
+    layers_per_block: int
+    total_bytes: int
+    fit_error: float | None
+
+
+def _quadratic(points: dict[int, int]) -> Callable[[int], float]:
+    """The quadratic through three points at equally spaced x (Newton's forward differences)."""
+    (x0, y0), (x1, y1), (_, y2) = sorted(points.items())
+    step, first, second = x1 - x0, y1 - y0, y2 - 2 * y1 + y0
+    return lambda x: y0 + first * (x - x0) / step + second * (x - x0) * (x - x0 - step) / (2 * step * step)
+
+
+def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
+    """The largest n in [low, high] with ``predicate(n)``, for a predicate true up to some n then false."""
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if predicate(middle) else (low, middle - 1)
+    return low
+
+
+def deepest(family: str, mode: bool | str, budget: int, question: Question) -> Deepest | None:
+    """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
+
+    def total(layers: int) -> int:
+        return question.total(partial(build_model, family_member(family, family_depth(family, layers)), mode))
+
+    check = total(CHECK_LAYERS)
+    if check > budget:
+        layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
+        return Deepest(family_depth(family, layers), layers, total(layers), None) if layers else None
+    curve = _quadratic({n: total(n) for n in FIT_LAYERS})
+    high = CHECK_LAYERS
+    while curve(high) <= budget:
+        high *= 2
+    layers = _last_true(lambda n: curve(n) <= budget, CHECK_LAYERS, high)
+    fit_error = abs(curve(CHECK_LAYERS) - check) / check
+    return Deepest(family_depth(family, layers), layers, round(curve(layers)), fit_error)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", type=parse_memory, required=True,
+                        help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)")
+    add_common_arguments(parser)
+    parser.add_argument("--family", type=family_name,
+                        help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12")
+    parser.add_argument("--optimizer-copies", type=int, default=1,
+                        help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)")
+    parser.add_argument("--modes", type=partial(peer_keys, valid=tuple(MODES)), default=tuple(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = {key: MODES[key] for key in args.modes}
+    question = Question(args.batch_size, args.input_size or native_input_size(args.model), args.dtype,
+                        args.optimizer_copies)
+    print(f"{args.model}, {question.input_size}x{question.input_size}, {args.dtype}: training within "
+          f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)")
+    print(f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
+          "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
+          "cuDNN workspaces and the caching allocator add to it.\n")
+    result: dict[str, Any] = {"memory_bytes": args.memory, **asdict(question), "model": args.model, "modes": []}
+    print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
+    for key, mode in modes.items():
+        build = partial(build_model, args.model, mode)
+        at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
+        result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
+        print(f"| efficient={mode!r} | {_gib(at_batch)} | {batch} |")
+    if args.family:
+        result["family"] = args.family
+        result["deepest"] = _print_deepest(args.family, modes, args.memory,
+                                           Question(args.batch_size, args.input_size or 32, args.dtype,
+                                                    args.optimizer_copies))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+    return 0
+
+
+def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, question: Question) -> list[dict]:
+    """Print and return the deepest member of ``family`` per mode."""
+    print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
+          "| mode | depth | layers per block | memory | depth x naive | quadratic fit error at n=28 |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for key, mode in modes.items():
+        found = deepest(family, mode, budget, question)
+        rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
+        if found is None:
+            print(f"| efficient={mode!r} | none fits | - | - | - | - |")
+            continue
+        naive = rows[0]["depth"] if rows[0]["mode"] == "naive" and rows[0]["depth"] else None
+        ratio = f"{found.depth / naive:.1f}" if naive else "-"
+        error = f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"
+        print(f"| efficient={mode!r} | {found.depth} | {found.layers_per_block} | {_gib(found.total_bytes)} | "
+              f"{ratio} | {error} |")
+    return rows
