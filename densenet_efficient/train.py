@@ -316,9 +316,9 @@ class Trainer:
         state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                      scaler=self.scaler.state_dict(), history=self.history, best=self.best,
                      config=self.config.recipe())
-        save_checkpoint(self.output, self.model, state, self.config.keep_checkpoints)
-        if self.best.get("epoch") == epoch:
+        if self.best.get("epoch") == epoch:  # before the checkpoint that records it as the best
             write_atomically(self.output / "best.safetensors", _model_bytes(self.model))
+        save_checkpoint(self.output, self.model, state, self.config.keep_checkpoints)
         write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
 
     # -- training -----------------------------------------------------------------------------------------------
