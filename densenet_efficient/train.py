@@ -568,10 +568,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import parse_efficient
     from .data import DATASETS
 
-    recipe = ", ".join(f"{name}: {r['model']}, {r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}"
-                       for name, r in RECIPES.items())
-    parser.epilog = (f"Defaults per dataset ({recipe}); all: SGD with Nesterov momentum 0.9, weight decay 1e-4, "
-                     "lr x0.1 at 50%% and 75%% of the epochs, 10%% of the training images held out for validation.")
+    recipe = "; ".join(
+        f"{name}: {' '.join([r['model'], *(f'{k}={v}' for k, v in r.get('model_args', {}).items())])}, "
+        f"{r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}" for name, r in RECIPES.items()
+    )
+    parser.epilog = (f"Defaults per dataset ({recipe}). All: SGD with Nesterov momentum 0.9, weight decay 1e-4, "
+                     "lr x0.1 at 50% and 75% of the epochs, 10% of the training images held out for validation.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (no download)")
     data.add_argument("--data", help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
