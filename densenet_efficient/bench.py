@@ -357,9 +357,11 @@ def method_note(setting: Setting) -> str:
                   "in-process by a TorchDispatchMode (parameters, optimizer state and input batch excluded)")
         if setting.compile:
             memory += "; compiled code runs eagerly under the counter, so memory is the eager figure"
-    timing = (f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) "
-              f"after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order reversed "
-              "every round")
+    timing = "not measured (--repeats 0)"
+    if setting.repeats:
+        timing = (f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum "
+                  f"step) after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order "
+                  "reversed every round")
     return f"memory: {memory}.\ntime: {timing}."
 
 
@@ -374,7 +376,8 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     for row in rows:
         cells = [row["label"]]
         if row["skipped"]:
-            cells += [f"skipped: ~{row['predicted_bytes'] / MIB:.0f} predicted, does not fit", "-", "-", "-", "-"]
+            cells += [f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit", "-", "-", "-",
+                      "-"]
         else:
             cells += [f"{row['peak_bytes'] / MIB:.1f}", _cell(row, "memory_ratio", ".3f"), _cell(row, "step_s", ".3f"),
                       _cell(row, "time_ratio", ".2f"), _cell(row, "images_per_s", ".1f")]

@@ -83,9 +83,11 @@ class Question:
     dtype: str = "fp32"
     optimizer_copies: int = 1
 
+    def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> Footprint:
+        return predict(build, batch_size or self.batch_size, self.input_size, self.dtype)
+
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
-        batch_size = batch_size or self.batch_size
-        return total_bytes(predict(build, batch_size, self.input_size, self.dtype), self.optimizer_copies)
+        return total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
 
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
@@ -100,11 +102,13 @@ def largest_batch(build: Callable[[], nn.Module], budget: int, question: Questio
 
 @dataclass(frozen=True)
 class Deepest:
-    """The deepest member of a family that fits: depth, layers per block, predicted total, and the fit's error."""
+    """The deepest member of a family that fits: its depth, layers per block, predicted total and parameter
+    bytes, and the relative error of the quadratic fit at ``CHECK_LAYERS`` (``None``: found by direct search)."""
 
     depth: int
     layers_per_block: int
     total_bytes: int
+    parameter_bytes: int
     fit_error: float | None
 
 
@@ -125,21 +129,28 @@ def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
 
 def deepest(family: str, mode: bool | str, budget: int, question: Question) -> Deepest | None:
     """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
+    footprints: dict[int, Footprint] = {}
 
     def total(layers: int) -> int:
-        return question.total(partial(build_model, family_member(family, family_depth(family, layers)), mode))
+        if layers not in footprints:
+            name = family_member(family, family_depth(family, layers))
+            footprints[layers] = question.footprint(partial(build_model, name, mode))
+        return total_bytes(footprints[layers], question.optimizer_copies)
 
     check = total(CHECK_LAYERS)
     if check > budget:
         layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
-        return Deepest(family_depth(family, layers), layers, total(layers), None) if layers else None
+        if not layers:
+            return None
+        return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, None)
     curve = _quadratic({n: total(n) for n in FIT_LAYERS})
+    parameters = _quadratic({n: footprints[n].parameters for n in FIT_LAYERS})
     high = CHECK_LAYERS
     while curve(high) <= budget:
         high *= 2
     layers = _last_true(lambda n: curve(n) <= budget, CHECK_LAYERS, high)
     fit_error = abs(curve(CHECK_LAYERS) - check) / check
-    return Deepest(family_depth(family, layers), layers, round(curve(layers)), fit_error)
+    return Deepest(family_depth(family, layers), layers, round(curve(layers)), round(parameters(layers)), fit_error)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -191,18 +202,19 @@ def run(args: argparse.Namespace) -> int:
 def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, question: Question) -> list[dict]:
     """Print and return the deepest member of ``family`` per mode."""
     print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
-          "| mode | depth | layers per block | memory | depth x naive | quadratic fit error at n=28 |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+          "| mode | depth | layers per block | memory | of which parameters | depth x naive | quadratic fit error "
+          f"at n={CHECK_LAYERS} |\n| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     for key, mode in modes.items():
         found = deepest(family, mode, budget, question)
         rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
         if found is None:
-            print(f"| efficient={mode!r} | none fits | - | - | - | - |")
+            print(f"| efficient={mode!r} | none fits | - | - | - | - | - |")
             continue
         naive = rows[0]["depth"] if rows[0]["mode"] == "naive" and rows[0]["depth"] else None
         ratio = f"{found.depth / naive:.1f}" if naive else "-"
         error = f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"
+        weights = found.parameter_bytes * (1 + question.optimizer_copies)
         print(f"| efficient={mode!r} | {found.depth} | {found.layers_per_block} | {_gib(found.total_bytes)} | "
-              f"{ratio} | {error} |")
+              f"{_gib(weights)} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters) | {ratio} | {error} |")
     return rows

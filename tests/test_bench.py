@@ -233,16 +233,19 @@ def test_plan_deepest_by_search_is_the_boundary():
         return question.total(lambda: bench.build_model(f"densenet_bc_{6 * layers + 4}_k12", "max"))
 
     assert found.total_bytes == total(found.layers_per_block) <= budget < total(found.layers_per_block + 1)
+    assert found.parameter_bytes < found.total_bytes
 
 
 def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     question = plan.Question(2, 16)
-    found = plan.deepest("densenet_bc_k12", "max", 60 * 2**20, question)
+    budget = 60 * 2**20
+    found = plan.deepest("densenet_bc_k12", "max", budget, question)
     assert found is not None and found.layers_per_block > plan.CHECK_LAYERS
     assert found.fit_error < 1e-3
-    direct = question.total(lambda: bench.build_model(f"densenet_bc_{found.depth}_k12", "max"))
-    assert direct <= 60 * 2**20
-    assert abs(direct - found.total_bytes) <= 0.01 * direct
+    direct = question.footprint(lambda: bench.build_model(f"densenet_bc_{found.depth}_k12", "max"))
+    assert plan.total_bytes(direct) <= budget
+    assert abs(plan.total_bytes(direct) - found.total_bytes) <= 0.01 * found.total_bytes
+    assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes
 
 
 def test_plan_rejects_a_bad_memory_string(capsys):
