@@ -112,7 +112,7 @@ class Deepest:
     fit_error: float | None
 
 
-def _quadratic(points: dict[int, int]) -> Callable[[int], float]:
+def quadratic(points: dict[int, int]) -> Callable[[int], float]:
     """The quadratic through three points at equally spaced x (Newton's forward differences)."""
     (x0, y0), (x1, y1), (_, y2) = sorted(points.items())
     step, first, second = x1 - x0, y1 - y0, y2 - 2 * y1 + y0
@@ -143,8 +143,8 @@ def deepest(family: str, mode: bool | str, budget: int, question: Question) -> D
         if not layers:
             return None
         return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, None)
-    curve = _quadratic({n: total(n) for n in FIT_LAYERS})
-    parameters = _quadratic({n: footprints[n].parameters for n in FIT_LAYERS})
+    curve = quadratic({n: total(n) for n in FIT_LAYERS})
+    parameters = quadratic({n: footprints[n].parameters for n in FIT_LAYERS})
     high = CHECK_LAYERS
     while curve(high) <= budget:
         high *= 2
