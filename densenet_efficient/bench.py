@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .memory import peak_memory
-from .model import DenseLayer, DenseNet
+from .model import DenseBlock, DenseLayer, DenseNet
 from .registry import architecture, cifar_densenet, create_model, list_models
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,12 +122,9 @@ class _CheckpointedLayer(nn.Module):
 def checkpointed_densenet(name: str) -> DenseNet:
     """The naive model with every dense layer checkpointed as in gpleiss/efficient_densenet_pytorch."""
     model = build_model(name, False)
-    for module in list(model.modules()):
-        if isinstance(module, DenseLayer):
-            continue
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, DenseLayer):
-                setattr(module, child_name, _CheckpointedLayer(child))
+    for block in [module for module in model.modules() if isinstance(module, DenseBlock)]:
+        for layer_name, layer in list(block.items()):
+            block[layer_name] = _CheckpointedLayer(layer)
     return model
 
 
@@ -178,10 +175,9 @@ def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torc
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = F.cross_entropy(model(images), labels)
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    loss.backward()
     if optimizer is not None and scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -252,3 +252,14 @@ def test_plan_rejects_a_bad_memory_string(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--memory", "lots"])
     assert "16GiB" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
+    setting = bench.Setting(torch.device("cuda"), batch_size=16, input_size=32, repeats=2)
+    rows = bench.measure("densenet_bc_40_k12", setting, ("naive", "true", "max"))
+    naive, efficient, most = (row["peak_bytes"] for row in rows)
+    assert naive > efficient > most > 0
+    assert naive >= 0.9 * rows[0]["predicted_bytes"]
+    assert all(row["step_s"] > 0 for row in rows)
