@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .memory import peak_memory
 from .model import DenseBlock, DenseLayer, DenseNet
-from .registry import architecture, cifar_densenet, create_model, list_models
+from .registry import cifar_densenet, create_model, list_models
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES: dict[str, bool | str] = {"naive": False, "true": True, "max": "max"}
@@ -89,11 +89,19 @@ def family_depth(family: str, layers_per_block: int) -> int:
     return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
 
 
-def native_input_size(name: str) -> int:
-    """Input height and width the model was designed for: 32 (CIFAR stem) or 224 (ImageNet stem)."""
-    match = _CIFAR_NAME.fullmatch(name)
-    stem = "cifar" if match and name not in list_models() else architecture(name).get("stem", "imagenet")
-    return 32 if stem == "cifar" else 224
+def input_size(name: str, requested: int | None) -> int:
+    """``requested``, or the input size model ``name`` was designed for (32 for a CIFAR stem, else 224).
+
+    Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
+    """
+    with torch.device("meta"):
+        model = build_model(name, False)
+    size = requested or (32 if model.config["stem"] == "cifar" else 224)
+    if size < model.min_input_size:
+        raise argparse.ArgumentTypeError(
+            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
+        )
+    return size
 
 
 class _CheckpointedLayer(nn.Module):
@@ -442,6 +450,21 @@ def device_name(value: str) -> torch.device:
     return device
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer not below ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
 def positive_ints(value: str) -> list[int]:
     """argparse type: comma-separated positive integers."""
     try:
@@ -466,8 +489,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``plan`` share."""
     parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
                         help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    parser.add_argument("--input-size", type=int, help="height and width (default: the model's, 32 or 224)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
+    parser.add_argument("--input-size", type=int_at_least(1), help="height and width (default: the model's, 32 or 224)")
     parser.add_argument("--dtype", choices=tuple(AMP_DTYPES), default="fp32",
                         help="fp32, or bf16/fp16 autocast (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -480,8 +503,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode; 0: memory only (default: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default: 1)")
+    parser.add_argument("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
     parser.add_argument("--modes", type=peer_keys, default=PEER_KEYS,
                         help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)")
     parser.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
@@ -508,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     try:
-        configs = _configs(args)
+        configs = [(fields, name, input_size(name, args.input_size)) for fields, name in _configs(args)]
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient bench: error: {error}", file=sys.stderr)
         return 2
@@ -517,9 +540,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     steps = len(configs) * len(args.modes) * (args.warmup + 1 + args.repeats)
     with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
-        for fields, name in configs:
-            setting = replace(base, input_size=args.input_size or native_input_size(name),
-                              batch_size=fields.get("batch_size", base.batch_size))
+        for fields, name, size in configs:
+            setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
             common = {"model": name, "depth": None, "batch_size": setting.batch_size,
                       "input_size": setting.input_size, "device": str(setting.device), "dtype": setting.dtype}
             rows += [{**common, **fields, **row} for row in measure(name, setting, args.modes, progress)]
@@ -538,14 +560,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dict[str, Any], str]]) -> str:
+def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dict[str, Any], str, int]]) -> str:
     """First lines of the output: what ran where, and how it was measured."""
     what = args.family if args.sweep == "depth" else args.model
     if setting.device.type == "cuda":
         where = torch.cuda.get_device_name(setting.device)
     else:
         where = f"cpu, {torch.get_num_threads()} threads"
-    size = args.input_size or native_input_size(configs[0][1])
+    size = configs[0][2]
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
     flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
     head = f"{what}{batch}, {size}x{size}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
@@ -34,7 +35,8 @@ from .bench import (
     family_member,
     family_name,
     model_io,
-    native_input_size,
+    input_size,
+    int_at_least,
     peer_keys,
     random_batch,
     train_step,
@@ -162,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--family", type=family_name,
                         help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12")
-    parser.add_argument("--optimizer-copies", type=int, default=1,
+    parser.add_argument("--optimizer-copies", type=int_at_least(0), default=1,
                         help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)")
     parser.add_argument("--modes", type=partial(peer_keys, valid=tuple(MODES)), default=tuple(MODES),
                         help=f"comma-separated subset of {','.join(MODES)} (default: all)")
@@ -174,8 +176,14 @@ def _gib(value: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     modes = {key: MODES[key] for key in args.modes}
-    question = Question(args.batch_size, args.input_size or native_input_size(args.model), args.dtype,
-                        args.optimizer_copies)
+    family = args.family or "densenet_bc_k12"
+    try:
+        sizes = [input_size(name, args.input_size)
+                 for name in (args.model, family_member(family, family_depth(family, 1)))]
+    except argparse.ArgumentTypeError as error:
+        print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
+        return 2
+    question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies)
     print(f"{args.model}, {question.input_size}x{question.input_size}, {args.dtype}: training within "
           f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)")
     print(f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
@@ -191,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if args.family:
         result["family"] = args.family
         result["deepest"] = _print_deepest(args.family, modes, args.memory,
-                                           Question(args.batch_size, args.input_size or 32, args.dtype,
-                                                    args.optimizer_copies))
+                                           replace(question, input_size=sizes[1]))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

@@ -176,6 +176,9 @@ def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
     (["--device", "tpu"], "valid here: cpu"),
     (["--modes", "naive,fast"], "choose from naive, true, max, checkpoint"),
     (["--sweep", "depth", "--depths", "10,41"], "6n+4"),
+    (["--input-size", "2"], "needs at least 4"),
+    (["--batch-size", "0"], "integer >= 1"),
+    (["--repeats", "-1"], "integer >= 0"),
 ])
 def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):
     with pytest.raises(SystemExit) as raised:
@@ -248,10 +251,17 @@ def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes
 
 
-def test_plan_rejects_a_bad_memory_string(capsys):
-    with pytest.raises(SystemExit):
-        main(["plan", "--memory", "lots"])
-    assert "16GiB" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--memory", "lots"], "16GiB"),
+    (["--memory", "1GiB", "--model", "densenet121_efficient", "--input-size", "16"], "needs at least 29"),
+    (["--memory", "1GiB", "--optimizer-copies", "-1"], "integer >= 0"),
+    (["--memory", "1GiB", "--family", "resnet"], "densenet_bc_k<growth>"),
+])
+def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        raise SystemExit(main(["plan", *args]))
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.cuda
