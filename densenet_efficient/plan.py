@@ -47,6 +47,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
+MAX_LAYERS = 2**20  # the search for the deepest network stops here
 GIB = 2**30
 
 
@@ -148,7 +149,7 @@ def deepest(family: str, mode: bool | str, budget: int, question: Question) -> D
     curve = quadratic({n: total(n) for n in FIT_LAYERS})
     parameters = quadratic({n: footprints[n].parameters for n in FIT_LAYERS})
     high = CHECK_LAYERS
-    while curve(high) <= budget:
+    while curve(high) <= budget and high < MAX_LAYERS:
         high *= 2
     layers = _last_true(lambda n: curve(n) <= budget, CHECK_LAYERS, high)
     fit_error = abs(curve(CHECK_LAYERS) - check) / check
