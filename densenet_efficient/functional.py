@@ -173,7 +173,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 stage.stride, stage.padding, stage.dilation, False, [0, 0], stage.groups,
                 [True, param_needs_grad[3 * index + 2], False],
             )
-            grad = grad.masked_fill_(activated == 0, 0).to(x.dtype)
+            grad = torch.ops.aten.threshold_backward(grad, activated, 0).to(x.dtype)
             del activated
             weight = params[3 * index]
             mean, invstd = statistics[2 * index: 2 * index + 2]
