@@ -173,7 +173,8 @@ class _BnReluConvChain(torch.autograd.Function):
                 stage.stride, stage.padding, stage.dilation, False, [0, 0], stage.groups,
                 [True, param_needs_grad[3 * index + 2], False],
             )
-            grad = torch.ops.aten.threshold_backward(grad, activated, 0).to(x.dtype)
+            # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
+            grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad).to(x.dtype)
             del activated
             weight = params[3 * index]
             mean, invstd = statistics[2 * index: 2 * index + 2]
