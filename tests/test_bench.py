@@ -161,7 +161,7 @@ def test_depth_sweep_writes_a_plot_of_memory_growing_with_depth(tmp_path, capsys
 
 def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
     json_path = tmp_path / "batch.json"
-    args = ["bench", *TINY, "--repeats", "0", "--sweep", "batch", "--batch-sizes", "2,4,6", "--modes", "true",
+    args = ["bench", *TINY, "--repeats", "0", "--sweep", "batch", "--batch-sizes", "8,16,24", "--modes", "true",
             "--plot", str(tmp_path / "batch.png"), "--json", str(json_path)]
     assert main(args) == 0
     peaks = [row["peak_bytes"] for row in json.loads(json_path.read_text())["rows"]]
