@@ -6,7 +6,7 @@ Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``,
 
 dependencies = ["torch", "safetensors", "huggingface_hub"]
 
-from densenet_efficient.registry import (  # noqa: E402
+from densenet_efficient import (  # noqa: E402, F401  (the entrypoints torch.hub lists)
     densenet121_efficient,
     densenet161_efficient,
     densenet169_efficient,

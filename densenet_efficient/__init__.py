@@ -1,8 +1,18 @@
-"""Memory-efficient DenseNets for PyTorch: same outputs, gradients and BatchNorm statistics, a fraction of the memory."""
+"""Memory-efficient DenseNets for PyTorch: same outputs, gradients and BatchNorm statistics, a fraction of the memory.
 
-from .functional import MEMORY_MODES, check_memory_mode
-from .model import DenseNet
-from .registry import (
+Layers (imports only go down): :mod:`.core` (autograd function, model, named architectures),
+:mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.tools` (the ``densenet-efficient`` commands,
+imported only by the command line).
+"""
+
+from importlib import metadata as _metadata
+
+from . import pretrained
+from .core import (
+    MEMORY_MODES,
+    DenseNet,
+    MemoryMode,
+    check_memory_mode,
     cifar_densenet,
     create_model,
     densenet121_efficient,
@@ -15,13 +25,19 @@ from .registry import (
     densenet_bc_190_k40,
     densenet_bc_250_k24,
     list_models,
+    register_model,
 )
+from .pretrained import list_pretrained, save_pretrained
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("densenet-efficient")
+except _metadata.PackageNotFoundError:  # run from a source tree (torch.hub) without installing
+    __version__ = "0+unknown"
 
 __all__ = [
     "MEMORY_MODES",
     "DenseNet",
+    "MemoryMode",
     "check_memory_mode",
     "cifar_densenet",
     "create_model",
@@ -35,4 +51,8 @@ __all__ = [
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
     "list_models",
+    "list_pretrained",
+    "pretrained",
+    "register_model",
+    "save_pretrained",
 ]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from densenet_efficient.hub import fetch_url_file
-from densenet_efficient.registry import create_model
-from densenet_efficient.weights import read_state_dict, save_pretrained
+from densenet_efficient import create_model
+from densenet_efficient.pretrained import read_state_dict, save_pretrained
+from densenet_efficient.pretrained.download import fetch_url_file
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5

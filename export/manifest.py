@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from densenet_efficient.weights import load_manifest, manifest_path, write_atomically
+from densenet_efficient.pretrained.files import write_atomically
+from densenet_efficient.pretrained.manifest import load_manifest, manifest_path
 
 FIELDS = ("sha256", "size", "revision")
 

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from densenet_efficient.weights import WEIGHTS_FILENAME, file_sha256
+from densenet_efficient.pretrained.files import file_sha256
+from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
 
 
 def publish(folder: Path, repo_id: str, *, endpoint: str | None = None, token: str | None = None,

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_efficient import bench, plan
-from densenet_efficient.cli import main
-from densenet_efficient.memory import LiveTensorBytes, fake_footprint, saved_tensor_bytes
+from densenet_efficient.tools import bench, common, plan
+from densenet_efficient.tools.cli import main
+from densenet_efficient.tools.memory import LiveTensorBytes, fake_footprint, saved_tensor_bytes
 
 TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
 TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
@@ -57,11 +57,11 @@ def test_saved_activations_of_a_linear_layer():
 
 def test_fake_footprint_equals_the_real_count():
     def setup():
-        model = bench.build_model("densenet_bc_10_k12", True)
-        return model, bench.random_batch(4, 16, 3, 10)
+        model = common.build_model("densenet_bc_10_k12", True)
+        return model, common.random_batch(4, 16, 3, 10)
 
     def step(model, batch):
-        bench.train_step(model, *batch, None)
+        common.train_step(model, *batch, None)
 
     model, batch = setup()
     with LiveTensorBytes() as counter:
@@ -76,9 +76,9 @@ def test_fake_footprint_equals_the_real_count():
 
 
 def test_checkpoint_baseline_computes_what_the_naive_model_computes():
-    images, labels = bench.random_batch(3, 16, 3, 10)
+    images, labels = common.random_batch(3, 16, 3, 10)
     grads = []
-    for build in (lambda: bench.build_model("densenet_bc_10_k12", False),
+    for build in (lambda: common.build_model("densenet_bc_10_k12", False),
                   lambda: bench.checkpointed_densenet("densenet_bc_10_k12")):
         torch.manual_seed(0)
         model = build()
@@ -96,7 +96,7 @@ def test_baseline_is_torchvision_for_imagenet_models_and_checkpoint_for_cifar():
     assert "torchvision" in imagenet.label
     with torch.device("meta"):
         theirs = imagenet.build()
-        ours = bench.build_model("densenet121_efficient", True)
+        ours = common.build_model("densenet121_efficient", True)
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters()) == 7_978_856
     assert "checkpoint" in bench.baseline_peer("densenet_bc_100_k12").label
 
@@ -110,7 +110,7 @@ def test_measured_cpu_peak_is_the_planners_prediction():
 
 def test_peer_that_would_not_fit_is_skipped_with_its_prediction(monkeypatch):
     monkeypatch.setattr(bench, "available_bytes", lambda device: 0)
-    rows = bench.measure("densenet_bc_10_k12", TINY_SETTING, ("naive", "max"))
+    rows = bench.measure("densenet_bc_10_k12", TINY_SETTING, ("false", "max"))
     assert [row["skipped"] for row in rows] == [True, True]
     assert all(row["predicted_bytes"] > 0 and "peak_bytes" not in row for row in rows)
     assert "skipped" in bench.format_table(rows)
@@ -127,10 +127,10 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| mode | peak memory (MiB) | memory x naive | step (s) | time x naive | images/s")
     assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| efficient=False", "| efficient=True", "| efficient='max'", "| torch.utils.checkpoint (seed's way)"]
+        "| efficient=False", "| efficient=True", "| efficient='max'", "| torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)"]
 
     rows = json.loads(json_path.read_text())["rows"]
-    assert [row["mode"] for row in rows] == ["naive", "true", "max", "checkpoint"]
+    assert [row["mode"] for row in rows] == ["false", "true", "max", "checkpoint"]
     naive = rows[0]
     assert naive["memory_ratio"] == naive["time_ratio"] == 1.0
     assert naive["peak_bytes"] == naive["predicted_bytes"]
@@ -142,19 +142,19 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
 
     with open(csv_path, newline="") as file:
         records = list(csv.DictReader(file))
-    assert [record["mode"] for record in records] == ["naive", "true", "max", "checkpoint"]
+    assert [record["mode"] for record in records] == ["false", "true", "max", "checkpoint"]
     assert [int(record["peak_bytes"]) for record in records] == [row["peak_bytes"] for row in rows]
 
 
 def test_depth_sweep_writes_a_plot_of_memory_growing_with_depth(tmp_path, capsys):
     png, json_path = tmp_path / "depth.png", tmp_path / "depth.json"
     args = ["bench", *TINY, "--repeats", "0", "--sweep", "depth", "--depths", "10,16",
-            "--modes", "naive,max", "--plot", str(png), "--json", str(json_path)]
+            "--modes", "false,max", "--plot", str(png), "--json", str(json_path)]
     assert main(args) == 0
     assert "| depth | mode |" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(json_path.read_text())["rows"]
-    for mode in ("naive", "max"):
+    for mode in ("false", "max"):
         peaks = [row["peak_bytes"] for row in rows if row["mode"] == mode]
         assert len(peaks) == 2 and peaks[0] < peaks[1]
 
@@ -174,7 +174,7 @@ def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
     (["--model", "resnet50"], "Available models"),
     (["--dtype", "fp8"], "fp32"),
     (["--device", "tpu"], "valid here: cpu"),
-    (["--modes", "naive,fast"], "choose from naive, true, max, checkpoint"),
+    (["--modes", "false,fast"], "choose from false, true, max, checkpoint"),
     (["--sweep", "depth", "--depths", "10,41"], "6n+4"),
     (["--input-size", "2"], "needs at least 4"),
     (["--batch-size", "0"], "integer >= 1"),
@@ -189,7 +189,7 @@ def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):
 
 
 def test_bench_and_plan_keep_heavy_imports_lazy():
-    code = ("import sys, densenet_efficient.bench, densenet_efficient.plan; "
+    code = ("import sys, densenet_efficient.tools.bench, densenet_efficient.tools.plan; "
             "print([m for m in ('matplotlib', 'torchvision') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -213,7 +213,7 @@ def test_parse_memory_rejects_bad_sizes(text):
 
 def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
     json_path = tmp_path / "plan.json"
-    assert main(["plan", "--memory", "8MiB", *TINY, "--modes", "naive,max", "--json", str(json_path)]) == 0
+    assert main(["plan", "--memory", "8MiB", *TINY, "--modes", "false,max", "--json", str(json_path)]) == 0
     assert "largest batch" in capsys.readouterr().out
     result = json.loads(json_path.read_text())
     question = plan.Question(4, 16)
@@ -233,7 +233,7 @@ def test_plan_deepest_by_search_is_the_boundary():
     assert found is not None and found.fit_error is None and 1 <= found.layers_per_block < plan.CHECK_LAYERS
 
     def total(layers):
-        return question.total(lambda: bench.build_model(f"densenet_bc_{6 * layers + 4}_k12", "max"))
+        return question.total(lambda: common.build_model(f"densenet_bc_{6 * layers + 4}_k12", "max"))
 
     assert found.total_bytes == total(found.layers_per_block) <= budget < total(found.layers_per_block + 1)
     assert found.parameter_bytes < found.total_bytes
@@ -245,9 +245,9 @@ def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     found = plan.deepest("densenet_bc_k12", "max", budget, question)
     assert found is not None and found.layers_per_block > plan.CHECK_LAYERS
     assert found.fit_error < 1e-3
-    direct = question.footprint(lambda: bench.build_model(f"densenet_bc_{found.depth}_k12", "max"))
-    assert plan.total_bytes(direct) <= budget
-    assert abs(plan.total_bytes(direct) - found.total_bytes) <= 0.01 * found.total_bytes
+    direct = question.footprint(lambda: common.build_model(f"densenet_bc_{found.depth}_k12", "max"))
+    assert common.total_bytes(direct) <= budget
+    assert abs(common.total_bytes(direct) - found.total_bytes) <= 0.01 * found.total_bytes
     assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes
 
 
@@ -268,7 +268,7 @@ def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
     setting = bench.Setting(torch.device("cuda"), batch_size=16, input_size=32, repeats=2)
-    rows = bench.measure("densenet_bc_40_k12", setting, ("naive", "true", "max"))
+    rows = bench.measure("densenet_bc_40_k12", setting, ("false", "true", "max"))
     naive, efficient, most = (row["peak_bytes"] for row in rows)
     assert naive > efficient > most > 0
     assert naive >= 0.9 * rows[0]["predicted_bytes"]

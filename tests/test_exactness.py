@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import densenet_efficient as de
-from densenet_efficient import functional
+from densenet_efficient.core import functional
 
 EFFICIENT_MODES = [True, "max"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

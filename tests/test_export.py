@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import densenet_efficient as de
-from densenet_efficient.weights import ChecksumMismatchError
+from densenet_efficient.pretrained import ChecksumMismatchError
 from export import convert, manifest, publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_export_publish_load_round_trip(loopback_hub, torchvision_checkpoints, e
 
 
 def test_manifest_fill_then_check(loopback_hub, tmp_path):
-    from densenet_efficient.weights import save_pretrained
+    from densenet_efficient.pretrained import save_pretrained
 
     save_pretrained(de.create_model("densenet_40_k12", block_config=[2, 2, 2]), tmp_path / "small")
     printed = run_tool(publish.main, [str(tmp_path / "small"), "--repo-id", "org/small",
@@ -165,7 +165,7 @@ def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
 
 
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
-    from densenet_efficient.weights import load_manifest
+    from densenet_efficient.pretrained import load_manifest
 
     result = subprocess.run([sys.executable, "-m", "export.manifest", "table"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True)  # also: the tools run from the root

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.memory import peak_memory, saved_tensor_bytes
+from densenet_efficient.tools.memory import peak_memory, saved_tensor_bytes
 
 
 def saved_bytes(model, inputs):

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from densenet_efficient.cli import main
-from densenet_efficient.data import DatasetNotFoundError, build_splits
-from densenet_efficient.train import (
+from densenet_efficient.tools.cli import main
+from densenet_efficient.tools.data import DatasetNotFoundError, build_splits
+from densenet_efficient.tools.train import (
     CheckpointError,
     Trainer,
     TrainConfig,

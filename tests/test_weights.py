@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import densenet_efficient as de
-from densenet_efficient import weights as W
-from densenet_efficient.hub import fetch_hub_file, fetch_url_file
+from densenet_efficient import pretrained as W
+from densenet_efficient.pretrained.download import fetch_hub_file, fetch_url_file
+from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(block_config=[2, 2, 2])  # a 3-block CIFAR DenseNet small enough to save and load in milliseconds
@@ -60,7 +61,7 @@ def cache_files(cache: Path) -> set[str]:
 
 
 def manifest_schema() -> dict:
-    return json.loads((REPO_ROOT / "densenet_efficient" / "weights_manifest.schema.json").read_text())
+    return json.loads((REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.schema.json").read_text())
 
 
 def test_manifest_matches_schema_and_registry():
@@ -91,11 +92,11 @@ def test_schema_rejects_an_invented_looking_entry():
 def test_manifest_ships_in_the_package_and_at_the_root():
     from importlib import resources
 
-    packaged = resources.files("densenet_efficient").joinpath("weights_manifest.json").read_bytes()
+    packaged = resources.files("densenet_efficient.pretrained").joinpath("weights_manifest.json").read_bytes()
     # A real file in the package (wheels and torch.hub's GitHub zips keep it); the root one links to it.
-    assert not (REPO_ROOT / "densenet_efficient" / "weights_manifest.json").is_symlink()
+    assert not (REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.json").is_symlink()
     assert packaged == (REPO_ROOT / "weights_manifest.json").read_bytes()
-    assert W.manifest_path().read_bytes() == packaged
+    assert manifest_path().read_bytes() == packaged
 
 
 def test_public_entries_pin_only_what_is_on_record():
@@ -302,7 +303,7 @@ def write_manifest(path: Path, monkeypatch, hub: dict | None, url: dict | None =
     manifest = {"version": 1, "default_tags": {"densenet_40_k12": "test"},
                 "weights": {"densenet_40_k12.test": json.loads(json.dumps(entry))}}
     path.write_text(json.dumps(manifest))
-    monkeypatch.setenv(W.MANIFEST_ENV, str(path))
+    monkeypatch.setenv(MANIFEST_ENV, str(path))
 
 
 def hub_entry(commit: str | None, files: dict[str, bytes], repo_id: str = "org/small", pinned: bool = True) -> dict:

@@ -26,22 +26,20 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .bench import (
-    AMP_DTYPES,
+from .common import (
     MODES,
     add_common_arguments,
     build_model,
     family_depth,
     family_member,
     family_name,
-    model_io,
     input_size,
     int_at_least,
     peer_keys,
-    random_batch,
-    train_step,
+    predict,
+    total_bytes,
 )
-from .memory import Footprint, fake_footprint
+from .memory import Footprint
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -60,21 +58,6 @@ def parse_memory(value: str) -> int:
             "(units: B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024)"
         )
     return int(float(match[1]) * _UNITS[match[2].lower()])
-
-
-def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
-    """Footprint of one training step of ``build()`` on a random batch, measured on fake tensors."""
-
-    def setup() -> tuple[nn.Module, tuple]:
-        model = build()
-        return model, random_batch(batch_size, input_size, *model_io(model))
-
-    return fake_footprint(setup, lambda model, batch: train_step(model, *batch, AMP_DTYPES[dtype]))
-
-
-def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
-    """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
-    return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
 
 
 @dataclass(frozen=True)
@@ -219,7 +202,7 @@ def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, quest
         if found is None:
             print(f"| efficient={mode!r} | none fits | - | - | - | - | - |")
             continue
-        naive = rows[0]["depth"] if rows[0]["mode"] == "naive" and rows[0]["depth"] else None
+        naive = rows[0]["depth"] if rows[0]["mode"] == "false" and rows[0]["depth"] else None
         ratio = f"{found.depth / naive:.1f}" if naive else "-"
         error = f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"
         weights = found.parameter_bytes * (1 + question.optimizer_copies)

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..pretrained.download import fetch_hub_file
+from ..pretrained.loading import CONFIG_FILENAME, HF_HUB_PREFIX
+from ..pretrained.manifest import weights_entry
+
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0  # the held-out splits never depend on the training seed
 DIGITS_TEST_FRACTION = 0.2
@@ -102,20 +106,16 @@ class Splits:
 def weights_preprocessing(model: str, weights: str | os.PathLike | None) -> Preprocessing:
     """The preprocessing pretrained ``weights`` of ``model`` were trained with (a tag, a folder or file written
     by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag), from their metadata."""
-    from . import weights as weights_module
-
     reference = None if weights is None else os.fspath(weights)
-    if reference is not None and reference.startswith(weights_module.HF_HUB_PREFIX):
-        from .hub import fetch_hub_file
-
-        repo_id, _, revision = reference[len(weights_module.HF_HUB_PREFIX):].partition("@")
-        config_file = Path(fetch_hub_file(repo_id, weights_module.CONFIG_FILENAME, revision=revision or None))
+    if reference is not None and reference.startswith(HF_HUB_PREFIX):
+        repo_id, _, revision = reference[len(HF_HUB_PREFIX):].partition("@")
+        config_file = Path(fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None))
         metadata = json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_cfg", {})
     elif reference is None or not Path(reference).expanduser().exists():
-        metadata = weights_module.weights_entry(model, reference)[1]
+        metadata = weights_entry(model, reference)[1]
     else:
         path = Path(reference).expanduser()
-        config_file = (path if path.is_dir() else path.parent) / weights_module.CONFIG_FILENAME
+        config_file = (path if path.is_dir() else path.parent) / CONFIG_FILENAME
         if not config_file.is_file():
             raise ValueError(f"no {config_file}: cannot tell how the images of {path} were normalised; pass a "
                              "folder written by save_pretrained (or by `densenet-efficient train`)")

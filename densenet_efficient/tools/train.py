@@ -30,7 +30,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,8 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .evaluate import AMP_DTYPES, autocast, evaluate, to_device
-from .functional import MemoryMode, check_memory_mode
+from ..core import MemoryMode, check_memory_mode, create_model
+from ..pretrained.files import file_sha256, write_atomically
+from ..pretrained.saving import save_pretrained
+from .common import AMP_DTYPES, autocast, evaluate, parse_efficient, to_device
+from .data import DATASETS, build_splits, weights_preprocessing
 
 RECIPE_DEFAULTS: dict[str, Any] = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75),
                                        gamma=0.1, val_fraction=0.1)
@@ -187,7 +190,6 @@ def _reseed(seed: int, epoch: int, rank: int) -> None:
 def build_model(config: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """The configured model with ``num_classes`` outputs; pretrained weights loaded (another number of classes
     keeps a fresh classifier); the backbone frozen if asked."""
-    from .registry import create_model
 
     torch.manual_seed(config.seed)
     model = create_model(config.model, pretrained=config.pretrained, weights=config.weights,
@@ -200,7 +202,6 @@ def build_model(config: TrainConfig, num_classes: int, in_chans: int) -> nn.Modu
 
 def _data(config: TrainConfig):
     """The dataset's splits, preprocessed as the pretrained weights were (if any)."""
-    from .data import build_splits, weights_preprocessing
 
     preprocessing = None
     if config.weights or config.pretrained:
@@ -310,7 +311,6 @@ class Trainer:
 
     def _save(self, epoch: int) -> None:
         """Rank 0: checkpoint after ``epoch`` (1-based), best weights, the metrics table."""
-        from .weights import write_atomically
 
         self.output.mkdir(parents=True, exist_ok=True)
         state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -414,8 +414,7 @@ class Trainer:
         results = {"best_epoch": self.best["epoch"], "best_score": self.best["score"],
                    "test": self._evaluate(self.test_loader), "epochs": len(self.history)}
         if self.ctx.is_main:
-            from .weights import write_atomically
-
+    
             write_atomically(self.output / "curves.png", _curves_png(self.history))
             if self.config.export:
                 results["export"] = str(self._export(results))
@@ -427,7 +426,6 @@ class Trainer:
 
     def _export(self, results: dict[str, Any]) -> Path:
         """Write the best weights with save_pretrained (and their manifest entry) to ``output/export``."""
-        from .weights import save_pretrained, write_atomically
 
         config, test = self.config, results["test"]
         metrics = [{"dataset": config.dataset, "split": "test", "top1": round(test["top1"], 3),
@@ -512,7 +510,6 @@ def save_checkpoint(output: Path, model: nn.Module, state: dict[str, Any], keep:
     atomically; then delete all but the newest ``keep`` checkpoints. Returns the ``.pt`` path."""
     import hashlib
 
-    from .weights import write_atomically
 
     folder = output / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -536,7 +533,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """
     from safetensors.torch import load_file
 
-    from .weights import file_sha256
 
     path = Path(path)
     model_path = path.with_suffix(".safetensors")
@@ -565,8 +561,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import parse_efficient
-    from .data import DATASETS
 
     recipe = "; ".join(
         f"{name}: {' '.join([r['model'], *(f'{k}={v}' for k, v in r.get('model_args', {}).items())])}, "

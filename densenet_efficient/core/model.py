@@ -143,6 +143,8 @@ class DenseNet(nn.Module):
         efficient: ``False`` (plain autograd), ``True`` (recompute concatenation, BN and ReLU in backward) or
             ``"max"`` (also recompute the bottleneck convolution). All three give the same outputs, gradients
             and batch-norm statistics; they differ in memory and time.
+        arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
+            weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
 
     Input (N, in_chans, H, W); output (N, num_classes) logits.
     """
@@ -159,6 +161,7 @@ class DenseNet(nn.Module):
         in_chans: int = 3,
         stem: str = "imagenet",
         efficient: MemoryMode = True,
+        arch_name: str | None = None,
     ):
         super().__init__()
         _check_int("growth_rate", growth_rate, 1)
@@ -184,6 +187,7 @@ class DenseNet(nn.Module):
         )
         self.in_chans = in_chans
         self.efficient = efficient
+        self.arch_name = arch_name
 
         if stem == "imagenet":
             layers = [

@@ -18,7 +18,6 @@ import csv
 import gc
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -30,78 +29,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.model import DenseBlock, DenseLayer, DenseNet
+from .common import (
+    MODES,
+    PRECISIONS,
+    add_common_arguments,
+    build_model,
+    device_name,
+    family_member,
+    family_name,
+    input_size,
+    int_at_least,
+    model_io,
+    model_name,
+    peer_keys,
+    positive_ints,
+    predict,
+    random_batch,
+    total_bytes,
+    train_step,
+)
 from .memory import peak_memory
-from .model import DenseBlock, DenseLayer, DenseNet
-from .registry import cifar_densenet, create_model, list_models
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES: dict[str, bool | str] = {"naive": False, "true": True, "max": "max"}
 BASELINE = "checkpoint"
 PEER_KEYS = (*MODES, BASELINE)
 MIB = 2**20
 
-_CIFAR_NAME = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
-_FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
-
 
 # ----------------------------------------------------------------------------------------------- models
-
-
-def build_model(name: str, efficient: bool | str) -> DenseNet:
-    """A registered model, or ``densenet_bc_<depth>_k<growth>`` / ``densenet_<depth>_k<growth>`` (CIFAR, any depth)."""
-    match = _CIFAR_NAME.fullmatch(name)
-    if name in list_models() or not match:
-        return create_model(name, efficient=efficient)
-    bottleneck, depth, growth_rate = bool(match[1]), int(match[2]), int(match[3])
-    return cifar_densenet(depth, growth_rate, bottleneck=bottleneck, efficient=efficient)
-
-
-def model_name(value: str) -> str:
-    """argparse type: a model :func:`build_model` accepts (checked by building it on the meta device)."""
-    try:
-        with torch.device("meta"):
-            build_model(value, False)
-    except (ValueError, TypeError) as error:
-        raise argparse.ArgumentTypeError(
-            f"{error} (or any CIFAR depth as densenet_bc_<depth>_k<growth> / densenet_<depth>_k<growth>)"
-        ) from None
-    return value
-
-
-def family_name(value: str) -> str:
-    """argparse type: a CIFAR family, ``densenet_bc_k<growth>`` (DenseNet-BC) or ``densenet_k<growth>``."""
-    if not _FAMILY_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"invalid family {value!r}: use densenet_bc_k<growth> (e.g. densenet_bc_k12) or densenet_k<growth>"
-        )
-    return value
-
-
-def family_member(family: str, depth: int) -> str:
-    """Model name of the member of CIFAR ``family`` with ``depth`` (not checked; :func:`model_name` checks)."""
-    match = _FAMILY_NAME.fullmatch(family)
-    assert match, family
-    return f"densenet{match[1] or ''}_{depth}_k{match[2]}"
-
-
-def family_depth(family: str, layers_per_block: int) -> int:
-    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
-    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
-
-
-def input_size(name: str, requested: int | None) -> int:
-    """``requested``, or the input size model ``name`` was designed for (32 for a CIFAR stem, else 224).
-
-    Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
-    """
-    with torch.device("meta"):
-        model = build_model(name, False)
-    size = requested or (32 if model.config["stem"] == "cifar" else 224)
-    if size < model.min_input_size:
-        raise argparse.ArgumentTypeError(
-            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
-        )
-    return size
 
 
 class _CheckpointedLayer(nn.Module):
@@ -146,7 +101,7 @@ def torchvision_densenet(config: dict[str, Any]) -> nn.Module:
 
 @dataclass(frozen=True)
 class Peer:
-    """One contestant: ``key`` (naive, true, max, checkpoint), the label printed, and how to build it."""
+    """One contestant: ``key`` (false, true, max, checkpoint), the label printed, and how to build it."""
 
     key: str
     label: str
@@ -163,7 +118,7 @@ def baseline_peer(name: str) -> Peer:
     )
     if torchvision_has_it:
         return Peer(BASELINE, "torchvision memory_efficient=True", partial(torchvision_densenet, config))
-    return Peer(BASELINE, "torch.utils.checkpoint (seed's way)", partial(checkpointed_densenet, name))
+    return Peer(BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name))
 
 
 def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS) -> list[Peer]:
@@ -174,36 +129,6 @@ def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS) -> list[Peer]:
 
 
 # ----------------------------------------------------------------------------------------------- one step
-
-
-def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torch.dtype | None,
-               optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = F.cross_entropy(model(images), labels)
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    loss.backward()
-    if optimizer is not None and scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    elif optimizer is not None:
-        optimizer.step()
-
-
-def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int,
-                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Random images (N, C, H, W) and class labels (N,)."""
-    images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
-    return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-
-
-def model_io(model: nn.Module) -> tuple[int, int]:
-    """Input channels and number of classes of a DenseNet (ours or torchvision's)."""
-    classifier = model.classifier
-    return model.features.conv0.in_channels, classifier.out_features if isinstance(classifier, nn.Linear) else 1
 
 
 @dataclass(frozen=True)
@@ -234,7 +159,7 @@ class Runner:
         self.images = images.contiguous(memory_format=memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.model = torch.compile(model) if setting.compile else model
-        self.amp_dtype = AMP_DTYPES[setting.dtype]
+        self.amp_dtype = PRECISIONS[setting.dtype]
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
         self.device = setting.device
 
@@ -291,7 +216,7 @@ def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, prog
         rows.append(row)
         if not all_fit:
             row["predicted_bytes"], fits = _predict_fit(peer, setting)
-            row["skipped"], all_fit = not fits, fits and peer.key == "naive"
+            row["skipped"], all_fit = not fits, fits and peer.key == "false"
         if row["skipped"]:
             _advance(progress, setting.warmup + 1 + setting.repeats)
             continue
@@ -311,8 +236,6 @@ def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, prog
 
 def _predict_fit(peer: Peer, setting: Setting) -> tuple[int, bool]:
     """The predicted peak of a training step of ``peer``, and whether training it fits in the free memory."""
-    from .plan import predict, total_bytes
-
     predicted = predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
     return predicted.peak, total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
 
@@ -340,7 +263,7 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
         if row.get("step_times"):
             row["step_s"] = statistics.median(row["step_times"])
             row["images_per_s"] = batch_size / row["step_s"]
-    naive = next((row for row in rows if row["mode"] == "naive" and not row["skipped"]), {})
+    naive = next((row for row in rows if row["mode"] == "false" and not row["skipped"]), {})
     for row in rows:
         for value, ratio in (("peak_bytes", "memory_ratio"), ("step_s", "time_ratio")):
             if value in row and naive.get(value):
@@ -434,68 +357,6 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def device_name(value: str) -> torch.device:
-    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
-    valid = "cpu" + (", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count()))
-                     if torch.cuda.is_available() else "")
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid here: {valid}") from None
-    usable = device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    )
-    if not usable:
-        raise argparse.ArgumentTypeError(f"device {value!r} is not available on this machine; valid here: {valid}")
-    return device
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer not below ``minimum``."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
-        return number
-
-    return parse
-
-
-def positive_ints(value: str) -> list[int]:
-    """argparse type: comma-separated positive integers."""
-    try:
-        numbers = [int(item) for item in value.split(",")]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
-    return numbers
-
-
-def peer_keys(value: str, valid: tuple[str, ...] = PEER_KEYS) -> tuple[str, ...]:
-    """argparse type: a comma-separated subset of ``valid`` (naive, true, max, checkpoint)."""
-    keys = tuple(item.strip().lower() for item in value.split(","))
-    unknown = [key for key in keys if key not in valid]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
-    return keys
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments ``bench`` and ``plan`` share."""
-    parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
-                        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
-    parser.add_argument("--input-size", type=int_at_least(1), help="height and width (default: the model's, 32 or 224)")
-    parser.add_argument("--dtype", choices=tuple(AMP_DTYPES), default="fp32",
-                        help="fp32, or bf16/fp16 autocast (default: %(default)s)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -505,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
     parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
-    parser.add_argument("--modes", type=peer_keys, default=PEER_KEYS,
+    parser.add_argument("--modes", type=partial(peer_keys, valid=PEER_KEYS), default=PEER_KEYS,
                         help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)")
     parser.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
     parser.add_argument("--sweep", choices=("depth", "batch"), help="repeat over depths or batch sizes and plot")

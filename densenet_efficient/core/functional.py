@@ -22,14 +22,14 @@ in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-MemoryMode = Union[bool, str]
+MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
 
 

@@ -9,13 +9,15 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
+from ..core import list_models
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("densenet_efficient.cli", "list the model names"),
-    "bench": ("densenet_efficient.bench", "peak memory and step time of every memory mode, side by side"),
-    "plan": ("densenet_efficient.plan", "largest batch and deepest network that train within a memory budget"),
-    "train": ("densenet_efficient.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
-    "eval": ("densenet_efficient.evaluate", "top-1/top-5 of a model's weights on a dataset"),
+    "models": ("densenet_efficient.tools.cli", "list the model names"),
+    "bench": ("densenet_efficient.tools.bench", "peak memory and step time of every memory mode, side by side"),
+    "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network that train within a memory budget"),
+    "train": ("densenet_efficient.tools.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
+    "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset"),
 }
 
 
@@ -24,18 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .registry import list_models
-
     print("\n".join(list_models(args.pattern)))
     return 0
-
-
-def parse_efficient(value: str) -> bool | str:
-    """Parse a command-line memory mode: ``False``, ``True`` or ``max`` (case-insensitive)."""
-    modes = {"false": False, "true": True, "max": "max"}
-    if value.lower() not in modes:
-        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
-    return modes[value.lower()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,10 +3,10 @@
 Every file is checked before it is used, on download and on cache hits: against the sha256 the manifest pins,
 else against the hash the Hub itself gives (an LFS file's sha256, which names its cache blob, or a small
 file's git blob id). A file that fails is removed from the cache (other cached files stay) and
-:class:`~densenet_efficient.weights.ChecksumMismatchError` names the file and both hashes.
+:class:`~.errors.ChecksumMismatchError` names the file and both hashes.
 
 Offline (``HF_HUB_OFFLINE=1``) nothing is requested. A file that is neither cached nor reachable raises
-:class:`~densenet_efficient.weights.WeightsNotAvailableError` at once, saying where it was looked for and how
+:class:`~.errors.WeightsNotAvailableError` at once, saying where it was looked for and how
 to get it, instead of the Hub client's retries.
 """
 
@@ -21,9 +21,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import (
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 
-from .weights import ChecksumMismatchError, WeightsNotAvailableError, file_sha256
+from .errors import ChecksumMismatchError, WeightsNotAvailableError
+from .files import file_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")

@@ -1,0 +1,43 @@
+"""The model core: the memory-efficient autograd function, the DenseNet model and the named architectures.
+
+It imports nothing else of the project.
+"""
+
+from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
+from .model import DenseNet
+from .registry import (
+    cifar_densenet,
+    create_model,
+    densenet121_efficient,
+    densenet161_efficient,
+    densenet169_efficient,
+    densenet201_efficient,
+    densenet264_efficient,
+    densenet_40_k12,
+    densenet_bc_100_k12,
+    densenet_bc_190_k40,
+    densenet_bc_250_k24,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "MEMORY_MODES",
+    "DenseNet",
+    "MemoryMode",
+    "bn_relu_conv",
+    "check_memory_mode",
+    "cifar_densenet",
+    "create_model",
+    "densenet121_efficient",
+    "densenet161_efficient",
+    "densenet169_efficient",
+    "densenet201_efficient",
+    "densenet264_efficient",
+    "densenet_40_k12",
+    "densenet_bc_100_k12",
+    "densenet_bc_190_k40",
+    "densenet_bc_250_k24",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,205 @@
+"""Named architectures: ``@register_model`` factories, ``create_model`` and ``list_models``.
+
+Each architecture is a plain function decorated with :func:`register_model`, in the manner of timm and
+torchvision, so IDEs and type checkers see its signature and docstring. The core knows nothing of pretrained
+weights: the weights layer (:mod:`densenet_efficient.pretrained`) installs a resolver with
+:func:`set_weights_resolver` when the package is imported, and ``create_model`` calls it for ``pretrained=True``
+or ``weights=...``.
+
+Every factory takes ``pretrained``, ``weights``, ``efficient`` and any ``DenseNet`` argument; :func:`register_model`
+appends their description to its docstring, so that ``help()`` and ``torch.hub.help`` show it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from torch import nn
+
+from .functional import MemoryMode
+from .model import DenseNet
+
+_FACTORY = TypeVar("_FACTORY", bound=Callable[..., DenseNet])
+_ENTRYPOINTS: dict[str, Callable[..., DenseNet]] = {}
+_ARCHITECTURES: dict[str, dict[str, Any]] = {}
+
+
+class ResolvedWeights(Protocol):
+    """What a weights resolver returns: the constructor arguments the weights need, and how to load them."""
+
+    model_args: dict[str, Any]
+
+    def load_into(self, model: nn.Module) -> nn.Module: ...
+
+
+class WeightsResolver(Protocol):
+    def __call__(self, name: str, weights: str | os.PathLike | None, *, cache_dir: str | os.PathLike | None,
+                 endpoint: str | None) -> ResolvedWeights: ...
+
+
+_weights_resolver: WeightsResolver | None = None
+
+_FACTORY_ARGS = """
+
+    Args:
+        pretrained: load the default pretrained weights for this model (see ``weights_manifest.json``).
+        weights: a weights tag of this model (e.g. ``"tv_in1k"``), a path to a ``.safetensors`` file, or
+            ``"hf-hub:org/name[@revision]"``. Overrides ``pretrained``.
+        efficient: memory mode. ``False``: plain autograd. ``True`` (default): keep only batch statistics and
+            bottleneck outputs, recompute concatenation, BN and ReLU in backward (same results, a fraction of
+            the memory). ``"max"``: also recompute the bottleneck convolution, the lowest memory.
+        **kwargs: any other ``DenseNet`` argument (``num_classes``, ``in_chans``, ``drop_rate``, ...), and
+            ``cache_dir``, ``endpoint``: the Hugging Face cache folder and Hub address for the download
+            (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
+"""
+
+
+def set_weights_resolver(resolver: WeightsResolver) -> None:
+    """Install the function that turns ``(name, weights reference)`` into loadable weights (done by the
+    ``pretrained`` layer when ``densenet_efficient`` is imported)."""
+    global _weights_resolver
+    _weights_resolver = resolver
+
+
+def register_model(**architecture: Any) -> Callable[[_FACTORY], _FACTORY]:
+    """Register the decorated factory under its function name, with ``DenseNet`` arguments ``architecture``, and
+    append the factories' common arguments to its docstring."""
+
+    def decorate(factory: _FACTORY) -> _FACTORY:
+        factory.__doc__ = (factory.__doc__ or "").rstrip() + _FACTORY_ARGS
+        _ENTRYPOINTS[factory.__name__] = factory
+        _ARCHITECTURES[factory.__name__] = architecture
+        return factory
+
+    return decorate
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered architectures that match the shell-style ``pattern``."""
+    return sorted(name for name in _ENTRYPOINTS if fnmatch.fnmatchcase(name, pattern))
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """Constructor arguments of the named architecture; raises ``ValueError`` for an unknown name."""
+    if name not in _ARCHITECTURES:
+        close = difflib.get_close_matches(name, _ARCHITECTURES, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
+    return dict(_ARCHITECTURES[name])
+
+
+def create_model(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None, *,
+                 cache_dir: str | os.PathLike | None = None, endpoint: str | None = None,
+                 **kwargs: Any) -> DenseNet:
+    """Build the named architecture; ``kwargs`` override its ``DenseNet`` arguments.
+
+    ``pretrained=True`` loads the model's default weights; ``weights`` names a tag, a file or an
+    ``hf-hub:`` repo (see the factory functions' documentation). The weights' own constructor arguments apply
+    first, then ``kwargs``: another ``num_classes`` loads all but the classifier (fine-tuning). ``cache_dir``
+    and ``endpoint`` override the Hugging Face cache folder and Hub address for the download.
+    """
+    arch = architecture(name)
+    resolved = None
+    if pretrained or weights:
+        if _weights_resolver is None:
+            raise RuntimeError("no weights resolver installed: import densenet_efficient to load pretrained weights")
+        resolved = _weights_resolver(name, weights, cache_dir=cache_dir, endpoint=endpoint)
+        arch.update(resolved.model_args)
+    model = DenseNet(**{**arch, **kwargs}, arch_name=name)
+    if resolved is not None:
+        resolved.load_into(model)
+    return model
+
+
+@register_model(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=0, compression=1.0,
+                num_classes=10, stem="cifar")
+def densenet_40_k12(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                    **kwargs: Any) -> DenseNet:
+    """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
+    return create_model("densenet_40_k12", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, num_classes=10, stem="cifar")
+def densenet_bc_100_k12(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                        **kwargs: Any) -> DenseNet:
+    """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
+    return create_model("densenet_bc_100_k12", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=24, block_config=(41, 41, 41), num_init_features=48, num_classes=10, stem="cifar")
+def densenet_bc_250_k24(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                        **kwargs: Any) -> DenseNet:
+    """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
+    return create_model("densenet_bc_250_k24", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=40, block_config=(31, 31, 31), num_init_features=80, num_classes=10, stem="cifar")
+def densenet_bc_190_k40(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                        **kwargs: Any) -> DenseNet:
+    """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
+    return create_model("densenet_bc_190_k40", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
+def densenet121_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                          **kwargs: Any) -> DenseNet:
+    """DenseNet-121 for ImageNet (224x224): blocks of 6, 12, 24, 16 layers, k=32."""
+    return create_model("densenet121_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64)
+def densenet169_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                          **kwargs: Any) -> DenseNet:
+    """DenseNet-169 for ImageNet (224x224): blocks of 6, 12, 32, 32 layers, k=32."""
+    return create_model("densenet169_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)
+def densenet201_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                          **kwargs: Any) -> DenseNet:
+    """DenseNet-201 for ImageNet (224x224): blocks of 6, 12, 48, 32 layers, k=32."""
+    return create_model("densenet201_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96)
+def densenet161_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                          **kwargs: Any) -> DenseNet:
+    """DenseNet-161 for ImageNet (224x224): blocks of 6, 12, 36, 24 layers, k=48."""
+    return create_model("densenet161_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
+def densenet264_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                          **kwargs: Any) -> DenseNet:
+    """DenseNet-264 for ImageNet (224x224): blocks of 6, 12, 64, 48 layers, k=32 (tech report; no weights)."""
+    return create_model("densenet264_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+
+def cifar_densenet(depth: int, growth_rate: int = 12, bottleneck: bool = True, **kwargs: Any) -> DenseNet:
+    """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet.
+
+    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block, a stem of 2k channels and compression 0.5;
+    plain DenseNet has (depth - 4) / 3 layers per block, a stem of 16 channels and no compression.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"depth must be an int, got {type(depth).__name__} {depth!r}")
+    convs_per_layer = 2 if bottleneck else 1
+    per_block, remainder = divmod(depth - 4, 3 * convs_per_layer)
+    if remainder or per_block < 1:
+        family, step = ("DenseNet-BC", 6) if bottleneck else ("DenseNet", 3)
+        valid = ", ".join(str(step * n + 4) for n in range(1, 5))
+        raise ValueError(
+            f"{family} depth must be {step}n+4 with n >= 1 ({valid}, ...), got {depth}"
+        )
+    arch: dict[str, Any] = dict(
+        growth_rate=growth_rate, block_config=(per_block,) * 3, stem="cifar", num_classes=10,
+        num_init_features=2 * growth_rate if bottleneck else 16,
+        bn_size=4 if bottleneck else 0, compression=0.5 if bottleneck else 1.0,
+    )
+    arch_name = f"densenet{'_bc' if bottleneck else ''}_{depth}_k{growth_rate}"
+    return DenseNet(**{**arch, **kwargs}, arch_name=arch_name)

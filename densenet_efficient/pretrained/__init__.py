@@ -1,0 +1,40 @@
+"""Pretrained weights: the manifest, Hub and URL downloads with their checks, loading, saving, model cards.
+
+This layer knows the model core (:mod:`densenet_efficient.core`); the core knows nothing of it. Importing it
+installs :func:`.loading.resolve_weights` as the core's weights resolver, so that ``create_model(name,
+pretrained=True)`` and the factories' ``weights=`` argument load weights.
+"""
+
+from ..core.registry import set_weights_resolver
+from .errors import (
+    ChecksumMismatchError,
+    IncompatibleWeightsError,
+    InvalidWeightsFileError,
+    UnknownWeightsError,
+    WeightsNotAvailableError,
+)
+from .loading import (
+    load_pretrained,
+    load_state_dict_into,
+    read_state_dict,
+    resolve_weights,
+)
+from .manifest import list_pretrained, load_manifest
+from .saving import save_pretrained
+
+set_weights_resolver(resolve_weights)
+
+__all__ = [
+    "ChecksumMismatchError",
+    "IncompatibleWeightsError",
+    "InvalidWeightsFileError",
+    "UnknownWeightsError",
+    "WeightsNotAvailableError",
+    "list_pretrained",
+    "load_manifest",
+    "load_pretrained",
+    "load_state_dict_into",
+    "read_state_dict",
+    "resolve_weights",
+    "save_pretrained",
+]

@@ -1,0 +1,240 @@
+"""Helpers the ``densenet-efficient`` tools share: model names and building, argument types, one training step,
+its predicted memory, memory-mode and precision parsing, autocast and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import DenseNet, MemoryMode, cifar_densenet, create_model, list_models
+from .memory import Footprint, fake_footprint
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Mixed-precision modes: the precisions that run under autocast.
+AMP_DTYPES: dict[str, torch.dtype] = {key: dtype for key, dtype in PRECISIONS.items() if dtype is not None}
+MODES: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
+
+
+_CIFAR_NAME = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
+
+
+_FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
+
+
+def build_model(name: str, efficient: MemoryMode) -> DenseNet:
+    """A registered model, or ``densenet_bc_<depth>_k<growth>`` / ``densenet_<depth>_k<growth>`` (CIFAR, any depth)."""
+    match = _CIFAR_NAME.fullmatch(name)
+    if name in list_models() or not match:
+        return create_model(name, efficient=efficient)
+    bottleneck, depth, growth_rate = bool(match[1]), int(match[2]), int(match[3])
+    return cifar_densenet(depth, growth_rate, bottleneck=bottleneck, efficient=efficient)
+
+
+def model_name(value: str) -> str:
+    """argparse type: a model :func:`build_model` accepts (checked by building it on the meta device)."""
+    try:
+        with torch.device("meta"):
+            build_model(value, False)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(
+            f"{error} (or any CIFAR depth as densenet_bc_<depth>_k<growth> / densenet_<depth>_k<growth>)"
+        ) from None
+    return value
+
+
+def family_name(value: str) -> str:
+    """argparse type: a CIFAR family, ``densenet_bc_k<growth>`` (DenseNet-BC) or ``densenet_k<growth>``."""
+    if not _FAMILY_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid family {value!r}: use densenet_bc_k<growth> (e.g. densenet_bc_k12) or densenet_k<growth>"
+        )
+    return value
+
+
+def family_member(family: str, depth: int) -> str:
+    """Model name of the member of CIFAR ``family`` with ``depth`` (not checked; :func:`model_name` checks)."""
+    match = _FAMILY_NAME.fullmatch(family)
+    assert match, family
+    return f"densenet{match[1] or ''}_{depth}_k{match[2]}"
+
+
+def family_depth(family: str, layers_per_block: int) -> int:
+    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
+    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
+
+
+def input_size(name: str, requested: int | None) -> int:
+    """``requested``, or the input size model ``name`` was designed for (32 for a CIFAR stem, else 224).
+
+    Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
+    """
+    with torch.device("meta"):
+        model = build_model(name, False)
+    size = requested or (32 if model.config["stem"] == "cifar" else 224)
+    if size < model.min_input_size:
+        raise argparse.ArgumentTypeError(
+            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
+        )
+    return size
+
+
+def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torch.dtype | None,
+               optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(images), labels)
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    loss.backward()
+    if optimizer is not None and scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif optimizer is not None:
+        optimizer.step()
+
+
+def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Random images (N, C, H, W) and class labels (N,)."""
+    images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
+    return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+
+
+def model_io(model: nn.Module) -> tuple[int, int]:
+    """Input channels and number of classes of a DenseNet (ours or torchvision's)."""
+    classifier = model.classifier
+    return model.features.conv0.in_channels, classifier.out_features if isinstance(classifier, nn.Linear) else 1
+
+
+def device_name(value: str) -> torch.device:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
+    valid = "cpu" + (", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count()))
+                     if torch.cuda.is_available() else "")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid here: {valid}") from None
+    usable = device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    )
+    if not usable:
+        raise argparse.ArgumentTypeError(f"device {value!r} is not available on this machine; valid here: {valid}")
+    return device
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer not below ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
+def positive_ints(value: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        numbers = [int(item) for item in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
+    return numbers
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments ``bench`` and ``plan`` share."""
+    parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
+                        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
+    parser.add_argument("--input-size", type=int_at_least(1), help="height and width (default: the model's, 32 or 224)")
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
+                        help="fp32, or bf16/fp16 autocast (default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
+    """Footprint of one training step of ``build()`` on a random batch, measured on fake tensors."""
+
+    def setup() -> tuple[nn.Module, tuple]:
+        model = build()
+        return model, random_batch(batch_size, input_size, *model_io(model))
+
+    return fake_footprint(setup, lambda model, batch: train_step(model, *batch, PRECISIONS[dtype]))
+
+
+def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
+    """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
+    return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
+
+
+def parse_efficient(value: str) -> MemoryMode:
+    """Parse a command-line memory mode: ``False``, ``True`` or ``max`` (case-insensitive)."""
+    modes = {"false": False, "true": True, "max": "max"}
+    if value.lower() not in modes:
+        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
+    return modes[value.lower()]
+
+
+def autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """``torch.autocast`` for ``amp`` (``"bf16"``, ``"fp16"`` or ``None`` for full precision) on ``device``."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"unknown amp mode {amp!r}; valid modes: {', '.join(AMP_DTYPES)} (or none)")
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or "bf16"), enabled=amp is not None)
+
+
+def to_device(images: Tensor, labels: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Move a batch to ``device`` (images in channels-last layout if asked)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *,
+             amp: str | None = None, channels_last: bool = False,
+             all_reduce: Callable[[Tensor], None] | None = None) -> dict[str, float]:
+    """Mean cross-entropy ``loss``, ``top1`` and ``top5`` accuracy (%) and the number of ``images``.
+
+    ``all_reduce`` sums the per-process totals in place (distributed evaluation on disjoint shards). With fewer
+    than five classes, ``top5`` counts the top ``num_classes``.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels in batches:
+        images, labels = to_device(images, labels, device, channels_last)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hits[:, 0].sum(),
+                               hits.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+    if all_reduce is not None:
+        all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise ValueError("nothing to evaluate: the dataset split is empty")
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
+
+
+def peer_keys(value: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """argparse type: a comma-separated subset of ``valid`` (for example false, true, max, checkpoint)."""
+    keys = tuple(item.strip().lower() for item in value.split(","))
+    unknown = [key for key in keys if key not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
+    return keys
