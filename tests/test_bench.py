@@ -1,4 +1,4 @@
-"""The benchmark, the memory planner and the CPU memory counter they rest on, on tiny configurations."""
+"""`densenet-efficient bench`: peers, measurement, tables, sweeps and argument checks, on tiny configurations."""
 
 import csv
 import json
@@ -11,65 +11,9 @@ import torch.nn.functional as F
 
 from densenet_efficient.tools import bench, common, plan
 from densenet_efficient.tools.cli import main
-from densenet_efficient.tools.memory import LiveTensorBytes, fake_footprint, saved_tensor_bytes
 
 TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
 TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
-
-
-# ----------------------------------------------------------------------------------------------- the counter
-
-
-def test_counter_counts_a_single_allocation_and_its_release():
-    with LiveTensorBytes() as counter:
-        tensor = torch.empty(1000, dtype=torch.float32)
-        assert (counter.current, counter.peak) == (4000, 4000)
-        del tensor
-        assert (counter.current, counter.peak) == (0, 4000)
-
-
-def test_counter_ignores_tensors_allocated_before_it():
-    existing = torch.zeros(1000)
-    with LiveTensorBytes() as counter:
-        existing.add_(1)
-        view = existing[:10]
-        view.mul_(2)
-    assert counter.peak == 0
-
-
-def test_counter_on_a_linear_layer_forward():
-    layer = torch.nn.Linear(100, 50)
-    x = torch.randn(32, 100)
-    with LiveTensorBytes() as counter:
-        out = torch.relu(layer(x))
-    # linear's output and relu's output are alive together, then only relu's output
-    assert (counter.peak, counter.current) == (2 * out.nbytes, out.nbytes)
-
-
-def test_saved_activations_of_a_linear_layer():
-    layer = torch.nn.Linear(100, 50)
-    x = torch.randn(32, 100)
-    with saved_tensor_bytes(exclude=tuple(layer.parameters())) as saved:
-        out = torch.relu(layer(x))
-    # addmm saves its input (the weight is excluded), relu saves its output
-    assert saved.bytes == x.nbytes + out.nbytes
-
-
-def test_fake_footprint_equals_the_real_count():
-    def setup():
-        model = common.build_model("densenet_bc_10_k12", True)
-        return model, common.random_batch(4, 16, 3, 10)
-
-    def step(model, batch):
-        common.train_step(model, *batch, None)
-
-    model, batch = setup()
-    with LiveTensorBytes() as counter:
-        step(model, batch)
-    predicted = fake_footprint(setup, step)
-    assert predicted.peak == counter.peak > 0
-    assert predicted.parameters == sum(p.nbytes for p in model.parameters())
-    assert predicted.buffers == sum(b.nbytes for b in model.buffers())
 
 
 # ----------------------------------------------------------------------------------------------- peers
@@ -195,75 +139,6 @@ def test_bench_and_plan_keep_heavy_imports_lazy():
     assert result.stdout.strip() == "[]"
 
 
-# ----------------------------------------------------------------------------------------------- planner
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("16GiB", 16 * 2**30), ("24GB", 24 * 10**9), ("512 MiB", 512 * 2**20), ("1.5gib", 3 * 2**29), ("100B", 100),
-])
-def test_parse_memory(text, expected):
-    assert plan.parse_memory(text) == expected
-
-
-@pytest.mark.parametrize("text", ["16", "lots", "-1GiB", "0GB", "16XB"])
-def test_parse_memory_rejects_bad_sizes(text):
-    with pytest.raises(Exception, match="KiB, MiB, GiB, TiB"):
-        plan.parse_memory(text)
-
-
-def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
-    json_path = tmp_path / "plan.json"
-    assert main(["plan", "--memory", "8MiB", *TINY, "--modes", "false,max", "--json", str(json_path)]) == 0
-    assert "largest batch" in capsys.readouterr().out
-    result = json.loads(json_path.read_text())
-    question = plan.Question(4, 16)
-    for row in result["modes"]:
-        build = bench.make_peers("densenet_bc_10_k12", (row["mode"],))[0].build
-        batch = row["largest_batch"]
-        assert batch > 4
-        assert question.total(build, batch) <= 8 * 2**20 < question.total(build, batch + 1)
-    naive, most = result["modes"]
-    assert most["largest_batch"] > naive["largest_batch"]
-
-
-def test_plan_deepest_by_search_is_the_boundary():
-    question = plan.Question(2, 16)
-    budget = 8 * 2**20
-    found = plan.deepest("densenet_bc_k12", "max", budget, question)
-    assert found is not None and found.fit_error is None and 1 <= found.layers_per_block < plan.CHECK_LAYERS
-
-    def total(layers):
-        return question.total(lambda: common.build_model(f"densenet_bc_{6 * layers + 4}_k12", "max"))
-
-    assert found.total_bytes == total(found.layers_per_block) <= budget < total(found.layers_per_block + 1)
-    assert found.parameter_bytes < found.total_bytes
-
-
-def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
-    question = plan.Question(2, 16)
-    budget = 60 * 2**20
-    found = plan.deepest("densenet_bc_k12", "max", budget, question)
-    assert found is not None and found.layers_per_block > plan.CHECK_LAYERS
-    assert found.fit_error < 1e-3
-    direct = question.footprint(lambda: common.build_model(f"densenet_bc_{found.depth}_k12", "max"))
-    assert common.total_bytes(direct) <= budget
-    assert abs(common.total_bytes(direct) - found.total_bytes) <= 0.01 * found.total_bytes
-    assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--memory", "lots"], "16GiB"),
-    (["--memory", "1GiB", "--model", "densenet121_efficient", "--input-size", "16"], "needs at least 29"),
-    (["--memory", "1GiB", "--optimizer-copies", "-1"], "integer >= 0"),
-    (["--memory", "1GiB", "--family", "resnet"], "densenet_bc_k<growth>"),
-])
-def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
-    with pytest.raises(SystemExit) as raised:
-        raise SystemExit(main(["plan", *args]))
-    assert raised.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
@@ -273,3 +148,4 @@ def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
     assert naive > efficient > most > 0
     assert naive >= 0.9 * rows[0]["predicted_bytes"]
     assert all(row["step_s"] > 0 for row in rows)
+

@@ -19,8 +19,8 @@ from densenet_efficient.tools.cli import main
 from densenet_efficient.tools.data import DatasetNotFoundError, build_splits
 from densenet_efficient.tools.train import (
     CheckpointError,
-    Trainer,
     TrainConfig,
+    Trainer,
     checkpoints,
     distributed,
     load_checkpoint,

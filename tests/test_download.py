@@ -1,13 +1,10 @@
-"""Pretrained weights: manifest, save_pretrained, loading from files, the (loopback) Hub and torchvision URLs."""
+"""Downloads from the (loopback) Hugging Face Hub and torchvision URLs: checks, cache, offline, fallback."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,274 +12,21 @@ from urllib.parse import urlparse
 import huggingface_hub
 import pytest
 import torch
+from weights_helpers import (
+    REPO_ROOT,
+    cache_files,
+    hub_entry,
+    legacy_torchvision_state_dict,
+    logits,
+    randomise_batch_norm,
+    saved_files,
+    small_model,
+    write_manifest,
+)
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
 from densenet_efficient.pretrained.download import fetch_hub_file, fetch_url_file
-from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(block_config=[2, 2, 2])  # a 3-block CIFAR DenseNet small enough to save and load in milliseconds
-X = torch.randn(2, 3, 32, 32)
-
-
-def small_model(**kwargs) -> torch.nn.Module:
-    return de.create_model("densenet_40_k12", **{**SMALL, **kwargs}).eval()
-
-
-def randomise_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial statistics so that loading them is visible in the logits."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(X)
-
-
-def saved_files(model: torch.nn.Module, directory: Path, **metadata) -> dict[str, bytes]:
-    W.save_pretrained(model, directory, **metadata)
-    return {path.name: path.read_bytes() for path in directory.iterdir()}
-
-
-def cache_files(cache: Path) -> set[str]:
-    """Every weights file, blob and snapshot link in a Hugging Face cache (not locks or refs)."""
-    return {str(path.relative_to(cache)) for path in cache.rglob("*")
-            if ("blobs" in path.parts or "snapshots" in path.parts) and not path.is_dir()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The manifest
-
-
-def manifest_schema() -> dict:
-    return json.loads((REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.schema.json").read_text())
-
-
-def test_manifest_matches_schema_and_registry():
-    jsonschema = pytest.importorskip("jsonschema")
-    manifest = W.load_manifest()
-    jsonschema.Draft202012Validator.check_schema(manifest_schema())
-    jsonschema.Draft202012Validator(manifest_schema()).validate(manifest)
-    for key, entry in manifest["weights"].items():
-        assert key == f"{entry['model']}.{entry['tag']}"
-        reference = json.loads(json.dumps(de.create_model(entry["model"]).config))
-        assert entry["model_args"] == reference, key
-        assert entry["num_classes"] == entry["model_args"]["num_classes"]
-        if entry["url"]:
-            assert Path(entry["url"]["url"]).stem.endswith("-" + entry["url"]["sha256_prefix"])
-    for model, tag in manifest["default_tags"].items():
-        assert f"{model}.{tag}" in manifest["weights"]
-
-
-def test_schema_rejects_an_invented_looking_entry():
-    jsonschema = pytest.importorskip("jsonschema")
-    manifest = W.load_manifest()
-    entry = manifest["weights"]["densenet121_efficient.tv_in1k"]
-    entry["hub"]["sha256"] = "c894c6d9"  # a prefix is not a sha256
-    with pytest.raises(jsonschema.ValidationError, match="c894c6d9"):
-        jsonschema.validate(manifest, manifest_schema())
-
-
-def test_manifest_ships_in_the_package_and_at_the_root():
-    from importlib import resources
-
-    packaged = resources.files("densenet_efficient.pretrained").joinpath("weights_manifest.json").read_bytes()
-    # A real file in the package (wheels and torch.hub's GitHub zips keep it); the root one links to it.
-    assert not (REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.json").is_symlink()
-    assert packaged == (REPO_ROOT / "weights_manifest.json").read_bytes()
-    assert manifest_path().read_bytes() == packaged
-
-
-def test_public_entries_pin_only_what_is_on_record():
-    weights = W.load_manifest()["weights"]
-    assert weights["densenet121_efficient.tv_in1k"]["hub"]["sha256"] == (
-        "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358")
-    assert weights["densenet121_efficient.ra_in1k"]["hub"]["revision"] == "e65bed9f92a2e438879b179438d22ed719be26d6"
-    assert {entry["url"]["sha256_prefix"] for entry in weights.values() if entry["url"]} == {
-        "a639ec97", "b2777c0a", "c1103571", "8d451a50"}
-
-
-def test_unknown_tag_lists_the_valid_ones():
-    with pytest.raises(W.UnknownWeightsError, match=r"'nope' for 'densenet121_efficient'. Valid tags: ra_in1k, tv_in1k"):
-        de.densenet121_efficient(weights="nope")
-
-
-def test_model_without_weights_says_which_models_have_some():
-    with pytest.raises(W.UnknownWeightsError, match="No pretrained weights .* 'densenet_bc_100_k12'.*densenet121_efficient"):
-        de.densenet_bc_100_k12(pretrained=True)
-
-
-def test_import_stays_light():
-    code = ("import sys, densenet_efficient; "
-            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# save_pretrained and local files
-
-
-def test_save_pretrained_is_byte_reproducible_and_self_describing(tmp_path):
-    from safetensors import safe_open
-
-    model = randomise_batch_norm(small_model())
-    entry = W.save_pretrained(model, tmp_path / "a", tag="test", dataset="cifar10")
-    first = {path.name: path.read_bytes() for path in (tmp_path / "a").iterdir()}
-    second = saved_files(model, tmp_path / "b", tag="test", dataset="cifar10")
-    assert first == second and sorted(first) == ["README.md", "config.json", "model.safetensors"]
-    weights = first["model.safetensors"]
-    assert entry["hub"] == {"repo_id": None, "revision": None, "filename": "model.safetensors",
-                            "sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights)}
-    assert entry["model"] == "densenet_40_k12" and entry["tag"] == "test" and entry["num_classes"] == 10
-    with safe_open(tmp_path / "a" / "model.safetensors", "pt") as file:
-        assert file.metadata() == {"format": "pt"}
-    config = json.loads(first["config.json"])
-    assert config["architecture"] == "densenet_40_k12"
-    assert config["model_args"]["block_config"] == [2, 2, 2]
-    assert config["pretrained_cfg"] == {"tag": "test", "dataset": "cifar10"}
-    assert entry["hub"]["sha256"] in first["README.md"].decode()
-
-
-def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path):
-    jsonschema = pytest.importorskip("jsonschema")
-    metadata = dict(tag="c10", label_source="CIFAR-10 class order of torchvision.datasets.CIFAR10",
-                    input_size=[3, 32, 32], mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
-                    interpolation=None, crop_pct=None, license="MIT", source="trained here",
-                    metrics=[{"dataset": "cifar10-test", "top1": 50.0, "protocol": "no augmentation",
-                              "reported_by": "this project"}])
-    entry = W.save_pretrained(small_model(), tmp_path, **metadata)
-    schema = manifest_schema()
-    manifest = {"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.c10": entry}}
-    with pytest.raises(jsonschema.ValidationError, match="None is not of type 'string'"):
-        jsonschema.validate(manifest, schema)  # not published yet: no repo_id
-    entry["hub"].update(repo_id="org/densenet_40_k12.c10", revision="0" * 40)
-    jsonschema.validate(manifest, schema)
-
-
-def test_model_with_weights_but_no_default_tag(tmp_path, monkeypatch):
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub=None)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["default_tags"] = {}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(W.UnknownWeightsError, match="'densenet_40_k12' has no default weights: pass weights=<tag>, "
-                                                    "one of test"):
-        de.densenet_40_k12(pretrained=True)
-
-
-def test_save_pretrained_refuses_bad_metadata_and_keeps_existing_files(tmp_path):
-    model = small_model()
-    before = saved_files(model, tmp_path)
-    with pytest.raises(ValueError, match="JSON-serialisable"):
-        W.save_pretrained(randomise_batch_norm(model), tmp_path, when=object())
-    with pytest.raises(ValueError, match=r"\['hub'\] are computed"):
-        W.save_pretrained(model, tmp_path, hub="mine")
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
-
-
-def test_save_pretrained_needs_a_registered_name(tmp_path):
-    with pytest.raises(ValueError, match="architecture="):
-        W.save_pretrained(de.DenseNet(**SMALL, stem="cifar"), tmp_path)
-
-
-@pytest.mark.parametrize("target", ["folder", "file"])
-def test_local_weights_rebuild_the_model(tmp_path, target):
-    model = randomise_batch_norm(small_model(num_classes=7))
-    W.save_pretrained(model, tmp_path)
-    reference = tmp_path if target == "folder" else tmp_path / "model.safetensors"
-    loaded = de.create_model("densenet_40_k12", weights=str(reference))  # block_config and classes from config.json
-    assert loaded.config == model.config
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
-
-
-def test_num_classes_override_loads_all_but_the_classifier(tmp_path):
-    model = randomise_batch_norm(small_model())
-    W.save_pretrained(model, tmp_path)
-    with pytest.warns(UserWarning, match="weights have 10 classes, the model 3: loaded everything but the classifier"):
-        tuned = de.create_model("densenet_40_k12", weights=str(tmp_path / "model.safetensors"), num_classes=3)
-    tuned.eval()
-    assert tuned.classifier.out_features == 3
-    with torch.no_grad():
-        torch.testing.assert_close(tuned.forward_head(tuned.forward_features(X), pre_logits=True),
-                                   model.forward_head(model.forward_features(X), pre_logits=True), rtol=0, atol=0)
-
-
-def test_other_architecture_names_missing_and_unexpected_keys(tmp_path):
-    path = tmp_path / "bc.safetensors"  # a bare file: no config.json to rebuild from
-    from safetensors.torch import save_file
-
-    save_file(de.create_model("densenet_bc_100_k12", block_config=[2, 2, 2]).state_dict(), path)
-    with pytest.raises(W.IncompatibleWeightsError) as error:
-        de.create_model("densenet_40_k12", weights=str(path), **SMALL)
-    message = str(error.value)
-    assert "0 missing" in message
-    assert "unexpected (features.denseblock1.denselayer1.conv2.weight" in message
-    assert "features.conv0.weight (24, 3, 3, 3) vs (16, 3, 3, 3)" in message
-
-
-def test_missing_keys_are_named(tmp_path):
-    model = small_model()
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("features.norm5")}
-    from safetensors.torch import save_file
-
-    save_file(state, tmp_path / "partial.safetensors")
-    with pytest.raises(W.IncompatibleWeightsError, match=r"4 missing \(features.norm5.weight, features.norm5.bias"):
-        de.create_model("densenet_40_k12", weights=str(tmp_path / "partial.safetensors"), **SMALL)
-
-
-def test_config_for_another_model_is_refused(tmp_path):
-    W.save_pretrained(small_model(), tmp_path)
-    with pytest.raises(W.UnknownWeightsError, match="weights for 'densenet_40_k12', not 'densenet_bc_100_k12'"):
-        de.create_model("densenet_bc_100_k12", weights=str(tmp_path))
-
-
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_damaged_local_file_is_a_clear_error(tmp_path, damage):
-    W.save_pretrained(small_model(), tmp_path)
-    path = tmp_path / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
-    with pytest.raises(W.InvalidWeightsFileError, match="model.safetensors is not a valid safetensors file"):
-        de.create_model("densenet_40_k12", weights=str(path))
-
-
-def test_missing_local_file_says_what_is_accepted(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No weights file at .*nothing.safetensors.*hf-hub:org/name"):
-        de.create_model("densenet_40_k12", weights=str(tmp_path / "nothing.safetensors"))
-
-
-def legacy_torchvision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as torchvision's old .pth files hold it: ``norm.1`` for ``norm1``, no num_batches_tracked."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        for new, old in (("norm1", "norm.1"), ("norm2", "norm.2"), ("conv1", "conv.1"), ("conv2", "conv.2")):
-            key = key.replace(f".{new}.", f".{old}.") if ".denselayer" in key else key
-        state[key] = value
-    return state
-
-
-def test_legacy_pth_file_loads_with_weights_only(tmp_path):
-    model = randomise_batch_norm(small_model())
-    legacy = legacy_torchvision_state_dict(model)
-    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
-    torch.save(legacy, tmp_path / "legacy.pth")
-    loaded = de.create_model("densenet_40_k12", weights=str(tmp_path / "legacy.pth"), **SMALL)
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
-
-
-def test_pickled_object_is_refused(tmp_path):
-    torch.save({"model": small_model()}, tmp_path / "pickled.pth")
-    with pytest.raises(W.InvalidWeightsFileError, match="not a readable PyTorch checkpoint"):
-        de.create_model("densenet_40_k12", weights=str(tmp_path / "pickled.pth"), **SMALL)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Hub (loopback) and torchvision URLs
@@ -295,21 +39,6 @@ def published(loopback_hub, tmp_path):
     files = saved_files(model, tmp_path / "export")
     commit = loopback_hub.commit("org/small", files)
     return model, files, commit
-
-
-def write_manifest(path: Path, monkeypatch, hub: dict | None, url: dict | None = None) -> None:
-    """A manifest with one entry, densenet_40_k12.test (the default tag), and use it."""
-    entry = {"model": "densenet_40_k12", "tag": "test", "model_args": small_model().config, "hub": hub, "url": url}
-    manifest = {"version": 1, "default_tags": {"densenet_40_k12": "test"},
-                "weights": {"densenet_40_k12.test": json.loads(json.dumps(entry))}}
-    path.write_text(json.dumps(manifest))
-    monkeypatch.setenv(MANIFEST_ENV, str(path))
-
-
-def hub_entry(commit: str | None, files: dict[str, bytes], repo_id: str = "org/small", pinned: bool = True) -> dict:
-    data = files["model.safetensors"]
-    return {"repo_id": repo_id, "revision": commit, "filename": "model.safetensors",
-            "sha256": hashlib.sha256(data).hexdigest() if pinned else None, "size": len(data)}
 
 
 def test_download_then_cache_hit_without_a_request(loopback_hub, published, tmp_path, monkeypatch):

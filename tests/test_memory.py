@@ -1,0 +1,69 @@
+"""The CPU memory counter (live tensor bytes, saved-for-backward bytes, fake-tensor footprints) that bench and plan rest on."""
+
+
+import torch
+
+from densenet_efficient.tools import bench, common
+from densenet_efficient.tools.memory import (
+    LiveTensorBytes,
+    fake_footprint,
+    saved_tensor_bytes,
+)
+
+TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
+TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
+
+
+# ----------------------------------------------------------------------------------------------- the counter
+
+
+def test_counter_counts_a_single_allocation_and_its_release():
+    with LiveTensorBytes() as counter:
+        tensor = torch.empty(1000, dtype=torch.float32)
+        assert (counter.current, counter.peak) == (4000, 4000)
+        del tensor
+        assert (counter.current, counter.peak) == (0, 4000)
+
+
+def test_counter_ignores_tensors_allocated_before_it():
+    existing = torch.zeros(1000)
+    with LiveTensorBytes() as counter:
+        existing.add_(1)
+        view = existing[:10]
+        view.mul_(2)
+    assert counter.peak == 0
+
+
+def test_counter_on_a_linear_layer_forward():
+    layer = torch.nn.Linear(100, 50)
+    x = torch.randn(32, 100)
+    with LiveTensorBytes() as counter:
+        out = torch.relu(layer(x))
+    # linear's output and relu's output are alive together, then only relu's output
+    assert (counter.peak, counter.current) == (2 * out.nbytes, out.nbytes)
+
+
+def test_saved_activations_of_a_linear_layer():
+    layer = torch.nn.Linear(100, 50)
+    x = torch.randn(32, 100)
+    with saved_tensor_bytes(exclude=tuple(layer.parameters())) as saved:
+        out = torch.relu(layer(x))
+    # addmm saves its input (the weight is excluded), relu saves its output
+    assert saved.bytes == x.nbytes + out.nbytes
+
+
+def test_fake_footprint_equals_the_real_count():
+    def setup():
+        model = common.build_model("densenet_bc_10_k12", True)
+        return model, common.random_batch(4, 16, 3, 10)
+
+    def step(model, batch):
+        common.train_step(model, *batch, None)
+
+    model, batch = setup()
+    with LiveTensorBytes() as counter:
+        step(model, batch)
+    predicted = fake_footprint(setup, step)
+    assert predicted.peak == counter.peak > 0
+    assert predicted.parameters == sum(p.nbytes for p in model.parameters())
+    assert predicted.buffers == sum(b.nbytes for b in model.buffers())
