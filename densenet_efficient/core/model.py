@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,31 @@ from torch import Tensor, nn
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def architecture_cfg(stem: str, in_chans: int, num_classes: int) -> dict[str, Any]:
+    """The input configuration a network of this stem was designed for, in timm's ``pretrained_cfg`` keys.
+
+    Pretrained weights replace it with their own (see :mod:`densenet_efficient.pretrained`). CIFAR networks take
+    32x32 images normalised with CIFAR-10's statistics; ImageNet networks 224x224 crops (crop fraction 0.875,
+    bicubic resize) normalised with ImageNet's. For ``in_chans`` other than 3 the mean and std are the
+    channel average, repeated.
+    """
+    size, mean, std = (32, CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (224, IMAGENET_MEAN, IMAGENET_STD)
+    if in_chans != 3:
+        mean, std = (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans
+    return {
+        "input_size": (in_chans, size, size),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0 if stem == "cifar" else 0.875,
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "num_classes": num_classes,
+        "first_conv": "features.conv0",
+        "classifier": "classifier",
+    }
 
 
 class DenseLayer(nn.Module):
@@ -216,6 +242,8 @@ class DenseNet(nn.Module):
         self.num_features = num_features
         self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
         self.min_input_size = self._min_input_size(stem, len(block_config))
+        # timm's name for what the weights (or, without weights, the architecture) expect as input.
+        self.pretrained_cfg: dict[str, Any] = architecture_cfg(stem, in_chans, num_classes)
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -248,6 +276,11 @@ class DenseNet(nn.Module):
             if isinstance(module, (DenseLayer, Transition)):
                 module.efficient = efficient
         return self
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """Alias of ``pretrained_cfg`` (timm's older name)."""
+        return self.pretrained_cfg
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
