@@ -146,6 +146,7 @@ def test_truncated_or_empty_file_on_the_hub(loopback_hub, tmp_path, monkeypatch,
         de.create_model("densenet_40_k12", weights="hf-hub:org/small", **options)
 
 
+@pytest.mark.slow
 def test_transfer_cut_short_is_not_cached(loopback_hub, published, tmp_path):
     loopback_hub.faults["model.safetensors"] = "truncate"
     cache = tmp_path / "cache"

@@ -175,6 +175,7 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(batch):
     model = de.cifar_densenet(10, growth_rate=4, efficient=True)
     compiled_model = copy.deepcopy(model)

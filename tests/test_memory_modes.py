@@ -40,6 +40,7 @@ def test_saved_memory_grows_linearly_with_depth(mode):
     assert second < naive_second / 3
 
 
+@pytest.mark.slow
 def test_bc100_training_step_peak_fractions():
     """The issue's targets, on CPU live bytes: True <= 0.30 x naive, "max" <= 0.16 x naive (batch 8)."""
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ def test_parse_memory_rejects_bad_sizes(text):
         plan.parse_memory(text)
 
 
+@pytest.mark.slow
 def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
     json_path = tmp_path / "plan.json"
     assert main(["plan", "--memory", "8MiB", *TINY, "--modes", "false,max", "--json", str(json_path)]) == 0
@@ -43,6 +44,7 @@ def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
     assert most["largest_batch"] > naive["largest_batch"]
 
 
+@pytest.mark.slow
 def test_plan_deepest_by_search_is_the_boundary():
     question = plan.Question(2, 16)
     budget = 8 * 2**20
@@ -56,6 +58,7 @@ def test_plan_deepest_by_search_is_the_boundary():
     assert found.parameter_bytes < found.total_bytes
 
 
+@pytest.mark.slow
 def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     question = plan.Question(2, 16)
     budget = 60 * 2**20

@@ -83,6 +83,7 @@ def recipe_runs(tmp_path_factory) -> dict:
     return run_every_mode(tmp_path_factory.mktemp("recipe"), epochs=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_digits_reach_90_percent_in_every_memory_mode(recipe_runs, mode):
     results, history = recipe_runs[mode]
@@ -99,6 +100,7 @@ def low_lr_runs(tmp_path_factory) -> dict:
     return run_every_mode(tmp_path_factory.mktemp("low-lr"), epochs=2, lr=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", (True, "max"), ids=str)
 def test_efficient_modes_follow_the_naive_loss_curve(low_lr_runs, mode):
     naive, efficient = low_lr_runs[False][1], low_lr_runs[mode][1]
@@ -130,6 +132,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: TrainConfig, resu
                    Path(result_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     config = digits_config(tmp_path / "ddp", epochs=1)
     mp.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
@@ -157,6 +160,7 @@ def uninterrupted(tmp_path_factory):
         return output, train(digits_config(output, epochs=4))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
     reference_dir, reference = uninterrupted
     original = Trainer._train_epoch
@@ -188,12 +192,14 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(uninterrupted, tmp_pa
         assert torch.equal(actual_state[name], value), name
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(uninterrupted):
     output, _ = uninterrupted
     with pytest.raises(CheckpointError, match=r"another recipe \(lr: checkpoint 0.1, now 0.05\)"):
         train(digits_config(output, epochs=4, lr=0.05, resume=True))
 
 
+@pytest.mark.slow
 def test_truncated_or_corrupt_checkpoint_is_refused_and_the_previous_one_survives(uninterrupted, tmp_path):
     source, _ = uninterrupted
     for path in (source / "checkpoints").iterdir():
@@ -218,6 +224,7 @@ def test_truncated_or_corrupt_checkpoint_is_refused_and_the_previous_one_survive
         load_checkpoint(newest)
 
 
+@pytest.mark.slow
 def test_an_interrupted_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatch):
     original_replace = os.replace
 
@@ -253,6 +260,7 @@ def cli_run(tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_cli_train_writes_log_plot_results_and_export(cli_run):
     rows = (cli_run / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["epoch", "lr", "train_loss", "train_top1"]
@@ -269,6 +277,7 @@ def test_cli_train_writes_log_plot_results_and_export(cli_run):
     assert entry["hub"]["size"] == (cli_run / "export" / "model.safetensors").stat().st_size
 
 
+@pytest.mark.slow
 def test_cli_eval_reproduces_the_test_accuracy_with_the_weights_preprocessing(cli_run, tmp_path):
     report = tmp_path / "eval.json"
     assert main(["eval", "densenet_bc_100_k12", "--weights", str(cli_run / "export"), "--json", str(report)]) == 0
@@ -292,6 +301,7 @@ def _digits_imagefolder(root: Path, classes: range) -> None:
             Image.fromarray((image * 255 / 16).astype("uint8"), mode="L").save(folder / f"{index}.png")
 
 
+@pytest.mark.slow
 def test_fine_tune_an_export_on_a_new_number_of_classes(cli_run, tmp_path):
     _digits_imagefolder(tmp_path / "images", range(5))
     export = cli_run / "export"
