@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import sys
 from collections.abc import Sequence
 
 from ..core import list_models
@@ -18,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network that train within a memory budget"),
     "train": ("densenet_efficient.tools.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
     "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset"),
+}
+# What each command needs beyond the base install: the "tools" extra.
+TOOLS_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "bench": ("tqdm", "matplotlib"),
+    "train": ("tqdm", "matplotlib", "sklearn"),
+    "eval": ("sklearn",),
 }
 
 
@@ -43,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_requirements(command: str) -> list[str]:
+    """The modules ``command`` needs that are not installed (they come with ``densenet-efficient[tools]``)."""
+    return [name for name in TOOLS_REQUIREMENTS.get(command, ()) if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_requirements(args.command)
+    if missing:
+        print(f"densenet-efficient {args.command} needs {', '.join(missing)}, which is not installed: "
+              "pip install 'densenet-efficient[tools]'", file=sys.stderr)
+        return 1
     return args.run(args)
