@@ -17,6 +17,7 @@ import torchvision
 import densenet_efficient as de
 from densenet_efficient.pretrained import ChecksumMismatchError
 from export import convert, manifest, publish
+from weights_helpers import manifest_entry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = torch.randn(2, 3, 64, 64)
@@ -140,7 +141,8 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
     published = json.loads(printed[printed.index("{"):])["hub"]
     path = tmp_path / "manifest.json"
     unpinned = {**published, "revision": None, "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.x": {"hub": unpinned}}}))
+    path.write_text(json.dumps({"version": 1, "default_tags": {},
+                                "weights": {"densenet_40_k12.x": manifest_entry(unpinned, tag="x")}}))
     options = ["--manifest", str(path), "--endpoint", loopback_hub.endpoint]
 
     assert "densenet_40_k12.x: verified nothing; filled sha256=" in run_tool(manifest.main, ["fill", *options])
@@ -159,9 +161,37 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
 def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
     path = tmp_path / "manifest.json"
     hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"m.x": {"hub": hub}}}))
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test":
+                                                                             manifest_entry(hub)}}))
     assert manifest.main(["check", "--manifest", str(path), "--endpoint", loopback_hub.endpoint]) == 1
-    assert "m.x: FAILED RepositoryNotFoundError" in capsys.readouterr().out
+    assert "densenet_40_k12.test: FAILED RepositoryNotFoundError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field", ["crop_pct", "image_size"])
+def test_manifest_check_fails_on_a_result_without_its_protocol(tmp_path, capsys, field):
+    path = tmp_path / "manifest.json"
+    hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
+    entry = manifest_entry(hub)
+    del entry["metrics"][0][field]
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test": entry}}))
+    assert manifest.main(["check", "--manifest", str(path)]) == 1  # before any request: no endpoint needed
+    assert (f"['weights']['densenet_40_k12.test']['metrics'][0]: '{field}' is a required property"
+            in capsys.readouterr().err)
+
+
+def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
+    from densenet_efficient.pretrained import save_pretrained
+
+    folder = tmp_path / "small"
+    save_pretrained(de.create_model("densenet_40_k12", block_config=[2, 2, 2]), folder)
+    (folder / "secret.txt").write_text("token")
+    with pytest.raises(SystemExit, match=r"must hold exactly the files its card lists .*not listed \['secret.txt'\]"):
+        publish.publish(folder, "org/small", endpoint=loopback_hub.endpoint, token="hf_loopback")
+    assert loopback_hub.requests == []  # refused before any request
+    (folder / "secret.txt").unlink()
+    commit = publish.publish(folder, "org/small", endpoint=loopback_hub.endpoint, token="hf_loopback")
+    assert sorted(loopback_hub.repos["org/small"].commits[commit]) == ["README.md", "config.json",
+                                                                       "model.safetensors"]
 
 
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():

@@ -48,8 +48,8 @@ def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path)
     metadata = dict(tag="c10", label_source="CIFAR-10 class order of torchvision.datasets.CIFAR10",
                     input_size=[3, 32, 32], mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
                     interpolation=None, crop_pct=None, license="MIT", source="trained here",
-                    metrics=[{"dataset": "cifar10-test", "top1": 50.0, "protocol": "no augmentation",
-                              "reported_by": "this project"}])
+                    metrics=[{"dataset": "cifar10-test", "top1": 50.0, "top5": 90.0, "image_size": 32,
+                              "crop_pct": 1.0, "protocol": "no augmentation", "reported_by": "this project"}])
     entry = W.save_pretrained(small_model(), tmp_path, **metadata)
     schema = manifest_schema()
     manifest = {"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.c10": entry}}
@@ -60,7 +60,8 @@ def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path)
 
 
 def test_model_with_weights_but_no_default_tag(tmp_path, monkeypatch):
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub=None)
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub={"repo_id": "org/small", "revision": None,
+                   "filename": "model.safetensors", "sha256": None, "size": None})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["default_tags"] = {}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

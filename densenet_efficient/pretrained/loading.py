@@ -192,7 +192,8 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
             f"{file} is not the file {config_file} was written for (sha256 {expected_sha256}): an interrupted or "
             f"mixed save. Save the weights again."
         )
-    check_shapes(name, model_args, tensor_shapes(file), str(config_file) if config else str(file))
+    if config:  # a bare file: the caller's arguments describe the model; loading names any mismatch
+        check_shapes(name, model_args, tensor_shapes(file), str(config_file))
     input_cfg.setdefault("source", str(file))
     return PretrainedWeights(str(file), model_args, lambda: read_state_dict(file), input_cfg)
 
