@@ -50,6 +50,7 @@ def test_eval_transforms_equal_timms_create_transform(config, use_test_size):
         torch.testing.assert_close(ours(image), expected, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 def test_jpeg_written_and_decoded_with_torchvision_io(tmp_path):
     import torchvision.io
 
