@@ -190,8 +190,8 @@ def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
     assert loopback_hub.requests == []  # refused before any request
     (folder / "secret.txt").unlink()
     commit = publish.publish(folder, "org/small", endpoint=loopback_hub.endpoint, token="hf_loopback")
-    assert sorted(loopback_hub.repos["org/small"].commits[commit]) == ["README.md", "config.json",
-                                                                       "model.safetensors"]
+    uploaded = set(loopback_hub.repos["org/small"].commits[commit]) - {".gitattributes"}  # made by create_repo
+    assert uploaded == {"README.md", "config.json", "model.safetensors"}
 
 
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
@@ -202,3 +202,43 @@ def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(load_manifest()["weights"])
     assert result.stdout in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in README.md."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]
+
+
+@pytest.mark.slow
+def test_readme_predict_example_prints_torchvisions_top5(torchvision_checkpoints, exported, tmp_path):
+    """The README example (image file -> top-5 ImageNet labels), run on a converted model: same labels, in the same
+    order, as torchvision's DenseNet with the same tensors and torchvision's own preprocessing of those weights."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from PIL import Image
+    from skimage.data import chelsea
+    from torchvision.models import DenseNet121_Weights
+
+    reference, _ = torchvision_checkpoints
+    output, _ = exported
+    Image.fromarray(chelsea()).save(tmp_path / "cat.jpg", quality=95)
+    code = readme_block("### Preprocessing and labels")
+    weights_line = 'de.create_model("densenet121_efficient.tv_in1k", pretrained=True)'
+    assert weights_line in code
+    code = code.replace(weights_line, f'de.create_model("densenet121_efficient", weights={str(output)!r})')
+    code = code.replace('"cat.jpg"', repr(str(tmp_path / "cat.jpg")))
+    printed = StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    labels = [line.rsplit(": ", 1)[0] for line in printed.getvalue().splitlines()]
+
+    weights = DenseNet121_Weights.IMAGENET1K_V1
+    with Image.open(tmp_path / "cat.jpg") as image:
+        batch = weights.transforms()(image.convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        expected = reference.eval()(batch).softmax(dim=1)[0].topk(5).indices.tolist()
+    assert labels == [weights.meta["categories"][index] for index in expected]
