@@ -166,7 +166,7 @@ def test_timm_config_for_another_depth_points_at_the_right_model(timm_small):
 
 def test_weights_of_a_torch_bin_folder_load(timm_small, tmp_path):
     """timm's default (safe_serialization=False) writes pytorch_model.bin; it is read with weights_only=True."""
-    model, folder = timm_small
+    model, _ = timm_small
     from timm.models import _hub
 
     _hub.save_for_hf(model, tmp_path, model_args={"block_config": (2, 2, 2, 2)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from weights_helpers import manifest_entry
 
 import densenet_efficient as de
 from densenet_efficient.pretrained import ChecksumMismatchError
 from export import convert, manifest, publish
-from weights_helpers import manifest_entry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = torch.randn(2, 3, 64, 64)
@@ -231,9 +232,10 @@ def test_readme_predict_example_prints_torchvisions_top5(torchvision_checkpoints
     assert weights_line in code
     code = code.replace(weights_line, f'de.create_model("densenet121_efficient", weights={str(output)!r})')
     code = code.replace('"cat.jpg"', repr(str(tmp_path / "cat.jpg")))
+    (tmp_path / "predict.py").write_text(code)
     printed = StringIO()
     with redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {})
+        runpy.run_path(str(tmp_path / "predict.py"))
     labels = [line.rsplit(": ", 1)[0] for line in printed.getvalue().splitlines()]
 
     weights = DenseNet121_Weights.IMAGENET1K_V1

@@ -9,7 +9,11 @@ from PIL import Image
 from weights_helpers import randomise_batch_norm, small_model
 
 import densenet_efficient as de
-from densenet_efficient.pretrained.loading import adapt_input_conv, imagenet_categories, model_pretrained_cfg
+from densenet_efficient.pretrained.loading import (
+    adapt_input_conv,
+    imagenet_categories,
+    model_pretrained_cfg,
+)
 
 timm_data = pytest.importorskip("timm.data")
 skimage_data = pytest.importorskip("skimage.data")
@@ -28,10 +32,12 @@ def imagenet_model(**cfg) -> de.DenseNet:
 
 
 CONFIGS = {
-    "timm ra_in1k": dict(interpolation="bicubic", crop_pct=0.875, test_input_size=(3, 288, 288), test_crop_pct=0.95),
-    "torchvision": dict(interpolation="bilinear", crop_pct=0.875),
-    "uncropped 160 px": dict(input_size=(3, 160, 160), interpolation="bilinear", crop_pct=1.0),
-    "other statistics": dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.2, 0.3), interpolation="nearest", crop_pct=0.9),
+    "timm ra_in1k": {"interpolation": "bicubic", "crop_pct": 0.875, "test_input_size": (3, 288, 288),
+                     "test_crop_pct": 0.95},
+    "torchvision": {"interpolation": "bilinear", "crop_pct": 0.875},
+    "uncropped 160 px": {"input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 1.0},
+    "other statistics": {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.2, 0.3), "interpolation": "nearest",
+                         "crop_pct": 0.9},
 }
 
 
