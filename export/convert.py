@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5
 # How torchvision's ImageNet weights are fed (its ImageClassification transform: resize 256 bilinear, centre crop
 # 224, ImageNet mean/std) and the label list they follow (torchvision's ImageNet categories).
-TORCHVISION_PREPROCESSING = {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875,
+TORCHVISION_PREPROCESSING: dict[str, Any] = {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875,
                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "labels": "imagenet-1k"}
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 

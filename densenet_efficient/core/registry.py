@@ -31,7 +31,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {}
 class ResolvedWeights(Protocol):
     """What a weights resolver returns: the constructor arguments the weights need, and how to load them."""
 
-    model_args: dict[str, Any]
+    @property
+    def model_args(self) -> dict[str, Any]: ...
 
     def load_into(self, model: nn.Module) -> nn.Module: ...
 

@@ -135,14 +135,10 @@ def remove_leftovers(directory: Path) -> list[Path]:
 
 
 def _written_by_us(card_path: Path) -> bool:
-    """Whether a README.md is a card that save_pretrained wrote (its metadata names this library)."""
-    import yaml
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(card_path).data.library_name == LIBRARY_NAME
-    except (ValueError, TypeError, OSError, yaml.YAMLError):  # no or broken front matter: the user's own file
-        return False
+    """Whether a README.md is a card that save_pretrained wrote: its front matter names this library."""
+    text = card_path.read_text(encoding="utf-8", errors="replace")
+    front_matter = text[4:text.find("\n---", 4)] if text.startswith("---\n") else ""
+    return f"library_name: {LIBRARY_NAME}" in front_matter.splitlines()
 
 
 def card_files(card: str) -> list[str]:
