@@ -155,3 +155,10 @@ def test_published_results_are_on_record():
         assert cfg.labels == "imagenet-1k"
         if cfg.url:
             assert "BSD-3-Clause" in cfg.license_source and "states no separate license" in cfg.license_source
+
+
+def test_entry_constructor_arguments_are_read_only():
+    cfg = W.get_pretrained_cfg("densenet121_efficient.tv_in1k")
+    with pytest.raises(TypeError):
+        cfg.model_args["num_classes"] = 10  # type: ignore[index]
+    assert W.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_args["num_classes"] == 1000

@@ -11,7 +11,8 @@ import fnmatch
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from types import MappingProxyType
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,15 @@ class PretrainedCfg:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest entry as JSON-ready dicts and lists (optional fields left out when unset)."""
-        entry = json.loads(json.dumps(asdict(self)))
-        entry["model_args"] = json.loads(json.dumps(dict(self.model_args)))
+        entry: dict[str, Any] = {field.name: getattr(self, field.name) for field in fields(self)}
+        entry["model_args"] = dict(self.model_args)
+        entry["metrics"] = [asdict(metric) for metric in self.metrics]
+        entry["hub"] = asdict(self.hub) if self.hub else None
+        entry["url"] = asdict(self.url) if self.url else None
         for key in ("license_source", "labels", "test_input_size", "test_crop_pct"):
             if entry[key] is None:
                 del entry[key]
-        return entry
+        return json.loads(json.dumps(entry))
 
     def model_cfg(self) -> dict[str, Any]:
         """The weights' input configuration in timm's ``pretrained_cfg`` keys (what ``model.pretrained_cfg``
@@ -135,8 +139,9 @@ class PretrainedCfg:
         return cfg
 
 
-def _frozen_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
+def _frozen_args(model_args: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType({key: tuple(value) if isinstance(value, list) else value
+                             for key, value in model_args.items()})
 
 
 def manifest_path() -> Path:
