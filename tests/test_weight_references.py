@@ -121,3 +121,9 @@ def test_integer_inputs_name_the_expected_dtypes(dtype):
     with pytest.raises(TypeError, match=rf"expected a floating-point input \(float32, float16, bfloat16 or float64\),"
                                         rf" got {dtype}"):
         model(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+def test_unknown_bare_word_says_it_is_no_file_either():
+    with pytest.raises(de.UnknownWeightsError, match=r"Unknown weights tag 'mymodel' .*\(weights='mymodel' is no "
+                                                     r"file or folder either.\)"):
+        de.create_model("densenet121_efficient", weights="mymodel")

@@ -145,7 +145,12 @@ def load_pretrained(model: nn.Module, name: str, weights: str | os.PathLike | No
 
 
 def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> PretrainedWeights:
-    cfg = weights_entry(name, tag)
+    try:
+        cfg = weights_entry(name, tag)
+    except UnknownWeightsError as error:
+        if tag is None:
+            raise
+        raise UnknownWeightsError(f"{error} (weights={tag!r} is no file or folder either.)") from None
 
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
