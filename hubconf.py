@@ -4,7 +4,7 @@ Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``,
 ``DenseNet`` argument; ``torch.hub.help(repo, name)`` prints the details.
 """
 
-dependencies = ["torch", "safetensors", "huggingface_hub"]
+dependencies = ["torch", "safetensors", "huggingface_hub", "jsonschema"]
 
 from densenet_efficient import (  # noqa: E402, F401  (the entrypoints torch.hub lists)
     densenet121_efficient,

@@ -27,7 +27,20 @@ from .core import (
     list_models,
     register_model,
 )
-from .pretrained import list_pretrained, save_pretrained
+from .pretrained import (
+    ChecksumMismatchError,
+    IncompatibleWeightsError,
+    InvalidConfigError,
+    InvalidWeightsFileError,
+    ManifestError,
+    PretrainedCfg,
+    UnknownWeightsError,
+    WeightsNotAvailableError,
+    get_pretrained_cfg,
+    list_pretrained,
+    save_pretrained,
+    transforms,
+)
 
 try:
     __version__ = _metadata.version("densenet-efficient")
@@ -36,8 +49,16 @@ except _metadata.PackageNotFoundError:  # run from a source tree (torch.hub) wit
 
 __all__ = [
     "MEMORY_MODES",
+    "ChecksumMismatchError",
     "DenseNet",
+    "IncompatibleWeightsError",
+    "InvalidConfigError",
+    "InvalidWeightsFileError",
+    "ManifestError",
     "MemoryMode",
+    "PretrainedCfg",
+    "UnknownWeightsError",
+    "WeightsNotAvailableError",
     "check_memory_mode",
     "cifar_densenet",
     "create_model",
@@ -50,9 +71,11 @@ __all__ = [
     "densenet_bc_100_k12",
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
+    "get_pretrained_cfg",
     "list_models",
     "list_pretrained",
     "pretrained",
     "register_model",
     "save_pretrained",
+    "transforms",
 ]

@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,10 @@ from densenet_efficient.pretrained.download import fetch_url_file
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5
+# How torchvision's ImageNet weights are fed (its ImageClassification transform: resize 256 bilinear, centre crop
+# 224, ImageNet mean/std) and the label list they follow (torchvision's ImageNet categories).
+TORCHVISION_PREPROCESSING: dict[str, Any] = {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875,
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "labels": "imagenet-1k"}
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
 
@@ -99,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not difference < TOLERANCE:
         print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
         return 1
-    entry = save_pretrained(model, args.output, tag=args.tag, source=f"converted from torchvision ({location})")
+    entry = save_pretrained(model, args.output, tag=args.tag, source=f"converted from torchvision ({location})",
+                            **TORCHVISION_PREPROCESSING)
     print(json.dumps(entry, indent=2))
     return 0
 

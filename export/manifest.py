@@ -4,7 +4,9 @@
     python -m export.manifest fill densenet121_efficient.ra_in1k   # write the Hub's values into empty fields
     python -m export.manifest table                  # the Markdown table of README.md
 
-``check`` exits 1 if a recorded value differs from the Hub's or a file is missing. ``fill`` only fills empty
+Every action first checks the manifest against its JSON Schema (every result must say the image size and crop it
+was measured at) and exits 1 naming the field that breaks it. ``check`` exits 1 if a recorded value differs from
+the Hub's or a file is missing. ``fill`` only fills empty
 (null) fields, with the LFS sha256 and size from ``HfApi.get_paths_info`` and the commit the revision resolves to
 now; it refuses to write anything if a recorded value differs.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from densenet_efficient.pretrained.files import write_atomically
-from densenet_efficient.pretrained.manifest import load_manifest, manifest_path
+from densenet_efficient.pretrained.manifest import manifest_path, validate_manifest
 
 FIELDS = ("sha256", "size", "revision")
 
@@ -77,17 +79,22 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
 
 
 def table(manifest: dict[str, Any]) -> str:
-    """Markdown table of the manifest's weights."""
-    rows = ["| weights | default | top-1 (protocol) | source | Hub file | pinned | torchvision fallback |",
-            "|---|---|---|---|---|---|---|"]
+    """Markdown table of the manifest's weights: top-1/top-5 with the protocol (who measured, size, crop) and
+    the license."""
+    rows = [("| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
+             "| torchvision fallback |"),
+            "|---|---|---|---|---|---|---|---|"]
     for key, entry in manifest["weights"].items():
         default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
-        top1 = "<br>".join(f"{m['top1']:.3f} ({m['reported_by']}, {m['image_size']} px)" for m in entry["metrics"])
+        results = "<br>".join(
+            f"{m['top1']:.3f} / {'-' if m['top5'] is None else format(m['top5'], '.3f')} "
+            f"({m['reported_by']}, {m['image_size']} px, crop {m['crop_pct']:g})" for m in entry["metrics"])
         hub = entry["hub"]
         hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
         pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"
         url = entry["url"]["url"] if entry["url"] else ""
-        rows.append(f"| `{key}` | {default} | {top1} | {entry['source']} | {hub_cell} | {pinned} | {url} |")
+        rows.append(f"| `{key}` | {default} | {results} | {entry['license'] or 'unknown'} | {entry['source']} "
+                    f"| {hub_cell} | {pinned} | {url} |")
     return "\n".join(rows)
 
 
@@ -104,7 +111,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     path = (args.manifest or manifest_path()).resolve()  # resolved: fill rewrites the file, not a link to it
-    manifest = json.loads(path.read_text(encoding="utf-8")) if args.manifest else load_manifest()
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        validate_manifest(manifest, path)  # e.g. a result that omits the image size or crop it was measured at
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.action == "table":
         print(table(manifest))
         return 0

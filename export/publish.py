@@ -2,8 +2,10 @@
 
     python -m export.publish out/densenet121_efficient.tv_in1k --repo-id org/densenet121_efficient.tv_in1k
 
-Creates the repo if needed (``HfApi.create_repo``), uploads the folder (``HfApi.upload_folder``) and prints the
-commit to pin in ``weights_manifest.json``, with the entry's ``hub`` block filled in.
+Creates the repo if needed (``HfApi.create_repo``), uploads exactly the files the folder's model card lists
+(``model.safetensors``, ``config.json``, ``README.md``) in one commit and prints the commit to pin in
+``weights_manifest.json``, with the entry's ``hub`` block filled in. A folder that holds anything else (a stray
+or private file, a leftover of an interrupted save) is refused before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -16,16 +18,40 @@ from pathlib import Path
 
 from densenet_efficient.pretrained.files import file_sha256
 from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
+from densenet_efficient.pretrained.saving import CARD_FILENAME, card_files
+
+
+def upload_files(folder: Path) -> list[str]:
+    """The files of ``folder`` to upload: those its ``README.md`` card lists. Raises ``SystemExit`` naming what is
+    missing or what else the folder holds."""
+    card = folder / CARD_FILENAME
+    if not card.is_file():
+        raise SystemExit(f"{folder} has no {CARD_FILENAME}: write the folder with save_pretrained or export.convert")
+    listed = card_files(card.read_text(encoding="utf-8"))
+    if not listed:
+        raise SystemExit(f"{card} lists no files: write the folder with save_pretrained or export.convert")
+    present = sorted(path.name for path in folder.iterdir())
+    missing = sorted(set(listed) - set(present))
+    extra = sorted(set(present) - set(listed))
+    if missing or extra:
+        raise SystemExit(f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): "
+                         + "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                                       f"not listed {extra} (move them out)" if extra else "")
+                                     if part))
+    return listed
 
 
 def publish(folder: Path, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
             private: bool = False, message: str | None = None) -> str:
-    """Upload ``folder`` to ``repo_id`` (created if missing); returns the new commit's full hash."""
-    from huggingface_hub import HfApi
+    """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns the
+    commit's full hash."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
+    files = upload_files(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder,
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    commit = api.create_commit(repo_id=repo_id, operations=operations,
                                commit_message=message or f"Upload {folder.name} with densenet_efficient")
     return commit.oid
 
@@ -41,6 +67,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (args.folder / WEIGHTS_FILENAME).is_file():
         parser.error(f"{args.folder} has no {WEIGHTS_FILENAME}: write it with save_pretrained or export.convert")
+    try:
+        upload_files(args.folder)
+    except SystemExit as error:
+        parser.error(str(error))
     return args
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from weights_helpers import manifest_entry
 
 import densenet_efficient as de
 from densenet_efficient.pretrained import ChecksumMismatchError
@@ -140,7 +142,8 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
     published = json.loads(printed[printed.index("{"):])["hub"]
     path = tmp_path / "manifest.json"
     unpinned = {**published, "revision": None, "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.x": {"hub": unpinned}}}))
+    path.write_text(json.dumps({"version": 1, "default_tags": {},
+                                "weights": {"densenet_40_k12.x": manifest_entry(unpinned, tag="x")}}))
     options = ["--manifest", str(path), "--endpoint", loopback_hub.endpoint]
 
     assert "densenet_40_k12.x: verified nothing; filled sha256=" in run_tool(manifest.main, ["fill", *options])
@@ -159,9 +162,37 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
 def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
     path = tmp_path / "manifest.json"
     hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"m.x": {"hub": hub}}}))
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test":
+                                                                             manifest_entry(hub)}}))
     assert manifest.main(["check", "--manifest", str(path), "--endpoint", loopback_hub.endpoint]) == 1
-    assert "m.x: FAILED RepositoryNotFoundError" in capsys.readouterr().out
+    assert "densenet_40_k12.test: FAILED RepositoryNotFoundError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field", ["crop_pct", "image_size"])
+def test_manifest_check_fails_on_a_result_without_its_protocol(tmp_path, capsys, field):
+    path = tmp_path / "manifest.json"
+    hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
+    entry = manifest_entry(hub)
+    del entry["metrics"][0][field]
+    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test": entry}}))
+    assert manifest.main(["check", "--manifest", str(path)]) == 1  # before any request: no endpoint needed
+    assert (f"['weights']['densenet_40_k12.test']['metrics'][0]: '{field}' is a required property"
+            in capsys.readouterr().err)
+
+
+def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
+    from densenet_efficient.pretrained import save_pretrained
+
+    folder = tmp_path / "small"
+    save_pretrained(de.create_model("densenet_40_k12", block_config=[2, 2, 2]), folder)
+    (folder / "secret.txt").write_text("token")
+    with pytest.raises(SystemExit, match=r"must hold exactly the files its card lists .*not listed \['secret.txt'\]"):
+        publish.publish(folder, "org/small", endpoint=loopback_hub.endpoint, token="hf_loopback")
+    assert loopback_hub.requests == []  # refused before any request
+    (folder / "secret.txt").unlink()
+    commit = publish.publish(folder, "org/small", endpoint=loopback_hub.endpoint, token="hf_loopback")
+    uploaded = set(loopback_hub.repos["org/small"].commits[commit]) - {".gitattributes"}  # made by create_repo
+    assert uploaded == {"README.md", "config.json", "model.safetensors"}
 
 
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
@@ -172,3 +203,44 @@ def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(load_manifest()["weights"])
     assert result.stdout in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in README.md."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]
+
+
+@pytest.mark.slow
+def test_readme_predict_example_prints_torchvisions_top5(torchvision_checkpoints, exported, tmp_path):
+    """The README example (image file -> top-5 ImageNet labels), run on a converted model: same labels, in the same
+    order, as torchvision's DenseNet with the same tensors and torchvision's own preprocessing of those weights."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from PIL import Image
+    from skimage.data import chelsea
+    from torchvision.models import DenseNet121_Weights
+
+    reference, _ = torchvision_checkpoints
+    output, _ = exported
+    Image.fromarray(chelsea()).save(tmp_path / "cat.jpg", quality=95)
+    code = readme_block("### Preprocessing and labels")
+    weights_line = 'de.create_model("densenet121_efficient.tv_in1k", pretrained=True)'
+    assert weights_line in code
+    code = code.replace(weights_line, f'de.create_model("densenet121_efficient", weights={str(output)!r})')
+    code = code.replace('"cat.jpg"', repr(str(tmp_path / "cat.jpg")))
+    (tmp_path / "predict.py").write_text(code)
+    printed = StringIO()
+    with redirect_stdout(printed):
+        runpy.run_path(str(tmp_path / "predict.py"))
+    labels = [line.rsplit(": ", 1)[0] for line in printed.getvalue().splitlines()]
+
+    weights = DenseNet121_Weights.IMAGENET1K_V1
+    with Image.open(tmp_path / "cat.jpg") as image:
+        batch = weights.transforms()(image.convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        expected = reference.eval()(batch).softmax(dim=1)[0].topk(5).indices.tolist()
+    assert labels == [weights.meta["categories"][index] for index in expected]

@@ -74,6 +74,7 @@ def test_config_for_another_model_is_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_damaged_local_file_is_a_clear_error(tmp_path, damage):
     W.save_pretrained(small_model(), tmp_path)
+    (tmp_path / "config.json").unlink()  # a bare file: the safetensors reader's own check
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
@@ -82,7 +83,7 @@ def test_damaged_local_file_is_a_clear_error(tmp_path, damage):
 
 
 def test_missing_local_file_says_what_is_accepted(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No weights file at .*nothing.safetensors.*hf-hub:org/name"):
+    with pytest.raises(FileNotFoundError, match="file not found: .*nothing.safetensors.*hf-hub:org/name"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "nothing.safetensors"))
 
 

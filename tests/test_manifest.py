@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,11 +16,10 @@ from weights_helpers import (
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.manifest import manifest_path
+from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
 
 # ---------------------------------------------------------------------------------------------------------------
 # The manifest
-
 
 
 def test_manifest_matches_schema_and_registry():
@@ -78,6 +78,87 @@ def test_model_without_weights_says_which_models_have_some():
 
 def test_import_stays_light():
     code = ("import sys, densenet_efficient; "
-            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib') if m in sys.modules))")
+            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'jsonschema', 'torchvision', "
+            "'timm') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validated when read, typed when handed out
+
+
+def manifest_with(tmp_path, monkeypatch, change) -> None:
+    manifest = W.load_manifest()
+    change(manifest)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setenv(MANIFEST_ENV, str(path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(sha256_prefix=""),
+     r"\['weights'\]\['densenet121_efficient.tv_in1k'\]\['url'\]\['sha256_prefix'\]: '' does not match"),
+    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["hub"].update(sha256=""),
+     r"\['hub'\]\['sha256'\]: '' does not match"),
+    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"].pop("model_args"),
+     "'model_args' is a required property"),
+    (lambda m: m["weights"]["densenet121_efficient.ra_in1k"]["metrics"][1].pop("crop_pct"),
+     r"\['metrics'\]\[1\]: 'crop_pct' is a required property"),
+    (lambda m: m.pop("default_tags"), r"\(top level\): 'default_tags' is a required property"),
+    (lambda m: m["default_tags"].update(densenet169_efficient="ra_in1k"),
+     "the default tag of 'densenet169_efficient' is 'ra_in1k', which has no entry"),
+])
+def test_malformed_manifest_is_a_clear_error_when_read(tmp_path, monkeypatch, change, message):
+    manifest_with(tmp_path, monkeypatch, change)
+    with pytest.raises(W.ManifestError, match=message):
+        de.create_model("densenet121_efficient", pretrained=True)
+
+
+def test_manifest_that_is_not_json(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text("{")
+    monkeypatch.setenv(MANIFEST_ENV, str(tmp_path / "manifest.json"))
+    with pytest.raises(W.ManifestError, match="manifest.json is not valid JSON"):
+        W.list_pretrained()
+
+
+def test_entries_are_frozen_and_typed():
+    cfg = W.get_pretrained_cfg("densenet121_efficient.ra_in1k")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tag = "other"  # type: ignore[misc]
+    assert cfg.input_size == (3, 224, 224) and cfg.model_args["block_config"] == (6, 12, 24, 16)
+    assert cfg.hub.revision == "e65bed9f92a2e438879b179438d22ed719be26d6" and cfg.url is None
+    assert cfg.to_dict() == W.load_manifest()["weights"][cfg.key]  # round trip, nothing lost
+
+
+def test_published_results_are_on_record():
+    """Against reference-facts.md: timm's results-imagenet.csv and torchvision's figures, top-1 and top-5."""
+    results = {(key, m.reported_by, m.image_size): (m.top1, m.top5, m.crop_pct)
+               for key in W.list_pretrained() for m in W.get_pretrained_cfg(key).metrics}
+    assert results == {
+        ("densenet121_efficient.ra_in1k", "timm", 224): (75.574, 92.648, 0.875),
+        ("densenet121_efficient.ra_in1k", "timm", 288): (76.486, 93.378, 0.95),
+        ("densenet121_efficient.tv_in1k", "timm", 224): (74.75, 92.158, 0.875),
+        ("densenet121_efficient.tv_in1k", "torchvision", 224): (74.434, 91.972, 0.875),
+        ("densenet169_efficient.tv_in1k", "timm", 224): (75.922, 92.976, 0.875),
+        ("densenet169_efficient.tv_in1k", "torchvision", 224): (75.6, 92.806, 0.875),
+        ("densenet201_efficient.tv_in1k", "timm", 224): (77.284, 93.48, 0.875),
+        ("densenet201_efficient.tv_in1k", "torchvision", 224): (76.896, 93.37, 0.875),
+        ("densenet161_efficient.tv_in1k", "timm", 224): (77.384, 93.656, 0.875),
+        ("densenet161_efficient.tv_in1k", "torchvision", 224): (77.138, 93.56, 0.875),
+    }
+    ra = W.get_pretrained_cfg("densenet121_efficient.ra_in1k")
+    assert (ra.test_input_size, ra.test_crop_pct) == ((3, 288, 288), 0.95)
+    for key in W.list_pretrained():
+        cfg = W.get_pretrained_cfg(key)
+        assert cfg.license == "apache-2.0" and "timm's models/densenet.py" in cfg.license_source
+        assert cfg.labels == "imagenet-1k"
+        if cfg.url:
+            assert "BSD-3-Clause" in cfg.license_source and "states no separate license" in cfg.license_source
+
+
+def test_entry_constructor_arguments_are_read_only():
+    cfg = W.get_pretrained_cfg("densenet121_efficient.tv_in1k")
+    with pytest.raises(TypeError):
+        cfg.model_args["num_classes"] = 10  # type: ignore[index]
+    assert W.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_args["num_classes"] == 1000

@@ -59,9 +59,20 @@ def legacy_torchvision_state_dict(model: torch.nn.Module) -> dict[str, torch.Ten
     return state
 
 
-def write_manifest(path: Path, monkeypatch, hub: dict | None, url: dict | None = None) -> None:
+def manifest_entry(hub: dict | None, url: dict | None = None, **fields) -> dict:
+    """A complete manifest entry (one that satisfies the schema) for the small densenet_40_k12, tag ``test``."""
+    entry = {"model": "densenet_40_k12", "tag": "test", "model_args": small_model().config, "num_classes": 10,
+             "label_source": "CIFAR-10", "input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+             "interpolation": "bilinear", "crop_pct": 1.0,
+             "metrics": [{"dataset": "cifar10-test", "top1": 50.0, "top5": 90.0, "image_size": 32, "crop_pct": 1.0,
+                          "protocol": "centre crop 32 px", "reported_by": "these tests"}],
+             "license": "mit", "source": "these tests", "hub": hub, "url": url, **fields}
+    return json.loads(json.dumps(entry))
+
+
+def write_manifest(path: Path, monkeypatch, hub: dict | None, url: dict | None = None, **fields) -> None:
     """A manifest with one entry, densenet_40_k12.test (the default tag), and use it."""
-    entry = {"model": "densenet_40_k12", "tag": "test", "model_args": small_model().config, "hub": hub, "url": url}
+    entry = manifest_entry(hub, url, **fields)
     manifest = {"version": 1, "default_tags": {"densenet_40_k12": "test"},
                 "weights": {"densenet_40_k12.test": json.loads(json.dumps(entry))}}
     path.write_text(json.dumps(manifest))
@@ -72,6 +83,7 @@ def hub_entry(commit: str | None, files: dict[str, bytes], repo_id: str = "org/s
     data = files["model.safetensors"]
     return {"repo_id": repo_id, "revision": commit, "filename": "model.safetensors",
             "sha256": hashlib.sha256(data).hexdigest() if pinned else None, "size": len(data)}
+
 
 def manifest_schema() -> dict:
     return json.loads((REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.schema.json").read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -137,11 +137,12 @@ class DenseFeatures(nn.Sequential):
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an ``int`` (numpy integers accepted), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _check_real(name: str, value: object, low: float, high: float, high_inclusive: bool) -> float:
@@ -190,18 +191,18 @@ class DenseNet(nn.Module):
         arch_name: str | None = None,
     ):
         super().__init__()
-        _check_int("growth_rate", growth_rate, 1)
+        growth_rate = _check_int("growth_rate", growth_rate, 1)
         if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
             raise TypeError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}")
         block_config = tuple(_check_int("block_config entries", n, 1) for n in block_config)
-        _check_int("num_init_features", num_init_features, 1)
-        _check_int("bn_size", bn_size, 0)
+        num_init_features = _check_int("num_init_features", num_init_features, 1)
+        bn_size = _check_int("bn_size", bn_size, 0)
         compression = _check_real("compression", compression, 0.0, 1.0, high_inclusive=True)
         if compression == 0:
             raise ValueError("compression must be in (0, 1], got 0")
         drop_rate = _check_real("drop_rate", drop_rate, 0.0, 1.0, high_inclusive=False)
-        _check_int("num_classes", num_classes, 0)
-        _check_int("in_chans", in_chans, 1)
+        num_classes = _check_int("num_classes", num_classes, 0)
+        in_chans = _check_int("in_chans", in_chans, 1)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         efficient = check_memory_mode(efficient)
@@ -287,7 +288,7 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none)."""
-        _check_int("num_classes", num_classes, 0)
+        num_classes = _check_int("num_classes", num_classes, 0)
         self.config["num_classes"] = num_classes
         param = next(self.parameters())
         if num_classes:
@@ -299,6 +300,11 @@ class DenseNet(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
+                f"images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
+            )
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"

@@ -86,6 +86,9 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def architecture(name: str) -> dict[str, Any]:
     """Constructor arguments of the named architecture; raises ``ValueError`` for an unknown name."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str such as 'densenet121_efficient', got {type(name).__name__} "
+                        f"{name!r}; list_models() lists them")
     if name not in _ARCHITECTURES:
         close = difflib.get_close_matches(name, _ARCHITECTURES, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -98,14 +101,17 @@ def create_model(name: str, pretrained: bool = False, weights: str | os.PathLike
                  **kwargs: Any) -> DenseNet:
     """Build the named architecture; ``kwargs`` override its ``DenseNet`` arguments.
 
-    ``pretrained=True`` loads the model's default weights; ``weights`` names a tag, a file or an
-    ``hf-hub:`` repo (see the factory functions' documentation). The weights' own constructor arguments apply
-    first, then ``kwargs``: another ``num_classes`` loads all but the classifier (fine-tuning). ``cache_dir``
+    ``pretrained=True`` loads the model's default weights, or the tag of ``"NAME.TAG"``; ``weights`` names a tag
+    (``"DEFAULT"``: the default one), a file or an ``hf-hub:`` repo (see the factory functions' documentation).
+    The weights' own constructor arguments apply first, then ``kwargs``: another ``num_classes`` loads all but the classifier (fine-tuning). ``cache_dir``
     and ``endpoint`` override the Hugging Face cache folder and Hub address for the download.
     """
+    name, tag = _split_tag(name, weights)
+    if tag is not None and pretrained:
+        weights = tag
     arch = architecture(name)
     resolved = None
-    if pretrained or weights:
+    if pretrained or weights is not None:
         if _weights_resolver is None:
             raise RuntimeError("no weights resolver installed: import densenet_efficient to load pretrained weights")
         resolved = _weights_resolver(name, weights, cache_dir=cache_dir, endpoint=endpoint)
@@ -114,6 +120,18 @@ def create_model(name: str, pretrained: bool = False, weights: str | os.PathLike
     if resolved is not None:
         resolved.load_into(model)
     return model
+
+
+def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:
+    """``"NAME.TAG"`` (timm's spelling) -> ``("NAME", "TAG")``, ``"NAME"`` -> ``("NAME", None)``; a tag also
+    given as ``weights`` must agree. As in timm, the tag is loaded with ``pretrained=True``."""
+    if not isinstance(name, str) or "." not in name:
+        return name, None
+    name, tag = name.split(".", 1)
+    if weights is not None and weights != tag:
+        raise ValueError(f"create_model({name + '.' + tag!r}, weights={weights!r}) names two different weights: "
+                         f"pass the tag in one place")
+    return name, tag
 
 
 @register_model(growth_rate=12, block_config=(12, 12, 12), num_init_features=16, bn_size=0, compression=1.0,

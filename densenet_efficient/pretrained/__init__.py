@@ -9,7 +9,9 @@ from ..core.registry import set_weights_resolver
 from .errors import (
     ChecksumMismatchError,
     IncompatibleWeightsError,
+    InvalidConfigError,
     InvalidWeightsFileError,
+    ManifestError,
     UnknownWeightsError,
     WeightsNotAvailableError,
 )
@@ -19,7 +21,8 @@ from .loading import (
     read_state_dict,
     resolve_weights,
 )
-from .manifest import list_pretrained, load_manifest
+from .manifest import PretrainedCfg, get_pretrained_cfg, list_pretrained, load_manifest
+from .preprocessing import transforms
 from .saving import save_pretrained
 
 set_weights_resolver(resolve_weights)
@@ -27,9 +30,13 @@ set_weights_resolver(resolve_weights)
 __all__ = [
     "ChecksumMismatchError",
     "IncompatibleWeightsError",
+    "InvalidConfigError",
     "InvalidWeightsFileError",
+    "ManifestError",
+    "PretrainedCfg",
     "UnknownWeightsError",
     "WeightsNotAvailableError",
+    "get_pretrained_cfg",
     "list_pretrained",
     "load_manifest",
     "load_pretrained",
@@ -37,4 +44,5 @@ __all__ = [
     "read_state_dict",
     "resolve_weights",
     "save_pretrained",
+    "transforms",
 ]

@@ -21,3 +21,11 @@ class ChecksumMismatchError(OSError):
 
 class WeightsNotAvailableError(OSError):
     """The weights file is neither reachable nor cached; the message says where to get it."""
+
+
+class ManifestError(ValueError):
+    """The weights manifest is not valid JSON or breaks its JSON Schema; the message names the field."""
+
+
+class InvalidConfigError(ValueError):
+    """A ``config.json`` beside weights is not valid, names unknown arguments, or does not fit the weights."""

@@ -2,80 +2,136 @@
 
 A reference is one of
 
-- a tag of the model in ``weights_manifest.json`` (``pretrained=True`` means the model's default tag);
-- a path to a ``.safetensors`` file (or a torchvision-style ``.pth``, read with ``weights_only=True``), or to a
-  folder written by :func:`save_pretrained`; a ``config.json`` beside the file gives the constructor arguments;
-- ``"hf-hub:org/name[@revision]"``: a Hub repo with ``model.safetensors`` and ``config.json``.
+- a tag of the model in ``weights_manifest.json`` (``"DEFAULT"`` or ``pretrained=True``: the model's default tag);
+- a path to a ``.safetensors`` file (or a ``.pth``/``.bin`` file, read with ``weights_only=True``), or to a folder
+  written by :func:`save_pretrained` or by timm's ``save_for_hf``; a ``config.json`` beside the file gives the
+  constructor arguments;
+- ``"hf-hub:org/name[@revision]"``: a Hub repo with ``model.safetensors`` and ``config.json`` (this project's or
+  timm's).
 
-Downloads and their sha256 checks live in :mod:`.download`; this module imports it (and
-``safetensors``, ``huggingface_hub``) only when a file has to be read or fetched, so ``import densenet_efficient``
-stays light.
+Every reference and config is checked before anything is built: a ``config.json`` must name known constructor
+arguments with sane values, and the tensor shapes it implies must match the weights file's header (read without
+reading the tensors), so that a config asking for a huge network is refused before any memory is allocated.
+
+Downloads and their sha256 checks live in :mod:`.download`; this module imports it (and ``safetensors``,
+``huggingface_hub``) only when a file has to be read or fetched, so ``import densenet_efficient`` stays light.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.registry import list_models
+from ..core.model import DenseNet
+from ..core.registry import architecture, list_models
 from .errors import (
     IncompatibleWeightsError,
+    InvalidConfigError,
     InvalidWeightsFileError,
     UnknownWeightsError,
 )
+from .files import file_sha256
 from .manifest import weights_entry
 
 WEIGHTS_FILENAME = "model.safetensors"
+TORCH_WEIGHTS_FILENAME = "pytorch_model.bin"  # what timm's save_for_hf writes without safe_serialization
 CONFIG_FILENAME = "config.json"
 HF_HUB_PREFIX = "hf-hub:"
+_PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # torchvision's legacy checkpoints name ``denselayer1.norm.1.weight`` what is now ``denselayer1.norm1.weight``.
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
 _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
+_FIRST_CONV = "features.conv0.weight"
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+# config.json: this project's keys (save_pretrained) and timm's (save_for_hf).
+MODEL_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
+              "num_classes", "in_chans", "stem")
+_OWN_KEYS = {"architecture", "model_args", "num_classes", "pretrained_cfg", "weights_sha256"}
+_TIMM_KEYS = {"architecture", "model_args", "num_classes", "num_features", "global_pool", "pretrained_cfg",
+              "label_names", "label_descriptions"}
+_TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
+# timm DenseNet arguments this architecture does not have: accepted only at timm's default value. timm's
+# ``memory_efficient`` is its memory mode (this model's ``efficient=``), which does not change the weights.
+_TIMM_DEFAULT_ONLY = {"global_pool": "avg", "stem_type": "", "act_layer": "relu", "norm_layer": "batchnorm2d",
+                      "aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
+_TIMM_ANY_BOOL = ("memory_efficient",)
+# The pretrained_cfg keys (timm's names) that describe how to feed the weights; the rest of a config's
+# pretrained_cfg (training recipe, metrics, ...) stays in the file.
+INPUT_CFG_KEYS = ("input_size", "test_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode",
+                  "mean", "std", "license", "source", "tag", "label_names", "labels")
 
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """Weights that a reference resolved to: where they come from, the constructor arguments they need, and a
-    ``read`` callable that fetches, verifies and reads the tensors."""
+    """Weights that a reference resolved to: where they come from, the constructor arguments they need, their
+    input configuration (timm's ``pretrained_cfg`` keys), and a ``read`` callable that fetches, verifies and
+    reads the tensors."""
 
     source: str
     model_args: dict[str, Any]
     read: Callable[[], dict[str, Tensor]]
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
     def load_into(self, model: nn.Module) -> nn.Module:
-        """Read the tensors and load them into ``model`` (see :func:`load_state_dict_into`)."""
-        return load_state_dict_into(model, self.read(), self.source)
+        """Read the tensors, load them into ``model`` (see :func:`load_state_dict_into`) and set
+        ``model.pretrained_cfg`` from the weights."""
+        load_state_dict_into(model, self.read(), self.source)
+        if isinstance(model, DenseNet):
+            model.pretrained_cfg = model_pretrained_cfg(model, self.pretrained_cfg)
+        return model
 
 
 def resolve_weights(name: str, weights: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
                     endpoint: str | None = None) -> PretrainedWeights:
-    """Resolve ``weights`` (a tag, a path, ``hf-hub:org/name[@revision]``, or ``None`` for the default tag) for
-    model ``name``. Hub references fetch ``config.json`` now; the weights themselves are fetched by ``read()``.
+    """Resolve ``weights`` (a tag or ``"DEFAULT"``, a path, ``hf-hub:org/name[@revision]``, or ``None`` for the
+    default tag) for model ``name``. Hub references fetch ``config.json`` and the weights now and check them
+    against each other; manifest weights are fetched by ``read()``.
 
     ``cache_dir`` and ``endpoint`` override the Hugging Face cache folder and Hub address (``HF_HUB_CACHE``,
     ``HF_ENDPOINT``) for this call.
     """
-    reference = None if weights is None else os.fspath(weights)
+    reference = check_reference(weights)
     if reference is not None and reference.startswith(HF_HUB_PREFIX):
         return _hub_weights(name, reference, cache_dir, endpoint)
-    if reference is None or _looks_like_tag(reference):
+    if reference is None or not _looks_like_path(reference):
         return _manifest_weights(name, reference, cache_dir, endpoint)
     return _local_weights(name, Path(reference).expanduser())
 
 
-def _looks_like_tag(reference: str) -> bool:
-    return "/" not in reference and os.sep not in reference and not Path(reference).exists()
+def check_reference(weights: object) -> str | None:
+    """``weights`` as a string (``None`` stays ``None``); a clear ``TypeError``/``ValueError`` for anything that
+    cannot be a reference: not a string or path, or empty."""
+    if weights is None:
+        return None
+    if isinstance(weights, bool) or not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be a tag, a path or 'hf-hub:org/name' (str or os.PathLike), got "
+                        f"{type(weights).__name__} {weights!r}; use pretrained=True for the default weights")
+    reference = os.fspath(weights)
+    if not isinstance(reference, str):
+        raise TypeError(f"weights must be a str path, got {type(reference).__name__} {reference!r}")
+    if not reference.strip():
+        raise UnknownWeightsError(f"weights={reference!r} is empty: pass a tag (e.g. 'DEFAULT'), a path or "
+                                  f"'hf-hub:org/name', or leave it out for random initialisation")
+    return reference
+
+
+def _looks_like_path(reference: str) -> bool:
+    return ("/" in reference or os.sep in reference or reference.startswith(("~", "."))
+            or reference.endswith(_PATH_SUFFIXES) or Path(reference).exists())
 
 
 def load_pretrained(model: nn.Module, name: str, weights: str | os.PathLike | None = None, *,
@@ -89,14 +145,20 @@ def load_pretrained(model: nn.Module, name: str, weights: str | os.PathLike | No
 
 
 def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> PretrainedWeights:
-    key, entry = weights_entry(name, tag)
+    try:
+        cfg = weights_entry(name, tag)
+    except UnknownWeightsError as error:
+        if tag is None:
+            raise
+        raise UnknownWeightsError(f"{error} (weights={tag!r} is no file or folder either.)") from None
 
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(fetch_manifest_weights(key, entry, cache_dir=cache_dir, endpoint=endpoint))
+        return read_state_dict(fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir,
+                                                      endpoint=endpoint))
 
-    return PretrainedWeights(key, dict(entry["model_args"]), read)
+    return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg())
 
 
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
@@ -107,37 +169,242 @@ def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWe
         raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
     config_path = Path(fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir,
                                       endpoint=endpoint))
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    where = f"{reference} ({CONFIG_FILENAME})"
+    model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
     commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
-
-    def read() -> dict[str, Tensor]:
-        return read_state_dict(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir,
-                                              endpoint=endpoint))
-
-    return PretrainedWeights(reference, _model_args_from_config(name, config, reference), read)
+    file = Path(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
+    check_shapes(name, model_args, tensor_shapes(file), where)
+    input_cfg.setdefault("hf_hub_id", repo_id)
+    return PretrainedWeights(reference, model_args, lambda: read_state_dict(file), input_cfg)
 
 
 def _local_weights(name: str, path: Path) -> PretrainedWeights:
-    file = path / WEIGHTS_FILENAME if path.is_dir() else path
+    file = path
+    if path.is_dir():
+        candidates = [path / WEIGHTS_FILENAME, path / TORCH_WEIGHTS_FILENAME]
+        file = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
     if not file.is_file():
         raise FileNotFoundError(
-            f"No weights file at {file}. Pass a weights tag of {name!r}, a .safetensors file, a folder written by "
-            f"save_pretrained, or 'hf-hub:org/name[@revision]'."
+            f"file not found: {file}. Pass a weights tag of {name!r} (or 'DEFAULT'), a .safetensors file, a "
+            f"folder written by save_pretrained, or 'hf-hub:org/name[@revision]'."
         )
     config_file = file.with_name(CONFIG_FILENAME)
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    return PretrainedWeights(str(file), _model_args_from_config(name, config, str(config_file)),
-                             lambda: read_state_dict(file))
+    config = read_config(config_file, str(config_file)) if config_file.is_file() else {}
+    model_args, input_cfg = parse_config(name, config, str(config_file))
+    expected_sha256 = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
+    if expected_sha256 is not None and file_sha256(file) != expected_sha256:
+        raise InvalidWeightsFileError(
+            f"{file} is not the file {config_file} was written for (sha256 {expected_sha256}): an interrupted or "
+            f"mixed save. Save the weights again."
+        )
+    if config:  # a bare file: the caller's arguments describe the model; loading names any mismatch
+        check_shapes(name, model_args, tensor_shapes(file), str(config_file))
+    input_cfg.setdefault("source", str(file))
+    return PretrainedWeights(str(file), model_args, lambda: read_state_dict(file), input_cfg)
 
 
-def _model_args_from_config(name: str, config: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Constructor arguments from a ``config.json``; refuses one written for another registered model."""
+def read_config(path: Path, where: str) -> dict[str, Any]:
+    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a JSON object."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise InvalidConfigError(f"{where} must hold a JSON object, got {type(config).__name__}: {config!r:.80}")
+    return config
+
+
+def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(constructor arguments, input configuration)`` from a ``config.json`` written by ``save_pretrained``
+    or by timm's ``save_for_hf``. Refuses one written for another model, unknown keys, timm arguments this
+    architecture does not have unless they hold timm's default, and values the model would refuse."""
     saved_for = config.get("architecture")
-    if saved_for in list_models() and saved_for != name:
+    if saved_for is not None and not isinstance(saved_for, str):
+        raise InvalidConfigError(f"{where}: 'architecture' must be a model name, got {saved_for!r}")
+    timm_format = saved_for is not None and saved_for not in list_models()
+    if not timm_format and saved_for is not None and saved_for != name:
         raise UnknownWeightsError(
             f"{where} describes weights for {saved_for!r}, not {name!r}: use create_model({saved_for!r}, weights=...)."
         )
-    return dict(config.get("model_args", {}))
+    if timm_format and f"{saved_for}_efficient" in list_models() and f"{saved_for}_efficient" != name:
+        raise UnknownWeightsError(f"{where} describes timm's {saved_for!r}, not {name!r}: use "
+                                  f"create_model('{saved_for}_efficient', weights=...).")
+    known = _TIMM_KEYS if timm_format else _OWN_KEYS
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise InvalidConfigError(f"{where}: unknown keys {unknown}; a config.json holds {sorted(known)}")
+    raw_args = config.get("model_args", {})
+    if not isinstance(raw_args, dict):
+        raise InvalidConfigError(f"{where}: 'model_args' must be an object of constructor arguments, got "
+                                 f"{json.dumps(raw_args)}")
+    model_args = _timm_model_args(name, config, raw_args, where) if timm_format else dict(raw_args)
+    unknown = sorted(set(model_args) - set(MODEL_ARGS))
+    if unknown:
+        raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: "
+                                 f"{', '.join(MODEL_ARGS)}")
+    if "num_classes" in config and config["num_classes"] != model_args.setdefault("num_classes",
+                                                                                   config["num_classes"]):
+        raise InvalidConfigError(f"{where}: num_classes {config['num_classes']} and model_args.num_classes "
+                                 f"{model_args['num_classes']} differ")
+    _check_model_args(name, model_args, where)
+    return model_args, _input_cfg(config, where)
+
+
+def _timm_model_args(name: str, config: Mapping[str, Any], raw_args: Mapping[str, Any],
+                     where: str) -> dict[str, Any]:
+    """timm DenseNet arguments -> this model's: shared names as they are, ``proj_drop_rate`` -> ``drop_rate``,
+    a stem of ``2 * growth_rate`` channels (timm's ``stem_type=''``); the others only at timm's default."""
+    settings = {**{key: config[key] for key in ("global_pool",) if key in config}, **raw_args}
+    model_args: dict[str, Any] = {key: settings[key] for key in _TIMM_SHARED_ARGS if key in settings}
+    if "proj_drop_rate" in settings:
+        model_args["drop_rate"] = settings["proj_drop_rate"]
+    for key, value in settings.items():
+        if key in _TIMM_SHARED_ARGS or key == "proj_drop_rate":
+            continue
+        if key in _TIMM_ANY_BOOL and isinstance(value, bool):
+            continue
+        if key not in _TIMM_DEFAULT_ONLY:
+            raise InvalidConfigError(f"{where}: timm argument {key}={value!r} has no counterpart in {name}")
+        if value != _TIMM_DEFAULT_ONLY[key]:
+            raise InvalidConfigError(
+                f"{where}: timm argument {key}={value!r} is not supported by {name}, which is built as timm's "
+                f"{key}={_TIMM_DEFAULT_ONLY[key]!r}; only that value can be ignored"
+            )
+    growth_rate = model_args.get("growth_rate", architecture(name).get("growth_rate", 32))
+    if isinstance(growth_rate, int) and not isinstance(growth_rate, bool):
+        model_args["num_init_features"] = 2 * growth_rate
+    return model_args
+
+
+def _check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> None:
+    """Types and ranges, checked by the model's own constructor on the ``meta`` device (nothing is allocated)."""
+    try:
+        _meta_model(name, model_args, check_size=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
+
+
+def _layer_count(args: Mapping[str, Any]) -> int:
+    block_config = args.get("block_config")
+    if isinstance(block_config, (list, tuple)) and all(isinstance(n, int) for n in block_config):
+        return sum(block_config)
+    return 0
+
+
+def _meta_model(name: str, model_args: Mapping[str, Any], check_size: bool = True) -> DenseNet:
+    args = {**architecture(name), **model_args}
+    if _layer_count(args) > 10_000:
+        raise ValueError(f"block_config {args['block_config']} asks for {_layer_count(args)} layers (at most 10000)")
+    with torch.device("meta"):
+        return DenseNet(**args, efficient=False)
+
+
+def _input_cfg(config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The input configuration in a config's ``pretrained_cfg`` (timm's keys; ``classes`` -> ``label_names``),
+    with its types checked."""
+    pretrained_cfg = config.get("pretrained_cfg", {})
+    if not isinstance(pretrained_cfg, dict):
+        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(pretrained_cfg)}")
+    cfg = {key: pretrained_cfg[key] for key in INPUT_CFG_KEYS if pretrained_cfg.get(key) is not None}
+    names = config.get("label_names", pretrained_cfg.get("classes"))
+    if names is not None:
+        cfg.setdefault("label_names", names)
+    for key in ("input_size", "test_input_size"):
+        if key in cfg and not (isinstance(cfg[key], list) and len(cfg[key]) == 3
+                               and all(isinstance(n, int) and n > 0 for n in cfg[key])):
+            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be [channels, height, width], got "
+                                     f"{cfg[key]!r}")
+    for key in ("mean", "std"):
+        if key in cfg and not (isinstance(cfg[key], list) and cfg[key]
+                               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg[key])):
+            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be a list of numbers, got {cfg[key]!r}")
+    if "std" in cfg and not all(v > 0 for v in cfg["std"]):
+        raise InvalidConfigError(f"{where}: pretrained_cfg.std must be positive, got {cfg['std']}")
+    for key in ("crop_pct", "test_crop_pct"):
+        if key in cfg and not (isinstance(cfg[key], (int, float)) and 0 < cfg[key] <= 1):
+            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be in (0, 1], got {cfg[key]!r}")
+    if "label_names" in cfg and not (isinstance(cfg["label_names"], list)
+                                     and all(isinstance(v, str) for v in cfg["label_names"])):
+        raise InvalidConfigError(f"{where}: label names must be a list of strings")
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a weights file, without reading them: the JSON header of a
+    ``.safetensors`` file, or a ``.pth``/``.bin`` file mapped onto the ``meta`` device. Legacy names renamed."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {key: tuple(value.shape) for key, value in _torch_load(path, map_location="meta").items()}
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
+        try:
+            header = json.loads(file.read(size))
+            shapes = {key: tuple(int(n) for n in value["shape"]) for key, value in header.items()
+                      if key != "__metadata__"}
+        except (ValueError, TypeError, KeyError) as error:
+            raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: bad header ({error})") from error
+    return {_LEGACY_KEY.sub(r"\1\2", key): shape for key, shape in shapes.items()}
+
+
+def check_shapes(name: str, model_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                 where: str) -> None:
+    """Refuse (:class:`InvalidConfigError`) constructor arguments whose tensors are not those of the weights'
+    header, before the model is built: first by counting layers, then on a model on the ``meta`` device."""
+    args = {**architecture(name), **model_args}
+    per_layer = 10 if args.get("bn_size", 4) else 5  # per stage a BatchNorm (4 tensors at least) and a conv
+    if _layer_count(args) * per_layer > len(shapes):
+        raise InvalidConfigError(
+            f"{where} asks for {_layer_count(args)} dense layers, but the weights hold only {len(shapes)} tensors: "
+            f"the config does not describe these weights"
+        )
+    expected = {key: tuple(value.shape) for key, value in _meta_model(name, model_args).state_dict().items()}
+    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in shapes if k not in expected]
+    misshapen = [f"{k} {shapes[k]} vs {expected[k]}" for k in shapes if k in expected and shapes[k] != expected[k]]
+    if missing or unexpected or misshapen:
+        parameters = sum(math.prod(shape) for key, shape in expected.items() if "running" not in key)
+        raise InvalidConfigError(
+            f"{where} describes a {name} with {parameters:,} parameters whose tensors are not the weights': "
+            f"{_listing('missing', missing)}; {_listing('unexpected', unexpected)}; "
+            f"{_listing('with another shape (weights vs config)', misshapen)}."
+        )
+
+
+def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.pretrained_cfg`` once ``weights_cfg`` is loaded into ``model``: the weights' input configuration
+    over the architecture's defaults, adapted to the model's input channels and classes; ImageNet-1k weights
+    get torchvision's category names as ``label_names``."""
+    cfg = {**model.pretrained_cfg, **weights_cfg}
+    weights_chans = len(cfg["mean"])
+    if model.in_chans != weights_chans:
+        mean, std = sum(cfg["mean"]) / weights_chans, sum(cfg["std"]) / weights_chans
+        cfg["mean"], cfg["std"] = (mean,) * model.in_chans, (std,) * model.in_chans
+    for key in ("input_size", "test_input_size"):
+        if key in cfg:
+            cfg[key] = (model.in_chans, *tuple(cfg[key])[1:])
+    num_classes = model.config["num_classes"]
+    names = cfg.get("label_names")
+    if num_classes != cfg.get("num_classes", num_classes) or (names is not None and len(names) != num_classes):
+        cfg.pop("label_names", None)
+        cfg.pop("labels", None)
+    elif names is None and cfg.get("labels") == "imagenet-1k":
+        names = imagenet_categories()
+        if names is not None:
+            cfg["label_names"] = names
+    cfg["num_classes"] = num_classes
+    return cfg
+
+
+def imagenet_categories() -> tuple[str, ...] | None:
+    """torchvision's ImageNet-1k category names (``None`` without torchvision)."""
+    try:
+        from torchvision.models import DenseNet121_Weights
+    except ImportError:
+        return None
+    return tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -145,33 +412,62 @@ def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt`` file read with ``weights_only=True``, with
-    legacy torchvision key names mapped to current ones."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state_dict = load_file(path)
-        except SafetensorError as error:
-            raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
-    else:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch.load raises many types for a bad file; all mean "unreadable"
-            raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
-        if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-            raise InvalidWeightsFileError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
+def _torch_load(path: Path, map_location: str) -> Mapping[str, Tensor]:
+    try:
+        state_dict = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises many types for a bad file; all mean "unreadable"
+        raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise InvalidWeightsFileError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
     return rename_legacy_keys(state_dict)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file read with ``weights_only=True``,
+    with legacy torchvision key names mapped to current ones."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return dict(_torch_load(path, map_location="cpu"))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(path)
+    except SafetensorError as error:
+        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
+    return rename_legacy_keys(state_dict)
+
+
+def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
+    """First-convolution weights (O, 3, kH, kW) for ``in_chans`` input channels, as timm adapts them: summed
+    over the channels for 1 (a gray image gives the logits of that image repeated on 3 channels), else
+    repeated and scaled by ``3 / in_chans``."""
+    if weight.shape[1] == in_chans:
+        return weight
+    if weight.shape[1] != 3:
+        raise IncompatibleWeightsError(f"cannot adapt a first convolution of {weight.shape[1]} input channels "
+                                       f"to {in_chans}: only 3-channel weights are adapted")
+    adapted = weight.float()
+    if in_chans == 1:
+        adapted = adapted.sum(dim=1, keepdim=True)
+    else:
+        adapted = adapted.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    return adapted.to(weight.dtype)
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> nn.Module:
     """Load ``state_dict`` into ``model`` strictly, except a classifier of another size, which is skipped with a
-    warning (fine-tuning). Raises :class:`IncompatibleWeightsError` naming missing, unexpected and misshapen keys."""
-    state_dict, classifier_skipped = _without_mismatched_classifier(model, rename_legacy_keys(state_dict), source)
+    warning (fine-tuning), and a first convolution for another number of input channels, which is adapted
+    (:func:`adapt_input_conv`). Raises :class:`IncompatibleWeightsError` naming missing, unexpected and
+    misshapen keys."""
+    state_dict = rename_legacy_keys(state_dict)
     expected = model.state_dict()
+    first_conv = state_dict.get(_FIRST_CONV)
+    if (first_conv is not None and _FIRST_CONV in expected and first_conv.dim() == 4
+            and first_conv.shape[1] != expected[_FIRST_CONV].shape[1]
+            and first_conv.shape[0] == expected[_FIRST_CONV].shape[0]):
+        state_dict = {**state_dict, _FIRST_CONV: adapt_input_conv(expected[_FIRST_CONV].shape[1], first_conv)}
+    state_dict, classifier_skipped = _without_mismatched_classifier(model, state_dict, source)
     exempt = set(_CLASSIFIER_KEYS) if classifier_skipped else set()
     # BatchNorm fills in a missing num_batches_tracked itself (torchvision's files have none).
     missing = [k for k in expected if k not in state_dict and k not in exempt and not k.endswith("num_batches_tracked")]

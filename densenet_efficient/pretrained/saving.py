@@ -1,44 +1,58 @@
-"""Saving weights as this project's Hub repos hold them: ``model.safetensors``, ``config.json`` and a model card."""
+"""Saving weights as this project's Hub repos hold them: ``model.safetensors``, ``config.json`` and a model card.
+
+The three files are written as one set: into a temporary folder inside the target folder first, then renamed
+into place with ``config.json`` last. ``config.json`` records the sha256 of ``model.safetensors``, so a set left
+mixed by an interruption between the renames is refused when loaded; leftovers of an interrupted save are
+removed by the next save into the folder.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .files import write_atomically
 from .loading import CONFIG_FILENAME, WEIGHTS_FILENAME
 
 CARD_FILENAME = "README.md"
+SET_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME, CARD_FILENAME)
+LIBRARY_NAME = "densenet_efficient"
 _ENTRY_KEYS_COMPUTED = ("model", "model_args", "num_classes", "hub", "url")
+_STAGING_PREFIX, _STAGING_SUFFIX = ".save-", ".tmp"
+_METRIC_DETAILS = ("image_size", "crop_pct", "protocol", "reported_by")
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, architecture: str | None = None,
-                    **metadata: Any) -> dict[str, Any]:
+                    overwrite: bool = False, **metadata: Any) -> dict[str, Any]:
     """Write ``model``'s weights to ``directory`` the way the Hub repos of this project hold them, and return the
     manifest entry for them.
 
-    Files (each written to a temporary file, then renamed, so a failure leaves the old one in place):
+    Files (written as one set, see the module's documentation; other files in ``directory`` are left alone):
 
     - ``model.safetensors``: ``model.state_dict()`` on the CPU with one metadata key (``format: pt``), so the
       same weights always give the same bytes;
     - ``config.json``: ``{"architecture": name, "model_args": constructor arguments, "num_classes": n,
-      "pretrained_cfg": metadata}``, enough to rebuild the model with
+      "pretrained_cfg": metadata, "weights_sha256": ...}``, enough to rebuild the model with
       ``create_model(name, weights="<directory>")`` or ``weights="hf-hub:org/name"`` once published;
-    - ``README.md``: a model card with the architecture, the metadata, the sha256 and how to load it.
+    - ``README.md``: a model card (``huggingface_hub.ModelCard``) with the Hub's metadata (library, pipeline tag,
+      license, datasets, base model, ``model-index`` results), the sha256 and how to load it.
 
     Args:
         model: a ``DenseNet`` (its ``config`` gives the constructor arguments).
-        directory: created if needed; existing files of the same names are replaced.
+        directory: created if needed.
         architecture: registered model name; defaults to ``model.arch_name`` (set by ``create_model``).
+        overwrite: replace a ``README.md`` that this function did not write (refused otherwise).
         **metadata: JSON-serialisable facts for the manifest entry and the card, e.g. ``tag="c10"``,
-            ``dataset="cifar10"``, ``metrics=[{"dataset": ..., "top1": ..., "protocol": ...}]``, ``license=...``,
-            ``source="trained here"``, ``mean=[...]``, ``std=[...]``, ``input_size=[3, 32, 32]``.
+            ``dataset="cifar10"``, ``metrics=[{"dataset": ..., "top1": ..., "top5": ..., "protocol": ...}]``,
+            ``license=...``, ``base_model="timm/densenet121.tv_in1k"`` (fine-tuned from), ``source=...``,
+            ``mean=[...]``, ``std=[...]``, ``input_size=[3, 32, 32]``, ``label_names=[...]``.
 
     Returns:
         ``{"model", "model_args", "num_classes", "hub": {"repo_id": None, "revision": None, "filename",
@@ -53,47 +67,128 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, architect
     if clashes:
         raise ValueError(f"metadata keys {clashes} are computed by save_pretrained; rename them")
     try:
-        json.dumps(metadata)
-    except TypeError as error:
-        raise ValueError(f"metadata must be JSON-serialisable: {error}") from error
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata must be JSON-serialisable (finite numbers): {error}") from error
+    directory = Path(directory)
+    card_path = directory / CARD_FILENAME
+    if card_path.is_file() and not overwrite and not _written_by_us(card_path):
+        raise FileExistsError(f"{card_path} exists and was not written by save_pretrained: pass overwrite=True "
+                              f"to replace it, or save into another folder")
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     weights_bytes = save(tensors, metadata={"format": "pt"})
+    sha256 = hashlib.sha256(weights_bytes).hexdigest()
     model_args = json.loads(json.dumps(model.config))
     entry = {
         **metadata,
         "model": name,
         "model_args": model_args,
         "num_classes": model_args.get("num_classes"),
-        "hub": {"repo_id": None, "revision": None, "filename": WEIGHTS_FILENAME,
-                "sha256": hashlib.sha256(weights_bytes).hexdigest(), "size": len(weights_bytes)},
+        "hub": {"repo_id": None, "revision": None, "filename": WEIGHTS_FILENAME, "sha256": sha256,
+                "size": len(weights_bytes)},
         "url": None,
     }
     config = {"architecture": name, "model_args": model_args, "num_classes": entry["num_classes"],
-              "pretrained_cfg": metadata}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / WEIGHTS_FILENAME, weights_bytes)
-    write_atomically(directory / CONFIG_FILENAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_atomically(directory / CARD_FILENAME, model_card(entry).encode())
+              "pretrained_cfg": metadata, "weights_sha256": sha256}
+    write_set(directory, {
+        WEIGHTS_FILENAME: weights_bytes,
+        CARD_FILENAME: model_card(entry).encode(),
+        CONFIG_FILENAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),  # last: seals the set
+    })
     return entry
 
 
+def write_set(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` into ``directory`` as a set: all into a temporary folder inside it (synced to disk), then
+    each renamed into place in the given order. Leftovers of an interrupted earlier call are removed first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(directory)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX))
+    try:
+        for filename, data in files.items():
+            with open(staging / filename, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        for filename in files:
+            os.replace(staging / filename, directory / filename)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Remove what an interrupted save left in ``directory``: staging folders and ``write_atomically``'s
+    temporary files. Returns what was removed."""
+    removed = []
+    for path in directory.iterdir():
+        staging = path.name.startswith(_STAGING_PREFIX) and path.name.endswith(_STAGING_SUFFIX) and path.is_dir()
+        temporary = any(path.name.startswith(f".{name}.") and path.name.endswith(".tmp") for name in SET_FILENAMES)
+        if staging:
+            shutil.rmtree(path, ignore_errors=True)
+        elif temporary and path.is_file():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _written_by_us(card_path: Path) -> bool:
+    """Whether a README.md is a card that save_pretrained wrote: its front matter names this library."""
+    text = card_path.read_text(encoding="utf-8", errors="replace")
+    front_matter = text[4:text.find("\n---", 4)] if text.startswith("---\n") else ""
+    return f"library_name: {LIBRARY_NAME}" in front_matter.splitlines()
+
+
+def card_files(card: str) -> list[str]:
+    """The files a card written by :func:`model_card` lists (``files`` in its metadata)."""
+    from huggingface_hub import ModelCard
+
+    return list(ModelCard(card).data.to_dict().get("files", []))
+
+
 def model_card(entry: Mapping[str, Any]) -> str:
-    """A Hub model card (``README.md``) for a manifest entry."""
+    """A Hub model card (``README.md``) for a manifest entry, built with ``huggingface_hub.ModelCard``: metadata
+    (``library_name``, ``pipeline_tag``, ``license``, ``datasets``, ``base_model``, ``model-index`` from the
+    entry's metrics, the files of the set), the loading code, the sha256 and the entry's fields.
+    Byte-reproducible: the same entry gives the same text."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     name, hub = entry["model"], entry["hub"]
-    license_line = f"license: {entry['license']}\n" if entry.get("license") else ""
+    title = name + ("." + entry["tag"] if entry.get("tag") else "")
+    metrics = [metric for metric in entry.get("metrics") or [] if isinstance(metric, Mapping)]
+    datasets = sorted({str(metric["dataset"]) for metric in metrics if metric.get("dataset")}
+                      | ({str(entry["dataset"])} if entry.get("dataset") else set()))
+    results = []
+    for metric in metrics:
+        for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
+            if metric.get(key) is None or not metric.get("dataset"):
+                continue
+            results.append(EvalResult(
+                task_type="image-classification", dataset_type=str(metric["dataset"]),
+                dataset_name=str(metric["dataset"]), dataset_split=metric.get("split"), metric_type="accuracy",
+                metric_name=label, metric_value=metric[key],
+                metric_args={field: metric[field] for field in _METRIC_DETAILS if metric.get(field) is not None}
+                or None,
+            ))
+    data = ModelCardData(
+        library_name=LIBRARY_NAME, pipeline_tag="image-classification", license=entry.get("license"),
+        datasets=datasets or None, base_model=entry.get("base_model"), tags=["image-classification", "densenet"],
+        model_name=title, eval_results=results or None, files=list(SET_FILENAMES),
+    )
     details = "\n".join(
         f"| {key} | `{json.dumps(value)}` |" for key, value in sorted(entry.items()) if key not in ("hub", "model")
     )
-    return (
-        f"---\nlibrary_name: densenet_efficient\n{license_line}tags:\n- image-classification\n- densenet\n---\n\n"
-        f"# {name}{'.' + entry['tag'] if entry.get('tag') else ''}\n\n"
+    body = (
+        f"# {title}\n\n"
         f"Weights for `{name}` of [densenet_efficient](https://github.com/densenet-efficient/densenet_efficient), "
         f"a memory-efficient DenseNet with torchvision's state-dict layout.\n\n"
         f"```python\nimport densenet_efficient as de\n\n"
         f"model = de.create_model(\"{name}\", weights=\"hf-hub:{hub.get('repo_id') or 'ORG/NAME'}\")\n"
-        f"model = de.create_model(\"{name}\", weights=\"path/to/this/folder\")  # a local copy\n```\n\n"
+        f"model = de.create_model(\"{name}\", weights=\"path/to/this/folder\")  # a local copy\n"
+        f"preprocess = de.transforms(model)  # PIL image -> normalised tensor\n```\n\n"
         f"`{hub['filename']}`: {hub['size']} bytes, sha256 `{hub['sha256']}`.\n\n"
         f"| field | value |\n|---|---|\n{details}\n"
     )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -8,12 +8,12 @@
   ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR`` that is split into train/validation/test.
 
 Images are normalised with a :class:`Preprocessing` (mean, std, input size): the dataset's own by default, the
-pretrained weights' own when fine-tuning (:func:`weights_preprocessing`).
+pretrained weights' own when fine-tuning (:func:`weights_preprocessing`, which reads them as
+``model.pretrained_cfg`` gets them). Evaluation images go through :func:`densenet_efficient.transforms`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..pretrained.download import fetch_hub_file
-from ..pretrained.loading import CONFIG_FILENAME, HF_HUB_PREFIX
-from ..pretrained.manifest import weights_entry
+from ..pretrained.loading import resolve_weights
+from ..pretrained.preprocessing import transforms
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0  # the held-out splits never depend on the training seed
@@ -66,6 +65,12 @@ class Preprocessing:
         return dict(mean=list(self.mean), std=list(self.std), input_size=[self.channels, self.input_size,
                     self.input_size], crop_pct=self.crop_pct, interpolation=self.interpolation)
 
+    def pretrained_cfg(self, photos: bool = True) -> dict[str, Any]:
+        """This preprocessing in timm's ``pretrained_cfg`` keys, for :func:`~densenet_efficient.transforms`
+        (non-photos, e.g. CIFAR: no crop)."""
+        return {"input_size": (self.channels, self.input_size, self.input_size), "mean": self.mean,
+                "std": self.std, "crop_pct": self.crop_pct if photos else 1.0, "interpolation": self.interpolation}
+
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> Preprocessing:
         """Read ``mean``, ``std``, ``input_size`` (and optional ``crop_pct``, ``interpolation``) from weights
@@ -103,25 +108,13 @@ class Splits:
         return len(self.classes)
 
 
-def weights_preprocessing(model: str, weights: str | os.PathLike | None) -> Preprocessing:
+def weights_preprocessing(model: str, weights: str | os.PathLike | None, *,
+                          cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Preprocessing:
     """The preprocessing pretrained ``weights`` of ``model`` were trained with (a tag, a folder or file written
-    by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag), from their metadata."""
-    reference = None if weights is None else os.fspath(weights)
-    if reference is not None and reference.startswith(HF_HUB_PREFIX):
-        repo_id, _, revision = reference[len(HF_HUB_PREFIX):].partition("@")
-        config_file = Path(fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None))
-        metadata = json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_cfg", {})
-    elif reference is None or not Path(reference).expanduser().exists():
-        metadata = weights_entry(model, reference)[1]
-    else:
-        path = Path(reference).expanduser()
-        config_file = (path if path.is_dir() else path.parent) / CONFIG_FILENAME
-        if not config_file.is_file():
-            raise ValueError(f"no {config_file}: cannot tell how the images of {path} were normalised; pass a "
-                             "folder written by save_pretrained (or by `densenet-efficient train`)")
-        metadata = json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_cfg", {})
-        reference = str(config_file)
-    return Preprocessing.from_metadata(metadata, f"weights {reference or model}")
+    by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag): the input configuration that
+    :func:`~densenet_efficient.pretrained.resolve_weights` reads for ``model.pretrained_cfg``."""
+    resolved = resolve_weights(model, weights, cache_dir=cache_dir, endpoint=endpoint)
+    return Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
 
 
 def build_splits(dataset: str, root: str | os.PathLike | None = None, *, download: bool = False,
@@ -191,19 +184,15 @@ def _split_subset(indices: list[int], fraction: float) -> tuple[list[int], list[
 
 
 def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
-    """torchvision transforms: CIFAR-style (``photos=False``) or ImageNet-style resize/crop, then normalise."""
+    """torchvision transforms: :func:`~densenet_efficient.transforms` for evaluation and for training on photos
+    (random resized crop and flip); CIFAR-style training augmentation (random crop with padding, flip)."""
+    if photos or not train:
+        return transforms(preprocessing.pretrained_cfg(photos), training=train)
     from torchvision import transforms as T
 
     size = preprocessing.input_size
-    interpolation = T.InterpolationMode(preprocessing.interpolation)
-    if photos and train:
-        steps = [T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip()]
-    elif photos:
-        steps = [T.Resize(int(size / preprocessing.crop_pct), interpolation=interpolation), T.CenterCrop(size)]
-    else:
-        steps = [T.Resize(size, interpolation=interpolation)] if size != 32 else []
-        if train:
-            steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+    steps = [T.Resize(size, interpolation=T.InterpolationMode(preprocessing.interpolation))] if size != 32 else []
+    steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
     if preprocessing.channels == 1:
         steps.append(T.Grayscale())
     return T.Compose([*steps, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
