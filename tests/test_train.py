@@ -239,7 +239,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_last_good_one(tmp_path, monk
         train(digits_config(tmp_path, epochs=2))
     monkeypatch.setattr(os, "replace", original_replace)
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001.pt", "epoch-0001.safetensors",
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "epoch-0001.pt", "epoch-0001.safetensors",
                                                          "epoch-0002.safetensors"]
     assert [p.name for p in checkpoints(tmp_path)] == ["epoch-0001.pt"]
     assert load_checkpoint(folder / "epoch-0001.pt")[1]["epoch"] == 1
