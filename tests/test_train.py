@@ -441,26 +441,40 @@ def test_two_runs_into_one_folder_killed_and_resumed_export_the_second_runs_best
     assert all(torch.equal(exported[key], best_epoch[key]) for key in exported)
 
 
-def test_best_weights_of_another_epoch_or_run_are_refused(uninterrupted, tmp_path):
+def test_best_weights_of_another_epoch_or_run_are_restored_or_refused(uninterrupted, tmp_path):
+    """best.safetensors replaced by another epoch's weights: restored from the best epoch's checkpoint while it is
+    kept (with a warning), refused once it is not."""
     output = copy_run(uninterrupted[0], tmp_path / "run")
     _, state = load_checkpoint(checkpoints(output)[-1])
+    run = state["run_id"]
     assert state["best"]["epoch"] == 3
-    shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", output / "best.safetensors")
-    with pytest.raises(CheckpointError, match=rf"best.safetensors is not the best weights this run recorded \(epoch 3 "
-                                              rf"of run {state['run_id']}; the file holds epoch 4 of run "
-                                              rf"{state['run_id']}\): another run has written into"):
+    best, kept = output / "best.safetensors", output / "checkpoints" / "epoch-0003.safetensors"
+    shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
+    with pytest.warns(UserWarning, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run {run}; "
+                                         rf"restored the best weights of this run \(epoch 3\) from {kept}"):
+        results = train(digits_config(output, epochs=4, resume=True))
+    assert results["test"] == uninterrupted[1]["test"] and best.read_bytes() == kept.read_bytes()
+    shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
+    kept.unlink()
+    with pytest.raises(CheckpointError, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run "
+                                              rf"{run}: it must hold the weights of epoch 3.*no longer kept. Restore "
+                                              rf"best.safetensors from a backup to go on, or start afresh with "
+                                              rf"--overwrite"):
         train(digits_config(output, epochs=4, resume=True))
 
 
 def test_missing_best_weights_on_resume_say_what_is_missing_and_what_to_do(uninterrupted, tmp_path):
     output = copy_run(uninterrupted[0], tmp_path / "run")
-    (output / "best.safetensors").unlink()
-    kept = output / "checkpoints" / "epoch-0003.safetensors"
-    with pytest.raises(CheckpointError, match=rf"best.safetensors is missing: it holds the weights of epoch 3, the "
-                                              rf"best of this run so far.*To go on, copy {kept} \(the same weights\)"):
+    best, kept = output / "best.safetensors", output / "checkpoints" / "epoch-0003.safetensors"
+    best.unlink()
+    with pytest.warns(UserWarning, match=r"best.safetensors is missing; restored the best weights of this run"):
+        assert train(digits_config(output, epochs=4, resume=True))["test"] == uninterrupted[1]["test"]
+    best.unlink()
+    kept.unlink()
+    with pytest.raises(CheckpointError, match=rf"{best} is missing: it must hold the weights of epoch 3, the best of "
+                                              rf"this run so far, which are exported at the end, and {kept} \(the "
+                                              rf"same weights\) is no longer kept"):
         train(digits_config(output, epochs=4, resume=True))
-    shutil.copy(kept, output / "best.safetensors")  # what the message says to do
-    assert train(digits_config(output, epochs=4, resume=True))["test"] == uninterrupted[1]["test"]
 
 
 @pytest.mark.slow
@@ -538,3 +552,32 @@ def test_unreadable_images_can_be_skipped_with_a_count(tmp_path):
     assert len(splits.train) + len(splits.val) + len(splits.test) == readable
     for index in range(len(splits.train)):  # every image of the training set loads
         splits.train[index]
+
+
+def test_a_crash_between_the_checkpoint_and_the_best_weights_is_repaired_on_resume(tmp_path, monkeypatch):
+    """Killed after epoch 2's checkpoint (which records epoch 2 as the best) but before best.safetensors was
+    replaced: the resume restores the recorded best weights from that checkpoint, and exports them."""
+    original_replace = os.replace
+    best_writes = []
+
+    def killed_before_the_second_best(source, target):
+        if str(target).endswith("best.safetensors"):
+            best_writes.append(target)
+            if len(best_writes) == 2:
+                raise KeyboardInterrupt
+        original_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_second_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_config(tmp_path, epochs=2))
+    monkeypatch.setattr(os, "replace", original_replace)
+    _, state = load_checkpoint(checkpoints(tmp_path)[-1])
+    assert state["best"]["epoch"] == 2
+    with pytest.warns(UserWarning, match=r"best.safetensors holds epoch 1 of run \w+, not epoch 2 .*restored"):
+        results = train(digits_config(tmp_path, epochs=2, resume=True))
+    assert results["best_epoch"] == 2
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    recorded = load_file(tmp_path / "checkpoints" / "epoch-0002.safetensors")
+    assert all(torch.equal(exported[key], recorded[key]) for key in recorded)

@@ -7,7 +7,8 @@ output folder (rank 0 only):
   history, config and the model file's sha256; read back with ``torch.load(weights_only=True)``), each written to
   a temporary file and renamed, the last ``keep_checkpoints`` kept; ``--resume`` continues from the newest;
 * ``best.safetensors``: the weights of the epoch with the best validation top-1, tied to the run: its metadata
-  holds the run id and epoch, and the checkpoints record its sha256, which is checked on resume and at the end;
+  holds the run id and epoch, and the checkpoints record its sha256, which is checked on resume and at the end
+  (written after the checkpoint that records it, so the best epoch's checkpoint can always restore it);
 * ``config.json`` (beside ``best.safetensors`` and in ``checkpoints/``): the architecture, constructor arguments
   and preprocessing, so that ``eval MODEL --weights best.safetensors`` (or a checkpoint's ``.safetensors``) works;
 * ``metrics.csv``: one row per epoch; ``curves.png``: the learning curves;
@@ -410,35 +411,45 @@ class Trainer:
 
     def _check_best(self) -> None:
         """``best.safetensors`` must be the file this run's checkpoints recorded (by sha256), else the export would
-        be another run's or another epoch's weights."""
+        be another run's or another epoch's weights. If it is missing or another file (a crash between a checkpoint
+        and the best weights it records, or another run's file) and the best epoch's checkpoint is still kept (its
+        model file has the same bytes), it is restored from there with a warning; otherwise
+        :class:`CheckpointError` says what is missing and what to do."""
         recorded = self.best.get("sha256")
         if recorded is None:  # rank > 0 of a run not resumed, or checkpoints older than run ids
             return
         path, epoch = self.output / BEST_FILENAME, self.best["epoch"]
-        if not path.is_file():
-            kept = self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
-            fix = (f"copy {kept} (the same weights) to {path}" if kept.is_file() and file_sha256(kept) == recorded
-                   else "restore it from a backup")
-            raise CheckpointError(f"{path} is missing: it holds the weights of epoch {epoch}, the best of this run "
-                                  f"so far, which are exported at the end. To go on, {fix}; or start afresh with "
-                                  f"--overwrite")
-        if file_sha256(path) != recorded:
-            raise CheckpointError(f"{path} is not the best weights this run recorded (epoch {epoch} of run "
-                                  f"{self.run_id}; the file holds {_weights_origin(path)}): another run has written "
-                                  f"into {self.output}. Restore the file, or start afresh with --overwrite")
+        if path.is_file() and file_sha256(path) == recorded:
+            return
+        found = (f"holds {_weights_origin(path)}, not epoch {epoch} of run {self.run_id}" if path.is_file()
+                 else "is missing")
+        kept = self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
+        if kept.is_file() and file_sha256(kept) == recorded:
+            if self.ctx.is_main:
+                write_atomically(path, kept.read_bytes())
+                warnings.warn(f"{path} {found}; restored the best weights of this run (epoch {epoch}) from {kept}",
+                              stacklevel=2)
+            return
+        raise CheckpointError(
+            f"{path} {found}: it must hold the weights of epoch {epoch}, the best of this run so far, which are "
+            f"exported at the end, and {kept} (the same weights) is no longer kept. Restore {path.name} from a backup "
+            f"to go on, or start afresh with --overwrite"
+        )
 
     def _save(self, epoch: int) -> None:
         """Rank 0: checkpoint after ``epoch`` (1-based), best weights, the metrics table."""
 
         self.output.mkdir(parents=True, exist_ok=True)
         model_bytes = _model_bytes(self.model, {"run_id": self.run_id, "epoch": str(epoch)})
-        if self.best.get("epoch") == epoch:  # before the checkpoint that records it as the best
-            write_atomically(self.output / BEST_FILENAME, model_bytes)
+        is_best = self.best.get("epoch") == epoch
+        if is_best:
             self.best["sha256"] = hashlib.sha256(model_bytes).hexdigest()
         state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                      scaler=self.scaler.state_dict(), history=self.history, best=self.best,
                      config=self.config.recipe(), run_id=self.run_id)
         save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
+        if is_best:  # after the checkpoint that records it: until then the previous best stays the recorded one
+            write_atomically(self.output / BEST_FILENAME, model_bytes)
         write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
 
     # -- training -----------------------------------------------------------------------------------------------
@@ -541,8 +552,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         best_file = self.output / BEST_FILENAME
-        self.ctx.barrier()
         self._check_best()
+        self.ctx.barrier()
         self.model.load_state_dict(load_file(best_file, device=str(self.ctx.device)))
         results = {"best_epoch": self.best["epoch"], "best_score": self.best["score"],
                    "test": self._evaluate(self.test_loader), "epochs": len(self.history)}
