@@ -374,3 +374,8 @@ def test_url_transfer_cut_short_leaves_nothing(loopback_hub, torchvision_file, t
     with pytest.raises(W.WeightsNotAvailableError, match=f"Cannot download {re.escape(url)}: IncompleteRead"):
         fetch_url_file(url, prefix, directory)
     assert list(directory.iterdir()) == []
+
+
+def test_hub_download_is_quiet_when_not_a_terminal(loopback_hub, published, tmp_path, capsys):
+    fetch_hub_file("org/small", "model.safetensors", cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    assert capsys.readouterr().err == ""

@@ -581,3 +581,13 @@ def test_a_crash_between_the_checkpoint_and_the_best_weights_is_repaired_on_resu
     exported = load_file(tmp_path / "export" / "model.safetensors")
     recorded = load_file(tmp_path / "checkpoints" / "epoch-0002.safetensors")
     assert all(torch.equal(exported[key], recorded[key]) for key in recorded)
+
+
+def test_numpy_numbers_are_accepted_and_resume_with_overwrite_is_refused(tmp_path):
+    import numpy as np
+
+    config = digits_config(tmp_path, epochs=np.int64(2), lr=np.float64(0.1), milestones=(np.float64(0.5),))
+    recipe = config.resolved().recipe()  # JSON values, as the checkpoints store them
+    assert (recipe["epochs"], recipe["lr"], recipe["milestones"]) == (2, 0.1, [0.5])
+    with pytest.raises(UsageError, match="--resume continues the run in --output and --overwrite deletes it"):
+        train(digits_config(tmp_path, resume=True, overwrite=True))

@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -148,6 +149,8 @@ class TrainConfig:
         config._check_numbers()
         if config.amp is not None and config.amp not in AMP_DTYPES:
             raise UsageError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+        if config.resume and config.overwrite:
+            raise UsageError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
         if config.bad_images not in BAD_IMAGES:
             raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {config.bad_images!r}")
         if config.sync_bn and config.efficient is not False:
@@ -159,13 +162,17 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         """Every numeric option in its valid range (finite: ``nan`` and ``inf`` are refused), before anything is
-        built. Raises :class:`UsageError` naming the option and its valid range."""
+        built, and numpy numbers turned into Python's. Raises :class:`UsageError` naming the option and its valid
+        range."""
         integers = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "keep_checkpoints": 1, "image_size": 1,
                     "workers": 0, "seed": 0, "num_classes": 1}
         for name, least in integers.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < least):
                 raise UsageError(f"{name} must be a whole number of at least {least}, got {value!r}")
+            if value is not None:
+                setattr(self, name, int(value))
         ranges: dict[str, tuple[Callable[[float], bool], str]] = {
             "lr": (lambda v: v > 0, "above 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "weight_decay": (lambda v: v >= 0, "of at least 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -175,8 +182,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and valid(value)):
                 raise UsageError(f"{name} must be a finite number {text}, got {value!r}")
+            setattr(self, name, float(value))
         if not all(_is_number(m) and 0 < m <= 1 for m in self.milestones):
             raise UsageError(f"milestones are fractions of the epochs in (0, 1], got {self.milestones}")
+        self.milestones = tuple(float(m) for m in self.milestones)
         if self.nesterov and self.momentum == 0:
             raise UsageError("Nesterov momentum needs a momentum above 0: pass --no-nesterov, or --momentum above 0")
 
@@ -186,7 +195,8 @@ class TrainConfig:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
