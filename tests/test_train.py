@@ -477,7 +477,6 @@ def test_missing_best_weights_on_resume_say_what_is_missing_and_what_to_do(unint
         train(digits_config(output, epochs=4, resume=True))
 
 
-@pytest.mark.slow
 def test_resume_with_more_epochs_extends_the_run_with_the_new_schedule(uninterrupted, tmp_path):
     output = copy_run(uninterrupted[0], tmp_path / "run")
     with pytest.raises(UsageError, match=r"epoch-0004.pt is at epoch 4: resume it with --epochs 4 or more, not 3"):
@@ -591,3 +590,10 @@ def test_numpy_numbers_are_accepted_and_resume_with_overwrite_is_refused(tmp_pat
     assert (recipe["epochs"], recipe["lr"], recipe["milestones"]) == (2, 0.1, [0.5])
     with pytest.raises(UsageError, match="--resume continues the run in --output and --overwrite deletes it"):
         train(digits_config(tmp_path, resume=True, overwrite=True))
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_reusable(tmp_path):
+    with pytest.raises(TrainingDivergedError):
+        train(digits_config(tmp_path, lr=1e6, epochs=1))
+    assert list(tmp_path.iterdir()) == []  # so the same command with a lower lr needs no --overwrite
+    assert train(digits_config(tmp_path, epochs=1, export=False))["epochs"] == 1

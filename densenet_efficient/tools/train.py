@@ -329,8 +329,6 @@ class Trainer:
             self._restore(self._resume_path())
         self.train_loader, self.sampler, self.val_loader, self.test_loader = _loaders(config, self.splits, ctx)
         self.network = self._wrap()
-        if ctx.is_main:
-            self._write_config()
 
     def _milestones(self) -> list[int]:
         """The epochs after which the learning rate is multiplied by ``gamma``."""
@@ -450,6 +448,8 @@ class Trainer:
         """Rank 0: checkpoint after ``epoch`` (1-based), best weights, the metrics table."""
 
         self.output.mkdir(parents=True, exist_ok=True)
+        if epoch == self.start_epoch + 1:  # with the run's first files: a run that fails before leaves none
+            self._write_config()
         model_bytes = _model_bytes(self.model, {"run_id": self.run_id, "epoch": str(epoch)})
         is_best = self.best.get("epoch") == epoch
         if is_best:
