@@ -13,6 +13,7 @@ import base64
 import hashlib
 import itertools
 import json
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -228,3 +229,17 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             self._json(infos)
 
     return Handler
+
+
+class SilentServer:
+    """A TCP port on 127.0.0.1 that accepts connections (the kernel completes the handshake) but never answers:
+    a network that hangs. ``close()`` resets every waiting connection, so nothing outlives the test."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.endpoint = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.socket.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -241,7 +243,7 @@ def test_torchvision_url_hash_prefix_is_checked(loopback_hub, torchvision_file, 
     model, url, prefix = torchvision_file
     directory = tmp_path / "checkpoints"
     loopback_hub.faults[urlparse(url).path] = "tamper"
-    with pytest.raises(W.ChecksumMismatchError, match=f'expected "{prefix}"'):
+    with pytest.raises(W.ChecksumMismatchError, match=f"does not start with {prefix}; nothing was saved"):
         fetch_url_file(url, prefix, directory)
     assert not directory.exists() or list(directory.iterdir()) == []
     loopback_hub.faults.clear()
@@ -274,3 +276,107 @@ def test_torch_hub_entrypoint_with_pretrained(loopback_hub, published, tmp_path,
     by_reference = torch.hub.load(str(REPO_ROOT), "densenet_40_k12", source="local", weights=f"hf-hub:org/small@{commit}",
                                   cache_dir=str(tmp_path / "cache"), endpoint=loopback_hub.endpoint)
     torch.testing.assert_close(logits(by_reference), logits(model), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time limits, floating revisions, progress
+
+
+def test_a_network_that_never_answers_fails_within_the_timeout_on_every_source(tmp_path, monkeypatch):
+    """A server that accepts connections but never replies: the Hub probe and the .pth download each give up after
+    TIMEOUT_S, and the error lists both sources (torch.hub's download had no timeout at all)."""
+    from loopback_hub import SilentServer
+
+    from densenet_efficient.pretrained import download
+
+    monkeypatch.setattr(download, "TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    silent = SilentServer()
+    url = f"{silent.endpoint}/models/densenet-0123abcd.pth"
+    hub = {"repo_id": "org/small", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
+                   {"url": url, "sha256_prefix": "0123abcd", "sha256": None, "size": None})
+    outcome: list[Exception] = []
+
+    def load() -> None:
+        try:
+            de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=silent.endpoint)
+        except Exception as error:  # handed to the test thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=load, daemon=True)
+    started = time.monotonic()
+    try:
+        worker.start()
+        worker.join(timeout=20)
+        hung = worker.is_alive()
+    finally:
+        silent.close()  # resets the waiting connections: the thread ends even on a client without timeouts
+        worker.join(timeout=5)
+    assert not hung, "the download hung"
+    assert time.monotonic() - started < 10
+    [error] = outcome
+    assert isinstance(error, W.WeightsNotAvailableError)
+    message = str(error)
+    assert "No source of densenet_40_k12.test is available" in message
+    assert "Cannot get model.safetensors of Hub repo org/small" in message and "Timeout" in message
+    assert f"Cannot download {url}: TimeoutError: timed out" in message
+    assert not any((tmp_path / "torch").rglob("*.part"))  # nothing half-written
+
+
+def test_a_moved_branch_falls_back_to_the_url_without_downloading(loopback_hub, torchvision_file, tmp_path,
+                                                                  monkeypatch):
+    """An entry pinned by sha256 at a branch (revision None = main) whose file has changed: the Hub copy is not
+    downloaded again and again, the torchvision .pth is loaded, and the warning says what happened."""
+    tv_model, url, prefix = torchvision_file
+    first = saved_files(small_model(), tmp_path / "first")
+    loopback_hub.commit("org/small", first)
+    loopback_hub.commit("org/small", saved_files(randomise_batch_norm(small_model()), tmp_path / "second"))
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub_entry(None, first),
+                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=rf"(?s)densenet_40_k12.test: the Hub copy does not match the pinned "
+                                             rf"sha256 .*'main' is a branch, not a commit.*loaded {re.escape(url)}"):
+            loaded = de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+        torch.testing.assert_close(logits(loaded), logits(tv_model), rtol=0, atol=0)
+    assert not [path for method, path in loopback_hub.requests if method == "GET" and "safetensors" in path]
+
+
+def test_a_changed_file_at_a_pinned_commit_is_refused_without_fallback(loopback_hub, torchvision_file, published,
+                                                                       tmp_path, monkeypatch):
+    _, files, commit = published
+    _, url, prefix = torchvision_file
+    hub = {**hub_entry(commit, files), "sha256": "0" * 64}
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
+                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    with pytest.raises(W.ChecksumMismatchError, match=f"expected {'0' * 64}; nothing was downloaded"):
+        de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_download_progress_on_a_terminal_only(loopback_hub, torchvision_file, tmp_path, monkeypatch, capsys):
+    _, url, prefix = torchvision_file
+    fetch_url_file(url, prefix, tmp_path / "quiet")
+    assert capsys.readouterr().err == ""  # not a terminal (CI logs): no progress bar
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fetch_url_file(url, prefix, tmp_path / "terminal")
+    assert f"{Path(url).name}:" in terminal.getvalue() and "B/s" in terminal.getvalue()
+
+
+def test_url_transfer_cut_short_leaves_nothing(loopback_hub, torchvision_file, tmp_path):
+    _, url, prefix = torchvision_file
+    loopback_hub.faults[urlparse(url).path] = "truncate"
+    directory = tmp_path / "checkpoints"
+    with pytest.raises(W.WeightsNotAvailableError, match=f"Cannot download {re.escape(url)}: IncompleteRead"):
+        fetch_url_file(url, prefix, directory)
+    assert list(directory.iterdir()) == []
+
+
+def test_hub_download_is_quiet_when_not_a_terminal(loopback_hub, published, tmp_path, capsys):
+    fetch_hub_file("org/small", "model.safetensors", cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    assert capsys.readouterr().err == ""

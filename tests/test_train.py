@@ -6,8 +6,11 @@ Runs are tiny (a DenseNet-BC with one layer per block, 8 or 16 px digits, one th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -15,12 +18,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from densenet_efficient.tools import train as train_module
 from densenet_efficient.tools.cli import main
-from densenet_efficient.tools.data import DatasetNotFoundError, build_splits
+from densenet_efficient.tools.common import UsageError
+from densenet_efficient.tools.data import DatasetNotFoundError, UnreadableImagesError, build_splits
 from densenet_efficient.tools.train import (
     CheckpointError,
     TrainConfig,
     Trainer,
+    TrainingDivergedError,
     checkpoints,
     distributed,
     load_checkpoint,
@@ -181,8 +187,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(uninterrupted, tmp_pa
     expected_state, expected = load_checkpoint(checkpoints(reference_dir)[-1])
     actual_state, actual = load_checkpoint(checkpoints(tmp_path)[-1])
     assert [row["lr"] for row in actual["history"]] == pytest.approx([0.1, 0.1, 0.01, 0.001])
-    for key in ("epoch", "best", "scheduler"):
+    for key in ("epoch", "scheduler"):
         assert actual[key] == expected[key], key
+    # the same best epoch and score; the sha256 differs only by the run id in the file's metadata
+    assert {k: actual["best"][k] for k in ("epoch", "score")} == {k: expected["best"][k] for k in ("epoch", "score")}
 
     def untimed(history):
         return [{k: v for k, v in row.items() if k != "images_per_s"} for row in history]
@@ -238,7 +246,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_last_good_one(tmp_path, monk
         train(digits_config(tmp_path, epochs=2))
     monkeypatch.setattr(os, "replace", original_replace)
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001.pt", "epoch-0001.safetensors",
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "epoch-0001.pt", "epoch-0001.safetensors",
                                                          "epoch-0002.safetensors"]
     assert [p.name for p in checkpoints(tmp_path)] == ["epoch-0001.pt"]
     assert load_checkpoint(folder / "epoch-0001.pt")[1]["epoch"] == 1
@@ -341,3 +349,261 @@ def test_batch_must_split_evenly_into_accumulation_steps(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size 32 must be divisible by .* \(1 x 3 = 3\)"):
         train(digits_config(tmp_path, accum_steps=3))
     assert not (tmp_path / "checkpoints").exists()
+
+
+# -- runs that cannot end "successfully" with a broken result -------------------------------------------------------
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_non_finite_loss_stops_the_run_and_nothing_is_written(tmp_path):
+    with pytest.raises(TrainingDivergedError, match=r"training diverged in epoch 1: the training loss is (nan|inf) "
+                                                    r"\(lr 1e\+06\)\. .*nothing of epoch 1 was saved or exported"):
+        train(digits_config(tmp_path, lr=1e6, epochs=1))
+    written = {path.name for path in tmp_path.rglob("*")}
+    assert not written & {"best.safetensors", "results.json", "export", "manifest_entry.json", "metrics.csv"}
+    assert checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", float("nan"), "lr must be a finite number above 0, got nan"),
+    ("lr", -0.1, "lr must be a finite number above 0, got -0.1"),
+    ("lr", float("inf"), "lr must be a finite number above 0, got inf"),
+    ("gamma", -5.0, r"gamma must be a finite number in \(0, 1\], got -5.0"),
+    ("momentum", 1.5, r"momentum must be a finite number in \[0, 1\), got 1.5"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number of at least 0, got nan"),
+    ("val_fraction", 1.0, r"val_fraction must be a finite number in \[0, 1\), got 1.0"),
+    ("milestones", (0.5, float("nan")), r"milestones are fractions of the epochs in \(0, 1\], got \(0.5, nan\)"),
+    ("epochs", 0, "epochs must be a whole number of at least 1, got 0"),
+    ("batch_size", 2.5, "batch_size must be a whole number of at least 1, got 2.5"),
+    ("workers", -1, "workers must be a whole number of at least 0, got -1"),
+    ("seed", -3, "seed must be a whole number of at least 0, got -3"),
+])
+def test_numeric_options_are_checked_before_anything_is_built(tmp_path, monkeypatch, option, value, message):
+    monkeypatch.setattr(train_module, "_data", lambda config: pytest.fail("data loaded before the options were checked"))
+    with pytest.raises(UsageError, match=message):
+        train(digits_config(tmp_path / "run", **{option: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nesterov_without_momentum_is_refused_up_front(tmp_path):
+    with pytest.raises(UsageError, match="Nesterov momentum needs a momentum above 0: pass --no-nesterov"):
+        train(digits_config(tmp_path, momentum=0.0))
+
+
+def test_output_that_is_a_file_or_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_data", lambda config: pytest.fail("data loaded before --output was checked"))
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    with pytest.raises(UsageError, match=f"--output {file} is a file, not a folder"):
+        train(digits_config(file))
+    with pytest.raises(UsageError, match=f"--output {file / 'run'} cannot be written to: Not a directory"):
+        train(digits_config(file / "run"))
+
+
+def test_a_non_empty_output_needs_resume_or_overwrite(uninterrupted, tmp_path):
+    output = copy_run(uninterrupted[0], tmp_path / "run")
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    with pytest.raises(UsageError, match=f"--output {output} is not empty: pass --resume to continue the run in it, "
+                                         "--overwrite to delete its run files"):
+        train(digits_config(output, epochs=1))
+    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+
+
+def test_two_runs_into_one_folder_killed_and_resumed_export_the_second_runs_best(uninterrupted, tmp_path,
+                                                                                 monkeypatch):
+    """The issue's scenario: a finished 4-epoch run, a second run into the same folder (now only with --overwrite)
+    killed after its first epoch, then --resume: the results and the export are the second run's own."""
+    output = copy_run(uninterrupted[0], tmp_path / "run")
+    (output / "notes.txt").write_text("kept")  # not a run file: --overwrite leaves it
+    original = Trainer._train_epoch
+
+    def killed_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # as SIGKILL: nothing after the epoch-1 checkpoint runs
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_config(output, epochs=2, seed=1, overwrite=True))
+    assert [p.name for p in checkpoints(output)] == ["epoch-0001.pt"]
+    assert not (output / "results.json").exists() and (output / "notes.txt").read_text() == "kept"
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+
+    results = train(digits_config(output, epochs=2, seed=1, resume=True))
+    model_state, state = load_checkpoint(checkpoints(output)[-1])
+    assert [p.name for p in checkpoints(output)] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert results["best_epoch"] == state["best"]["epoch"] and results["epochs"] == 2
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    best = output / "best.safetensors"
+    with safe_open(str(best), "pt") as file:
+        assert file.metadata()["run_id"] == state["run_id"]
+        assert file.metadata()["epoch"] == str(state["best"]["epoch"])
+    assert hashlib.sha256(best.read_bytes()).hexdigest() == state["best"]["sha256"]
+    exported = load_file(output / "export" / "model.safetensors")
+    best_epoch = load_file(output / "checkpoints" / f"epoch-{state['best']['epoch']:04d}.safetensors")
+    assert exported.keys() == best_epoch.keys()
+    assert all(torch.equal(exported[key], best_epoch[key]) for key in exported)
+
+
+def test_best_weights_of_another_epoch_or_run_are_restored_or_refused(uninterrupted, tmp_path):
+    """best.safetensors replaced by another epoch's weights: restored from the best epoch's checkpoint while it is
+    kept (with a warning), refused once it is not."""
+    output = copy_run(uninterrupted[0], tmp_path / "run")
+    _, state = load_checkpoint(checkpoints(output)[-1])
+    run = state["run_id"]
+    assert state["best"]["epoch"] == 3
+    best, kept = output / "best.safetensors", output / "checkpoints" / "epoch-0003.safetensors"
+    shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
+    with pytest.warns(UserWarning, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run {run}; "
+                                         rf"restored the best weights of this run \(epoch 3\) from {kept}"):
+        results = train(digits_config(output, epochs=4, resume=True))
+    assert results["test"] == uninterrupted[1]["test"] and best.read_bytes() == kept.read_bytes()
+    shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
+    kept.unlink()
+    with pytest.raises(CheckpointError, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run "
+                                              rf"{run}: it must hold the weights of epoch 3.*no longer kept. Restore "
+                                              rf"best.safetensors from a backup to go on, or start afresh with "
+                                              rf"--overwrite"):
+        train(digits_config(output, epochs=4, resume=True))
+
+
+def test_missing_best_weights_on_resume_say_what_is_missing_and_what_to_do(uninterrupted, tmp_path):
+    output = copy_run(uninterrupted[0], tmp_path / "run")
+    best, kept = output / "best.safetensors", output / "checkpoints" / "epoch-0003.safetensors"
+    best.unlink()
+    with pytest.warns(UserWarning, match=r"best.safetensors is missing; restored the best weights of this run"):
+        assert train(digits_config(output, epochs=4, resume=True))["test"] == uninterrupted[1]["test"]
+    best.unlink()
+    kept.unlink()
+    with pytest.raises(CheckpointError, match=rf"{best} is missing: it must hold the weights of epoch 3, the best of "
+                                              rf"this run so far, which are exported at the end, and {kept} \(the "
+                                              rf"same weights\) is no longer kept"):
+        train(digits_config(output, epochs=4, resume=True))
+
+
+def test_resume_with_more_epochs_extends_the_run_with_the_new_schedule(uninterrupted, tmp_path):
+    output = copy_run(uninterrupted[0], tmp_path / "run")
+    with pytest.raises(UsageError, match=r"epoch-0004.pt is at epoch 4: resume it with --epochs 4 or more, not 3"):
+        train(digits_config(output, epochs=3, resume=True))
+    with pytest.warns(UserWarning, match=r"extending the run from 4 to 8 epochs: from epoch 5 on the learning rate "
+                                         r"follows the schedule of 8 epochs \(milestones \[4, 6\], lr now 0.01\)"):
+        results = train(digits_config(output, epochs=8, resume=True))
+    _, state = load_checkpoint(checkpoints(output)[-1])
+    # epochs 1-4 keep the 4-epoch schedule; 5-8 follow the 8-epoch one (x0.1 after epochs 4 and 6)
+    assert [row["lr"] for row in state["history"]] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.01, 0.01, 0.001, 0.001])
+    assert results["epochs"] == 8 and state["config"]["epochs"] == 8
+
+
+@pytest.mark.parametrize("option, value, listing", [
+    ("accum_steps", 2, "accum_steps: checkpoint 1, now 2"),
+    ("amp", "bf16", "amp: checkpoint None, now 'bf16'"),
+])
+def test_resume_refuses_another_accumulation_or_precision(uninterrupted, option, value, listing):
+    with pytest.raises(CheckpointError, match=rf"another recipe \({listing}\); resume with the same settings"):
+        train(digits_config(uninterrupted[0], epochs=4, resume=True, **{option: value}))
+
+
+def test_eval_reads_best_weights_and_a_checkpoint_directly(cli_run, tmp_path):
+    expected = json.loads((cli_run / "results.json").read_text())["test"]
+    for weights in (cli_run / "best.safetensors", cli_run / "checkpoints" / "epoch-0003.safetensors"):
+        report = tmp_path / f"{weights.stem}.json"
+        assert main(["eval", "densenet_bc_100_k12", "--weights", str(weights), "--json", str(report)]) == 0
+        evaluated = json.loads(report.read_text())
+        assert evaluated["images"] == expected["images"]
+        if weights.name == "best.safetensors":
+            assert evaluated["top1"] == pytest.approx(expected["top1"])
+
+
+# -- unreadable images -----------------------------------------------------------------------------------------------
+
+
+def _damaged_images(folder: Path) -> list[Path]:
+    """A truncated JPEG and a truncated PNG (real files cut in half) in ``folder``."""
+    from PIL import Image
+
+    noise = Image.effect_noise((64, 64), 64).convert("RGB")
+    damaged = []
+    for name in ("cut.jpg", "cut.png"):
+        path = folder / name
+        noise.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        damaged.append(path)
+    return damaged
+
+
+def test_unreadable_images_are_named_before_training(tmp_path, monkeypatch):
+    _digits_imagefolder(tmp_path / "images", range(2))
+    total = sum(1 for _ in (tmp_path / "images").rglob("*.png")) + 2
+    jpeg, png = _damaged_images(tmp_path / "images" / "class1")
+    with pytest.raises(UnreadableImagesError, match=rf"2 of {total} images cannot be read: .*{jpeg} \(OSError: "
+                                                    rf".*truncated.*; .*{png} \(.*--bad-images skip"):
+        build_splits("imagefolder", tmp_path / "images")
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self, epoch: pytest.fail("training started"))
+    config = TrainConfig(dataset="imagefolder", data=str(tmp_path / "images"), model="densenet_bc_100_k12",
+                         model_args=dict(TINY), image_size=8, output=str(tmp_path / "run"), progress=False)
+    with pytest.raises(UnreadableImagesError, match=re.escape(str(jpeg))):
+        train(config)
+
+
+def test_unreadable_images_can_be_skipped_with_a_count(tmp_path):
+    _digits_imagefolder(tmp_path / "images", range(2))
+    readable = sum(1 for _ in (tmp_path / "images").rglob("*.png"))
+    _damaged_images(tmp_path / "images" / "class0")
+    with pytest.warns(UserWarning, match=rf"skipped 2 unreadable images of {readable + 2}: .*cut.jpg"):
+        splits = build_splits("imagefolder", tmp_path / "images", bad_images="skip")
+    assert len(splits.train) + len(splits.val) + len(splits.test) == readable
+    for index in range(len(splits.train)):  # every image of the training set loads
+        splits.train[index]
+
+
+def test_a_crash_between_the_checkpoint_and_the_best_weights_is_repaired_on_resume(tmp_path, monkeypatch):
+    """Killed after epoch 2's checkpoint (which records epoch 2 as the best) but before best.safetensors was
+    replaced: the resume restores the recorded best weights from that checkpoint, and exports them."""
+    original_replace = os.replace
+    best_writes = []
+
+    def killed_before_the_second_best(source, target):
+        if str(target).endswith("best.safetensors"):
+            best_writes.append(target)
+            if len(best_writes) == 2:
+                raise KeyboardInterrupt
+        original_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_second_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_config(tmp_path, epochs=2))
+    monkeypatch.setattr(os, "replace", original_replace)
+    _, state = load_checkpoint(checkpoints(tmp_path)[-1])
+    assert state["best"]["epoch"] == 2
+    with pytest.warns(UserWarning, match=r"best.safetensors holds epoch 1 of run \w+, not epoch 2 .*restored"):
+        results = train(digits_config(tmp_path, epochs=2, resume=True))
+    assert results["best_epoch"] == 2
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    recorded = load_file(tmp_path / "checkpoints" / "epoch-0002.safetensors")
+    assert all(torch.equal(exported[key], recorded[key]) for key in recorded)
+
+
+def test_numpy_numbers_are_accepted_and_resume_with_overwrite_is_refused(tmp_path):
+    import numpy as np
+
+    config = digits_config(tmp_path, epochs=np.int64(2), lr=np.float64(0.1), milestones=(np.float64(0.5),))
+    recipe = config.resolved().recipe()  # JSON values, as the checkpoints store them
+    assert (recipe["epochs"], recipe["lr"], recipe["milestones"]) == (2, 0.1, [0.5])
+    with pytest.raises(UsageError, match="--resume continues the run in --output and --overwrite deletes it"):
+        train(digits_config(tmp_path, resume=True, overwrite=True))
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_reusable(tmp_path):
+    with pytest.raises(TrainingDivergedError):
+        train(digits_config(tmp_path, lr=1e6, epochs=1))
+    assert list(tmp_path.iterdir()) == []  # so the same command with a lower lr needs no --overwrite
+    assert train(digits_config(tmp_path, epochs=1, export=False))["epochs"] == 1

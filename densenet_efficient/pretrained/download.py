@@ -8,13 +8,23 @@ file's git blob id). A file that fails is removed from the cache (other cached f
 Offline (``HF_HUB_OFFLINE=1``) nothing is requested. A file that is neither cached nor reachable raises
 :class:`~.errors.WeightsNotAvailableError` at once, saying where it was looked for and how
 to get it, instead of the Hub client's retries.
+
+Time limits: every request waits at most :data:`TIMEOUT_S` seconds for a connection and for each answer (the Hub
+probe, and every read of a URL download), so a server that accepts connections but never answers costs
+``TIMEOUT_S`` per source, at most two sources per weights entry. A Hub transfer that stalls after it has begun
+is the Hub client's: ``HF_HUB_DOWNLOAD_TIMEOUT`` (10 s) per read, resumed up to 5 times.
+
+Progress bars are shown on a terminal only (``tqdm(disable=None)``): CI logs stay quiet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
+import tempfile
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +44,8 @@ from .files import file_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
-_PROBE_TIMEOUT_S = 10
+TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes of an answer
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, sha256: str | None = None,
@@ -49,7 +60,12 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
     if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str):
         if offline:
             raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set")
-        _check_reachable(repo_id, filename, revision, cache_dir, endpoint)
+        served = _check_reachable(repo_id, filename, revision, cache_dir, endpoint)
+        if sha256 and served and _SHA256.fullmatch(served) and served != sha256:
+            raise ChecksumMismatchError(
+                f"{repo_id}/{filename}@{revision}: the Hub serves a file with sha256 {served}, expected {sha256}; "
+                f"nothing was downloaded.{_floating_hint(revision)}"
+            )
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                                local_files_only=offline)
@@ -59,13 +75,24 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
     return path
 
 
-def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None) -> None:
-    """One HEAD request without retries, so that an unreachable Hub is reported at once."""
+def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None) -> str | None:
+    """One HEAD request without retries (at most :data:`TIMEOUT_S`), so that an unreachable Hub is reported at
+    once. Returns the file's ETag: an LFS file's sha256, a small file's git blob id."""
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
-                             timeout=_PROBE_TIMEOUT_S, endpoint=endpoint)
+        metadata = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
+                                        timeout=TIMEOUT_S, endpoint=endpoint)
     except Exception as error:  # any failure (HTTP, connection, timeout) means the file cannot be had now
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
+    return metadata.etag
+
+
+def _floating_hint(revision: str) -> str:
+    """What a hash mismatch means at ``revision``: tampering at a commit, maybe a newer file on a branch."""
+    if _COMMIT.fullmatch(revision):
+        return ""
+    return (f" {revision!r} is a branch, not a commit: the Hub's file may have changed since its sha256 was pinned, "
+            f"so downloading again will not help; pin the commit that holds the expected file, or load another "
+            f"source")
 
 
 def _hub_unavailable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None,
@@ -128,12 +155,42 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
         raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=True)
-    except RuntimeError as error:  # torch.hub's hash check; the partial file is already removed
-        raise ChecksumMismatchError(f"{url}: {error}; nothing was saved") from error
-    except OSError as error:  # urllib's URLError and HTTPError included
+        _download(url, path, sha256_prefix)
+    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, TimeoutError, IncompleteRead
+        if isinstance(error, ChecksumMismatchError):
+            raise
         raise _url_unavailable(url, path, _reason(error)) from error
     return str(path)
+
+
+def _download(url: str, path: Path, sha256_prefix: str) -> None:
+    """GET ``url`` into a temporary file beside ``path``, waiting at most :data:`TIMEOUT_S` for the connection and
+    for each read; rename it to ``path`` only if it is complete and its sha256 starts with ``sha256_prefix``.
+    Nothing is left behind on failure. A progress bar is shown on a terminal only."""
+    from tqdm.auto import tqdm
+
+    digest, received = hashlib.sha256(), 0
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            expected = response.length
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name, leave=False,
+                      disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and received != expected:
+            raise http.client.IncompleteRead(b"", expected - received)
+        actual = digest.hexdigest()
+        if not actual.startswith(sha256_prefix):
+            raise ChecksumMismatchError(f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was "
+                                        f"saved")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableError:
@@ -146,9 +203,12 @@ def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableEr
 def fetch_manifest_weights(key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None,
                            endpoint: str | None = None) -> str:
     """Path of the verified weights file of manifest entry ``key``: its Hub file, else its URL (a torchvision
-    ``.pth``) when the Hub copy cannot be had. A checksum mismatch is raised, never worked around."""
-    failures = []
+    ``.pth``) when the Hub copy cannot be had. A checksum mismatch is raised, except at a floating Hub revision (a
+    branch such as ``main``, which may have moved on since the sha256 was pinned): then the URL is tried, with a
+    warning that says so."""
+    failures, mismatch = [], None
     hub = entry.get("hub")
+    source = entry.get("url")
     if hub:
         if not hub["sha256"]:
             warnings.warn(
@@ -160,14 +220,21 @@ def fetch_manifest_weights(key: str, entry: dict[str, Any], *, cache_dir: str | 
                                   cache_dir=cache_dir, endpoint=endpoint)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
-    source = entry.get("url")
+        except ChecksumMismatchError as error:  # at a branch the file may have moved on: try the next source
+            if not source or _COMMIT.fullmatch(hub["revision"] or ""):
+                raise
+            mismatch = error
+            failures.append(str(error))
     if source:
         try:
             path = fetch_url_file(source["url"], source["sha256"] or source["sha256_prefix"])
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         else:
-            if failures:
+            if mismatch:
+                warnings.warn(f"{key}: the Hub copy does not match the pinned sha256 ({mismatch}); loaded "
+                              f"{source['url']} instead, which matches its own pinned hash.", stacklevel=2)
+            elif failures:
                 warnings.warn(f"{key}: the Hub copy is not available, loaded {source['url']} instead.", stacklevel=2)
             return path
     raise WeightsNotAvailableError(f"No source of {key} is available:\n- " + "\n- ".join(failures))

@@ -1,6 +1,10 @@
 """The ``densenet-efficient`` command (also ``python -m densenet_efficient``).
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Errors: one line ``densenet-efficient COMMAND: error: MESSAGE`` on stderr, exit status 2 for usage errors (argparse's
+own and :class:`~.common.UsageError`) and 1 for any other failure; ``--debug`` or ``DENSENET_EFFICIENT_DEBUG=1``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -8,10 +12,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
 from ..core import list_models
+from .common import UsageError
+
+DEBUG_ENV = "DENSENET_EFFICIENT_DEBUG"
+EXIT_FAILURE, EXIT_USAGE = 1, 2
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,15 +47,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not hide `densenet-efficient --debug COMMAND`
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="densenet-efficient", description="Memory-efficient DenseNets: benchmark, plan, train, evaluate."
+        prog="densenet-efficient", description="Memory-efficient DenseNets: benchmark, plan, train, evaluate.",
+        epilog="Exit status: 0 success, 1 failure, 2 usage error.",
     )
+    _add_debug(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(subparser)
+        _add_debug(subparser)
         subparser.set_defaults(run=module.run)
     return parser
 
@@ -57,10 +75,18 @@ def missing_requirements(command: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status (see the module docstring for errors)."""
     args = build_parser().parse_args(argv)
     missing = missing_requirements(args.command)
     if missing:
-        print(f"densenet-efficient {args.command} needs {', '.join(missing)}, which is not installed: "
+        print(f"densenet-efficient {args.command}: error: needs {', '.join(missing)}, which is not installed: "
               "pip install 'densenet-efficient[tools]'", file=sys.stderr)
-        return 1
-    return args.run(args)
+        return EXIT_FAILURE
+    if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:  # every failure becomes one line and an exit status; --debug shows the traceback
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        print(f"densenet-efficient {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE

@@ -20,6 +20,11 @@ AMP_DTYPES: dict[str, torch.dtype] = {key: dtype for key, dtype in PRECISIONS.it
 MODES: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
 
 
+class UsageError(ValueError):
+    """The command's arguments cannot work as given (a value out of range, a clash of options, an unusable output
+    folder): the CLI prints the message and exits with status 2, as argparse does for its own errors."""
+
+
 _CIFAR_NAME = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
 
 

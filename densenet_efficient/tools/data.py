@@ -5,7 +5,11 @@
 * ``cifar10`` / ``cifar100``: torchvision's CIFAR datasets in ``--data DIR`` (downloaded only with ``download``);
   the official test set, and a validation set held out of the 50,000 training images.
 * ``imagefolder``: any ``torchvision.datasets.ImageFolder`` tree (one folder per class), either ``DIR/train`` with
-  ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR`` that is split into train/validation/test.
+  ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR`` that is split into train/validation/test. Every image is
+  decoded once before training (JPEGs at reduced scale, on several threads), so that an unreadable file is named
+  at the start rather than crashing an epoch: ``bad_images="error"`` (the default: a dataset is never silently
+  smaller than its folder) raises :class:`UnreadableImagesError` listing them, ``"skip"`` leaves them out with a
+  warning and a count (the held-out splits are then drawn from the readable images).
 
 Images are normalised with a :class:`Preprocessing` (mean, std, input size): the dataset's own by default, the
 pretrained weights' own when fine-tuning (:func:`weights_preprocessing`, which reads them as
@@ -15,6 +19,7 @@ pretrained weights' own when fine-tuning (:func:`weights_preprocessing`, which r
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,10 +36,15 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0  # the held-out splits never depend on the training seed
 DIGITS_TEST_FRACTION = 0.2
 IMAGEFOLDER_TEST_FRACTION = 0.2
+BAD_IMAGES = ("error", "skip")  # what to do with images that cannot be decoded
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not where they were looked for."""
+
+
+class UnreadableImagesError(ValueError):
+    """Images of an ImageFolder tree that cannot be decoded (truncated, corrupt, not an image)."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +129,13 @@ def weights_preprocessing(model: str, weights: str | os.PathLike | None, *,
 
 def build_splits(dataset: str, root: str | os.PathLike | None = None, *, download: bool = False,
                  preprocessing: Preprocessing | None = None, image_size: int | None = None,
-                 val_fraction: float = 0.1, augment: bool = True) -> Splits:
+                 val_fraction: float = 0.1, augment: bool = True, bad_images: str = "error") -> Splits:
     """Load ``dataset`` (one of :data:`DATASETS`) and split it.
 
     ``preprocessing`` defaults to the dataset's own; ``image_size`` overrides its input size. ``val_fraction`` of
     the training images (chosen with a fixed seed) form the validation set. ``augment`` adds the training
     augmentation (CIFAR: random crop with padding and horizontal flip; photos: random resized crop and flip).
+    ``bad_images`` (``imagefolder``): ``"error"`` or ``"skip"`` for images that cannot be decoded.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
@@ -136,7 +147,9 @@ def build_splits(dataset: str, root: str | os.PathLike | None = None, *, downloa
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
     preprocessing = (preprocessing or DEFAULT_PREPROCESSING[dataset]).with_size(image_size)
     if dataset == "imagefolder":
-        return _imagefolder_splits(Path(root), preprocessing, val_fraction, augment)
+        if bad_images not in BAD_IMAGES:
+            raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {bad_images!r}")
+        return _imagefolder_splits(Path(root), preprocessing, val_fraction, augment, bad_images)
     return _cifar_splits(dataset, Path(root), download, preprocessing, val_fraction, augment)
 
 
@@ -219,26 +232,39 @@ def _cifar_splits(dataset: str, root: Path, download: bool, preprocessing: Prepr
                   list(train_full.classes), preprocessing)
 
 
-def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool) -> Splits:
+def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool,
+                        bad_images: str) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     if not root.is_dir():
         raise DatasetNotFoundError(f"no folder {root}: expected an ImageFolder tree (one sub-folder per class)")
     train_tf, eval_tf = _transforms(preprocessing, augment, photos=True), _transforms(preprocessing, False, True)
     has_train = (root / "train").is_dir()
     train_root = root / "train" if has_train else root
-    train_full, eval_full = ImageFolder(train_root, train_tf), ImageFolder(train_root, eval_tf)
-    indices = list(range(len(train_full)))
     named = [root / name for name in ("test", "val") if has_train and (root / name).is_dir()]
+    folders = [ImageFolder(folder) for folder in (train_root, *named)]
+    unreadable = _unreadable_images([path for folder in folders for path, _ in folder.samples])
+    if unreadable:
+        _report_unreadable(unreadable, sum(len(folder) for folder in folders), bad_images)
+
+    def image_folder(folder: Path, transform) -> ImageFolder:
+        def readable(path: str) -> bool:
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and path not in unreadable
+
+        return ImageFolder(folder, transform, is_valid_file=readable)
+
+    train_full, eval_full = image_folder(train_root, train_tf), image_folder(train_root, eval_tf)
+    indices = list(range(len(train_full)))
     if named:
-        test: Dataset = ImageFolder(named[0], eval_tf)
+        test: Dataset = image_folder(named[0], eval_tf)
         _check_same_classes(train_full.classes, test.classes, train_root, named[0])  # type: ignore[attr-defined]
     else:
         indices, held_out = _split(len(indices), IMAGEFOLDER_TEST_FRACTION)
         test = Subset(eval_full, held_out)
     if len(named) == 2:
-        val: Dataset | None = ImageFolder(named[1], eval_tf)
+        val: Dataset | None = image_folder(named[1], eval_tf)
         _check_same_classes(train_full.classes, val.classes, train_root, named[1])  # type: ignore[union-attr]
     else:
         indices, held_out = _split_subset(indices, val_fraction)
@@ -249,3 +275,36 @@ def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: 
 def _check_same_classes(expected: list[str], found: list[str], expected_root: Path, found_root: Path) -> None:
     if expected != found:
         raise ValueError(f"class folders differ: {expected_root} has {expected}, {found_root} has {found}")
+
+
+def _unreadable_images(paths: list[str]) -> dict[str, str]:
+    """``{path: reason}`` for the images that PIL cannot decode, as torchvision's loader decodes them (JPEGs at
+    reduced scale: the whole file is still read), on up to 8 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))
+                image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for a damaged file
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = pool.map(problem, paths, chunksize=64)
+        return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+def _report_unreadable(unreadable: dict[str, str], total: int, bad_images: str, shown: int = 5) -> None:
+    """Raise (``"error"``) or warn (``"skip"``) about ``unreadable`` images, naming the first ``shown``."""
+    listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:shown])
+    more = f"; and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    if bad_images == "error":
+        raise UnreadableImagesError(
+            f"{len(unreadable)} of {total} images cannot be read: {listing}{more}. Replace or remove them, or pass "
+            f"--bad-images skip (bad_images='skip') to leave them out"
+        )
+    warnings.warn(f"skipped {len(unreadable)} unreadable images of {total}: {listing}{more}", stacklevel=3)

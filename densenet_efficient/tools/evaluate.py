@@ -9,20 +9,23 @@ from pathlib import Path
 import torch
 
 from ..core import create_model
-from .common import AMP_DTYPES, evaluate
-from .data import DATASETS, build_splits, weights_preprocessing
+from .common import AMP_DTYPES, UsageError, evaluate
+from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registered model name (see `densenet-efficient models`)")
-    parser.add_argument("--weights", help="weights tag, .safetensors file, folder written by `train`/save_pretrained, "
-                        "or hf-hub:org/name[@revision]; default: the model's default pretrained weights")
+    parser.add_argument("--weights", help="weights tag, .safetensors file (a `train` run's best.safetensors or "
+                        "checkpoints/epoch-N.safetensors too), folder written by `train`/save_pretrained, or "
+                        "hf-hub:org/name[@revision]; default: the model's default pretrained weights")
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
     parser.add_argument("--data", help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
     parser.add_argument("--download", action="store_true", help="download CIFAR if it is not in --data")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of the training images held out for validation, as in `train` (default 0.1)")
+    parser.add_argument("--bad-images", choices=BAD_IMAGES, default="error",
+                        help="imagefolder: stop at unreadable images (default, naming them) or skip them")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
@@ -38,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preprocessing = weights_preprocessing(args.model, args.weights)
     splits = build_splits(args.dataset, args.data, download=args.download, preprocessing=preprocessing,
-                          val_fraction=args.val_fraction, augment=False)
+                          val_fraction=args.val_fraction, augment=False, bad_images=args.bad_images)
     dataset = splits.test if args.split == "test" else splits.val
     if dataset is None:
-        raise ValueError("--split val needs a validation set: pass --val-fraction above 0")
+        raise UsageError("--split val needs a validation set: pass --val-fraction above 0")
     model = create_model(args.model, pretrained=args.weights is None, weights=args.weights, efficient=False)
     classes = model.config["num_classes"]
     if classes != splits.num_classes:

@@ -6,10 +6,19 @@ output folder (rank 0 only):
 * ``checkpoints/epoch-NNNN.safetensors`` (model) and ``epoch-NNNN.pt`` (optimizer, scheduler, grad scaler,
   history, config and the model file's sha256; read back with ``torch.load(weights_only=True)``), each written to
   a temporary file and renamed, the last ``keep_checkpoints`` kept; ``--resume`` continues from the newest;
-* ``best.safetensors``: the weights of the epoch with the best validation top-1;
+* ``best.safetensors``: the weights of the epoch with the best validation top-1, tied to the run: its metadata
+  holds the run id and epoch, and the checkpoints record its sha256, which is checked on resume and at the end
+  (written after the checkpoint that records it, so the best epoch's checkpoint can always restore it);
+* ``config.json`` (beside ``best.safetensors`` and in ``checkpoints/``): the architecture, constructor arguments
+  and preprocessing, so that ``eval MODEL --weights best.safetensors`` (or a checkpoint's ``.safetensors``) works;
 * ``metrics.csv``: one row per epoch; ``curves.png``: the learning curves;
 * ``results.json``: test loss/top-1/top-5 of the best weights; ``export/``: those weights as ``save_pretrained``
   writes them (model.safetensors, config.json, model card) and ``manifest_entry.json``.
+
+A run refuses an ``output`` folder that holds files unless it resumes (``resume``) or ``overwrite`` deletes the
+previous run's files first; every checkpoint carries the run's id. A NaN or infinite loss or metric stops the run
+with :class:`TrainingDivergedError` before anything of that epoch is saved; nothing non-finite is exported.
+Resuming with more ``epochs`` extends the run: the learning-rate milestones are recomputed for the new length.
 
 The random state is reseeded from (seed, epoch, rank) at the start of every epoch and the data order comes from
 ``DistributedSampler(seed)``, so a resumed run repeats the uninterrupted one exactly on CPU.
@@ -25,14 +34,21 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import re
+import tempfile
 import time
+import uuid
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,9 +58,10 @@ from torch import Tensor, nn
 
 from ..core import MemoryMode, check_memory_mode, create_model
 from ..pretrained.files import file_sha256, write_atomically
+from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
-from .common import AMP_DTYPES, autocast, evaluate, parse_efficient, to_device
-from .data import DATASETS, build_splits, weights_preprocessing
+from .common import AMP_DTYPES, UsageError, autocast, evaluate, parse_efficient, to_device
+from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
 
 RECIPE_DEFAULTS: dict[str, Any] = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75),
                                        gamma=0.1, val_fraction=0.1)
@@ -56,16 +73,24 @@ RECIPES: dict[str, dict[str, Any]] = {
                    batch_size=32, lr=0.1),
     "imagefolder": dict(model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01),
 }
-# What a resumed run must share with the run it continues.
+# What a resumed run must share with the run it continues (``epochs`` may grow: the run is extended).
 RECIPE_KEYS = ("dataset", "model", "model_args", "weights", "pretrained", "num_classes", "freeze_backbone",
-               "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma",
-               "val_fraction", "image_size", "seed")
+               "epochs", "batch_size", "accum_steps", "lr", "momentum", "nesterov", "weight_decay", "milestones",
+               "gamma", "val_fraction", "image_size", "amp", "seed")
 CHECKPOINT_DIR = "checkpoints"
+BEST_FILENAME = "best.safetensors"
+# What a run writes into its output folder; ``overwrite`` deletes these (and nothing else) before a new run.
+RUN_FILES = (BEST_FILENAME, CONFIG_FILENAME, "metrics.csv", "curves.png", "results.json", "manifest_entry.json")
+RUN_FOLDERS = (CHECKPOINT_DIR, "export")
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d{4,})\.pt")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, truncated, inconsistent or from another recipe."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or a metric became NaN or infinite; the run stops before anything of that epoch is saved."""
 
 
 @dataclass
@@ -102,6 +127,8 @@ class TrainConfig:
     device: str | None = None
     output: str = "runs/train"
     resume: bool | str = False
+    overwrite: bool = False
+    bad_images: str = "error"
     keep_checkpoints: int = 2
     export: bool = True
     progress: bool = True
@@ -109,7 +136,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` recipe field filled in from the dataset's recipe, checked."""
         if self.dataset not in RECIPES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
+            raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
         recipe = {**RECIPE_DEFAULTS, **RECIPES[self.dataset],
                   "workers": 0 if self.dataset == "digits" else min(8, os.cpu_count() or 1)}
         if self.model is not None:  # the recipe's model arguments belong to the recipe's model
@@ -119,13 +146,13 @@ class TrainConfig:
         config = dataclasses.replace(self, **filled)
         config.efficient = check_memory_mode(config.efficient)
         config.milestones = tuple(config.milestones)
-        for name in ("epochs", "batch_size", "accum_steps", "keep_checkpoints"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-        if any(not 0 < m <= 1 for m in config.milestones):
-            raise ValueError(f"milestones are fractions of the epochs in (0, 1], got {config.milestones}")
+        config._check_numbers()
         if config.amp is not None and config.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+            raise UsageError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+        if config.resume and config.overwrite:
+            raise UsageError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
+        if config.bad_images not in BAD_IMAGES:
+            raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {config.bad_images!r}")
         if config.sync_bn and config.efficient is not False:
             raise ValueError(
                 "SyncBatchNorm needs efficient=False (--efficient False): the memory-efficient modes compute batch "
@@ -133,9 +160,43 @@ class TrainConfig:
             )
         return config
 
+    def _check_numbers(self) -> None:
+        """Every numeric option in its valid range (finite: ``nan`` and ``inf`` are refused), before anything is
+        built, and numpy numbers turned into Python's. Raises :class:`UsageError` naming the option and its valid
+        range."""
+        integers = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "keep_checkpoints": 1, "image_size": 1,
+                    "workers": 0, "seed": 0, "num_classes": 1}
+        for name, least in integers.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < least):
+                raise UsageError(f"{name} must be a whole number of at least {least}, got {value!r}")
+            if value is not None:
+                setattr(self, name, int(value))
+        ranges: dict[str, tuple[Callable[[float], bool], str]] = {
+            "lr": (lambda v: v > 0, "above 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "weight_decay": (lambda v: v >= 0, "of at least 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        }
+        for name, (valid, text) in ranges.items():
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and valid(value)):
+                raise UsageError(f"{name} must be a finite number {text}, got {value!r}")
+            setattr(self, name, float(value))
+        if not all(_is_number(m) and 0 < m <= 1 for m in self.milestones):
+            raise UsageError(f"milestones are fractions of the epochs in (0, 1], got {self.milestones}")
+        self.milestones = tuple(float(m) for m in self.milestones)
+        if self.nesterov and self.momentum == 0:
+            raise UsageError("Nesterov momentum needs a momentum above 0: pass --no-nesterov, or --momentum above 0")
+
     def recipe(self) -> dict[str, Any]:
         """The fields a resumed run must share, as JSON values."""
         return json.loads(json.dumps({key: getattr(self, key) for key in RECIPE_KEYS}))
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -207,7 +268,7 @@ def _data(config: TrainConfig):
     if config.weights or config.pretrained:
         preprocessing = weights_preprocessing(config.model, config.weights)
     return build_splits(config.dataset, config.data, download=config.download, preprocessing=preprocessing,
-                        image_size=config.image_size, val_fraction=config.val_fraction)
+                        image_size=config.image_size, val_fraction=config.val_fraction, bad_images=config.bad_images)
 
 
 def _loaders(config: TrainConfig, splits, ctx: DistContext):
@@ -258,16 +319,38 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                          nesterov=config.nesterov, weight_decay=config.weight_decay)
-        milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=config.gamma)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, self._milestones(), gamma=config.gamma)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.start_epoch = 0
+        self.run_id = self._new_run_id()
         if config.resume:
             self._restore(self._resume_path())
         self.train_loader, self.sampler, self.val_loader, self.test_loader = _loaders(config, self.splits, ctx)
         self.network = self._wrap()
+
+    def _milestones(self) -> list[int]:
+        """The epochs after which the learning rate is multiplied by ``gamma``."""
+        return sorted({max(1, round(m * self.config.epochs)) for m in self.config.milestones})
+
+    def _new_run_id(self) -> str:
+        """A fresh id for this run (rank 0's, shared with the other processes)."""
+        ids = [uuid.uuid4().hex]
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(ids, 0)
+        return ids[0]
+
+    def _write_config(self) -> None:
+        """``config.json`` beside ``best.safetensors`` and the checkpoints, as save_pretrained writes it, so that
+        ``eval`` and ``create_model(weights=...)`` can read those files directly."""
+        config = {"architecture": self.config.model, "model_args": self.model.config,
+                  "num_classes": self.model.config["num_classes"],
+                  "pretrained_cfg": self.splits.preprocessing.metadata()}
+        data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        for folder in (self.output, self.output / CHECKPOINT_DIR):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(folder / CONFIG_FILENAME, data)
 
     def _wrap(self) -> nn.Module:
         """SyncBatchNorm, DistributedDataParallel and torch.compile around the model, as configured."""
@@ -298,27 +381,85 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Load model, optimizer, scheduler, grad scaler and history from checkpoint ``path`` (``epoch-N.pt``)."""
         model_state, state = load_checkpoint(path)
-        differing = {key: (value, self.config.recipe()[key]) for key, value in state["config"].items()
-                     if self.config.recipe().get(key) != value}
+        recipe = self.config.recipe()
+        differing = {key: (value, recipe.get(key)) for key, value in state["config"].items()
+                     if key != "epochs" and recipe.get(key) != value}
         if differing:
             listing = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differing.items())
-            raise CheckpointError(f"{path} was written by another recipe ({listing}); resume with the same settings")
+            raise CheckpointError(f"{path} was written by another recipe ({listing}); resume with the same settings "
+                                  f"(other ones would no longer give the uninterrupted run's result), or start a new "
+                                  f"run with --overwrite or another --output")
+        if state["epoch"] > self.config.epochs:
+            raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or "
+                             f"more, not {self.config.epochs}")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.best, self.start_epoch = state["history"], state["best"], state["epoch"]
+        self.run_id = state.get("run_id", self.run_id)
+        planned = state["config"].get("epochs", self.config.epochs)
+        if planned != self.config.epochs:
+            self._reschedule(planned)
+        self._check_best()
+
+    def _reschedule(self, planned: int) -> None:
+        """A run planned for ``planned`` epochs goes on for ``config.epochs``: the milestones of the new length, and
+        the learning rate they give after the epochs already trained (which keep the rates they had)."""
+        self.scheduler.milestones = Counter(self._milestones())
+        passed = sum(count for milestone, count in self.scheduler.milestones.items() if milestone <= self.start_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.config.gamma ** passed
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        if self.ctx.is_main:
+            warnings.warn(f"extending the run from {planned} to {self.config.epochs} epochs: from epoch "
+                          f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} "
+                          f"epochs (milestones {self._milestones()}, lr now {self.optimizer.param_groups[0]['lr']:g})",
+                          stacklevel=2)
+
+    def _check_best(self) -> None:
+        """``best.safetensors`` must be the file this run's checkpoints recorded (by sha256), else the export would
+        be another run's or another epoch's weights. If it is missing or another file (a crash between a checkpoint
+        and the best weights it records, or another run's file) and the best epoch's checkpoint is still kept (its
+        model file has the same bytes), it is restored from there with a warning; otherwise
+        :class:`CheckpointError` says what is missing and what to do."""
+        recorded = self.best.get("sha256")
+        if recorded is None:  # rank > 0 of a run not resumed, or checkpoints older than run ids
+            return
+        path, epoch = self.output / BEST_FILENAME, self.best["epoch"]
+        if path.is_file() and file_sha256(path) == recorded:
+            return
+        found = (f"holds {_weights_origin(path)}, not epoch {epoch} of run {self.run_id}" if path.is_file()
+                 else "is missing")
+        kept = self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
+        if kept.is_file() and file_sha256(kept) == recorded:
+            if self.ctx.is_main:
+                write_atomically(path, kept.read_bytes())
+                warnings.warn(f"{path} {found}; restored the best weights of this run (epoch {epoch}) from {kept}",
+                              stacklevel=2)
+            return
+        raise CheckpointError(
+            f"{path} {found}: it must hold the weights of epoch {epoch}, the best of this run so far, which are "
+            f"exported at the end, and {kept} (the same weights) is no longer kept. Restore {path.name} from a backup "
+            f"to go on, or start afresh with --overwrite"
+        )
 
     def _save(self, epoch: int) -> None:
         """Rank 0: checkpoint after ``epoch`` (1-based), best weights, the metrics table."""
 
         self.output.mkdir(parents=True, exist_ok=True)
+        if epoch == self.start_epoch + 1:  # with the run's first files: a run that fails before leaves none
+            self._write_config()
+        model_bytes = _model_bytes(self.model, {"run_id": self.run_id, "epoch": str(epoch)})
+        is_best = self.best.get("epoch") == epoch
+        if is_best:
+            self.best["sha256"] = hashlib.sha256(model_bytes).hexdigest()
         state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                      scaler=self.scaler.state_dict(), history=self.history, best=self.best,
-                     config=self.config.recipe())
-        if self.best.get("epoch") == epoch:  # before the checkpoint that records it as the best
-            write_atomically(self.output / "best.safetensors", _model_bytes(self.model))
-        save_checkpoint(self.output, self.model, state, self.config.keep_checkpoints)
+                     config=self.config.recipe(), run_id=self.run_id)
+        save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
+        if is_best:  # after the checkpoint that records it: until then the previous best stays the recorded one
+            write_atomically(self.output / BEST_FILENAME, model_bytes)
         write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
 
     # -- training -----------------------------------------------------------------------------------------------
@@ -331,6 +472,7 @@ class Trainer:
             row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **self._train_epoch(epoch)}
             if self.val_loader is not None:
                 row.update(_prefixed("val", self._evaluate(self.val_loader)))
+                self._check_finite(epoch, "validation loss", row["val_loss"])
             self.scheduler.step()
             self.history.append(row)
             score = row.get("val_top1", row["train_top1"])
@@ -361,11 +503,13 @@ class Trainer:
             totals += self._step(images, labels)
             if step % 10 == 0 or step == len(self.train_loader) - 1:
                 loss, correct, count = totals.tolist()
+                self._check_finite(epoch, "training loss", loss / count)
                 rate = count * self.ctx.world_size / (time.perf_counter() - start)
                 bar.set_postfix(_progress_fields(loss / count, 100 * correct / count, rate, device), refresh=False)
         bar.close()
         self.ctx.all_reduce(totals)
         loss, correct, count = totals.tolist()
+        self._check_finite(epoch, "training loss", loss / count)
         row = {"train_loss": loss / count, "train_top1": 100 * correct / count,
                "images_per_s": count / (time.perf_counter() - start)}
         if device.type == "cuda":
@@ -373,6 +517,15 @@ class Trainer:
             self.ctx.all_reduce(peak, op="max")
             row["peak_memory_mb"] = peak.item() / 2**20
         return row
+
+    def _check_finite(self, epoch: int, what: str, value: float) -> None:
+        """Stop the run if ``value`` (a loss) is NaN or infinite: nothing of ``epoch`` is saved or exported."""
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch + 1}: the {what} is {value} (lr "
+                f"{self.optimizer.param_groups[0]['lr']:g}). The run stopped; nothing of epoch {epoch + 1} was saved "
+                f"or exported. Lower --lr (now {self.config.lr:g}), or check the data and --amp"
+            )
 
     def _step(self, images: Tensor, labels: Tensor) -> Tensor:
         """One optimizer step over a per-process batch in ``accum_steps`` strided micro-batches; returns the
@@ -408,17 +561,22 @@ class Trainer:
         """Test the best weights; rank 0 writes results.json, curves.png and the export."""
         from safetensors.torch import load_file
 
-        best_file = self.output / "best.safetensors"
+        best_file = self.output / BEST_FILENAME
+        self._check_best()
         self.ctx.barrier()
         self.model.load_state_dict(load_file(best_file, device=str(self.ctx.device)))
         results = {"best_epoch": self.best["epoch"], "best_score": self.best["score"],
                    "test": self._evaluate(self.test_loader), "epochs": len(self.history)}
+        self._check_finite(self.best["epoch"] - 1, "test loss of its weights", results["test"]["loss"])
+        if not all(torch.isfinite(value).all() for value in self.model.state_dict().values()
+                   if value.is_floating_point()):
+            raise TrainingDivergedError(f"{best_file} holds NaN or infinite values: nothing was exported")
         if self.ctx.is_main:
-    
             write_atomically(self.output / "curves.png", _curves_png(self.history))
             if self.config.export:
                 results["export"] = str(self._export(results))
-            write_atomically(self.output / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            write_atomically(self.output / "results.json",
+                             (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
             test = results["test"]
             print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch {results['best_epoch']}); "
                   f"written to {self.output}", flush=True)
@@ -436,7 +594,8 @@ class Trainer:
             classes=self.splits.classes, metrics=metrics, source="densenet-efficient train",
             recipe=config.recipe(), **self.splits.preprocessing.metadata(),
         )
-        write_atomically(self.output / "manifest_entry.json", (json.dumps(entry, indent=2) + "\n").encode())
+        write_atomically(self.output / "manifest_entry.json",
+                         (json.dumps(entry, indent=2, allow_nan=False) + "\n").encode())
         return self.output / "export"
 
 
@@ -463,11 +622,26 @@ def _summary(row: dict[str, Any]) -> str:
     return text
 
 
-def _model_bytes(model: nn.Module) -> bytes:
-    """The model's state dict as safetensors bytes (CPU, contiguous)."""
+def _model_bytes(model: nn.Module, metadata: dict[str, str]) -> bytes:
+    """The model's state dict as safetensors bytes (CPU, contiguous), with ``metadata`` (run id, epoch)."""
     from safetensors.torch import save
 
-    return save({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()})
+    return save({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
+                metadata={"format": "pt", **metadata})
+
+
+def _weights_origin(path: Path) -> str:
+    """``epoch E of run R`` from a weights file's safetensors metadata, as far as it tells."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as file:
+            metadata = file.metadata() or {}
+    except Exception:  # unreadable: say so rather than fail while reporting another error
+        return "unreadable data"
+    if "run_id" not in metadata:
+        return "weights of no recorded run"
+    return f"epoch {metadata.get('epoch', '?')} of run {metadata['run_id']}"
 
 
 def _csv_bytes(history: list[dict[str, Any]]) -> bytes:
@@ -505,16 +679,12 @@ def checkpoints(output: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def save_checkpoint(output: Path, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
-    """Write ``epoch-N.safetensors`` (model) then ``epoch-N.pt`` (``state`` plus the model file's sha256), each
-    atomically; then delete all but the newest ``keep`` checkpoints. Returns the ``.pt`` path."""
-    import hashlib
-
-
+def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], keep: int) -> Path:
+    """Write ``epoch-N.safetensors`` (``model_bytes``) then ``epoch-N.pt`` (``state`` plus the model file's sha256),
+    each atomically; then delete all but the newest ``keep`` checkpoints. Returns the ``.pt`` path."""
     folder = output / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / f"epoch-{state['epoch']:04d}.pt"
-    model_bytes = _model_bytes(model)
     write_atomically(state_path.with_suffix(".safetensors"), model_bytes)
     buffer = io.BytesIO()
     torch.save({**state, "model_sha256": hashlib.sha256(model_bytes).hexdigest()}, buffer)
@@ -556,8 +726,35 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` in this process (joining torchrun's process group if there is one); returns the results."""
     config = config.resolved()
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output(config)
     with distributed(config.device) as ctx:
         return Trainer(config, ctx).fit()
+
+
+def prepare_output(config: TrainConfig) -> None:
+    """Check ``config.output`` before anything is built: a folder (created if needed) that can be written to, and
+    that holds no files unless the run resumes or ``overwrite`` is set (which deletes the files a run writes,
+    :data:`RUN_FILES` and :data:`RUN_FOLDERS`, and nothing else). Raises :class:`UsageError`."""
+    import shutil
+
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
+    if not config.resume and output.is_dir() and any(output.iterdir()):
+        if not config.overwrite:
+            raise UsageError(f"--output {output} is not empty: pass --resume to continue the run in it, --overwrite "
+                             f"to delete its run files and start afresh, or another --output folder")
+        for name in RUN_FOLDERS:
+            shutil.rmtree(output / name, ignore_errors=True)
+        for name in RUN_FILES:
+            (output / name).unlink(missing_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -575,6 +772,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, help="training images held out for validation (0: none)")
     data.add_argument("--image-size", type=int, help="input size (default: the dataset's or the weights')")
     data.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
+    data.add_argument("--bad-images", choices=BAD_IMAGES, default="error",
+                      help="imagefolder: every image is decoded once before training; 'error' (default) names the "
+                      "unreadable ones and stops, 'skip' leaves them out with a warning and a count")
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="registered model name (see `densenet-efficient models`)")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
@@ -606,7 +806,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="runs/train", help="output folder (default runs/train)")
     out.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                     help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt)")
+                     help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt); a "
+                     "larger --epochs extends the run")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a non-empty --output: delete the previous run's files first")
     out.add_argument("--keep-checkpoints", type=int, default=2)
     out.add_argument("--no-export", dest="export", action="store_false")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
