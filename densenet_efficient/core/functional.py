@@ -22,9 +22,10 @@ in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -56,6 +57,27 @@ class _Stage:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+    sync: _SyncGroup | None = None
+
+
+@dataclass(frozen=True)
+class _SyncGroup:
+    """The process group whose batch statistics a synchronized batch norm shares (``None``: the default group)."""
+
+    process_group: Any
+
+
+def _sync_group(norm: nn.Module) -> _SyncGroup | None:
+    """Where ``norm``'s training statistics are shared, or ``None`` to normalise per process.
+
+    A batch norm with a ``process_group`` attribute (:class:`~densenet_efficient.SyncBatchNorm`,
+    ``nn.SyncBatchNorm``) synchronises in training when a process group of more than one process is initialised,
+    as ``nn.SyncBatchNorm`` does; otherwise it is a plain batch norm.
+    """
+    if not hasattr(norm, "process_group") or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = norm.process_group or dist.group.WORLD
+    return _SyncGroup(group) if dist.get_world_size(group) > 1 else None
 
 
 def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
@@ -71,6 +93,7 @@ def _stage(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> _Stage:
     return _Stage(
         norm.running_mean, norm.running_var, _batch_norm_momentum(norm), norm.eps,
         conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
+        _sync_group(norm),
     )
 
 
@@ -84,6 +107,96 @@ def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, i
     shift = bias - mean * scale
     shape = (1, -1, 1, 1)
     return torch.addcmul(shift.view(shape), x, scale.view(shape)).relu_().to(x.dtype)
+
+
+def _channel_view(x: Tensor) -> tuple[int, ...]:
+    """View shape that broadcasts a per-channel vector over ``x`` (N, C, *spatial)."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _batch_norm_from_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                           invstd: Tensor) -> Tensor:
+    """batch_norm(x) from per-channel ``mean`` and ``invstd``, in ``x``'s dtype."""
+    scale = invstd if weight is None else weight * invstd
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = _channel_view(x)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
+
+
+def _sync_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                     eps: float, sync: _SyncGroup) -> tuple[Tensor, Tensor]:
+    """Batch mean and inverse standard deviation of ``x`` (N, C, *spatial) over every process of ``sync``.
+
+    One collective: an all-gather of each process's (mean, biased variance, count), combined with the counts, so
+    processes may hold different batch sizes (even none). Updates the running statistics once, with the global
+    mean and the unbiased global variance, as ``nn.SyncBatchNorm`` does.
+    """
+    dims = [0, *range(2, x.dim())]
+    stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    count = x.numel() // x.shape[1]
+    if count:
+        var, mean = torch.var_mean(x.to(stats_dtype), dims, correction=0)
+    else:
+        var = mean = x.new_zeros(x.shape[1], dtype=stats_dtype)
+    local = torch.cat([mean, var, mean.new_full((1,), count)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(sync.process_group))]
+    dist.all_gather(gathered, local, group=sync.process_group)
+    stacked = torch.stack(gathered)
+    means, variances, counts = stacked[:, : x.shape[1]], stacked[:, x.shape[1]: -1], stacked[:, -1:]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    if running_mean is not None and running_var is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+    return mean, (var + eps).rsqrt()
+
+
+def _batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float, eps: float, sync: _SyncGroup | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of ``x``: (output, per-channel batch mean, inverse std), running stats updated.
+
+    With ``sync``, the statistics are those of the batch of every process in the group (one collective).
+    """
+    if sync is None:
+        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    mean, invstd = _sync_statistics(x, running_mean, running_var, momentum, eps, sync)
+    return _batch_norm_from_stats(x, weight, bias, mean, invstd), mean, invstd
+
+
+def _batch_norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float,
+    sync: _SyncGroup | None, output_mask: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
+
+    With ``sync``: the two per-channel sums (of ``grad`` and of ``grad * (x - mean)``) and the element count are
+    all-reduced once (only when the input gradient is needed), so the input gradient includes what every
+    process's loss contributes through the shared statistics. Weight and bias gradients stay per process, as in
+    ``nn.SyncBatchNorm``: data parallelism averages them.
+    """
+    if sync is None:
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, eps, list(output_mask)
+        )
+    dims, shape = [0, *range(2, x.dim())], _channel_view(x)
+    xmu = x - mean.view(shape)
+    sum_dy = grad.sum(dims, dtype=mean.dtype)
+    sum_dy_xmu = (grad * xmu).sum(dims, dtype=mean.dtype)
+    grad_weight = sum_dy_xmu * invstd if output_mask[1] else None
+    grad_bias = sum_dy if output_mask[2] else None
+    grad_input = None
+    if output_mask[0]:
+        sums = torch.cat([sum_dy, sum_dy_xmu, sum_dy.new_full((1,), x.numel() // x.shape[1])])
+        dist.all_reduce(sums, group=sync.process_group)
+        channels = x.shape[1]
+        mean_dy, mean_dy_xmu, total = sums[:channels], sums[channels: 2 * channels], sums[-1]
+        scale = invstd if weight is None else invstd * weight
+        grad_input = xmu.mul_((-invstd * invstd * mean_dy_xmu / total).view(shape))
+        grad_input = grad_input.add_(grad).sub_((mean_dy / total).view(shape)).mul_(scale.view(shape)).to(x.dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 class _BnReluConvChain(torch.autograd.Function):
@@ -110,8 +223,8 @@ class _BnReluConvChain(torch.autograd.Function):
                 weight, bias, conv_weight = params[3 * index: 3 * index + 3]
                 if index > 0 and keep_intermediates:
                     intermediates.append(x)
-                normalized, mean, invstd = torch.native_batch_norm(
-                    x, weight, bias, stage.running_mean, stage.running_var, True, stage.momentum, stage.eps
+                normalized, mean, invstd = _batch_norm_train(
+                    x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
                 )
                 statistics += (mean, invstd)
                 x = F.conv2d(
@@ -178,8 +291,8 @@ class _BnReluConvChain(torch.autograd.Function):
             del activated
             weight = params[3 * index]
             mean, invstd = statistics[2 * index: 2 * index + 2]
-            grad, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, None, None, mean, invstd, True, stage.eps,
+            grad, grad_weight, grad_bias = _batch_norm_backward(  # type: ignore[assignment]
+                grad, x, weight, mean, invstd, stage.eps, stage.sync,
                 [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
             )
             stage_inputs[index] = None  # type: ignore[call-overload]
