@@ -76,7 +76,7 @@ def _sync_group(norm: nn.Module) -> _SyncGroup | None:
     """
     if not hasattr(norm, "process_group") or not dist.is_available() or not dist.is_initialized():
         return None
-    group = norm.process_group or dist.group.WORLD
+    group: Any = norm.process_group or dist.group.WORLD
     return _SyncGroup(group) if dist.get_world_size(group) > 1 else None
 
 
