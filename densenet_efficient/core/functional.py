@@ -114,42 +114,32 @@ def _channel_view(x: Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def _batch_norm_from_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                           invstd: Tensor) -> Tensor:
-    """batch_norm(x) from per-channel ``mean`` and ``invstd``, in ``x``'s dtype."""
-    scale = invstd if weight is None else weight * invstd
-    shift = -mean * scale if bias is None else bias - mean * scale
-    shape = _channel_view(x)
-    return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
-
-
 def _sync_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                     eps: float, sync: _SyncGroup) -> tuple[Tensor, Tensor]:
-    """Batch mean and inverse standard deviation of ``x`` (N, C, *spatial) over every process of ``sync``.
+                     sync: _SyncGroup) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance of ``x`` (N, C, *spatial) over every process of ``sync``.
 
     One collective: an all-gather of each process's (mean, biased variance, count), combined with the counts, so
     processes may hold different batch sizes (even none). Updates the running statistics once, with the global
     mean and the unbiased global variance, as ``nn.SyncBatchNorm`` does.
     """
-    dims = [0, *range(2, x.dim())]
+    channels, count = x.shape[1], x.numel() // x.shape[1]
     stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    count = x.numel() // x.shape[1]
     if count:
-        var, mean = torch.var_mean(x.to(stats_dtype), dims, correction=0)
+        mean, var = (t.to(stats_dtype) for t in torch.batch_norm_update_stats(x, None, None, 0.0))
     else:
-        var = mean = x.new_zeros(x.shape[1], dtype=stats_dtype)
+        mean = var = x.new_zeros(channels, dtype=stats_dtype)
     local = torch.cat([mean, var, mean.new_full((1,), count)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(sync.process_group))]
     dist.all_gather(gathered, local, group=sync.process_group)
     stacked = torch.stack(gathered)
-    means, variances, counts = stacked[:, : x.shape[1]], stacked[:, x.shape[1]: -1], stacked[:, -1:]
+    means, variances, counts = stacked[:, :channels], stacked[:, channels: 2 * channels], stacked[:, -1:]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
     if running_mean is not None and running_var is not None:
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
-    return mean, (var + eps).rsqrt()
+    return mean, var
 
 
 def _batch_norm_train(
@@ -158,12 +148,14 @@ def _batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm of ``x``: (output, per-channel batch mean, inverse std), running stats updated.
 
-    With ``sync``, the statistics are those of the batch of every process in the group (one collective).
+    With ``sync``, the statistics are those of the batch of every process in the group (one collective), and
+    ``x`` is normalised with them by the inference kernel.
     """
     if sync is None:
         return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-    mean, invstd = _sync_statistics(x, running_mean, running_var, momentum, eps, sync)
-    return _batch_norm_from_stats(x, weight, bias, mean, invstd), mean, invstd
+    mean, var = _sync_statistics(x, running_mean, running_var, momentum, sync)
+    output = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    return output, mean, (var + eps).rsqrt()
 
 
 def _batch_norm_backward(
@@ -172,31 +164,39 @@ def _batch_norm_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
 
-    With ``sync``: the two per-channel sums (of ``grad`` and of ``grad * (x - mean)``) and the element count are
-    all-reduced once (only when the input gradient is needed), so the input gradient includes what every
-    process's loss contributes through the shared statistics. Weight and bias gradients stay per process, as in
-    ``nn.SyncBatchNorm``: data parallelism averages them.
+    With ``sync``, where the input gradient is needed: the two per-channel sums (of ``grad`` and of
+    ``grad * (x - mean)``, from the local kernel's weight and bias gradients) and the element count are
+    all-reduced once, and the local kernel's input gradient is corrected from local to global means (one
+    ``addcmul``), so that it includes what every process's loss contributes through the shared statistics. Weight
+    and bias gradients stay per process, as in ``nn.SyncBatchNorm``: data parallelism averages them.
     """
     if sync is None:
         return torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, eps, list(output_mask)
         )
-    dims, shape = [0, *range(2, x.dim())], _channel_view(x)
-    xmu = x - mean.view(shape)
-    sum_dy = grad.sum(dims, dtype=mean.dtype)
-    sum_dy_xmu = (grad * xmu).sum(dims, dtype=mean.dtype)
-    grad_weight = sum_dy_xmu * invstd if output_mask[1] else None
-    grad_bias = sum_dy if output_mask[2] else None
-    grad_input = None
+    channels, count = x.shape[1], x.numel() // x.shape[1]
+    if count:
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, eps, [output_mask[0], True, True]
+        )
+    else:
+        grad_input, grad_weight, grad_bias = torch.zeros_like(x), mean.new_zeros(channels), mean.new_zeros(channels)
     if output_mask[0]:
-        sums = torch.cat([sum_dy, sum_dy_xmu, sum_dy.new_full((1,), x.numel() // x.shape[1])])
+        sum_dy, sum_dy_xmu = grad_bias.to(mean.dtype), grad_weight.to(mean.dtype) / invstd
+        sums = torch.cat([sum_dy, sum_dy_xmu, mean.new_full((1,), count)])
         dist.all_reduce(sums, group=sync.process_group)
-        channels = x.shape[1]
-        mean_dy, mean_dy_xmu, total = sums[:channels], sums[channels: 2 * channels], sums[-1]
-        scale = invstd if weight is None else invstd * weight
-        grad_input = xmu.mul_((-invstd * invstd * mean_dy_xmu / total).view(shape))
-        grad_input = grad_input.add_(grad).sub_((mean_dy / total).view(shape)).mul_(scale.view(shape)).to(x.dtype)
-    return grad_input, grad_weight, grad_bias
+        if count:
+            # The kernel's input gradient is (grad - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * scale
+            # with the local sums and count; the same with the global ones differs by shift + x * factor.
+            scale = invstd if weight is None else invstd * weight
+            total = sums[-1]
+            delta_dy = sum_dy / count - sums[:channels] / total
+            delta_dy_xmu = sum_dy_xmu / count - sums[channels: 2 * channels] / total
+            factor = invstd * invstd * delta_dy_xmu * scale
+            shift = delta_dy * scale - mean * factor
+            shape = _channel_view(x)
+            grad_input = grad_input.addcmul_(x, factor.view(shape)).add_(shift.view(shape))
+    return grad_input, grad_weight if output_mask[1] else None, grad_bias if output_mask[2] else None
 
 
 class _BnReluConvChain(torch.autograd.Function):
