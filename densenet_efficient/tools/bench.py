@@ -472,7 +472,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="plot path for --sweep (default: bench-<sweep>.png)")
     parser.add_argument("--sync-bn-processes", type=int_at_least(2), metavar="N",
                         help="instead: time a data-parallel step of N processes (gloo on CPU, NCCL on CUDA) with and "
-                        "without SyncBatchNorm; --batch-size is per process")
+                        "without SyncBatchNorm; --batch-size is per process, --modes its memory modes")
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
