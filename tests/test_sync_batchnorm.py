@@ -243,3 +243,37 @@ def test_convert_replaces_every_batchnorm_and_shares_its_tensors():
 def test_sync_batchnorm_rejects_inputs_without_channels_dimension():
     with pytest.raises(ValueError, match=r"expects an input of shape \(N, C, \*spatial\), got 1D input"):
         de.SyncBatchNorm(3)(torch.randn(3))
+
+
+def _empty_rank_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
+    """Rank 0 holds no image, rank 1 all three: one SyncBatchNorm, forward and backward."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        inputs, weights = (t[:, :3] for t in batch())
+        low, high = ((0, 0), (0, 5))[rank]
+        norm = de.convert_sync_batchnorm(nn.BatchNorm2d(3).double())
+        x = inputs[low:high].clone().requires_grad_()
+        (norm(x) * weights[low:high, :, None, None]).sum().backward()
+        torch.save({"input_grad": x.grad, "weight_grad": norm.weight.grad, "buffers": dict(norm.named_buffers())},
+                   Path(result_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_process_with_an_empty_batch_takes_part_without_changing_the_statistics(tmp_path):
+    mp.spawn(_empty_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    empty, full = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2))
+    inputs, weights = (t[:, :3] for t in batch())
+    reference = nn.BatchNorm2d(3).double()
+    x = inputs.clone().requires_grad_()
+    (reference(x) * weights[:, :, None, None]).sum().backward()
+    assert empty["input_grad"].shape == (0, 3, 16, 16)
+    assert_close(full["input_grad"], x.grad, "input gradient")
+    assert torch.equal(empty["weight_grad"], torch.zeros(3, dtype=torch.float64))
+    assert_close(full["weight_grad"], reference.weight.grad, "weight gradient")
+    for rank in (empty, full):
+        for name, buffer in reference.named_buffers():
+            assert_close(rank["buffers"][name], buffer, name)
