@@ -16,7 +16,9 @@ grows quadratically with depth. :class:`_BnReluConvChain` runs the same computat
 Backward recomputes the concatenation, batch norm and ReLU from these (elementwise, cheap) and calls the
 convolution backward kernels; it never re-runs a convolution forward, except ``efficient="max"``, which also
 drops ``b`` and recomputes it with one 1x1 convolution. Batch norm running statistics are updated exactly once,
-in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
+in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them. Synchronized batch norms (see
+:mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one collective per batch norm in
+forward, one in backward, none in the recomputation, which reuses the saved global statistics.
 """
 
 from __future__ import annotations
