@@ -113,7 +113,27 @@ def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
     assert (tmp_path / "batch.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path, capsys):
+    json_path = tmp_path / "sync.json"
+    args = ["--model", "densenet_bc_10_k12", "--batch-size", "2", "--input-size", "8", "--repeats", "2",
+            "--modes", "false,max,checkpoint", "--sync-bn-processes", "2", "--json", str(json_path)]
+    assert main(["bench", *args]) == 0
+    out = capsys.readouterr().out
+    assert "2 processes of 1 thread(s), batch 2 per process" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| mode | step (s), BatchNorm | step (s), SyncBatchNorm | time x BatchNorm |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| efficient=False", "| efficient='max'"]
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["false", "max"]
+    for row in rows:
+        assert len(row["step_times"]) == len(row["sync_step_times"]) == 2
+        assert row["sync_time_ratio"] == pytest.approx(row["sync_step_s"] / row["step_s"])
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--sync-bn-processes", "1"], "integer >= 2"),
+    (["--sync-bn-processes", "2", "--repeats", "0"], "--sync-bn-processes needs --repeats >= 1"),
     (["--model", "densenet_bc_99_k12"], "6n+4"),
     (["--model", "resnet50"], "Available models"),
     (["--dtype", "fp8"], "fp32"),

@@ -20,14 +20,17 @@ from .registry import (
     list_models,
     register_model,
 )
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "MEMORY_MODES",
     "DenseNet",
     "MemoryMode",
+    "SyncBatchNorm",
     "bn_relu_conv",
     "check_memory_mode",
     "cifar_densenet",
+    "convert_sync_batchnorm",
     "create_model",
     "densenet121_efficient",
     "densenet161_efficient",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import convert_sync_batchnorm
 from ..core.model import DenseBlock, DenseLayer, DenseNet
 from .common import (
     MODES,
@@ -271,6 +272,98 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- SyncBatchNorm
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], processes: int) -> list[dict[str, Any]]:
+    """Step time of data-parallel training of model ``name`` in ``processes`` processes (gloo on CPU, NCCL on
+    CUDA, one device each) with and without SyncBatchNorm, for each memory mode of ``keys``.
+
+    Every process trains on its own batch of ``setting.batch_size``. A step's time is the slowest process's,
+    from a barrier to the end of the optimizer step; both variants are interleaved, the order reversed every round.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    modes = tuple(key for key in keys if key in MODES)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "rows.json")
+        mp.spawn(_sync_cost_worker, args=(processes, _free_port(), name, setting, modes, path), nprocs=processes,
+                 join=True)
+        with open(path) as file:
+            rows: list[dict[str, Any]] = json.load(file)
+    return rows
+
+
+def _synchronized(build: Callable[[], nn.Module]) -> nn.Module:
+    return convert_sync_batchnorm(build())
+
+
+def _threads_per_process(processes: int) -> int:
+    """CPU threads each of ``processes`` processes gets: this process's threads, shared."""
+    return max(1, torch.get_num_threads() // processes)
+
+
+def _sync_cost_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: tuple[str, ...],
+                      path: str) -> None:
+    """One process of :func:`measure_sync_cost`; rank 0 writes the rows to ``path``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(_threads_per_process(processes))
+    cuda = setting.device.type == "cuda"
+    setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=processes)
+    try:
+        runners: dict[tuple[str, bool], Runner] = {}
+        for key in modes:
+            for sync in (False, True):
+                build = partial(build_model, name, MODES[key])
+                runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
+                runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
+                for _ in range(setting.warmup):
+                    runner.step()
+                runners[key, sync] = runner
+        times: dict[tuple[str, bool], list[float]] = {key: [] for key in runners}
+        order = list(runners)
+        for _ in range(setting.repeats):
+            for variant in order:
+                dist.barrier()
+                elapsed = torch.tensor(runners[variant].timed_step(), device=setting.device)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                times[variant].append(float(elapsed))
+            order.reverse()
+        if rank == 0:
+            rows = []
+            for key in modes:
+                plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
+                rows.append({"mode": key, "label": f"efficient={MODES[key]!r}", "processes": processes,
+                             "step_times": times[key, False], "sync_step_times": times[key, True],
+                             "step_s": plain, "sync_step_s": synced, "sync_time_ratio": synced / plain})
+            with open(path, "w") as file:
+                json.dump(rows, file)
+    finally:
+        dist.destroy_process_group()
+
+
+def format_sync_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`measure_sync_cost`'s rows."""
+    header = ["mode", "step (s), BatchNorm", "step (s), SyncBatchNorm", "time x BatchNorm"]
+    lines = [[row["label"], f"{row['step_s']:.4f}", f"{row['sync_step_s']:.4f}", f"{row['sync_time_ratio']:.2f}"]
+             for row in rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
+
+
 # ----------------------------------------------------------------------------------------------- reporting
 
 
@@ -377,6 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=positive_ints, default=[16, 32, 64, 128],
                         help="batch sizes for --sweep batch (default: 16,32,64,128)")
     parser.add_argument("--plot", metavar="PNG", help="plot path for --sweep (default: bench-<sweep>.png)")
+    parser.add_argument("--sync-bn-processes", type=int_at_least(2), metavar="N",
+                        help="instead: time a data-parallel step of N processes (gloo on CPU, NCCL on CUDA) with and "
+                        "without SyncBatchNorm; --batch-size is per process, --modes its memory modes")
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
@@ -398,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     base = Setting(args.device, args.dtype, args.batch_size, 0, args.channels_last, args.compile,
                    args.warmup, args.repeats)
+    if args.sync_bn_processes:
+        return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
     steps = len(configs) * len(args.modes) * (args.warmup + 1 + args.repeats)
     with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
@@ -418,6 +516,28 @@ def run(args: argparse.Namespace) -> int:
         path = args.plot or f"bench-{args.sweep}.png"
         plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
         print(f"\nplot: {path}")
+    return 0
+
+
+def _run_sync_cost(args: argparse.Namespace, base: Setting, configs: list[tuple[dict[str, Any], str, int]]) -> int:
+    """``bench --sync-bn-processes N``: the table of :func:`measure_sync_cost` for the model, printed and saved."""
+    processes = args.sync_bn_processes
+    if args.sweep or args.repeats < 1 or (args.device.type == "cuda" and processes > torch.cuda.device_count()):
+        print("densenet-efficient bench: error: --sync-bn-processes needs --repeats >= 1, no --sweep, and on CUDA "
+              f"one device per process ({torch.cuda.device_count()} here)", file=sys.stderr)
+        return 2
+    _, name, size = configs[0]
+    rows = measure_sync_cost(name, replace(base, input_size=size), args.modes, processes)
+    threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
+    summary = (_summary(args, base, configs).splitlines()[0] + f"; {processes} processes{threads}, batch "
+               f"{base.batch_size} per process\ntime: median of {base.repeats} data-parallel training steps "
+               f"(DistributedDataParallel, SGD momentum) after {base.warmup} warm-up step(s), the slowest process's "
+               "time from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed every round.")
+    print(summary + "\n")
+    print(format_sync_table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"summary": summary, "rows": rows}, file, indent=2)
     return 0
 
 

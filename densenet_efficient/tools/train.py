@@ -56,7 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import MemoryMode, check_memory_mode, create_model
+from ..core import MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
 from ..pretrained.files import file_sha256, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
@@ -153,11 +153,6 @@ class TrainConfig:
             raise UsageError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
         if config.bad_images not in BAD_IMAGES:
             raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {config.bad_images!r}")
-        if config.sync_bn and config.efficient is not False:
-            raise ValueError(
-                "SyncBatchNorm needs efficient=False (--efficient False): the memory-efficient modes compute batch "
-                "statistics per process inside their own autograd function, so they cannot be synchronised"
-            )
         return config
 
     def _check_numbers(self) -> None:
@@ -356,10 +351,7 @@ class Trainer:
         """SyncBatchNorm, DistributedDataParallel and torch.compile around the model, as configured."""
         network, config = self.model, self.config
         if config.sync_bn:
-            if self.ctx.device.type != "cuda":
-                raise ValueError("SyncBatchNorm works on CUDA devices only; drop --sync-bn on CPU")
-            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-            self.model = network
+            network = self.model = convert_sync_batchnorm(network)
         self.ddp = None
         if self.ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -802,7 +794,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision (fp16 adds loss scaling)")
     run_group.add_argument("--channels-last", action="store_true")
     run_group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run_group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (--efficient False only)")
+    run_group.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics of all processes (any memory mode)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="runs/train", help="output folder (default runs/train)")
     out.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",

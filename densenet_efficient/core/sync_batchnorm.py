@@ -1,0 +1,111 @@
+"""Synchronized batch norm that works on every device and stays memory-efficient.
+
+``convert_sync_batchnorm(model)`` replaces every batch norm by :class:`SyncBatchNorm`. In training, with a process
+group of more than one process initialised, each then normalises with the statistics of the batch of every
+process (as one process on the concatenated batch would), on CPU (gloo) as on CUDA (NCCL). Inside dense layers
+and transitions the memory-efficient autograd function computes them itself: one collective per batch norm in
+forward (the statistics), one in backward (two per-channel gradient sums), none when it recomputes batch norm in
+backward, and the running statistics are updated once. Otherwise (evaluation, no process group, one process)
+:class:`SyncBatchNorm` is exactly ``nn.BatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import (
+    _batch_norm_backward,
+    _batch_norm_momentum,
+    _batch_norm_train,
+    _sync_group,
+    _SyncGroup,
+)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with statistics shared across ``sync``'s processes.
+
+    Stored for backward: the input, weight, and the global per-channel mean and inverse standard deviation.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+        running_var: Tensor | None, momentum: float, eps: float, sync: _SyncGroup,
+    ) -> Tensor:
+        output, mean, invstd = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, sync)
+        ctx.eps, ctx.sync = eps, sync
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        grads = _batch_norm_backward(grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync,
+                                     ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm over (N, C, *spatial) inputs whose training statistics are shared by a process group.
+
+    Same arguments, parameters and buffers as ``nn.SyncBatchNorm`` (so state dicts are interchangeable with
+    ``nn.BatchNorm2d``'s), but it works on any device and backend, gloo on CPU included, and the memory-efficient
+    DenseNet layers compute its synchronized statistics inside their own autograd function. It synchronises only
+    in training mode with an initialised process group (``process_group``, default: the whole world) of more than
+    one process; otherwise it is ``nn.BatchNorm2d``. Processes may hold different batch sizes.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None, device: Any = None,
+                 dtype: Any = None, *, bias: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects an input of shape (N, C, *spatial), got {input.dim()}D input")
+
+    def forward(self, input: Tensor) -> Tensor:
+        sync = _sync_group(self) if self.training else None
+        if sync is None:
+            return super().forward(input)
+        self._check_input_dim(input)
+        momentum = _batch_norm_momentum(self)  # type: ignore[arg-type]
+        tracked = self.track_running_stats
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean if tracked else None,
+            self.running_var if tracked else None, momentum, self.eps, sync,
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every batch norm in ``module`` (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) by
+    :class:`SyncBatchNorm` sharing statistics over ``process_group`` (default: every process).
+
+    Parameters and buffers are the same tensors, not copies. Returns the converted module (a new object if
+    ``module`` itself is a batch norm), like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Call it before wrapping
+    the model in ``DistributedDataParallel``.
+    """
+    output = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        output = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, process_group, bias=module.bias is not None)
+        if module.affine:
+            output.weight, output.bias = module.weight, module.bias
+        output.running_mean, output.running_var = module.running_mean, module.running_var
+        output.num_batches_tracked = module.num_batches_tracked
+        output.training = module.training
+        if hasattr(module, "qconfig"):
+            output.qconfig = module.qconfig
+    elif isinstance(module, SyncBatchNorm):
+        module.process_group = process_group
+    for name, child in module.named_children():
+        output.add_module(name, convert_sync_batchnorm(child, process_group))
+    return output
