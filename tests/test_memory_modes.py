@@ -64,3 +64,17 @@ def test_inference_costs_the_same_in_every_mode():
             model(inputs)
         peaks.append((no_grad_stats["peak"], eval_stats["peak"]))
     assert peaks[0] == peaks[1] == peaks[2]
+
+
+def test_frozen_batch_norm_saves_memory():
+    """model.eval() with gradients (frozen BN, input gradients): the efficient modes keep what they keep in training."""
+    inputs = torch.randn(2, 3, 32, 32).requires_grad_()
+    model = de.cifar_densenet(40, growth_rate=12, efficient=False).eval()
+    saved = {mode: saved_bytes(model.set_efficient(mode), inputs) for mode in (False, True, "max")}
+    train_saved = {mode: saved_bytes(model.train().set_efficient(mode), inputs) for mode in (True, "max")}
+    model.eval()
+    assert saved[True] < 0.5 * saved[False]
+    assert saved["max"] < 0.7 * saved[True]
+    # Eval mode keeps the running statistics (parameters of the model, not new memory) instead of batch ones.
+    for mode in (True, "max"):
+        assert saved[mode] <= train_saved[mode]
