@@ -53,13 +53,14 @@ def test_bc100_training_step_peak_fractions():
 
 
 def test_inference_costs_the_same_in_every_mode():
+    """Under no_grad, or in eval mode with nothing requiring gradients, every mode runs the plain modules."""
     inputs = torch.randn(2, 3, 32, 32)
     peaks = []
     for mode in (False, True, "max"):
         model = de.cifar_densenet(40, growth_rate=12, efficient=mode)
         with peak_memory(torch.device("cpu")) as no_grad_stats, torch.no_grad():
             model(inputs)
-        model.eval()
+        model.eval().requires_grad_(False)
         with peak_memory(torch.device("cpu")) as eval_stats:
             model(inputs)
         peaks.append((no_grad_stats["peak"], eval_stats["peak"]))
