@@ -398,3 +398,11 @@ def test_cuda_autocast(mode, dtype, batch):
     inputs, targets = (t.cuda() for t in batch)
     autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
     assert_same_training(base, inputs, targets, mode, rtol=2e-2, autocast=autocast, device="cuda")
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_jit_trace_of_eval_model_runs_plain_modules(mode, batch):
+    """torch.jit.trace cannot record the autograd function: tracing runs the plain modules (eval mode, grad on)."""
+    model = de.cifar_densenet(16, growth_rate=4, efficient=mode).eval()
+    traced = torch.jit.trace(model, (batch[0],))
+    torch.testing.assert_close(traced(batch[0]), model(batch[0]), rtol=1e-5, atol=1e-6)

@@ -280,12 +280,13 @@ def bn_relu_conv(
     ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
     training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
-    ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs.
+    ``torch.func`` transforms or ``torch.jit.trace``, plain modules, which cost what a naive DenseNet costs.
     """
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
-    if efficient and needs_grad and not torch._C._are_functorch_transforms_active():
+    # Under functorch transforms and torch.jit.trace, which cannot run this Function, the plain modules run.
+    if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
         params: list[Tensor] = []
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
