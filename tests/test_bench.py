@@ -52,6 +52,20 @@ def test_measured_cpu_peak_is_the_planners_prediction():
         assert abs(predicted.peak - row["peak_bytes"]) <= 0.1 * row["peak_bytes"]
 
 
+def test_frozen_bn_steps_with_batch_norms_in_eval_mode_and_saves_memory():
+    setting = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=0, frozen_bn=True)
+    runners = {peer.key: bench.Runner(peer, setting) for peer in bench.make_peers("densenet_bc_10_k12")}
+    peaks = {}
+    for key, runner in runners.items():
+        norms = [m for m in runner.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        buffers = [b.clone() for m in norms for b in m.buffers()]
+        peaks[key] = runner.peak_bytes()
+        assert norms and not any(norm.training for norm in norms)
+        assert all(torch.equal(b, a) for b, a in zip(buffers, (b for m in norms for b in m.buffers())))
+        assert any(p.grad is not None for m in norms for p in m.parameters())
+    assert max(peaks["true"], peaks["max"]) < peaks["false"]
+
+
 def test_peer_that_would_not_fit_is_skipped_with_its_prediction(monkeypatch):
     monkeypatch.setattr(bench, "available_bytes", lambda device: 0)
     rows = bench.measure("densenet_bc_10_k12", TINY_SETTING, ("false", "max"))

@@ -150,29 +150,204 @@ def test_dropout_mask_is_not_redrawn_in_backward(batch):
 
 
 @pytest.mark.parametrize("mode", [False, True, "max"])
-def test_inference_runs_plain_modules(mode, batch, monkeypatch):
-    """eval() and no_grad() never enter the recomputing autograd function."""
+def test_no_grad_runs_plain_modules(mode, batch, monkeypatch):
+    """no_grad(), and efficient=False in eval mode with gradients, never enter the recomputing function."""
     monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: pytest.fail("recompute path used"))
     model = de.cifar_densenet(16, growth_rate=4, efficient=mode)
     with torch.no_grad():
         model(batch[0])
-    model.eval()
+        model.eval()(batch[0])
+    if mode is False:
+        model(batch[0]).sum().backward()
+
+
+def frozen(model, every=1):
+    """``model`` with every ``every``-th batch norm in eval mode (frozen), the rest training."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms[::every]:
+        norm.eval()
+    return model
+
+
+def with_running_stats(model, seed=2):
+    """``model`` after a no-grad training forward on shifted data, so that running stats are not 0 and 1."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32, dtype=next(model.parameters()).dtype) * 2 + 1)
+    return model
+
+
+def input_and_parameter_gradients(model, inputs):
+    """Logits, the input's gradient and every parameter's gradient of one backward pass."""
+    inputs = inputs.clone().requires_grad_()
+    logits = model(inputs)
+    (logits * torch.linspace(-1, 1, logits.shape[1], dtype=logits.dtype)).square().sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), inputs.grad, grads
+
+
+@pytest.mark.parametrize("affine_grad", [True, False])
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("network", ["bc", "plain", "imagenet_stem"])
+def test_frozen_batch_norm_matches_naive(network, mode, affine_grad, batch):
+    """model.eval() with gradients: outputs, input and parameter gradients equal plain autograd's, BN untouched."""
+    base = with_running_stats(small_networks()[network].set_efficient(False)).eval()
+    for norm in base.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.requires_grad_(affine_grad)
+    buffers = {name: b.clone() for name, b in base.named_buffers()}
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        reference = input_and_parameter_gradients(copy.deepcopy(base).to(dtype), batch[0].to(dtype))
+        model = copy.deepcopy(base).to(dtype).set_efficient(mode)
+        result = input_and_parameter_gradients(model, batch[0].to(dtype))
+        assert_close_relative(result[0], reference[0], rtol, "logits")
+        assert_close_relative(result[1], reference[1], rtol, "input gradient")
+        assert result[2].keys() == reference[2].keys()
+        assert any(".norm" in name for name in result[2]) == affine_grad
+        for name in reference[2]:
+            assert_close_relative(result[2][name], reference[2][name], rtol, name)
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, buffers[name].to(buffer.dtype)), name
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_frozen_batch_norm_uses_efficient_path(mode, batch, monkeypatch):
+    calls = []
+    original = functional._BnReluConvChain.apply
+    monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: calls.append(1) or original(*a))
+    model = de.cifar_densenet(16, growth_rate=4, efficient=mode).eval()
     model(batch[0]).sum().backward()
+    assert len(calls) == 8
 
 
-def test_gradcheck_float64():
-    model = de.DenseNet(growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3,
-                        stem="cifar", efficient="max").double()
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("network", ["bc", "imagenet_stem", "dropout"])
+def test_mixed_training_and_frozen_norms_match_naive(network, mode, batch):
+    """Every other batch norm frozen: the frozen ones keep their buffers, the others update them as plain does."""
+    base = frozen(with_running_stats(small_networks()[network].set_efficient(False)), every=2)
+    frozen_buffers = {name: b.clone() for name, b in base.named_buffers() if not base.get_submodule(
+        name.rsplit(".", 1)[0]).training}
+    assert frozen_buffers
+    model = copy.deepcopy(base).set_efficient(mode)
+    assert_same_training(base, *batch, mode, rtol=1e-5)
+    train(model, *batch)
+    for name, buffer in frozen_buffers.items():
+        assert torch.equal(model.get_buffer(name), buffer), name
+
+
+def tiny_network(mode):
+    return de.DenseNet(growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3,
+                       stem="cifar", efficient=mode).double()
+
+
+def functional_logits(model):
+    """``logits(x, *params)``: the model as a function of its input and parameters."""
     names = [name for name, _ in model.named_parameters()]
 
     def logits(x, *params):
         return torch.func.functional_call(model, dict(zip(names, params)), (x,))
 
+    return logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(training):
+    model = with_running_stats(tiny_network("max")).train(training)
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
     for mode in EFFICIENT_MODES:
         model.set_efficient(mode)
-        assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(functional_logits(model), (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_gradgradcheck_float64(mode, training):
+    """Double backward through the efficient function, batch norms training (batch statistics) or frozen."""
+    model = with_running_stats(
+        de.DenseNet(growth_rate=2, block_config=(2,), num_init_features=2, bn_size=2, num_classes=2, stem="cifar",
+                    efficient=mode).double()
+    ).train(training)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    assert torch.autograd.gradgradcheck(functional_logits(model), (x, *params), eps=1e-6, atol=1e-5)
+    if not training:
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, buffers[name]), name
+
+
+def gradient_penalty_step(model, real, fake, weight=10.0):
+    """One WGAN-GP critic step: Wasserstein loss plus the penalty on the gradient norm at interpolates."""
+    torch.manual_seed(5)
+    alpha = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype)
+    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_()
+    critic = model(interpolates)[:, 0]
+    grad, = torch.autograd.grad(critic.sum(), interpolates, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    loss = model(fake)[:, 0].mean() - model(real)[:, 0].mean() + weight * penalty
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads, {name: b.clone() for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradient_penalty_matches_naive(mode, training, batch):
+    base = with_running_stats(de.cifar_densenet(16, growth_rate=4, efficient=False)).train(training)
+    real, fake = batch[0], torch.randn_like(batch[0])
+    reference = gradient_penalty_step(copy.deepcopy(base), real, fake)
+    result = gradient_penalty_step(copy.deepcopy(base).set_efficient(mode), real, fake)
+    assert_close_relative(result[0], reference[0], 1e-5, "loss")
+    expected = torch.cat([g.flatten() for g in reference[1].values()])
+    actual = torch.cat([g.flatten() for g in result[1].values()])
+    assert (actual - expected).norm() / expected.norm() <= 1e-5
+    for name in reference[2]:
+        assert_close_relative(result[2][name], reference[2][name], 1e-6, name)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_torch_func_grad_matches_naive_and_counts_one_batch(mode, batch):
+    """torch.func.grad of a training step (buffers passed in, as functorch requires for BN updates)."""
+    base = de.cifar_densenet(16, growth_rate=4, efficient=False)
+
+    def run(model):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+        def loss(params, buffers, x, y):
+            return F.cross_entropy(torch.func.functional_call(model, (params, buffers), (x,)), y)
+
+        return torch.func.grad(loss)(params, buffers, *batch), buffers
+
+    (grads, buffers), (reference, reference_buffers) = run(copy.deepcopy(base).set_efficient(mode)), run(base)
+    for name in reference:
+        assert_close_relative(grads[name], reference[name], 1e-6, name)
+    for name in reference_buffers:
+        assert torch.equal(buffers[name], reference_buffers[name]), name
+    assert buffers["features.denseblock1.denselayer1.norm1.num_batches_tracked"].item() == 1
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_torch_func_vmap_per_sample_gradients_match_naive(mode, batch):
+    """Per-sample gradients with vmap(grad(.)) over a batch, batch norm frozen as vmap requires."""
+    base = with_running_stats(de.cifar_densenet(16, growth_rate=4, efficient=False)).eval()
+
+    def per_sample_grads(model):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(params, x, y):
+            return F.cross_entropy(torch.func.functional_call(model, params, (x[None],)), y[None])
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, *batch)
+
+    reference = per_sample_grads(base)
+    result = per_sample_grads(copy.deepcopy(base).set_efficient(mode))
+    for name in reference:
+        assert result[name].shape == (batch[0].shape[0], *base.get_parameter(name).shape)
+        assert_close_relative(result[name], reference[name], 1e-6, name)
 
 
 @pytest.mark.slow
@@ -224,3 +399,11 @@ def test_cuda_autocast(mode, dtype, batch):
     inputs, targets = (t.cuda() for t in batch)
     autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
     assert_same_training(base, inputs, targets, mode, rtol=2e-2, autocast=autocast, device="cuda")
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_jit_trace_of_eval_model_runs_plain_modules(mode, batch):
+    """torch.jit.trace cannot record the autograd function: tracing runs the plain modules (eval mode, grad on)."""
+    model = de.cifar_densenet(16, growth_rate=4, efficient=mode).eval()
+    traced = torch.jit.trace(model, (batch[0],))
+    torch.testing.assert_close(traced(batch[0]), model(batch[0]), rtol=1e-5, atol=1e-6)

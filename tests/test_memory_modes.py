@@ -54,14 +54,29 @@ def test_bc100_training_step_peak_fractions():
 
 
 def test_inference_costs_the_same_in_every_mode():
+    """Under no_grad, or in eval mode with nothing requiring gradients, every mode runs the plain modules."""
     inputs = torch.randn(2, 3, 32, 32)
     peaks = []
     for mode in (False, True, "max"):
         model = de.cifar_densenet(40, growth_rate=12, efficient=mode)
         with peak_memory(torch.device("cpu")) as no_grad_stats, torch.no_grad():
             model(inputs)
-        model.eval()
+        model.eval().requires_grad_(False)
         with peak_memory(torch.device("cpu")) as eval_stats:
             model(inputs)
         peaks.append((no_grad_stats["peak"], eval_stats["peak"]))
     assert peaks[0] == peaks[1] == peaks[2]
+
+
+def test_frozen_batch_norm_saves_memory():
+    """model.eval() with gradients (frozen BN, input gradients): the efficient modes keep what they keep in training."""
+    inputs = torch.randn(2, 3, 32, 32).requires_grad_()
+    model = de.cifar_densenet(40, growth_rate=12, efficient=False).eval()
+    saved = {mode: saved_bytes(model.set_efficient(mode), inputs) for mode in (False, True, "max")}
+    train_saved = {mode: saved_bytes(model.train().set_efficient(mode), inputs) for mode in (True, "max")}
+    model.eval()
+    assert saved[True] < 0.5 * saved[False]
+    assert saved["max"] < 0.7 * saved[True]
+    # Eval mode keeps the running statistics (parameters of the model, not new memory) instead of batch ones.
+    for mode in (True, "max"):
+        assert saved[mode] <= train_saved[mode]

@@ -10,15 +10,27 @@ Plain autograd keeps ``x`` and ``relu(norm1(x))`` alive for every layer until ba
 grows quadratically with depth. :class:`_BnReluConvChain` runs the same computation but keeps only
 
 * references to the input feature maps (the network holds them anyway: later layers read them),
-* each batch norm's per-channel batch mean and inverse standard deviation,
+* per batch norm, two per-channel tensors: in training mode the batch mean and inverse standard deviation; in
+  eval mode (frozen batch norm, input gradients) the running mean and variance themselves, not copied, exactly
+  what plain autograd keeps of them,
 * with ``efficient=True``: the output of every stage but the last (the bottleneck ``b``, linear in depth).
 
-Backward recomputes the concatenation, batch norm and ReLU from these (elementwise, cheap) and calls the
-convolution backward kernels; it never re-runs a convolution forward, except ``efficient="max"``, which also
-drops ``b`` and recomputes it with one 1x1 convolution. Batch norm running statistics are updated exactly once,
-in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them. Synchronized batch norms (see
-:mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one collective per batch norm in
-forward, one in backward, none in the recomputation, which reuses the saved global statistics.
+Backward recomputes the concatenation, batch norm and ReLU from these (elementwise, cheap: the normalisation
+uses the saved batch statistics in training mode and the running statistics in eval mode, so the batch is never
+reduced again) and calls the convolution and batch norm backward kernels; it never re-runs a convolution forward,
+except ``efficient="max"``, which also drops ``b`` and recomputes it with one 1x1 convolution. Each batch norm
+follows its own mode, so a chain may mix training and frozen norms. Running statistics are updated exactly once,
+in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
+
+Double backward (gradient penalties, ``create_graph=True``): backward then recomputes the whole chain from the
+saved inputs and parameters with differentiable operations, batch statistics again a function of the input
+(running statistics read in eval mode, never updated), and differentiates it. That recomputation is kept for the
+second backward: it costs what plain autograd costs. Under ``torch.func`` transforms (``grad``, ``vmap``, ...)
+:func:`bn_relu_conv` runs the plain modules, which behave there exactly as in ``efficient=False``.
+
+Synchronized batch norms (see :mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one
+collective per batch norm in forward, one in backward, none in the recomputation, which reuses the saved global
+statistics.
 """
 
 from __future__ import annotations
@@ -30,7 +42,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
@@ -59,7 +70,8 @@ class _Stage:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
-    sync: _SyncGroup | None = None
+    batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
+    sync: _SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,16 @@ def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
 
 
 def _stage(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> _Stage:
+    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
+    # As nn.BatchNorm2d: a training norm that does not track running statistics neither uses nor updates them,
+    # and an eval-mode norm without running statistics normalises with the batch's.
+    use_running = not norm.training or norm.track_running_stats
+    running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
+    batch_stats = norm.training or (running_mean is None and running_var is None)
     return _Stage(
-        norm.running_mean, norm.running_var, _batch_norm_momentum(norm), norm.eps,
-        conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
-        _sync_group(norm),
+        running_mean, running_var, _batch_norm_momentum(norm) if norm.training else 0.0, norm.eps,
+        conv.stride, conv.padding, conv.dilation, conv.groups, batch_stats,  # type: ignore[arg-type]
+        _sync_group(norm) if norm.training else None,
     )
 
 
@@ -107,7 +125,7 @@ def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, i
     """relu(batch_norm(x)) from saved per-channel statistics; the same values forward computed."""
     scale = weight * invstd
     shift = bias - mean * scale
-    shape = (1, -1, 1, 1)
+    shape = _channel_view(x)
     return torch.addcmul(shift.view(shape), x, scale.view(shape)).relu_().to(x.dtype)
 
 
@@ -160,7 +178,7 @@ def _batch_norm_train(
     return output, mean, (var + eps).rsqrt()
 
 
-def _batch_norm_backward(
+def _batch_norm_train_backward(
     grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float,
     sync: _SyncGroup | None, output_mask: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -201,8 +219,70 @@ def _batch_norm_backward(
     return grad_input, grad_weight if output_mask[1] else None, grad_bias if output_mask[2] else None
 
 
+def _batch_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, stage: _Stage, update_running_stats: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_norm(x)`` (N, C, H, W) and the two per-channel tensors its backward needs (see :func:`_statistics`).
+
+    Batch statistics: the running statistics are updated unless ``update_running_stats`` is False (recomputation).
+    Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
+    """
+    if stage.batch_stats and stage.sync is not None and update_running_stats:
+        return _batch_norm_train(x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps,
+                                 stage.sync)
+    if stage.batch_stats:
+        running = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
+        return torch.native_batch_norm(x, weight, bias, *running, True, stage.momentum, stage.eps)
+    mean, var = stage.running_mean, stage.running_var
+    assert mean is not None and var is not None
+    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, stage.eps)[0], mean, var
+
+
+def _statistics(saved: Sequence[Tensor], stage: _Stage) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and inverse standard deviation from what :func:`_batch_norm` returned for ``stage``."""
+    mean, second = saved
+    return (mean, second) if stage.batch_stats else (mean, torch.rsqrt(second + stage.eps))
+
+
+def _batch_norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, saved: Sequence[Tensor], stage: _Stage, output_mask: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``batch_norm(x)`` for input, weight and bias (those of ``output_mask``) from ``grad``."""
+    first, second = saved
+    if stage.batch_stats:
+        return _batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, output_mask)
+    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, first, second, None, None, False, stage.eps,
+                                                     output_mask)
+
+
+def _chain(
+    stages: Sequence[_Stage], params: Sequence[Tensor], inputs: Sequence[Tensor], compute_dtype: torch.dtype | None,
+    keep_intermediates: bool = False, update_running_stats: bool = True,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Run the stages on ``cat(inputs, 1)``, autocast disabled by the caller; casts are explicit.
+
+    Returns the last convolution's output, the two tensors of :func:`_batch_norm` per stage and, with
+    ``keep_intermediates``, the input of every stage but the first.
+    """
+    statistics: list[Tensor] = []
+    intermediates: list[Tensor] = []
+    x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+    for index, stage in enumerate(stages):
+        weight, bias, conv_weight = params[3 * index: 3 * index + 3]
+        if index > 0 and keep_intermediates:
+            intermediates.append(x)
+        normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
+        statistics += (first, second)
+        x = F.conv2d(
+            _to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), None,
+            stage.stride, stage.padding, stage.dilation, stage.groups,
+        )
+        del normalized
+    return x, statistics, intermediates
+
+
 class _BnReluConvChain(torch.autograd.Function):
-    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(cat(inputs)))) ...)))`` for batch norms in training mode.
+    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(cat(inputs)))) ...)))``, each batch norm training or frozen.
 
     Arguments of ``apply``: ``stages`` (one :class:`_Stage` per BN-ReLU-Conv), ``keep_intermediates`` (save the
     output of every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature
@@ -217,23 +297,8 @@ class _BnReluConvChain(torch.autograd.Function):
         # Under autocast, convolutions run in the autocast dtype and batch norm in its input's dtype, as in
         # plain autograd. Casts are explicit here so that backward can repeat them exactly.
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        statistics: list[Tensor] = []
-        intermediates: list[Tensor] = []
         with torch.autocast(device_type, enabled=False):
-            x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
-            for index, stage in enumerate(stages):
-                weight, bias, conv_weight = params[3 * index: 3 * index + 3]
-                if index > 0 and keep_intermediates:
-                    intermediates.append(x)
-                normalized, mean, invstd = _batch_norm_train(
-                    x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
-                )
-                statistics += (mean, invstd)
-                x = F.conv2d(
-                    _to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), None,
-                    stage.stride, stage.padding, stage.dilation, stage.groups,
-                )
-                del normalized
+            x, statistics, intermediates = _chain(stages, params, inputs, compute_dtype, keep_intermediates)
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
         ctx.compute_dtype = compute_dtype
@@ -242,8 +307,9 @@ class _BnReluConvChain(torch.autograd.Function):
         return x
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
+            return _BnReluConvChain._differentiable_backward(ctx, grad_output)
         stages: Sequence[_Stage] = ctx.stages
         num_stages = len(stages)
         saved = ctx.saved_tensors
@@ -255,7 +321,7 @@ class _BnReluConvChain(torch.autograd.Function):
 
         def relu_output(index: int, x: Tensor) -> Tensor:
             weight, bias, _ = params[3 * index: 3 * index + 3]
-            mean, invstd = statistics[2 * index: 2 * index + 2]
+            mean, invstd = _statistics(statistics[2 * index: 2 * index + 2], stages[index])
             return _to(_bn_relu_from_stats(x, weight, bias, mean, invstd), compute_dtype)
 
         def conv_weight(index: int) -> Tensor:
@@ -291,10 +357,8 @@ class _BnReluConvChain(torch.autograd.Function):
             # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
             grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad).to(x.dtype)
             del activated
-            weight = params[3 * index]
-            mean, invstd = statistics[2 * index: 2 * index + 2]
-            grad, grad_weight, grad_bias = _batch_norm_backward(  # type: ignore[assignment]
-                grad, x, weight, mean, invstd, stage.eps, stage.sync,
+            grad, grad_weight, grad_bias = _batch_norm_backward(
+                grad, x, params[3 * index], statistics[2 * index: 2 * index + 2], stage,
                 [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
             )
             stage_inputs[index] = None  # type: ignore[call-overload]
@@ -306,6 +370,30 @@ class _BnReluConvChain(torch.autograd.Function):
         input_grads = [g.to(t.dtype) for g, t in zip(grad.split(channels, 1), inputs)]
         return (None, None, *param_grads, *input_grads)
 
+    @staticmethod
+    def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        """Backward that autograd can differentiate again: recompute the chain from the saved parameters and
+        inputs with differentiable operations (batch statistics a function of the input, running statistics
+        never updated) and differentiate it, keeping the graph."""
+        if any(stage.sync is not None for stage in ctx.stages):
+            raise RuntimeError(
+                "double backward (create_graph=True) through synchronized batch norms is not supported in the "
+                "memory-efficient modes: use efficient=False, or plain BatchNorm"
+            )
+        saved = ctx.saved_tensors
+        num_params = 3 * len(ctx.stages)
+        needs_grad = ctx.needs_input_grad[2:]
+        # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
+        # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
+        tensors = [t.view_as(t) if needed else t for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs:],
+                                                                        needs_grad)]
+        with torch.autocast(grad_output.device.type, enabled=False):
+            output = _chain(ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype,
+                            update_running_stats=False)[0]
+        wanted = [t for t, needed in zip(tensors, needs_grad) if needed]
+        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+        return (None, None, *(next(grads) if needed else None for needed in needs_grad))
+
 
 def bn_relu_conv(
     features: Sequence[Tensor], stages: Sequence[tuple[nn.BatchNorm2d, nn.Conv2d]], efficient: MemoryMode
@@ -313,14 +401,15 @@ def bn_relu_conv(
     """Apply ``conv(relu(norm(.)))`` for each ``(norm, conv)`` of ``stages`` to ``cat(features, 1)``.
 
     ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
-    With ``efficient`` set and a backward pass to come (batch norms training, grad enabled), the memory-efficient
-    autograd function runs; otherwise plain modules, which cost what a naive DenseNet costs.
+    With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
+    training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
+    ``torch.func`` transforms or ``torch.jit.trace``, plain modules, which cost what a naive DenseNet costs.
     """
-    norms_train = all(norm.training for norm, _ in stages)
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
-    if efficient and norms_train and needs_grad:
+    # Under functorch transforms and torch.jit.trace, which cannot run this Function, the plain modules run.
+    if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
         params: list[Tensor] = []
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)

@@ -19,9 +19,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import (
-    _batch_norm_backward,
     _batch_norm_momentum,
     _batch_norm_train,
+    _batch_norm_train_backward,
     _sync_group,
     _SyncGroup,
 )
@@ -47,7 +47,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, weight, mean, invstd = ctx.saved_tensors
-        grads = _batch_norm_backward(grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync,
+        grads = _batch_norm_train_backward(grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync,
                                      ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None)
 

@@ -144,6 +144,7 @@ class Setting:
     compile: bool = False
     warmup: int = 1
     repeats: int = 3
+    frozen_bn: bool = False  # batch norms in eval mode, gradients on: fine-tuning with frozen BatchNorm
 
 
 class Runner:
@@ -152,6 +153,8 @@ class Runner:
     def __init__(self, peer: Peer, setting: Setting):
         torch.manual_seed(0)
         model = peer.build().to(setting.device)
+        if setting.frozen_bn:
+            freeze_batch_norms(model)
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
         in_chans, num_classes = model_io(model)
@@ -180,6 +183,14 @@ class Runner:
         with peak_memory(self.device) as stats:
             self.step()
         return stats["peak"]
+
+
+def freeze_batch_norms(model: nn.Module) -> None:
+    """Put every batch norm of ``model`` in eval mode (running statistics used, not updated); parameters keep
+    their gradients."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def synchronize(device: torch.device) -> None:
@@ -457,6 +468,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--frozen-bn", action="store_true",
+                        help="fine-tuning with frozen BatchNorm: every batch norm in eval mode, gradients on")
     parser.add_argument("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
     parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
     parser.add_argument("--modes", type=partial(peer_keys, valid=PEER_KEYS), default=PEER_KEYS,
@@ -493,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"densenet-efficient bench: error: {error}", file=sys.stderr)
         return 2
     base = Setting(args.device, args.dtype, args.batch_size, 0, args.channels_last, args.compile,
-                   args.warmup, args.repeats)
+                   args.warmup, args.repeats, args.frozen_bn)
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
@@ -550,6 +563,7 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
         where = f"cpu, {torch.get_num_threads()} threads"
     size = configs[0][2]
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
-    flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile),
+                                                       ("frozen BatchNorm (eval mode)", args.frozen_bn)) if on)
     head = f"{what}{batch}, {size}x{size}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
     return f"{head}\n{method_note(setting)}"
