@@ -57,7 +57,8 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
     """
     revision = revision or constants.DEFAULT_REVISION
     offline = constants.is_offline_mode()
-    if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str):
+    hub_cache = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
+    if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache, revision=revision), str):
         if offline:
             raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set")
         served = _check_reachable(repo_id, filename, revision, cache_dir, endpoint)
@@ -67,7 +68,7 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
                 f"nothing was downloaded.{_floating_hint(revision)}"
             )
     try:
-        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=hub_cache, endpoint=endpoint,
                                local_files_only=offline)
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error

@@ -56,12 +56,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
+from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
 from ..pretrained.files import file_sha256, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, parse_efficient, to_device
-from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
+from .data import BAD_IMAGES, DATASETS, Splits, build_splits, weights_preprocessing
 
 RECIPE_DEFAULTS: dict[str, Any] = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75),
                                        gamma=0.1, val_fraction=0.1)
@@ -133,7 +133,7 @@ class TrainConfig:
     export: bool = True
     progress: bool = True
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self) -> ResolvedTrainConfig:
         """A copy with every ``None`` recipe field filled in from the dataset's recipe, checked."""
         if self.dataset not in RECIPES:
             raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
@@ -143,7 +143,8 @@ class TrainConfig:
             recipe["model_args"] = {}
         recipe.setdefault("model_args", {})
         filled = {key: value for key, value in recipe.items() if getattr(self, key) is None}
-        config = dataclasses.replace(self, **filled)
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        config = ResolvedTrainConfig(**{**fields, **filled})
         config.efficient = check_memory_mode(config.efficient)
         config.milestones = tuple(config.milestones)
         config._check_numbers()
@@ -154,6 +155,29 @@ class TrainConfig:
         if config.bad_images not in BAD_IMAGES:
             raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {config.bad_images!r}")
         return config
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields a resumed run must share, as JSON values."""
+        return json.loads(json.dumps({key: getattr(self, key) for key in RECIPE_KEYS}))
+
+
+@dataclass(kw_only=True)
+class ResolvedTrainConfig(TrainConfig):
+    """A :class:`TrainConfig` with its recipe filled in and checked (:meth:`TrainConfig.resolved` makes it): the
+    recipe fields are set. ``num_classes`` and ``image_size`` may stay ``None``: the dataset's or the weights'."""
+
+    model: str
+    model_args: dict[str, Any]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    milestones: tuple[float, ...]
+    gamma: float
+    val_fraction: float
+    workers: int
 
     def _check_numbers(self) -> None:
         """Every numeric option in its valid range (finite: ``nan`` and ``inf`` are refused), before anything is
@@ -183,10 +207,6 @@ class TrainConfig:
         self.milestones = tuple(float(m) for m in self.milestones)
         if self.nesterov and self.momentum == 0:
             raise UsageError("Nesterov momentum needs a momentum above 0: pass --no-nesterov, or --momentum above 0")
-
-    def recipe(self) -> dict[str, Any]:
-        """The fields a resumed run must share, as JSON values."""
-        return json.loads(json.dumps({key: getattr(self, key) for key in RECIPE_KEYS}))
 
 
 def _is_number(value: Any) -> bool:
@@ -243,7 +263,7 @@ def _reseed(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]))
 
 
-def build_model(config: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(config: ResolvedTrainConfig, num_classes: int, in_chans: int) -> DenseNet:
     """The configured model with ``num_classes`` outputs; pretrained weights loaded (another number of classes
     keeps a fresh classifier); the backbone frozen if asked."""
 
@@ -256,7 +276,7 @@ def build_model(config: TrainConfig, num_classes: int, in_chans: int) -> nn.Modu
     return model
 
 
-def _data(config: TrainConfig):
+def _data(config: ResolvedTrainConfig) -> Splits:
     """The dataset's splits, preprocessed as the pretrained weights were (if any)."""
 
     preprocessing = None
@@ -266,7 +286,7 @@ def _data(config: TrainConfig):
                         image_size=config.image_size, val_fraction=config.val_fraction, bad_images=config.bad_images)
 
 
-def _loaders(config: TrainConfig, splits, ctx: DistContext):
+def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
     """Train loader (DistributedSampler, per-process batches) and per-process shards of the eval sets."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -279,9 +299,9 @@ def _loaders(config: TrainConfig, splits, ctx: DistContext):
     if len(splits.train) < config.batch_size:
         raise ValueError(f"the training set has {len(splits.train)} images, fewer than one batch of "
                          f"{config.batch_size}")
-    options = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
-    sampler = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=config.seed, drop_last=True)
+    options: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
+    sampler: DistributedSampler[int] = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                          shuffle=True, seed=config.seed, drop_last=True)
     train = DataLoader(splits.train, batch_size=per_process * config.accum_steps, sampler=sampler, drop_last=True,
                        **options)
 
@@ -295,7 +315,7 @@ def _loaders(config: TrainConfig, splits, ctx: DistContext):
 class Trainer:
     """One training run: model, optimizer, schedule and data for this process (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, ctx: DistContext):
+    def __init__(self, config: ResolvedTrainConfig, ctx: DistContext):
         self.config, self.ctx = config, ctx
         self.output = Path(config.output)
         download_first = config.download and ctx.world_size > 1  # rank 0 downloads, the others wait for it
@@ -349,16 +369,18 @@ class Trainer:
 
     def _wrap(self) -> nn.Module:
         """SyncBatchNorm, DistributedDataParallel and torch.compile around the model, as configured."""
-        network, config = self.model, self.config
-        if config.sync_bn:
-            network = self.model = convert_sync_batchnorm(network)
+        network: nn.Module = self.model
+        config = self.config
+        if config.sync_bn:  # in place: the DenseNet itself is no batch norm, so self.model is the converted model
+            network = convert_sync_batchnorm(network)
         self.ddp = None
         if self.ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             network = self.ddp = DistributedDataParallel(network, device_ids=device_ids)
-        return torch.compile(network) if config.compile else network
+        # torch.compile returns an OptimizedModule (an nn.Module) for a module; its annotation says only Callable
+        return torch.compile(network) if config.compile else network  # type: ignore[return-value]
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -402,7 +424,7 @@ class Trainer:
         passed = sum(count for milestone, count in self.scheduler.milestones.items() if milestone <= self.start_epoch)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * self.config.gamma ** passed
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.ctx.is_main:
             warnings.warn(f"extending the run from {planned} to {self.config.epochs} epochs: from epoch "
                           f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} "
@@ -527,8 +549,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for index in range(accum):
             inputs, targets = images[index::accum], labels[index::accum]
-            sync = self.ddp is None or index == accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with contextlib.nullcontext() if self.ddp is None or index == accum - 1 else self.ddp.no_sync():
                 with autocast(images.device, self.config.amp):
                     logits = self.network(inputs)
                     loss = F.cross_entropy(logits, targets)
