@@ -4,7 +4,8 @@ It imports nothing else of the project.
 """
 
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
-from .model import DenseNet
+from .adapt import make_efficient
+from .model import DenseNet, DenseNetFeatures
 from .registry import (
     cifar_densenet,
     create_model,
@@ -24,6 +25,7 @@ from .registry import (
 __all__ = [
     "MEMORY_MODES",
     "DenseNet",
+    "DenseNetFeatures",
     "MemoryMode",
     "bn_relu_conv",
     "check_memory_mode",
@@ -39,5 +41,6 @@ __all__ = [
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
     "list_models",
+    "make_efficient",
     "register_model",
 ]

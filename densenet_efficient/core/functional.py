@@ -199,13 +199,21 @@ def bn_relu_conv(
 
     ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (batch norms training, grad enabled), the memory-efficient
-    autograd function runs; otherwise plain modules, which cost what a naive DenseNet costs.
+    autograd function runs; otherwise plain modules, which cost what a naive DenseNet costs. ``torch.jit.trace``
+    cannot record the function: tracing that case raises a ``RuntimeError`` that names the alternatives.
     """
     norms_train = all(norm.training for norm, _ in stages)
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
     if efficient and norms_train and needs_grad:
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
+                "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
+                "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
+                "torch.fx (they keep the memory savings)"
+            )
         params: list[Tensor] = []
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
