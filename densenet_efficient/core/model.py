@@ -68,6 +68,8 @@ class DenseLayer(nn.Module):
     only the per-channel batch statistics and the bottleneck output; ``"max"`` only the statistics.
     """
 
+    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float, efficient: MemoryMode):
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
@@ -139,6 +141,8 @@ class Transition(nn.Module):
     In the efficient modes the block's concatenation is not stored for backward: only its statistics are.
     """
 
+    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+
     def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
@@ -207,9 +211,11 @@ class DenseFeatures(nn.Sequential):
         outputs: List[Tensor] = []
         index = 0
         for module in self:
-            if isinstance(module, DenseBlock):
+            # Dispatch on submodule names: TorchScript resolves hasattr on modules statically (isinstance on a
+            # ModuleDict subclass it does not always).
+            if hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
                 features = module(features)
-            elif isinstance(module, Transition):
+            elif hasattr(module, "norm") and hasattr(module, "conv"):  # a Transition: list in, tensor out
                 features = [module(features)]
             else:
                 features = [module(_concat(features))]
