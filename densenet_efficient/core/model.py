@@ -11,8 +11,6 @@ modules (``call_module``), so a traced model still runs the memory-efficient fun
 ``torch.jit.script`` compiles their plain-module path.
 """
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -91,7 +89,7 @@ class DenseLayer(nn.Module):
 
     @classmethod
     def from_modules(cls, norm1: nn.BatchNorm2d, conv1: nn.Conv2d, norm2: nn.BatchNorm2d | None,
-                     conv2: nn.Conv2d | None, drop_rate: float, efficient: MemoryMode) -> DenseLayer:
+                     conv2: nn.Conv2d | None, drop_rate: float, efficient: MemoryMode) -> "DenseLayer":
         """A dense layer around existing modules (the same objects: weights and buffers are shared)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -150,7 +148,7 @@ class Transition(nn.Module):
         self.efficient = efficient
 
     @classmethod
-    def from_modules(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, efficient: MemoryMode) -> Transition:
+    def from_modules(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, efficient: MemoryMode) -> "Transition":
         """A transition around existing modules (the same objects: weights and buffers are shared)."""
         transition = cls.__new__(cls)
         nn.Module.__init__(transition)
@@ -500,7 +498,7 @@ class DenseNet(nn.Module):
             size += 1
         return size
 
-    def set_efficient(self, efficient: MemoryMode) -> DenseNet:
+    def set_efficient(self, efficient: MemoryMode) -> "DenseNet":
         """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""
         efficient = check_memory_mode(efficient)
         self.efficient = efficient
@@ -657,7 +655,7 @@ class DenseNetFeatures(nn.Module):
         """Alias of ``pretrained_cfg`` (timm's older name)."""
         return self.pretrained_cfg
 
-    def set_efficient(self, efficient: MemoryMode) -> DenseNetFeatures:
+    def set_efficient(self, efficient: MemoryMode) -> "DenseNetFeatures":
         """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""
         self.efficient = check_memory_mode(efficient)
         _set_memory_mode(self, self.efficient)
