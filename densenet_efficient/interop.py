@@ -5,7 +5,8 @@ timm is imported only when the function is called, so ``import densenet_efficien
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .core import registry
 from .core.model import DenseNet, DenseNetFeatures

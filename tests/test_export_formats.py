@@ -71,7 +71,10 @@ def test_onnx_matches_eager_in_onnxruntime(name, tmp_path):
 
 
 def test_create_feature_extractor_like_torchvisions_checks():
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
 
     model = small("densenet121_efficient", True, block_config=(2, 2, 2, 2)).train()
     train_nodes, eval_nodes = get_graph_node_names(model)

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes

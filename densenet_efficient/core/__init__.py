@@ -3,8 +3,8 @@
 It imports nothing else of the project.
 """
 
-from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .adapt import make_efficient
+from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
 from .registry import (
     cifar_densenet,

@@ -207,7 +207,7 @@ class DenseFeatures(nn.Sequential):
         dense block's as the concatenation of its feature maps)."""
         features = [x]
         outputs: List[Tensor] = []
-        index = 0
+        index = 0  # a counter, not enumerate(): TorchScript cannot enumerate a Sequential of modules
         for module in self:
             # Dispatch on submodule names: TorchScript resolves hasattr on modules statically (isinstance on a
             # ModuleDict subclass it does not always).

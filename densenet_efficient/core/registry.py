@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable
-from typing import Any, Literal, Protocol, Sequence, TypeVar, overload
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from torch import nn
 
