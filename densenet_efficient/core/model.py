@@ -94,7 +94,7 @@ class DenseLayer(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.norm1, layer.conv1 = norm1, conv1
-        if conv2 is not None:
+        if norm2 is not None and conv2 is not None:
             layer.norm2, layer.conv2 = norm2, conv2
         layer.drop_rate = float(drop_rate)
         layer.efficient = check_memory_mode(efficient)
@@ -182,7 +182,7 @@ def _record_as_fx_leaf(module: nn.Module, features: Union[Tensor, List[Tensor]])
     """
     for tensor in [features] if isinstance(features, torch.fx.Proxy) else features:
         if isinstance(tensor, torch.fx.Proxy):
-            tracer = tensor.tracer
+            tracer: Any = tensor.tracer
             path = tracer.path_of_module(module)
             if not path:
                 raise TypeError(
@@ -472,7 +472,7 @@ class DenseNet(nn.Module):
         ``self.features`` of the modules whose outputs they are."""
         names = [name for name, _ in self.features.named_children()]
         stem_name, reduction = ("relu0", 2) if stem == "imagenet" else ("conv0", 1)
-        stem_channels = self.features.conv0.out_channels
+        stem_channels = self.features.get_submodule("conv0").out_channels
         levels = [dict(num_chs=stem_channels, reduction=reduction, module=f"features.{stem_name}")]
         reduction = 2 * reduction if stem == "imagenet" else reduction
         for name, module in self.features.named_children():
@@ -594,7 +594,9 @@ class DenseNet(nn.Module):
                 f"feature level {last} was pruned (prune_intermediate_layers); levels 0 to "
                 f"{self.feature_ends.index(len(self.features) - 1)} remain"
             )
-        features = self.features[: self.feature_ends[last] + 1] if stop_early or intermediates_only else self.features
+        features: DenseFeatures = self.features  # type: ignore[assignment]
+        if stop_early or intermediates_only:
+            features = features[: self.feature_ends[last] + 1]  # type: ignore[assignment]
         x = _checked_input(x, self.in_chans, self.min_input_size)
         final, levels = features.forward_taps(x, [self.feature_ends[i] for i in taken])
         return levels if intermediates_only else (final, levels)

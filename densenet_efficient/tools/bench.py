@@ -130,7 +130,7 @@ class MultiScaleProbe(nn.Module):
 def features_only_peer(build: Callable[[], nn.Module]) -> nn.Module:
     """``build()``'s network as a backbone of every ``feature_info`` level with a :class:`MultiScaleProbe` head;
     torchvision's DenseNet through ``IntermediateLayerGetter`` on the same levels (``norm5`` for the final one)."""
-    model = build()
+    model: Any = build()
     if isinstance(model, DenseNet):
         num_classes = model.num_classes or 10
         backbone = DenseNetFeatures(model)
