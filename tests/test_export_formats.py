@@ -37,6 +37,7 @@ def test_fx_symbolic_trace_and_torchscript(name, mode):
         traced(torch.randn(2, 1, 32, 32))  # the input check survives tracing
 
 
+@pytest.mark.slow
 def test_real_imagenet_architecture_traces_and_scripts():
     model = de.densenet121_efficient().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -46,6 +47,7 @@ def test_real_imagenet_architecture_traces_and_scripts():
     assert expected.shape == (1, 1000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "mode"), CASES)
 def test_torch_export_dynamic_batch(name, mode):
     model = small(name, mode)
@@ -55,6 +57,7 @@ def test_torch_export_dynamic_batch(name, mode):
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet_bc_100_k12", "densenet121_efficient"])
 def test_onnx_matches_eager_in_onnxruntime(name, tmp_path):
     pytest.importorskip("onnx")
@@ -70,6 +73,7 @@ def test_onnx_matches_eager_in_onnxruntime(name, tmp_path):
     torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_create_feature_extractor_like_torchvisions_checks():
     from torchvision.models.feature_extraction import (
         create_feature_extractor,
@@ -92,6 +96,7 @@ def test_create_feature_extractor_like_torchvisions_checks():
     torch.testing.assert_close(extractor(x)["final"], reference[1])
 
 
+@pytest.mark.slow
 def test_fx_feature_extraction_of_a_training_model_keeps_the_savings():
     from torchvision.models.feature_extraction import create_feature_extractor
 

@@ -60,6 +60,7 @@ def test_global_pool_values_and_errors():
     assert "global_pool" not in small("densenet_40_k12").config  # configs written before stay the same
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "reductions"), [("densenet121_efficient", [2, 4, 8, 16, 32]),
                                                   ("densenet_bc_100_k12", [1, 1, 2, 4])])
 def test_forward_intermediates_follow_feature_info(name, reductions):
@@ -110,6 +111,7 @@ def test_features_only_backbone(name):
         de.create_model(name, out_indices=(1,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", ["imagenet", "cifar"])
 def test_features_only_backbone_keeps_memory_savings(stem):
     saved = {}
@@ -190,6 +192,7 @@ def _train_step(model, x):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", de.MEMORY_MODES)
 @pytest.mark.parametrize("library", ["torchvision", "timm"])
 def test_make_efficient_matches_the_original(library, mode):

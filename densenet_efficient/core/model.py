@@ -505,14 +505,12 @@ class DenseNet(nn.Module):
         _set_memory_mode(self, efficient)
         return self
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch for trading compute for memory, mapped to the memory modes: ``True`` sets
         ``efficient=True`` (recompute concatenation, BN and ReLU in backward), ``False`` sets ``efficient=False``
         (plain autograd). ``set_efficient("max")`` is the lowest-memory mode."""
         self.set_efficient(bool(enable))
 
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning rates (timm's ``group_matcher``): the stem, then each dense
         block with its transition (``coarse``) or each dense layer, the transition joining the layer before it.
@@ -560,7 +558,6 @@ class DenseNet(nn.Module):
         x = _global_pool(x, self.global_pool)
         return x if pre_logits else self.classifier(x)
 
-    @torch.jit.ignore
     def forward_intermediates(
         self,
         x: Tensor,
@@ -601,7 +598,6 @@ class DenseNet(nn.Module):
         final, levels = features.forward_taps(x, [self.feature_ends[i] for i in taken])
         return levels if intermediates_only else (final, levels)
 
-    @torch.jit.ignore
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
