@@ -2,7 +2,7 @@
 
 Layers (imports only go down): :mod:`.core` (autograd function, model, named architectures),
 :mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.tools` (the ``densenet-efficient`` commands,
-imported only by the command line).
+imported only by the command line). :mod:`.interop` registers the architectures with timm on request.
 """
 
 from importlib import metadata as _metadata
@@ -11,6 +11,7 @@ from . import pretrained
 from .core import (
     MEMORY_MODES,
     DenseNet,
+    DenseNetFeatures,
     MemoryMode,
     SyncBatchNorm,
     check_memory_mode,
@@ -27,8 +28,10 @@ from .core import (
     densenet_bc_190_k40,
     densenet_bc_250_k24,
     list_models,
+    make_efficient,
     register_model,
 )
+from .interop import register_with_timm
 from .pretrained import (
     ChecksumMismatchError,
     IncompatibleWeightsError,
@@ -53,6 +56,7 @@ __all__ = [
     "MEMORY_MODES",
     "ChecksumMismatchError",
     "DenseNet",
+    "DenseNetFeatures",
     "IncompatibleWeightsError",
     "InvalidConfigError",
     "InvalidWeightsFileError",
@@ -78,8 +82,10 @@ __all__ = [
     "get_pretrained_cfg",
     "list_models",
     "list_pretrained",
+    "make_efficient",
     "pretrained",
     "register_model",
+    "register_with_timm",
     "save_pretrained",
     "transforms",
 ]

@@ -183,3 +183,26 @@ def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
     assert naive >= 0.9 * rows[0]["predicted_bytes"]
     assert all(row["step_s"] > 0 for row in rows)
 
+
+
+# ----------------------------------------------------------------------------------------------- features_only
+
+
+def test_features_only_backbones_keep_the_savings():
+    from dataclasses import replace
+
+    setting = replace(TINY_SETTING, features_only=True, repeats=0, warmup=0)
+    rows = bench.measure("densenet_bc_10_k12", setting)
+    ratios = {row["mode"]: row["memory_ratio"] for row in rows}
+    assert all(row["label"].endswith(", features_only") for row in rows)
+    assert ratios["max"] < ratios["true"] < 0.8 and ratios["false"] == 1.0
+
+
+def test_features_only_torchvision_peer_returns_every_level():
+    config = {"growth_rate": 4, "block_config": (1, 1, 1, 1), "num_init_features": 8, "bn_size": 4,
+              "drop_rate": 0.0, "num_classes": 3}
+    probe = bench.features_only_peer(lambda: bench.torchvision_densenet(config))
+    maps = probe.backbone(torch.randn(2, 3, 64, 64))
+    assert list(maps) == ["relu0", "denseblock1", "denseblock2", "denseblock3", "norm5"]
+    assert [m.shape[1] for m in maps.values()] == [8, 12, 10, 9, 8]
+    assert probe(torch.randn(2, 3, 64, 64)).shape == (2, 3) and common.model_io(probe) == (3, 3)

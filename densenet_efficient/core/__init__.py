@@ -3,8 +3,9 @@
 It imports nothing else of the project.
 """
 
+from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
-from .model import DenseNet
+from .model import DenseNet, DenseNetFeatures
 from .registry import (
     cifar_densenet,
     create_model,
@@ -25,6 +26,7 @@ from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 __all__ = [
     "MEMORY_MODES",
     "DenseNet",
+    "DenseNetFeatures",
     "MemoryMode",
     "SyncBatchNorm",
     "bn_relu_conv",
@@ -42,5 +44,6 @@ __all__ = [
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
     "list_models",
+    "make_efficient",
     "register_model",
 ]

@@ -403,12 +403,22 @@ def bn_relu_conv(
     ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
     training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
-    ``torch.func`` transforms or ``torch.jit.trace``, plain modules, which cost what a naive DenseNet costs.
+    ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs. ``torch.jit.trace`` cannot
+    record the function: an eval-mode model traces with the plain modules, and tracing a training model raises a
+    ``RuntimeError`` that names the alternatives.
     """
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
-    # Under functorch transforms and torch.jit.trace, which cannot run this Function, the plain modules run.
+    if efficient and needs_grad and torch.jit.is_tracing() and any(norm.training for norm, _ in stages):
+        raise RuntimeError(
+            f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
+            "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
+            "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
+            "torch.fx (they keep the memory savings)"
+        )
+    # Under functorch transforms and torch.jit.trace (eval mode), which cannot run this Function, the plain
+    # modules run.
     if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
         params: list[Tensor] = []
         for norm, conv in stages:

@@ -3,15 +3,19 @@
 State-dict keys follow torchvision's ``DenseNet``: ``features.conv0``, ``features.norm0``,
 ``features.denseblockN.denselayerM.{norm1,conv1,norm2,conv2}``, ``features.transitionN.{norm,conv}``,
 ``features.norm5`` and ``classifier``, so torchvision and timm weights load with ``strict=True``.
-"""
 
-from __future__ import annotations
+The model has timm's interface (``num_classes``, ``num_features``, ``global_pool``, ``reset_classifier``,
+``group_matcher``, ``feature_info``, ``forward_intermediates``, ...) and :class:`DenseNetFeatures` is its
+``features_only`` backbone. Tracing: dense layers and transitions record themselves in ``torch.fx`` graphs as leaf
+modules (``call_module``), so a traced model still runs the memory-efficient function when it trains;
+``torch.jit.script`` compiles their plain-module path.
+"""
 
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,9 @@ from torch import Tensor, nn
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "")
+# timm's MATCH_PREV_GROUP: a group_matcher ordinal that puts a parameter in the previous group.
+_MATCH_PREV_GROUP = (99999,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -59,6 +66,8 @@ class DenseLayer(nn.Module):
     only the per-channel batch statistics and the bottleneck output; ``"max"`` only the statistics.
     """
 
+    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float, efficient: MemoryMode):
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
@@ -78,8 +87,29 @@ class DenseLayer(nn.Module):
             stages.append((self.norm2, self.conv2))
         return stages
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        new_features = bn_relu_conv(features, self.stages(), self.efficient)
+    @classmethod
+    def from_modules(cls, norm1: nn.BatchNorm2d, conv1: nn.Conv2d, norm2: nn.BatchNorm2d | None,
+                     conv2: nn.Conv2d | None, drop_rate: float, efficient: MemoryMode) -> "DenseLayer":
+        """A dense layer around existing modules (the same objects: weights and buffers are shared)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.norm1, layer.conv1 = norm1, conv1
+        if norm2 is not None and conv2 is not None:
+            layer.norm2, layer.conv2 = norm2, conv2
+        layer.drop_rate = float(drop_rate)
+        layer.efficient = check_memory_mode(efficient)
+        return layer
+
+    def forward(self, features: List[Tensor]) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
+            new_features = self.conv1(F.relu(self.norm1(_concat(features))))
+            if hasattr(self, "conv2"):
+                new_features = self.conv2(F.relu(self.norm2(new_features)))
+        else:
+            traced = _record_as_fx_leaf(self, features)
+            if traced is not None:
+                return traced
+            new_features = bn_relu_conv(features, self.stages(), self.efficient)
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
@@ -95,7 +125,7 @@ class DenseBlock(nn.ModuleDict):
             layer = DenseLayer(in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient)
             self.add_module(f"denselayer{index + 1}", layer)
 
-    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:  # type: ignore[override]
+    def forward(self, features: List[Tensor]) -> List[Tensor]:  # type: ignore[override]
         features = list(features)
         for layer in self.values():
             features.append(layer(features))
@@ -109,31 +139,199 @@ class Transition(nn.Module):
     In the efficient modes the block's concatenation is not stored for backward: only its statistics are.
     """
 
+    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+
     def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.efficient = efficient
 
-    def forward(self, features: Sequence[Tensor] | Tensor) -> Tensor:
-        if isinstance(features, Tensor):
-            features = [features]
-        return F.avg_pool2d(bn_relu_conv(features, [(self.norm, self.conv)], self.efficient), kernel_size=2)
+    @classmethod
+    def from_modules(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, efficient: MemoryMode) -> "Transition":
+        """A transition around existing modules (the same objects: weights and buffers are shared)."""
+        transition = cls.__new__(cls)
+        nn.Module.__init__(transition)
+        transition.norm, transition.conv = norm, conv
+        transition.efficient = check_memory_mode(efficient)
+        return transition
+
+    def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
+        if torch.jit.is_scripting():
+            inputs = [features] if isinstance(features, Tensor) else features
+            x = self.conv(F.relu(self.norm(_concat(inputs))))
+        else:
+            traced = _record_as_fx_leaf(self, features)
+            if traced is not None:
+                return traced
+            inputs = [features] if isinstance(features, Tensor) else features
+            x = bn_relu_conv(inputs, [(self.norm, self.conv)], self.efficient)
+        return F.avg_pool2d(x, kernel_size=2)
+
+
+def _concat(features: List[Tensor]) -> Tensor:
+    return features[0] if len(features) == 1 else torch.cat(features, 1)
+
+
+def _record_as_fx_leaf(module: nn.Module, features: Union[Tensor, List[Tensor]]) -> Optional[Tensor]:
+    """Under ``torch.fx`` symbolic tracing, record ``module(features)`` as FX records a leaf module and return
+    the proxy; otherwise ``None``.
+
+    The graph then calls the module at run time, which picks the memory-efficient function or plain modules
+    from the training mode and grad mode of that moment, exactly as the untraced model does.
+    """
+    for tensor in [features] if isinstance(features, torch.fx.Proxy) else features:
+        if isinstance(tensor, torch.fx.Proxy):
+            tracer: Any = tensor.tracer
+            path = tracer.path_of_module(module)
+            if not path:
+                raise TypeError(
+                    f"{type(module).__name__} is a leaf of torch.fx graphs: trace a model that contains it, "
+                    "not the layer itself"
+                )
+            return tracer.create_proxy("call_module", path, (features,), {})  # type: ignore[return-value]
+    return None
 
 
 class DenseFeatures(nn.Sequential):
-    """The stem, dense blocks, transitions and final norm; passes feature lists between blocks."""
+    """The stem, dense blocks, transitions, final norm and ReLU; passes feature lists between blocks.
+
+    Input (N, in_chans, H, W); output the last module's output, the concatenation if that is a dense block.
+    """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        features: Tensor | list[Tensor] = x
+        return self.forward_taps(x, [])[0]
+
+    def forward_taps(self, x: Tensor, taps: List[int]) -> Tuple[Tensor, List[Tensor]]:
+        """Run the modules; return the last output and the outputs of the modules at positions ``taps`` (a
+        dense block's as the concatenation of its feature maps)."""
+        features = [x]
+        outputs: List[Tensor] = []
+        index = 0  # a counter, not enumerate(): TorchScript cannot enumerate a Sequential of modules
         for module in self:
-            if isinstance(module, DenseBlock):
-                features = module([features] if isinstance(features, Tensor) else features)
-            elif isinstance(module, Transition) or isinstance(features, Tensor):
+            # Dispatch on submodule names: TorchScript resolves hasattr on modules statically (isinstance on a
+            # ModuleDict subclass it does not always).
+            if hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
                 features = module(features)
+            elif hasattr(module, "norm") and hasattr(module, "conv"):  # a Transition: list in, tensor out
+                features = [module(features)]
             else:
-                features = module(torch.cat(features, 1))
-        return features  # type: ignore[return-value]
+                features = [module(_concat(features))]
+            if index in taps:
+                outputs.append(_concat(features))
+            index += 1
+        return _concat(features), outputs
+
+
+class FeatureInfo(list):
+    """Feature levels as timm describes them: a list of dicts ``num_chs``, ``reduction``, ``module``, ``index``,
+    with timm's ``FeatureInfo`` accessors ``channels()``, ``reduction()`` and ``module_name()``."""
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        if idx is None:
+            return [info[key] for info in self]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None) -> Any:
+        rows = self if idx is None else [self[idx]] if isinstance(idx, int) else [self[i] for i in idx]
+        picked = [dict(row) if keys is None else {key: row[key] for key in keys} for row in rows]
+        return picked[0] if isinstance(idx, int) else picked
+
+
+def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's feature index selection: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels
+    (negative from the end). Returns the absolute indices and the largest."""
+    if indices is None:
+        indices = num_levels
+    if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
+        raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
+    if isinstance(indices, int):
+        if not 0 < indices <= num_levels:
+            raise ValueError(f"indices={indices} asks for the last {indices} levels; valid: 1 to {num_levels}")
+        taken = list(range(num_levels - indices, num_levels))
+    else:
+        taken = []
+        for index in indices:
+            absolute = num_levels + index if index < 0 else index
+            if not 0 <= absolute < num_levels:
+                raise ValueError(
+                    f"feature index {index} is out of range: this network has levels 0 to {num_levels - 1}"
+                )
+            taken.append(absolute)
+        if not taken:
+            raise ValueError("indices is empty: name at least one feature level")
+    return taken, max(taken)
+
+
+def _set_memory_mode(root: nn.Module, efficient: MemoryMode) -> None:
+    for module in root.modules():
+        if isinstance(module, (DenseLayer, Transition)):
+            module.efficient = efficient
+
+
+def _shape(x: Tensor) -> str:
+    sizes = [str(size) for size in x.shape]
+    return "(" + ", ".join(sizes) + (",)" if len(sizes) == 1 else ")")
+
+
+def _checked_input(x: Tensor, in_chans: int, min_input_size: int) -> Tensor:
+    """``x`` if it is (N, in_chans, H, W) with H, W >= min_input_size, else a ``TypeError``/``ValueError``.
+
+    A ``torch.fx`` leaf function (see ``torch.fx.wrap`` below): traced graphs call it, with the same errors.
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a Tensor of shape (N, {in_chans}, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
+            "images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
+        )
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected input of shape (N, {in_chans}, H, W), got {_shape(x)}")
+    if min(x.shape[2], x.shape[3]) < min_input_size:
+        raise ValueError(
+            f"input of size ({x.shape[2]}, {x.shape[3]}) is too small: this network needs height and width of "
+            f"at least {min_input_size}"
+        )
+    return x
+
+
+torch.fx.wrap("_checked_input")
+
+
+def _global_pool(x: Tensor, pool_type: str) -> Tensor:
+    """(N, C, *spatial) -> (N, C): ``"avg"``, ``"max"`` or ``"avgmax"`` (their mean, as timm); ``""``: ``x``."""
+    if pool_type == "":
+        return x
+    flat = x.flatten(2)
+    if pool_type == "avg":
+        return flat.mean(2)
+    if pool_type == "max":
+        return flat.amax(2)
+    return 0.5 * (flat.mean(2) + flat.amax(2))
+
+
+def _check_pool(global_pool: object, num_classes: int) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' for no pooling), got {global_pool!r}")
+    if global_pool == "" and num_classes:
+        raise ValueError(
+            f"global_pool='' (unpooled feature maps) needs num_classes=0, got num_classes={num_classes}: "
+            "a linear classifier needs pooled features"
+        )
+    return global_pool  # type: ignore[return-value]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -172,9 +370,21 @@ class DenseNet(nn.Module):
             and batch-norm statistics; they differ in memory and time.
         arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
             weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
+        global_pool: pooling before the classifier: ``"avg"`` (default), ``"max"``, ``"avgmax"`` (their mean, as
+            in timm) or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``). Recorded in
+            ``config`` when it is not ``"avg"``, so that configurations written before it existed stay the same.
 
     Input (N, in_chans, H, W); output (N, num_classes) logits.
+
+    timm's model interface: ``num_classes``, ``num_features`` (channels of the final features),
+    ``head_hidden_size`` (width of the pooled features the classifier reads), ``global_pool``, ``pretrained_cfg``
+    (alias ``default_cfg``), ``feature_info`` (one entry per feature level: the stem, each dense block but the
+    last, the final features; ImageNet stem reductions 2, 4, 8, ..., CIFAR stem 1, 1, 2, ...),
+    ``forward_features``, ``forward_head``, ``forward_intermediates``, ``prune_intermediate_layers``,
+    ``reset_classifier``, ``set_grad_checkpointing`` and ``group_matcher``.
     """
+
+    __jit_unused_properties__ = ["default_cfg"]
 
     def __init__(
         self,
@@ -189,6 +399,7 @@ class DenseNet(nn.Module):
         stem: str = "imagenet",
         efficient: MemoryMode = True,
         arch_name: str | None = None,
+        global_pool: str = "avg",
     ):
         super().__init__()
         growth_rate = _check_int("growth_rate", growth_rate, 1)
@@ -206,12 +417,15 @@ class DenseNet(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         efficient = check_memory_mode(efficient)
+        global_pool = _check_pool(global_pool, num_classes)
 
         self.config = dict(
             growth_rate=growth_rate, block_config=block_config, num_init_features=num_init_features,
             bn_size=bn_size, compression=compression, drop_rate=drop_rate, num_classes=num_classes,
             in_chans=in_chans, stem=stem,
         )
+        if global_pool != "avg":
+            self.config["global_pool"] = global_pool
         self.in_chans = in_chans
         self.efficient = efficient
         self.arch_name = arch_name
@@ -239,9 +453,13 @@ class DenseNet(nn.Module):
                 features.add_module(f"transition{index + 1}", Transition(num_features, out_features, efficient))
                 num_features = out_features
         features.add_module("norm5", nn.BatchNorm2d(num_features))
+        features.add_module("relu5", nn.ReLU(inplace=True))
         self.features = features
-        self.num_features = num_features
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = num_classes
+        self.global_pool = global_pool
         self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+        self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = self._min_input_size(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
         self.pretrained_cfg: dict[str, Any] = architecture_cfg(stem, in_chans, num_classes)
@@ -254,6 +472,23 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
+
+    def _feature_levels(self, stem: str) -> tuple[FeatureInfo, list[int]]:
+        """timm's ``feature_info`` (stem, each dense block but the last, final features) and the positions in
+        ``self.features`` of the modules whose outputs they are."""
+        names = [name for name, _ in self.features.named_children()]
+        stem_name, reduction = ("relu0", 2) if stem == "imagenet" else ("conv0", 1)
+        stem_channels = self.features.get_submodule("conv0").out_channels
+        levels = [dict(num_chs=stem_channels, reduction=reduction, module=f"features.{stem_name}")]
+        reduction = 2 * reduction if stem == "imagenet" else reduction
+        for name, module in self.features.named_children():
+            if isinstance(module, Transition):
+                block = names[names.index(name) - 1]
+                levels.append(dict(num_chs=module.norm.num_features, reduction=reduction, module=f"features.{block}"))
+                reduction *= 2
+        levels.append(dict(num_chs=self.num_features, reduction=reduction, module="features.relu5"))
+        info = FeatureInfo(dict(level, index=index) for index, level in enumerate(levels))
+        return info, [names.index(level["module"].split(".", 1)[1]) for level in info]
 
     @staticmethod
     def _min_input_size(stem: str, num_blocks: int) -> int:
@@ -269,14 +504,30 @@ class DenseNet(nn.Module):
             size += 1
         return size
 
-    def set_efficient(self, efficient: MemoryMode) -> DenseNet:
+    def set_efficient(self, efficient: MemoryMode) -> "DenseNet":
         """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""
         efficient = check_memory_mode(efficient)
         self.efficient = efficient
-        for module in self.modules():
-            if isinstance(module, (DenseLayer, Transition)):
-                module.efficient = efficient
+        _set_memory_mode(self, efficient)
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for trading compute for memory, mapped to the memory modes: ``True`` sets
+        ``efficient=True`` (recompute concatenation, BN and ReLU in backward), ``False`` sets ``efficient=False``
+        (plain autograd). ``set_efficient("max")`` is the lowest-memory mode."""
+        self.set_efficient(bool(enable))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning rates (timm's ``group_matcher``): the stem, then each dense
+        block with its transition (``coarse``) or each dense layer, the transition joining the layer before it.
+        The final norm and the classifier fall in timm's last group, as in timm's DenseNet."""
+        return dict(
+            stem=r"^features\.conv[012]|features\.norm[012]|features\.pool[012]",
+            blocks=r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
+                (r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
+                (r"^features\.transition(\d+)", _MATCH_PREV_GROUP),
+            ],
+        )
 
     @property
     def default_cfg(self) -> dict[str, Any]:
@@ -286,10 +537,16 @@ class DenseNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none), and the
+        pooling by ``global_pool`` (``None`` keeps it; ``""`` with ``num_classes=0``: unpooled feature maps)."""
         num_classes = _check_int("num_classes", num_classes, 0)
-        self.config["num_classes"] = num_classes
+        global_pool = _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
+        self.config["num_classes"] = self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.config.pop("global_pool", None)
+        if global_pool != "avg":
+            self.config["global_pool"] = global_pool
         param = next(self.parameters())
         if num_classes:
             self.classifier = nn.Linear(self.num_features, num_classes, device=param.device, dtype=param.dtype)
@@ -297,33 +554,117 @@ class DenseNet(nn.Module):
         else:
             self.classifier = nn.Identity()
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
-                f"images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
-            )
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f"input of size {tuple(x.shape[-2:])} is too small: this network needs height and width of at "
-                f"least {self.min_input_size}"
-            )
-
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, num_features, H', W'): features after the final BN and ReLU."""
-        self._check_input(x)
-        return F.relu(self.features(x), inplace=True)
+        return self.features(_checked_input(x, self.in_chans, self.min_input_size))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(N, num_features, H', W') -> pooled features (N, num_features) or logits (N, num_classes)."""
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        """(N, num_features, H', W') -> pooled features (N, head_hidden_size) or logits (N, num_classes);
+        with ``global_pool=""`` the feature maps themselves."""
+        x = _global_pool(x, self.global_pool)
         return x if pre_logits else self.classifier(x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's multi-scale features: the feature maps of the levels in ``feature_info``.
+
+        Args:
+            x: (N, in_chans, H, W).
+            indices: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels (negative from the
+                end). Level 0 is the stem output, then each dense block's concatenated output before its
+                transition, the last the final features (after the final BN and ReLU).
+            norm: accepted for timm's signature; unused (the last level already is the normalised output).
+            stop_early: stop after the last requested level (the final features are then that level's).
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list of levels (and stop after the last requested one).
+
+        Returns: the levels, each (N, num_chs, H / reduction, W / reduction), or ``(final, levels)`` where
+        ``final`` is ``forward_features(x)``. In training the efficient modes keep their memory savings: the
+        concatenations returned are outputs, not stored for backward.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        taken, last = take_indices(len(self.feature_info), indices)
+        if self.feature_ends[last] >= len(self.features):
+            raise ValueError(
+                f"feature level {last} was pruned (prune_intermediate_layers); levels 0 to "
+                f"{self.feature_ends.index(len(self.features) - 1)} remain"
+            )
+        features: DenseFeatures = self.features  # type: ignore[assignment]
+        if stop_early or intermediates_only:
+            features = features[: self.feature_ends[last] + 1]  # type: ignore[assignment]
+        x = _checked_input(x, self.in_chans, self.min_input_size)
+        final, levels = features.forward_taps(x, [self.feature_ends[i] for i in taken])
+        return levels if intermediates_only else (final, levels)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the modules after the last level in ``indices`` (timm's semantics); returns the absolute indices.
+
+        The classifier goes with ``prune_head``, and always when the final features are pruned (then
+        ``num_features`` and ``head_hidden_size`` become the last kept level's channels). ``prune_norm`` is
+        accepted for timm's signature; the final norm goes only with the final level.
+        """
+        taken, last = take_indices(len(self.feature_info), indices)
+        end = self.feature_ends[last]
+        pruned_end = end < len(self.features) - 1
+        self.features = DenseFeatures(OrderedDict(list(self.features.named_children())[: end + 1]))
+        if pruned_end:
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or pruned_end:
+            self.reset_classifier(0, "")
+        return taken
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class DenseNetFeatures(nn.Module):
+    """A DenseNet as a multi-scale backbone (timm's ``features_only``): returns a list of feature maps.
+
+    Built from a :class:`DenseNet` (``create_model(name, features_only=True, out_indices=...)``): the modules
+    after the last requested level are dropped, the rest are the model's own (same state-dict keys, weights
+    shared). ``feature_info`` lists the returned levels: ``channels()``, ``reduction()``, ``module_name()``.
+
+    Input (N, in_chans, H, W); output one (N, num_chs, H / reduction, W / reduction) tensor per level of
+    ``out_indices``. Training keeps the memory mode's savings: only the returned maps are extra.
+    """
+
+    __jit_unused_properties__ = ["default_cfg"]
+
+    def __init__(self, model: DenseNet, out_indices: int | Sequence[int] | None = None):
+        super().__init__()
+        taken = model.prune_intermediate_layers(len(model.feature_info) if out_indices is None else out_indices)
+        self.out_indices = tuple(taken)
+        self.features = model.features
+        self.feature_info = FeatureInfo(dict(model.feature_info[index]) for index in taken)
+        self.taps = [model.feature_ends[index] for index in taken]
+        self.in_chans = model.in_chans
+        self.min_input_size = model.min_input_size
+        self.efficient = model.efficient
+        self.arch_name = model.arch_name
+        self.config = dict(model.config, num_classes=0)
+        self.pretrained_cfg: dict[str, Any] = dict(model.pretrained_cfg)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """Alias of ``pretrained_cfg`` (timm's older name)."""
+        return self.pretrained_cfg
+
+    def set_efficient(self, efficient: MemoryMode) -> "DenseNetFeatures":
+        """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""
+        self.efficient = check_memory_mode(efficient)
+        _set_memory_mode(self, self.efficient)
+        return self
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = _checked_input(x, self.in_chans, self.min_input_size)
+        return self.features.forward_taps(x, self.taps)[1]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from torch import nn
 
 from .functional import MemoryMode
-from .model import DenseNet
+from .model import DenseNet, DenseNetFeatures
 
 _FACTORY = TypeVar("_FACTORY", bound=Callable[..., DenseNet])
 _ENTRYPOINTS: dict[str, Callable[..., DenseNet]] = {}
@@ -53,6 +53,8 @@ _FACTORY_ARGS = """
         efficient: memory mode. ``False``: plain autograd. ``True`` (default): keep only batch statistics and
             bottleneck outputs, recompute concatenation, BN and ReLU in backward (same results, a fraction of
             the memory). ``"max"``: also recompute the bottleneck convolution, the lowest memory.
+        features_only: return a multi-scale backbone (``DenseNetFeatures``: a list of feature maps) instead;
+            ``out_indices`` picks its levels of ``feature_info`` (default all).
         **kwargs: any other ``DenseNet`` argument (``num_classes``, ``in_chans``, ``drop_rate``, ...), and
             ``cache_dir``, ``endpoint``: the Hugging Face cache folder and Hub address for the download
             (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
@@ -96,16 +98,37 @@ def architecture(name: str) -> dict[str, Any]:
     return dict(_ARCHITECTURES[name])
 
 
+@overload
+def create_model(name: str, pretrained: bool = ..., weights: str | os.PathLike | None = ..., *,
+                 cache_dir: str | os.PathLike | None = ..., endpoint: str | None = ...,
+                 features_only: Literal[False] = ..., out_indices: int | Sequence[int] | None = ...,
+                 **kwargs: Any) -> DenseNet: ...
+
+
+@overload
+def create_model(name: str, pretrained: bool = ..., weights: str | os.PathLike | None = ..., *,
+                 cache_dir: str | os.PathLike | None = ..., endpoint: str | None = ...,
+                 features_only: Literal[True], out_indices: int | Sequence[int] | None = ...,
+                 **kwargs: Any) -> DenseNetFeatures: ...
+
+
 def create_model(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None, *,
                  cache_dir: str | os.PathLike | None = None, endpoint: str | None = None,
-                 **kwargs: Any) -> DenseNet:
+                 features_only: bool = False, out_indices: int | Sequence[int] | None = None,
+                 **kwargs: Any) -> DenseNet | DenseNetFeatures:
     """Build the named architecture; ``kwargs`` override its ``DenseNet`` arguments.
 
     ``pretrained=True`` loads the model's default weights, or the tag of ``"NAME.TAG"``; ``weights`` names a tag
     (``"DEFAULT"``: the default one), a file or an ``hf-hub:`` repo (see the factory functions' documentation).
-    The weights' own constructor arguments apply first, then ``kwargs``: another ``num_classes`` loads all but the classifier (fine-tuning). ``cache_dir``
-    and ``endpoint`` override the Hugging Face cache folder and Hub address for the download.
+    The weights' own constructor arguments apply first, then ``kwargs``: another ``num_classes`` loads all but
+    the classifier (fine-tuning). ``cache_dir`` and ``endpoint`` override the Hugging Face cache folder and Hub address for the download.
+
+    ``features_only=True`` returns the network as a multi-scale backbone (:class:`DenseNetFeatures`, timm's
+    ``features_only``): a list of feature maps, the levels ``out_indices`` of ``feature_info`` (default all:
+    the stem, each dense block but the last, the final features).
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the levels of a features_only backbone: pass features_only=True")
     name, tag = _split_tag(name, weights)
     if tag is not None and pretrained:
         weights = tag
@@ -119,7 +142,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | os.PathLike
     model = DenseNet(**{**arch, **kwargs}, arch_name=name)
     if resolved is not None:
         resolved.load_into(model)
-    return model
+    return DenseNetFeatures(model, out_indices) if features_only else model
 
 
 def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:

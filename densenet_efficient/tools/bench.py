@@ -6,6 +6,10 @@ for the others a ``torch.utils.checkpoint`` baseline built the way gpleiss/effic
 Memory is measured in a pass of its own, then the peers' timed steps are interleaved, the order reversed every
 round, so that no peer gets a quieter or warmer machine than another.
 
+``--features-only`` measures the networks as multi-scale backbones (``create_model(..., features_only=True)``,
+for torchvision ``IntermediateLayerGetter`` on the same levels), each followed by :class:`MultiScaleProbe`, a
+head that pools and classifies every level so that each gets a gradient.
+
 ``--sweep depth`` and ``--sweep batch`` repeat this over depths of a CIFAR family or over batch sizes and plot
 memory against them. A peer whose predicted memory (:func:`densenet_efficient.plan.predict`) exceeds what the
 device has free is skipped, and its prediction is shown instead.
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import convert_sync_batchnorm
-from ..core.model import DenseBlock, DenseLayer, DenseNet
+from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from .common import (
     MODES,
     PRECISIONS,
@@ -100,6 +104,50 @@ def torchvision_densenet(config: dict[str, Any]) -> nn.Module:
     return TorchvisionDenseNet(**{key: config[key] for key in keys}, memory_efficient=True)
 
 
+class MultiScaleProbe(nn.Module):
+    """A backbone's feature maps, each global-average-pooled, concatenated and classified: a stand-in for a
+    detection or segmentation head that sends a gradient to every level.
+
+    ``backbone`` returns a list (or dict) of (N, C_i, H_i, W_i) maps with ``channels`` C_i; ``stem`` is the module
+    whose ``conv0`` reads the images. Output (N, num_classes).
+    """
+
+    def __init__(self, backbone: nn.Module, stem: nn.Module, channels: list[int], num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(sum(channels), num_classes)
+        self._stem = [stem]  # not a submodule: it is part of the backbone
+
+    @property
+    def features(self) -> nn.Module:
+        return self._stem[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        maps = self.backbone(x)
+        maps = list(maps.values()) if isinstance(maps, dict) else maps
+        return self.classifier(torch.cat([level.flatten(2).mean(2) for level in maps], 1))
+
+
+def features_only_peer(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``'s network as a backbone of every ``feature_info`` level with a :class:`MultiScaleProbe` head;
+    torchvision's DenseNet through ``IntermediateLayerGetter`` on the same levels (``norm5`` for the final one)."""
+    model: Any = build()
+    if isinstance(model, DenseNet):
+        num_classes = model.num_classes or 10
+        backbone = DenseNetFeatures(model)
+        return MultiScaleProbe(backbone, backbone.features, backbone.feature_info.channels(), num_classes)
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    with torch.device("meta"):
+        reference = DenseNet(block_config=tuple(len(block) for name, block in model.features.named_children()
+                                                if name.startswith("denseblock")),
+                             growth_rate=model.features.denseblock1.denselayer1.conv2.out_channels,
+                             num_init_features=model.features.conv0.out_channels, num_classes=0)
+    layers = [name.split(".", 1)[1].replace("relu5", "norm5") for name in reference.feature_info.module_name()]
+    getter = IntermediateLayerGetter(model.features, {name: name for name in layers})
+    return MultiScaleProbe(getter, getter, reference.feature_info.channels(), model.classifier.out_features)
+
+
 @dataclass(frozen=True)
 class Peer:
     """One contestant: ``key`` (false, true, max, checkpoint), the label printed, and how to build it."""
@@ -122,10 +170,14 @@ def baseline_peer(name: str) -> Peer:
     return Peer(BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name))
 
 
-def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS) -> list[Peer]:
-    """The peers of ``keys`` for model ``name``, in the order of :data:`PEER_KEYS`."""
+def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool = False) -> list[Peer]:
+    """The peers of ``keys`` for model ``name``, in the order of :data:`PEER_KEYS`; with ``features_only`` each
+    built as a multi-scale backbone (:func:`features_only_peer`)."""
     peers = [Peer(key, f"efficient={mode!r}", partial(build_model, name, mode)) for key, mode in MODES.items()]
     peers.append(baseline_peer(name))
+    if features_only:
+        peers = [replace(peer, label=f"{peer.label}, features_only", build=partial(features_only_peer, peer.build))
+                 for peer in peers]
     return [peer for peer in peers if peer.key in keys]
 
 
@@ -145,6 +197,7 @@ class Setting:
     warmup: int = 1
     repeats: int = 3
     frozen_bn: bool = False  # batch norms in eval mode, gradients on: fine-tuning with frozen BatchNorm
+    features_only: bool = False
 
 
 class Runner:
@@ -223,7 +276,7 @@ def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, prog
     rows: list[dict[str, Any]] = []
     runners: dict[str, Runner] = {}
     all_fit = False
-    for peer in make_peers(name, keys):
+    for peer in make_peers(name, keys, setting.features_only):
         row = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
         rows.append(row)
         if not all_fit:
@@ -470,6 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--frozen-bn", action="store_true",
                         help="fine-tuning with frozen BatchNorm: every batch norm in eval mode, gradients on")
+    parser.add_argument("--features-only", action="store_true",
+                        help="measure the multi-scale backbones (features_only=True, every feature level) under a "
+                             "head that pools and classifies every level")
     parser.add_argument("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
     parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
     parser.add_argument("--modes", type=partial(peer_keys, valid=PEER_KEYS), default=PEER_KEYS,
@@ -506,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"densenet-efficient bench: error: {error}", file=sys.stderr)
         return 2
     base = Setting(args.device, args.dtype, args.batch_size, 0, args.channels_last, args.compile,
-                   args.warmup, args.repeats, args.frozen_bn)
+                   args.warmup, args.repeats, args.frozen_bn, args.features_only)
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
@@ -564,6 +620,7 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
     size = configs[0][2]
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
     flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile),
-                                                       ("frozen BatchNorm (eval mode)", args.frozen_bn)) if on)
+                                                       ("frozen BatchNorm (eval mode)", args.frozen_bn),
+                                                       ("features_only", args.features_only)) if on)
     head = f"{what}{batch}, {size}x{size}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
     return f"{head}\n{method_note(setting)}"
