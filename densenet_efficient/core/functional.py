@@ -17,6 +17,9 @@ Backward recomputes the concatenation, batch norm and ReLU from these (elementwi
 convolution backward kernels; it never re-runs a convolution forward, except ``efficient="max"``, which also
 drops ``b`` and recomputes it with one 1x1 convolution. Batch norm running statistics are updated exactly once,
 in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
+
+Feature maps may have 1, 2 or 3 spatial dimensions, (N, C, L), (N, C, H, W) or (N, C, D, H, W), with the
+matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
@@ -52,13 +57,13 @@ class _Stage:
     running_var: Tensor | None
     momentum: float
     eps: float
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
 
 
-def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
+def _batch_norm_momentum(norm: _BatchNorm) -> float:
     """Count one training batch in ``norm`` and return its running-average factor, as nn.BatchNorm2d does."""
     if norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
@@ -67,7 +72,7 @@ def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
     return 0.0 if norm.momentum is None else norm.momentum
 
 
-def _stage(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> _Stage:
+def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
     return _Stage(
         norm.running_mean, norm.running_var, _batch_norm_momentum(norm), norm.eps,
         conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
@@ -78,11 +83,19 @@ def _to(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
+_CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by input rank, as nn.Conv1d/2d/3d call them
+
+
+def _conv(x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
+    """``stage``'s convolution (no bias) of ``x``, (N, C, *spatial) with 1 to 3 spatial dimensions."""
+    return _CONVOLUTIONS[x.dim()](x, weight, None, stage.stride, stage.padding, stage.dilation, stage.groups)
+
+
 def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """relu(batch_norm(x)) from saved per-channel statistics; the same values forward computed."""
     scale = weight * invstd
     shift = bias - mean * scale
-    shape = (1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
     return torch.addcmul(shift.view(shape), x, scale.view(shape)).relu_().to(x.dtype)
 
 
@@ -91,7 +104,7 @@ class _BnReluConvChain(torch.autograd.Function):
 
     Arguments of ``apply``: ``stages`` (one :class:`_Stage` per BN-ReLU-Conv), ``keep_intermediates`` (save the
     output of every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature
-    maps, each (N, C_i, H, W). Returns the last convolution's output.
+    maps, each (N, C_i, *spatial) with 1 to 3 spatial dimensions. Returns the last convolution's output.
     """
 
     @staticmethod
@@ -114,10 +127,7 @@ class _BnReluConvChain(torch.autograd.Function):
                     x, weight, bias, stage.running_mean, stage.running_var, True, stage.momentum, stage.eps
                 )
                 statistics += (mean, invstd)
-                x = F.conv2d(
-                    _to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), None,
-                    stage.stride, stage.padding, stage.dilation, stage.groups,
-                )
+                x = _conv(_to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), stage)
                 del normalized
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
@@ -154,12 +164,8 @@ class _BnReluConvChain(torch.autograd.Function):
             stage_inputs += saved[: num_stages - 1]
         else:
             for index in range(num_stages - 1):
-                stage = stages[index]
                 relu_outputs[index] = relu_output(index, stage_inputs[index])
-                stage_inputs.append(F.conv2d(
-                    relu_outputs[index], conv_weight(index), None,
-                    stage.stride, stage.padding, stage.dilation, stage.groups,
-                ))
+                stage_inputs.append(_conv(relu_outputs[index], conv_weight(index), stages[index]))
 
         grad = grad_output
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
@@ -170,7 +176,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 activated = relu_output(index, x)
             grad, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
                 _to(grad, activated.dtype), activated, conv_weight(index), None,
-                stage.stride, stage.padding, stage.dilation, False, [0, 0], stage.groups,
+                stage.stride, stage.padding, stage.dilation, False, [0] * len(stage.stride), stage.groups,
                 [True, param_needs_grad[3 * index + 2], False],
             )
             # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
@@ -193,11 +199,11 @@ class _BnReluConvChain(torch.autograd.Function):
 
 
 def bn_relu_conv(
-    features: Sequence[Tensor], stages: Sequence[tuple[nn.BatchNorm2d, nn.Conv2d]], efficient: MemoryMode
+    features: Sequence[Tensor], stages: Sequence[tuple[_BatchNorm, _ConvNd]], efficient: MemoryMode
 ) -> Tensor:
     """Apply ``conv(relu(norm(.)))`` for each ``(norm, conv)`` of ``stages`` to ``cat(features, 1)``.
 
-    ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
+    ``features``: feature maps (N, C_i, *spatial) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (batch norms training, grad enabled), the memory-efficient
     autograd function runs; otherwise plain modules, which cost what a naive DenseNet costs.
     """
