@@ -247,7 +247,7 @@ class DenseNet(nn.Module):
         _check_int("in_chans", in_chans, 1)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_LAYERS:
+        if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in SPATIAL_LAYERS:
             raise ValueError(f"spatial_dims must be 1, 2 or 3 (signals, images, volumes), got {spatial_dims!r}")
         efficient = check_memory_mode(efficient)
         layers = SPATIAL_LAYERS[spatial_dims]
