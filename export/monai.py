@@ -32,6 +32,7 @@ from densenet_efficient import DenseNet, create_model, list_models
 from densenet_efficient.core import MemoryMode
 from densenet_efficient.core.registry import architecture
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
+from densenet_efficient.tools.bench import monai_densenet
 
 TOLERANCE = 1e-5
 DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
@@ -101,19 +102,6 @@ def from_monai(source: nn.Module | Mapping[str, Tensor], name: str | None = None
     model = create_model(name or registered_name(args), efficient=efficient, **args)
     model.load_state_dict(convert_state_dict(state_dict), strict=True)
     return model
-
-
-def monai_densenet(args: Mapping[str, Any]) -> nn.Module:
-    """MONAI's ``DenseNet`` with the architecture of this project's ``args`` (ImageNet stem, compression 0.5)."""
-    from monai.networks.nets import DenseNet as MonaiDenseNet
-
-    if args["stem"] != "imagenet" or args["compression"] != 0.5 or not args["bn_size"]:
-        raise ValueError("MONAI's DenseNet has an ImageNet stem, bottleneck layers and compression 0.5: "
-                         "this model cannot be compared with it")
-    return MonaiDenseNet(spatial_dims=args["spatial_dims"], in_channels=args["in_chans"],
-                         out_channels=args["num_classes"], init_features=args["num_init_features"],
-                         growth_rate=args["growth_rate"], block_config=tuple(args["block_config"]),
-                         bn_size=args["bn_size"])
 
 
 def max_logit_difference(state_dict: Mapping[str, Tensor], model: DenseNet, size: int) -> float:

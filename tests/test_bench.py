@@ -149,3 +149,14 @@ def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
     assert naive >= 0.9 * rows[0]["predicted_bytes"]
     assert all(row["step_s"] > 0 for row in rows)
 
+
+
+def test_baseline_for_3d_models_is_monai():
+    pytest.importorskip("monai")
+    peer = bench.baseline_peer("densenet121_3d_efficient")
+    assert peer.label == "MONAI DenseNet (plain autograd)"
+    with torch.device("meta"):
+        model = peer.build()
+    assert type(model).__module__ == "monai.networks.nets.densenet"
+    assert common.model_io(model) == (1, 2, 3)
+    assert sum(p.numel() for p in model.parameters()) == 11_244_674
