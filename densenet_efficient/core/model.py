@@ -33,9 +33,9 @@ VOLUME_SIZE = 96  # side of the volumes (e.g. CT/MRI patches) a 3D network is co
 class SpatialLayers:
     """The layer classes and pooling functions of a network with ``len(axes)`` spatial dimensions."""
 
-    conv: type[_ConvNd]
-    norm: type[_BatchNorm]
-    max_pool: type[nn.Module]
+    conv: Callable[..., _ConvNd]
+    norm: Callable[..., _BatchNorm]
+    max_pool: Callable[..., nn.Module]
     avg_pool: Callable[..., Tensor]
     adaptive_avg_pool: Callable[..., Tensor]
     axes: str  # the spatial axes, for messages: "L", "H, W" or "D, H, W"
@@ -60,6 +60,8 @@ def architecture_cfg(stem: str, in_chans: int, num_classes: int, spatial_dims: i
     channel average, repeated. 1D and 3D networks take signals of length 224 or 32 and volumes of side 96
     (``VOLUME_SIZE``) or 32, already normalised (mean 0, std 1, as MONAI's intensity transforms leave them).
     """
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     size, mean, std = (32, CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (224, IMAGENET_MEAN, IMAGENET_STD)
     if in_chans != 3:
         mean, std = (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans

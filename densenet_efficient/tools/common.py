@@ -112,8 +112,9 @@ def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: i
 
 def model_io(model: nn.Module) -> tuple[int, int, int]:
     """Input channels, number of classes and spatial dimensions of a DenseNet (ours, torchvision's or MONAI's)."""
-    classifier = model.classifier if hasattr(model, "classifier") else model.class_layers.out
-    conv0 = model.features.conv0
+    classifier = model.get_submodule("classifier" if hasattr(model, "classifier") else "class_layers.out")
+    conv0 = model.get_submodule("features.conv0")
+    assert isinstance(conv0, nn.modules.conv._ConvNd), conv0
     num_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
     return conv0.in_channels, num_classes, conv0.weight.dim() - 2
 
@@ -121,7 +122,7 @@ def model_io(model: nn.Module) -> tuple[int, int, int]:
 def input_label(name: str, size: int) -> str:
     """``size`` as the input shape of model ``name``: ``224x224``, ``96x96x96`` or ``4096``."""
     with torch.device("meta"):
-        spatial_dims = build_model(name, False).config["spatial_dims"]
+        spatial_dims = build_model(name, False).spatial_dims
     return "x".join([str(size)] * spatial_dims)
 
 

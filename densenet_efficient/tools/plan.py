@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core import MemoryMode
+
 from .common import (
     MODES,
     add_common_arguments,
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_largest_input(name: str, modes: dict[str, bool | str], budget: int, question: Question) -> list[dict]:
+def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the largest input side of model ``name`` per mode."""
     with torch.device("meta"):
         smallest = build_model(name, False).min_input_size
