@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from ..core import MemoryMode
-
 from .common import (
     MODES,
     add_common_arguments,
