@@ -7,10 +7,14 @@ Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``,
 dependencies = ["torch", "safetensors", "huggingface_hub", "jsonschema"]
 
 from densenet_efficient import (  # noqa: E402, F401  (the entrypoints torch.hub lists)
+    densenet121_3d_efficient,
     densenet121_efficient,
     densenet161_efficient,
+    densenet169_3d_efficient,
     densenet169_efficient,
+    densenet201_3d_efficient,
     densenet201_efficient,
+    densenet264_3d_efficient,
     densenet264_efficient,
     densenet_40_k12,
     densenet_bc_100_k12,

@@ -205,4 +205,15 @@ def test_features_only_torchvision_peer_returns_every_level():
     maps = probe.backbone(torch.randn(2, 3, 64, 64))
     assert list(maps) == ["relu0", "denseblock1", "denseblock2", "denseblock3", "norm5"]
     assert [m.shape[1] for m in maps.values()] == [8, 12, 10, 9, 8]
-    assert probe(torch.randn(2, 3, 64, 64)).shape == (2, 3) and common.model_io(probe) == (3, 3)
+    assert probe(torch.randn(2, 3, 64, 64)).shape == (2, 3) and common.model_io(probe) == (3, 3, 2)
+
+
+def test_baseline_for_3d_models_is_monai():
+    pytest.importorskip("monai")
+    peer = bench.baseline_peer("densenet121_3d_efficient")
+    assert peer.label == "MONAI DenseNet (plain autograd)"
+    with torch.device("meta"):
+        model = peer.build()
+    assert type(model).__module__ == "monai.networks.nets.densenet"
+    assert common.model_io(model) == (1, 2, 3)
+    assert sum(p.numel() for p in model.parameters()) == 11_244_674

@@ -82,3 +82,52 @@ def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
         raise SystemExit(main(["plan", *args]))
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+
+
+def tiny_3d(mode):
+    from densenet_efficient import DenseNet
+
+    return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=2, in_chans=1,
+                    spatial_dims=3, efficient=mode)
+
+
+def test_3d_models_plan_on_volumes():
+    assert common.input_size("densenet121_3d_efficient", None) == 96
+    assert common.input_label("densenet121_3d_efficient", 96) == "96x96x96"
+    assert common.input_label("densenet121_efficient", 224) == "224x224"
+    images, labels = common.random_batch(2, 8, 1, 2, spatial_dims=3)
+    assert images.shape == (2, 1, 8, 8, 8) and labels.shape == (2,)
+    with torch.device("meta"):
+        assert common.model_io(tiny_3d(False)) == (1, 2, 3)
+    # a volume's footprint grows with its side cubed: doubling it multiplies activations by 8
+    question = plan.Question(batch_size=2, input_size=16)
+    small, large = question.footprint(lambda: tiny_3d(False)), plan.replace(question, input_size=32).footprint(
+        lambda: tiny_3d(False))
+    assert small.parameters == large.parameters and 7 < large.peak / small.peak <= 8
+
+
+@pytest.mark.parametrize("mode", [False, True, "max"])
+def test_largest_input_is_the_largest_side_that_fits(mode):
+    question = plan.Question(batch_size=2, input_size=16)
+    build = lambda: tiny_3d(mode)  # noqa: E731
+    budget = plan.replace(question, input_size=40).total(build)
+    side = plan.largest_input(build, budget, question, smallest=5)
+    assert side >= 40
+    assert plan.replace(question, input_size=side).total(build) <= budget
+    assert plan.replace(question, input_size=side + 1).total(build) > budget
+    assert plan.largest_input(build, 1000, question, smallest=5) == 0
+
+
+def test_plan_largest_input_cli(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--model", "densenet121_3d_efficient", "--batch-size", "2", "--input-size", "32",
+                 "--memory", "1GiB", "--modes", "false,max", "--largest-input", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("densenet121_3d_efficient, 32x32x32, fp32: training within 1.00 GiB")
+    assert "Largest input of densenet121_3d_efficient at batch 2:" in out
+    rows = json.loads(path.read_text())["largest_input"]
+    assert [row["mode"] for row in rows] == ["false", "max"]
+    assert 32 <= rows[0]["side"] < rows[1]["side"] and all(row["total_bytes"] <= 2**30 for row in rows)

@@ -57,7 +57,7 @@ def test_depth_must_be_int():
 def test_unknown_model_lists_close_names():
     with pytest.raises(ValueError, match=r"Unknown model 'densenet_bc_100_k13'\. Did you mean densenet_bc_100_k12"):
         de.create_model("densenet_bc_100_k13")
-    with pytest.raises(ValueError, match="Available models: densenet121_efficient"):
+    with pytest.raises(ValueError, match="Available models: densenet121_3d_efficient, densenet121_efficient"):
         de.create_model("resnet50")
 
 

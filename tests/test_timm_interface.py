@@ -20,8 +20,9 @@ def small(name: str, **kwargs):
 
 
 def image(model, batch: int = 2):
-    size = 32 if model.config["stem"] == "cifar" else 64
-    return torch.randn(batch, model.in_chans, size, size)
+    """A random input of the model's rank: images, or volumes/signals for 3D/1D networks."""
+    size = 32 if model.config["stem"] == "cifar" or model.spatial_dims == 3 else 64
+    return torch.randn(batch, model.in_chans, *(size,) * model.spatial_dims)
 
 
 @pytest.mark.parametrize("name", de.list_models())
@@ -36,7 +37,7 @@ def test_interface_attributes_and_head(name):
     assert model.pretrained_cfg["classifier"] + ".weight" in state
     features = model.forward_features(x)
     final = model.feature_info[-1]
-    assert features.shape == (2, model.num_features, x.shape[2] // final["reduction"], x.shape[3] // final["reduction"])
+    assert features.shape == (2, model.num_features, *(side // final["reduction"] for side in x.shape[2:]))
     assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)

@@ -31,6 +31,9 @@ second backward: it costs what plain autograd costs. Under ``torch.func`` transf
 Synchronized batch norms (see :mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one
 collective per batch norm in forward, one in backward, none in the recomputation, which reuses the saved global
 statistics.
+
+Feature maps may have 1, 2 or 3 spatial dimensions, (N, C, L), (N, C, H, W) or (N, C, D, H, W), with the
+matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
@@ -66,9 +71,9 @@ class _Stage:
     running_var: Tensor | None
     momentum: float
     eps: float
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: _SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
@@ -94,8 +99,8 @@ def _sync_group(norm: nn.Module) -> _SyncGroup | None:
     return _SyncGroup(group) if dist.get_world_size(group) > 1 else None
 
 
-def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
-    """Count one training batch in ``norm`` and return its running-average factor, as nn.BatchNorm2d does."""
+def _batch_norm_momentum(norm: _BatchNorm) -> float:
+    """Count one training batch in ``norm`` and return its running-average factor, as nn.BatchNormNd does."""
     if norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
@@ -103,9 +108,9 @@ def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
     return 0.0 if norm.momentum is None else norm.momentum
 
 
-def _stage(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> _Stage:
+def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
     """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
-    # As nn.BatchNorm2d: a training norm that does not track running statistics neither uses nor updates them,
+    # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
     # and an eval-mode norm without running statistics normalises with the batch's.
     use_running = not norm.training or norm.track_running_stats
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
@@ -119,6 +124,14 @@ def _stage(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> _Stage:
 
 def _to(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
+
+
+_CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by input rank, as nn.Conv1d/2d/3d call them
+
+
+def _conv(x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
+    """``stage``'s convolution (no bias) of ``x``, (N, C, *spatial) with 1 to 3 spatial dimensions."""
+    return _CONVOLUTIONS[x.dim()](x, weight, None, stage.stride, stage.padding, stage.dilation, stage.groups)
 
 
 def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
@@ -273,10 +286,7 @@ def _chain(
             intermediates.append(x)
         normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
         statistics += (first, second)
-        x = F.conv2d(
-            _to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), None,
-            stage.stride, stage.padding, stage.dilation, stage.groups,
-        )
+        x = _conv(_to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), stage)
         del normalized
     return x, statistics, intermediates
 
@@ -286,7 +296,7 @@ class _BnReluConvChain(torch.autograd.Function):
 
     Arguments of ``apply``: ``stages`` (one :class:`_Stage` per BN-ReLU-Conv), ``keep_intermediates`` (save the
     output of every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature
-    maps, each (N, C_i, H, W). Returns the last convolution's output.
+    maps, each (N, C_i, *spatial) with 1 to 3 spatial dimensions. Returns the last convolution's output.
     """
 
     @staticmethod
@@ -335,12 +345,8 @@ class _BnReluConvChain(torch.autograd.Function):
             stage_inputs += saved[: num_stages - 1]
         else:
             for index in range(num_stages - 1):
-                stage = stages[index]
                 relu_outputs[index] = relu_output(index, stage_inputs[index])
-                stage_inputs.append(F.conv2d(
-                    relu_outputs[index], conv_weight(index), None,
-                    stage.stride, stage.padding, stage.dilation, stage.groups,
-                ))
+                stage_inputs.append(_conv(relu_outputs[index], conv_weight(index), stages[index]))
 
         grad = grad_output
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
@@ -351,7 +357,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 activated = relu_output(index, x)
             grad, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
                 _to(grad, activated.dtype), activated, conv_weight(index), None,
-                stage.stride, stage.padding, stage.dilation, False, [0, 0], stage.groups,
+                stage.stride, stage.padding, stage.dilation, False, [0] * len(stage.stride), stage.groups,
                 [True, param_needs_grad[3 * index + 2], False],
             )
             # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
@@ -396,11 +402,11 @@ class _BnReluConvChain(torch.autograd.Function):
 
 
 def bn_relu_conv(
-    features: Sequence[Tensor], stages: Sequence[tuple[nn.BatchNorm2d, nn.Conv2d]], efficient: MemoryMode
+    features: Sequence[Tensor], stages: Sequence[tuple[_BatchNorm, _ConvNd]], efficient: MemoryMode
 ) -> Tensor:
     """Apply ``conv(relu(norm(.)))`` for each ``(norm, conv)`` of ``stages`` to ``cat(features, 1)``.
 
-    ``features``: feature maps (N, C_i, H, W) whose channels add up to the first norm's ``num_features``.
+    ``features``: feature maps (N, C_i, *spatial) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
     training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
     ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs. ``torch.jit.trace`` cannot

@@ -1,4 +1,5 @@
-"""The DenseNet model: CIFAR-style and ImageNet-style networks, naive or memory-efficient.
+"""The DenseNet model: CIFAR-style and ImageNet-style networks, naive or memory-efficient, in 1, 2 or 3 spatial
+dimensions (signals, images, volumes).
 
 State-dict keys follow torchvision's ``DenseNet``: ``features.conv0``, ``features.norm0``,
 ``features.denseblockN.denselayerM.{norm1,conv1,norm2,conv2}``, ``features.transitionN.{norm,conv}``,
@@ -13,13 +14,16 @@ modules (``call_module``), so a traced model still runs the memory-efficient fun
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
@@ -29,23 +33,53 @@ GLOBAL_POOLS = ("avg", "max", "avgmax", "")
 _MATCH_PREV_GROUP = (99999,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+VOLUME_SIZE = 96  # side of the volumes (e.g. CT/MRI patches) a 3D network is configured for, as in MONAI's examples
 
 
-def architecture_cfg(stem: str, in_chans: int, num_classes: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SpatialLayers:
+    """The layer classes and pooling functions of a network with ``len(axes)`` spatial dimensions."""
+
+    conv: Callable[..., _ConvNd]
+    norm: Callable[..., _BatchNorm]
+    max_pool: Callable[..., nn.Module]
+    avg_pool: Callable[..., Tensor]
+    adaptive_avg_pool: Callable[..., Tensor]
+    axes: str  # the spatial axes, for messages: "L", "H, W" or "D, H, W"
+    sides: str  # what they are called, for messages
+
+
+SPATIAL_LAYERS: dict[int, SpatialLayers] = {
+    1: SpatialLayers(nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, F.avg_pool1d, F.adaptive_avg_pool1d, "L", "length"),
+    2: SpatialLayers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, "H, W",
+                     "height and width"),
+    3: SpatialLayers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, F.avg_pool3d, F.adaptive_avg_pool3d, "D, H, W",
+                     "depth, height and width"),
+}
+
+
+def architecture_cfg(stem: str, in_chans: int, num_classes: int, spatial_dims: int = 2) -> dict[str, Any]:
     """The input configuration a network of this stem was designed for, in timm's ``pretrained_cfg`` keys.
 
     Pretrained weights replace it with their own (see :mod:`densenet_efficient.pretrained`). CIFAR networks take
     32x32 images normalised with CIFAR-10's statistics; ImageNet networks 224x224 crops (crop fraction 0.875,
     bicubic resize) normalised with ImageNet's. For ``in_chans`` other than 3 the mean and std are the
-    channel average, repeated.
+    channel average, repeated. 1D and 3D networks take signals of length 224 or 32 and volumes of side 96
+    (``VOLUME_SIZE``) or 32, already normalised (mean 0, std 1, as MONAI's intensity transforms leave them).
     """
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     size, mean, std = (32, CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (224, IMAGENET_MEAN, IMAGENET_STD)
     if in_chans != 3:
         mean, std = (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans
+    if spatial_dims != 2:
+        mean, std = (0.0,) * in_chans, (1.0,) * in_chans
+    if spatial_dims == 3 and stem == "imagenet":
+        size = VOLUME_SIZE
     return {
-        "input_size": (in_chans, size, size),
-        "interpolation": "bicubic",
-        "crop_pct": 1.0 if stem == "cifar" else 0.875,
+        "input_size": (in_chans,) + (size,) * spatial_dims,
+        "interpolation": {1: "linear", 2: "bicubic", 3: "trilinear"}[spatial_dims],
+        "crop_pct": 1.0 if stem == "cifar" or spatial_dims != 2 else 0.875,
         "mean": tuple(mean),
         "std": tuple(std),
         "num_classes": num_classes,
@@ -62,26 +96,29 @@ class DenseLayer(nn.Module):
     ``drop_rate > 0``.
 
     Input: a list of (N, C_i, H, W) tensors with sum(C_i) == ``in_channels``. Output: (N, growth_rate, H, W).
+    With ``spatial_dims`` 1 or 3, (N, C, L) or (N, C, D, H, W) and 1D or 3D layers instead.
     Stored for backward: plain autograd keeps the concatenation and each BN-ReLU output; ``efficient=True`` keeps
     only the per-channel batch statistics and the bottleneck output; ``"max"`` only the statistics.
     """
 
     __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float, efficient: MemoryMode):
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float, efficient: MemoryMode,
+                 spatial_dims: int = 2):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        layers = SPATIAL_LAYERS[spatial_dims]
+        self.norm1 = layers.norm(in_channels)
         if bn_size:
             width = bn_size * growth_rate
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.conv1 = layers.conv(in_channels, width, kernel_size=1, bias=False)
+            self.norm2 = layers.norm(width)
+            self.conv2 = layers.conv(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.conv1 = layers.conv(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.efficient = efficient
 
-    def stages(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
+    def stages(self) -> list[tuple[_BatchNorm, _ConvNd]]:
         stages = [(self.norm1, self.conv1)]
         if hasattr(self, "conv2"):
             stages.append((self.norm2, self.conv2))
@@ -119,10 +156,11 @@ class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers. Input: a list of feature maps; output: that list plus each layer's output."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 efficient: MemoryMode):
+                 efficient: MemoryMode, spatial_dims: int = 2):
         super().__init__()
         for index in range(num_layers):
-            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient)
+            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient,
+                               spatial_dims)
             self.add_module(f"denselayer{index + 1}", layer)
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:  # type: ignore[override]
@@ -136,15 +174,18 @@ class Transition(nn.Module):
     """BN-ReLU-Conv1x1 then 2x2 average pooling, between two dense blocks.
 
     Input: the previous block's list of feature maps (N, C_i, H, W). Output: (N, out_channels, H/2, W/2).
+    With ``spatial_dims`` 1 or 3, every spatial dimension is halved likewise.
     In the efficient modes the block's concatenation is not stored for backward: only its statistics are.
     """
 
     __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
 
-    def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode):
+    def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode, spatial_dims: int = 2):
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        layers = SPATIAL_LAYERS[spatial_dims]
+        self.norm = layers.norm(in_channels)
+        self.conv = layers.conv(in_channels, out_channels, kernel_size=1, bias=False)
+        self.spatial_dims = spatial_dims
         self.efficient = efficient
 
     @classmethod
@@ -154,6 +195,7 @@ class Transition(nn.Module):
         nn.Module.__init__(transition)
         transition.norm, transition.conv = norm, conv
         transition.efficient = check_memory_mode(efficient)
+        transition.spatial_dims = conv.weight.dim() - 2
         return transition
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
@@ -166,7 +208,16 @@ class Transition(nn.Module):
                 return traced
             inputs = [features] if isinstance(features, Tensor) else features
             x = bn_relu_conv(inputs, [(self.norm, self.conv)], self.efficient)
-        return F.avg_pool2d(x, kernel_size=2)
+        return _avg_pool(x, self.spatial_dims)
+
+
+def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
+    """2x average pooling over every spatial dimension of ``x`` (written out for TorchScript)."""
+    if spatial_dims == 1:
+        return F.avg_pool1d(x, kernel_size=2)
+    if spatial_dims == 3:
+        return F.avg_pool3d(x, kernel_size=2)
+    return F.avg_pool2d(x, kernel_size=2)
 
 
 def _concat(features: List[Tensor]) -> Tensor:
@@ -285,25 +336,45 @@ def _shape(x: Tensor) -> str:
     return "(" + ", ".join(sizes) + (",)" if len(sizes) == 1 else ")")
 
 
-def _checked_input(x: Tensor, in_chans: int, min_input_size: int) -> Tensor:
-    """``x`` if it is (N, in_chans, H, W) with H, W >= min_input_size, else a ``TypeError``/``ValueError``.
+def _axes(spatial_dims: int) -> str:
+    """The spatial axes of an input, for messages (a function, not a table: TorchScript compiles it)."""
+    if spatial_dims == 1:
+        return "L"
+    if spatial_dims == 3:
+        return "D, H, W"
+    return "H, W"
+
+
+def _sides(spatial_dims: int) -> str:
+    if spatial_dims == 1:
+        return "length"
+    if spatial_dims == 3:
+        return "depth, height and width"
+    return "height and width"
+
+
+def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: int = 2) -> Tensor:
+    """``x`` if it is (N, in_chans, *spatial) with ``spatial_dims`` sides >= min_input_size, else a
+    ``TypeError``/``ValueError``.
 
     A ``torch.fx`` leaf function (see ``torch.fx.wrap`` below): traced graphs call it, with the same errors.
     """
+    shape = "(N, " + str(in_chans) + ", " + _axes(spatial_dims) + ")"
     if not torch.jit.is_scripting():
         if not isinstance(x, Tensor):
-            raise TypeError(f"expected a Tensor of shape (N, {in_chans}, H, W), got {type(x).__name__}")
+            raise TypeError(f"expected a Tensor of shape {shape}, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
             "images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
         )
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"expected input of shape (N, {in_chans}, H, W), got {_shape(x)}")
-    if min(x.shape[2], x.shape[3]) < min_input_size:
+    if x.dim() != spatial_dims + 2 or x.shape[1] != in_chans:
+        raise ValueError(f"expected input of shape {shape}, got {_shape(x)}")
+    if min(x.shape[2:]) < min_input_size:
+        sizes = [str(size) for size in x.shape[2:]]
         raise ValueError(
-            f"input of size ({x.shape[2]}, {x.shape[3]}) is too small: this network needs height and width of "
-            f"at least {min_input_size}"
+            f"input of size ({', '.join(sizes)}) is too small: this network needs {_sides(spatial_dims)} of at "
+            f"least {min_input_size}"
         )
     return x
 
@@ -365,6 +436,8 @@ class DenseNet(nn.Module):
         num_classes: classifier outputs; 0 for no classifier (``forward`` then returns pooled features).
         in_chans: input channels.
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (3x3 conv).
+        spatial_dims: 2 for images (N, C, H, W); 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L), with
+            the 3D or 1D convolutions, batch norms and pooling of the same sizes (MONAI's ``DenseNet`` layout).
         efficient: ``False`` (plain autograd), ``True`` (recompute concatenation, BN and ReLU in backward) or
             ``"max"`` (also recompute the bottleneck convolution). All three give the same outputs, gradients
             and batch-norm statistics; they differ in memory and time.
@@ -374,7 +447,7 @@ class DenseNet(nn.Module):
             in timm) or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``). Recorded in
             ``config`` when it is not ``"avg"``, so that configurations written before it existed stay the same.
 
-    Input (N, in_chans, H, W); output (N, num_classes) logits.
+    Input (N, in_chans, H, W), or (N, in_chans, D, H, W) / (N, in_chans, L); output (N, num_classes) logits.
 
     timm's model interface: ``num_classes``, ``num_features`` (channels of the final features),
     ``head_hidden_size`` (width of the pooled features the classifier reads), ``global_pool``, ``pretrained_cfg``
@@ -400,6 +473,7 @@ class DenseNet(nn.Module):
         efficient: MemoryMode = True,
         arch_name: str | None = None,
         global_pool: str = "avg",
+        spatial_dims: int = 2,
     ):
         super().__init__()
         growth_rate = _check_int("growth_rate", growth_rate, 1)
@@ -416,43 +490,48 @@ class DenseNet(nn.Module):
         in_chans = _check_int("in_chans", in_chans, 1)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in SPATIAL_LAYERS:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3 (signals, images, volumes), got {spatial_dims!r}")
         efficient = check_memory_mode(efficient)
         global_pool = _check_pool(global_pool, num_classes)
+        layers = SPATIAL_LAYERS[spatial_dims]
 
         self.config = dict(
             growth_rate=growth_rate, block_config=block_config, num_init_features=num_init_features,
             bn_size=bn_size, compression=compression, drop_rate=drop_rate, num_classes=num_classes,
-            in_chans=in_chans, stem=stem,
+            in_chans=in_chans, stem=stem, spatial_dims=spatial_dims,
         )
         if global_pool != "avg":
             self.config["global_pool"] = global_pool
         self.in_chans = in_chans
+        self.spatial_dims = spatial_dims
         self.efficient = efficient
         self.arch_name = arch_name
 
         if stem == "imagenet":
-            layers = [
-                ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
+            stem_layers = [
+                ("conv0", layers.conv(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", layers.norm(num_init_features)),
                 ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                ("pool0", layers.max_pool(kernel_size=3, stride=2, padding=1)),
             ]
         else:
-            layers = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
-        features = DenseFeatures(OrderedDict(layers))
+            stem_layers = [("conv0", layers.conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
+        features = DenseFeatures(OrderedDict(stem_layers))
 
         num_features = num_init_features
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, efficient)
+            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, efficient, spatial_dims)
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
                 out_features = math.floor(num_features * compression)
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
-                features.add_module(f"transition{index + 1}", Transition(num_features, out_features, efficient))
+                features.add_module(f"transition{index + 1}",
+                                    Transition(num_features, out_features, efficient, spatial_dims))
                 num_features = out_features
-        features.add_module("norm5", nn.BatchNorm2d(num_features))
+        features.add_module("norm5", layers.norm(num_features))
         features.add_module("relu5", nn.ReLU(inplace=True))
         self.features = features
         self.num_features = self.head_hidden_size = num_features
@@ -462,12 +541,12 @@ class DenseNet(nn.Module):
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = self._min_input_size(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
-        self.pretrained_cfg: dict[str, Any] = architecture_cfg(stem, in_chans, num_classes)
+        self.pretrained_cfg: dict[str, Any] = architecture_cfg(stem, in_chans, num_classes, spatial_dims)
 
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, _ConvNd):
                 nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, nn.BatchNorm2d):
+            elif isinstance(module, _BatchNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
@@ -492,7 +571,8 @@ class DenseNet(nn.Module):
 
     @staticmethod
     def _min_input_size(stem: str, num_blocks: int) -> int:
-        """Smallest height/width that leaves at least one pixel after the stem and every transition."""
+        """Smallest side (height, width, depth or length) that leaves at least one pixel after the stem and every
+        transition."""
         def final_size(size: int) -> int:
             if stem == "imagenet":
                 size = (size - 1) // 2 + 1  # 7x7 conv, stride 2, padding 3
@@ -555,8 +635,9 @@ class DenseNet(nn.Module):
             self.classifier = nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_chans, H, W) -> (N, num_features, H', W'): features after the final BN and ReLU."""
-        return self.features(_checked_input(x, self.in_chans, self.min_input_size))
+        """(N, in_chans, H, W) -> (N, num_features, H', W'): features after the final BN and ReLU (likewise for
+        (N, in_chans, D, H, W) and (N, in_chans, L))."""
+        return self.features(_checked_input(x, self.in_chans, self.min_input_size, self.spatial_dims))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(N, num_features, H', W') -> pooled features (N, head_hidden_size) or logits (N, num_classes);
@@ -600,7 +681,7 @@ class DenseNet(nn.Module):
         features: DenseFeatures = self.features  # type: ignore[assignment]
         if stop_early or intermediates_only:
             features = features[: self.feature_ends[last] + 1]  # type: ignore[assignment]
-        x = _checked_input(x, self.in_chans, self.min_input_size)
+        x = _checked_input(x, self.in_chans, self.min_input_size, self.spatial_dims)
         final, levels = features.forward_taps(x, [self.feature_ends[i] for i in taken])
         return levels if intermediates_only else (final, levels)
 
@@ -649,6 +730,7 @@ class DenseNetFeatures(nn.Module):
         self.taps = [model.feature_ends[index] for index in taken]
         self.in_chans = model.in_chans
         self.min_input_size = model.min_input_size
+        self.spatial_dims = model.spatial_dims
         self.efficient = model.efficient
         self.arch_name = model.arch_name
         self.config = dict(model.config, num_classes=0)
@@ -666,5 +748,5 @@ class DenseNetFeatures(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        x = _checked_input(x, self.in_chans, self.min_input_size)
+        x = _checked_input(x, self.in_chans, self.min_input_size, self.spatial_dims)
         return self.features.forward_taps(x, self.taps)[1]

@@ -221,6 +221,41 @@ def densenet264_efficient(pretrained: bool = False, weights: str | None = None, 
     return create_model("densenet264_efficient", pretrained, weights, efficient=efficient, **kwargs)
 
 
+# Volumetric (3D) DenseNets: the architectures of MONAI's DenseNet121/169/201/264 (ImageNet stem in 3D, compression
+# 0.5), for single-channel volumes (CT, MRI) and two classes by default, as in MONAI's 3D classification examples.
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, spatial_dims=3, in_chans=1,
+                num_classes=2)
+def densenet121_3d_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                             **kwargs: Any) -> DenseNet:
+    """DenseNet-121 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet121(spatial_dims=3)``."""
+    return create_model("densenet121_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64, spatial_dims=3, in_chans=1,
+                num_classes=2)
+def densenet169_3d_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                             **kwargs: Any) -> DenseNet:
+    """DenseNet-169 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet169(spatial_dims=3)``."""
+    return create_model("densenet169_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64, spatial_dims=3, in_chans=1,
+                num_classes=2)
+def densenet201_3d_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                             **kwargs: Any) -> DenseNet:
+    """DenseNet-201 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet201(spatial_dims=3)``."""
+    return create_model("densenet201_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64, spatial_dims=3, in_chans=1,
+                num_classes=2)
+def densenet264_3d_efficient(pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True,
+                             **kwargs: Any) -> DenseNet:
+    """DenseNet-264 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet264(spatial_dims=3)``."""
+    return create_model("densenet264_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
+
 
 def cifar_densenet(depth: int, growth_rate: int = 12, bottleneck: bool = True, **kwargs: Any) -> DenseNet:
     """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet.

@@ -59,7 +59,7 @@ _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 # config.json: this project's keys (save_pretrained) and timm's (save_for_hf).
 MODEL_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
-              "num_classes", "in_chans", "stem")
+              "num_classes", "in_chans", "stem", "global_pool", "spatial_dims")
 _OWN_KEYS = {"architecture", "model_args", "num_classes", "pretrained_cfg", "weights_sha256"}
 _TIMM_KEYS = {"architecture", "model_args", "num_classes", "num_features", "global_pool", "pretrained_cfg",
               "label_names", "label_descriptions"}

@@ -43,6 +43,7 @@ from .common import (
     device_name,
     family_member,
     family_name,
+    input_label,
     input_size,
     int_at_least,
     model_io,
@@ -148,6 +149,19 @@ def features_only_peer(build: Callable[[], nn.Module]) -> nn.Module:
     return MultiScaleProbe(getter, getter, reference.feature_info.channels(), model.classifier.out_features)
 
 
+def monai_densenet(config: dict[str, Any]) -> nn.Module:
+    """MONAI's ``DenseNet`` (plain autograd, the usual 3D DenseNet) with the architecture of ``config``."""
+    from monai.networks.nets import DenseNet as MonaiDenseNet
+
+    if config["stem"] != "imagenet" or config["compression"] != 0.5 or not config["bn_size"]:
+        raise ValueError("MONAI's DenseNet has an ImageNet stem, bottleneck layers and compression 0.5: "
+                         "this model cannot be compared with it")
+    return MonaiDenseNet(spatial_dims=config["spatial_dims"], in_channels=config["in_chans"],
+                         out_channels=config["num_classes"], init_features=config["num_init_features"],
+                         growth_rate=config["growth_rate"], block_config=tuple(config["block_config"]),
+                         bn_size=config["bn_size"], dropout_prob=config["drop_rate"])
+
+
 @dataclass(frozen=True)
 class Peer:
     """One contestant: ``key`` (false, true, max, checkpoint), the label printed, and how to build it."""
@@ -158,13 +172,15 @@ class Peer:
 
 
 def baseline_peer(name: str) -> Peer:
-    """torchvision's checkpointed DenseNet where it has the architecture, else the seed-style checkpoint model."""
+    """The DenseNet people use today for this architecture: for 1D and 3D networks MONAI's ``DenseNet`` (plain
+    autograd); for 2D torchvision's checkpointed DenseNet where it has the architecture, else the seed-style
+    checkpoint model."""
     with torch.device("meta"):
         config = build_model(name, False).config
-    torchvision_has_it = (
-        config["stem"] == "imagenet" and config["compression"] == 0.5 and config["in_chans"] == 3
-        and config["bn_size"] > 0
-    )
+    monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0
+    if config["spatial_dims"] != 2 and monai_layout:
+        return Peer(BASELINE, "MONAI DenseNet (plain autograd)", partial(monai_densenet, config))
+    torchvision_has_it = monai_layout and config["in_chans"] == 3 and config["spatial_dims"] == 2
     if torchvision_has_it:
         return Peer(BASELINE, "torchvision memory_efficient=True", partial(torchvision_densenet, config))
     return Peer(BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name))
@@ -210,9 +226,8 @@ class Runner:
             freeze_batch_norms(model)
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
-        in_chans, num_classes = model_io(model)
-        images, self.labels = random_batch(setting.batch_size, setting.input_size, in_chans, num_classes,
-                                           setting.device)
+        images, self.labels = random_batch(setting.batch_size, setting.input_size, *model_io(model),
+                                           device=setting.device)
         self.images = images.contiguous(memory_format=memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.model = torch.compile(model) if setting.compile else model
@@ -622,5 +637,5 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
     flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile),
                                                        ("frozen BatchNorm (eval mode)", args.frozen_bn),
                                                        ("features_only", args.features_only)) if on)
-    head = f"{what}{batch}, {size}x{size}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
+    head = f"{what}{batch}, {input_label(configs[0][1], size)}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
     return f"{head}\n{method_note(setting)}"

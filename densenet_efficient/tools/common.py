@@ -74,13 +74,15 @@ def family_depth(family: str, layers_per_block: int) -> int:
 
 
 def input_size(name: str, requested: int | None) -> int:
-    """``requested``, or the input size model ``name`` was designed for (32 for a CIFAR stem, else 224).
+    """``requested``, or the input side model ``name`` was designed for (32 for a CIFAR stem, 224 for ImageNet,
+    96 for a 3D volume: ``pretrained_cfg["input_size"]``). The side is the height and width of an image, the
+    depth, height and width of a volume, the length of a signal.
 
     Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
     """
     with torch.device("meta"):
         model = build_model(name, False)
-    size = requested or (32 if model.config["stem"] == "cifar" else 224)
+    size = requested or model.pretrained_cfg["input_size"][-1]
     if size < model.min_input_size:
         raise argparse.ArgumentTypeError(
             f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
@@ -105,17 +107,28 @@ def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torc
         optimizer.step()
 
 
-def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int,
+def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int, spatial_dims: int = 2,
                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Random images (N, C, H, W) and class labels (N,)."""
-    images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
+    """Random inputs (N, C) + (input_size,) * spatial_dims (images (N, C, H, W) by default, volumes with
+    ``spatial_dims=3``) and class labels (N,)."""
+    images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
     return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
 
 
-def model_io(model: nn.Module) -> tuple[int, int]:
-    """Input channels and number of classes of a DenseNet (ours or torchvision's)."""
-    classifier = model.classifier
-    return model.features.conv0.in_channels, classifier.out_features if isinstance(classifier, nn.Linear) else 1
+def model_io(model: nn.Module) -> tuple[int, int, int]:
+    """Input channels, number of classes and spatial dimensions of a DenseNet (ours, torchvision's or MONAI's)."""
+    classifier = model.get_submodule("classifier" if hasattr(model, "classifier") else "class_layers.out")
+    conv0 = model.get_submodule("features.conv0")
+    assert isinstance(conv0, nn.modules.conv._ConvNd), conv0
+    num_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
+    return conv0.in_channels, num_classes, conv0.weight.dim() - 2
+
+
+def input_label(name: str, size: int) -> str:
+    """``size`` as the input shape of model ``name``: ``224x224``, ``96x96x96`` or ``4096``."""
+    with torch.device("meta"):
+        spatial_dims = build_model(name, False).spatial_dims
+    return "x".join([str(size)] * spatial_dims)
 
 
 def device_name(value: str) -> torch.device:
@@ -165,7 +178,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
                         help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
-    parser.add_argument("--input-size", type=int_at_least(1), help="height and width (default: the model's, 32 or 224)")
+    parser.add_argument("--input-size", type=int_at_least(1),
+                        help="side: height and width of an image, depth, height and width of a volume "
+                             "(default: the model's, 32, 224 or 96 for 3D)")
     parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
                         help="fp32, or bf16/fp16 autocast (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -8,6 +8,8 @@ and the caching allocator come on top: keep some headroom.
 
 * Largest batch: a step's peak is affine in the batch size (activations scale with it; parameters, gradients
   and batch statistics do not), so two fake steps give the line and a third checks the answer.
+* Largest input (``--largest-input``): the total grows with the input side (every feature map does), so a
+  binary search over the side with fake steps finds the largest image or volume that trains at the batch size.
 * Deepest network of a CIFAR family: with n layers per block, once n is past a dozen or so the total is a
   quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
   modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
@@ -24,8 +26,10 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
+from ..core import MemoryMode
 from .common import (
     MODES,
     add_common_arguments,
@@ -33,6 +37,7 @@ from .common import (
     family_depth,
     family_member,
     family_name,
+    input_label,
     input_size,
     int_at_least,
     peer_keys,
@@ -46,6 +51,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
 MAX_LAYERS = 2**20  # the search for the deepest network stops here
+MAX_SIDE = 2**16  # and the search for the largest input here
 GIB = 2**30
 
 
@@ -84,6 +90,21 @@ def largest_batch(build: Callable[[], nn.Module], budget: int, question: Questio
     while batch >= 1 and (total := question.total(build, batch)) > budget:
         batch -= max(1, int((total - budget) // per_image))
     return max(batch, 0)
+
+
+def largest_input(build: Callable[[], nn.Module], budget: int, question: Question, smallest: int) -> int:
+    """The largest input side (at least ``smallest``, the network's minimum) whose training total at the
+    question's batch size fits in ``budget`` bytes; 0 if not even ``smallest`` fits."""
+
+    def fits(side: int) -> bool:
+        return replace(question, input_size=side).total(build) <= budget
+
+    if not fits(smallest):
+        return 0
+    high = max(smallest, question.input_size)
+    while fits(high) and high < MAX_SIDE:
+        high *= 2
+    return _last_true(lambda side: side == smallest or fits(side), smallest, high)
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--family", type=family_name,
                         help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12")
+    parser.add_argument("--largest-input", action="store_true",
+                        help="also find the largest input side (image height and width, volume depth, height and "
+                             "width) that trains at --batch-size")
     parser.add_argument("--optimizer-copies", type=int_at_least(0), default=1,
                         help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)")
     parser.add_argument("--modes", type=partial(peer_keys, valid=tuple(MODES)), default=tuple(MODES),
@@ -168,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
         return 2
     question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies)
-    print(f"{args.model}, {question.input_size}x{question.input_size}, {args.dtype}: training within "
+    print(f"{args.model}, {input_label(args.model, question.input_size)}, {args.dtype}: training within "
           f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)")
     print(f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
           "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
@@ -180,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         print(f"| efficient={mode!r} | {_gib(at_batch)} | {batch} |")
+    if args.largest_input:
+        result["largest_input"] = _print_largest_input(args.model, modes, args.memory, question)
     if args.family:
         result["family"] = args.family
         result["deepest"] = _print_deepest(args.family, modes, args.memory,
@@ -188,6 +214,25 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return 0
+
+
+def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
+    """Print and return the largest input side of model ``name`` per mode."""
+    with torch.device("meta"):
+        smallest = build_model(name, False).min_input_size
+    print(f"\nLargest input of {name} at batch {question.batch_size}:\n| mode | side | input | memory | side x naive |\n"
+          "| --- | --- | --- | --- | --- |")
+    rows: list[dict] = []
+    for key, mode in modes.items():
+        build = partial(build_model, name, mode)
+        side = largest_input(build, budget, question, smallest)
+        total = replace(question, input_size=side).total(build) if side else None
+        rows.append({"mode": key, "side": side, "total_bytes": total})
+        naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
+        ratio = f"{side / naive:.2f}" if naive and side else "-"
+        shape = input_label(name, side) if side else "none fits"
+        print(f"| efficient={mode!r} | {side} | {shape} | {_gib(total) if total else '-'} | {ratio} |")
+    return rows
 
 
 def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, question: Question) -> list[dict]:
