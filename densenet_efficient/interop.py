@@ -17,8 +17,14 @@ _ENTRYPOINT_MODULE = "densenet_efficient"
 
 
 def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
-    def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
-                   cache_dir: Any = None, feature_cls: str | None = None, **kwargs: Any) -> DenseNet | DenseNetFeatures:
+    def entrypoint(
+        pretrained: bool = False,
+        pretrained_cfg: Any = None,
+        pretrained_cfg_overlay: dict | None = None,
+        cache_dir: Any = None,
+        feature_cls: str | None = None,
+        **kwargs: Any,
+    ) -> DenseNet | DenseNetFeatures:
         if feature_cls not in (None, "getter"):
             raise ValueError(
                 f"feature_cls={feature_cls!r} is not supported: features_only=True returns this package's "
@@ -26,7 +32,8 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
             )
         weights = None
         hf_hub_id = getattr(pretrained_cfg, "hf_hub_id", None) or (
-            pretrained_cfg.get("hf_hub_id") if isinstance(pretrained_cfg, dict) else None)
+            pretrained_cfg.get("hf_hub_id") if isinstance(pretrained_cfg, dict) else None
+        )
         if pretrained and hf_hub_id:
             weights = f"hf-hub:{hf_hub_id}"
         model = registry.create_model(name, pretrained=pretrained, weights=weights, cache_dir=cache_dir, **kwargs)

@@ -29,8 +29,14 @@ TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5
 # How torchvision's ImageNet weights are fed (its ImageClassification transform: resize 256 bilinear, centre crop
 # 224, ImageNet mean/std) and the label list they follow (torchvision's ImageNet categories).
-TORCHVISION_PREPROCESSING: dict[str, Any] = {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875,
-                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "labels": "imagenet-1k"}
+TORCHVISION_PREPROCESSING: dict[str, Any] = {
+    "input_size": [3, 224, 224],
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "labels": "imagenet-1k",
+}
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
 
@@ -39,8 +45,10 @@ def torchvision_url(name: str, endpoint: str | None = None) -> str:
     import torchvision
 
     if not name.startswith("densenet") or name not in torchvision.models.list_models():
-        raise SystemExit(f"--torchvision must name a torchvision DenseNet: densenet121, densenet161, densenet169, "
-                         f"densenet201; got {name!r}")
+        raise SystemExit(
+            f"--torchvision must name a torchvision DenseNet: densenet121, densenet161, densenet169, "
+            f"densenet201; got {name!r}"
+        )
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     return url.replace(TORCHVISION_URL_BASE, endpoint.rstrip("/"), 1) if endpoint else url
 
@@ -60,11 +68,17 @@ def torchvision_densenet(model_args: dict) -> torch.nn.Module:
     from torchvision.models import DenseNet
 
     if model_args["stem"] != "imagenet" or model_args["compression"] != 0.5 or model_args["in_chans"] != 3:
-        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
-                         "this model cannot be compared with it")
-    return DenseNet(growth_rate=model_args["growth_rate"], block_config=tuple(model_args["block_config"]),
-                    num_init_features=model_args["num_init_features"], bn_size=model_args["bn_size"],
-                    num_classes=model_args["num_classes"])
+        raise SystemExit(
+            "torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
+            "this model cannot be compared with it"
+        )
+    return DenseNet(
+        growth_rate=model_args["growth_rate"],
+        block_config=tuple(model_args["block_config"]),
+        num_init_features=model_args["num_init_features"],
+        bn_size=model_args["bn_size"],
+        num_classes=model_args["num_classes"],
+    )
 
 
 def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
@@ -82,7 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--torchvision", metavar="NAME", help="a torchvision model name, e.g. densenet121 (online)")
     source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="a .pth file or URL (legacy or new key names)")
     parser.add_argument("--model", help="this project's model name (default for --torchvision: NAME_efficient)")
-    parser.add_argument("--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
+    )
     parser.add_argument("--tag", default="tv_in1k", help="weights tag recorded in config.json (default: tv_in1k)")
     parser.add_argument("--image-size", type=int, default=224, help="side of the random test image (default 224)")
     parser.add_argument("--endpoint", help=f"a mirror of {TORCHVISION_URL_BASE} for --torchvision")
@@ -104,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not difference < TOLERANCE:
         print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
         return 1
-    entry = save_pretrained(model, args.output, tag=args.tag, source=f"converted from torchvision ({location})",
-                            **TORCHVISION_PREPROCESSING)
+    entry = save_pretrained(
+        model, args.output, tag=args.tag, source=f"converted from torchvision ({location})", **TORCHVISION_PREPROCESSING
+    )
     print(json.dumps(entry, indent=2))
     return 0
 

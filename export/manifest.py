@@ -69,9 +69,11 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
             continue
         verified, mismatched = compare(hub, facts)
         empty = [field for field in FIELDS if hub[field] is None]
-        print(f"{key}: verified {', '.join(verified) or 'nothing'}"
-              + (f"; MISMATCH {'; '.join(mismatched)}" if mismatched else "")
-              + (f"; {'filled' if fill else 'empty'} {', '.join(f'{f}={facts[f]}' for f in empty)}" if empty else ""))
+        print(
+            f"{key}: verified {', '.join(verified) or 'nothing'}"
+            + (f"; MISMATCH {'; '.join(mismatched)}" if mismatched else "")
+            + (f"; {'filled' if fill else 'empty'} {', '.join(f'{f}={facts[f]}' for f in empty)}" if empty else "")
+        )
         agree = agree and not mismatched
         if fill:
             hub.update({field: facts[field] for field in empty})
@@ -81,20 +83,28 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
 def table(manifest: dict[str, Any]) -> str:
     """Markdown table of the manifest's weights: top-1/top-5 with the protocol (who measured, size, crop) and
     the license."""
-    rows = [("| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
-             "| torchvision fallback |"),
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
+            "| torchvision fallback |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, entry in manifest["weights"].items():
         default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
         results = "<br>".join(
             f"{m['top1']:.3f} / {'-' if m['top5'] is None else format(m['top5'], '.3f')} "
-            f"({m['reported_by']}, {m['image_size']} px, crop {m['crop_pct']:g})" for m in entry["metrics"])
+            f"({m['reported_by']}, {m['image_size']} px, crop {m['crop_pct']:g})"
+            for m in entry["metrics"]
+        )
         hub = entry["hub"]
         hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
         pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"
         url = entry["url"]["url"] if entry["url"] else ""
-        rows.append(f"| `{key}` | {default} | {results} | {entry['license'] or 'unknown'} | {entry['source']} "
-                    f"| {hub_cell} | {pinned} | {url} |")
+        rows.append(
+            f"| `{key}` | {default} | {results} | {entry['license'] or 'unknown'} | {entry['source']} "
+            f"| {hub_cell} | {pinned} | {url} |"
+        )
     return "\n".join(rows)
 
 
@@ -124,8 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: no entries {unknown}; entries: {', '.join(manifest['weights'])}", file=sys.stderr)
         return 2
-    agree = check_and_fill(manifest, args.keys or list(manifest["weights"]), args.action == "fill",
-                           endpoint=args.endpoint, token=args.token)
+    agree = check_and_fill(
+        manifest,
+        args.keys or list(manifest["weights"]),
+        args.action == "fill",
+        endpoint=args.endpoint,
+        token=args.token,
+    )
     if args.action == "fill" and agree:
         write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
         print(f"wrote {path}")

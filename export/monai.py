@@ -45,8 +45,10 @@ def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """MONAI DenseNet keys -> this project's (``...denselayerM.layers.norm1`` -> ``...denselayerM.norm1``,
     ``class_layers.out`` -> ``classifier``); raises ``ValueError`` for a state dict that is not a MONAI DenseNet."""
     if "features.conv0.weight" not in state_dict or "class_layers.out.weight" not in state_dict:
-        raise ValueError("not a MONAI DenseNet state dict: expected keys features.conv0.weight and "
-                         "class_layers.out.weight (monai.networks.nets.DenseNet121/169/201/264)")
+        raise ValueError(
+            "not a MONAI DenseNet state dict: expected keys features.conv0.weight and "
+            "class_layers.out.weight (monai.networks.nets.DenseNet121/169/201/264)"
+        )
     converted = {}
     for key, value in state_dict.items():
         key = _LAYER_KEY.sub(r"\1.\2", key)
@@ -70,10 +72,15 @@ def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     conv1 = state_dict["features.denseblock1.denselayer1.layers.conv1.weight"]
     growth_rate = state_dict["features.denseblock1.denselayer1.layers.conv2.weight"].shape[0]
     return {
-        "growth_rate": growth_rate, "block_config": tuple(layers[block] for block in sorted(layers)),
-        "num_init_features": conv0.shape[0], "bn_size": conv1.shape[0] // growth_rate, "compression": 0.5,
-        "num_classes": state_dict["class_layers.out.weight"].shape[0], "in_chans": conv0.shape[1],
-        "stem": "imagenet", "spatial_dims": conv0.dim() - 2,
+        "growth_rate": growth_rate,
+        "block_config": tuple(layers[block] for block in sorted(layers)),
+        "num_init_features": conv0.shape[0],
+        "bn_size": conv1.shape[0] // growth_rate,
+        "compression": 0.5,
+        "num_classes": state_dict["class_layers.out.weight"].shape[0],
+        "in_chans": conv0.shape[1],
+        "stem": "imagenet",
+        "spatial_dims": conv0.dim() - 2,
     }
 
 
@@ -86,12 +93,15 @@ def registered_name(args: Mapping[str, Any]) -> str:
         if all(architecture(name).get(key, DENSENET_DEFAULTS[key]) == args[key] for key in keys):
             return name
     layout = ", ".join(f"{key}={args[key]}" for key in keys)
-    raise ValueError(f"no registered architecture has this layout ({layout}); registered 3D DenseNets: "
-                     f"{', '.join(names)} (MONAI's DenseNet121/169/201/264): pass the model name to use")
+    raise ValueError(
+        f"no registered architecture has this layout ({layout}); registered 3D DenseNets: "
+        f"{', '.join(names)} (MONAI's DenseNet121/169/201/264): pass the model name to use"
+    )
 
 
-def from_monai(source: nn.Module | Mapping[str, Tensor], name: str | None = None,
-               efficient: MemoryMode = True) -> DenseNet:
+def from_monai(
+    source: nn.Module | Mapping[str, Tensor], name: str | None = None, efficient: MemoryMode = True
+) -> DenseNet:
     """This project's DenseNet with the weights and buffers of a MONAI DenseNet (a module or its state dict).
 
     ``name``: the registered model to build (default: the 3D architecture with the same blocks, e.g.
@@ -117,11 +127,18 @@ def max_logit_difference(state_dict: Mapping[str, Tensor], model: DenseNet, size
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.monai", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a MONAI DenseNet state dict: .pth/.pt (read with weights_only=True) or .safetensors")
-    parser.add_argument("--model", help="this project's model name (default: densenet<N>_3d_efficient with the "
-                                        "same blocks)")
-    parser.add_argument("--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a MONAI DenseNet state dict: .pth/.pt (read with weights_only=True) or .safetensors",
+    )
+    parser.add_argument(
+        "--model", help="this project's model name (default: densenet<N>_3d_efficient with the same blocks)"
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
+    )
     parser.add_argument("--tag", default="monai", help="weights tag recorded in config.json (default: monai)")
     parser.add_argument("--size", type=int, default=64, help="side of the random test input (default 64)")
     return parser.parse_args(argv)

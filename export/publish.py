@@ -34,15 +34,29 @@ def upload_files(folder: Path) -> list[str]:
     missing = sorted(set(listed) - set(present))
     extra = sorted(set(present) - set(listed))
     if missing or extra:
-        raise SystemExit(f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): "
-                         + "; ".join(part for part in (f"missing {missing}" if missing else "",
-                                                       f"not listed {extra} (move them out)" if extra else "")
-                                     if part))
+        raise SystemExit(
+            f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {missing}" if missing else "",
+                    f"not listed {extra} (move them out)" if extra else "",
+                )
+                if part
+            )
+        )
     return listed
 
 
-def publish(folder: Path, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
-            private: bool = False, message: str | None = None) -> str:
+def publish(
+    folder: Path,
+    repo_id: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+) -> str:
     """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns the
     commit's full hash."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -51,8 +65,11 @@ def publish(folder: Path, repo_id: str, *, endpoint: str | None = None, token: s
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    commit = api.create_commit(repo_id=repo_id, operations=operations,
-                               commit_message=message or f"Upload {folder.name} with densenet_efficient")
+    commit = api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=message or f"Upload {folder.name} with densenet_efficient",
+    )
     return commit.oid
 
 
@@ -76,12 +93,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    commit = publish(args.folder, args.repo_id, endpoint=args.endpoint, token=args.token, private=args.private,
-                     message=args.message)
+    commit = publish(
+        args.folder, args.repo_id, endpoint=args.endpoint, token=args.token, private=args.private, message=args.message
+    )
     weights = args.folder / WEIGHTS_FILENAME
     print(f"commit: {commit}")
-    print(json.dumps({"hub": {"repo_id": args.repo_id, "revision": commit, "filename": WEIGHTS_FILENAME,
-                              "sha256": file_sha256(weights), "size": weights.stat().st_size}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "hub": {
+                    "repo_id": args.repo_id,
+                    "revision": commit,
+                    "filename": WEIGHTS_FILENAME,
+                    "sha256": file_sha256(weights),
+                    "size": weights.stat().st_size,
+                }
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -47,7 +47,7 @@ class LoopbackHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.port = self.server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -81,8 +81,9 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             pass
 
         # -- plumbing -------------------------------------------------------------------------------------------
-        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-                  length: int | None = None) -> None:
+        def _send(
+            self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: int | None = None
+        ) -> None:
             self.send_response(status)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
@@ -96,8 +97,11 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, status: int, code: str | None, message: str) -> None:
             headers = {"X-Error-Code": code} if code else {}
-            self._send(status, json.dumps({"error": message}).encode(),
-                       {**headers, "X-Error-Message": message, "Content-Type": "application/json"})
+            self._send(
+                status,
+                json.dumps({"error": message}).encode(),
+                {**headers, "X-Error-Message": message, "Content-Type": "application/json"},
+            )
 
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -158,9 +162,14 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 sha256 = hashlib.sha256(files[filename]).hexdigest()
                 lfs_key = f"{sha256}-{fault}-{filename}" if fault else sha256
                 hub.lfs_objects[lfs_key] = (data, fault)
-                headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest() if fault == "empty" else sha256}"',
-                                "X-Linked-Size": str(len(data)), "ETag": f'"{git_blob_id(data)}"',
-                                "Location": f"http://localhost:{hub.port}/lfs/{lfs_key}"})
+                headers.update(
+                    {
+                        "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest() if fault == "empty" else sha256}"',
+                        "X-Linked-Size": str(len(data)),
+                        "ETag": f'"{git_blob_id(data)}"',
+                        "Location": f"http://localhost:{hub.port}/lfs/{lfs_key}",
+                    }
+                )
                 self._send(302, b"", headers)
             else:
                 headers["ETag"] = f'"{git_blob_id(data)}"'
@@ -195,8 +204,14 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 return
             oid, files = found
             if action == "preupload":
-                self._json({"files": [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                       "oid": None} for item in json.loads(body)["files"]]})
+                self._json(
+                    {
+                        "files": [
+                            {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                            for item in json.loads(body)["files"]
+                        ]
+                    }
+                )
             elif action == "commit":
                 self._commit(repo_id, revision, body)
             elif action == "paths-info":
@@ -213,8 +228,7 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 if item["key"] == "file":
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             oid = hub.commit(repo_id, files, branch=revision)
-            self._json({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid,
-                        "success": True})
+            self._json({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True})
 
         def _paths_info(self, files: dict[str, bytes], paths: list[str]) -> None:
             infos = []

@@ -22,8 +22,10 @@ TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, r
 def test_checkpoint_baseline_computes_what_the_naive_model_computes():
     images, labels = common.random_batch(3, 16, 3, 10)
     grads = []
-    for build in (lambda: common.build_model("densenet_bc_10_k12", False),
-                  lambda: bench.checkpointed_densenet("densenet_bc_10_k12")):
+    for build in (
+        lambda: common.build_model("densenet_bc_10_k12", False),
+        lambda: bench.checkpointed_densenet("densenet_bc_10_k12"),
+    ):
         torch.manual_seed(0)
         model = build()
         loss = F.cross_entropy(model(images), labels)
@@ -31,7 +33,7 @@ def test_checkpoint_baseline_computes_what_the_naive_model_computes():
         grads.append((loss.detach(), [p.grad for p in model.parameters()]))
     (loss_naive, grads_naive), (loss_checkpoint, grads_checkpoint) = grads
     torch.testing.assert_close(loss_checkpoint, loss_naive)
-    for got, expected in zip(grads_checkpoint, grads_naive):
+    for got, expected in zip(grads_checkpoint, grads_naive, strict=True):
         torch.testing.assert_close(got, expected)
 
 
@@ -61,7 +63,7 @@ def test_frozen_bn_steps_with_batch_norms_in_eval_mode_and_saves_memory():
         buffers = [b.clone() for m in norms for b in m.buffers()]
         peaks[key] = runner.peak_bytes()
         assert norms and not any(norm.training for norm in norms)
-        assert all(torch.equal(b, a) for b, a in zip(buffers, (b for m in norms for b in m.buffers())))
+        assert all(torch.equal(b, a) for b, a in zip(buffers, (b for m in norms for b in m.buffers()), strict=True))
         assert any(p.grad is not None for m in norms for p in m.parameters())
     assert max(peaks["true"], peaks["max"]) < peaks["false"]
 
@@ -85,7 +87,11 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| mode | peak memory (MiB) | memory x naive | step (s) | time x naive | images/s")
     assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| efficient=False", "| efficient=True", "| efficient='max'", "| torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)"]
+        "| efficient=False",
+        "| efficient=True",
+        "| efficient='max'",
+        "| torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)",
+    ]
 
     rows = json.loads(json_path.read_text())["rows"]
     assert [row["mode"] for row in rows] == ["false", "true", "max", "checkpoint"]
@@ -104,10 +110,25 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     assert [int(record["peak_bytes"]) for record in records] == [row["peak_bytes"] for row in rows]
 
 
+@pytest.mark.slow
 def test_depth_sweep_writes_a_plot_of_memory_growing_with_depth(tmp_path, capsys):
     png, json_path = tmp_path / "depth.png", tmp_path / "depth.json"
-    args = ["bench", *TINY, "--repeats", "0", "--sweep", "depth", "--depths", "10,16",
-            "--modes", "false,max", "--plot", str(png), "--json", str(json_path)]
+    args = [
+        "bench",
+        *TINY,
+        "--repeats",
+        "0",
+        "--sweep",
+        "depth",
+        "--depths",
+        "10,16",
+        "--modes",
+        "false,max",
+        "--plot",
+        str(png),
+        "--json",
+        str(json_path),
+    ]
     assert main(args) == 0
     assert "| depth | mode |" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -117,10 +138,25 @@ def test_depth_sweep_writes_a_plot_of_memory_growing_with_depth(tmp_path, capsys
         assert len(peaks) == 2 and peaks[0] < peaks[1]
 
 
+@pytest.mark.slow
 def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
     json_path = tmp_path / "batch.json"
-    args = ["bench", *TINY, "--repeats", "0", "--sweep", "batch", "--batch-sizes", "8,16,24", "--modes", "true",
-            "--plot", str(tmp_path / "batch.png"), "--json", str(json_path)]
+    args = [
+        "bench",
+        *TINY,
+        "--repeats",
+        "0",
+        "--sweep",
+        "batch",
+        "--batch-sizes",
+        "8,16,24",
+        "--modes",
+        "true",
+        "--plot",
+        str(tmp_path / "batch.png"),
+        "--json",
+        str(json_path),
+    ]
     assert main(args) == 0
     peaks = [row["peak_bytes"] for row in json.loads(json_path.read_text())["rows"]]
     assert peaks[1] - peaks[0] == peaks[2] - peaks[1] > 0
@@ -130,8 +166,22 @@ def test_batch_sweep_memory_is_affine_in_batch(tmp_path):
 @pytest.mark.slow
 def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path, capsys):
     json_path = tmp_path / "sync.json"
-    args = ["--model", "densenet_bc_10_k12", "--batch-size", "2", "--input-size", "8", "--repeats", "2",
-            "--modes", "false,max,checkpoint", "--sync-bn-processes", "2", "--json", str(json_path)]
+    args = [
+        "--model",
+        "densenet_bc_10_k12",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "8",
+        "--repeats",
+        "2",
+        "--modes",
+        "false,max,checkpoint",
+        "--sync-bn-processes",
+        "2",
+        "--json",
+        str(json_path),
+    ]
     assert main(["bench", *args]) == 0
     out = capsys.readouterr().out
     assert "2 processes of 1 thread(s), batch 2 per process" in out
@@ -145,19 +195,22 @@ def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path
         assert row["sync_time_ratio"] == pytest.approx(row["sync_step_s"] / row["step_s"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sync-bn-processes", "1"], "integer >= 2"),
-    (["--sync-bn-processes", "2", "--repeats", "0"], "--sync-bn-processes needs --repeats >= 1"),
-    (["--model", "densenet_bc_99_k12"], "6n+4"),
-    (["--model", "resnet50"], "Available models"),
-    (["--dtype", "fp8"], "fp32"),
-    (["--device", "tpu"], "valid here: cpu"),
-    (["--modes", "false,fast"], "choose from false, true, max, checkpoint"),
-    (["--sweep", "depth", "--depths", "10,41"], "6n+4"),
-    (["--input-size", "2"], "needs at least 4"),
-    (["--batch-size", "0"], "integer >= 1"),
-    (["--repeats", "-1"], "integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sync-bn-processes", "1"], "integer >= 2"),
+        (["--sync-bn-processes", "2", "--repeats", "0"], "--sync-bn-processes needs --repeats >= 1"),
+        (["--model", "densenet_bc_99_k12"], "6n+4"),
+        (["--model", "resnet50"], "Available models"),
+        (["--dtype", "fp8"], "fp32"),
+        (["--device", "tpu"], "valid here: cpu"),
+        (["--modes", "false,fast"], "choose from false, true, max, checkpoint"),
+        (["--sweep", "depth", "--depths", "10,41"], "6n+4"),
+        (["--input-size", "2"], "needs at least 4"),
+        (["--batch-size", "0"], "integer >= 1"),
+        (["--repeats", "-1"], "integer >= 0"),
+    ],
+)
 def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):
     with pytest.raises(SystemExit) as raised:
         exit_code = main(["bench", *args])
@@ -167,8 +220,10 @@ def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):
 
 
 def test_bench_and_plan_keep_heavy_imports_lazy():
-    code = ("import sys, densenet_efficient.tools.bench, densenet_efficient.tools.plan; "
-            "print([m for m in ('matplotlib', 'torchvision') if m in sys.modules])")
+    code = (
+        "import sys, densenet_efficient.tools.bench, densenet_efficient.tools.plan; "
+        "print([m for m in ('matplotlib', 'torchvision') if m in sys.modules])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -182,7 +237,6 @@ def test_bench_on_cuda_measures_allocator_peaks_in_mode_order():
     assert naive > efficient > most > 0
     assert naive >= 0.9 * rows[0]["predicted_bytes"]
     assert all(row["step_s"] > 0 for row in rows)
-
 
 
 # ----------------------------------------------------------------------------------------------- features_only
@@ -199,8 +253,14 @@ def test_features_only_backbones_keep_the_savings():
 
 
 def test_features_only_torchvision_peer_returns_every_level():
-    config = {"growth_rate": 4, "block_config": (1, 1, 1, 1), "num_init_features": 8, "bn_size": 4,
-              "drop_rate": 0.0, "num_classes": 3}
+    config = {
+        "growth_rate": 4,
+        "block_config": (1, 1, 1, 1),
+        "num_init_features": 8,
+        "bn_size": 4,
+        "drop_rate": 0.0,
+        "num_classes": 3,
+    }
     probe = bench.features_only_peer(lambda: bench.torchvision_densenet(config))
     maps = probe.backbone(torch.randn(2, 3, 64, 64))
     assert list(maps) == ["relu0", "denseblock1", "denseblock2", "denseblock3", "norm5"]

@@ -1,5 +1,5 @@
-"""The `densenet-efficient` command: the tools extra, and its error contract: one line on stderr, exit 2 for usage errors and 1 for
-failures, the traceback only with --debug or DENSENET_EFFICIENT_DEBUG=1."""
+"""The `densenet-efficient` command: the tools extra, and its error contract: one line on stderr, exit 2 for
+usage errors and 1 for failures, the traceback only with --debug or DENSENET_EFFICIENT_DEBUG=1."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ def one_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--lr", "nan", "lr must be a finite number above 0, got nan"),
-    ("--gamma", "-5", "gamma must be a finite number in (0, 1], got -5.0"),
-    ("--momentum", "inf", "momentum must be a finite number in [0, 1), got inf"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--lr", "nan", "lr must be a finite number above 0, got nan"),
+        ("--gamma", "-5", "gamma must be a finite number in (0, 1], got -5.0"),
+        ("--momentum", "inf", "momentum must be a finite number in [0, 1), got inf"),
+    ],
+)
 def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, option, value, message):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert main([*TINY_TRAIN, "--output", str(tmp_path / "run"), option, value]) == 2
@@ -61,8 +64,10 @@ def test_non_empty_output_exits_2_naming_resume_and_overwrite(tmp_path, capsys, 
 
 def test_failures_exit_1_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
-    assert main(["train", "--dataset", "cifar10", "--data", str(tmp_path / "none"), "--output",
-                 str(tmp_path / "run")]) == 1
+    assert (
+        main(["train", "--dataset", "cifar10", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "run")])
+        == 1
+    )
     assert one_line(capsys).startswith(f"densenet-efficient train: error: cifar10 not found in {tmp_path / 'none'}")
     assert main(["train", "--output", str(tmp_path / "run2"), "--resume"]) == 1
     assert "nothing to resume: no checkpoint in" in one_line(capsys)
@@ -86,17 +91,25 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
         main([*TINY_TRAIN, "--output", str(tmp_path / "run"), "--lr", "nan"])
 
 
+@pytest.mark.slow
 def test_the_installed_entry_point_returns_the_exit_status(tmp_path):
     """`python -m densenet_efficient` (as the console script): status 2 and one line, no traceback."""
-    result = subprocess.run([sys.executable, "-m", "densenet_efficient", *TINY_TRAIN, "--output", str(tmp_path),
-                             "--gamma", "-5"], capture_output=True, text=True, timeout=120, check=False,
-                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, DEBUG_ENV: ""})
+    result = subprocess.run(
+        [sys.executable, "-m", "densenet_efficient", *TINY_TRAIN, "--output", str(tmp_path), "--gamma", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, DEBUG_ENV: ""},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        ("densenet-efficient train: error: gamma must be a finite number in (0, 1], got -5.0 (--debug shows the "
-         "traceback)")
+        (
+            "densenet-efficient train: error: gamma must be a finite number in (0, 1], got -5.0 (--debug shows the "
+            "traceback)"
+        )
     ]
-
 
 
 def test_models_lists_matching_names(capsys):
@@ -111,8 +124,10 @@ def test_missing_tools_extra_names_the_extra_to_install(command, missing, monkey
     argv = [command] if command != "eval" else [command, "densenet_bc_100_k12"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert err == (f"densenet-efficient {command}: error: needs {missing}, which is not installed: "
-                   "pip install 'densenet-efficient[tools]'\n")
+    assert err == (
+        f"densenet-efficient {command}: error: needs {missing}, which is not installed: "
+        "pip install 'densenet-efficient[tools]'\n"
+    )
 
 
 def test_plan_needs_only_the_base_install():

@@ -26,11 +26,14 @@ def edit_config(path, change):
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[1, 2]", "must hold a JSON object, got list"),
-    ('"densenet"', "must hold a JSON object, got str"),
-    ("{not json", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ('"densenet"', "must hold a JSON object, got str"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
 def test_config_that_is_not_a_json_object_names_the_file(tmp_path, text, message):
     _, config = saved(tmp_path)
     config.write_text(text)
@@ -38,19 +41,25 @@ def test_config_that_is_not_a_json_object_names_the_file(tmp_path, text, message
         de.create_model("densenet_40_k12", weights=str(tmp_path))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(model_args=None), "'model_args' must be an object of constructor arguments, got null"),
-    (lambda c: c.update(surprise=1), r"unknown keys \['surprise'\]"),
-    (lambda c: c["model_args"].update(depth=100), r"model_args \['depth'\] are not arguments of densenet_40_k12"),
-    (lambda c: c["model_args"].update(growth_rate=-3), "invalid model_args: growth_rate must be >= 1, got -3"),
-    (lambda c: c["model_args"].update(growth_rate="12"), "invalid model_args: growth_rate must be an int, got str"),
-    (lambda c: c["model_args"].update(stem="tiny"), "invalid model_args: stem must be one of"),
-    (lambda c: c["model_args"].update(block_config=[10 ** 6]), r"asks for 1000000 layers \(at most 10000\)"),
-    (lambda c: c.update(num_classes=4), "num_classes 4 and model_args.num_classes 10 differ"),
-    (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "pretrained_cfg.mean must be a list of numbers"),
-    (lambda c: c.update(pretrained_cfg={"input_size": [3, 0, 32]}), r"pretrained_cfg.input_size must be \[channels"),
-    (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"pretrained_cfg.crop_pct must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(model_args=None), "'model_args' must be an object of constructor arguments, got null"),
+        (lambda c: c.update(surprise=1), r"unknown keys \['surprise'\]"),
+        (lambda c: c["model_args"].update(depth=100), r"model_args \['depth'\] are not arguments of densenet_40_k12"),
+        (lambda c: c["model_args"].update(growth_rate=-3), "invalid model_args: growth_rate must be >= 1, got -3"),
+        (lambda c: c["model_args"].update(growth_rate="12"), "invalid model_args: growth_rate must be an int, got str"),
+        (lambda c: c["model_args"].update(stem="tiny"), "invalid model_args: stem must be one of"),
+        (lambda c: c["model_args"].update(block_config=[10**6]), r"asks for 1000000 layers \(at most 10000\)"),
+        (lambda c: c.update(num_classes=4), "num_classes 4 and model_args.num_classes 10 differ"),
+        (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "pretrained_cfg.mean must be a list of numbers"),
+        (
+            lambda c: c.update(pretrained_cfg={"input_size": [3, 0, 32]}),
+            r"pretrained_cfg.input_size must be \[channels",
+        ),
+        (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"pretrained_cfg.crop_pct must be in \(0, 1\]"),
+    ],
+)
 def test_invalid_config_is_refused_with_the_reason(tmp_path, change, message):
     _, config = saved(tmp_path)
     edit_config(config, change)
@@ -87,18 +96,28 @@ def test_header_is_read_without_the_tensors(tmp_path):
 def test_config_that_does_not_match_its_weights_is_refused(tmp_path):
     _, config = saved(tmp_path)
     edit_config(config, lambda c: c["model_args"].update(block_config=[3, 2, 2]))
-    with pytest.raises(de.InvalidConfigError, match=r"config.json describes a densenet_40_k12 .* 5 missing "
-                                                    r"\(features.denseblock1.denselayer3.norm1.weight"):
+    with pytest.raises(
+        de.InvalidConfigError,
+        match=r"config.json describes a densenet_40_k12 .* 5 missing "
+        r"\(features.denseblock1.denselayer3.norm1.weight",
+    ):
         de.create_model("densenet_40_k12", weights=str(tmp_path))
 
 
 def test_invalid_config_on_the_hub_names_the_repo(loopback_hub, tmp_path):
     files = saved_files(small_model(), tmp_path / "export")
     commit = loopback_hub.commit("org/bad", {**files, "config.json": b'{"model_args": null}'})
-    with pytest.raises(de.InvalidConfigError, match=r"hf-hub:org/bad@\w+ \(config.json\): 'model_args' must be an "
-                                                    "object"):
-        de.create_model("densenet_40_k12", weights=f"hf-hub:org/bad@{commit}", cache_dir=tmp_path / "cache",
-                        endpoint=loopback_hub.endpoint)
+    with pytest.raises(
+        de.InvalidConfigError,
+        match=r"hf-hub:org/bad@\w+ \(config.json\): 'model_args' must be an "
+        "object",
+    ):
+        de.create_model(
+            "densenet_40_k12",
+            weights=f"hf-hub:org/bad@{commit}",
+            cache_dir=tmp_path / "cache",
+            endpoint=loopback_hub.endpoint,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,30 +156,38 @@ def test_timm_repo_on_the_hub_loads(timm_small, loopback_hub, tmp_path):
     model, folder = timm_small
     files = {path.name: path.read_bytes() for path in folder.iterdir()}
     commit = loopback_hub.commit("timm/densenet121.small", files)
-    loaded = de.create_model("densenet121_efficient", weights=f"hf-hub:timm/densenet121.small@{commit}",
-                             cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    loaded = de.create_model(
+        "densenet121_efficient",
+        weights=f"hf-hub:timm/densenet121.small@{commit}",
+        cache_dir=tmp_path / "cache",
+        endpoint=loopback_hub.endpoint,
+    )
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(image), model(image), rtol=1e-5, atol=1e-5)
     assert loaded.pretrained_cfg["hf_hub_id"] == "timm/densenet121.small"
 
 
-@pytest.mark.parametrize("key, value", [("global_pool", "max"), ("stem_type", "deep"), ("act_layer", "gelu"),
-                                        ("aa_layer", "blurpool")])
+@pytest.mark.parametrize(
+    "key, value", [("global_pool", "max"), ("stem_type", "deep"), ("act_layer", "gelu"), ("aa_layer", "blurpool")]
+)
 def test_timm_argument_off_its_default_is_refused(timm_small, tmp_path, key, value):
     _, folder = timm_small
     for path in folder.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
     edit_config(tmp_path / "config.json", lambda c: c["model_args"].update({key: value}))
-    with pytest.raises(de.InvalidConfigError, match=f"timm argument {key}={value!r} is not supported by "
-                                                    "densenet121_efficient"):
+    with pytest.raises(
+        de.InvalidConfigError, match=f"timm argument {key}={value!r} is not supported by densenet121_efficient"
+    ):
         de.create_model("densenet121_efficient", weights=str(tmp_path))
 
 
 def test_timm_config_for_another_depth_points_at_the_right_model(timm_small):
     _, folder = timm_small
-    with pytest.raises(de.UnknownWeightsError, match="describes timm's 'densenet121', not 'densenet169_efficient': "
-                                                     "use create_model\\('densenet121_efficient'"):
+    with pytest.raises(
+        de.UnknownWeightsError,
+        match="describes timm's 'densenet121', not 'densenet169_efficient': use create_model\\('densenet121_efficient'",
+    ):
         de.create_model("densenet169_efficient", weights=str(folder))
 
 

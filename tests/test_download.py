@@ -98,8 +98,10 @@ def test_tampered_download_is_refused_and_removed(loopback_hub, published, tmp_p
     tampered = bytearray(files["model.safetensors"])
     tampered[0] ^= 0xFF
     actual = hashlib.sha256(tampered).hexdigest()
-    with pytest.raises(W.ChecksumMismatchError, match=f"org/small/model.safetensors@main: the file's hash is "
-                                                      f"{actual}, expected {expected}"):
+    with pytest.raises(
+        W.ChecksumMismatchError,
+        match=f"org/small/model.safetensors@main: the file's hash is {actual}, expected {expected}",
+    ):
         de.densenet_40_k12(pretrained=True, cache_dir=cache, endpoint=loopback_hub.endpoint)
     remaining = cache_files(cache)
     assert not any(expected in name or name.endswith("model.safetensors") for name in remaining)
@@ -121,8 +123,11 @@ def test_corrupted_cache_hit_is_caught(loopback_hub, published, tmp_path, monkey
     model, files, commit = published
     write_manifest(tmp_path / "manifest.json", monkeypatch, hub_entry(commit, files))
     cache = tmp_path / "cache"
-    path = Path(fetch_hub_file("org/small", "model.safetensors", revision=commit, cache_dir=cache,
-                               endpoint=loopback_hub.endpoint))
+    path = Path(
+        fetch_hub_file(
+            "org/small", "model.safetensors", revision=commit, cache_dir=cache, endpoint=loopback_hub.endpoint
+        )
+    )
     blob = path.resolve()
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0x01  # a flipped data byte: safetensors would load it silently
@@ -157,10 +162,13 @@ def test_transfer_cut_short_is_not_cached(loopback_hub, published, tmp_path):
     assert cache_files(cache) == set()
 
 
-@pytest.mark.parametrize("reference, reason", [
-    ("hf-hub:org/missing", "RepositoryNotFoundError: 404 Client Error (Repository org/missing not found)"),
-    ("hf-hub:org/small@v9", "RevisionNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "reference, reason",
+    [
+        ("hf-hub:org/missing", "RepositoryNotFoundError: 404 Client Error (Repository org/missing not found)"),
+        ("hf-hub:org/small@v9", "RevisionNotFoundError"),
+    ],
+)
 def test_missing_repo_or_revision(loopback_hub, published, tmp_path, reference, reason):
     with pytest.raises(W.WeightsNotAvailableError, match=re.escape(reason)):
         de.create_model("densenet_40_k12", weights=reference, cache_dir=tmp_path, endpoint=loopback_hub.endpoint)
@@ -168,8 +176,10 @@ def test_missing_repo_or_revision(loopback_hub, published, tmp_path, reference, 
 
 def test_missing_file_and_server_error(loopback_hub, published, tmp_path):
     options = dict(cache_dir=tmp_path, endpoint=loopback_hub.endpoint)
-    with pytest.raises(W.WeightsNotAvailableError, match="Cannot get other.safetensors of Hub repo org/small .*"
-                                                         "RemoteEntryNotFoundError"):
+    with pytest.raises(
+        W.WeightsNotAvailableError,
+        match="Cannot get other.safetensors of Hub repo org/small .*RemoteEntryNotFoundError",
+    ):
         fetch_hub_file("org/small", "other.safetensors", **options)
     loopback_hub.faults["model.safetensors"] = "error500"
     started = time.monotonic()
@@ -230,8 +240,12 @@ def torchvision_file(loopback_hub, tmp_path, monkeypatch):
 def test_torchvision_fallback_when_the_hub_copy_is_missing(loopback_hub, torchvision_file, tmp_path, monkeypatch):
     model, url, prefix = torchvision_file
     hub = {"repo_id": "org/gone", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
-                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub,
+        {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
+    )
     with pytest.warns(UserWarning, match=f"the Hub copy is not available, loaded {url}"):
         loaded = de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
@@ -257,12 +271,19 @@ def test_torchvision_url_hash_prefix_is_checked(loopback_hub, torchvision_file, 
 def test_no_source_reachable_lists_every_source(loopback_hub, torchvision_file, tmp_path, monkeypatch):
     model, url, prefix = torchvision_file
     hub = {"repo_id": "org/gone", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
-                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub,
+        {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
+    )
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(W.WeightsNotAvailableError, match=r"No source of densenet_40_k12.test is available:\n"
-                                                         r"- Cannot get model.safetensors of Hub repo org/gone.*\n"
-                                                         rf"- Cannot download {url}"):
+    with pytest.raises(
+        W.WeightsNotAvailableError,
+        match=r"No source of densenet_40_k12.test is available:\n"
+        r"- Cannot get model.safetensors of Hub repo org/gone.*\n"
+        rf"- Cannot download {url}",
+    ):
         de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     assert loopback_hub.requests == []
 
@@ -270,11 +291,23 @@ def test_no_source_reachable_lists_every_source(loopback_hub, torchvision_file, 
 def test_torch_hub_entrypoint_with_pretrained(loopback_hub, published, tmp_path, monkeypatch):
     model, files, commit = published
     write_manifest(tmp_path / "manifest.json", monkeypatch, hub_entry(commit, files))
-    loaded = torch.hub.load(str(REPO_ROOT), "densenet_40_k12", source="local", pretrained=True,
-                            cache_dir=str(tmp_path / "cache"), endpoint=loopback_hub.endpoint)
+    loaded = torch.hub.load(
+        str(REPO_ROOT),
+        "densenet_40_k12",
+        source="local",
+        pretrained=True,
+        cache_dir=str(tmp_path / "cache"),
+        endpoint=loopback_hub.endpoint,
+    )
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
-    by_reference = torch.hub.load(str(REPO_ROOT), "densenet_40_k12", source="local", weights=f"hf-hub:org/small@{commit}",
-                                  cache_dir=str(tmp_path / "cache"), endpoint=loopback_hub.endpoint)
+    by_reference = torch.hub.load(
+        str(REPO_ROOT),
+        "densenet_40_k12",
+        source="local",
+        weights=f"hf-hub:org/small@{commit}",
+        cache_dir=str(tmp_path / "cache"),
+        endpoint=loopback_hub.endpoint,
+    )
     torch.testing.assert_close(logits(by_reference), logits(model), rtol=0, atol=0)
 
 
@@ -294,8 +327,12 @@ def test_a_network_that_never_answers_fails_within_the_timeout_on_every_source(t
     silent = SilentServer()
     url = f"{silent.endpoint}/models/densenet-0123abcd.pth"
     hub = {"repo_id": "org/small", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
-                   {"url": url, "sha256_prefix": "0123abcd", "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub,
+        {"url": url, "sha256_prefix": "0123abcd", "sha256": None, "size": None},
+    )
     outcome: list[Exception] = []
 
     def load() -> None:
@@ -324,31 +361,44 @@ def test_a_network_that_never_answers_fails_within_the_timeout_on_every_source(t
     assert not any((tmp_path / "torch").rglob("*.part"))  # nothing half-written
 
 
-def test_a_moved_branch_falls_back_to_the_url_without_downloading(loopback_hub, torchvision_file, tmp_path,
-                                                                  monkeypatch):
+def test_a_moved_branch_falls_back_to_the_url_without_downloading(
+    loopback_hub, torchvision_file, tmp_path, monkeypatch
+):
     """An entry pinned by sha256 at a branch (revision None = main) whose file has changed: the Hub copy is not
     downloaded again and again, the torchvision .pth is loaded, and the warning says what happened."""
     tv_model, url, prefix = torchvision_file
     first = saved_files(small_model(), tmp_path / "first")
     loopback_hub.commit("org/small", first)
     loopback_hub.commit("org/small", saved_files(randomise_batch_norm(small_model()), tmp_path / "second"))
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub_entry(None, first),
-                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub_entry(None, first),
+        {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
+    )
     for _ in range(2):
-        with pytest.warns(UserWarning, match=rf"(?s)densenet_40_k12.test: the Hub copy does not match the pinned "
-                                             rf"sha256 .*'main' is a branch, not a commit.*loaded {re.escape(url)}"):
+        with pytest.warns(
+            UserWarning,
+            match=rf"(?s)densenet_40_k12.test: the Hub copy does not match the pinned "
+            rf"sha256 .*'main' is a branch, not a commit.*loaded {re.escape(url)}",
+        ):
             loaded = de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
         torch.testing.assert_close(logits(loaded), logits(tv_model), rtol=0, atol=0)
     assert not [path for method, path in loopback_hub.requests if method == "GET" and "safetensors" in path]
 
 
-def test_a_changed_file_at_a_pinned_commit_is_refused_without_fallback(loopback_hub, torchvision_file, published,
-                                                                       tmp_path, monkeypatch):
+def test_a_changed_file_at_a_pinned_commit_is_refused_without_fallback(
+    loopback_hub, torchvision_file, published, tmp_path, monkeypatch
+):
     _, files, commit = published
     _, url, prefix = torchvision_file
     hub = {**hub_entry(commit, files), "sha256": "0" * 64}
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub,
-                   {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub,
+        {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
+    )
     with pytest.raises(W.ChecksumMismatchError, match=f"expected {'0' * 64}; nothing was downloaded"):
         de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
 

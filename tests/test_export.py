@@ -40,8 +40,11 @@ def torchvision_checkpoints(tmp_path_factory):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     state = model.state_dict()
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value
-              for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value
+        for key, value in state.items()
+        if not key.endswith("num_batches_tracked")
+    }
     directory = tmp_path_factory.mktemp("torchvision")
     torch.save(legacy, directory / "legacy.pth")
     torch.save(state, directory / "new.pth")
@@ -54,8 +57,18 @@ def exported(torchvision_checkpoints, tmp_path_factory):
     """The legacy checkpoint converted by ``python -m export.convert``; returns (folder, printed output)."""
     model, directory = torchvision_checkpoints
     output = tmp_path_factory.mktemp("export") / "densenet121_efficient.test"
-    argv = ["--checkpoint", str(directory / "legacy.pth"), "--model", "densenet121_efficient",
-            "--output", str(output), "--tag", "test", "--image-size", "64"]
+    argv = [
+        "--checkpoint",
+        str(directory / "legacy.pth"),
+        "--model",
+        "densenet121_efficient",
+        "--output",
+        str(output),
+        "--tag",
+        "test",
+        "--image-size",
+        "64",
+    ]
     return output, run_tool(convert.main, argv)
 
 
@@ -73,7 +86,7 @@ def test_convert_checks_logits_and_prints_the_entry(exported):
     output, printed = exported
     difference = float(re.search(r"max abs logit difference vs torchvision: (\S+)", printed).group(1))
     assert difference < 1e-5
-    entry = json.loads(printed[printed.index("{"):])
+    entry = json.loads(printed[printed.index("{") :])
     data = (output / "model.safetensors").read_bytes()
     assert entry["hub"]["sha256"] == hashlib.sha256(data).hexdigest() and entry["hub"]["size"] == len(data)
     assert entry["model"] == "densenet121_efficient" and entry["tag"] == "test"
@@ -84,8 +97,18 @@ def test_convert_checks_logits_and_prints_the_entry(exported):
 def test_convert_gives_the_same_bytes_for_the_same_input(torchvision_checkpoints, exported, tmp_path, layout):
     model, directory = torchvision_checkpoints
     output, _ = exported
-    argv = ["--checkpoint", str(directory / f"{layout}.pth"), "--model", "densenet121_efficient",
-            "--output", str(tmp_path), "--tag", "test", "--image-size", "64"]
+    argv = [
+        "--checkpoint",
+        str(directory / f"{layout}.pth"),
+        "--model",
+        "densenet121_efficient",
+        "--output",
+        str(tmp_path),
+        "--tag",
+        "test",
+        "--image-size",
+        "64",
+    ]
     run_tool(convert.main, argv)
     assert (tmp_path / "model.safetensors").read_bytes() == (output / "model.safetensors").read_bytes()
 
@@ -112,24 +135,40 @@ def test_torchvision_name_resolves_to_its_url_and_checks_the_hash(loopback_hub, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     loopback_hub.url_files["/models/densenet121-a639ec97.pth"] = b"not torchvision's file"
     with pytest.raises(ChecksumMismatchError, match="does not start with a639ec97; nothing was saved"):
-        convert.main(["--torchvision", "densenet121", "--endpoint", loopback_hub.endpoint,
-                      "--output", str(tmp_path / "out")])
+        convert.main(
+            ["--torchvision", "densenet121", "--endpoint", loopback_hub.endpoint, "--output", str(tmp_path / "out")]
+        )
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="must name a torchvision DenseNet"):
         convert.torchvision_url("resnet50")
 
 
+@pytest.mark.slow
 def test_export_publish_load_round_trip(loopback_hub, torchvision_checkpoints, exported, tmp_path):
     reference, _ = torchvision_checkpoints
     output, _ = exported
-    printed = run_tool(publish.main, [str(output), "--repo-id", "org/densenet121_efficient.test",
-                                      "--endpoint", loopback_hub.endpoint, "--token", "hf_loopback"])
+    printed = run_tool(
+        publish.main,
+        [
+            str(output),
+            "--repo-id",
+            "org/densenet121_efficient.test",
+            "--endpoint",
+            loopback_hub.endpoint,
+            "--token",
+            "hf_loopback",
+        ],
+    )
     commit = re.search(r"commit: ([0-9a-f]{40})", printed).group(1)
-    hub = json.loads(printed[printed.index("{"):])["hub"]
+    hub = json.loads(printed[printed.index("{") :])["hub"]
     assert hub["revision"] == commit
     assert hub["sha256"] == hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
-    model = de.create_model("densenet121_efficient", weights=f"hf-hub:org/densenet121_efficient.test@{commit}",
-                            cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    model = de.create_model(
+        "densenet121_efficient",
+        weights=f"hf-hub:org/densenet121_efficient.test@{commit}",
+        cache_dir=tmp_path / "cache",
+        endpoint=loopback_hub.endpoint,
+    )
     torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=1e-5)
 
 
@@ -137,13 +176,26 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
     from densenet_efficient.pretrained import save_pretrained
 
     save_pretrained(de.create_model("densenet_40_k12", block_config=[2, 2, 2]), tmp_path / "small")
-    printed = run_tool(publish.main, [str(tmp_path / "small"), "--repo-id", "org/small",
-                                      "--endpoint", loopback_hub.endpoint, "--token", "hf_loopback"])
-    published = json.loads(printed[printed.index("{"):])["hub"]
+    printed = run_tool(
+        publish.main,
+        [
+            str(tmp_path / "small"),
+            "--repo-id",
+            "org/small",
+            "--endpoint",
+            loopback_hub.endpoint,
+            "--token",
+            "hf_loopback",
+        ],
+    )
+    published = json.loads(printed[printed.index("{") :])["hub"]
     path = tmp_path / "manifest.json"
     unpinned = {**published, "revision": None, "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {},
-                                "weights": {"densenet_40_k12.x": manifest_entry(unpinned, tag="x")}}))
+    path.write_text(
+        json.dumps(
+            {"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.x": manifest_entry(unpinned, tag="x")}}
+        )
+    )
     options = ["--manifest", str(path), "--endpoint", loopback_hub.endpoint]
 
     assert "densenet_40_k12.x: verified nothing; filled sha256=" in run_tool(manifest.main, ["fill", *options])
@@ -162,8 +214,9 @@ def test_manifest_fill_then_check(loopback_hub, tmp_path):
 def test_manifest_check_reports_a_missing_repo(loopback_hub, tmp_path, capsys):
     path = tmp_path / "manifest.json"
     hub = {"repo_id": "org/none", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None}
-    path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test":
-                                                                             manifest_entry(hub)}}))
+    path.write_text(
+        json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test": manifest_entry(hub)}})
+    )
     assert manifest.main(["check", "--manifest", str(path), "--endpoint", loopback_hub.endpoint]) == 1
     assert "densenet_40_k12.test: FAILED RepositoryNotFoundError" in capsys.readouterr().out
 
@@ -176,8 +229,10 @@ def test_manifest_check_fails_on_a_result_without_its_protocol(tmp_path, capsys,
     del entry["metrics"][0][field]
     path.write_text(json.dumps({"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.test": entry}}))
     assert manifest.main(["check", "--manifest", str(path)]) == 1  # before any request: no endpoint needed
-    assert (f"['weights']['densenet_40_k12.test']['metrics'][0]: '{field}' is a required property"
-            in capsys.readouterr().err)
+    assert (
+        f"['weights']['densenet_40_k12.test']['metrics'][0]: '{field}' is a required property"
+        in capsys.readouterr().err
+    )
 
 
 def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
@@ -198,8 +253,9 @@ def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     from densenet_efficient.pretrained import load_manifest
 
-    result = subprocess.run([sys.executable, "-m", "export.manifest", "table"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, check=True)  # also: the tools run from the root
+    result = subprocess.run(
+        [sys.executable, "-m", "export.manifest", "table"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )  # also: the tools run from the root
     rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(load_manifest()["weights"])
     assert result.stdout in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
@@ -208,9 +264,9 @@ def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
 def readme_block(heading: str) -> str:
     """The first ```python block after ``heading`` in README.md."""
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("\n```", start)]
+    return section[start : section.index("\n```", start)]
 
 
 @pytest.mark.slow

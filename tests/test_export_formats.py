@@ -11,8 +11,11 @@ import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes
 
 SMALL = dict(block_config=(2, 2, 2), growth_rate=4, num_init_features=8)
-CASES = [(name, mode) for name in ("densenet_bc_100_k12", "densenet_40_k12", "densenet121_efficient")
-         for mode in de.MEMORY_MODES]
+CASES = [
+    (name, mode)
+    for name in ("densenet_bc_100_k12", "densenet_40_k12", "densenet121_efficient")
+    for mode in de.MEMORY_MODES
+]
 
 
 def small(name: str, mode, **kwargs):
@@ -65,8 +68,15 @@ def test_onnx_matches_eager_in_onnxruntime(name, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     model = small(name, True)
     path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (image(model),), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},), dynamo=True)
+    torch.onnx.export(
+        model,
+        (image(model),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        dynamo=True,
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = image(model, batch=3)
     (logits,) = session.run(None, {"images": x.numpy()})

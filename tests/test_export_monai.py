@@ -13,8 +13,15 @@ nets = pytest.importorskip("monai.networks.nets")
 def monai_densenet(spatial_dims=3):
     """A small random MONAI DenseNet with non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(2)
-    model = nets.DenseNet(spatial_dims=spatial_dims, in_channels=2, out_channels=3, init_features=8, growth_rate=4,
-                          block_config=(2, 3), bn_size=2)
+    model = nets.DenseNet(
+        spatial_dims=spatial_dims,
+        in_channels=2,
+        out_channels=3,
+        init_features=8,
+        growth_rate=4,
+        block_config=(2, 3),
+        bn_size=2,
+    )
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -31,8 +38,16 @@ def test_keys_and_architecture_read_from_the_state_dict():
     converted = convert_monai.convert_state_dict(state)
     assert "features.denseblock1.denselayer1.norm1.weight" in converted and "classifier.bias" in converted
     assert convert_monai.model_args(state) == {
-        "growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "bn_size": 2, "compression": 0.5,
-        "num_classes": 3, "in_chans": 2, "stem": "imagenet", "spatial_dims": 3}
+        "growth_rate": 4,
+        "block_config": (2, 3),
+        "num_init_features": 8,
+        "bn_size": 2,
+        "compression": 0.5,
+        "num_classes": 3,
+        "in_chans": 2,
+        "stem": "imagenet",
+        "spatial_dims": 3,
+    }
     with torch.device("meta"):
         full = nets.DenseNet169(spatial_dims=3, in_channels=1, out_channels=2).state_dict()
     assert convert_monai.registered_name(convert_monai.model_args(full)) == "densenet169_3d_efficient"
@@ -54,8 +69,21 @@ def test_cli_writes_weights_that_load_by_name(tmp_path, capsys):
     checkpoint = tmp_path / "best_metric_model.pth"
     torch.save(monai.state_dict(), checkpoint)
     output = tmp_path / "out"
-    assert convert_monai.main(["--checkpoint", str(checkpoint), "--model", "densenet121_3d_efficient",
-                               "--output", str(output), "--size", "16"]) == 0
+    assert (
+        convert_monai.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--model",
+                "densenet121_3d_efficient",
+                "--output",
+                str(output),
+                "--size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "max abs logit difference vs MONAI: " in capsys.readouterr().out
     assert sorted(path.name for path in output.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = de.create_model("densenet121_3d_efficient", weights=str(output / "model.safetensors"))
@@ -67,8 +95,10 @@ def test_cli_writes_weights_that_load_by_name(tmp_path, capsys):
 def test_cli_refuses_what_it_cannot_convert(tmp_path, capsys):
     torch.save(monai_densenet().state_dict(), tmp_path / "small.pth")
     assert convert_monai.main(["--checkpoint", str(tmp_path / "small.pth"), "--output", str(tmp_path / "a")]) == 2
-    assert "no registered architecture has this layout (growth_rate=4, block_config=(2, 3), num_init_features=8, " \
-           "bn_size=2)" in capsys.readouterr().err
+    assert (
+        "no registered architecture has this layout (growth_rate=4, block_config=(2, 3), num_init_features=8, "
+        "bn_size=2)" in capsys.readouterr().err
+    )
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert convert_monai.main(["--checkpoint", str(tmp_path / "other.pth"), "--output", str(tmp_path / "b")]) == 2
     assert "not a MONAI DenseNet state dict: expected keys features.conv0.weight" in capsys.readouterr().err

@@ -47,8 +47,9 @@ def assert_close_relative(actual, expected, rtol, name):
     assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
 
 
-def assert_same_training(base, inputs, targets, mode, rtol=1e-5, autocast=nullcontext, device="cpu",
-                         per_tensor_gradients=False):
+def assert_same_training(
+    base, inputs, targets, mode, rtol=1e-5, autocast=nullcontext, device="cpu", per_tensor_gradients=False
+):
     """Train copies of ``base`` naive and in ``mode``; compare logits, gradients and buffers.
 
     Gradients are compared as one vector (relative norm of the difference) unless ``per_tensor_gradients``:
@@ -225,8 +226,9 @@ def test_frozen_batch_norm_uses_efficient_path(mode, batch, monkeypatch):
 def test_mixed_training_and_frozen_norms_match_naive(network, mode, batch):
     """Every other batch norm frozen: the frozen ones keep their buffers, the others update them as plain does."""
     base = frozen(with_running_stats(small_networks()[network].set_efficient(False)), every=2)
-    frozen_buffers = {name: b.clone() for name, b in base.named_buffers() if not base.get_submodule(
-        name.rsplit(".", 1)[0]).training}
+    frozen_buffers = {
+        name: b.clone() for name, b in base.named_buffers() if not base.get_submodule(name.rsplit(".", 1)[0]).training
+    }
     assert frozen_buffers
     model = copy.deepcopy(base).set_efficient(mode)
     assert_same_training(base, *batch, mode, rtol=1e-5)
@@ -236,8 +238,9 @@ def test_mixed_training_and_frozen_norms_match_naive(network, mode, batch):
 
 
 def tiny_network(mode):
-    return de.DenseNet(growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3,
-                       stem="cifar", efficient=mode).double()
+    return de.DenseNet(
+        growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3, stem="cifar", efficient=mode
+    ).double()
 
 
 def functional_logits(model):
@@ -245,7 +248,7 @@ def functional_logits(model):
     names = [name for name, _ in model.named_parameters()]
 
     def logits(x, *params):
-        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+        return torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
 
     return logits
 
@@ -267,8 +270,15 @@ def test_gradcheck_float64(training):
 def test_gradgradcheck_float64(mode, training):
     """Double backward through the efficient function, batch norms training (batch statistics) or frozen."""
     model = with_running_stats(
-        de.DenseNet(growth_rate=2, block_config=(2,), num_init_features=2, bn_size=2, num_classes=2, stem="cifar",
-                    efficient=mode).double()
+        de.DenseNet(
+            growth_rate=2,
+            block_config=(2,),
+            num_init_features=2,
+            bn_size=2,
+            num_classes=2,
+            stem="cifar",
+            efficient=mode,
+        ).double()
     ).train(training)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -285,7 +295,7 @@ def gradient_penalty_step(model, real, fake, weight=10.0):
     alpha = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype)
     interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_()
     critic = model(interpolates)[:, 0]
-    grad, = torch.autograd.grad(critic.sum(), interpolates, create_graph=True)
+    (grad,) = torch.autograd.grad(critic.sum(), interpolates, create_graph=True)
     penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
     loss = model(fake)[:, 0].mean() - model(real)[:, 0].mean() + weight * penalty
     loss.backward()
@@ -360,9 +370,9 @@ def test_torch_compile_matches_eager(batch):
     compiled_out = compiled(batch[0])
     compiled_out.sum().backward()
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, b), c in zip(model.named_buffers(), compiled_model.buffers()):
+    for (name, b), c in zip(model.named_buffers(), compiled_model.buffers(), strict=True):
         torch.testing.assert_close(c, b, msg=name)
 
 

@@ -18,8 +18,11 @@ CIFAR = {"densenet_40_k12", "densenet_bc_100_k12", "densenet_bc_250_k24", "dense
 def github_hub(tmp_path, monkeypatch):
     """A hub dir holding this checkout as if torch.hub had downloaded 'owner/repo:ref' from GitHub."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    shutil.copytree(ROOT, tmp_path / "densenet-efficient_densenet_efficient_main",
-                    ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(
+        ROOT,
+        tmp_path / "densenet-efficient_densenet_efficient_main",
+        ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache"),
+    )
     return "densenet-efficient/densenet_efficient:main"
 
 

@@ -38,8 +38,12 @@ def test_num_classes_override_loads_all_but_the_classifier(tmp_path):
     tuned.eval()
     assert tuned.classifier.out_features == 3
     with torch.no_grad():
-        torch.testing.assert_close(tuned.forward_head(tuned.forward_features(X), pre_logits=True),
-                                   model.forward_head(model.forward_features(X), pre_logits=True), rtol=0, atol=0)
+        torch.testing.assert_close(
+            tuned.forward_head(tuned.forward_features(X), pre_logits=True),
+            model.forward_head(model.forward_features(X), pre_logits=True),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_other_architecture_names_missing_and_unexpected_keys(tmp_path):
@@ -87,8 +91,6 @@ def test_missing_local_file_says_what_is_accepted(tmp_path):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "nothing.safetensors"))
 
 
-
-
 def test_legacy_pth_file_loads_with_weights_only(tmp_path):
     model = randomise_batch_norm(small_model())
     legacy = legacy_torchvision_state_dict(model)
@@ -102,4 +104,3 @@ def test_pickled_object_is_refused(tmp_path):
     torch.save({"model": small_model()}, tmp_path / "pickled.pth")
     with pytest.raises(W.InvalidWeightsFileError, match="not a readable PyTorch checkpoint"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "pickled.pth"), **SMALL)
-

@@ -60,26 +60,37 @@ def test_manifest_ships_in_the_package_and_at_the_root():
 def test_public_entries_pin_only_what_is_on_record():
     weights = W.load_manifest()["weights"]
     assert weights["densenet121_efficient.tv_in1k"]["hub"]["sha256"] == (
-        "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358")
+        "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358"
+    )
     assert weights["densenet121_efficient.ra_in1k"]["hub"]["revision"] == "e65bed9f92a2e438879b179438d22ed719be26d6"
     assert {entry["url"]["sha256_prefix"] for entry in weights.values() if entry["url"]} == {
-        "a639ec97", "b2777c0a", "c1103571", "8d451a50"}
+        "a639ec97",
+        "b2777c0a",
+        "c1103571",
+        "8d451a50",
+    }
 
 
 def test_unknown_tag_lists_the_valid_ones():
-    with pytest.raises(W.UnknownWeightsError, match=r"'nope' for 'densenet121_efficient'. Valid tags: ra_in1k, tv_in1k"):
+    with pytest.raises(
+        W.UnknownWeightsError, match=r"'nope' for 'densenet121_efficient'. Valid tags: ra_in1k, tv_in1k"
+    ):
         de.densenet121_efficient(weights="nope")
 
 
 def test_model_without_weights_says_which_models_have_some():
-    with pytest.raises(W.UnknownWeightsError, match="No pretrained weights .* 'densenet_bc_100_k12'.*densenet121_efficient"):
+    with pytest.raises(
+        W.UnknownWeightsError, match="No pretrained weights .* 'densenet_bc_100_k12'.*densenet121_efficient"
+    ):
         de.densenet_bc_100_k12(pretrained=True)
 
 
 def test_import_stays_light():
-    code = ("import sys, densenet_efficient; "
-            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'jsonschema', 'torchvision', "
-            "'timm') if m in sys.modules))")
+    code = (
+        "import sys, densenet_efficient; "
+        "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'jsonschema', 'torchvision', "
+        "'timm') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -96,19 +107,32 @@ def manifest_with(tmp_path, monkeypatch, change) -> None:
     monkeypatch.setenv(MANIFEST_ENV, str(path))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(sha256_prefix=""),
-     r"\['weights'\]\['densenet121_efficient.tv_in1k'\]\['url'\]\['sha256_prefix'\]: '' does not match"),
-    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["hub"].update(sha256=""),
-     r"\['hub'\]\['sha256'\]: '' does not match"),
-    (lambda m: m["weights"]["densenet121_efficient.tv_in1k"].pop("model_args"),
-     "'model_args' is a required property"),
-    (lambda m: m["weights"]["densenet121_efficient.ra_in1k"]["metrics"][1].pop("crop_pct"),
-     r"\['metrics'\]\[1\]: 'crop_pct' is a required property"),
-    (lambda m: m.pop("default_tags"), r"\(top level\): 'default_tags' is a required property"),
-    (lambda m: m["default_tags"].update(densenet169_efficient="ra_in1k"),
-     "the default tag of 'densenet169_efficient' is 'ra_in1k', which has no entry"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(sha256_prefix=""),
+            r"\['weights'\]\['densenet121_efficient.tv_in1k'\]\['url'\]\['sha256_prefix'\]: '' does not match",
+        ),
+        (
+            lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["hub"].update(sha256=""),
+            r"\['hub'\]\['sha256'\]: '' does not match",
+        ),
+        (
+            lambda m: m["weights"]["densenet121_efficient.tv_in1k"].pop("model_args"),
+            "'model_args' is a required property",
+        ),
+        (
+            lambda m: m["weights"]["densenet121_efficient.ra_in1k"]["metrics"][1].pop("crop_pct"),
+            r"\['metrics'\]\[1\]: 'crop_pct' is a required property",
+        ),
+        (lambda m: m.pop("default_tags"), r"\(top level\): 'default_tags' is a required property"),
+        (
+            lambda m: m["default_tags"].update(densenet169_efficient="ra_in1k"),
+            "the default tag of 'densenet169_efficient' is 'ra_in1k', which has no entry",
+        ),
+    ],
+)
 def test_malformed_manifest_is_a_clear_error_when_read(tmp_path, monkeypatch, change, message):
     manifest_with(tmp_path, monkeypatch, change)
     with pytest.raises(W.ManifestError, match=message):
@@ -133,8 +157,11 @@ def test_entries_are_frozen_and_typed():
 
 def test_published_results_are_on_record():
     """Against reference-facts.md: timm's results-imagenet.csv and torchvision's figures, top-1 and top-5."""
-    results = {(key, m.reported_by, m.image_size): (m.top1, m.top5, m.crop_pct)
-               for key in W.list_pretrained() for m in W.get_pretrained_cfg(key).metrics}
+    results = {
+        (key, m.reported_by, m.image_size): (m.top1, m.top5, m.crop_pct)
+        for key in W.list_pretrained()
+        for m in W.get_pretrained_cfg(key).metrics
+    }
     assert results == {
         ("densenet121_efficient.ra_in1k", "timm", 224): (75.574, 92.648, 0.875),
         ("densenet121_efficient.ra_in1k", "timm", 288): (76.486, 93.378, 0.95),

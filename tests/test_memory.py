@@ -1,5 +1,5 @@
-"""The CPU memory counter (live tensor bytes, saved-for-backward bytes, fake-tensor footprints) that bench and plan rest on."""
-
+"""The CPU memory counter that bench and plan rest on: live tensor bytes, saved-for-backward bytes, fake-tensor
+footprints."""
 
 import torch
 

@@ -46,8 +46,10 @@ def test_bc100_training_step_peak_fractions():
     torch.manual_seed(0)
     base = de.densenet_bc_100_k12(efficient=False)
     inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    peaks = {mode: training_step_peak(copy.deepcopy(base).set_efficient(mode), inputs, targets)
-             for mode in (False, True, "max")}
+    peaks = {
+        mode: training_step_peak(copy.deepcopy(base).set_efficient(mode), inputs, targets)
+        for mode in (False, True, "max")
+    }
     assert peaks[True] <= 0.30 * peaks[False]
     assert peaks["max"] <= 0.16 * peaks[False]
     assert peaks["max"] < peaks[True]

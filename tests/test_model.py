@@ -1,6 +1,5 @@
 """The DenseNet model: parameter counts, layouts, fine-tuning surface and input validation."""
 
-
 import pytest
 import torch
 
@@ -56,8 +55,10 @@ def test_wrong_input_channels_and_size_fail_before_compute(monkeypatch):
 
 
 def test_min_input_size_is_the_smallest_that_runs():
-    for model in [de.DenseNet(growth_rate=2, block_config=(1, 1, 1, 1), num_init_features=4, num_classes=2),
-                  de.cifar_densenet(10, growth_rate=2)]:
+    for model in [
+        de.DenseNet(growth_rate=2, block_config=(1, 1, 1, 1), num_init_features=4, num_classes=2),
+        de.cifar_densenet(10, growth_rate=2),
+    ]:
         size = model.min_input_size
         assert model(torch.randn(2, 3, size, size)).shape == (2, model.config["num_classes"])
         with pytest.raises(ValueError, match="too small"):
@@ -83,10 +84,17 @@ def test_in_chans_and_state_dict_layout():
     model = de.densenet121_efficient(in_chans=1, num_classes=4)
     keys = model.state_dict().keys()
     assert model.features.conv0.weight.shape == (64, 1, 7, 7)
-    for key in ["features.conv0.weight", "features.norm0.running_var",
-                "features.denseblock1.denselayer1.norm1.weight", "features.denseblock1.denselayer6.conv2.weight",
-                "features.transition3.norm.num_batches_tracked", "features.transition3.conv.weight",
-                "features.denseblock4.denselayer16.conv1.weight", "features.norm5.bias", "classifier.weight"]:
+    for key in [
+        "features.conv0.weight",
+        "features.norm0.running_var",
+        "features.denseblock1.denselayer1.norm1.weight",
+        "features.denseblock1.denselayer6.conv2.weight",
+        "features.transition3.norm.num_batches_tracked",
+        "features.transition3.conv.weight",
+        "features.denseblock4.denselayer16.conv1.weight",
+        "features.norm5.bias",
+        "classifier.weight",
+    ]:
         assert key in keys
 
 
@@ -95,9 +103,10 @@ def test_core_import_is_light():
     import sys
 
     # tqdm is left out: torch itself imports it.
-    code = ("import sys, densenet_efficient; "
-            "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'torchvision', 'sklearn') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, densenet_efficient; "
+        "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'torchvision', 'sklearn') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-

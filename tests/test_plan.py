@@ -15,9 +15,16 @@ TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, r
 # ----------------------------------------------------------------------------------------------- planner
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("16GiB", 16 * 2**30), ("24GB", 24 * 10**9), ("512 MiB", 512 * 2**20), ("1.5gib", 3 * 2**29), ("100B", 100),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("16GiB", 16 * 2**30),
+        ("24GB", 24 * 10**9),
+        ("512 MiB", 512 * 2**20),
+        ("1.5gib", 3 * 2**29),
+        ("100B", 100),
+    ],
+)
 def test_parse_memory(text, expected):
     assert plan.parse_memory(text) == expected
 
@@ -71,12 +78,15 @@ def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--memory", "lots"], "16GiB"),
-    (["--memory", "1GiB", "--model", "densenet121_efficient", "--input-size", "16"], "needs at least 29"),
-    (["--memory", "1GiB", "--optimizer-copies", "-1"], "integer >= 0"),
-    (["--memory", "1GiB", "--family", "resnet"], "densenet_bc_k<growth>"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory", "lots"], "16GiB"),
+        (["--memory", "1GiB", "--model", "densenet121_efficient", "--input-size", "16"], "needs at least 29"),
+        (["--memory", "1GiB", "--optimizer-copies", "-1"], "integer >= 0"),
+        (["--memory", "1GiB", "--family", "resnet"], "densenet_bc_k<growth>"),
+    ],
+)
 def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
     with pytest.raises(SystemExit) as raised:
         raise SystemExit(main(["plan", *args]))
@@ -90,8 +100,16 @@ def test_plan_rejects_bad_input_saying_what_is_valid(args, message, capsys):
 def tiny_3d(mode):
     from densenet_efficient import DenseNet
 
-    return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=2, in_chans=1,
-                    spatial_dims=3, efficient=mode)
+    return DenseNet(
+        growth_rate=4,
+        block_config=(2, 2),
+        num_init_features=8,
+        bn_size=2,
+        num_classes=2,
+        in_chans=1,
+        spatial_dims=3,
+        efficient=mode,
+    )
 
 
 def test_3d_models_plan_on_volumes():
@@ -104,11 +122,14 @@ def test_3d_models_plan_on_volumes():
         assert common.model_io(tiny_3d(False)) == (1, 2, 3)
     # a volume's footprint grows with its side cubed: doubling it multiplies activations by 8
     question = plan.Question(batch_size=2, input_size=16)
-    small, large = question.footprint(lambda: tiny_3d(False)), plan.replace(question, input_size=32).footprint(
-        lambda: tiny_3d(False))
+    small, large = (
+        question.footprint(lambda: tiny_3d(False)),
+        plan.replace(question, input_size=32).footprint(lambda: tiny_3d(False)),
+    )
     assert small.parameters == large.parameters and 7 < large.peak / small.peak <= 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [False, True, "max"])
 def test_largest_input_is_the_largest_side_that_fits(mode):
     question = plan.Question(batch_size=2, input_size=16)
@@ -121,10 +142,30 @@ def test_largest_input_is_the_largest_side_that_fits(mode):
     assert plan.largest_input(build, 1000, question, smallest=5) == 0
 
 
+@pytest.mark.slow
 def test_plan_largest_input_cli(tmp_path, capsys):
     path = tmp_path / "plan.json"
-    assert main(["plan", "--model", "densenet121_3d_efficient", "--batch-size", "2", "--input-size", "32",
-                 "--memory", "1GiB", "--modes", "false,max", "--largest-input", "--json", str(path)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "densenet121_3d_efficient",
+                "--batch-size",
+                "2",
+                "--input-size",
+                "32",
+                "--memory",
+                "1GiB",
+                "--modes",
+                "false,max",
+                "--largest-input",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("densenet121_3d_efficient, 32x32x32, fp32: training within 1.00 GiB")
     assert "Largest input of densenet121_3d_efficient at batch 2:" in out

@@ -32,12 +32,15 @@ def imagenet_model(**cfg) -> de.DenseNet:
 
 
 CONFIGS = {
-    "timm ra_in1k": {"interpolation": "bicubic", "crop_pct": 0.875, "test_input_size": (3, 288, 288),
-                     "test_crop_pct": 0.95},
+    "timm ra_in1k": {
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "test_input_size": (3, 288, 288),
+        "test_crop_pct": 0.95,
+    },
     "torchvision": {"interpolation": "bilinear", "crop_pct": 0.875},
     "uncropped 160 px": {"input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 1.0},
-    "other statistics": {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.2, 0.3), "interpolation": "nearest",
-                         "crop_pct": 0.9},
+    "other statistics": {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.2, 0.3), "interpolation": "nearest", "crop_pct": 0.9},
 }
 
 
@@ -51,8 +54,9 @@ def test_eval_transforms_equal_timms_create_transform(config, use_test_size):
     for name in PHOTOS:
         image = photo(name)
         expected = theirs(image)
-        assert expected.shape[-1] == (288 if use_test_size and "test_input_size" in CONFIGS[config]
-                                      else model.pretrained_cfg["input_size"][-1])
+        assert expected.shape[-1] == (
+            288 if use_test_size and "test_input_size" in CONFIGS[config] else model.pretrained_cfg["input_size"][-1]
+        )
         torch.testing.assert_close(ours(image), expected, rtol=0, atol=0)
 
 
@@ -61,8 +65,9 @@ def test_jpeg_written_and_decoded_with_torchvision_io(tmp_path):
     import torchvision.io
 
     path = tmp_path / "chelsea.jpg"
-    torchvision.io.write_jpeg(torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).contiguous(), str(path),
-                              quality=90)
+    torchvision.io.write_jpeg(
+        torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).contiguous(), str(path), quality=90
+    )
     model = imagenet_model(**CONFIGS["torchvision"])
     ours = de.transforms(model)
     theirs = timm_data.create_transform(**timm_data.resolve_data_config(model=model), is_training=False)

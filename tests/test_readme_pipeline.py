@@ -26,4 +26,4 @@ def test_pipeline_snippets_run():
     pytest.importorskip("timm")
     namespace: dict = {}
     for snippet in pipeline_snippets():
-        exec(compile(snippet, str(README), "exec"), namespace)  # noqa: S102 - the README is this repository's
+        exec(compile(snippet, str(README), "exec"), namespace)

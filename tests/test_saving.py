@@ -33,8 +33,13 @@ def test_save_pretrained_is_byte_reproducible_and_self_describing(tmp_path):
     second = saved_files(model, tmp_path / "b", tag="test", dataset="cifar10")
     assert first == second and sorted(first) == ["README.md", "config.json", "model.safetensors"]
     weights = first["model.safetensors"]
-    assert entry["hub"] == {"repo_id": None, "revision": None, "filename": "model.safetensors",
-                            "sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights)}
+    assert entry["hub"] == {
+        "repo_id": None,
+        "revision": None,
+        "filename": "model.safetensors",
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "size": len(weights),
+    }
     assert entry["model"] == "densenet_40_k12" and entry["tag"] == "test" and entry["num_classes"] == 10
     with safe_open(tmp_path / "a" / "model.safetensors", "pt") as file:
         assert file.metadata() == {"format": "pt"}
@@ -48,11 +53,28 @@ def test_save_pretrained_is_byte_reproducible_and_self_describing(tmp_path):
 
 def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
-    metadata = dict(tag="c10", label_source="CIFAR-10 class order of torchvision.datasets.CIFAR10",
-                    input_size=[3, 32, 32], mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
-                    interpolation=None, crop_pct=None, license="MIT", source="trained here",
-                    metrics=[{"dataset": "cifar10-test", "top1": 50.0, "top5": 90.0, "image_size": 32,
-                              "crop_pct": 1.0, "protocol": "no augmentation", "reported_by": "this project"}])
+    metadata = dict(
+        tag="c10",
+        label_source="CIFAR-10 class order of torchvision.datasets.CIFAR10",
+        input_size=[3, 32, 32],
+        mean=[0.4914, 0.4822, 0.4465],
+        std=[0.2470, 0.2435, 0.2616],
+        interpolation=None,
+        crop_pct=None,
+        license="MIT",
+        source="trained here",
+        metrics=[
+            {
+                "dataset": "cifar10-test",
+                "top1": 50.0,
+                "top5": 90.0,
+                "image_size": 32,
+                "crop_pct": 1.0,
+                "protocol": "no augmentation",
+                "reported_by": "this project",
+            }
+        ],
+    )
     entry = W.save_pretrained(small_model(), tmp_path, **metadata)
     schema = manifest_schema()
     manifest = {"version": 1, "default_tags": {}, "weights": {"densenet_40_k12.c10": entry}}
@@ -63,13 +85,17 @@ def test_save_pretrained_entry_becomes_a_manifest_entry_once_published(tmp_path)
 
 
 def test_model_with_weights_but_no_default_tag(tmp_path, monkeypatch):
-    write_manifest(tmp_path / "manifest.json", monkeypatch, hub={"repo_id": "org/small", "revision": None,
-                   "filename": "model.safetensors", "sha256": None, "size": None})
+    write_manifest(
+        tmp_path / "manifest.json",
+        monkeypatch,
+        hub={"repo_id": "org/small", "revision": None, "filename": "model.safetensors", "sha256": None, "size": None},
+    )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["default_tags"] = {}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(W.UnknownWeightsError, match="'densenet_40_k12' has no default weights: pass weights=<tag>, "
-                                                    "one of test"):
+    with pytest.raises(
+        W.UnknownWeightsError, match="'densenet_40_k12' has no default weights: pass weights=<tag>, one of test"
+    ):
         de.densenet_40_k12(pretrained=True)
 
 
@@ -95,20 +121,44 @@ def test_save_pretrained_needs_a_registered_name(tmp_path):
 def test_model_card_is_read_back_by_huggingface_hub(tmp_path):
     from huggingface_hub import ModelCard
 
-    metrics = [{"dataset": "imagenet-1k-val", "top1": 74.75, "top5": 92.158, "image_size": 224, "crop_pct": 0.875,
-                "protocol": "timm", "reported_by": "timm"}]
-    W.save_pretrained(small_model(), tmp_path, tag="ft", license="apache-2.0", metrics=metrics, dataset="cifar10",
-                      base_model="timm/densenet121.tv_in1k")
+    metrics = [
+        {
+            "dataset": "imagenet-1k-val",
+            "top1": 74.75,
+            "top5": 92.158,
+            "image_size": 224,
+            "crop_pct": 0.875,
+            "protocol": "timm",
+            "reported_by": "timm",
+        }
+    ]
+    W.save_pretrained(
+        small_model(),
+        tmp_path,
+        tag="ft",
+        license="apache-2.0",
+        metrics=metrics,
+        dataset="cifar10",
+        base_model="timm/densenet121.tv_in1k",
+    )
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data
     assert (data.library_name, data.pipeline_tag, data.license, data.base_model) == (
-        "densenet_efficient", "image-classification", "apache-2.0", "timm/densenet121.tv_in1k")
+        "densenet_efficient",
+        "image-classification",
+        "apache-2.0",
+        "timm/densenet121.tv_in1k",
+    )
     assert data.datasets == ["cifar10", "imagenet-1k-val"] and data.model_name == "densenet_40_k12.ft"
     results = {(r.metric_name, r.dataset_name): r.metric_value for r in data.eval_results}
     assert results == {("top-1 accuracy", "imagenet-1k-val"): 74.75, ("top-5 accuracy", "imagenet-1k-val"): 92.158}
     assert data.eval_results[0].task_type == "image-classification"
-    assert data.eval_results[0].metric_args == {"image_size": 224, "crop_pct": 0.875, "protocol": "timm",
-                                                "reported_by": "timm"}
+    assert data.eval_results[0].metric_args == {
+        "image_size": 224,
+        "crop_pct": 0.875,
+        "protocol": "timm",
+        "reported_by": "timm",
+    }
     assert data.to_dict()["files"] == ["model.safetensors", "config.json", "README.md"]
     assert "de.transforms(model)" in card.text
 
@@ -126,8 +176,9 @@ def test_model_card_of_a_manifest_entry_is_byte_reproducible():
 
 def test_foreign_readme_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "README.md").write_text("# my notes\n")
-    with pytest.raises(FileExistsError, match="README.md exists and was not written by save_pretrained: pass "
-                                              "overwrite=True"):
+    with pytest.raises(
+        FileExistsError, match="README.md exists and was not written by save_pretrained: pass overwrite=True"
+    ):
         W.save_pretrained(small_model(), tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]  # nothing written
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
@@ -142,8 +193,12 @@ def test_leftovers_of_an_interrupted_save_are_removed_by_the_next(tmp_path):
     (tmp_path / ".model.safetensors.k2j3.tmp").write_bytes(b"y" * 1000)  # write_atomically's, killed mid-write
     (tmp_path / "notes.txt").write_text("mine")
     W.save_pretrained(small_model(), tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                                "notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
 
 
 def test_interruption_between_renames_is_refused_at_load(tmp_path, monkeypatch):
@@ -163,6 +218,8 @@ def test_interruption_between_renames_is_refused_at_load(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [path.name for path in renamed] == ["model.safetensors"]
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # staging folder removed
-    with pytest.raises(W.InvalidWeightsFileError, match="model.safetensors is not the file .*config.json was "
-                                                        "written for .* Save the weights again"):
+    with pytest.raises(
+        W.InvalidWeightsFileError,
+        match="model.safetensors is not the file .*config.json was written for .* Save the weights again",
+    ):
         de.create_model("densenet_40_k12", weights=str(tmp_path))

@@ -10,15 +10,26 @@ from torch import nn
 import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes
 
-LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d), 2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
-          3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d)}
+LAYERS = {
+    1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+    3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
+}
 SIDE = {1: 32, 3: 8}  # small inputs that still reach the last block
 
 
 def tiny(spatial_dims, stem="cifar", **kwargs):
     """Bottleneck layers, compression, two blocks; 1 input channel, 3 classes."""
-    args = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3, in_chans=1,
-                stem=stem, spatial_dims=spatial_dims)
+    args = dict(
+        growth_rate=4,
+        block_config=(2, 2),
+        num_init_features=8,
+        bn_size=2,
+        num_classes=3,
+        in_chans=1,
+        stem=stem,
+        spatial_dims=spatial_dims,
+    )
     return de.DenseNet(**{**args, **kwargs})
 
 
@@ -50,13 +61,17 @@ def test_layers_config_and_shapes_follow_spatial_dims(spatial_dims):
 def test_default_is_2d_and_spatial_dims_is_checked():
     assert de.DenseNet(block_config=(1,), num_init_features=4, growth_rate=2).config["spatial_dims"] == 2
     for bad in (0, 4, True, 2.0):
-        with pytest.raises(ValueError, match=rf"spatial_dims must be 1, 2 or 3 \(signals, images, volumes\), "
-                                             rf"got {bad!r}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"spatial_dims must be 1, 2 or 3 \(signals, images, volumes\), "
+            rf"got {bad!r}",
+        ):
             tiny(bad)
 
 
-@pytest.mark.parametrize(("spatial_dims", "axes", "sides"), [(1, "L", "length"),
-                                                              (3, "D, H, W", "depth, height and width")])
+@pytest.mark.parametrize(
+    ("spatial_dims", "axes", "sides"), [(1, "L", "length"), (3, "D, H, W", "depth, height and width")]
+)
 def test_input_checks_name_the_axes(spatial_dims, axes, sides):
     model = tiny(spatial_dims, stem="imagenet")
     assert model.min_input_size == 5
@@ -91,12 +106,20 @@ def test_float64_every_gradient_matches_naive(spatial_dims, mode):
 def test_gradcheck_float64(spatial_dims):
     """Against finite differences, for the input and every parameter (gradcheck's fast mode: random projections
     of the full Jacobian, which the full mode would take minutes to build in 3D on CPU)."""
-    model = de.DenseNet(growth_rate=2, block_config=(2, 1), num_init_features=2, bn_size=2, num_classes=3,
-                        in_chans=1, stem="cifar", spatial_dims=spatial_dims).double()
+    model = de.DenseNet(
+        growth_rate=2,
+        block_config=(2, 1),
+        num_init_features=2,
+        bn_size=2,
+        num_classes=3,
+        in_chans=1,
+        stem="cifar",
+        spatial_dims=spatial_dims,
+    ).double()
     names = [name for name, _ in model.named_parameters()]
 
     def logits(x, *params):
-        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+        return torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
 
     x = torch.randn((3, 1) + ({1: 4, 3: 2}[spatial_dims],) * spatial_dims, dtype=torch.float64, requires_grad=True)
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
@@ -124,6 +147,7 @@ def test_efficient_modes_save_less_for_backward(spatial_dims):
 MONAI_3D_PARAMETERS = {121: 11_244_674, 169: 18_546_050, 201: 25_334_658, 264: 40_251_266}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", sorted(MONAI_3D_PARAMETERS))
 def test_3d_architectures_have_the_parameters_of_monai(depth):
     nets = pytest.importorskip("monai.networks.nets")
@@ -133,13 +157,16 @@ def test_3d_architectures_have_the_parameters_of_monai(depth):
         assert count_parameters(model) == MONAI_3D_PARAMETERS[depth]
         assert model.config["spatial_dims"] == 3 and model.in_chans == 1 and model.config["num_classes"] == 2
         for spatial_dims, in_channels, out_channels in [(3, 1, 2), (3, 4, 7), (2, 3, 1000), (1, 2, 5)]:
-            monai = getattr(nets, f"DenseNet{depth}")(spatial_dims=spatial_dims, in_channels=in_channels,
-                                                      out_channels=out_channels)
+            monai = getattr(nets, f"DenseNet{depth}")(
+                spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels
+            )
             ours = de.create_model(name, spatial_dims=spatial_dims, in_chans=in_channels, num_classes=out_channels)
             assert count_parameters(ours) == count_parameters(monai), (spatial_dims, in_channels, out_channels)
             # the same tensors under the same names, up to MONAI's "layers." and "class_layers.out"
-            renamed = {key.replace(".layers.", ".").replace("class_layers.out", "classifier"): tuple(value.shape)
-                       for key, value in monai.state_dict().items()}
+            renamed = {
+                key.replace(".layers.", ".").replace("class_layers.out", "classifier"): tuple(value.shape)
+                for key, value in monai.state_dict().items()
+            }
             assert renamed == {key: tuple(value.shape) for key, value in ours.state_dict().items()}
 
 

@@ -30,8 +30,9 @@ STEPS = 2
 def tiny_model(mode) -> de.DenseNet:
     """ImageNet stem (norm0), bottleneck layers, a transition and norm5: every kind of batch norm."""
     torch.manual_seed(0)
-    model = de.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3,
-                        efficient=mode)
+    model = de.DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3, efficient=mode
+    )
     with torch.no_grad():  # non-trivial affine parameters, so that weight and bias enter every gradient
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -43,8 +44,10 @@ def tiny_model(mode) -> de.DenseNet:
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     """Five 3x16x16 images and the loss weights: loss = sum(logits * weights)."""
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(5, 3, 16, 16, generator=generator, dtype=torch.float64),
-            torch.randn(5, 3, generator=generator, dtype=torch.float64))
+    return (
+        torch.randn(5, 3, 16, 16, generator=generator, dtype=torch.float64),
+        torch.randn(5, 3, generator=generator, dtype=torch.float64),
+    )
 
 
 def run_steps(model: nn.Module, inputs: torch.Tensor, weights: torch.Tensor, phase: list[str] | None = None) -> dict:
@@ -86,6 +89,7 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, device: str)
         def wrapper(*args, **kwargs):
             counts[phase[0], name] += 1
             return collective(*args, **kwargs)
+
         return wrapper
 
     for name in ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
@@ -256,8 +260,10 @@ def _empty_rank_worker(rank: int, world_size: int, port: int, result_dir: str) -
         norm = de.convert_sync_batchnorm(nn.BatchNorm2d(3).double())
         x = inputs[low:high].clone().requires_grad_()
         (norm(x) * weights[low:high, :, None, None]).sum().backward()
-        torch.save({"input_grad": x.grad, "weight_grad": norm.weight.grad, "buffers": dict(norm.named_buffers())},
-                   Path(result_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"input_grad": x.grad, "weight_grad": norm.weight.grad, "buffers": dict(norm.named_buffers())},
+            Path(result_dir) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

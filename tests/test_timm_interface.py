@@ -62,22 +62,29 @@ def test_global_pool_values_and_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "reductions"), [("densenet121_efficient", [2, 4, 8, 16, 32]),
-                                                  ("densenet_bc_100_k12", [1, 1, 2, 4])])
+@pytest.mark.parametrize(
+    ("name", "reductions"), [("densenet121_efficient", [2, 4, 8, 16, 32]), ("densenet_bc_100_k12", [1, 1, 2, 4])]
+)
 def test_forward_intermediates_follow_feature_info(name, reductions):
     model = de.create_model(name, **{**SMALL, "block_config": (2,) * len(reductions[1:])}).eval()
     x = image(model)
     assert model.feature_info.reduction() == reductions
     final, levels = model.forward_intermediates(x)
     torch.testing.assert_close(final, model.forward_features(x))
-    for info, level in zip(model.feature_info, levels):
-        assert level.shape == (2, info["num_chs"], 64 // info["reduction"] if x.shape[2] == 64 else
-                               32 // info["reduction"], x.shape[3] // info["reduction"])
+    for info, level in zip(model.feature_info, levels, strict=True):
+        assert level.shape == (
+            2,
+            info["num_chs"],
+            64 // info["reduction"] if x.shape[2] == 64 else 32 // info["reduction"],
+            x.shape[3] // info["reduction"],
+        )
     only = model.forward_intermediates(x, indices=[0, -2], intermediates_only=True)
     torch.testing.assert_close(only, [levels[0], levels[-2]])
     _, last_two = model.forward_intermediates(x, indices=2, stop_early=True)
     torch.testing.assert_close(last_two, levels[-2:])
-    with pytest.raises(ValueError, match=f"feature index 9 is out of range: this network has levels 0 to {len(reductions) - 1}"):
+    with pytest.raises(
+        ValueError, match=f"feature index 9 is out of range: this network has levels 0 to {len(reductions) - 1}"
+    ):
         model.forward_intermediates(x, indices=[9])
     with pytest.raises(ValueError, match="output_fmt must be 'NCHW', got 'NHWC'"):
         model.forward_intermediates(x, output_fmt="NHWC")
@@ -105,7 +112,10 @@ def test_features_only_backbone(name):
     levels = model.forward_intermediates(x, intermediates_only=True)
     outputs = backbone(x)
     assert backbone.feature_info.channels() == [o.shape[1] for o in outputs]
-    assert backbone.feature_info.reduction() == [model.feature_info[1]["reduction"], model.feature_info[-1]["reduction"]]
+    assert backbone.feature_info.reduction() == [
+        model.feature_info[1]["reduction"],
+        model.feature_info[-1]["reduction"],
+    ]
     torch.testing.assert_close(outputs, [levels[1], levels[-1]])
     assert backbone.pretrained_cfg == model.pretrained_cfg
     with pytest.raises(ValueError, match="pass features_only=True"):
@@ -118,8 +128,15 @@ def test_features_only_backbone_keeps_memory_savings(stem):
     saved = {}
     for mode in de.MEMORY_MODES:
         torch.manual_seed(0)
-        backbone = de.create_model("densenet121_efficient", features_only=True, stem=stem, efficient=mode,
-                                   block_config=(3, 3, 3), growth_rate=8, num_init_features=16)
+        backbone = de.create_model(
+            "densenet121_efficient",
+            features_only=True,
+            stem=stem,
+            efficient=mode,
+            block_config=(3, 3, 3),
+            growth_rate=8,
+            num_init_features=16,
+        )
         x = torch.randn(2, 3, 32, 32)
         with saved_tensor_bytes(exclude=tuple(backbone.parameters())) as counter:
             outputs = backbone(x)
@@ -136,8 +153,11 @@ def test_grad_checkpointing_and_group_matcher():
     assert model.efficient is True and model.features.transition1.efficient is True
     matcher = model.group_matcher()
     names = [name for name, _ in model.named_parameters()]
-    assert [n for n in names if re.match(matcher["stem"], n)] == ["features.conv0.weight", "features.norm0.weight",
-                                                                 "features.norm0.bias"]
+    assert [n for n in names if re.match(matcher["stem"], n)] == [
+        "features.conv0.weight",
+        "features.norm0.weight",
+        "features.norm0.bias",
+    ]
     coarse = model.group_matcher(coarse=True)["blocks"]
     assert {re.match(coarse, n)[1] for n in names if re.match(coarse, n)} == {"1", "2", "3", "4"}
 
@@ -161,16 +181,18 @@ def test_timm_create_model_and_data_config(timm):
     from PIL import Image
 
     assert transform(Image.new("RGB", (40, 48))).shape == (3, 32, 32)
-    imagenet = timm.create_model("densenet121_efficient", pretrained_cfg_overlay={"crop_pct": 0.9},
-                                 block_config=(1, 1, 1, 1))
+    imagenet = timm.create_model(
+        "densenet121_efficient", pretrained_cfg_overlay={"crop_pct": 0.9}, block_config=(1, 1, 1, 1)
+    )
     assert timm.data.resolve_data_config({}, model=imagenet)["input_size"] == (3, 224, 224)
     assert imagenet.pretrained_cfg["crop_pct"] == 0.9
     assert "densenet121_efficient" in timm.list_models("densenet*_efficient")
 
 
 def test_timm_features_only_and_optimizer(timm):
-    backbone = timm.create_model("densenet121_efficient", features_only=True, out_indices=(2, 3),
-                                 block_config=(1, 1, 1, 1)).eval()
+    backbone = timm.create_model(
+        "densenet121_efficient", features_only=True, out_indices=(2, 3), block_config=(1, 1, 1, 1)
+    ).eval()
     outputs = backbone(torch.randn(1, 3, 64, 64))
     assert backbone.feature_info.channels() == [o.shape[1] for o in outputs]
     assert [64 // o.shape[-1] for o in outputs] == backbone.feature_info.reduction() == [8, 16]
@@ -200,8 +222,9 @@ def test_make_efficient_matches_the_original(library, mode):
     if library == "torchvision":
         import torchvision
 
-        original = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8,
-                                               num_classes=5)
+        original = torchvision.models.DenseNet(
+            growth_rate=4, block_config=(2, 2, 2), num_init_features=8, num_classes=5
+        )
     else:
         timm = pytest.importorskip("timm")
         original = timm.models.densenet.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_classes=5)
@@ -215,9 +238,9 @@ def test_make_efficient_matches_the_original(library, mode):
         out = _train_step(converted, x2)
     torch.testing.assert_close(out, _train_step(original, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(original.named_parameters(), converted.parameters()):
+    for (name, p), q in zip(original.named_parameters(), converted.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
-    for (name, b), c in zip(original.named_buffers(), converted.buffers()):
+    for (name, b), c in zip(original.named_buffers(), converted.buffers(), strict=True):
         torch.testing.assert_close(c, b, msg=name)
     if mode:
         with saved_tensor_bytes(exclude=tuple(original.parameters())) as plain:

@@ -57,8 +57,17 @@ def _one_thread():
 
 def digits_config(output: Path, **overrides) -> TrainConfig:
     """A small digits run: BC network with one layer per block, 8 px, batch 32, no progress bars."""
-    options = dict(dataset="digits", model="densenet_bc_100_k12", model_args=dict(TINY), image_size=8, epochs=2,
-                   batch_size=32, workers=0, progress=False, output=str(output))
+    options = dict(
+        dataset="digits",
+        model="densenet_bc_100_k12",
+        model_args=dict(TINY),
+        image_size=8,
+        epochs=2,
+        batch_size=32,
+        workers=0,
+        progress=False,
+        output=str(output),
+    )
     return TrainConfig(**{**options, **overrides})
 
 
@@ -128,15 +137,21 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world_size: int, port: int, config: TrainConfig, result_dir: str) -> None:
     """One torchrun-like process: join the gloo group, train, save this rank's parameters."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     with distributed(None) as ctx:
         trainer = Trainer(config.resolved(), ctx)
         results = trainer.fit()
-        torch.save({"params": {k: v.detach() for k, v in trainer.model.named_parameters()},
-                    "buffers": dict(trainer.model.named_buffers()), "results": results},
-                   Path(result_dir) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "params": {k: v.detach() for k, v in trainer.model.named_parameters()},
+                "buffers": dict(trainer.model.named_buffers()),
+                "results": results,
+            },
+            Path(result_dir) / f"rank{rank}.pt",
+        )
 
 
 @pytest.mark.slow
@@ -271,8 +286,12 @@ def test_an_interrupted_checkpoint_write_leaves_the_last_good_one(tmp_path, monk
         train(digits_config(tmp_path, epochs=2))
     monkeypatch.setattr(os, "replace", original_replace)
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "epoch-0001.pt", "epoch-0001.safetensors",
-                                                         "epoch-0002.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "epoch-0001.pt",
+        "epoch-0001.safetensors",
+        "epoch-0002.safetensors",
+    ]
     assert [p.name for p in checkpoints(tmp_path)] == ["epoch-0001.pt"]
     assert load_checkpoint(folder / "epoch-0001.pt")[1]["epoch"] == 1
     results = train(digits_config(tmp_path, epochs=2, resume=True))
@@ -286,8 +305,20 @@ def test_an_interrupted_checkpoint_write_leaves_the_last_good_one(tmp_path, monk
 def cli_run(tmp_path_factory):
     """`densenet-efficient train` on digits (3 epochs, 16 px) with the export at the end."""
     output = tmp_path_factory.mktemp("cli")
-    args = ["train", "--output", str(output), "--image-size", "16", "--epochs", "3", "--no-progress",
-            "--model-arg", "block_config=1,1,1", "--efficient", "max"]
+    args = [
+        "train",
+        "--output",
+        str(output),
+        "--image-size",
+        "16",
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--model-arg",
+        "block_config=1,1,1",
+        "--efficient",
+        "max",
+    ]
     with one_thread():
         assert main(args) == 0
     return output
@@ -327,7 +358,7 @@ def _digits_imagefolder(root: Path, classes: range) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         if label in classes:
             folder = root / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -338,9 +369,19 @@ def _digits_imagefolder(root: Path, classes: range) -> None:
 def test_fine_tune_an_export_on_a_new_number_of_classes(cli_run, tmp_path):
     _digits_imagefolder(tmp_path / "images", range(5))
     export = cli_run / "export"
-    config = TrainConfig(dataset="imagefolder", data=str(tmp_path / "images"), model="densenet_bc_100_k12",
-                         weights=str(export), freeze_backbone=True, epochs=3, batch_size=32, lr=0.1, workers=0,
-                         progress=False, output=str(tmp_path / "fine-tuned"))
+    config = TrainConfig(
+        dataset="imagefolder",
+        data=str(tmp_path / "images"),
+        model="densenet_bc_100_k12",
+        weights=str(export),
+        freeze_backbone=True,
+        epochs=3,
+        batch_size=32,
+        lr=0.1,
+        workers=0,
+        progress=False,
+        output=str(tmp_path / "fine-tuned"),
+    )
     with pytest.warns(UserWarning, match="10 classes, the model 5"):
         results = train(config)
     assert results["test"]["top1"] > 80, results
@@ -379,30 +420,38 @@ def copy_run(source: Path, target: Path) -> Path:
 
 
 def test_a_non_finite_loss_stops_the_run_and_nothing_is_written(tmp_path):
-    with pytest.raises(TrainingDivergedError, match=r"training diverged in epoch 1: the training loss is (nan|inf) "
-                                                    r"\(lr 1e\+06\)\. .*nothing of epoch 1 was saved or exported"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"training diverged in epoch 1: the training loss is (nan|inf) "
+        r"\(lr 1e\+06\)\. .*nothing of epoch 1 was saved or exported",
+    ):
         train(digits_config(tmp_path, lr=1e6, epochs=1))
     written = {path.name for path in tmp_path.rglob("*")}
     assert not written & {"best.safetensors", "results.json", "export", "manifest_entry.json", "metrics.csv"}
     assert checkpoints(tmp_path) == []
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("lr", float("nan"), "lr must be a finite number above 0, got nan"),
-    ("lr", -0.1, "lr must be a finite number above 0, got -0.1"),
-    ("lr", float("inf"), "lr must be a finite number above 0, got inf"),
-    ("gamma", -5.0, r"gamma must be a finite number in \(0, 1\], got -5.0"),
-    ("momentum", 1.5, r"momentum must be a finite number in \[0, 1\), got 1.5"),
-    ("weight_decay", float("nan"), "weight_decay must be a finite number of at least 0, got nan"),
-    ("val_fraction", 1.0, r"val_fraction must be a finite number in \[0, 1\), got 1.0"),
-    ("milestones", (0.5, float("nan")), r"milestones are fractions of the epochs in \(0, 1\], got \(0.5, nan\)"),
-    ("epochs", 0, "epochs must be a whole number of at least 1, got 0"),
-    ("batch_size", 2.5, "batch_size must be a whole number of at least 1, got 2.5"),
-    ("workers", -1, "workers must be a whole number of at least 0, got -1"),
-    ("seed", -3, "seed must be a whole number of at least 0, got -3"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("lr", float("nan"), "lr must be a finite number above 0, got nan"),
+        ("lr", -0.1, "lr must be a finite number above 0, got -0.1"),
+        ("lr", float("inf"), "lr must be a finite number above 0, got inf"),
+        ("gamma", -5.0, r"gamma must be a finite number in \(0, 1\], got -5.0"),
+        ("momentum", 1.5, r"momentum must be a finite number in \[0, 1\), got 1.5"),
+        ("weight_decay", float("nan"), "weight_decay must be a finite number of at least 0, got nan"),
+        ("val_fraction", 1.0, r"val_fraction must be a finite number in \[0, 1\), got 1.0"),
+        ("milestones", (0.5, float("nan")), r"milestones are fractions of the epochs in \(0, 1\], got \(0.5, nan\)"),
+        ("epochs", 0, "epochs must be a whole number of at least 1, got 0"),
+        ("batch_size", 2.5, "batch_size must be a whole number of at least 1, got 2.5"),
+        ("workers", -1, "workers must be a whole number of at least 0, got -1"),
+        ("seed", -3, "seed must be a whole number of at least 0, got -3"),
+    ],
+)
 def test_numeric_options_are_checked_before_anything_is_built(tmp_path, monkeypatch, option, value, message):
-    monkeypatch.setattr(train_module, "_data", lambda config: pytest.fail("data loaded before the options were checked"))
+    monkeypatch.setattr(
+        train_module, "_data", lambda config: pytest.fail("data loaded before the options were checked")
+    )
     with pytest.raises(UsageError, match=message):
         train(digits_config(tmp_path / "run", **{option: value}))
     assert not (tmp_path / "run").exists()
@@ -426,14 +475,17 @@ def test_output_that_is_a_file_or_cannot_be_written_fails_before_training(tmp_pa
 def test_a_non_empty_output_needs_resume_or_overwrite(uninterrupted, tmp_path):
     output = copy_run(uninterrupted[0], tmp_path / "run")
     before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
-    with pytest.raises(UsageError, match=f"--output {output} is not empty: pass --resume to continue the run in it, "
-                                         "--overwrite to delete its run files"):
+    with pytest.raises(
+        UsageError,
+        match=f"--output {output} is not empty: pass --resume to continue the run in it, "
+        "--overwrite to delete its run files",
+    ):
         train(digits_config(output, epochs=1))
     assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
 
 
-def test_two_runs_into_one_folder_killed_and_resumed_export_the_second_runs_best(uninterrupted, tmp_path,
-                                                                                 monkeypatch):
+@pytest.mark.slow
+def test_two_runs_into_one_folder_killed_and_resumed_export_the_second_runs_best(uninterrupted, tmp_path, monkeypatch):
     """The issue's scenario: a finished 4-epoch run, a second run into the same folder (now only with --overwrite)
     killed after its first epoch, then --resume: the results and the export are the second run's own."""
     output = copy_run(uninterrupted[0], tmp_path / "run")
@@ -479,16 +531,22 @@ def test_best_weights_of_another_epoch_or_run_are_restored_or_refused(uninterrup
     assert state["best"]["epoch"] == 3
     best, kept = output / "best.safetensors", output / "checkpoints" / "epoch-0003.safetensors"
     shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
-    with pytest.warns(UserWarning, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run {run}; "
-                                         rf"restored the best weights of this run \(epoch 3\) from {kept}"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run {run}; "
+        rf"restored the best weights of this run \(epoch 3\) from {kept}",
+    ):
         results = train(digits_config(output, epochs=4, resume=True))
     assert results["test"] == uninterrupted[1]["test"] and best.read_bytes() == kept.read_bytes()
     shutil.copy(output / "checkpoints" / "epoch-0004.safetensors", best)
     kept.unlink()
-    with pytest.raises(CheckpointError, match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run "
-                                              rf"{run}: it must hold the weights of epoch 3.*no longer kept. Restore "
-                                              rf"best.safetensors from a backup to go on, or start afresh with "
-                                              rf"--overwrite"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"best.safetensors holds epoch 4 of run {run}, not epoch 3 of run "
+        rf"{run}: it must hold the weights of epoch 3.*no longer kept. Restore "
+        rf"best.safetensors from a backup to go on, or start afresh with "
+        rf"--overwrite",
+    ):
         train(digits_config(output, epochs=4, resume=True))
 
 
@@ -500,18 +558,25 @@ def test_missing_best_weights_on_resume_say_what_is_missing_and_what_to_do(unint
         assert train(digits_config(output, epochs=4, resume=True))["test"] == uninterrupted[1]["test"]
     best.unlink()
     kept.unlink()
-    with pytest.raises(CheckpointError, match=rf"{best} is missing: it must hold the weights of epoch 3, the best of "
-                                              rf"this run so far, which are exported at the end, and {kept} \(the "
-                                              rf"same weights\) is no longer kept"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{best} is missing: it must hold the weights of epoch 3, the best of "
+        rf"this run so far, which are exported at the end, and {kept} \(the "
+        rf"same weights\) is no longer kept",
+    ):
         train(digits_config(output, epochs=4, resume=True))
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_the_run_with_the_new_schedule(uninterrupted, tmp_path):
     output = copy_run(uninterrupted[0], tmp_path / "run")
     with pytest.raises(UsageError, match=r"epoch-0004.pt is at epoch 4: resume it with --epochs 4 or more, not 3"):
         train(digits_config(output, epochs=3, resume=True))
-    with pytest.warns(UserWarning, match=r"extending the run from 4 to 8 epochs: from epoch 5 on the learning rate "
-                                         r"follows the schedule of 8 epochs \(milestones \[4, 6\], lr now 0.01\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"extending the run from 4 to 8 epochs: from epoch 5 on the learning rate "
+        r"follows the schedule of 8 epochs \(milestones \[4, 6\], lr now 0.01\)",
+    ):
         results = train(digits_config(output, epochs=8, resume=True))
     _, state = load_checkpoint(checkpoints(output)[-1])
     # epochs 1-4 keep the 4-epoch schedule; 5-8 follow the 8-epoch one (x0.1 after epochs 4 and 6)
@@ -519,15 +584,19 @@ def test_resume_with_more_epochs_extends_the_run_with_the_new_schedule(uninterru
     assert results["epochs"] == 8 and state["config"]["epochs"] == 8
 
 
-@pytest.mark.parametrize("option, value, listing", [
-    ("accum_steps", 2, "accum_steps: checkpoint 1, now 2"),
-    ("amp", "bf16", "amp: checkpoint None, now 'bf16'"),
-])
+@pytest.mark.parametrize(
+    "option, value, listing",
+    [
+        ("accum_steps", 2, "accum_steps: checkpoint 1, now 2"),
+        ("amp", "bf16", "amp: checkpoint None, now 'bf16'"),
+    ],
+)
 def test_resume_refuses_another_accumulation_or_precision(uninterrupted, option, value, listing):
     with pytest.raises(CheckpointError, match=rf"another recipe \({listing}\); resume with the same settings"):
         train(digits_config(uninterrupted[0], epochs=4, resume=True, **{option: value}))
 
 
+@pytest.mark.slow
 def test_eval_reads_best_weights_and_a_checkpoint_directly(cli_run, tmp_path):
     expected = json.loads((cli_run / "results.json").read_text())["test"]
     for weights in (cli_run / "best.safetensors", cli_run / "checkpoints" / "epoch-0003.safetensors"):
@@ -561,12 +630,22 @@ def test_unreadable_images_are_named_before_training(tmp_path, monkeypatch):
     _digits_imagefolder(tmp_path / "images", range(2))
     total = sum(1 for _ in (tmp_path / "images").rglob("*.png")) + 2
     jpeg, png = _damaged_images(tmp_path / "images" / "class1")
-    with pytest.raises(UnreadableImagesError, match=rf"2 of {total} images cannot be read: .*{jpeg} \(OSError: "
-                                                    rf".*truncated.*; .*{png} \(.*--bad-images skip"):
+    with pytest.raises(
+        UnreadableImagesError,
+        match=rf"2 of {total} images cannot be read: .*{jpeg} \(OSError: "
+        rf".*truncated.*; .*{png} \(.*--bad-images skip",
+    ):
         build_splits("imagefolder", tmp_path / "images")
     monkeypatch.setattr(Trainer, "_train_epoch", lambda self, epoch: pytest.fail("training started"))
-    config = TrainConfig(dataset="imagefolder", data=str(tmp_path / "images"), model="densenet_bc_100_k12",
-                         model_args=dict(TINY), image_size=8, output=str(tmp_path / "run"), progress=False)
+    config = TrainConfig(
+        dataset="imagefolder",
+        data=str(tmp_path / "images"),
+        model="densenet_bc_100_k12",
+        model_args=dict(TINY),
+        image_size=8,
+        output=str(tmp_path / "run"),
+        progress=False,
+    )
     with pytest.raises(UnreadableImagesError, match=re.escape(str(jpeg))):
         train(config)
 
@@ -582,6 +661,7 @@ def test_unreadable_images_can_be_skipped_with_a_count(tmp_path):
         splits.train[index]
 
 
+@pytest.mark.slow
 def test_a_crash_between_the_checkpoint_and_the_best_weights_is_repaired_on_resume(tmp_path, monkeypatch):
     """Killed after epoch 2's checkpoint (which records epoch 2 as the best) but before best.safetensors was
     replaced: the resume restores the recorded best weights from that checkpoint, and exports them."""

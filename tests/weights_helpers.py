@@ -43,8 +43,11 @@ def saved_files(model: torch.nn.Module, directory: Path, **metadata) -> dict[str
 
 def cache_files(cache: Path) -> set[str]:
     """Every weights file, blob and snapshot link in a Hugging Face cache (not locks or refs)."""
-    return {str(path.relative_to(cache)) for path in cache.rglob("*")
-            if ("blobs" in path.parts or "snapshots" in path.parts) and not path.is_dir()}
+    return {
+        str(path.relative_to(cache))
+        for path in cache.rglob("*")
+        if ("blobs" in path.parts or "snapshots" in path.parts) and not path.is_dir()
+    }
 
 
 def legacy_torchvision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,28 +64,58 @@ def legacy_torchvision_state_dict(model: torch.nn.Module) -> dict[str, torch.Ten
 
 def manifest_entry(hub: dict | None, url: dict | None = None, **fields) -> dict:
     """A complete manifest entry (one that satisfies the schema) for the small densenet_40_k12, tag ``test``."""
-    entry = {"model": "densenet_40_k12", "tag": "test", "model_args": small_model().config, "num_classes": 10,
-             "label_source": "CIFAR-10", "input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-             "interpolation": "bilinear", "crop_pct": 1.0,
-             "metrics": [{"dataset": "cifar10-test", "top1": 50.0, "top5": 90.0, "image_size": 32, "crop_pct": 1.0,
-                          "protocol": "centre crop 32 px", "reported_by": "these tests"}],
-             "license": "mit", "source": "these tests", "hub": hub, "url": url, **fields}
+    entry = {
+        "model": "densenet_40_k12",
+        "tag": "test",
+        "model_args": small_model().config,
+        "num_classes": 10,
+        "label_source": "CIFAR-10",
+        "input_size": [3, 32, 32],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "metrics": [
+            {
+                "dataset": "cifar10-test",
+                "top1": 50.0,
+                "top5": 90.0,
+                "image_size": 32,
+                "crop_pct": 1.0,
+                "protocol": "centre crop 32 px",
+                "reported_by": "these tests",
+            }
+        ],
+        "license": "mit",
+        "source": "these tests",
+        "hub": hub,
+        "url": url,
+        **fields,
+    }
     return json.loads(json.dumps(entry))
 
 
 def write_manifest(path: Path, monkeypatch, hub: dict | None, url: dict | None = None, **fields) -> None:
     """A manifest with one entry, densenet_40_k12.test (the default tag), and use it."""
     entry = manifest_entry(hub, url, **fields)
-    manifest = {"version": 1, "default_tags": {"densenet_40_k12": "test"},
-                "weights": {"densenet_40_k12.test": json.loads(json.dumps(entry))}}
+    manifest = {
+        "version": 1,
+        "default_tags": {"densenet_40_k12": "test"},
+        "weights": {"densenet_40_k12.test": json.loads(json.dumps(entry))},
+    }
     path.write_text(json.dumps(manifest))
     monkeypatch.setenv(MANIFEST_ENV, str(path))
 
 
 def hub_entry(commit: str | None, files: dict[str, bytes], repo_id: str = "org/small", pinned: bool = True) -> dict:
     data = files["model.safetensors"]
-    return {"repo_id": repo_id, "revision": commit, "filename": "model.safetensors",
-            "sha256": hashlib.sha256(data).hexdigest() if pinned else None, "size": len(data)}
+    return {
+        "repo_id": repo_id,
+        "revision": commit,
+        "filename": "model.safetensors",
+        "sha256": hashlib.sha256(data).hexdigest() if pinned else None,
+        "size": len(data),
+    }
 
 
 def manifest_schema() -> dict:

@@ -7,13 +7,15 @@ a module with ``norm``, ``conv`` and a 2x2 average ``pool``.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from torch import nn
 
 from .functional import MemoryMode, check_memory_mode
 from .model import DenseLayer, Transition, _set_memory_mode
 
 
-def _relu_norm(module: object) -> bool:
+def _relu_norm(module: object) -> TypeGuard[nn.BatchNorm2d]:
     """A batch norm followed by nothing but a ReLU: ``nn.BatchNorm2d``, or timm's ``BatchNormAct2d`` with a ReLU
     activation and no dropout."""
     if not isinstance(module, nn.BatchNorm2d):
@@ -22,30 +24,40 @@ def _relu_norm(module: object) -> bool:
     return isinstance(act, nn.ReLU) and isinstance(drop, nn.Identity)
 
 
-def _plain_conv(module: object) -> bool:
+def _plain_conv(module: object) -> TypeGuard[nn.Conv2d]:
     return isinstance(module, nn.Conv2d) and module.bias is None and module.padding_mode == "zeros"
 
 
 def _as_dense_layer(module: nn.Module, efficient: MemoryMode) -> DenseLayer | None:
-    if isinstance(module, DenseLayer) or not (_relu_norm(getattr(module, "norm1", None))
-                                               and _plain_conv(getattr(module, "conv1", None))):
+    norm1, conv1 = getattr(module, "norm1", None), getattr(module, "conv1", None)
+    if isinstance(module, DenseLayer) or not _relu_norm(norm1) or not _plain_conv(conv1):
         return None
     norm2, conv2 = getattr(module, "norm2", None), getattr(module, "conv2", None)
     if (norm2 is None) != (conv2 is None) or (conv2 is not None and not (_relu_norm(norm2) and _plain_conv(conv2))):
         return None
-    return DenseLayer.from_modules(module.norm1, module.conv1, norm2, conv2,  # type: ignore[arg-type]
-                                   getattr(module, "drop_rate", 0.0), efficient)
+    return DenseLayer.from_modules(
+        norm1,
+        conv1,
+        norm2,
+        conv2,
+        getattr(module, "drop_rate", 0.0),
+        efficient,
+    )
 
 
 def _as_transition(module: nn.Module, efficient: MemoryMode) -> Transition | None:
-    pool = getattr(module, "pool", None)
-    if isinstance(module, Transition) or not (
-        _relu_norm(getattr(module, "norm", None)) and _plain_conv(getattr(module, "conv", None))
-        and isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-        and pool.padding in (0, (0, 0)) and not pool.ceil_mode
+    pool, norm, conv = getattr(module, "pool", None), getattr(module, "norm", None), getattr(module, "conv", None)
+    if isinstance(module, Transition) or not _relu_norm(norm) or not _plain_conv(conv):
+        return None
+    if not (
+        isinstance(pool, nn.AvgPool2d)
+        and pool.kernel_size in (2, (2, 2))
+        and pool.stride in (2, (2, 2))
+        and pool.padding in (0, (0, 0))
+        and not pool.ceil_mode
     ):
         return None
-    return Transition.from_modules(module.norm, module.conv, efficient)  # type: ignore[arg-type]
+    return Transition.from_modules(norm, conv, efficient)
 
 
 def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:

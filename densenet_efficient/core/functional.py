@@ -38,8 +38,9 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
 def check_memory_mode(efficient: object) -> MemoryMode:
     """Return ``efficient`` if it is a valid memory mode (``False``, ``True`` or ``"max"``), else raise."""
     if efficient is False or efficient is True or efficient == "max":
-        return efficient  # type: ignore[return-value]
+        return efficient
     raise ValueError(
         f"efficient={efficient!r} is not a memory mode; valid values are False (plain autograd), "
         "True (recompute batch norm and concatenation in backward) and 'max' (also recompute the bottleneck "
@@ -112,12 +113,23 @@ def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
     """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
     # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
     # and an eval-mode norm without running statistics normalises with the batch's.
+    if isinstance(conv.padding, str):
+        raise ValueError(
+            f"{type(conv).__name__} with padding={conv.padding!r}: the memory-efficient layers need numeric padding"
+        )
     use_running = not norm.training or norm.track_running_stats
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
     batch_stats = norm.training or (running_mean is None and running_var is None)
     return _Stage(
-        running_mean, running_var, _batch_norm_momentum(norm) if norm.training else 0.0, norm.eps,
-        conv.stride, conv.padding, conv.dilation, conv.groups, batch_stats,  # type: ignore[arg-type]
+        running_mean,
+        running_var,
+        _batch_norm_momentum(norm) if norm.training else 0.0,
+        norm.eps,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        batch_stats,
         _sync_group(norm) if norm.training else None,
     )
 
@@ -147,8 +159,9 @@ def _channel_view(x: Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def _sync_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                     sync: _SyncGroup) -> tuple[Tensor, Tensor]:
+def _sync_statistics(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, sync: _SyncGroup
+) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance of ``x`` (N, C, *spatial) over every process of ``sync``.
 
     One collective: an all-gather of each process's (mean, biased variance, count), combined with the counts, so
@@ -165,7 +178,7 @@ def _sync_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(sync.process_group))]
     dist.all_gather(gathered, local, group=sync.process_group)
     stacked = torch.stack(gathered)
-    means, variances, counts = stacked[:, :channels], stacked[:, channels: 2 * channels], stacked[:, -1:]
+    means, variances, counts = stacked[:, :channels], stacked[:, channels : 2 * channels], stacked[:, -1:]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
@@ -176,8 +189,14 @@ def _sync_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
 
 
 def _batch_norm_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, momentum: float, eps: float, sync: _SyncGroup | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    sync: _SyncGroup | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm of ``x``: (output, per-channel batch mean, inverse std), running stats updated.
 
@@ -192,8 +211,14 @@ def _batch_norm_train(
 
 
 def _batch_norm_train_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float,
-    sync: _SyncGroup | None, output_mask: Sequence[bool],
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    sync: _SyncGroup | None,
+    output_mask: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
 
@@ -224,7 +249,7 @@ def _batch_norm_train_backward(
             scale = invstd if weight is None else invstd * weight
             total = sums[-1]
             delta_dy = sum_dy / count - sums[:channels] / total
-            delta_dy_xmu = sum_dy_xmu / count - sums[channels: 2 * channels] / total
+            delta_dy_xmu = sum_dy_xmu / count - sums[channels : 2 * channels] / total
             factor = invstd * invstd * delta_dy_xmu * scale
             shift = delta_dy * scale - mean * factor
             shape = _channel_view(x)
@@ -241,8 +266,9 @@ def _batch_norm(
     Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
     """
     if stage.batch_stats and stage.sync is not None and update_running_stats:
-        return _batch_norm_train(x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps,
-                                 stage.sync)
+        return _batch_norm_train(
+            x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
+        )
     if stage.batch_stats:
         running = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
         return torch.native_batch_norm(x, weight, bias, *running, True, stage.momentum, stage.eps)
@@ -264,13 +290,18 @@ def _batch_norm_backward(
     first, second = saved
     if stage.batch_stats:
         return _batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, output_mask)
-    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, first, second, None, None, False, stage.eps,
-                                                     output_mask)
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, first, second, None, None, False, stage.eps, output_mask
+    )
 
 
 def _chain(
-    stages: Sequence[_Stage], params: Sequence[Tensor], inputs: Sequence[Tensor], compute_dtype: torch.dtype | None,
-    keep_intermediates: bool = False, update_running_stats: bool = True,
+    stages: Sequence[_Stage],
+    params: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    compute_dtype: torch.dtype | None,
+    keep_intermediates: bool = False,
+    update_running_stats: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Run the stages on ``cat(inputs, 1)``, autocast disabled by the caller; casts are explicit.
 
@@ -281,7 +312,7 @@ def _chain(
     intermediates: list[Tensor] = []
     x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
     for index, stage in enumerate(stages):
-        weight, bias, conv_weight = params[3 * index: 3 * index + 3]
+        weight, bias, conv_weight = params[3 * index : 3 * index + 3]
         if index > 0 and keep_intermediates:
             intermediates.append(x)
         normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
@@ -300,7 +331,7 @@ class _BnReluConvChain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor) -> Tensor:
         num_params = 3 * len(stages)
         params, inputs = tensors[:num_params], tensors[num_params:]
         device_type = inputs[0].device.type
@@ -317,21 +348,21 @@ class _BnReluConvChain(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
             return _BnReluConvChain._differentiable_backward(ctx, grad_output)
         stages: Sequence[_Stage] = ctx.stages
         num_stages = len(stages)
         saved = ctx.saved_tensors
-        params, saved = saved[: 3 * num_stages], saved[3 * num_stages:]
-        statistics, saved = saved[: 2 * num_stages], saved[2 * num_stages:]
-        inputs = saved[len(saved) - ctx.num_inputs:]
+        params, saved = saved[: 3 * num_stages], saved[3 * num_stages :]
+        statistics, saved = saved[: 2 * num_stages], saved[2 * num_stages :]
+        inputs = saved[len(saved) - ctx.num_inputs :]
         compute_dtype = ctx.compute_dtype
-        param_needs_grad = ctx.needs_input_grad[2: 2 + 3 * num_stages]
+        param_needs_grad = ctx.needs_input_grad[2 : 2 + 3 * num_stages]
 
         def relu_output(index: int, x: Tensor) -> Tensor:
-            weight, bias, _ = params[3 * index: 3 * index + 3]
-            mean, invstd = _statistics(statistics[2 * index: 2 * index + 2], stages[index])
+            weight, bias, _ = params[3 * index : 3 * index + 3]
+            mean, invstd = _statistics(statistics[2 * index : 2 * index + 2], stages[index])
             return _to(_bn_relu_from_stats(x, weight, bias, mean, invstd), compute_dtype)
 
         def conv_weight(index: int) -> Tensor:
@@ -356,24 +387,38 @@ class _BnReluConvChain(torch.autograd.Function):
             if activated is None:
                 activated = relu_output(index, x)
             grad, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-                _to(grad, activated.dtype), activated, conv_weight(index), None,
-                stage.stride, stage.padding, stage.dilation, False, [0] * len(stage.stride), stage.groups,
+                _to(grad, activated.dtype),
+                activated,
+                conv_weight(index),
+                None,
+                stage.stride,
+                stage.padding,
+                stage.dilation,
+                False,
+                [0] * len(stage.stride),
+                stage.groups,
                 [True, param_needs_grad[3 * index + 2], False],
             )
             # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
             grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad).to(x.dtype)
             del activated
-            grad, grad_weight, grad_bias = _batch_norm_backward(
-                grad, x, params[3 * index], statistics[2 * index: 2 * index + 2], stage,
+            grad_input, grad_weight, grad_bias = _batch_norm_backward(
+                grad,
+                x,
+                params[3 * index],
+                statistics[2 * index : 2 * index + 2],
+                stage,
                 [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
             )
-            stage_inputs[index] = None  # type: ignore[call-overload]
+            assert grad_input is not None  # requested: the first entry of the output mask is True
+            grad = grad_input
+            stage_inputs[index] = None
             for offset, param_grad in enumerate((grad_weight, grad_bias, grad_conv_weight)):
                 if param_grad is not None:
                     param_grads[3 * index + offset] = param_grad.to(params[3 * index + offset].dtype)
 
         channels = [t.shape[1] for t in inputs]
-        input_grads = [g.to(t.dtype) for g, t in zip(grad.split(channels, 1), inputs)]
+        input_grads = [g.to(t.dtype) for g, t in zip(grad.split(channels, 1), inputs, strict=True)]
         return (None, None, *param_grads, *input_grads)
 
     @staticmethod
@@ -391,12 +436,15 @@ class _BnReluConvChain(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[2:]
         # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
         # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
-        tensors = [t.view_as(t) if needed else t for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs:],
-                                                                        needs_grad)]
+        tensors = [
+            t.view_as(t) if needed else t
+            for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs :], needs_grad, strict=True)
+        ]
         with torch.autocast(grad_output.device.type, enabled=False):
-            output = _chain(ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype,
-                            update_running_stats=False)[0]
-        wanted = [t for t, needed in zip(tensors, needs_grad) if needed]
+            output = _chain(
+                ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype, update_running_stats=False
+            )[0]
+        wanted = [t for t, needed in zip(tensors, needs_grad, strict=True) if needed]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
         return (None, None, *(next(grads) if needed else None for needed in needs_grad))
 
@@ -414,7 +462,8 @@ def bn_relu_conv(
     ``RuntimeError`` that names the alternatives.
     """
     needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in features) or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
+        any(t.requires_grad for t in features)
+        or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
     if efficient and needs_grad and torch.jit.is_tracing() and any(norm.training for norm, _ in stages):
         raise RuntimeError(

@@ -51,10 +51,18 @@ class SpatialLayers:
 
 SPATIAL_LAYERS: dict[int, SpatialLayers] = {
     1: SpatialLayers(nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, F.avg_pool1d, F.adaptive_avg_pool1d, "L", "length"),
-    2: SpatialLayers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, "H, W",
-                     "height and width"),
-    3: SpatialLayers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, F.avg_pool3d, F.adaptive_avg_pool3d, "D, H, W",
-                     "depth, height and width"),
+    2: SpatialLayers(
+        nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, "H, W", "height and width"
+    ),
+    3: SpatialLayers(
+        nn.Conv3d,
+        nn.BatchNorm3d,
+        nn.MaxPool3d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool3d,
+        "D, H, W",
+        "depth, height and width",
+    ),
 }
 
 
@@ -103,8 +111,15 @@ class DenseLayer(nn.Module):
 
     __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float, efficient: MemoryMode,
-                 spatial_dims: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        efficient: MemoryMode,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
         layers = SPATIAL_LAYERS[spatial_dims]
         self.norm1 = layers.norm(in_channels)
@@ -125,8 +140,15 @@ class DenseLayer(nn.Module):
         return stages
 
     @classmethod
-    def from_modules(cls, norm1: nn.BatchNorm2d, conv1: nn.Conv2d, norm2: nn.BatchNorm2d | None,
-                     conv2: nn.Conv2d | None, drop_rate: float, efficient: MemoryMode) -> "DenseLayer":
+    def from_modules(
+        cls,
+        norm1: nn.BatchNorm2d,
+        conv1: nn.Conv2d,
+        norm2: nn.BatchNorm2d | None,
+        conv2: nn.Conv2d | None,
+        drop_rate: float,
+        efficient: MemoryMode,
+    ) -> "DenseLayer":
         """A dense layer around existing modules (the same objects: weights and buffers are shared)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -155,15 +177,24 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers. Input: a list of feature maps; output: that list plus each layer's output."""
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 efficient: MemoryMode, spatial_dims: int = 2):
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        efficient: MemoryMode,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
         for index in range(num_layers):
-            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient,
-                               spatial_dims)
+            layer = DenseLayer(
+                in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient, spatial_dims
+            )
             self.add_module(f"denselayer{index + 1}", layer)
 
-    def forward(self, features: List[Tensor]) -> List[Tensor]:  # type: ignore[override]
+    def forward(self, features: List[Tensor]) -> List[Tensor]:
         features = list(features)
         for layer in self.values():
             features.append(layer(features))
@@ -240,7 +271,7 @@ def _record_as_fx_leaf(module: nn.Module, features: Union[Tensor, List[Tensor]])
                     f"{type(module).__name__} is a leaf of torch.fx graphs: trace a model that contains it, "
                     "not the layer itself"
                 )
-            return tracer.create_proxy("call_module", path, (features,), {})  # type: ignore[return-value]
+            return tracer.create_proxy("call_module", path, (features,), {})
     return None
 
 
@@ -250,7 +281,7 @@ class DenseFeatures(nn.Sequential):
     Input (N, in_chans, H, W); output the last module's output, the concatenation if that is a dense block.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Tensor:
         return self.forward_taps(x, [])[0]
 
     def forward_taps(self, x: Tensor, taps: List[int]) -> Tuple[Tensor, List[Tensor]]:
@@ -402,7 +433,7 @@ def _check_pool(global_pool: object, num_classes: int) -> str:
             f"global_pool='' (unpooled feature maps) needs num_classes=0, got num_classes={num_classes}: "
             "a linear classifier needs pooled features"
         )
-    return global_pool  # type: ignore[return-value]
+    return global_pool
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -417,6 +448,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _check_real(name: str, value: object, low: float, high: float, high_inclusive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
     if not (low <= value <= high) or (value == high and not high_inclusive):
         interval = f"[{low}, {high}]" if high_inclusive else f"[{low}, {high})"
         raise ValueError(f"{name} must be in {interval}, got {value}")
@@ -497,9 +529,16 @@ class DenseNet(nn.Module):
         layers = SPATIAL_LAYERS[spatial_dims]
 
         self.config = dict(
-            growth_rate=growth_rate, block_config=block_config, num_init_features=num_init_features,
-            bn_size=bn_size, compression=compression, drop_rate=drop_rate, num_classes=num_classes,
-            in_chans=in_chans, stem=stem, spatial_dims=spatial_dims,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            num_init_features=num_init_features,
+            bn_size=bn_size,
+            compression=compression,
+            drop_rate=drop_rate,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            stem=stem,
+            spatial_dims=spatial_dims,
         )
         if global_pool != "avg":
             self.config["global_pool"] = global_pool
@@ -528,8 +567,9 @@ class DenseNet(nn.Module):
                 out_features = math.floor(num_features * compression)
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
-                features.add_module(f"transition{index + 1}",
-                                    Transition(num_features, out_features, efficient, spatial_dims))
+                features.add_module(
+                    f"transition{index + 1}", Transition(num_features, out_features, efficient, spatial_dims)
+                )
                 num_features = out_features
         features.add_module("norm5", layers.norm(num_features))
         features.add_module("relu5", nn.ReLU(inplace=True))
@@ -573,6 +613,7 @@ class DenseNet(nn.Module):
     def _min_input_size(stem: str, num_blocks: int) -> int:
         """Smallest side (height, width, depth or length) that leaves at least one pixel after the stem and every
         transition."""
+
         def final_size(size: int) -> int:
             if stem == "imagenet":
                 size = (size - 1) // 2 + 1  # 7x7 conv, stride 2, padding 3
@@ -603,7 +644,9 @@ class DenseNet(nn.Module):
         The final norm and the classifier fall in timm's last group, as in timm's DenseNet."""
         return dict(
             stem=r"^features\.conv[012]|features\.norm[012]|features\.pool[012]",
-            blocks=r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
+            blocks=r"^features\.(?:denseblock|transition)(\d+)"
+            if coarse
+            else [
                 (r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
                 (r"^features\.transition(\d+)", _MATCH_PREV_GROUP),
             ],
@@ -678,7 +721,7 @@ class DenseNet(nn.Module):
                 f"feature level {last} was pruned (prune_intermediate_layers); levels 0 to "
                 f"{self.feature_ends.index(len(self.features) - 1)} remain"
             )
-        features: DenseFeatures = self.features  # type: ignore[assignment]
+        features: DenseFeatures = self.features
         if stop_early or intermediates_only:
             features = features[: self.feature_ends[last] + 1]  # type: ignore[assignment]
         x = _checked_input(x, self.in_chans, self.min_input_size, self.spatial_dims)

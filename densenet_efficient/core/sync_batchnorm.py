@@ -34,9 +34,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-        running_var: Tensor | None, momentum: float, eps: float, sync: _SyncGroup,
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        sync: _SyncGroup,
     ) -> Tensor:
         output, mean, invstd = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, sync)
         ctx.eps, ctx.sync = eps, sync
@@ -45,10 +52,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
-        grads = _batch_norm_train_backward(grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync,
-                                     ctx.needs_input_grad[:3])
+        grads = _batch_norm_train_backward(
+            grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync, ctx.needs_input_grad[:3]
+        )
         return (*grads, None, None, None, None, None)
 
 
@@ -62,9 +70,19 @@ class SyncBatchNorm(_BatchNorm):
     one process; otherwise it is ``nn.BatchNorm2d``. Processes may hold different batch sizes.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device: Any = None,
-                 dtype: Any = None, *, bias: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
@@ -77,11 +95,17 @@ class SyncBatchNorm(_BatchNorm):
         if sync is None:
             return super().forward(input)
         self._check_input_dim(input)
-        momentum = _batch_norm_momentum(self)  # type: ignore[arg-type]
+        momentum = _batch_norm_momentum(self)
         tracked = self.track_running_stats
         return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.running_mean if tracked else None,
-            self.running_var if tracked else None, momentum, self.eps, sync,
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            momentum,
+            self.eps,
+            sync,
         )
 
 
@@ -95,8 +119,15 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     """
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        output = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group, bias=module.bias is not None)
+        output = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            bias=module.bias is not None,
+        )
         if module.affine:
             output.weight, output.bias = module.weight, module.bias
         output.running_mean, output.running_var = module.running_mean, module.running_var

@@ -48,8 +48,15 @@ TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next byt
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, sha256: str | None = None,
-                   cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> str:
+def fetch_hub_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> str:
     """Path of ``filename`` of Hub repo ``repo_id`` in the Hugging Face cache, downloaded if needed and verified.
 
     ``sha256``: the expected hash (from the manifest); without it the Hub's own hash is used. A full 40-hex
@@ -68,8 +75,9 @@ def fetch_hub_file(repo_id: str, filename: str, *, revision: str | None = None, 
                 f"nothing was downloaded.{_floating_hint(revision)}"
             )
     try:
-        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=hub_cache, endpoint=endpoint,
-                               local_files_only=offline)
+        path = hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=hub_cache, endpoint=endpoint, local_files_only=offline
+        )
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
     _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256)
@@ -80,8 +88,9 @@ def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endp
     """One HEAD request without retries (at most :data:`TIMEOUT_S`), so that an unreachable Hub is reported at
     once. Returns the file's ETag: an LFS file's sha256, a small file's git blob id."""
     try:
-        metadata = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
-                                        timeout=TIMEOUT_S, endpoint=endpoint)
+        metadata = get_hf_file_metadata(
+            hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), timeout=TIMEOUT_S, endpoint=endpoint
+        )
     except Exception as error:  # any failure (HTTP, connection, timeout) means the file cannot be had now
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
     return metadata.etag
@@ -91,13 +100,16 @@ def _floating_hint(revision: str) -> str:
     """What a hash mismatch means at ``revision``: tampering at a commit, maybe a newer file on a branch."""
     if _COMMIT.fullmatch(revision):
         return ""
-    return (f" {revision!r} is a branch, not a commit: the Hub's file may have changed since its sha256 was pinned, "
-            f"so downloading again will not help; pin the commit that holds the expected file, or load another "
-            f"source")
+    return (
+        f" {revision!r} is a branch, not a commit: the Hub's file may have changed since its sha256 was pinned, "
+        f"so downloading again will not help; pin the commit that holds the expected file, or load another "
+        f"source"
+    )
 
 
-def _hub_unavailable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None,
-                     reason: str) -> WeightsNotAvailableError:
+def _hub_unavailable(
+    repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None, reason: str
+) -> WeightsNotAvailableError:
     url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
     cache = cache_dir or constants.HF_HUB_CACHE
     return WeightsNotAvailableError(
@@ -122,7 +134,9 @@ def _verify_cached(path: str, name: str, sha256: str | None) -> None:
     elif _GIT_BLOB_ID.fullmatch(blob.name):
         expected, actual = blob.name, _git_blob_id(blob)
     else:
-        warnings.warn(f"{name}: no hash to check it against (cache blob {blob.name}); loading it unverified")
+        warnings.warn(
+            f"{name}: no hash to check it against (cache blob {blob.name}); loading it unverified", stacklevel=2
+        )
         return
     if actual != expected:
         Path(path).unlink()
@@ -175,8 +189,9 @@ def _download(url: str, path: Path, sha256_prefix: str) -> None:
     try:
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             expected = response.length
-            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name, leave=False,
-                      disable=None) as bar:
+            with tqdm(
+                total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name, leave=False, disable=None
+            ) as bar:
                 while chunk := response.read(1 << 20):
                     file.write(chunk)
                     digest.update(chunk)
@@ -186,8 +201,9 @@ def _download(url: str, path: Path, sha256_prefix: str) -> None:
             raise http.client.IncompleteRead(b"", expected - received)
         actual = digest.hexdigest()
         if not actual.startswith(sha256_prefix):
-            raise ChecksumMismatchError(f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was "
-                                        f"saved")
+            raise ChecksumMismatchError(
+                f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was saved"
+            )
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -201,8 +217,9 @@ def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableEr
     )
 
 
-def fetch_manifest_weights(key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None,
-                           endpoint: str | None = None) -> str:
+def fetch_manifest_weights(
+    key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
+) -> str:
     """Path of the verified weights file of manifest entry ``key``: its Hub file, else its URL (a torchvision
     ``.pth``) when the Hub copy cannot be had. A checksum mismatch is raised, except at a floating Hub revision (a
     branch such as ``main``, which may have moved on since the sha256 was pinned): then the URL is tried, with a
@@ -214,11 +231,18 @@ def fetch_manifest_weights(key: str, entry: dict[str, Any], *, cache_dir: str | 
         if not hub["sha256"]:
             warnings.warn(
                 f"{key} is not pinned: weights_manifest.json records no sha256 for {hub['repo_id']}/"
-                f"{hub['filename']}, so the file is checked against the Hub's own LFS sha256 only.", stacklevel=2,
+                f"{hub['filename']}, so the file is checked against the Hub's own LFS sha256 only.",
+                stacklevel=2,
             )
         try:
-            return fetch_hub_file(hub["repo_id"], hub["filename"], revision=hub["revision"], sha256=hub["sha256"],
-                                  cache_dir=cache_dir, endpoint=endpoint)
+            return fetch_hub_file(
+                hub["repo_id"],
+                hub["filename"],
+                revision=hub["revision"],
+                sha256=hub["sha256"],
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+            )
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         except ChecksumMismatchError as error:  # at a branch the file may have moved on: try the next source
@@ -233,8 +257,11 @@ def fetch_manifest_weights(key: str, entry: dict[str, Any], *, cache_dir: str | 
             failures.append(str(error))
         else:
             if mismatch:
-                warnings.warn(f"{key}: the Hub copy does not match the pinned sha256 ({mismatch}); loaded "
-                              f"{source['url']} instead, which matches its own pinned hash.", stacklevel=2)
+                warnings.warn(
+                    f"{key}: the Hub copy does not match the pinned sha256 ({mismatch}); loaded "
+                    f"{source['url']} instead, which matches its own pinned hash.",
+                    stacklevel=2,
+                )
             elif failures:
                 warnings.warn(f"{key}: the Hub copy is not available, loaded {source['url']} instead.", stacklevel=2)
             return path

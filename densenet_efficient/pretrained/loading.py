@@ -58,21 +58,60 @@ _FIRST_CONV = "features.conv0.weight"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 # config.json: this project's keys (save_pretrained) and timm's (save_for_hf).
-MODEL_ARGS = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate",
-              "num_classes", "in_chans", "stem", "global_pool", "spatial_dims")
+MODEL_ARGS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression",
+    "drop_rate",
+    "num_classes",
+    "in_chans",
+    "stem",
+    "global_pool",
+    "spatial_dims",
+)
 _OWN_KEYS = {"architecture", "model_args", "num_classes", "pretrained_cfg", "weights_sha256"}
-_TIMM_KEYS = {"architecture", "model_args", "num_classes", "num_features", "global_pool", "pretrained_cfg",
-              "label_names", "label_descriptions"}
+_TIMM_KEYS = {
+    "architecture",
+    "model_args",
+    "num_classes",
+    "num_features",
+    "global_pool",
+    "pretrained_cfg",
+    "label_names",
+    "label_descriptions",
+}
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
 # timm DenseNet arguments this architecture does not have: accepted only at timm's default value. timm's
 # ``memory_efficient`` is its memory mode (this model's ``efficient=``), which does not change the weights.
-_TIMM_DEFAULT_ONLY = {"global_pool": "avg", "stem_type": "", "act_layer": "relu", "norm_layer": "batchnorm2d",
-                      "aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
+_TIMM_DEFAULT_ONLY = {
+    "global_pool": "avg",
+    "stem_type": "",
+    "act_layer": "relu",
+    "norm_layer": "batchnorm2d",
+    "aa_layer": None,
+    "aa_stem_only": True,
+    "drop_rate": 0.0,
+}
 _TIMM_ANY_BOOL = ("memory_efficient",)
 # The pretrained_cfg keys (timm's names) that describe how to feed the weights; the rest of a config's
 # pretrained_cfg (training recipe, metrics, ...) stays in the file.
-INPUT_CFG_KEYS = ("input_size", "test_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode",
-                  "mean", "std", "license", "source", "tag", "label_names", "labels")
+INPUT_CFG_KEYS = (
+    "input_size",
+    "test_input_size",
+    "interpolation",
+    "crop_pct",
+    "test_crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "license",
+    "source",
+    "tag",
+    "label_names",
+    "labels",
+)
 
 
 @dataclass(frozen=True)
@@ -95,8 +134,13 @@ class PretrainedWeights:
         return model
 
 
-def resolve_weights(name: str, weights: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                    endpoint: str | None = None) -> PretrainedWeights:
+def resolve_weights(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> PretrainedWeights:
     """Resolve ``weights`` (a tag or ``"DEFAULT"``, a path, ``hf-hub:org/name[@revision]``, or ``None`` for the
     default tag) for model ``name``. Hub references fetch ``config.json`` and the weights now and check them
     against each other; manifest weights are fetched by ``read()``.
@@ -118,24 +162,39 @@ def check_reference(weights: object) -> str | None:
     if weights is None:
         return None
     if isinstance(weights, bool) or not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"weights must be a tag, a path or 'hf-hub:org/name' (str or os.PathLike), got "
-                        f"{type(weights).__name__} {weights!r}; use pretrained=True for the default weights")
+        raise TypeError(
+            f"weights must be a tag, a path or 'hf-hub:org/name' (str or os.PathLike), got "
+            f"{type(weights).__name__} {weights!r}; use pretrained=True for the default weights"
+        )
     reference = os.fspath(weights)
     if not isinstance(reference, str):
         raise TypeError(f"weights must be a str path, got {type(reference).__name__} {reference!r}")
     if not reference.strip():
-        raise UnknownWeightsError(f"weights={reference!r} is empty: pass a tag (e.g. 'DEFAULT'), a path or "
-                                  f"'hf-hub:org/name', or leave it out for random initialisation")
+        raise UnknownWeightsError(
+            f"weights={reference!r} is empty: pass a tag (e.g. 'DEFAULT'), a path or "
+            f"'hf-hub:org/name', or leave it out for random initialisation"
+        )
     return reference
 
 
 def _looks_like_path(reference: str) -> bool:
-    return ("/" in reference or os.sep in reference or reference.startswith(("~", "."))
-            or reference.endswith(_PATH_SUFFIXES) or Path(reference).exists())
+    return (
+        "/" in reference
+        or os.sep in reference
+        or reference.startswith(("~", "."))
+        or reference.endswith(_PATH_SUFFIXES)
+        or Path(reference).exists()
+    )
 
 
-def load_pretrained(model: nn.Module, name: str, weights: str | os.PathLike | None = None, *,
-                    cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> nn.Module:
+def load_pretrained(
+    model: nn.Module,
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> nn.Module:
     """Load the weights ``weights`` refers to (see :func:`resolve_weights`) into ``model`` and return it.
 
     The weights' constructor arguments are not applied: build the model with ``create_model(name, weights=...)``
@@ -155,8 +214,7 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir,
-                                                      endpoint=endpoint))
+        return read_state_dict(fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint))
 
     return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg())
 
@@ -164,11 +222,12 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
     from .download import fetch_hub_file
 
-    repo_id, _, revision = reference[len(HF_HUB_PREFIX):].partition("@")
+    repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
-    config_path = Path(fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir,
-                                      endpoint=endpoint))
+    config_path = Path(
+        fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir, endpoint=endpoint)
+    )
     where = f"{reference} ({CONFIG_FILENAME})"
     model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
     commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
@@ -227,31 +286,35 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
             f"{where} describes weights for {saved_for!r}, not {name!r}: use create_model({saved_for!r}, weights=...)."
         )
     if timm_format and f"{saved_for}_efficient" in list_models() and f"{saved_for}_efficient" != name:
-        raise UnknownWeightsError(f"{where} describes timm's {saved_for!r}, not {name!r}: use "
-                                  f"create_model('{saved_for}_efficient', weights=...).")
+        raise UnknownWeightsError(
+            f"{where} describes timm's {saved_for!r}, not {name!r}: use "
+            f"create_model('{saved_for}_efficient', weights=...)."
+        )
     known = _TIMM_KEYS if timm_format else _OWN_KEYS
     unknown = sorted(set(config) - known)
     if unknown:
         raise InvalidConfigError(f"{where}: unknown keys {unknown}; a config.json holds {sorted(known)}")
     raw_args = config.get("model_args", {})
     if not isinstance(raw_args, dict):
-        raise InvalidConfigError(f"{where}: 'model_args' must be an object of constructor arguments, got "
-                                 f"{json.dumps(raw_args)}")
+        raise InvalidConfigError(
+            f"{where}: 'model_args' must be an object of constructor arguments, got {json.dumps(raw_args)}"
+        )
     model_args = _timm_model_args(name, config, raw_args, where) if timm_format else dict(raw_args)
     unknown = sorted(set(model_args) - set(MODEL_ARGS))
     if unknown:
-        raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: "
-                                 f"{', '.join(MODEL_ARGS)}")
-    if "num_classes" in config and config["num_classes"] != model_args.setdefault("num_classes",
-                                                                                   config["num_classes"]):
-        raise InvalidConfigError(f"{where}: num_classes {config['num_classes']} and model_args.num_classes "
-                                 f"{model_args['num_classes']} differ")
+        raise InvalidConfigError(
+            f"{where}: model_args {unknown} are not arguments of {name}; valid: {', '.join(MODEL_ARGS)}"
+        )
+    if "num_classes" in config and config["num_classes"] != model_args.setdefault("num_classes", config["num_classes"]):
+        raise InvalidConfigError(
+            f"{where}: num_classes {config['num_classes']} and model_args.num_classes "
+            f"{model_args['num_classes']} differ"
+        )
     _check_model_args(name, model_args, where)
     return model_args, _input_cfg(config, where)
 
 
-def _timm_model_args(name: str, config: Mapping[str, Any], raw_args: Mapping[str, Any],
-                     where: str) -> dict[str, Any]:
+def _timm_model_args(name: str, config: Mapping[str, Any], raw_args: Mapping[str, Any], where: str) -> dict[str, Any]:
     """timm DenseNet arguments -> this model's: shared names as they are, ``proj_drop_rate`` -> ``drop_rate``,
     a stem of ``2 * growth_rate`` channels (timm's ``stem_type=''``); the others only at timm's default."""
     settings = {**{key: config[key] for key in ("global_pool",) if key in config}, **raw_args}
@@ -310,21 +373,27 @@ def _input_cfg(config: Mapping[str, Any], where: str) -> dict[str, Any]:
     if names is not None:
         cfg.setdefault("label_names", names)
     for key in ("input_size", "test_input_size"):
-        if key in cfg and not (isinstance(cfg[key], list) and len(cfg[key]) == 3
-                               and all(isinstance(n, int) and n > 0 for n in cfg[key])):
-            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be [channels, height, width], got "
-                                     f"{cfg[key]!r}")
+        if key in cfg and not (
+            isinstance(cfg[key], list) and len(cfg[key]) == 3 and all(isinstance(n, int) and n > 0 for n in cfg[key])
+        ):
+            raise InvalidConfigError(
+                f"{where}: pretrained_cfg.{key} must be [channels, height, width], got {cfg[key]!r}"
+            )
     for key in ("mean", "std"):
-        if key in cfg and not (isinstance(cfg[key], list) and cfg[key]
-                               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg[key])):
+        if key in cfg and not (
+            isinstance(cfg[key], list)
+            and cfg[key]
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg[key])
+        ):
             raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be a list of numbers, got {cfg[key]!r}")
     if "std" in cfg and not all(v > 0 for v in cfg["std"]):
         raise InvalidConfigError(f"{where}: pretrained_cfg.std must be positive, got {cfg['std']}")
     for key in ("crop_pct", "test_crop_pct"):
         if key in cfg and not (isinstance(cfg[key], (int, float)) and 0 < cfg[key] <= 1):
             raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be in (0, 1], got {cfg[key]!r}")
-    if "label_names" in cfg and not (isinstance(cfg["label_names"], list)
-                                     and all(isinstance(v, str) for v in cfg["label_names"])):
+    if "label_names" in cfg and not (
+        isinstance(cfg["label_names"], list) and all(isinstance(v, str) for v in cfg["label_names"])
+    ):
         raise InvalidConfigError(f"{where}: label names must be a list of strings")
     return {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
 
@@ -342,15 +411,15 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
         try:
             header = json.loads(file.read(size))
-            shapes = {key: tuple(int(n) for n in value["shape"]) for key, value in header.items()
-                      if key != "__metadata__"}
+            shapes = {
+                key: tuple(int(n) for n in value["shape"]) for key, value in header.items() if key != "__metadata__"
+            }
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: bad header ({error})") from error
     return {_LEGACY_KEY.sub(r"\1\2", key): shape for key, shape in shapes.items()}
 
 
-def check_shapes(name: str, model_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 where: str) -> None:
+def check_shapes(name: str, model_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Refuse (:class:`InvalidConfigError`) constructor arguments whose tensors are not those of the weights'
     header, before the model is built: first by counting layers, then on a model on the ``meta`` device."""
     args = {**architecture(name), **model_args}
@@ -445,8 +514,10 @@ def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
     if weight.shape[1] == in_chans:
         return weight
     if weight.shape[1] != 3:
-        raise IncompatibleWeightsError(f"cannot adapt a first convolution of {weight.shape[1]} input channels "
-                                       f"to {in_chans}: only 3-channel weights are adapted")
+        raise IncompatibleWeightsError(
+            f"cannot adapt a first convolution of {weight.shape[1]} input channels "
+            f"to {in_chans}: only 3-channel weights are adapted"
+        )
     adapted = weight.float()
     if in_chans == 1:
         adapted = adapted.sum(dim=1, keepdim=True)
@@ -463,17 +534,24 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], sou
     state_dict = rename_legacy_keys(state_dict)
     expected = model.state_dict()
     first_conv = state_dict.get(_FIRST_CONV)
-    if (first_conv is not None and _FIRST_CONV in expected and first_conv.dim() == 4
-            and first_conv.shape[1] != expected[_FIRST_CONV].shape[1]
-            and first_conv.shape[0] == expected[_FIRST_CONV].shape[0]):
+    if (
+        first_conv is not None
+        and _FIRST_CONV in expected
+        and first_conv.dim() == 4
+        and first_conv.shape[1] != expected[_FIRST_CONV].shape[1]
+        and first_conv.shape[0] == expected[_FIRST_CONV].shape[0]
+    ):
         state_dict = {**state_dict, _FIRST_CONV: adapt_input_conv(expected[_FIRST_CONV].shape[1], first_conv)}
     state_dict, classifier_skipped = _without_mismatched_classifier(model, state_dict, source)
     exempt = set(_CLASSIFIER_KEYS) if classifier_skipped else set()
     # BatchNorm fills in a missing num_batches_tracked itself (torchvision's files have none).
     missing = [k for k in expected if k not in state_dict and k not in exempt and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
-                 if k in expected and v.shape != expected[k].shape]
+    misshapen = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or unexpected or misshapen:
         raise IncompatibleWeightsError(
             f"The weights from {source} do not fit this {type(model).__name__} (another architecture?): "
@@ -490,8 +568,9 @@ def _listing(what: str, keys: list[str], shown: int = 5) -> str:
     return f"{len(keys)} {what}" + (f" ({', '.join(keys[:shown])}{more})" if keys else "")
 
 
-def _without_mismatched_classifier(model: nn.Module, state_dict: dict[str, Tensor],
-                                   source: str) -> tuple[dict[str, Tensor], bool]:
+def _without_mismatched_classifier(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str
+) -> tuple[dict[str, Tensor], bool]:
     """Drop the weights' classifier if the model has another number of classes (0: none), with a warning.
     Returns the state dict and whether the classifier was dropped."""
     model_classes = _num_classes(model.state_dict())
@@ -500,7 +579,8 @@ def _without_mismatched_classifier(model: nn.Module, state_dict: dict[str, Tenso
         return state_dict, False
     warnings.warn(
         f"{source}: the weights have {weights_classes} classes, the model {model_classes}: loaded everything but "
-        f"the classifier, which keeps its fresh initialisation (fine-tuning).", stacklevel=3,
+        f"the classifier, which keeps its fresh initialisation (fine-tuning).",
+        stacklevel=3,
     )
     return {k: v for k, v in state_dict.items() if k not in _CLASSIFIER_KEYS}, True
 

@@ -122,11 +122,21 @@ class PretrainedCfg:
         """The weights' input configuration in timm's ``pretrained_cfg`` keys (what ``model.pretrained_cfg``
         holds after loading them)."""
         cfg: dict[str, Any] = {
-            "architecture": self.model, "tag": self.tag, "input_size": self.input_size,
-            "interpolation": self.interpolation, "crop_pct": self.crop_pct, "crop_mode": "center",
-            "mean": self.mean, "std": self.std, "num_classes": self.num_classes, "first_conv": "features.conv0",
-            "classifier": "classifier", "license": self.license, "source": self.source,
-            "label_source": self.label_source, "labels": self.labels,
+            "architecture": self.model,
+            "tag": self.tag,
+            "input_size": self.input_size,
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "mean": self.mean,
+            "std": self.std,
+            "num_classes": self.num_classes,
+            "first_conv": "features.conv0",
+            "classifier": "classifier",
+            "license": self.license,
+            "source": self.source,
+            "label_source": self.label_source,
+            "labels": self.labels,
         }
         if self.test_input_size is not None:
             cfg["test_input_size"] = self.test_input_size
@@ -140,8 +150,9 @@ class PretrainedCfg:
 
 
 def _frozen_args(model_args: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType({key: tuple(value) if isinstance(value, list) else value
-                             for key, value in model_args.items()})
+    return MappingProxyType(
+        {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
+    )
 
 
 def manifest_path() -> Path:
@@ -217,6 +228,8 @@ def weights_entry(name: str, tag: str | None = None) -> PretrainedCfg:
         if tag is None:
             raise UnknownWeightsError(f"{name!r} has no default weights: pass weights=<tag>, one of {', '.join(tags)}.")
     if tag not in tags:
-        raise UnknownWeightsError(f"Unknown weights tag {tag!r} for {name!r}. Valid tags: {', '.join(tags)}, "
-                                  f"or {DEFAULT_TAG!r} for the default.")
+        raise UnknownWeightsError(
+            f"Unknown weights tag {tag!r} for {name!r}. Valid tags: {', '.join(tags)}, "
+            f"or {DEFAULT_TAG!r} for the default."
+        )
     return PretrainedCfg.from_dict(manifest["weights"][f"{name}.{tag}"])

@@ -19,8 +19,9 @@ from .manifest import PretrainedCfg
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
-def transforms(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg, training: bool = False, *,
-               use_test_size: bool = False) -> Any:
+def transforms(
+    model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg, training: bool = False, *, use_test_size: bool = False
+) -> Any:
     """The torchvision transform pipeline (PIL image or uint8 tensor -> normalised float tensor) for a model's
     weights.
 
@@ -46,8 +47,7 @@ def transforms(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg, trai
         raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation_name!r}")
     interpolation = T.InterpolationMode(interpolation_name)
     if training:
-        steps: list[Any] = [T.RandomResizedCrop((height, width), interpolation=interpolation),
-                            T.RandomHorizontalFlip()]
+        steps: list[Any] = [T.RandomResizedCrop((height, width), interpolation=interpolation), T.RandomHorizontalFlip()]
     else:
         scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
         resize = T.Resize(scale[0] if scale[0] == scale[1] else scale, interpolation=interpolation)
@@ -77,8 +77,10 @@ def _input_cfg(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg) -> M
     if isinstance(model_or_cfg, nn.Module):
         cfg = getattr(model_or_cfg, "pretrained_cfg", None)
         if not isinstance(cfg, Mapping):
-            raise TypeError(f"{type(model_or_cfg).__name__} has no pretrained_cfg: build it with create_model, or "
-                            "pass a pretrained_cfg dict")
+            raise TypeError(
+                f"{type(model_or_cfg).__name__} has no pretrained_cfg: build it with create_model, or "
+                "pass a pretrained_cfg dict"
+            )
         return cfg
     if isinstance(model_or_cfg, Mapping):
         missing = [key for key in ("input_size", "mean", "std") if key not in model_or_cfg]

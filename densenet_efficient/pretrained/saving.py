@@ -29,8 +29,14 @@ _STAGING_PREFIX, _STAGING_SUFFIX = ".save-", ".tmp"
 _METRIC_DETAILS = ("image_size", "crop_pct", "protocol", "reported_by")
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, architecture: str | None = None,
-                    overwrite: bool = False, **metadata: Any) -> dict[str, Any]:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    overwrite: bool = False,
+    **metadata: Any,
+) -> dict[str, Any]:
     """Write ``model``'s weights to ``directory`` the way the Hub repos of this project hold them, and return the
     manifest entry for them.
 
@@ -73,8 +79,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, architect
     directory = Path(directory)
     card_path = directory / CARD_FILENAME
     if card_path.is_file() and not overwrite and not _written_by_us(card_path):
-        raise FileExistsError(f"{card_path} exists and was not written by save_pretrained: pass overwrite=True "
-                              f"to replace it, or save into another folder")
+        raise FileExistsError(
+            f"{card_path} exists and was not written by save_pretrained: pass overwrite=True "
+            f"to replace it, or save into another folder"
+        )
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     weights_bytes = save(tensors, metadata={"format": "pt"})
@@ -85,17 +93,30 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, architect
         "model": name,
         "model_args": model_args,
         "num_classes": model_args.get("num_classes"),
-        "hub": {"repo_id": None, "revision": None, "filename": WEIGHTS_FILENAME, "sha256": sha256,
-                "size": len(weights_bytes)},
+        "hub": {
+            "repo_id": None,
+            "revision": None,
+            "filename": WEIGHTS_FILENAME,
+            "sha256": sha256,
+            "size": len(weights_bytes),
+        },
         "url": None,
     }
-    config = {"architecture": name, "model_args": model_args, "num_classes": entry["num_classes"],
-              "pretrained_cfg": metadata, "weights_sha256": sha256}
-    write_set(directory, {
-        WEIGHTS_FILENAME: weights_bytes,
-        CARD_FILENAME: model_card(entry).encode(),
-        CONFIG_FILENAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),  # last: seals the set
-    })
+    config = {
+        "architecture": name,
+        "model_args": model_args,
+        "num_classes": entry["num_classes"],
+        "pretrained_cfg": metadata,
+        "weights_sha256": sha256,
+    }
+    write_set(
+        directory,
+        {
+            WEIGHTS_FILENAME: weights_bytes,
+            CARD_FILENAME: model_card(entry).encode(),
+            CONFIG_FILENAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),  # last: seals the set
+        },
+    )
     return entry
 
 
@@ -137,7 +158,7 @@ def remove_leftovers(directory: Path) -> list[Path]:
 def _written_by_us(card_path: Path) -> bool:
     """Whether a README.md is a card that save_pretrained wrote: its front matter names this library."""
     text = card_path.read_text(encoding="utf-8", errors="replace")
-    front_matter = text[4:text.find("\n---", 4)] if text.startswith("---\n") else ""
+    front_matter = text[4 : text.find("\n---", 4)] if text.startswith("---\n") else ""
     return f"library_name: {LIBRARY_NAME}" in front_matter.splitlines()
 
 
@@ -158,24 +179,38 @@ def model_card(entry: Mapping[str, Any]) -> str:
     name, hub = entry["model"], entry["hub"]
     title = name + ("." + entry["tag"] if entry.get("tag") else "")
     metrics = [metric for metric in entry.get("metrics") or [] if isinstance(metric, Mapping)]
-    datasets = sorted({str(metric["dataset"]) for metric in metrics if metric.get("dataset")}
-                      | ({str(entry["dataset"])} if entry.get("dataset") else set()))
+    datasets = sorted(
+        {str(metric["dataset"]) for metric in metrics if metric.get("dataset")}
+        | ({str(entry["dataset"])} if entry.get("dataset") else set())
+    )
     results = []
     for metric in metrics:
         for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
             if metric.get(key) is None or not metric.get("dataset"):
                 continue
-            results.append(EvalResult(
-                task_type="image-classification", dataset_type=str(metric["dataset"]),
-                dataset_name=str(metric["dataset"]), dataset_split=metric.get("split"), metric_type="accuracy",
-                metric_name=label, metric_value=metric[key],
-                metric_args={field: metric[field] for field in _METRIC_DETAILS if metric.get(field) is not None}
-                or None,
-            ))
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=str(metric["dataset"]),
+                    dataset_name=str(metric["dataset"]),
+                    dataset_split=metric.get("split"),
+                    metric_type="accuracy",
+                    metric_name=label,
+                    metric_value=metric[key],
+                    metric_args={field: metric[field] for field in _METRIC_DETAILS if metric.get(field) is not None}
+                    or None,
+                )
+            )
     data = ModelCardData(
-        library_name=LIBRARY_NAME, pipeline_tag="image-classification", license=entry.get("license"),
-        datasets=datasets or None, base_model=entry.get("base_model"), tags=["image-classification", "densenet"],
-        model_name=title, eval_results=results or None, files=list(SET_FILENAMES),
+        library_name=LIBRARY_NAME,
+        pipeline_tag="image-classification",
+        license=entry.get("license"),
+        datasets=datasets or None,
+        base_model=entry.get("base_model"),
+        tags=["image-classification", "densenet"],
+        model_name=title,
+        eval_results=results or None,
+        files=list(SET_FILENAMES),
     )
     details = "\n".join(
         f"| {key} | `{json.dumps(value)}` |" for key, value in sorted(entry.items()) if key not in ("hub", "model")
@@ -185,8 +220,8 @@ def model_card(entry: Mapping[str, Any]) -> str:
         f"Weights for `{name}` of [densenet_efficient](https://github.com/densenet-efficient/densenet_efficient), "
         f"a memory-efficient DenseNet with torchvision's state-dict layout.\n\n"
         f"```python\nimport densenet_efficient as de\n\n"
-        f"model = de.create_model(\"{name}\", weights=\"hf-hub:{hub.get('repo_id') or 'ORG/NAME'}\")\n"
-        f"model = de.create_model(\"{name}\", weights=\"path/to/this/folder\")  # a local copy\n"
+        f'model = de.create_model("{name}", weights="hf-hub:{hub.get("repo_id") or "ORG/NAME"}")\n'
+        f'model = de.create_model("{name}", weights="path/to/this/folder")  # a local copy\n'
         f"preprocess = de.transforms(model)  # PIL image -> normalised tensor\n```\n\n"
         f"`{hub['filename']}`: {hub['size']} bytes, sha256 `{hub['sha256']}`.\n\n"
         f"| field | value |\n|---|---|\n{details}\n"

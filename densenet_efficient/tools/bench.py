@@ -25,9 +25,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,7 @@ def checkpointed_densenet(name: str) -> DenseNet:
     model = build_model(name, False)
     for block in [module for module in model.modules() if isinstance(module, DenseBlock)]:
         for layer_name, layer in list(block.items()):
+            assert isinstance(layer, DenseLayer)
             block[layer_name] = _CheckpointedLayer(layer)
     return model
 
@@ -140,10 +142,14 @@ def features_only_peer(build: Callable[[], nn.Module]) -> nn.Module:
     from torchvision.models._utils import IntermediateLayerGetter
 
     with torch.device("meta"):
-        reference = DenseNet(block_config=tuple(len(block) for name, block in model.features.named_children()
-                                                if name.startswith("denseblock")),
-                             growth_rate=model.features.denseblock1.denselayer1.conv2.out_channels,
-                             num_init_features=model.features.conv0.out_channels, num_classes=0)
+        reference = DenseNet(
+            block_config=tuple(
+                len(block) for name, block in model.features.named_children() if name.startswith("denseblock")
+            ),
+            growth_rate=model.features.denseblock1.denselayer1.conv2.out_channels,
+            num_init_features=model.features.conv0.out_channels,
+            num_classes=0,
+        )
     layers = [name.split(".", 1)[1].replace("relu5", "norm5") for name in reference.feature_info.module_name()]
     getter = IntermediateLayerGetter(model.features, {name: name for name in layers})
     return MultiScaleProbe(getter, getter, reference.feature_info.channels(), model.classifier.out_features)
@@ -154,12 +160,20 @@ def monai_densenet(config: dict[str, Any]) -> nn.Module:
     from monai.networks.nets import DenseNet as MonaiDenseNet
 
     if config["stem"] != "imagenet" or config["compression"] != 0.5 or not config["bn_size"]:
-        raise ValueError("MONAI's DenseNet has an ImageNet stem, bottleneck layers and compression 0.5: "
-                         "this model cannot be compared with it")
-    return MonaiDenseNet(spatial_dims=config["spatial_dims"], in_channels=config["in_chans"],
-                         out_channels=config["num_classes"], init_features=config["num_init_features"],
-                         growth_rate=config["growth_rate"], block_config=tuple(config["block_config"]),
-                         bn_size=config["bn_size"], dropout_prob=config["drop_rate"])
+        raise ValueError(
+            "MONAI's DenseNet has an ImageNet stem, bottleneck layers and compression 0.5: "
+            "this model cannot be compared with it"
+        )
+    return MonaiDenseNet(
+        spatial_dims=config["spatial_dims"],
+        in_channels=config["in_chans"],
+        out_channels=config["num_classes"],
+        init_features=config["num_init_features"],
+        growth_rate=config["growth_rate"],
+        block_config=tuple(config["block_config"]),
+        bn_size=config["bn_size"],
+        dropout_prob=config["drop_rate"],
+    )
 
 
 @dataclass(frozen=True)
@@ -176,14 +190,16 @@ def baseline_peer(name: str) -> Peer:
     autograd); for 2D torchvision's checkpointed DenseNet where it has the architecture, else the seed-style
     checkpoint model."""
     with torch.device("meta"):
-        config = build_model(name, False).config
+        config: dict[str, Any] = build_model(name, False).config
     monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0
     if config["spatial_dims"] != 2 and monai_layout:
         return Peer(BASELINE, "MONAI DenseNet (plain autograd)", partial(monai_densenet, config))
     torchvision_has_it = monai_layout and config["in_chans"] == 3 and config["spatial_dims"] == 2
     if torchvision_has_it:
         return Peer(BASELINE, "torchvision memory_efficient=True", partial(torchvision_densenet, config))
-    return Peer(BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name))
+    return Peer(
+        BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name)
+    )
 
 
 def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool = False) -> list[Peer]:
@@ -192,8 +208,10 @@ def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool
     peers = [Peer(key, f"efficient={mode!r}", partial(build_model, name, mode)) for key, mode in MODES.items()]
     peers.append(baseline_peer(name))
     if features_only:
-        peers = [replace(peer, label=f"{peer.label}, features_only", build=partial(features_only_peer, peer.build))
-                 for peer in peers]
+        peers = [
+            replace(peer, label=f"{peer.label}, features_only", build=partial(features_only_peer, peer.build))
+            for peer in peers
+        ]
     return [peer for peer in peers if peer.key in keys]
 
 
@@ -226,11 +244,13 @@ class Runner:
             freeze_batch_norms(model)
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
-        images, self.labels = random_batch(setting.batch_size, setting.input_size, *model_io(model),
-                                           device=setting.device)
+        images, self.labels = random_batch(
+            setting.batch_size, setting.input_size, *model_io(model), device=setting.device
+        )
         self.images = images.contiguous(memory_format=memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        self.model = torch.compile(model) if setting.compile else model
+        # torch.compile of a module returns a module (its annotation only says "a callable").
+        self.model: nn.Module = torch.compile(model) if setting.compile else model  # type: ignore[assignment]
         self.amp_dtype = PRECISIONS[setting.dtype]
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
         self.device = setting.device
@@ -281,8 +301,12 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, progress: Any = None,
-            ) -> list[dict[str, Any]]:
+def measure(
+    name: str,
+    setting: Setting,
+    keys: tuple[str, ...] = PEER_KEYS,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
     """Rows of peak memory and step times of every peer of model ``name`` (see the module's docstring).
 
     Each peer's memory is predicted first and a peer that would not fit is skipped; once naive fits, every
@@ -292,7 +316,7 @@ def measure(name: str, setting: Setting, keys: tuple[str, ...] = PEER_KEYS, prog
     runners: dict[str, Runner] = {}
     all_fit = False
     for peer in make_peers(name, keys, setting.features_only):
-        row = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
+        row: dict[str, Any] = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
         rows.append(row)
         if not all_fit:
             row["predicted_bytes"], fits = _predict_fit(peer, setting)
@@ -376,8 +400,9 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     modes = tuple(key for key in keys if key in MODES)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "rows.json")
-        mp.spawn(_sync_cost_worker, args=(processes, _free_port(), name, setting, modes, path), nprocs=processes,
-                 join=True)
+        mp.spawn(
+            _sync_cost_worker, args=(processes, _free_port(), name, setting, modes, path), nprocs=processes, join=True
+        )
         with open(path) as file:
             rows: list[dict[str, Any]] = json.load(file)
     return rows
@@ -392,8 +417,9 @@ def _threads_per_process(processes: int) -> int:
     return max(1, torch.get_num_threads() // processes)
 
 
-def _sync_cost_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: tuple[str, ...],
-                      path: str) -> None:
+def _sync_cost_worker(
+    rank: int, processes: int, port: int, name: str, setting: Setting, modes: tuple[str, ...], path: str
+) -> None:
     """One process of :func:`measure_sync_cost`; rank 0 writes the rows to ``path``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -426,9 +452,18 @@ def _sync_cost_worker(rank: int, processes: int, port: int, name: str, setting: 
             rows = []
             for key in modes:
                 plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
-                rows.append({"mode": key, "label": f"efficient={MODES[key]!r}", "processes": processes,
-                             "step_times": times[key, False], "sync_step_times": times[key, True],
-                             "step_s": plain, "sync_step_s": synced, "sync_time_ratio": synced / plain})
+                rows.append(
+                    {
+                        "mode": key,
+                        "label": f"efficient={MODES[key]!r}",
+                        "processes": processes,
+                        "step_times": times[key, False],
+                        "sync_step_times": times[key, True],
+                        "step_s": plain,
+                        "sync_step_s": synced,
+                        "sync_time_ratio": synced / plain,
+                    }
+                )
             with open(path, "w") as file:
                 json.dump(rows, file)
     finally:
@@ -438,8 +473,10 @@ def _sync_cost_worker(rank: int, processes: int, port: int, name: str, setting: 
 def format_sync_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`measure_sync_cost`'s rows."""
     header = ["mode", "step (s), BatchNorm", "step (s), SyncBatchNorm", "time x BatchNorm"]
-    lines = [[row["label"], f"{row['step_s']:.4f}", f"{row['sync_step_s']:.4f}", f"{row['sync_time_ratio']:.2f}"]
-             for row in rows]
+    lines = [
+        [row["label"], f"{row['step_s']:.4f}", f"{row['sync_step_s']:.4f}", f"{row['sync_time_ratio']:.2f}"]
+        for row in rows
+    ]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
 
 
@@ -449,18 +486,24 @@ def format_sync_table(rows: list[dict[str, Any]]) -> str:
 def method_note(setting: Setting) -> str:
     """How memory and time were measured, for the output."""
     if setting.device.type == "cuda":
-        memory = ("torch.cuda.max_memory_allocated during one training step, minus what was allocated before it "
-                  "(parameters, optimizer state, input batch)")
+        memory = (
+            "torch.cuda.max_memory_allocated during one training step, minus what was allocated before it "
+            "(parameters, optimizer state, input batch)"
+        )
     else:
-        memory = ("peak bytes of tensor storage allocated during one training step and still alive, counted "
-                  "in-process by a TorchDispatchMode (parameters, optimizer state and input batch excluded)")
+        memory = (
+            "peak bytes of tensor storage allocated during one training step and still alive, counted "
+            "in-process by a TorchDispatchMode (parameters, optimizer state and input batch excluded)"
+        )
         if setting.compile:
             memory += "; compiled code runs eagerly under the counter, so memory is the eager figure"
     timing = "not measured (--repeats 0)"
     if setting.repeats:
-        timing = (f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum "
-                  f"step) after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order "
-                  "reversed every round")
+        timing = (
+            f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum "
+            f"step) after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order "
+            "reversed every round"
+        )
     return f"memory: {memory}.\ntime: {timing}."
 
 
@@ -475,19 +518,44 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     for row in rows:
         cells = [row["label"]]
         if row["skipped"]:
-            cells += [f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit", "-", "-", "-",
-                      "-"]
+            cells += [
+                f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit",
+                "-",
+                "-",
+                "-",
+                "-",
+            ]
         else:
-            cells += [f"{row['peak_bytes'] / MIB:.1f}", _cell(row, "memory_ratio", ".3f"), _cell(row, "step_s", ".3f"),
-                      _cell(row, "time_ratio", ".2f"), _cell(row, "images_per_s", ".1f")]
+            cells += [
+                f"{row['peak_bytes'] / MIB:.1f}",
+                _cell(row, "memory_ratio", ".3f"),
+                _cell(row, "step_s", ".3f"),
+                _cell(row, "time_ratio", ".2f"),
+                _cell(row, "images_per_s", ".1f"),
+            ]
         lines.append(([str(row[first])] if first else []) + cells)
     header = ([first] if first else []) + header
     table = [header, ["---"] * len(header), *lines]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in table)
 
 
-CSV_FIELDS = ("model", "depth", "batch_size", "input_size", "device", "dtype", "mode", "label", "skipped",
-              "peak_bytes", "predicted_bytes", "memory_ratio", "step_s", "time_ratio", "images_per_s")
+CSV_FIELDS = (
+    "model",
+    "depth",
+    "batch_size",
+    "input_size",
+    "device",
+    "dtype",
+    "mode",
+    "label",
+    "skipped",
+    "peak_bytes",
+    "predicted_bytes",
+    "memory_ratio",
+    "step_s",
+    "time_ratio",
+    "images_per_s",
+)
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -510,12 +578,18 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
         if not mine:
             continue
         measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if not row["skipped"]]
-        line = axes.plot(*zip(*measured), marker="o", label=mine[0]["label"])[0] if measured else None
+        line = axes.plot(*zip(*measured, strict=True), marker="o", label=mine[0]["label"])[0] if measured else None
         predicted = [(row[x_key], row["predicted_bytes"] / MIB) for row in mine if row["skipped"]]
         if predicted:
             color = line.get_color() if line else None
-            axes.plot(*zip(*(measured[-1:] + predicted)), linestyle="--", marker="o", markerfacecolor="none",
-                      color=color, label=f"{mine[0]['label']} (predicted, does not fit)")
+            axes.plot(
+                *zip(*(measured[-1:] + predicted), strict=True),
+                linestyle="--",
+                marker="o",
+                markerfacecolor="none",
+                color=color,
+                label=f"{mine[0]['label']} (predicted, does not fit)",
+            )
     axes.set_xlabel(x_key.replace("_", " "))
     axes.set_ylabel("peak memory of a training step (MiB)")
     axes.set_title(title, fontsize=9)
@@ -532,31 +606,63 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", type=device_name, default=torch.device(default_device),
-                        help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default=torch.device(default_device),
+        help="cpu, cuda or cuda:N (default: %(default)s)",
+    )
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--frozen-bn", action="store_true",
-                        help="fine-tuning with frozen BatchNorm: every batch norm in eval mode, gradients on")
-    parser.add_argument("--features-only", action="store_true",
-                        help="measure the multi-scale backbones (features_only=True, every feature level) under a "
-                             "head that pools and classifies every level")
-    parser.add_argument("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
+    parser.add_argument(
+        "--frozen-bn",
+        action="store_true",
+        help="fine-tuning with frozen BatchNorm: every batch norm in eval mode, gradients on",
+    )
+    parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="measure the multi-scale backbones (features_only=True, every feature level) under a "
+        "head that pools and classifies every level",
+    )
+    parser.add_argument(
+        "--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)"
+    )
     parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
-    parser.add_argument("--modes", type=partial(peer_keys, valid=PEER_KEYS), default=PEER_KEYS,
-                        help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)")
+    parser.add_argument(
+        "--modes",
+        type=partial(peer_keys, valid=PEER_KEYS),
+        default=PEER_KEYS,
+        help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)",
+    )
     parser.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
     parser.add_argument("--sweep", choices=("depth", "batch"), help="repeat over depths or batch sizes and plot")
-    parser.add_argument("--family", type=family_name, default="densenet_bc_k12",
-                        help="CIFAR family for --sweep depth (default: %(default)s)")
-    parser.add_argument("--depths", type=positive_ints, default=[40, 100, 160, 250, 400],
-                        help="depths for --sweep depth (default: 40,100,160,250,400)")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[16, 32, 64, 128],
-                        help="batch sizes for --sweep batch (default: 16,32,64,128)")
+    parser.add_argument(
+        "--family",
+        type=family_name,
+        default="densenet_bc_k12",
+        help="CIFAR family for --sweep depth (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=positive_ints,
+        default=[40, 100, 160, 250, 400],
+        help="depths for --sweep depth (default: 40,100,160,250,400)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=positive_ints,
+        default=[16, 32, 64, 128],
+        help="batch sizes for --sweep batch (default: 16,32,64,128)",
+    )
     parser.add_argument("--plot", metavar="PNG", help="plot path for --sweep (default: bench-<sweep>.png)")
-    parser.add_argument("--sync-bn-processes", type=int_at_least(2), metavar="N",
-                        help="instead: time a data-parallel step of N processes (gloo on CPU, NCCL on CUDA) with and "
-                        "without SyncBatchNorm; --batch-size is per process, --modes its memory modes")
+    parser.add_argument(
+        "--sync-bn-processes",
+        type=int_at_least(2),
+        metavar="N",
+        help="instead: time a data-parallel step of N processes (gloo on CPU, NCCL on CUDA) with and "
+        "without SyncBatchNorm; --batch-size is per process, --modes its memory modes",
+    )
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
@@ -576,8 +682,18 @@ def run(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient bench: error: {error}", file=sys.stderr)
         return 2
-    base = Setting(args.device, args.dtype, args.batch_size, 0, args.channels_last, args.compile,
-                   args.warmup, args.repeats, args.frozen_bn, args.features_only)
+    base = Setting(
+        args.device,
+        args.dtype,
+        args.batch_size,
+        0,
+        args.channels_last,
+        args.compile,
+        args.warmup,
+        args.repeats,
+        args.frozen_bn,
+        args.features_only,
+    )
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
@@ -585,8 +701,14 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
         for fields, name, size in configs:
             setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
-            common = {"model": name, "depth": None, "batch_size": setting.batch_size,
-                      "input_size": setting.input_size, "device": str(setting.device), "dtype": setting.dtype}
+            common = {
+                "model": name,
+                "depth": None,
+                "batch_size": setting.batch_size,
+                "input_size": setting.input_size,
+                "device": str(setting.device),
+                "dtype": setting.dtype,
+            }
             rows += [{**common, **fields, **row} for row in measure(name, setting, args.modes, progress)]
     summary = _summary(args, base, configs)
     print(summary + "\n")
@@ -607,16 +729,21 @@ def _run_sync_cost(args: argparse.Namespace, base: Setting, configs: list[tuple[
     """``bench --sync-bn-processes N``: the table of :func:`measure_sync_cost` for the model, printed and saved."""
     processes = args.sync_bn_processes
     if args.sweep or args.repeats < 1 or (args.device.type == "cuda" and processes > torch.cuda.device_count()):
-        print("densenet-efficient bench: error: --sync-bn-processes needs --repeats >= 1, no --sweep, and on CUDA "
-              f"one device per process ({torch.cuda.device_count()} here)", file=sys.stderr)
+        print(
+            "densenet-efficient bench: error: --sync-bn-processes needs --repeats >= 1, no --sweep, and on CUDA "
+            f"one device per process ({torch.cuda.device_count()} here)",
+            file=sys.stderr,
+        )
         return 2
     _, name, size = configs[0]
     rows = measure_sync_cost(name, replace(base, input_size=size), args.modes, processes)
     threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
-    summary = (_summary(args, base, configs).splitlines()[0] + f"; {processes} processes{threads}, batch "
-               f"{base.batch_size} per process\ntime: median of {base.repeats} data-parallel training steps "
-               f"(DistributedDataParallel, SGD momentum) after {base.warmup} warm-up step(s), the slowest process's "
-               "time from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed every round.")
+    summary = (
+        _summary(args, base, configs).splitlines()[0] + f"; {processes} processes{threads}, batch "
+        f"{base.batch_size} per process\ntime: median of {base.repeats} data-parallel training steps "
+        f"(DistributedDataParallel, SGD momentum) after {base.warmup} warm-up step(s), the slowest process's "
+        "time from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed every round."
+    )
     print(summary + "\n")
     print(format_sync_table(rows))
     if args.json:
@@ -634,8 +761,16 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
         where = f"cpu, {torch.get_num_threads()} threads"
     size = configs[0][2]
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
-    flags = "".join(f", {flag}" for flag, on in (("channels_last", args.channels_last), ("compile", args.compile),
-                                                       ("frozen BatchNorm (eval mode)", args.frozen_bn),
-                                                       ("features_only", args.features_only)) if on)
-    head = f"{what}{batch}, {input_label(configs[0][1], size)}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
+    flags = "".join(
+        f", {flag}"
+        for flag, on in (
+            ("channels_last", args.channels_last),
+            ("compile", args.compile),
+            ("frozen BatchNorm (eval mode)", args.frozen_bn),
+            ("features_only", args.features_only),
+        )
+        if on
+    )
+    shape = input_label(configs[0][1], size)
+    head = f"{what}{batch}, {shape}, {setting.dtype}{flags} on {where}, torch {torch.__version__}"
     return f"{head}\n{method_note(setting)}"

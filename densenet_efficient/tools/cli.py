@@ -27,7 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("densenet_efficient.tools.cli", "list the model names"),
     "bench": ("densenet_efficient.tools.bench", "peak memory and step time of every memory mode, side by side"),
     "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network that train within a memory budget"),
-    "train": ("densenet_efficient.tools.train", "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)"),
+    "train": (
+        "densenet_efficient.tools.train",
+        "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)",
+    ),
     "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset"),
 }
 # What each command needs beyond the base install: the "tools" extra.
@@ -49,13 +52,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand's default must not hide `densenet-efficient --debug COMMAND`
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the traceback of an error (also {DEBUG_ENV}=1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="densenet-efficient", description="Memory-efficient DenseNets: benchmark, plan, train, evaluate.",
+        prog="densenet-efficient",
+        description="Memory-efficient DenseNets: benchmark, plan, train, evaluate.",
         epilog="Exit status: 0 success, 1 failure, 2 usage error.",
     )
     _add_debug(parser)
@@ -79,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     missing = missing_requirements(args.command)
     if missing:
-        print(f"densenet-efficient {args.command}: error: needs {', '.join(missing)}, which is not installed: "
-              "pip install 'densenet-efficient[tools]'", file=sys.stderr)
+        print(
+            f"densenet-efficient {args.command}: error: needs {', '.join(missing)}, which is not installed: "
+            "pip install 'densenet-efficient[tools]'",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         return args.run(args)

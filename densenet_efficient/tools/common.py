@@ -90,8 +90,14 @@ def input_size(name: str, requested: int | None) -> int:
     return size
 
 
-def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torch.dtype | None,
-               optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    amp_dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -107,8 +113,14 @@ def train_step(model: nn.Module, images: Tensor, labels: Tensor, amp_dtype: torc
         optimizer.step()
 
 
-def random_batch(batch_size: int, input_size: int, in_chans: int, num_classes: int, spatial_dims: int = 2,
-                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def random_batch(
+    batch_size: int,
+    input_size: int,
+    in_chans: int,
+    num_classes: int,
+    spatial_dims: int = 2,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
     """Random inputs (N, C) + (input_size,) * spatial_dims (images (N, C, H, W) by default, volumes with
     ``spatial_dims=3``) and class labels (N,)."""
     images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
@@ -133,8 +145,9 @@ def input_label(name: str, size: int) -> str:
 
 def device_name(value: str) -> torch.device:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
-    valid = "cpu" + (", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count()))
-                     if torch.cuda.is_available() else "")
+    valid = "cpu" + (
+        ", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ""
+    )
     try:
         device = torch.device(value)
     except RuntimeError:
@@ -175,25 +188,33 @@ def positive_ints(value: str) -> list[int]:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``plan`` share."""
-    parser.add_argument("--model", type=model_name, default="densenet_bc_100_k12",
-                        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        type=model_name,
+        default="densenet_bc_100_k12",
+        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
-    parser.add_argument("--input-size", type=int_at_least(1),
-                        help="side: height and width of an image, depth, height and width of a volume "
-                             "(default: the model's, 32, 224 or 96 for 3D)")
-    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
-                        help="fp32, or bf16/fp16 autocast (default: %(default)s)")
+    parser.add_argument(
+        "--input-size",
+        type=int_at_least(1),
+        help="side: height and width of an image, depth, height and width of a volume "
+        "(default: the model's, 32, 224 or 96 for 3D)",
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
 def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
     """Footprint of one training step of ``build()`` on a random batch, measured on fake tensors."""
 
-    def setup() -> tuple[nn.Module, tuple]:
+    def setup() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
         model = build()
         return model, random_batch(batch_size, input_size, *model_io(model))
 
-    return fake_footprint(setup, lambda model, batch: train_step(model, *batch, PRECISIONS[dtype]))
+    return fake_footprint(setup, lambda model, batch: train_step(model, batch[0], batch[1], PRECISIONS[dtype]))
 
 
 def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
@@ -203,7 +224,7 @@ def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
 
 def parse_efficient(value: str) -> MemoryMode:
     """Parse a command-line memory mode: ``False``, ``True`` or ``max`` (case-insensitive)."""
-    modes = {"false": False, "true": True, "max": "max"}
+    modes: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
     if value.lower() not in modes:
         raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
     return modes[value.lower()]
@@ -225,9 +246,15 @@ def to_device(images: Tensor, labels: Tensor, device: torch.device, channels_las
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *,
-             amp: str | None = None, channels_last: bool = False,
-             all_reduce: Callable[[Tensor], None] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    amp: str | None = None,
+    channels_last: bool = False,
+    all_reduce: Callable[[Tensor], None] | None = None,
+) -> dict[str, float]:
     """Mean cross-entropy ``loss``, ``top1`` and ``top5`` accuracy (%) and the number of ``images``.
 
     ``all_reduce`` sums the per-process totals in place (distributed evaluation on disjoint shards). With fewer
@@ -241,8 +268,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
             logits = model(images)
         logits = logits.float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hits[:, 0].sum(),
-                               hits.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum(),
+                hits.any(1).sum(),
+                torch.tensor(len(labels), device=device),
+            ]
+        ).double()
     if all_reduce is not None:
         all_reduce(totals)
     loss, top1, top5, count = totals.tolist()

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +73,24 @@ class Preprocessing:
 
     def metadata(self) -> dict[str, Any]:
         """The keys :func:`weights_preprocessing` reads back from exported weights."""
-        return dict(mean=list(self.mean), std=list(self.std), input_size=[self.channels, self.input_size,
-                    self.input_size], crop_pct=self.crop_pct, interpolation=self.interpolation)
+        return dict(
+            mean=list(self.mean),
+            std=list(self.std),
+            input_size=[self.channels, self.input_size, self.input_size],
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+        )
 
     def pretrained_cfg(self, photos: bool = True) -> dict[str, Any]:
         """This preprocessing in timm's ``pretrained_cfg`` keys, for :func:`~densenet_efficient.transforms`
         (non-photos, e.g. CIFAR: no crop)."""
-        return {"input_size": (self.channels, self.input_size, self.input_size), "mean": self.mean,
-                "std": self.std, "crop_pct": self.crop_pct if photos else 1.0, "interpolation": self.interpolation}
+        return {
+            "input_size": (self.channels, self.input_size, self.input_size),
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": self.crop_pct if photos else 1.0,
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> Preprocessing:
@@ -92,8 +103,13 @@ class Preprocessing:
         size = input_size[-1] if isinstance(input_size, Sequence) else input_size
         if len(mean) != len(std) or not isinstance(size, int):
             raise ValueError(f"{where}: mean {mean}, std {std} and input_size {input_size} do not fit together")
-        return cls(tuple(map(float, mean)), tuple(map(float, std)), size,
-                   float(metadata.get("crop_pct", 0.875)), str(metadata.get("interpolation", "bilinear")))
+        return cls(
+            tuple(map(float, mean)),
+            tuple(map(float, std)),
+            size,
+            float(metadata.get("crop_pct", 0.875)),
+            str(metadata.get("interpolation", "bilinear")),
+        )
 
 
 DEFAULT_PREPROCESSING = {
@@ -118,8 +134,13 @@ class Splits:
         return len(self.classes)
 
 
-def weights_preprocessing(model: str, weights: str | os.PathLike | None, *,
-                          cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Preprocessing:
+def weights_preprocessing(
+    model: str,
+    weights: str | os.PathLike | None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> Preprocessing:
     """The preprocessing pretrained ``weights`` of ``model`` were trained with (a tag, a folder or file written
     by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag): the input configuration that
     :func:`~densenet_efficient.pretrained.resolve_weights` reads for ``model.pretrained_cfg``."""
@@ -127,9 +148,17 @@ def weights_preprocessing(model: str, weights: str | os.PathLike | None, *,
     return Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
 
 
-def build_splits(dataset: str, root: str | os.PathLike | None = None, *, download: bool = False,
-                 preprocessing: Preprocessing | None = None, image_size: int | None = None,
-                 val_fraction: float = 0.1, augment: bool = True, bad_images: str = "error") -> Splits:
+def build_splits(
+    dataset: str,
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    preprocessing: Preprocessing | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.1,
+    augment: bool = True,
+    bad_images: str = "error",
+) -> Splits:
     """Load ``dataset`` (one of :data:`DATASETS`) and split it.
 
     ``preprocessing`` defaults to the dataset's own; ``image_size`` overrides its input size. ``val_fraction`` of
@@ -165,8 +194,9 @@ def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, 
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("the digits dataset comes with scikit-learn: pip install 'densenet-efficient[train]'") \
-            from error
+        raise ImportError(
+            "the digits dataset comes with scikit-learn: pip install 'densenet-efficient[train]'"
+        ) from error
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -186,8 +216,13 @@ def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, 
         indices = torch.as_tensor(indices, dtype=torch.long)
         return TensorDataset(images[indices], labels[indices])
 
-    return Splits(subset(train), subset(val) if len(val) else None, subset(test),
-                  [str(label) for label in digits.target_names], preprocessing)
+    return Splits(
+        subset(train),
+        subset(val) if len(val) else None,
+        subset(test),
+        [str(label) for label in digits.target_names],
+        preprocessing,
+    )
 
 
 def _split_subset(indices: list[int], fraction: float) -> tuple[list[int], list[int]]:
@@ -211,8 +246,9 @@ def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
     return T.Compose([*steps, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
 
 
-def _cifar_splits(dataset: str, root: Path, download: bool, preprocessing: Preprocessing, val_fraction: float,
-                  augment: bool) -> Splits:
+def _cifar_splits(
+    dataset: str, root: Path, download: bool, preprocessing: Preprocessing, val_fraction: float, augment: bool
+) -> Splits:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
@@ -228,12 +264,18 @@ def _cifar_splits(dataset: str, root: Path, download: bool, preprocessing: Prepr
     eval_full = cls(root, train=True, transform=eval_tf)
     train, val = _split(len(train_full), val_fraction)
     test = cls(root, train=False, transform=eval_tf)
-    return Splits(Subset(train_full, train), Subset(eval_full, val) if val else None, test,
-                  list(train_full.classes), preprocessing)
+    return Splits(
+        Subset(train_full, train),
+        Subset(eval_full, val) if val else None,
+        test,
+        list(train_full.classes),
+        preprocessing,
+    )
 
 
-def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool,
-                        bad_images: str) -> Splits:
+def _imagefolder_splits(
+    root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool, bad_images: str
+) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -295,7 +337,7 @@ def _unreadable_images(paths: list[str]) -> dict[str, str]:
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         reasons = pool.map(problem, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
 
 
 def _report_unreadable(unreadable: dict[str, str], total: int, bad_images: str, shown: int = 5) -> None:

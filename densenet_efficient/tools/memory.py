@@ -13,9 +13,10 @@ any machine.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ class LiveTensorBytes(TorchDispatchMode):
         weakref.finalize(storage, self._release, key, nbytes)
 
 
-def saved_tensor_bytes(exclude: tuple[Tensor, ...] = ()) -> "_SavedBytes":
+def saved_tensor_bytes(exclude: tuple[Tensor, ...] = ()) -> _SavedBytes:
     """Context manager counting the distinct storage bytes autograd saves for backward inside it.
 
     ``exclude``: tensors (e.g. parameters) whose storage is not counted.
@@ -86,7 +87,7 @@ class _SavedBytes:
             self.bytes += storage.nbytes()
         return tensor
 
-    def __enter__(self) -> "_SavedBytes":
+    def __enter__(self) -> _SavedBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
         self._hooks.__enter__()
         return self

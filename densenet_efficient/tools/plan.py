@@ -22,9 +22,10 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,17 @@ from .common import (
 )
 from .memory import Footprint
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
 MAX_LAYERS = 2**20  # the search for the deepest network stops here
@@ -134,7 +144,7 @@ def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
     return low
 
 
-def deepest(family: str, mode: bool | str, budget: int, question: Question) -> Deepest | None:
+def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> Deepest | None:
     """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
     footprints: dict[int, Footprint] = {}
 
@@ -164,18 +174,33 @@ def deepest(family: str, mode: bool | str, budget: int, question: Question) -> D
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory", type=parse_memory, required=True,
-                        help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)")
+    parser.add_argument(
+        "--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)"
+    )
     add_common_arguments(parser)
-    parser.add_argument("--family", type=family_name,
-                        help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12")
-    parser.add_argument("--largest-input", action="store_true",
-                        help="also find the largest input side (image height and width, volume depth, height and "
-                             "width) that trains at --batch-size")
-    parser.add_argument("--optimizer-copies", type=int_at_least(0), default=1,
-                        help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)")
-    parser.add_argument("--modes", type=partial(peer_keys, valid=tuple(MODES)), default=tuple(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+    parser.add_argument(
+        "--family",
+        type=family_name,
+        help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12",
+    )
+    parser.add_argument(
+        "--largest-input",
+        action="store_true",
+        help="also find the largest input side (image height and width, volume depth, height and "
+        "width) that trains at --batch-size",
+    )
+    parser.add_argument(
+        "--optimizer-copies",
+        type=int_at_least(0),
+        default=1,
+        help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=partial(peer_keys, valid=tuple(MODES)),
+        default=tuple(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (default: all)",
+    )
 
 
 def _gib(value: float) -> str:
@@ -186,17 +211,22 @@ def run(args: argparse.Namespace) -> int:
     modes = {key: MODES[key] for key in args.modes}
     family = args.family or "densenet_bc_k12"
     try:
-        sizes = [input_size(name, args.input_size)
-                 for name in (args.model, family_member(family, family_depth(family, 1)))]
+        sizes = [
+            input_size(name, args.input_size) for name in (args.model, family_member(family, family_depth(family, 1)))
+        ]
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
         return 2
     question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies)
-    print(f"{args.model}, {input_label(args.model, question.input_size)}, {args.dtype}: training within "
-          f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)")
-    print(f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
-          "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
-          "cuDNN workspaces and the caching allocator add to it.\n")
+    print(
+        f"{args.model}, {input_label(args.model, question.input_size)}, {args.dtype}: training within "
+        f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)"
+    )
+    print(
+        f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
+        "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
+        "cuDNN workspaces and the caching allocator add to it.\n"
+    )
     result: dict[str, Any] = {"memory_bytes": args.memory, **asdict(question), "model": args.model, "modes": []}
     print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
     for key, mode in modes.items():
@@ -208,8 +238,7 @@ def run(args: argparse.Namespace) -> int:
         result["largest_input"] = _print_largest_input(args.model, modes, args.memory, question)
     if args.family:
         result["family"] = args.family
-        result["deepest"] = _print_deepest(args.family, modes, args.memory,
-                                           replace(question, input_size=sizes[1]))
+        result["deepest"] = _print_deepest(args.family, modes, args.memory, replace(question, input_size=sizes[1]))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
@@ -220,8 +249,10 @@ def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, q
     """Print and return the largest input side of model ``name`` per mode."""
     with torch.device("meta"):
         smallest = build_model(name, False).min_input_size
-    print(f"\nLargest input of {name} at batch {question.batch_size}:\n| mode | side | input | memory | side x naive |\n"
-          "| --- | --- | --- | --- | --- |")
+    print(
+        f"\nLargest input of {name} at batch {question.batch_size}:\n| mode | side | input | memory | side x naive |\n"
+        "| --- | --- | --- | --- | --- |"
+    )
     rows: list[dict] = []
     for key, mode in modes.items():
         build = partial(build_model, name, mode)
@@ -235,11 +266,13 @@ def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, q
     return rows
 
 
-def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, question: Question) -> list[dict]:
+def _print_deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the deepest member of ``family`` per mode."""
-    print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
-          "| mode | depth | layers per block | memory | of which parameters | depth x naive | quadratic fit error "
-          f"at n={CHECK_LAYERS} |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
+        "| mode | depth | layers per block | memory | of which parameters | depth x naive | quadratic fit error "
+        f"at n={CHECK_LAYERS} |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
     rows = []
     for key, mode in modes.items():
         found = deepest(family, mode, budget, question)
@@ -251,6 +284,8 @@ def _print_deepest(family: str, modes: dict[str, bool | str], budget: int, quest
         ratio = f"{found.depth / naive:.1f}" if naive else "-"
         error = f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"
         weights = found.parameter_bytes * (1 + question.optimizer_copies)
-        print(f"| efficient={mode!r} | {found.depth} | {found.layers_per_block} | {_gib(found.total_bytes)} | "
-              f"{_gib(weights)} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters) | {ratio} | {error} |")
+        print(
+            f"| efficient={mode!r} | {found.depth} | {found.layers_per_block} | {_gib(found.total_bytes)} | "
+            f"{_gib(weights)} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters) | {ratio} | {error} |"
+        )
     return rows

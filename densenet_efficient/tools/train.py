@@ -46,9 +46,10 @@ import time
 import uuid
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,20 +64,41 @@ from ..pretrained.saving import save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, Splits, build_splits, weights_preprocessing
 
-RECIPE_DEFAULTS: dict[str, Any] = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75),
-                                       gamma=0.1, val_fraction=0.1)
+RECIPE_DEFAULTS: dict[str, Any] = dict(
+    momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1
+)
 # Per dataset: the paper's CIFAR recipe; a small network for the digits; fine-tuning defaults for photos.
 RECIPES: dict[str, dict[str, Any]] = {
     "cifar10": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
     "cifar100": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
-    "digits": dict(model="densenet_bc_100_k12", model_args={"block_config": (2, 2, 2)}, epochs=10,
-                   batch_size=32, lr=0.1),
+    "digits": dict(
+        model="densenet_bc_100_k12", model_args={"block_config": (2, 2, 2)}, epochs=10, batch_size=32, lr=0.1
+    ),
     "imagefolder": dict(model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01),
 }
 # What a resumed run must share with the run it continues (``epochs`` may grow: the run is extended).
-RECIPE_KEYS = ("dataset", "model", "model_args", "weights", "pretrained", "num_classes", "freeze_backbone",
-               "epochs", "batch_size", "accum_steps", "lr", "momentum", "nesterov", "weight_decay", "milestones",
-               "gamma", "val_fraction", "image_size", "amp", "seed")
+RECIPE_KEYS = (
+    "dataset",
+    "model",
+    "model_args",
+    "weights",
+    "pretrained",
+    "num_classes",
+    "freeze_backbone",
+    "epochs",
+    "batch_size",
+    "accum_steps",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "milestones",
+    "gamma",
+    "val_fraction",
+    "image_size",
+    "amp",
+    "seed",
+)
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILENAME = "best.safetensors"
 # What a run writes into its output folder; ``overwrite`` deletes these (and nothing else) before a new run.
@@ -137,8 +159,11 @@ class TrainConfig:
         """A copy with every ``None`` recipe field filled in from the dataset's recipe, checked."""
         if self.dataset not in RECIPES:
             raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
-        recipe = {**RECIPE_DEFAULTS, **RECIPES[self.dataset],
-                  "workers": 0 if self.dataset == "digits" else min(8, os.cpu_count() or 1)}
+        recipe = {
+            **RECIPE_DEFAULTS,
+            **RECIPES[self.dataset],
+            "workers": 0 if self.dataset == "digits" else min(8, os.cpu_count() or 1),
+        }
         if self.model is not None:  # the recipe's model arguments belong to the recipe's model
             recipe["model_args"] = {}
         recipe.setdefault("model_args", {})
@@ -183,18 +208,29 @@ class ResolvedTrainConfig(TrainConfig):
         """Every numeric option in its valid range (finite: ``nan`` and ``inf`` are refused), before anything is
         built, and numpy numbers turned into Python's. Raises :class:`UsageError` naming the option and its valid
         range."""
-        integers = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "keep_checkpoints": 1, "image_size": 1,
-                    "workers": 0, "seed": 0, "num_classes": 1}
+        integers = {
+            "epochs": 1,
+            "batch_size": 1,
+            "accum_steps": 1,
+            "keep_checkpoints": 1,
+            "image_size": 1,
+            "workers": 0,
+            "seed": 0,
+            "num_classes": 1,
+        }
         for name, least in integers.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                      or value < least):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least
+            ):
                 raise UsageError(f"{name} must be a whole number of at least {least}, got {value!r}")
             if value is not None:
                 setattr(self, name, int(value))
         ranges: dict[str, tuple[Callable[[float], bool], str]] = {
-            "lr": (lambda v: v > 0, "above 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "weight_decay": (lambda v: v >= 0, "of at least 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "lr": (lambda v: v > 0, "above 0"),
+            "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "weight_decay": (lambda v: v >= 0, "of at least 0"),
+            "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
             "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
         }
         for name, (valid, text) in ranges.items():
@@ -268,9 +304,12 @@ def build_model(config: ResolvedTrainConfig, num_classes: int, in_chans: int) ->
     keeps a fresh classifier); the backbone frozen if asked."""
 
     torch.manual_seed(config.seed)
-    model = create_model(config.model, pretrained=config.pretrained, weights=config.weights,
-                         **{**config.model_args, "num_classes": num_classes, "in_chans": in_chans,
-                            "efficient": config.efficient})
+    model = create_model(
+        config.model,
+        pretrained=config.pretrained,
+        weights=config.weights,
+        **{**config.model_args, "num_classes": num_classes, "in_chans": in_chans, "efficient": config.efficient},
+    )
     if config.freeze_backbone:
         model.features.requires_grad_(False)
     return model
@@ -282,8 +321,15 @@ def _data(config: ResolvedTrainConfig) -> Splits:
     preprocessing = None
     if config.weights or config.pretrained:
         preprocessing = weights_preprocessing(config.model, config.weights)
-    return build_splits(config.dataset, config.data, download=config.download, preprocessing=preprocessing,
-                        image_size=config.image_size, val_fraction=config.val_fraction, bad_images=config.bad_images)
+    return build_splits(
+        config.dataset,
+        config.data,
+        download=config.download,
+        preprocessing=preprocessing,
+        image_size=config.image_size,
+        val_fraction=config.val_fraction,
+        bad_images=config.bad_images,
+    )
 
 
 def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
@@ -297,17 +343,25 @@ def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
             f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
         )
     if len(splits.train) < config.batch_size:
-        raise ValueError(f"the training set has {len(splits.train)} images, fewer than one batch of "
-                         f"{config.batch_size}")
+        raise ValueError(
+            f"the training set has {len(splits.train)} images, fewer than one batch of {config.batch_size}"
+        )
     options: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
-    sampler: DistributedSampler[int] = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                          shuffle=True, seed=config.seed, drop_last=True)
-    train = DataLoader(splits.train, batch_size=per_process * config.accum_steps, sampler=sampler, drop_last=True,
-                       **options)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    train = DataLoader(
+        splits.train, batch_size=per_process * config.accum_steps, sampler=sampler, drop_last=True, **options
+    )
 
     def shard(dataset):
-        return None if dataset is None else DataLoader(
-            Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)), batch_size=2 * per_process, **options)
+        return (
+            None
+            if dataset is None
+            else DataLoader(
+                Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)), batch_size=2 * per_process, **options
+            )
+        )
 
     return train, sampler, shard(splits.val), shard(splits.test)
 
@@ -326,14 +380,20 @@ class Trainer:
             ctx.barrier()
         num_classes = config.num_classes or self.splits.num_classes
         if num_classes != self.splits.num_classes:
-            raise ValueError(f"num_classes {num_classes} does not match the {self.splits.num_classes} classes of "
-                             f"{config.dataset}")
+            raise ValueError(
+                f"num_classes {num_classes} does not match the {self.splits.num_classes} classes of {config.dataset}"
+            )
         self.model = build_model(config, num_classes, self.splits.preprocessing.channels).to(ctx.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
-                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            trainable,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, self._milestones(), gamma=config.gamma)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
         self.history: list[dict[str, Any]] = []
@@ -359,9 +419,12 @@ class Trainer:
     def _write_config(self) -> None:
         """``config.json`` beside ``best.safetensors`` and the checkpoints, as save_pretrained writes it, so that
         ``eval`` and ``create_model(weights=...)`` can read those files directly."""
-        config = {"architecture": self.config.model, "model_args": self.model.config,
-                  "num_classes": self.model.config["num_classes"],
-                  "pretrained_cfg": self.splits.preprocessing.metadata()}
+        config = {
+            "architecture": self.config.model,
+            "model_args": self.model.config,
+            "num_classes": self.model.config["num_classes"],
+            "pretrained_cfg": self.splits.preprocessing.metadata(),
+        }
         data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         for folder in (self.output, self.output / CHECKPOINT_DIR):
             folder.mkdir(parents=True, exist_ok=True)
@@ -396,16 +459,23 @@ class Trainer:
         """Load model, optimizer, scheduler, grad scaler and history from checkpoint ``path`` (``epoch-N.pt``)."""
         model_state, state = load_checkpoint(path)
         recipe = self.config.recipe()
-        differing = {key: (value, recipe.get(key)) for key, value in state["config"].items()
-                     if key != "epochs" and recipe.get(key) != value}
+        differing = {
+            key: (value, recipe.get(key))
+            for key, value in state["config"].items()
+            if key != "epochs" and recipe.get(key) != value
+        }
         if differing:
             listing = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differing.items())
-            raise CheckpointError(f"{path} was written by another recipe ({listing}); resume with the same settings "
-                                  f"(other ones would no longer give the uninterrupted run's result), or start a new "
-                                  f"run with --overwrite or another --output")
+            raise CheckpointError(
+                f"{path} was written by another recipe ({listing}); resume with the same settings "
+                f"(other ones would no longer give the uninterrupted run's result), or start a new "
+                f"run with --overwrite or another --output"
+            )
         if state["epoch"] > self.config.epochs:
-            raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or "
-                             f"more, not {self.config.epochs}")
+            raise UsageError(
+                f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or "
+                f"more, not {self.config.epochs}"
+            )
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -422,14 +492,16 @@ class Trainer:
         the learning rate they give after the epochs already trained (which keep the rates they had)."""
         self.scheduler.milestones = Counter(self._milestones())
         passed = sum(count for milestone, count in self.scheduler.milestones.items() if milestone <= self.start_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.config.gamma ** passed
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.config.gamma**passed
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.ctx.is_main:
-            warnings.warn(f"extending the run from {planned} to {self.config.epochs} epochs: from epoch "
-                          f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} "
-                          f"epochs (milestones {self._milestones()}, lr now {self.optimizer.param_groups[0]['lr']:g})",
-                          stacklevel=2)
+            warnings.warn(
+                f"extending the run from {planned} to {self.config.epochs} epochs: from epoch "
+                f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} "
+                f"epochs (milestones {self._milestones()}, lr now {self.optimizer.param_groups[0]['lr']:g})",
+                stacklevel=2,
+            )
 
     def _check_best(self) -> None:
         """``best.safetensors`` must be the file this run's checkpoints recorded (by sha256), else the export would
@@ -443,14 +515,16 @@ class Trainer:
         path, epoch = self.output / BEST_FILENAME, self.best["epoch"]
         if path.is_file() and file_sha256(path) == recorded:
             return
-        found = (f"holds {_weights_origin(path)}, not epoch {epoch} of run {self.run_id}" if path.is_file()
-                 else "is missing")
+        found = (
+            f"holds {_weights_origin(path)}, not epoch {epoch} of run {self.run_id}" if path.is_file() else "is missing"
+        )
         kept = self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
         if kept.is_file() and file_sha256(kept) == recorded:
             if self.ctx.is_main:
                 write_atomically(path, kept.read_bytes())
-                warnings.warn(f"{path} {found}; restored the best weights of this run (epoch {epoch}) from {kept}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path} {found}; restored the best weights of this run (epoch {epoch}) from {kept}", stacklevel=2
+                )
             return
         raise CheckpointError(
             f"{path} {found}: it must hold the weights of epoch {epoch}, the best of this run so far, which are "
@@ -468,9 +542,16 @@ class Trainer:
         is_best = self.best.get("epoch") == epoch
         if is_best:
             self.best["sha256"] = hashlib.sha256(model_bytes).hexdigest()
-        state = dict(epoch=epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                     scaler=self.scaler.state_dict(), history=self.history, best=self.best,
-                     config=self.config.recipe(), run_id=self.run_id)
+        state = dict(
+            epoch=epoch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            history=self.history,
+            best=self.best,
+            config=self.config.recipe(),
+            run_id=self.run_id,
+        )
         save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
         if is_best:  # after the checkpoint that records it: until then the previous best stays the recorded one
             write_atomically(self.output / BEST_FILENAME, model_bytes)
@@ -510,8 +591,13 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
         start = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=not (config.progress and self.ctx.is_main))
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not (config.progress and self.ctx.is_main),
+        )
         for step, (images, labels) in enumerate(bar):
             images, labels = to_device(images, labels, device, config.channels_last)
             totals += self._step(images, labels)
@@ -524,8 +610,11 @@ class Trainer:
         self.ctx.all_reduce(totals)
         loss, correct, count = totals.tolist()
         self._check_finite(epoch, "training loss", loss / count)
-        row = {"train_loss": loss / count, "train_top1": 100 * correct / count,
-               "images_per_s": count / (time.perf_counter() - start)}
+        row = {
+            "train_loss": loss / count,
+            "train_top1": 100 * correct / count,
+            "images_per_s": count / (time.perf_counter() - start),
+        }
         if device.type == "cuda":
             peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
             self.ctx.all_reduce(peak, op="max")
@@ -554,9 +643,13 @@ class Trainer:
                     logits = self.network(inputs)
                     loss = F.cross_entropy(logits, targets)
                 self.scaler.scale(loss / accum).backward()
-            totals += torch.stack([loss.detach().double() * len(targets),
-                                   (logits.argmax(1) == targets).sum().double(),
-                                   torch.tensor(float(len(targets)), dtype=torch.float64, device=images.device)])
+            totals += torch.stack(
+                [
+                    loss.detach().double() * len(targets),
+                    (logits.argmax(1) == targets).sum().double(),
+                    torch.tensor(float(len(targets)), dtype=torch.float64, device=images.device),
+                ]
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return totals
@@ -567,8 +660,14 @@ class Trainer:
         if self.ctx.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        return evaluate(self.model, loader, self.ctx.device, amp=self.config.amp,
-                        channels_last=self.config.channels_last, all_reduce=self.ctx.all_reduce)
+        return evaluate(
+            self.model,
+            loader,
+            self.ctx.device,
+            amp=self.config.amp,
+            channels_last=self.config.channels_last,
+            all_reduce=self.ctx.all_reduce,
+        )
 
     def _finish(self) -> dict[str, Any]:
         """Test the best weights; rank 0 writes results.json, curves.png and the export."""
@@ -578,37 +677,60 @@ class Trainer:
         self._check_best()
         self.ctx.barrier()
         self.model.load_state_dict(load_file(best_file, device=str(self.ctx.device)))
-        results = {"best_epoch": self.best["epoch"], "best_score": self.best["score"],
-                   "test": self._evaluate(self.test_loader), "epochs": len(self.history)}
+        results = {
+            "best_epoch": self.best["epoch"],
+            "best_score": self.best["score"],
+            "test": self._evaluate(self.test_loader),
+            "epochs": len(self.history),
+        }
         self._check_finite(self.best["epoch"] - 1, "test loss of its weights", results["test"]["loss"])
-        if not all(torch.isfinite(value).all() for value in self.model.state_dict().values()
-                   if value.is_floating_point()):
+        if not all(
+            torch.isfinite(value).all() for value in self.model.state_dict().values() if value.is_floating_point()
+        ):
             raise TrainingDivergedError(f"{best_file} holds NaN or infinite values: nothing was exported")
         if self.ctx.is_main:
             write_atomically(self.output / "curves.png", _curves_png(self.history))
             if self.config.export:
                 results["export"] = str(self._export(results))
-            write_atomically(self.output / "results.json",
-                             (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+            write_atomically(
+                self.output / "results.json", (json.dumps(results, indent=2, allow_nan=False) + "\n").encode()
+            )
             test = results["test"]
-            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch {results['best_epoch']}); "
-                  f"written to {self.output}", flush=True)
+            print(
+                f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  (best epoch {results['best_epoch']}); "
+                f"written to {self.output}",
+                flush=True,
+            )
         return results
 
     def _export(self, results: dict[str, Any]) -> Path:
         """Write the best weights with save_pretrained (and their manifest entry) to ``output/export``."""
 
         config, test = self.config, results["test"]
-        metrics = [{"dataset": config.dataset, "split": "test", "top1": round(test["top1"], 3),
-                    "top5": round(test["top5"], 3), "protocol": f"densenet-efficient eval --dataset "
-                    f"{config.dataset} (input {self.splits.preprocessing.input_size} px)"}]
+        metrics = [
+            {
+                "dataset": config.dataset,
+                "split": "test",
+                "top1": round(test["top1"], 3),
+                "top5": round(test["top5"], 3),
+                "protocol": f"densenet-efficient eval --dataset "
+                f"{config.dataset} (input {self.splits.preprocessing.input_size} px)",
+            }
+        ]
         entry = save_pretrained(
-            self.model, self.output / "export", architecture=config.model, dataset=config.dataset,
-            classes=self.splits.classes, metrics=metrics, source="densenet-efficient train",
-            recipe=config.recipe(), **self.splits.preprocessing.metadata(),
+            self.model,
+            self.output / "export",
+            architecture=config.model,
+            dataset=config.dataset,
+            classes=self.splits.classes,
+            metrics=metrics,
+            source="densenet-efficient train",
+            recipe=config.recipe(),
+            **self.splits.preprocessing.metadata(),
         )
-        write_atomically(self.output / "manifest_entry.json",
-                         (json.dumps(entry, indent=2, allow_nan=False) + "\n").encode())
+        write_atomically(
+            self.output / "manifest_entry.json", (json.dumps(entry, indent=2, allow_nan=False) + "\n").encode()
+        )
         return self.output / "export"
 
 
@@ -625,8 +747,9 @@ def _progress_fields(loss: float, top1: float, rate: float, device: torch.device
 
 def _summary(row: dict[str, Any]) -> str:
     """One line per epoch for the console."""
-    text = (f"epoch {row['epoch']}: lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} top-1 "
-            f"{row['train_top1']:.2f}%")
+    text = (
+        f"epoch {row['epoch']}: lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%"
+    )
     if "val_top1" in row:
         text += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%"
     text += f"  {row['images_per_s']:.0f} img/s"
@@ -639,8 +762,10 @@ def _model_bytes(model: nn.Module, metadata: dict[str, str]) -> bytes:
     """The model's state dict as safetensors bytes (CPU, contiguous), with ``metadata`` (run id, epoch)."""
     from safetensors.torch import save
 
-    return save({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
-                metadata={"format": "pt", **metadata})
+    return save(
+        {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
+        metadata={"format": "pt", **metadata},
+    )
 
 
 def _weights_origin(path: Path) -> str:
@@ -673,7 +798,8 @@ def _curves_png(history: list[dict[str, Any]]) -> bytes:
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     epochs = [row["epoch"] for row in history]
-    for axes, metric, label in zip(figure.subplots(1, 2), ("loss", "top1"), ("cross-entropy", "top-1 (%)")):
+    panels = zip(figure.subplots(1, 2), ("loss", "top1"), ("cross-entropy", "top-1 (%)"), strict=True)
+    for axes, metric, label in panels:
         for split in ("train", "val"):
             if f"{split}_{metric}" in history[0]:
                 axes.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
@@ -716,14 +842,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """
     from safetensors.torch import load_file
 
-
     path = Path(path)
     model_path = path.with_suffix(".safetensors")
     older = [p for p in checkpoints(path.parent.parent) if p.name < path.name]
     hint = f"; the previous checkpoint {older[-1]} can be resumed with --resume {older[-1]}" if older else ""
     if not path.is_file() or not model_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are both "
-                              f"needed{hint}")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are both needed{hint}"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean "unreadable"
@@ -731,8 +857,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     if not isinstance(state, dict) or "model_sha256" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of densenet-efficient{hint}")
     if file_sha256(model_path) != state["model_sha256"]:
-        raise CheckpointError(f"{model_path} is truncated, corrupt or from another checkpoint: its sha256 differs "
-                              f"from the one {path.name} recorded{hint}")
+        raise CheckpointError(
+            f"{model_path} is truncated, corrupt or from another checkpoint: its sha256 differs "
+            f"from the one {path.name} recorded{hint}"
+        )
     return load_file(model_path), state
 
 
@@ -756,8 +884,10 @@ def prepare_output(config: TrainConfig) -> None:
         raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
     if not config.resume and output.is_dir() and any(output.iterdir()):
         if not config.overwrite:
-            raise UsageError(f"--output {output} is not empty: pass --resume to continue the run in it, --overwrite "
-                             f"to delete its run files and start afresh, or another --output folder")
+            raise UsageError(
+                f"--output {output} is not empty: pass --resume to continue the run in it, --overwrite "
+                f"to delete its run files and start afresh, or another --output folder"
+            )
         for name in RUN_FOLDERS:
             shutil.rmtree(output / name, ignore_errors=True)
         for name in RUN_FILES:
@@ -774,10 +904,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     recipe = "; ".join(
         f"{name}: {' '.join([r['model'], *(f'{k}={v}' for k, v in r.get('model_args', {}).items())])}, "
-        f"{r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}" for name, r in RECIPES.items()
+        f"{r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}"
+        for name, r in RECIPES.items()
     )
-    parser.epilog = (f"Defaults per dataset ({recipe}). All: SGD with Nesterov momentum 0.9, weight decay 1e-4, "
-                     "lr x0.1 at 50% and 75% of the epochs, 10% of the training images held out for validation.")
+    parser.epilog = (
+        f"Defaults per dataset ({recipe}). All: SGD with Nesterov momentum 0.9, weight decay 1e-4, "
+        "lr x0.1 at 50% and 75% of the epochs, 10% of the training images held out for validation."
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (no download)")
     data.add_argument("--data", help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
@@ -785,20 +918,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, help="training images held out for validation (0: none)")
     data.add_argument("--image-size", type=int, help="input size (default: the dataset's or the weights')")
     data.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
-    data.add_argument("--bad-images", choices=BAD_IMAGES, default="error",
-                      help="imagefolder: every image is decoded once before training; 'error' (default) names the "
-                      "unreadable ones and stops, 'skip' leaves them out with a warning and a count")
+    data.add_argument(
+        "--bad-images",
+        choices=BAD_IMAGES,
+        default="error",
+        help="imagefolder: every image is decoded once before training; 'error' (default) names the "
+        "unreadable ones and stops, 'skip' leaves them out with a warning and a count",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="registered model name (see `densenet-efficient models`)")
-    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
-                       help="DenseNet argument override, e.g. block_config=2,2,2 or growth_rate=12 (repeatable)")
-    model.add_argument("--weights", help="fine-tune from: a weights tag, a .safetensors file, an exported folder or "
-                       "hf-hub:org/name[@revision]")
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_model_arg,
+        help="DenseNet argument override, e.g. block_config=2,2,2 or growth_rate=12 (repeatable)",
+    )
+    model.add_argument(
+        "--weights",
+        help="fine-tune from: a weights tag, a .safetensors file, an exported folder or hf-hub:org/name[@revision]",
+    )
     model.add_argument("--pretrained", action="store_true", help="fine-tune from the model's default weights")
     model.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
     model.add_argument("--freeze-backbone", action="store_true", help="train the classifier only")
-    model.add_argument("--efficient", type=parse_efficient, default=True, metavar="{False,True,max}",
-                       help="memory mode (default True)")
+    model.add_argument(
+        "--efficient", type=parse_efficient, default=True, metavar="{False,True,max}", help="memory mode (default True)"
+    )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--batch-size", type=int, help="global batch per optimizer step, over all processes")
@@ -815,14 +961,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision (fp16 adds loss scaling)")
     run_group.add_argument("--channels-last", action="store_true")
     run_group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run_group.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics of all processes (any memory mode)")
+    run_group.add_argument(
+        "--sync-bn", action="store_true", help="BatchNorm statistics of all processes (any memory mode)"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="runs/train", help="output folder (default runs/train)")
-    out.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                     help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt); a "
-                     "larger --epochs extends the run")
-    out.add_argument("--overwrite", action="store_true",
-                     help="start afresh in a non-empty --output: delete the previous run's files first")
+    out.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --output, or from CHECKPOINT (epoch-N.pt); a "
+        "larger --epochs extends the run",
+    )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a non-empty --output: delete the previous run's files first",
+    )
     out.add_argument("--keep-checkpoints", type=int, default=2)
     out.add_argument("--no-export", dest="export", action="store_false")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
