@@ -237,8 +237,8 @@ def torchvision_file(loopback_hub, tmp_path, monkeypatch):
     return model, f"{loopback_hub.endpoint}{path}", prefix
 
 
-def test_torchvision_fallback_when_the_hub_copy_is_missing(loopback_hub, torchvision_file, tmp_path, monkeypatch):
-    model, url, prefix = torchvision_file
+def manifest_with_only_the_torchvision_copy(tmp_path, monkeypatch, url: str, prefix: str) -> None:
+    """A manifest whose entry's Hub repo is gone and whose torchvision .pth is served at ``url``."""
     hub = {"repo_id": "org/gone", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
     write_manifest(
         tmp_path / "manifest.json",
@@ -246,6 +246,11 @@ def test_torchvision_fallback_when_the_hub_copy_is_missing(loopback_hub, torchvi
         hub,
         {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
     )
+
+
+def test_torchvision_fallback_when_the_hub_copy_is_missing(loopback_hub, torchvision_file, tmp_path, monkeypatch):
+    model, url, prefix = torchvision_file
+    manifest_with_only_the_torchvision_copy(tmp_path, monkeypatch, url, prefix)
     with pytest.warns(UserWarning, match=f"the Hub copy is not available, loaded {url}"):
         loaded = de.densenet_40_k12(pretrained=True, cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
@@ -270,13 +275,7 @@ def test_torchvision_url_hash_prefix_is_checked(loopback_hub, torchvision_file, 
 
 def test_no_source_reachable_lists_every_source(loopback_hub, torchvision_file, tmp_path, monkeypatch):
     model, url, prefix = torchvision_file
-    hub = {"repo_id": "org/gone", "revision": None, "filename": "model.safetensors", "sha256": "0" * 64, "size": None}
-    write_manifest(
-        tmp_path / "manifest.json",
-        monkeypatch,
-        hub,
-        {"url": url, "sha256_prefix": prefix, "sha256": None, "size": None},
-    )
+    manifest_with_only_the_torchvision_copy(tmp_path, monkeypatch, url, prefix)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         W.WeightsNotAvailableError,
