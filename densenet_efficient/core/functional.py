@@ -260,18 +260,17 @@ def _batch_norm_train_backward(
 def _batch_norm(
     x: Tensor, weight: Tensor, bias: Tensor, stage: _Stage, update_running_stats: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_norm(x)`` (N, C, H, W) and the two per-channel tensors its backward needs (see :func:`_statistics`).
+    """``batch_norm(x)`` (N, C, *spatial) and the two per-channel tensors its backward needs (see :func:`_statistics`).
 
     Batch statistics: the running statistics are updated unless ``update_running_stats`` is False (recomputation).
     Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
     """
-    if stage.batch_stats and stage.sync is not None and update_running_stats:
+    if stage.batch_stats and update_running_stats:
         return _batch_norm_train(
             x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
         )
-    if stage.batch_stats:
-        running = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
-        return torch.native_batch_norm(x, weight, bias, *running, True, stage.momentum, stage.eps)
+    if stage.batch_stats:  # recomputation (double backward): batch statistics of x, running ones untouched
+        return torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
     mean, var = stage.running_mean, stage.running_var
     assert mean is not None and var is not None
     return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, stage.eps)[0], mean, var
