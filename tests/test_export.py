@@ -93,6 +93,7 @@ def test_convert_checks_logits_and_prints_the_entry(exported):
     assert sorted(path.name for path in output.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["legacy", "new"])
 def test_convert_gives_the_same_bytes_for_the_same_input(torchvision_checkpoints, exported, tmp_path, layout):
     model, directory = torchvision_checkpoints
@@ -113,6 +114,7 @@ def test_convert_gives_the_same_bytes_for_the_same_input(torchvision_checkpoints
     assert (tmp_path / "model.safetensors").read_bytes() == (output / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_exported_weights_load_strictly_into_torchvision_and_timm(torchvision_checkpoints, exported):
     from safetensors.torch import load_file
 
@@ -250,6 +252,7 @@ def test_publish_uploads_only_the_files_the_card_lists(loopback_hub, tmp_path):
     assert uploaded == {"README.md", "config.json", "model.safetensors"}
 
 
+@pytest.mark.slow
 def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     from densenet_efficient.pretrained import load_manifest
 

@@ -105,8 +105,8 @@ def test_core_import_is_light():
     # tqdm is left out: torch itself imports it.
     code = (
         "import sys, densenet_efficient; "
-        "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'torchvision', 'sklearn') "
-        "if m in sys.modules))"
+        "print(sorted(m for m in ('huggingface_hub', 'safetensors', 'matplotlib', 'torchvision', 'sklearn', "
+        "'jsonschema', 'timm', 'onnx', 'monai') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
