@@ -1,23 +1,36 @@
 """torch.hub entrypoints: ``torch.hub.load('<owner>/<repo>', 'densenet_bc_100_k12', efficient=True)``.
 
-Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``, ``True`` or ``"max"``) plus any
-``DenseNet`` argument; ``torch.hub.help(repo, name)`` prints the details.
+The entrypoints are the registry's models (``densenet_efficient.list_models()``) and the earlier names that
+still build them (``list_models(include_aliases=True)``). Every entrypoint takes ``pretrained``, ``weights`` and
+``efficient`` (``False``, ``True`` or ``"max"``) plus any ``DenseNet`` argument; ``torch.hub.help(repo, name)``
+prints the details. Other names here are private: ``torch.hub.list`` lists every public callable.
 """
 
 dependencies = ["torch", "safetensors", "huggingface_hub", "jsonschema"]
 
-from densenet_efficient import (  # noqa: E402, F401  (the entrypoints torch.hub lists)
-    densenet121_3d_efficient,
-    densenet121_efficient,
-    densenet161_efficient,
-    densenet169_3d_efficient,
-    densenet169_efficient,
-    densenet201_3d_efficient,
-    densenet201_efficient,
-    densenet264_3d_efficient,
-    densenet264_efficient,
-    densenet_40_k12,
-    densenet_bc_100_k12,
-    densenet_bc_190_k40,
-    densenet_bc_250_k24,
-)
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+import warnings as _warnings  # noqa: E402
+
+
+def _warn_if_another_copy_is_imported() -> None:
+    """torch.hub imports this file with its folder on ``sys.path``, but Python reuses a ``densenet_efficient``
+    already imported from elsewhere (an installed release, another checkout): say so, naming both folders."""
+    imported = _sys.modules.get("densenet_efficient")
+    if imported is None:
+        return
+    here = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "densenet_efficient")
+    there = _os.path.dirname(_os.path.abspath(getattr(imported, "__file__", None) or "?"))
+    if _os.path.realpath(there) != _os.path.realpath(here):
+        _warnings.warn(
+            f"densenet_efficient is already imported from {there}, so torch.hub builds that copy's models, not "
+            f"those of {here}: load from a fresh Python process to use this checkout",
+            stacklevel=3,
+        )
+
+
+_warn_if_another_copy_is_imported()
+
+from densenet_efficient.core.registry import entrypoints as _entrypoints  # noqa: E402
+
+globals().update(_entrypoints())

@@ -1,6 +1,8 @@
 """Memory-efficient DenseNets for PyTorch: same outputs, gradients and BatchNorm statistics, a fraction of the memory.
 
-Layers (imports only go down): :mod:`.core` (autograd function, model, named architectures),
+Layers (imports only go down): :mod:`.core` (autograd function, model, named architectures: the factories
+``densenet121_efficient``, ... that this package exports are those of the registry, ``list_models()`` and the
+aliases of earlier names),
 :mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.tools` (the ``densenet-efficient`` commands,
 imported only by the command line). :mod:`.interop` registers the architectures with timm on request.
 """
@@ -18,22 +20,11 @@ from .core import (
     cifar_densenet,
     convert_sync_batchnorm,
     create_model,
-    densenet121_3d_efficient,
-    densenet121_efficient,
-    densenet161_efficient,
-    densenet169_3d_efficient,
-    densenet169_efficient,
-    densenet201_3d_efficient,
-    densenet201_efficient,
-    densenet264_3d_efficient,
-    densenet264_efficient,
-    densenet_40_k12,
-    densenet_bc_100_k12,
-    densenet_bc_190_k40,
-    densenet_bc_250_k24,
+    is_model,
     list_models,
     make_efficient,
     register_model,
+    registry,
 )
 from .interop import register_with_timm
 from .pretrained import (
@@ -50,6 +41,8 @@ from .pretrained import (
     save_pretrained,
     transforms,
 )
+
+globals().update(registry.entrypoints())  # the model factories: the registry is the one list of them
 
 try:
     __version__ = _metadata.version("densenet-efficient")
@@ -74,20 +67,8 @@ __all__ = [
     "cifar_densenet",
     "convert_sync_batchnorm",
     "create_model",
-    "densenet121_3d_efficient",
-    "densenet121_efficient",
-    "densenet161_efficient",
-    "densenet169_3d_efficient",
-    "densenet169_efficient",
-    "densenet201_3d_efficient",
-    "densenet201_efficient",
-    "densenet264_3d_efficient",
-    "densenet264_efficient",
-    "densenet_40_k12",
-    "densenet_bc_100_k12",
-    "densenet_bc_190_k40",
-    "densenet_bc_250_k24",
     "get_pretrained_cfg",
+    "is_model",
     "list_models",
     "list_pretrained",
     "make_efficient",
@@ -96,4 +77,5 @@ __all__ = [
     "register_with_timm",
     "save_pretrained",
     "transforms",
+    *registry.entrypoints(),
 ]

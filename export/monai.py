@@ -1,7 +1,7 @@
 """Convert a MONAI DenseNet (``monai.networks.nets.DenseNet121/169/201/264``, any ``spatial_dims``) into this
 project's layout, checked against MONAI's own logits.
 
-    python -m export.monai --checkpoint best_metric_model.pth --output out/densenet121_3d_efficient.mymodel
+    python -m export.monai --checkpoint best_metric_model.pth --output out/densenet121_3d.mymodel
 
 The architecture (spatial dimensions, input channels, classes, growth rate, blocks, bottleneck width) is read
 from the state dict's shapes. MONAI names a dense layer's modules ``denselayerM.layers.norm1`` and the classifier
@@ -85,10 +85,10 @@ def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def registered_name(args: Mapping[str, Any]) -> str:
-    """The registered 3D architecture with ``args``' layout (``densenet121_3d_efficient`` for MONAI's
+    """The registered 3D architecture with ``args``' layout (``densenet121_3d`` for MONAI's
     DenseNet121...); ``ValueError`` if none has it."""
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
-    names = list_models("densenet*_3d_efficient")
+    names = list_models("densenet*_3d")
     for name in names:
         if all(architecture(name).get(key, DENSENET_DEFAULTS[key]) == args[key] for key in keys):
             return name
@@ -105,7 +105,7 @@ def from_monai(
     """This project's DenseNet with the weights and buffers of a MONAI DenseNet (a module or its state dict).
 
     ``name``: the registered model to build (default: the 3D architecture with the same blocks, e.g.
-    ``densenet121_3d_efficient``); its spatial dimensions, channels and classes are taken from the weights.
+    ``densenet121_3d``); its spatial dimensions, channels and classes are taken from the weights.
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
@@ -134,7 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a MONAI DenseNet state dict: .pth/.pt (read with weights_only=True) or .safetensors",
     )
     parser.add_argument(
-        "--model", help="this project's model name (default: densenet<N>_3d_efficient with the same blocks)"
+        "--model", help="this project's model name (default: densenet<N>_3d with the same blocks)"
     )
     parser.add_argument(
         "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"

@@ -18,7 +18,8 @@ def _seed():
 def loopback_hub():
     """A Hugging Face Hub on 127.0.0.1 (see tests/loopback_hub.py); closed, with the client's sessions, after."""
     from huggingface_hub.utils import close_session
-    from loopback_hub import LoopbackHub
+
+    from tests.loopback_hub import LoopbackHub
 
     hub = LoopbackHub()
     yield hub

@@ -270,7 +270,7 @@ def test_features_only_torchvision_peer_returns_every_level():
 
 def test_baseline_for_3d_models_is_monai():
     pytest.importorskip("monai")
-    peer = bench.baseline_peer("densenet121_3d_efficient")
+    peer = bench.baseline_peer("densenet121_3d")
     assert peer.label == "MONAI DenseNet (plain autograd)"
     with torch.device("meta"):
         model = peer.build()

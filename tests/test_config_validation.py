@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from weights_helpers import logits, randomise_batch_norm, saved_files, small_model
 
 import densenet_efficient as de
 from densenet_efficient.core import registry
 from densenet_efficient.pretrained.loading import tensor_shapes
+from tests.weights_helpers import logits, randomise_batch_norm, saved_files, small_model
 
 
 def saved(tmp_path, **kwargs):

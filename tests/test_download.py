@@ -14,7 +14,11 @@ from urllib.parse import urlparse
 import huggingface_hub
 import pytest
 import torch
-from weights_helpers import (
+
+import densenet_efficient as de
+from densenet_efficient import pretrained as W
+from densenet_efficient.pretrained.download import fetch_hub_file, fetch_url_file
+from tests.weights_helpers import (
     REPO_ROOT,
     cache_files,
     hub_entry,
@@ -25,10 +29,6 @@ from weights_helpers import (
     small_model,
     write_manifest,
 )
-
-import densenet_efficient as de
-from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.download import fetch_hub_file, fetch_url_file
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Hub (loopback) and torchvision URLs
@@ -317,9 +317,8 @@ def test_torch_hub_entrypoint_with_pretrained(loopback_hub, published, tmp_path,
 def test_a_network_that_never_answers_fails_within_the_timeout_on_every_source(tmp_path, monkeypatch):
     """A server that accepts connections but never replies: the Hub probe and the .pth download each give up after
     TIMEOUT_S, and the error lists both sources (torch.hub's download had no timeout at all)."""
-    from loopback_hub import SilentServer
-
     from densenet_efficient.pretrained import download
+    from tests.loopback_hub import SilentServer
 
     monkeypatch.setattr(download, "TIMEOUT_S", 0.5, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

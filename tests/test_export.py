@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from weights_helpers import manifest_entry
 
 import densenet_efficient as de
 from densenet_efficient.pretrained import ChecksumMismatchError
 from export import convert, manifest, publish
+from tests.weights_helpers import manifest_entry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = torch.randn(2, 3, 64, 64)

@@ -50,14 +50,14 @@ def test_keys_and_architecture_read_from_the_state_dict():
     }
     with torch.device("meta"):
         full = nets.DenseNet169(spatial_dims=3, in_channels=1, out_channels=2).state_dict()
-    assert convert_monai.registered_name(convert_monai.model_args(full)) == "densenet169_3d_efficient"
+    assert convert_monai.registered_name(convert_monai.model_args(full)) == "densenet169_3d"
 
 
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 @pytest.mark.parametrize("mode", [False, True, "max"])
 def test_converted_model_gives_monai_logits(spatial_dims, mode):
     monai = monai_densenet(spatial_dims)
-    model = convert_monai.from_monai(monai, "densenet121_3d_efficient", efficient=mode)
+    model = convert_monai.from_monai(monai, "densenet121_3d", efficient=mode)
     assert model.config["spatial_dims"] == spatial_dims and model.config["block_config"] == (2, 3)
     x = torch.randn((2, 2) + (16,) * spatial_dims)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_cli_writes_weights_that_load_by_name(tmp_path, capsys):
                 "--checkpoint",
                 str(checkpoint),
                 "--model",
-                "densenet121_3d_efficient",
+                "densenet121_3d",
                 "--output",
                 str(output),
                 "--size",
@@ -86,7 +86,7 @@ def test_cli_writes_weights_that_load_by_name(tmp_path, capsys):
     )
     assert "max abs logit difference vs MONAI: " in capsys.readouterr().out
     assert sorted(path.name for path in output.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    loaded = de.create_model("densenet121_3d_efficient", weights=str(output / "model.safetensors"))
+    loaded = de.create_model("densenet121_3d", weights=str(output / "model.safetensors"))
     x = torch.randn(1, 2, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), monai(x), rtol=0, atol=1e-6)

@@ -1,7 +1,6 @@
 """The memory-efficient modes compute exactly what plain autograd computes: outputs, gradients, BN buffers."""
 
 import copy
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -10,8 +9,8 @@ import torchvision
 
 import densenet_efficient as de
 from densenet_efficient.core import functional
+from tests.model_helpers import EFFICIENT_MODES, assert_close_relative, assert_same_training, train
 
-EFFICIENT_MODES = [True, "max"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -23,56 +22,6 @@ def small_networks():
         "imagenet_stem": de.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5),
         "dropout": de.cifar_densenet(16, growth_rate=4, drop_rate=0.3),
     }
-
-
-def train(model, inputs, targets, steps=3, autocast=nullcontext, seed=1):
-    """Run SGD steps; return the last logits, every parameter's last gradient and every buffer."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    torch.manual_seed(seed)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        with autocast():
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
-        loss.backward()
-        optimizer.step()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    return logits.detach(), grads, buffers
-
-
-def assert_close_relative(actual, expected, rtol, name):
-    scale = expected.abs().max().clamp_min(1e-12)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
-
-
-def assert_same_training(
-    base, inputs, targets, mode, rtol=1e-5, autocast=nullcontext, device="cpu", per_tensor_gradients=False
-):
-    """Train copies of ``base`` naive and in ``mode``; compare logits, gradients and buffers.
-
-    Gradients are compared as one vector (relative norm of the difference) unless ``per_tensor_gradients``:
-    in fp32 some BN weight gradients are ~1e-7, pure rounding noise, in which plain autograd itself differs
-    from float64 by percents.
-    """
-    reference = train(copy.deepcopy(base).to(device), inputs, targets, autocast=autocast)
-    result = train(copy.deepcopy(base).set_efficient(mode).to(device), inputs, targets, autocast=autocast)
-    assert_close_relative(result[0], reference[0], rtol, "logits")
-    assert reference[1].keys() == result[1].keys()
-    if per_tensor_gradients:
-        for name in reference[1]:
-            assert_close_relative(result[1][name], reference[1][name], rtol, name)
-    else:
-        expected = torch.cat([g.flatten().float() for g in reference[1].values()])
-        actual = torch.cat([g.flatten().float() for g in result[1].values()])
-        error = (actual - expected).norm() / expected.norm()
-        assert error <= rtol, f"gradients: relative error {error:.3g} > {rtol}"
-    for name in reference[2]:
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(result[2][name], reference[2][name]), name
-        else:
-            assert_close_relative(result[2][name], reference[2][name], rtol, name)
 
 
 @pytest.fixture

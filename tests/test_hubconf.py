@@ -1,6 +1,7 @@
 """torch.hub: every entrypoint from a local checkout, and list/help/load through the GitHub code path."""
 
 import inspect
+import warnings
 import shutil
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import torch
 
 import densenet_efficient as de
 
+# The GitHub-path tests load a copy of this checkout while this checkout is imported: hubconf.py warns (tested below).
+pytestmark = pytest.mark.filterwarnings("ignore:densenet_efficient is already imported:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = de.list_models()
+ALIASES = sorted(set(de.list_models(include_aliases=True)) - set(ENTRYPOINTS))
 CIFAR = {"densenet_40_k12", "densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40"}
 
 
@@ -27,7 +31,30 @@ def github_hub(tmp_path, monkeypatch):
 
 
 def test_hubconf_exposes_exactly_the_models(github_hub):
-    assert sorted(torch.hub.list(github_hub, trust_repo=True)) == ENTRYPOINTS
+    assert ALIASES == [f"densenet{depth}_3d_efficient" for depth in (121, 169, 201, 264)]
+    assert sorted(torch.hub.list(github_hub, trust_repo=True)) == sorted(ENTRYPOINTS + ALIASES)
+
+
+def test_alias_entrypoint_builds_the_renamed_model():
+    model = torch.hub.load(str(ROOT), "densenet121_3d_efficient", source="local", num_classes=3)
+    assert model.arch_name == "densenet121_3d" and model.spatial_dims == 3
+
+
+def test_same_copy_loads_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.hub.load(str(ROOT), "densenet_40_k12", source="local")
+
+
+def test_another_imported_copy_is_named_in_a_warning(github_hub, tmp_path):
+    """torch.hub reuses the densenet_efficient already imported (this checkout), not the copy in the hub
+    folder: hubconf.py says so, naming both."""
+    other = tmp_path / "densenet-efficient_densenet_efficient_main"
+    with pytest.warns(UserWarning, match="already imported from") as record:
+        model = torch.hub.load(str(other), "densenet_40_k12", source="local")
+    message = str(record[0].message)
+    assert str(ROOT / "densenet_efficient") in message and str(other / "densenet_efficient") in message
+    assert isinstance(model, de.DenseNet)
 
 
 @pytest.mark.parametrize("name", ENTRYPOINTS)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from weights_helpers import (
+
+import densenet_efficient as de
+from densenet_efficient import pretrained as W
+from tests.weights_helpers import (
     SMALL,
     X,
     legacy_torchvision_state_dict,
@@ -12,9 +15,6 @@ from weights_helpers import (
     randomise_batch_norm,
     small_model,
 )
-
-import densenet_efficient as de
-from densenet_efficient import pretrained as W
 
 # ---------------------------------------------------------------------------------------------------------------
 # save_pretrained and local files

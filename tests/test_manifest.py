@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from weights_helpers import (
-    REPO_ROOT,
-    manifest_schema,
-)
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
 from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
+from tests.weights_helpers import (
+    REPO_ROOT,
+    manifest_schema,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The manifest

@@ -4,23 +4,7 @@ import pytest
 import torch
 
 import densenet_efficient as de
-
-# Parameter counts from ../shared/docs/reference-facts.md (torchvision's num_params for ImageNet models).
-PARAMETER_COUNTS = {
-    ("densenet_40_k12", 10): 1_019_722,
-    ("densenet_bc_100_k12", 10): 769_162,
-    ("densenet_bc_100_k12", 100): 800_032,
-    ("densenet_bc_250_k24", 10): 15_324_406,
-    ("densenet_bc_190_k40", 10): 25_624_430,
-    ("densenet121_efficient", 1000): 7_978_856,
-    ("densenet169_efficient", 1000): 14_149_480,
-    ("densenet201_efficient", 1000): 20_013_928,
-    ("densenet161_efficient", 1000): 28_681_000,
-}
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
+from tests.model_helpers import PARAMETER_COUNTS, count_parameters
 
 
 @pytest.mark.parametrize(("name", "num_classes"), PARAMETER_COUNTS)

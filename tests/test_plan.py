@@ -113,8 +113,8 @@ def tiny_3d(mode):
 
 
 def test_3d_models_plan_on_volumes():
-    assert common.input_size("densenet121_3d_efficient", None) == 96
-    assert common.input_label("densenet121_3d_efficient", 96) == "96x96x96"
+    assert common.input_size("densenet121_3d", None) == 96
+    assert common.input_label("densenet121_3d", 96) == "96x96x96"
     assert common.input_label("densenet121_efficient", 224) == "224x224"
     images, labels = common.random_batch(2, 8, 1, 2, spatial_dims=3)
     assert images.shape == (2, 1, 8, 8, 8) and labels.shape == (2,)
@@ -150,7 +150,7 @@ def test_plan_largest_input_cli(tmp_path, capsys):
             [
                 "plan",
                 "--model",
-                "densenet121_3d_efficient",
+                "densenet121_3d",
                 "--batch-size",
                 "2",
                 "--input-size",
@@ -167,8 +167,8 @@ def test_plan_largest_input_cli(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert out.startswith("densenet121_3d_efficient, 32x32x32, fp32: training within 1.00 GiB")
-    assert "Largest input of densenet121_3d_efficient at batch 2:" in out
+    assert out.startswith("densenet121_3d, 32x32x32, fp32: training within 1.00 GiB")
+    assert "Largest input of densenet121_3d at batch 2:" in out
     rows = json.loads(path.read_text())["largest_input"]
     assert [row["mode"] for row in rows] == ["false", "max"]
     assert 32 <= rows[0]["side"] < rows[1]["side"] and all(row["total_bytes"] <= 2**30 for row in rows)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from weights_helpers import randomise_batch_norm, small_model
 
 import densenet_efficient as de
 from densenet_efficient.pretrained.loading import (
@@ -14,6 +13,7 @@ from densenet_efficient.pretrained.loading import (
     imagenet_categories,
     model_pretrained_cfg,
 )
+from tests.weights_helpers import randomise_batch_norm, small_model
 
 timm_data = pytest.importorskip("timm.data")
 skimage_data = pytest.importorskip("skimage.data")

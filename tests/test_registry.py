@@ -4,9 +4,11 @@ import re
 
 import pytest
 import torch
-from test_model import PARAMETER_COUNTS, count_parameters
 
 import densenet_efficient as de
+from densenet_efficient import core
+from densenet_efficient.core import registry
+from tests.model_helpers import PARAMETER_COUNTS, count_parameters
 
 
 def test_list_models_and_factories():
@@ -66,10 +68,11 @@ def test_depth_must_be_int():
 
 
 def test_unknown_model_lists_close_names():
-    with pytest.raises(ValueError, match=r"Unknown model 'densenet_bc_100_k13'\. Did you mean densenet_bc_100_k12"):
-        de.create_model("densenet_bc_100_k13")
-    with pytest.raises(ValueError, match="Available models: densenet121_3d_efficient, densenet121_efficient"):
+    with pytest.raises(ValueError, match=r"Unknown model 'densenet121_efficent'\. Did you mean densenet121_efficient"):
+        de.create_model("densenet121_efficent")
+    with pytest.raises(ValueError, match="Available models: densenet121_3d, densenet121_efficient") as error:
         de.create_model("resnet50")
+    assert "densenet_bc_<depth>_k<growth>" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -94,3 +97,117 @@ def test_unknown_model_lists_close_names():
 def test_invalid_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         de.DenseNet(**kwargs)
+
+
+def test_create_model_calls_the_registered_factory(monkeypatch):
+    """create_model runs the factory's body (timm's shape), forwarding pretrained, weights and the rest."""
+    calls = []
+    original = registry._ENTRYPOINTS["densenet_40_k12"]
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setitem(registry._ENTRYPOINTS, "densenet_40_k12", spy)
+    model = de.create_model("densenet_40_k12", num_classes=3, features_only=True, out_indices=(1,), cache_dir="c")
+    assert isinstance(model, de.DenseNetFeatures) and model.out_indices == (1,)
+    assert calls == [
+        dict(
+            pretrained=False,
+            weights=None,
+            cache_dir="c",
+            endpoint=None,
+            features_only=True,
+            out_indices=(1,),
+            num_classes=3,
+        )
+    ]
+
+
+def test_registering_a_name_twice_raises():
+    def densenet_bc_100_k12(**kwargs):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="'densenet_bc_100_k12' is already registered"):
+        de.register_model(densenet_bc_100_k12)
+    assert de.create_model("densenet_bc_100_k12").arch_name == "densenet_bc_100_k12"
+
+    def densenet121_3d_efficient(**kwargs):  # an alias's name is taken too
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="already registered"):
+        de.register_model(densenet121_3d_efficient)
+
+
+def test_registered_model_and_factory_docstring():
+    @de.register_model
+    def densenet_test_tiny(pretrained=False, weights=None, **kwargs):
+        """A tiny test network."""
+        return registry._create_densenet("densenet_test_tiny", dict(block_config=(1,)), pretrained, weights, **kwargs)
+
+    try:
+        assert "densenet_test_tiny" in de.list_models()
+        model = de.create_model("densenet_test_tiny", num_classes=2)
+        assert model.arch_name == "densenet_test_tiny" and model.config["block_config"] == (1,)
+        assert "efficient: memory mode" in densenet_test_tiny.__doc__
+    finally:
+        del registry._ENTRYPOINTS["densenet_test_tiny"]
+
+
+@pytest.mark.parametrize(
+    ("name", "depth", "growth_rate", "bottleneck"),
+    [("densenet_bc_1000_k12", 1000, 12, True), ("densenet_bc_28_k4", 28, 4, True), ("densenet_22_k6", 22, 6, False)],
+)
+def test_any_cifar_depth_by_name(name, depth, growth_rate, bottleneck):
+    with torch.device("meta"):
+        model = de.create_model(name, num_classes=3)
+        expected = de.cifar_densenet(depth, growth_rate, bottleneck=bottleneck, num_classes=3)
+    assert model.arch_name == expected.arch_name == name
+    assert model.config == expected.config
+    assert de.is_model(name) and name not in de.list_models()
+
+
+@pytest.mark.parametrize(
+    "name", ["densenet_bc_101_k12", "densenet_bc_0100_k12", "densenet_bc_100_k0", "densenet_41_k12"]
+)
+def test_invalid_cifar_names_are_refused(name):
+    with pytest.raises(ValueError, match="depth must be|Unknown model"):
+        de.create_model(name)
+    assert not de.is_model(name)
+
+
+def test_generated_name_is_the_registered_one_when_it_exists():
+    assert de.cifar_densenet(100, 12).arch_name == "densenet_bc_100_k12"
+    assert de.cifar_densenet(40, 12, bottleneck=False).config == de.densenet_40_k12().config
+
+
+def test_3d_aliases_build_the_same_model():
+    assert de.list_models("*_3d") == ["densenet121_3d", "densenet169_3d", "densenet201_3d", "densenet264_3d"]
+    assert not de.list_models("*_3d_efficient")
+    assert de.list_models("*_3d_efficient", include_aliases=True) == [
+        f"densenet{n}_3d_efficient" for n in (121, 169, 201, 264)
+    ]
+    torch.manual_seed(0)
+    old = de.create_model("densenet121_3d_efficient", num_classes=3)
+    torch.manual_seed(0)
+    new = de.densenet121_3d(num_classes=3)
+    assert old.arch_name == new.arch_name == "densenet121_3d"
+    assert old.config == new.config
+    for (key, a), b in zip(old.state_dict().items(), new.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert de.densenet121_3d_efficient is de.densenet121_3d
+
+
+def test_exports_are_the_registry():
+    """The package's and the core's model names are exactly the registry's, with the aliases."""
+    names = set(de.list_models(include_aliases=True))
+    assert {n for n in dir(de) if n.startswith("densenet")} == names
+    assert {n for n in de.__all__ if n.startswith("densenet")} == names
+    assert {n for n in core.__all__ if n.startswith("densenet")} == names
+    assert all(getattr(de, name) is getattr(core, name) for name in names)
+
+
+def test_architecture_of_every_name():
+    assert registry.architecture("densenet121_3d_efficient") == registry.architecture("densenet121_3d")
+    assert registry.architecture("densenet_bc_190_k12")["block_config"] == (31, 31, 31)
+    assert registry.architecture("densenet121_efficient")["block_config"] == (6, 12, 24, 16)

@@ -7,7 +7,11 @@ import json
 import os
 
 import pytest
-from weights_helpers import (
+
+import densenet_efficient as de
+from densenet_efficient import pretrained as W
+from densenet_efficient.pretrained.saving import model_card
+from tests.weights_helpers import (
     SMALL,
     manifest_schema,
     randomise_batch_norm,
@@ -15,10 +19,6 @@ from weights_helpers import (
     small_model,
     write_manifest,
 )
-
-import densenet_efficient as de
-from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.saving import model_card
 
 # ---------------------------------------------------------------------------------------------------------------
 # save_pretrained and local files

@@ -3,12 +3,12 @@ architectures against the installed MONAI's DenseNet121/169/201/264."""
 
 import pytest
 import torch
-from test_functional import EFFICIENT_MODES, assert_same_training
 from test_model import count_parameters
 from torch import nn
 
 import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes
+from tests.model_helpers import EFFICIENT_MODES, assert_same_training
 
 LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
@@ -151,7 +151,7 @@ MONAI_3D_PARAMETERS = {121: 11_244_674, 169: 18_546_050, 201: 25_334_658, 264: 4
 @pytest.mark.parametrize("depth", sorted(MONAI_3D_PARAMETERS))
 def test_3d_architectures_have_the_parameters_of_monai(depth):
     nets = pytest.importorskip("monai.networks.nets")
-    name = f"densenet{depth}_3d_efficient"
+    name = f"densenet{depth}_3d"
     with torch.device("meta"):
         model = de.create_model(name)
         assert count_parameters(model) == MONAI_3D_PARAMETERS[depth]
@@ -186,7 +186,7 @@ def test_3d_densenet121_trains_like_monai_in_every_mode():
     expected = convert_state_dict({name: p.grad for name, p in monai.named_parameters()})
     expected_state = convert_state_dict(monai.state_dict())
     for mode in (False, True, "max"):
-        model = de.densenet121_3d_efficient(efficient=mode)
+        model = de.densenet121_3d(efficient=mode)
         model.load_state_dict(weights)
         loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()

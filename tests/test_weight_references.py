@@ -9,7 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from weights_helpers import (
+
+import densenet_efficient as de
+from tests.weights_helpers import (
     REPO_ROOT,
     hub_entry,
     logits,
@@ -18,8 +20,6 @@ from weights_helpers import (
     small_model,
     write_manifest,
 )
-
-import densenet_efficient as de
 
 
 @pytest.fixture

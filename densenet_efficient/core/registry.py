@@ -1,20 +1,29 @@
-"""Named architectures: ``@register_model`` factories, ``create_model`` and ``list_models``.
+"""Named architectures: ``@register_model`` factories, ``create_model``, ``list_models`` and the name resolver.
 
 Each architecture is a plain function decorated with :func:`register_model`, in the manner of timm and
-torchvision, so IDEs and type checkers see its signature and docstring. The core knows nothing of pretrained
-weights: the weights layer (:mod:`densenet_efficient.pretrained`) installs a resolver with
-:func:`set_weights_resolver` when the package is imported, and ``create_model`` calls it for ``pretrained=True``
-or ``weights=...``.
+torchvision, so IDEs and type checkers see its signature and docstring. Every factory builds its network with
+the one shared builder, ``_create_densenet``; :func:`create_model` looks a name up and calls its factory.
 
-Every factory takes ``pretrained``, ``weights``, ``efficient`` and any ``DenseNet`` argument; :func:`register_model`
-appends their description to its docstring, so that ``help()`` and ``torch.hub.help`` show it.
+Names follow the published architecture names. Only names that torchvision or timm also use for a 2D ImageNet
+DenseNet carry the ``_efficient`` suffix (``densenet121_efficient`` ... ``densenet264_efficient``), so that
+registering these models with timm never shadows timm's own ``densenet121``. Names unique to this project have
+no suffix: the CIFAR networks (``densenet_bc_100_k12``, and any depth as ``densenet_bc_<depth>_k<growth>`` or
+``densenet_<depth>_k<growth>``, built by :func:`cifar_densenet`) and the volumetric ones (``densenet121_3d`` ...
+``densenet264_3d``). The earlier 3D names (``densenet121_3d_efficient``, ...) are aliases: they build the same
+models, and ``list_models(include_aliases=True)`` lists them.
+
+The core knows nothing of pretrained weights: the weights layer (:mod:`densenet_efficient.pretrained`) installs a
+resolver with :func:`set_weights_resolver` when the package is imported, and the builder calls it for
+``pretrained=True`` or ``weights=...``.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
@@ -25,7 +34,12 @@ from .model import DenseNet, DenseNetFeatures
 
 _FACTORY = TypeVar("_FACTORY", bound=Callable[..., DenseNet])
 _ENTRYPOINTS: dict[str, Callable[..., DenseNet]] = {}
-_ARCHITECTURES: dict[str, dict[str, Any]] = {}
+# Earlier names that keep working: alias -> registered name.
+_ALIASES = {f"densenet{depth}_3d_efficient": f"densenet{depth}_3d" for depth in (121, 169, 201, 264)}
+# Any CIFAR depth: densenet_bc_<depth>_k<growth> (DenseNet-BC) or densenet_<depth>_k<growth> (no digits with a
+# leading zero, so that each network has one name).
+_CIFAR_NAME = re.compile(r"densenet(_bc)?_([1-9]\d*)_k([1-9]\d*)")
+CIFAR_NAME_PATTERNS = "densenet_bc_<depth>_k<growth>, densenet_<depth>_k<growth>"
 
 
 class ResolvedWeights(Protocol):
@@ -69,36 +83,82 @@ def set_weights_resolver(resolver: WeightsResolver) -> None:
     _weights_resolver = resolver
 
 
-def register_model(**architecture: Any) -> Callable[[_FACTORY], _FACTORY]:
-    """Register the decorated factory under its function name, with ``DenseNet`` arguments ``architecture``, and
-    append the factories' common arguments to its docstring."""
-
-    def decorate(factory: _FACTORY) -> _FACTORY:
-        factory.__doc__ = (factory.__doc__ or "").rstrip() + _FACTORY_ARGS
-        _ENTRYPOINTS[factory.__name__] = factory
-        _ARCHITECTURES[factory.__name__] = architecture
-        return factory
-
-    return decorate
+def register_model(factory: _FACTORY) -> _FACTORY:
+    """Register ``factory`` under its function name and append the factories' common arguments to its
+    docstring. A name is registered once: a second registration raises ``ValueError``."""
+    name = factory.__name__
+    if name in _ENTRYPOINTS or name in _ALIASES:
+        raise ValueError(f"model {name!r} is already registered: pick another function name")
+    factory.__doc__ = (factory.__doc__ or "").rstrip() + _FACTORY_ARGS
+    _ENTRYPOINTS[name] = factory
+    return factory
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered architectures that match the shell-style ``pattern``."""
-    return sorted(name for name in _ENTRYPOINTS if fnmatch.fnmatchcase(name, pattern))
+def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
+    """Sorted names of the registered architectures that match the shell-style ``pattern``; with
+    ``include_aliases``, also the earlier names that still build them (``densenet121_3d_efficient``, ...)."""
+    names = [*_ENTRYPOINTS, *(_ALIASES if include_aliases else ())]
+    return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 
-def architecture(name: str) -> dict[str, Any]:
-    """Constructor arguments of the named architecture; raises ``ValueError`` for an unknown name."""
+def aliases() -> dict[str, str]:
+    """Earlier model names that keep working: ``{alias: registered name}``."""
+    return dict(_ALIASES)
+
+
+def resolve_model(name: str) -> tuple[str, Callable[..., DenseNet]]:
+    """``(canonical name, factory)`` for a registered name, an alias, or a CIFAR network of any depth
+    (``densenet_bc_<depth>_k<growth>``, ``densenet_<depth>_k<growth>``). The one name resolver: everything that
+    takes a model name goes through it. Raises ``TypeError``/``ValueError`` naming the valid names."""
     if not isinstance(name, str):
         raise TypeError(
             f"model name must be a str such as 'densenet121_efficient', got {type(name).__name__} "
             f"{name!r}; list_models() lists them"
         )
-    if name not in _ARCHITECTURES:
-        close = difflib.get_close_matches(name, _ARCHITECTURES, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
-    return dict(_ARCHITECTURES[name])
+    name = _ALIASES.get(name, name)
+    if name in _ENTRYPOINTS:
+        return name, _ENTRYPOINTS[name]
+    match = _CIFAR_NAME.fullmatch(name)
+    if match:
+        depth, growth_rate, bottleneck = int(match[2]), int(match[3]), bool(match[1])
+        cifar_architecture(depth, growth_rate, bottleneck)  # a depth that no network has raises now
+        return name, functools.partial(cifar_densenet, depth, growth_rate, bottleneck)
+    close = difflib.get_close_matches(name, list_models(include_aliases=True), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown model {name!r}.{hint} Available models: {', '.join(list_models())}; or any CIFAR depth as "
+        f"{CIFAR_NAME_PATTERNS}"
+    )
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a name :func:`create_model` builds (registered, an alias, or a CIFAR depth)."""
+    try:
+        resolve_model(name)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@functools.cache
+def _architecture(name: str) -> dict[str, Any]:
+    """The constructor arguments of registered name ``name``, read from the network its factory builds on the
+    ``meta`` device (nothing is allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        return dict(_ENTRYPOINTS[name](efficient=False).config)
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """Constructor arguments of the named architecture (for a registered name its ``DenseNet.config``; for a
+    CIFAR depth :func:`cifar_architecture`); raises ``ValueError`` for an unknown name (see
+    :func:`resolve_model`)."""
+    name, _ = resolve_model(name)
+    match = _CIFAR_NAME.fullmatch(name)
+    if name not in _ENTRYPOINTS and match:
+        return cifar_architecture(int(match[2]), int(match[3]), bool(match[1]))
+    return dict(_architecture(name))
 
 
 @overload
@@ -140,7 +200,8 @@ def create_model(
     out_indices: int | Sequence[int] | None = None,
     **kwargs: Any,
 ) -> DenseNet | DenseNetFeatures:
-    """Build the named architecture; ``kwargs`` override its ``DenseNet`` arguments.
+    """Build the named architecture (see :func:`resolve_model` for the names): call its factory; ``kwargs``
+    override its ``DenseNet`` arguments.
 
     ``pretrained=True`` loads the model's default weights, or the tag of ``"NAME.TAG"``; ``weights`` names a tag
     (``"DEFAULT"``: the default one), a file or an ``hf-hub:`` repo (see the factory functions' documentation).
@@ -152,22 +213,19 @@ def create_model(
     ``features_only``): a list of feature maps, the levels ``out_indices`` of ``feature_info`` (default all:
     the stem, each dense block but the last, the final features).
     """
-    if out_indices is not None and not features_only:
-        raise ValueError("out_indices selects the levels of a features_only backbone: pass features_only=True")
     name, tag = _split_tag(name, weights)
     if tag is not None and pretrained:
         weights = tag
-    arch = architecture(name)
-    resolved = None
-    if pretrained or weights is not None:
-        if _weights_resolver is None:
-            raise RuntimeError("no weights resolver installed: import densenet_efficient to load pretrained weights")
-        resolved = _weights_resolver(name, weights, cache_dir=cache_dir, endpoint=endpoint)
-        arch.update(resolved.model_args)
-    model = DenseNet(**{**arch, **kwargs}, arch_name=name)
-    if resolved is not None:
-        resolved.load_into(model)
-    return DenseNetFeatures(model, out_indices) if features_only else model
+    _, factory = resolve_model(name)
+    return factory(
+        pretrained=pretrained,
+        weights=weights,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        features_only=features_only,
+        out_indices=out_indices,
+        **kwargs,
+    )
 
 
 def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:
@@ -184,136 +242,38 @@ def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str |
     return name, tag
 
 
-@register_model(
-    growth_rate=12,
-    block_config=(12, 12, 12),
-    num_init_features=16,
-    bn_size=0,
-    compression=1.0,
-    num_classes=10,
-    stem="cifar",
-)
-def densenet_40_k12(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
-    return create_model("densenet_40_k12", pretrained, weights, efficient=efficient, **kwargs)
+def _create_densenet(
+    name: str,
+    arch: dict[str, Any],
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The builder every factory calls: ``DenseNet(**arch, **kwargs)`` named ``name``, with the weights
+    ``pretrained``/``weights`` refer to (their constructor arguments apply before ``kwargs``); a
+    :class:`DenseNetFeatures` backbone with ``features_only``."""
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the levels of a features_only backbone: pass features_only=True")
+    resolved = None
+    if pretrained or weights is not None:
+        if _weights_resolver is None:
+            raise RuntimeError("no weights resolver installed: import densenet_efficient to load pretrained weights")
+        resolved = _weights_resolver(name, weights, cache_dir=cache_dir, endpoint=endpoint)
+        arch = {**arch, **resolved.model_args}
+    model = DenseNet(**{**arch, **kwargs}, arch_name=name)
+    if resolved is not None:
+        resolved.load_into(model)
+    return DenseNetFeatures(model, out_indices) if features_only else model
 
 
-@register_model(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, num_classes=10, stem="cifar")
-def densenet_bc_100_k12(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
-    return create_model("densenet_bc_100_k12", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=24, block_config=(41, 41, 41), num_init_features=48, num_classes=10, stem="cifar")
-def densenet_bc_250_k24(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
-    return create_model("densenet_bc_250_k24", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=40, block_config=(31, 31, 31), num_init_features=80, num_classes=10, stem="cifar")
-def densenet_bc_190_k40(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
-    return create_model("densenet_bc_190_k40", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
-def densenet121_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-121 for ImageNet (224x224): blocks of 6, 12, 24, 16 layers, k=32."""
-    return create_model("densenet121_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64)
-def densenet169_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-169 for ImageNet (224x224): blocks of 6, 12, 32, 32 layers, k=32."""
-    return create_model("densenet169_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)
-def densenet201_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-201 for ImageNet (224x224): blocks of 6, 12, 48, 32 layers, k=32."""
-    return create_model("densenet201_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96)
-def densenet161_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-161 for ImageNet (224x224): blocks of 6, 12, 36, 24 layers, k=48."""
-    return create_model("densenet161_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
-def densenet264_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-264 for ImageNet (224x224): blocks of 6, 12, 64, 48 layers, k=32 (tech report; no weights)."""
-    return create_model("densenet264_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-# Volumetric (3D) DenseNets: the architectures of MONAI's DenseNet121/169/201/264 (ImageNet stem in 3D, compression
-# 0.5), for single-channel volumes (CT, MRI) and two classes by default, as in MONAI's 3D classification examples.
-
-
-@register_model(
-    growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, spatial_dims=3, in_chans=1, num_classes=2
-)
-def densenet121_3d_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-121 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet121(spatial_dims=3)``."""
-    return create_model("densenet121_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(
-    growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64, spatial_dims=3, in_chans=1, num_classes=2
-)
-def densenet169_3d_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-169 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet169(spatial_dims=3)``."""
-    return create_model("densenet169_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(
-    growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64, spatial_dims=3, in_chans=1, num_classes=2
-)
-def densenet201_3d_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-201 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet201(spatial_dims=3)``."""
-    return create_model("densenet201_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model(
-    growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64, spatial_dims=3, in_chans=1, num_classes=2
-)
-def densenet264_3d_efficient(
-    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
-) -> DenseNet:
-    """DenseNet-264 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet264(spatial_dims=3)``."""
-    return create_model("densenet264_3d_efficient", pretrained, weights, efficient=efficient, **kwargs)
-
-
-def cifar_densenet(depth: int, growth_rate: int = 12, bottleneck: bool = True, **kwargs: Any) -> DenseNet:
-    """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet.
-
-    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block, a stem of 2k channels and compression 0.5;
-    plain DenseNet has (depth - 4) / 3 layers per block, a stem of 16 channels and no compression.
-    """
+def cifar_architecture(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> dict[str, Any]:
+    """Constructor arguments of a CIFAR DenseNet of ``depth`` (see :func:`cifar_densenet`); raises for a depth
+    that no network of the family has."""
     if isinstance(depth, bool) or not isinstance(depth, int):
         raise TypeError(f"depth must be an int, got {type(depth).__name__} {depth!r}")
     convs_per_layer = 2 if bottleneck else 1
@@ -322,14 +282,170 @@ def cifar_densenet(depth: int, growth_rate: int = 12, bottleneck: bool = True, *
         family, step = ("DenseNet-BC", 6) if bottleneck else ("DenseNet", 3)
         valid = ", ".join(str(step * n + 4) for n in range(1, 5))
         raise ValueError(f"{family} depth must be {step}n+4 with n >= 1 ({valid}, ...), got {depth}")
-    arch: dict[str, Any] = dict(
+    return dict(
         growth_rate=growth_rate,
         block_config=(per_block,) * 3,
-        stem="cifar",
-        num_classes=10,
         num_init_features=2 * growth_rate if bottleneck else 16,
         bn_size=4 if bottleneck else 0,
         compression=0.5 if bottleneck else 1.0,
+        num_classes=10,
+        stem="cifar",
     )
-    arch_name = f"densenet{'_bc' if bottleneck else ''}_{depth}_k{growth_rate}"
-    return DenseNet(**{**arch, **kwargs}, arch_name=arch_name)
+
+
+def cifar_name(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> str:
+    """The model name of a CIFAR DenseNet: ``densenet_bc_<depth>_k<growth>`` or ``densenet_<depth>_k<growth>``."""
+    return f"densenet{'_bc' if bottleneck else ''}_{depth}_k{growth_rate}"
+
+
+def cifar_densenet(
+    depth: int,
+    growth_rate: int = 12,
+    bottleneck: bool = True,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> DenseNet:
+    """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet, for 32x32 inputs.
+
+    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block, a stem of 2k channels and compression 0.5;
+    plain DenseNet has (depth - 4) / 3 layers per block, a stem of 16 channels and no compression. Its
+    ``arch_name`` is :func:`cifar_name`, a name :func:`create_model` builds again. ``pretrained``, ``weights``
+    and ``kwargs`` are the factories' (see :func:`densenet_bc_100_k12`).
+    """
+    arch = cifar_architecture(depth, growth_rate, bottleneck)
+    name = cifar_name(depth, growth_rate, bottleneck)
+    return _create_densenet(name, arch, pretrained, weights, **kwargs)
+
+
+@register_model
+def densenet_40_k12(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
+    return cifar_densenet(40, 12, False, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_100_k12(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
+    return cifar_densenet(100, 12, True, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_250_k24(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
+    return cifar_densenet(250, 24, True, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_190_k40(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
+    return cifar_densenet(190, 40, True, pretrained, weights, efficient=efficient, **kwargs)
+
+
+def _imagenet(block_config: tuple[int, ...], growth_rate: int = 32, **arch: Any) -> dict[str, Any]:
+    """The arguments of an ImageNet-stem DenseNet (bottleneck 4k, compression 0.5, a stem of 2k channels)."""
+    return dict(growth_rate=growth_rate, block_config=block_config, num_init_features=2 * growth_rate, **arch)
+
+
+@register_model
+def densenet121_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-121 for ImageNet (224x224): blocks of 6, 12, 24, 16 layers, k=32."""
+    arch = _imagenet((6, 12, 24, 16))
+    return _create_densenet("densenet121_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet169_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-169 for ImageNet (224x224): blocks of 6, 12, 32, 32 layers, k=32."""
+    arch = _imagenet((6, 12, 32, 32))
+    return _create_densenet("densenet169_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet201_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-201 for ImageNet (224x224): blocks of 6, 12, 48, 32 layers, k=32."""
+    arch = _imagenet((6, 12, 48, 32))
+    return _create_densenet("densenet201_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet161_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-161 for ImageNet (224x224): blocks of 6, 12, 36, 24 layers, k=48."""
+    arch = _imagenet((6, 12, 36, 24), growth_rate=48)
+    return _create_densenet("densenet161_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet264_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-264 for ImageNet (224x224): blocks of 6, 12, 64, 48 layers, k=32 (tech report; no weights)."""
+    arch = _imagenet((6, 12, 64, 48))
+    return _create_densenet("densenet264_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+# Volumetric (3D) DenseNets: the architectures of MONAI's DenseNet121/169/201/264 (ImageNet stem in 3D, compression
+# 0.5), for single-channel volumes (CT, MRI) and two classes by default, as in MONAI's 3D classification examples.
+def _volumetric(block_config: tuple[int, ...]) -> dict[str, Any]:
+    return _imagenet(block_config, spatial_dims=3, in_chans=1, num_classes=2)
+
+
+@register_model
+def densenet121_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-121 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet121(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 24, 16))
+    return _create_densenet("densenet121_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet169_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-169 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet169(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 32, 32))
+    return _create_densenet("densenet169_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet201_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-201 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet201(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 48, 32))
+    return _create_densenet("densenet201_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet264_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-264 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet264(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 64, 48))
+    return _create_densenet("densenet264_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+def entrypoints(include_aliases: bool = True) -> dict[str, Callable[..., DenseNet]]:
+    """``{name: factory}`` of every registered model (and, with ``include_aliases``, each alias with the factory
+    of the name it stands for): what the package and ``hubconf.py`` export."""
+    names = {name: name for name in _ENTRYPOINTS}
+    if include_aliases:
+        names.update(_ALIASES)
+    return {name: _ENTRYPOINTS[target] for name, target in sorted(names.items())}

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.model import DenseNet
-from ..core.registry import architecture, list_models
+from ..core.registry import architecture, is_model, list_models, resolve_model
 from .errors import (
     IncompatibleWeightsError,
     InvalidConfigError,
@@ -280,8 +280,8 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
     saved_for = config.get("architecture")
     if saved_for is not None and not isinstance(saved_for, str):
         raise InvalidConfigError(f"{where}: 'architecture' must be a model name, got {saved_for!r}")
-    timm_format = saved_for is not None and saved_for not in list_models()
-    if not timm_format and saved_for is not None and saved_for != name:
+    timm_format = saved_for is not None and not is_model(saved_for)
+    if not timm_format and saved_for is not None and resolve_model(saved_for)[0] != name:
         raise UnknownWeightsError(
             f"{where} describes weights for {saved_for!r}, not {name!r}: use create_model({saved_for!r}, weights=...)."
         )

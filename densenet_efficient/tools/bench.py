@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import convert_sync_batchnorm
+from ..core import convert_sync_batchnorm, create_model
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from .common import (
     MODES,
     PRECISIONS,
     add_common_arguments,
-    build_model,
     device_name,
     family_member,
     family_name,
@@ -91,7 +90,7 @@ class _CheckpointedLayer(nn.Module):
 
 def checkpointed_densenet(name: str) -> DenseNet:
     """The naive model with every dense layer checkpointed as in gpleiss/efficient_densenet_pytorch."""
-    model = build_model(name, False)
+    model = create_model(name, efficient=False)
     for block in [module for module in model.modules() if isinstance(module, DenseBlock)]:
         for layer_name, layer in list(block.items()):
             assert isinstance(layer, DenseLayer)
@@ -190,7 +189,7 @@ def baseline_peer(name: str) -> Peer:
     autograd); for 2D torchvision's checkpointed DenseNet where it has the architecture, else the seed-style
     checkpoint model."""
     with torch.device("meta"):
-        config: dict[str, Any] = build_model(name, False).config
+        config: dict[str, Any] = create_model(name, efficient=False).config
     monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0
     if config["spatial_dims"] != 2 and monai_layout:
         return Peer(BASELINE, "MONAI DenseNet (plain autograd)", partial(monai_densenet, config))
@@ -205,7 +204,9 @@ def baseline_peer(name: str) -> Peer:
 def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool = False) -> list[Peer]:
     """The peers of ``keys`` for model ``name``, in the order of :data:`PEER_KEYS`; with ``features_only`` each
     built as a multi-scale backbone (:func:`features_only_peer`)."""
-    peers = [Peer(key, f"efficient={mode!r}", partial(build_model, name, mode)) for key, mode in MODES.items()]
+    peers = [
+        Peer(key, f"efficient={mode!r}", partial(create_model, name, efficient=mode)) for key, mode in MODES.items()
+    ]
     peers.append(baseline_peer(name))
     if features_only:
         peers = [
@@ -433,7 +434,7 @@ def _sync_cost_worker(
         runners: dict[tuple[str, bool], Runner] = {}
         for key in modes:
             for sync in (False, True):
-                build = partial(build_model, name, MODES[key])
+                build = partial(create_model, name, efficient=MODES[key])
                 runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
                 runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
                 for _ in range(setting.warmup):

@@ -1,4 +1,4 @@
-"""Helpers the ``densenet-efficient`` tools share: model names and building, argument types, one training step,
+"""Helpers the ``densenet-efficient`` tools share: model name and family arguments, argument types, one training step,
 its predicted memory, memory-mode and precision parsing, autocast and evaluation."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import DenseNet, MemoryMode, cifar_densenet, create_model, list_models
+from ..core import MemoryMode, create_model
+from ..core.registry import cifar_name
 from .memory import Footprint, fake_footprint
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,30 +26,17 @@ class UsageError(ValueError):
     folder): the CLI prints the message and exits with status 2, as argparse does for its own errors."""
 
 
-_CIFAR_NAME = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
-
-
 _FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
 
 
-def build_model(name: str, efficient: MemoryMode) -> DenseNet:
-    """A registered model, or ``densenet_bc_<depth>_k<growth>`` / ``densenet_<depth>_k<growth>`` (CIFAR, any depth)."""
-    match = _CIFAR_NAME.fullmatch(name)
-    if name in list_models() or not match:
-        return create_model(name, efficient=efficient)
-    bottleneck, depth, growth_rate = bool(match[1]), int(match[2]), int(match[3])
-    return cifar_densenet(depth, growth_rate, bottleneck=bottleneck, efficient=efficient)
-
-
 def model_name(value: str) -> str:
-    """argparse type: a model :func:`build_model` accepts (checked by building it on the meta device)."""
+    """argparse type: a model name :func:`~densenet_efficient.core.registry.resolve_model` accepts (a registered
+    name, an alias, or any CIFAR depth), checked by building it on the meta device."""
     try:
         with torch.device("meta"):
-            build_model(value, False)
+            create_model(value, efficient=False)
     except (ValueError, TypeError) as error:
-        raise argparse.ArgumentTypeError(
-            f"{error} (or any CIFAR depth as densenet_bc_<depth>_k<growth> / densenet_<depth>_k<growth>)"
-        ) from None
+        raise argparse.ArgumentTypeError(str(error)) from None
     return value
 
 
@@ -65,7 +53,7 @@ def family_member(family: str, depth: int) -> str:
     """Model name of the member of CIFAR ``family`` with ``depth`` (not checked; :func:`model_name` checks)."""
     match = _FAMILY_NAME.fullmatch(family)
     assert match, family
-    return f"densenet{match[1] or ''}_{depth}_k{match[2]}"
+    return cifar_name(depth, int(match[2]), bottleneck=bool(match[1]))
 
 
 def family_depth(family: str, layers_per_block: int) -> int:
@@ -81,7 +69,7 @@ def input_size(name: str, requested: int | None) -> int:
     Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
     """
     with torch.device("meta"):
-        model = build_model(name, False)
+        model = create_model(name, efficient=False)
     size = requested or model.pretrained_cfg["input_size"][-1]
     if size < model.min_input_size:
         raise argparse.ArgumentTypeError(
@@ -139,7 +127,7 @@ def model_io(model: nn.Module) -> tuple[int, int, int]:
 def input_label(name: str, size: int) -> str:
     """``size`` as the input shape of model ``name``: ``224x224``, ``96x96x96`` or ``4096``."""
     with torch.device("meta"):
-        spatial_dims = build_model(name, False).spatial_dims
+        spatial_dims = create_model(name, efficient=False).spatial_dims
     return "x".join([str(size)] * spatial_dims)
 
 
@@ -192,7 +180,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=model_name,
         default="densenet_bc_100_k12",
-        help="registered model or densenet_bc_<depth>_k<growth> (default: %(default)s)",
+        help="model name (see `densenet-efficient models`), or any CIFAR depth as densenet_bc_<depth>_k<growth> "
+        "or densenet_<depth>_k<growth> (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
     parser.add_argument(

@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import MemoryMode
+from ..core import MemoryMode, create_model
 from .common import (
     MODES,
     add_common_arguments,
-    build_model,
     family_depth,
     family_member,
     family_name,
@@ -151,7 +150,7 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
     def total(layers: int) -> int:
         if layers not in footprints:
             name = family_member(family, family_depth(family, layers))
-            footprints[layers] = question.footprint(partial(build_model, name, mode))
+            footprints[layers] = question.footprint(partial(create_model, name, efficient=mode))
         return total_bytes(footprints[layers], question.optimizer_copies)
 
     check = total(CHECK_LAYERS)
@@ -230,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"memory_bytes": args.memory, **asdict(question), "model": args.model, "modes": []}
     print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
     for key, mode in modes.items():
-        build = partial(build_model, args.model, mode)
+        build = partial(create_model, args.model, efficient=mode)
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         print(f"| efficient={mode!r} | {_gib(at_batch)} | {batch} |")
@@ -248,14 +247,14 @@ def run(args: argparse.Namespace) -> int:
 def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the largest input side of model ``name`` per mode."""
     with torch.device("meta"):
-        smallest = build_model(name, False).min_input_size
+        smallest = create_model(name, efficient=False).min_input_size
     print(
         f"\nLargest input of {name} at batch {question.batch_size}:\n| mode | side | input | memory | side x naive |\n"
         "| --- | --- | --- | --- | --- |"
     )
     rows: list[dict] = []
     for key, mode in modes.items():
-        build = partial(build_model, name, mode)
+        build = partial(create_model, name, efficient=mode)
         side = largest_input(build, budget, question, smallest)
         total = replace(question, input_size=side).total(build) if side else None
         rows.append({"mode": key, "side": side, "total_bytes": total})

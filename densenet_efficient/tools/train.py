@@ -61,7 +61,7 @@ from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchno
 from ..pretrained.files import file_sha256, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
-from .common import AMP_DTYPES, UsageError, autocast, evaluate, parse_efficient, to_device
+from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, Splits, build_splits, weights_preprocessing
 
 RECIPE_DEFAULTS: dict[str, Any] = dict(
@@ -926,7 +926,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unreadable ones and stops, 'skip' leaves them out with a warning and a count",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="registered model name (see `densenet-efficient models`)")
+    model.add_argument(
+        "--model", type=model_name, help="model name (see `densenet-efficient models`; any CIFAR depth as well)"
+    )
     model.add_argument(
         "--model-arg",
         action="append",

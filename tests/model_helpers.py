@@ -1,0 +1,76 @@
+"""Helpers the model and memory-mode tests share: published parameter counts, training copies side by side."""
+
+import copy
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+EFFICIENT_MODES = [True, "max"]
+
+# Parameter counts of the published architectures (the DenseNet paper; torchvision's num_params for ImageNet models).
+PARAMETER_COUNTS = {
+    ("densenet_40_k12", 10): 1_019_722,
+    ("densenet_bc_100_k12", 10): 769_162,
+    ("densenet_bc_100_k12", 100): 800_032,
+    ("densenet_bc_250_k24", 10): 15_324_406,
+    ("densenet_bc_190_k40", 10): 25_624_430,
+    ("densenet121_efficient", 1000): 7_978_856,
+    ("densenet169_efficient", 1000): 14_149_480,
+    ("densenet201_efficient", 1000): 20_013_928,
+    ("densenet161_efficient", 1000): 28_681_000,
+}
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(model, inputs, targets, steps=3, autocast=nullcontext, seed=1):
+    """Run SGD steps; return the last logits, every parameter's last gradient and every buffer."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with autocast():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return logits.detach(), grads, buffers
+
+
+def assert_close_relative(actual, expected, rtol, name):
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
+
+
+def assert_same_training(
+    base, inputs, targets, mode, rtol=1e-5, autocast=nullcontext, device="cpu", per_tensor_gradients=False
+):
+    """Train copies of ``base`` naive and in ``mode``; compare logits, gradients and buffers.
+
+    Gradients are compared as one vector (relative norm of the difference) unless ``per_tensor_gradients``:
+    in fp32 some BN weight gradients are ~1e-7, pure rounding noise, in which plain autograd itself differs
+    from float64 by percents.
+    """
+    reference = train(copy.deepcopy(base).to(device), inputs, targets, autocast=autocast)
+    result = train(copy.deepcopy(base).set_efficient(mode).to(device), inputs, targets, autocast=autocast)
+    assert_close_relative(result[0], reference[0], rtol, "logits")
+    assert reference[1].keys() == result[1].keys()
+    if per_tensor_gradients:
+        for name in reference[1]:
+            assert_close_relative(result[1][name], reference[1][name], rtol, name)
+    else:
+        expected = torch.cat([g.flatten().float() for g in reference[1].values()])
+        actual = torch.cat([g.flatten().float() for g in result[1].values()])
+        error = (actual - expected).norm() / expected.norm()
+        assert error <= rtol, f"gradients: relative error {error:.3g} > {rtol}"
+    for name in reference[2]:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(result[2][name], reference[2][name]), name
+        else:
+            assert_close_relative(result[2][name], reference[2][name], rtol, name)
