@@ -24,9 +24,10 @@ import torch
 from densenet_efficient import create_model
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.pretrained.download import fetch_url_file
+from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # largest absolute logit difference a converted model may have (also export.monai's)
 # How torchvision's ImageNet weights are fed (its ImageClassification transform: resize 256 bilinear, centre crop
 # 224, ImageNet mean/std) and the label list they follow (torchvision's ImageNet categories).
 TORCHVISION_PREPROCESSING: dict[str, Any] = {
@@ -63,27 +64,15 @@ def fetch_checkpoint(location: str) -> Path:
     return Path(fetch_url_file(location, prefix.group(1)))
 
 
-def torchvision_densenet(model_args: dict) -> torch.nn.Module:
-    """torchvision's DenseNet with the same architecture (ImageNet stem, compression 0.5, 3 input channels)."""
-    from torchvision.models import DenseNet
-
-    if model_args["stem"] != "imagenet" or model_args["compression"] != 0.5 or model_args["in_chans"] != 3:
+def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
+    """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
+    config = model.config
+    if config["stem"] != "imagenet" or config["compression"] != 0.5 or config["in_chans"] != 3:
         raise SystemExit(
             "torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
             "this model cannot be compared with it"
         )
-    return DenseNet(
-        growth_rate=model_args["growth_rate"],
-        block_config=tuple(model_args["block_config"]),
-        num_init_features=model_args["num_init_features"],
-        bn_size=model_args["bn_size"],
-        num_classes=model_args["num_classes"],
-    )
-
-
-def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
-    """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
-    reference = torchvision_densenet(model.config)
+    reference = torchvision_densenet(config)
     reference.load_state_dict(state_dict, strict=True)
     image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -20,8 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from densenet_efficient.pretrained import manifest as _manifest
 from densenet_efficient.pretrained.files import write_atomically
-from densenet_efficient.pretrained.manifest import manifest_path, validate_manifest
+from densenet_efficient.pretrained.manifest import MANIFEST_FILENAME, manifest_path, validate_manifest
+
+PACKAGED = Path(_manifest.__file__).parent / MANIFEST_FILENAME
+ROOT_COPY = Path(__file__).resolve().parents[1] / MANIFEST_FILENAME
 
 FIELDS = ("sha256", "size", "revision")
 
@@ -142,8 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         token=args.token,
     )
     if args.action == "fill" and agree:
-        write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
-        print(f"wrote {path}")
+        # The packaged manifest, and its copy at the top of the repository with it (a copy, not a link: torch.hub's
+        # GitHub zips turn links into text files).
+        copies = [path] + ([ROOT_COPY] if path == PACKAGED.resolve() and ROOT_COPY.is_file() else [])
+        for copy in copies:
+            write_atomically(copy, (json.dumps(manifest, indent=2) + "\n").encode())
+            print(f"wrote {copy}")
     return 0 if agree else 1
 
 

@@ -33,8 +33,8 @@ from densenet_efficient.core import MemoryMode
 from densenet_efficient.core.registry import architecture
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.tools.bench import monai_densenet
+from export.convert import TOLERANCE
 
-TOLERANCE = 1e-5
 DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
 _LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$")
 _CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
@@ -133,9 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="a MONAI DenseNet state dict: .pth/.pt (read with weights_only=True) or .safetensors",
     )
-    parser.add_argument(
-        "--model", help="this project's model name (default: densenet<N>_3d with the same blocks)"
-    )
+    parser.add_argument("--model", help="this project's model name (default: densenet<N>_3d with the same blocks)")
     parser.add_argument(
         "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
     )

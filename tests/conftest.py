@@ -9,6 +9,11 @@ import pytest
 import torch
 
 
+# Tests run small tensors: one intra-op thread costs little on a quiet machine, and keeps them fast when other jobs
+# share the cores (two OpenMP threads waiting for a busy core ran a 1D DenseNet-121 forward in 10 s instead of 0.07 s).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

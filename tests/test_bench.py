@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import densenet_efficient as de
 from densenet_efficient.tools import bench, common, plan
 from densenet_efficient.tools.cli import main
 
@@ -23,7 +24,7 @@ def test_checkpoint_baseline_computes_what_the_naive_model_computes():
     images, labels = common.random_batch(3, 16, 3, 10)
     grads = []
     for build in (
-        lambda: common.build_model("densenet_bc_10_k12", False),
+        lambda: de.create_model("densenet_bc_10_k12", efficient=False),
         lambda: bench.checkpointed_densenet("densenet_bc_10_k12"),
     ):
         torch.manual_seed(0)
@@ -42,7 +43,7 @@ def test_baseline_is_torchvision_for_imagenet_models_and_checkpoint_for_cifar():
     assert "torchvision" in imagenet.label
     with torch.device("meta"):
         theirs = imagenet.build()
-        ours = common.build_model("densenet121_efficient", True)
+        ours = de.create_model("densenet121_efficient", efficient=True)
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters()) == 7_978_856
     assert "checkpoint" in bench.baseline_peer("densenet_bc_100_k12").label
 

@@ -264,9 +264,9 @@ def test_weights_table_lists_every_entry_and_is_the_one_in_the_readme():
     assert result.stdout in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block after ``heading`` in README.md."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+def docs_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in docs/weights.md."""
+    text = (REPO_ROOT / "docs" / "weights.md").read_text(encoding="utf-8")
     section = text[text.index(heading) :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("\n```", start)]
@@ -274,7 +274,7 @@ def readme_block(heading: str) -> str:
 
 @pytest.mark.slow
 def test_readme_predict_example_prints_torchvisions_top5(torchvision_checkpoints, exported, tmp_path):
-    """The README example (image file -> top-5 ImageNet labels), run on a converted model: same labels, in the same
+    """The docs example (image file -> top-5 ImageNet labels), run on a converted model: same labels, in the same
     order, as torchvision's DenseNet with the same tensors and torchvision's own preprocessing of those weights."""
     from contextlib import redirect_stdout
     from io import StringIO
@@ -286,7 +286,7 @@ def test_readme_predict_example_prints_torchvisions_top5(torchvision_checkpoints
     reference, _ = torchvision_checkpoints
     output, _ = exported
     Image.fromarray(chelsea()).save(tmp_path / "cat.jpg", quality=95)
-    code = readme_block("### Preprocessing and labels")
+    code = docs_block("## Preprocessing and labels")
     weights_line = 'de.create_model("densenet121_efficient.tv_in1k", pretrained=True)'
     assert weights_line in code
     code = code.replace(weights_line, f'de.create_model("densenet121_efficient", weights={str(output)!r})')

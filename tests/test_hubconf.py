@@ -1,8 +1,8 @@
 """torch.hub: every entrypoint from a local checkout, and list/help/load through the GitHub code path."""
 
 import inspect
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest

@@ -49,9 +49,11 @@ def test_manifest_ships_in_the_package_and_at_the_root():
     from importlib import resources
 
     packaged = resources.files("densenet_efficient.pretrained").joinpath("weights_manifest.json").read_bytes()
-    # A real file in the package (wheels and torch.hub's GitHub zips keep it); the root one links to it.
+    # Real files, no links: torch.hub's GitHub zips turn a link into a text file holding the link's target.
+    root_copy = REPO_ROOT / "weights_manifest.json"
     assert not (REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.json").is_symlink()
-    assert packaged == (REPO_ROOT / "weights_manifest.json").read_bytes()
+    assert not root_copy.is_symlink()
+    assert packaged == root_copy.read_bytes()
     assert manifest_path().read_bytes() == packaged
 
 

@@ -3,6 +3,7 @@ footprints."""
 
 import torch
 
+import densenet_efficient as de
 from densenet_efficient.tools import bench, common
 from densenet_efficient.tools.memory import (
     LiveTensorBytes,
@@ -54,7 +55,7 @@ def test_saved_activations_of_a_linear_layer():
 
 def test_fake_footprint_equals_the_real_count():
     def setup():
-        model = common.build_model("densenet_bc_10_k12", True)
+        model = de.create_model("densenet_bc_10_k12", efficient=True)
         return model, common.random_batch(4, 16, 3, 10)
 
     def step(model, batch):

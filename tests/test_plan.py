@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import densenet_efficient as de
 from densenet_efficient.tools import bench, common, plan
 from densenet_efficient.tools.cli import main
 
@@ -59,7 +60,7 @@ def test_plan_deepest_by_search_is_the_boundary():
     assert found is not None and found.fit_error is None and 1 <= found.layers_per_block < plan.CHECK_LAYERS
 
     def total(layers):
-        return question.total(lambda: common.build_model(f"densenet_bc_{6 * layers + 4}_k12", "max"))
+        return question.total(lambda: de.create_model(f"densenet_bc_{6 * layers + 4}_k12", efficient="max"))
 
     assert found.total_bytes == total(found.layers_per_block) <= budget < total(found.layers_per_block + 1)
     assert found.parameter_bytes < found.total_bytes
@@ -72,7 +73,7 @@ def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction():
     found = plan.deepest("densenet_bc_k12", "max", budget, question)
     assert found is not None and found.layers_per_block > plan.CHECK_LAYERS
     assert found.fit_error < 1e-3
-    direct = question.footprint(lambda: common.build_model(f"densenet_bc_{found.depth}_k12", "max"))
+    direct = question.footprint(lambda: de.create_model(f"densenet_bc_{found.depth}_k12", efficient="max"))
     assert common.total_bytes(direct) <= budget
     assert abs(common.total_bytes(direct) - found.total_bytes) <= 0.01 * found.total_bytes
     assert abs(direct.parameters - found.parameter_bytes) <= 0.01 * found.parameter_bytes

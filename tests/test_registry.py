@@ -8,6 +8,7 @@ import torch
 import densenet_efficient as de
 from densenet_efficient import core
 from densenet_efficient.core import registry
+from densenet_efficient.tools import cli
 from tests.model_helpers import PARAMETER_COUNTS, count_parameters
 
 
@@ -211,3 +212,44 @@ def test_architecture_of_every_name():
     assert registry.architecture("densenet121_3d_efficient") == registry.architecture("densenet121_3d")
     assert registry.architecture("densenet_bc_190_k12")["block_config"] == (31, 31, 31)
     assert registry.architecture("densenet121_efficient")["block_config"] == (6, 12, 24, 16)
+
+
+def test_any_cifar_depth_saved_loads_again_by_its_name(tmp_path):
+    """A network built by cifar_densenet is saved under its arch_name, and create_model loads it by that name."""
+    model = de.cifar_densenet(190, 12, num_classes=3)
+    assert model.arch_name == "densenet_bc_190_k12"
+    with torch.no_grad():
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.uniform_(0.5, 1.5)
+    de.save_pretrained(model, tmp_path)
+    loaded = de.create_model(model.arch_name, weights=tmp_path)
+    assert loaded.arch_name == model.arch_name and loaded.config == model.config
+    for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+COMMANDS_WITH_A_MODEL = [["bench"], ["plan", "--memory", "1GB"], ["train"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_MODEL)
+def test_every_command_accepts_any_cifar_depth(command):
+    args = cli.build_parser().parse_args([*command, "--model", "densenet_bc_28_k4"])
+    assert args.model == "densenet_bc_28_k4"
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_29_k4", "densenet_bc_100_k12x"])
+def test_every_command_refuses_what_create_model_refuses(name, capsys):
+    with pytest.raises(ValueError) as refused:
+        de.create_model(name)
+    for command in COMMANDS_WITH_A_MODEL:
+        with pytest.raises(SystemExit) as exit_:
+            cli.build_parser().parse_args([*command, "--model", name])
+        assert exit_.value.code == 2
+        assert str(refused.value) in capsys.readouterr().err
+
+
+def test_factories_and_generated_names_take_any_densenet_argument():
+    assert de.densenet_bc_100_k12(growth_rate=4, block_config=(1, 1, 1)).config["growth_rate"] == 4
+    model = de.create_model("densenet_bc_28_k4", growth_rate=2, num_classes=3)
+    assert model.arch_name == "densenet_bc_28_k4" and model.config["growth_rate"] == 2

@@ -3,12 +3,11 @@ architectures against the installed MONAI's DenseNet121/169/201/264."""
 
 import pytest
 import torch
-from test_model import count_parameters
 from torch import nn
 
 import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes
-from tests.model_helpers import EFFICIENT_MODES, assert_same_training
+from tests.model_helpers import EFFICIENT_MODES, assert_same_training, count_parameters
 
 LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),

@@ -38,31 +38,17 @@ VOLUME_SIZE = 96  # side of the volumes (e.g. CT/MRI patches) a 3D network is co
 
 @dataclass(frozen=True)
 class SpatialLayers:
-    """The layer classes and pooling functions of a network with ``len(axes)`` spatial dimensions."""
+    """The layer classes of a network with 1, 2 or 3 spatial dimensions."""
 
     conv: Callable[..., _ConvNd]
     norm: Callable[..., _BatchNorm]
     max_pool: Callable[..., nn.Module]
-    avg_pool: Callable[..., Tensor]
-    adaptive_avg_pool: Callable[..., Tensor]
-    axes: str  # the spatial axes, for messages: "L", "H, W" or "D, H, W"
-    sides: str  # what they are called, for messages
 
 
 SPATIAL_LAYERS: dict[int, SpatialLayers] = {
-    1: SpatialLayers(nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, F.avg_pool1d, F.adaptive_avg_pool1d, "L", "length"),
-    2: SpatialLayers(
-        nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, "H, W", "height and width"
-    ),
-    3: SpatialLayers(
-        nn.Conv3d,
-        nn.BatchNorm3d,
-        nn.MaxPool3d,
-        F.avg_pool3d,
-        F.adaptive_avg_pool3d,
-        "D, H, W",
-        "depth, height and width",
-    ),
+    1: SpatialLayers(nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+    2: SpatialLayers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+    3: SpatialLayers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
 }
 
 
@@ -476,8 +462,7 @@ class DenseNet(nn.Module):
         arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
             weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
         global_pool: pooling before the classifier: ``"avg"`` (default), ``"max"``, ``"avgmax"`` (their mean, as
-            in timm) or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``). Recorded in
-            ``config`` when it is not ``"avg"``, so that configurations written before it existed stay the same.
+            in timm) or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
 
     Input (N, in_chans, H, W), or (N, in_chans, D, H, W) / (N, in_chans, L); output (N, num_classes) logits.
 
@@ -539,9 +524,8 @@ class DenseNet(nn.Module):
             in_chans=in_chans,
             stem=stem,
             spatial_dims=spatial_dims,
+            global_pool=global_pool,
         )
-        if global_pool != "avg":
-            self.config["global_pool"] = global_pool
         self.in_chans = in_chans
         self.spatial_dims = spatial_dims
         self.efficient = efficient
@@ -666,10 +650,7 @@ class DenseNet(nn.Module):
         num_classes = _check_int("num_classes", num_classes, 0)
         global_pool = _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.config.pop("global_pool", None)
-        if global_pool != "avg":
-            self.config["global_pool"] = global_pool
+        self.config["global_pool"] = self.global_pool = global_pool
         param = next(self.parameters())
         if num_classes:
             self.classifier = nn.Linear(self.num_features, num_classes, device=param.device, dtype=param.dtype)

@@ -120,9 +120,8 @@ def resolve_model(name: str) -> tuple[str, Callable[..., DenseNet]]:
         return name, _ENTRYPOINTS[name]
     match = _CIFAR_NAME.fullmatch(name)
     if match:
-        depth, growth_rate, bottleneck = int(match[2]), int(match[3]), bool(match[1])
-        cifar_architecture(depth, growth_rate, bottleneck)  # a depth that no network has raises now
-        return name, functools.partial(cifar_densenet, depth, growth_rate, bottleneck)
+        arch = cifar_architecture(int(match[2]), int(match[3]), bool(match[1]))  # a depth no network has raises
+        return name, functools.partial(_create_densenet, name, arch)
     close = difflib.get_close_matches(name, list_models(include_aliases=True), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
@@ -323,7 +322,8 @@ def densenet_40_k12(
     pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
 ) -> DenseNet:
     """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
-    return cifar_densenet(40, 12, False, pretrained, weights, efficient=efficient, **kwargs)
+    arch = cifar_architecture(40, 12, bottleneck=False)
+    return _create_densenet("densenet_40_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
 
 
 @register_model
@@ -331,7 +331,8 @@ def densenet_bc_100_k12(
     pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
 ) -> DenseNet:
     """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
-    return cifar_densenet(100, 12, True, pretrained, weights, efficient=efficient, **kwargs)
+    arch = cifar_architecture(100, 12, bottleneck=True)
+    return _create_densenet("densenet_bc_100_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
 
 
 @register_model
@@ -339,7 +340,8 @@ def densenet_bc_250_k24(
     pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
 ) -> DenseNet:
     """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
-    return cifar_densenet(250, 24, True, pretrained, weights, efficient=efficient, **kwargs)
+    arch = cifar_architecture(250, 24, bottleneck=True)
+    return _create_densenet("densenet_bc_250_k24", arch, pretrained, weights, efficient=efficient, **kwargs)
 
 
 @register_model
@@ -347,7 +349,8 @@ def densenet_bc_190_k40(
     pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
 ) -> DenseNet:
     """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
-    return cifar_densenet(190, 40, True, pretrained, weights, efficient=efficient, **kwargs)
+    arch = cifar_architecture(190, 40, bottleneck=True)
+    return _create_densenet("densenet_bc_190_k40", arch, pretrained, weights, efficient=efficient, **kwargs)
 
 
 def _imagenet(block_config: tuple[int, ...], growth_rate: int = 32, **arch: Any) -> dict[str, Any]:

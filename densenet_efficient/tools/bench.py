@@ -11,7 +11,7 @@ for torchvision ``IntermediateLayerGetter`` on the same levels), each followed b
 head that pools and classifies every level so that each gets a gradient.
 
 ``--sweep depth`` and ``--sweep batch`` repeat this over depths of a CIFAR family or over batch sizes and plot
-memory against them. A peer whose predicted memory (:func:`densenet_efficient.plan.predict`) exceeds what the
+memory against them. A peer whose predicted memory (:func:`densenet_efficient.tools.common.predict`) exceeds what the
 device has free is skipped, and its prediction is shown instead.
 """
 
@@ -66,7 +66,8 @@ MIB = 2**20
 
 
 class _CheckpointedLayer(nn.Module):
-    """A dense layer run the seed's way: ``torch.utils.checkpoint`` around concatenation, norm1, ReLU and conv1."""
+    """A dense layer run as gpleiss/efficient_densenet_pytorch runs it: ``torch.utils.checkpoint`` around
+    concatenation, norm1, ReLU and conv1."""
 
     def __init__(self, layer: DenseLayer):
         super().__init__()
@@ -186,8 +187,8 @@ class Peer:
 
 def baseline_peer(name: str) -> Peer:
     """The DenseNet people use today for this architecture: for 1D and 3D networks MONAI's ``DenseNet`` (plain
-    autograd); for 2D torchvision's checkpointed DenseNet where it has the architecture, else the seed-style
-    checkpoint model."""
+    autograd); for 2D torchvision's checkpointed DenseNet where it has the architecture, else the checkpointed
+    model of gpleiss/efficient_densenet_pytorch."""
     with torch.device("meta"):
         config: dict[str, Any] = create_model(name, efficient=False).config
     monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0

@@ -1,6 +1,6 @@
 """``densenet-efficient plan``: the largest batch, and the deepest network, that train within a memory budget.
 
-Memory is modelled without the target device: :func:`densenet_efficient.memory.fake_footprint` runs one training
+Memory is modelled without the target device: :func:`densenet_efficient.tools.memory.fake_footprint` runs one training
 step (forward, cross-entropy, backward) on fake tensors, which have shapes but no data, and counts live tensor
 bytes exactly as ``bench`` does on CPU. The total is parameters, one optimizer copy of them (SGD momentum; set
 ``--optimizer-copies``: 0 for plain SGD, 2 for Adam), buffers, and the step's peak. On CUDA, cuDNN workspaces

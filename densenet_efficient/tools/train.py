@@ -575,7 +575,7 @@ class Trainer:
                 self.best = {"epoch": epoch + 1, "score": score}
             if self.ctx.is_main:
                 self._save(epoch + 1)
-                print(_summary(row), flush=True)
+                print(_epoch_line(row), flush=True)
             self.ctx.barrier()
         return self._finish()
 
@@ -745,7 +745,7 @@ def _progress_fields(loss: float, top1: float, rate: float, device: torch.device
     return fields
 
 
-def _summary(row: dict[str, Any]) -> str:
+def _epoch_line(row: dict[str, Any]) -> str:
     """One line per epoch for the console."""
     text = (
         f"epoch {row['epoch']}: lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%"
