@@ -8,7 +8,6 @@ os.environ["no_proxy"] = "127.0.0.1,localhost"
 import pytest
 import torch
 
-
 # Tests run small tensors: one intra-op thread costs little on a quiet machine, and keeps them fast when other jobs
 # share the cores (two OpenMP threads waiting for a busy core ran a 1D DenseNet-121 forward in 10 s instead of 0.07 s).
 torch.set_num_threads(1)
