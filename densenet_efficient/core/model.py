@@ -632,9 +632,12 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none), and the
-        pooling by ``global_pool`` (``None`` keeps it; ``""`` with ``num_classes=0``: unpooled feature maps)."""
+        pooling by ``global_pool`` (``None`` keeps it, or restores ``"avg"`` when a classifier returns to an
+        unpooled model, as timm's tests expect; ``""`` with ``num_classes=0``: unpooled feature maps)."""
         num_classes = _check_int("num_classes", num_classes, 0)
-        global_pool = _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
+        if global_pool is None:
+            global_pool = self.global_pool or ("avg" if num_classes else "")
+        global_pool = _check_pool(global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
         self.global_pool = global_pool
         self.config.pop("global_pool", None)
@@ -646,6 +649,7 @@ class DenseNet(nn.Module):
             nn.init.zeros_(self.classifier.bias)
         else:
             self.classifier = nn.Identity()
+        self.classifier.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, num_features, H', W'): features after the final BN and ReLU (likewise for
