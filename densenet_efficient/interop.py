@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .core import registry
-from .core.config import check_pretrained_cfg
+from .core.config import adapt_cfg, check_pretrained_cfg, with_pool_sizes
 from .core.model import DenseNet, DenseNetFeatures
 from .pretrained.errors import UnknownWeightsError
 from .pretrained.loading import WEIGHTS_FILENAME, check_model_args
@@ -70,6 +70,28 @@ def _weights_reference(name: str, cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
+# What the built network itself determines; timm's registered configuration describes the default architecture.
+_STRUCTURE_KEYS = ("pool_size", "test_pool_size", "min_input_size", "num_classes", "first_conv", "classifier")
+
+
+def _model_cfg(
+    model: DenseNet, timm_cfg: Mapping[str, Any], overlay: Mapping[str, Any], weights_loaded: bool
+) -> dict[str, Any]:
+    """``model.pretrained_cfg`` as timm sets it: timm's resolved configuration, except what this package's loader
+    read with the weights (which it keeps) and what the built network determines; the overlay over all; then
+    adapted to the model's channels, classes and pool sizes."""
+    timm_keys = {key: value for key, value in timm_cfg.items() if value is not None and key != "state_dict"}
+    if weights_loaded:
+        cfg = {**timm_keys, **model.pretrained_cfg}
+    else:
+        cfg = {**model.pretrained_cfg, **{k: v for k, v in timm_keys.items() if k not in _STRUCTURE_KEYS}}
+    cfg.update({key: value for key, value in overlay.items() if key != "state_dict"})
+    cfg = adapt_cfg(cfg, model.in_chans, model.num_classes)
+    stem, block_config = model.config["stem"], model.config["block_config"]
+    assert isinstance(stem, str) and isinstance(block_config, tuple)
+    return check_pretrained_cfg(with_pool_sizes(cfg, stem, len(block_config)))
+
+
 def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
     def entrypoint(
         pretrained: bool = False,
@@ -98,10 +120,9 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
             model = registry.create_model(name, weights=reference, cache_dir=cache_dir, **kwargs)
         if pretrained and reference is None:
             load_pretrained(model, cfg, model.num_classes, model.in_chans, cache_dir=cache_dir, strict=False)
-        # The weights' (or architecture's) input configuration, timm's for the rest, the overlay over all.
-        sources = {key: cfg[key] for key in ("tag", "hf_hub_id", "url", "file", "source") if cfg.get(key)}
-        overlay = {key: value for key, value in (pretrained_cfg_overlay or {}).items() if key != "state_dict"}
-        model.pretrained_cfg = check_pretrained_cfg({**sources, **model.pretrained_cfg, **overlay})
+        model.pretrained_cfg = _model_cfg(
+            model, cfg, pretrained_cfg_overlay or {}, weights_loaded=reference is not None
+        )
         model.pretrained_model_args = dict(pretrained_model_args or {})
         if dtype is not None:
             model.to(dtype=dtype)

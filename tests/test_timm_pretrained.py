@@ -159,3 +159,18 @@ def test_transformers_image_processor_reads_a_saved_folder(tmp_path):
     pixels = processor(image, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     torch.testing.assert_close(pixels[0], de.transforms(model)(image), rtol=0, atol=1e-6)
+
+
+def test_timms_save_for_hf_of_a_registered_model_loads_both_ways(tmp_path):
+    """timm's export of this package's model: no format marker, this package's architecture and arguments."""
+    from timm.models import _hub
+
+    model = randomise_batch_norm(timm.create_model("densenet_40_k12", block_config=(2, 2, 2), efficient="max"))
+    _hub.save_for_hf(model.eval(), tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "format" not in config and config["model_args"]["efficient"] == "max"
+    loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    assert again.pretrained_cfg["input_size"] == (3, 32, 32)

@@ -90,7 +90,12 @@ def min_input_side(stem: str, num_blocks: int) -> int:
 
 
 def architecture_cfg(
-    stem: str, in_chans: int, num_classes: int, spatial_dims: int = 2, num_blocks: int = 4
+    stem: str,
+    in_chans: int,
+    num_classes: int,
+    spatial_dims: int = 2,
+    num_blocks: int = 4,
+    architecture: str | None = None,
 ) -> dict[str, Any]:
     """The configuration a network of this stem was designed for (pretrained weights replace it with theirs).
 
@@ -98,7 +103,7 @@ def architecture_cfg(
     (crop fraction 0.875, bicubic resize) normalised with ImageNet's. For ``in_chans`` other than 3 the mean and
     std are the channel average, repeated. 1D and 3D networks take signals of length 224 or 32 and volumes of
     side 96 (:data:`VOLUME_SIZE`) or 32, already normalised (mean 0, std 1, as MONAI's intensity transforms leave
-    them). ``pool_size`` follows from the input size and ``num_blocks``.
+    them). ``pool_size`` follows from the input size and ``num_blocks``; ``architecture`` is the registered name.
     """
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -109,7 +114,7 @@ def architecture_cfg(
         mean, std = (0.0,) * in_chans, (1.0,) * in_chans
     if spatial_dims == 3 and stem == "imagenet":
         size = VOLUME_SIZE
-    return {
+    cfg = {
         "input_size": (in_chans,) + (size,) * spatial_dims,
         "min_input_size": (in_chans,) + (min_input_side(stem, num_blocks),) * spatial_dims,
         "interpolation": INTERPOLATIONS[spatial_dims][-1],
@@ -122,6 +127,20 @@ def architecture_cfg(
         "first_conv": "features.conv0",
         "classifier": "classifier",
     }
+    if architecture is not None:
+        cfg["architecture"] = architecture
+    return cfg
+
+
+def with_pool_sizes(cfg: Mapping[str, Any], stem: str, num_blocks: int) -> dict[str, Any]:
+    """``cfg`` with ``pool_size``/``test_pool_size`` those of its ``input_size``/``test_input_size``."""
+    updated = dict(cfg)
+    for size_key, pool_key in (("input_size", "pool_size"), ("test_input_size", "test_pool_size")):
+        if updated.get(size_key) is not None:
+            updated[pool_key] = tuple(feature_side(side, stem, num_blocks) for side in tuple(updated[size_key])[1:])
+        else:
+            updated.pop(pool_key, None)
+    return updated
 
 
 def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:

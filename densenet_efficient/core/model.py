@@ -550,7 +550,7 @@ class DenseNet(nn.Module):
         self.min_input_size = self._min_input_size(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
         self.pretrained_cfg: dict[str, Any] = architecture_cfg(
-            stem, in_chans, num_classes, spatial_dims, len(block_config)
+            stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
         )
 
         for module in self.modules():

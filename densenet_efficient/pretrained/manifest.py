@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..core.config import architecture_cfg, check_pretrained_cfg, feature_side
+from ..core.config import architecture_cfg, check_pretrained_cfg, with_pool_sizes
 from .errors import ManifestError, UnknownWeightsError
 
 MANIFEST_FILENAME = "weights_manifest.json"
@@ -137,7 +137,6 @@ class PretrainedCfg:
             std=self.std,
             license=self.license,
             description=self.source,
-            pool_size=tuple(feature_side(side, stem, num_blocks) for side in self.input_size[1:]),
         )
         if self.interpolation is not None:
             cfg["interpolation"] = self.interpolation
@@ -145,7 +144,6 @@ class PretrainedCfg:
             cfg["crop_pct"] = self.crop_pct
         if self.test_input_size is not None:
             cfg["test_input_size"] = self.test_input_size
-            cfg["test_pool_size"] = tuple(feature_side(side, stem, num_blocks) for side in self.test_input_size[1:])
         if self.test_crop_pct is not None:
             cfg["test_crop_pct"] = self.test_crop_pct
         if self.hub is not None:
@@ -156,7 +154,7 @@ class PretrainedCfg:
         names = label_names(self.labels)
         if names is not None:
             cfg["label_names"] = names
-        return check_pretrained_cfg(cfg)
+        return check_pretrained_cfg(with_pool_sizes(cfg, stem, num_blocks))
 
 
 def label_names(labels: str | None) -> tuple[str, ...] | None:

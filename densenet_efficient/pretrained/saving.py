@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, feature_side
+from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
 from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, WEIGHTS_FILENAME
 
 CARD_FILENAME = "README.md"
@@ -150,12 +150,7 @@ def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any
     num_classes = config.get("num_classes", cfg.get("num_classes"))
     cfg["num_classes"] = num_classes
     if "block_config" in config:
-        stem, num_blocks = config.get("stem", "imagenet"), len(config["block_config"])
-        for size_key, pool_key in (("input_size", "pool_size"), ("test_input_size", "test_pool_size")):
-            if cfg.get(size_key) is not None:
-                cfg[pool_key] = [feature_side(side, stem, num_blocks) for side in cfg[size_key][1:]]
-            else:
-                cfg.pop(pool_key, None)
+        cfg = with_pool_sizes(cfg, config.get("stem", "imagenet"), len(config["block_config"]))
     try:
         checked = check_pretrained_cfg(cfg)
     except ValueError as error:
