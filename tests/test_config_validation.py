@@ -52,12 +52,12 @@ def test_config_that_is_not_a_json_object_names_the_file(tmp_path, text, message
         (lambda c: c["model_args"].update(stem="tiny"), "invalid model_args: stem must be one of"),
         (lambda c: c["model_args"].update(block_config=[10**6]), r"asks for 1000000 layers \(at most 10000\)"),
         (lambda c: c.update(num_classes=4), "num_classes 4 and model_args.num_classes 10 differ"),
-        (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "pretrained_cfg.mean must be a list of numbers"),
+        (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "pretrained_cfg.mean must be a list of finite numbers"),
         (
             lambda c: c.update(pretrained_cfg={"input_size": [3, 0, 32]}),
             r"pretrained_cfg.input_size must be \[channels",
         ),
-        (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"pretrained_cfg.crop_pct must be in \(0, 1\]"),
+        (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"pretrained_cfg.crop_pct must be a number in \(0, 1\]"),
     ],
 )
 def test_invalid_config_is_refused_with_the_reason(tmp_path, change, message):
@@ -165,7 +165,8 @@ def test_timm_repo_on_the_hub_loads(timm_small, loopback_hub, tmp_path):
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(image), model(image), rtol=1e-5, atol=1e-5)
-    assert loaded.pretrained_cfg["hf_hub_id"] == "timm/densenet121.small"
+    assert loaded.pretrained_cfg["hf_hub_id"] == f"timm/densenet121.small@{commit}"
+    assert loaded.pretrained_cfg["source"] == "hf-hub"
 
 
 @pytest.mark.parametrize(

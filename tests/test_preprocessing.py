@@ -8,11 +8,8 @@ import torch
 from PIL import Image
 
 import densenet_efficient as de
-from densenet_efficient.pretrained.loading import (
-    adapt_input_conv,
-    imagenet_categories,
-    model_pretrained_cfg,
-)
+from densenet_efficient.pretrained.loading import adapt_input_conv, model_pretrained_cfg
+from densenet_efficient.pretrained.manifest import label_names
 from tests.weights_helpers import randomise_batch_norm, small_model
 
 timm_data = pytest.importorskip("timm.data")
@@ -127,16 +124,16 @@ def test_imagenet_weights_carry_torchvisions_category_names():
     cfg = model_pretrained_cfg(model, de.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_cfg())
     assert cfg["label_names"] == tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
     assert len(cfg["label_names"]) == 1000 and cfg["label_names"][281] == "tabby"
-    assert cfg["license"] == "apache-2.0" and "converted from torchvision" in cfg["source"]
+    assert cfg["license"] == "apache-2.0" and "converted from torchvision" in cfg["description"]
     tuned = de.create_model("densenet121_efficient", block_config=[1, 1, 1, 1], num_classes=5)
     tuned_cfg = model_pretrained_cfg(tuned, de.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_cfg())
     assert "label_names" not in tuned_cfg and tuned_cfg["num_classes"] == 5  # other classes: not ImageNet's
-    assert imagenet_categories() == cfg["label_names"]
+    assert label_names("imagenet-1k") == cfg["label_names"]
 
 
 def test_saved_label_names_travel_with_the_weights(tmp_path):
     classes = [f"class {index}" for index in range(10)]
-    de.save_pretrained(small_model(), tmp_path, classes=classes)
+    de.save_pretrained(small_model(), tmp_path, label_names=classes)
     assert de.create_model("densenet_40_k12", weights=str(tmp_path)).pretrained_cfg["label_names"] == tuple(classes)
 
 

@@ -46,7 +46,10 @@ def test_save_pretrained_is_byte_reproducible_and_self_describing(tmp_path):
     config = json.loads(first["config.json"])
     assert config["architecture"] == "densenet_40_k12"
     assert config["model_args"]["block_config"] == [2, 2, 2]
-    assert config["pretrained_cfg"] == {"tag": "test", "dataset": "cifar10"}
+    assert config["format"] == "densenet_efficient" and config["num_features"] == model.num_features
+    cfg = config["pretrained_cfg"]  # timm's keys: the model's configuration with the metadata of those keys
+    assert cfg["tag"] == "test" and cfg["input_size"] == [3, 32, 32] and cfg["pool_size"] == [8, 8]
+    assert cfg["mean"] == [0.4914, 0.4822, 0.4465] and "dataset" not in cfg
     assert config["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert entry["hub"]["sha256"] in first["README.md"].decode()
 

@@ -74,7 +74,7 @@ def test_every_spelling_loads_the_weights_and_their_configuration(served, spelli
         "bicubic",
         0.9,
     )
-    assert (cfg["test_input_size"], cfg["test_crop_pct"], cfg["license"], cfg["source"], cfg["tag"]) == (
+    assert (cfg["test_input_size"], cfg["test_crop_pct"], cfg["license"], cfg["description"], cfg["tag"]) == (
         (3, 48, 48),
         1.0,
         "mit",

@@ -38,6 +38,7 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -321,6 +322,17 @@ def _chain(
     return x, statistics, intermediates
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled; nothing to disable on a device without autocast (``meta``: timm's config tests)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _BnReluConvChain(torch.autograd.Function):
     """``conv_n(relu(bn_n(... conv_1(relu(bn_1(cat(inputs)))) ...)))``, each batch norm training or frozen.
 
@@ -336,8 +348,8 @@ class _BnReluConvChain(torch.autograd.Function):
         device_type = inputs[0].device.type
         # Under autocast, convolutions run in the autocast dtype and batch norm in its input's dtype, as in
         # plain autograd. Casts are explicit here so that backward can repeat them exactly.
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        with torch.autocast(device_type, enabled=False):
+        compute_dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else None
+        with _autocast_off(device_type):
             x, statistics, intermediates = _chain(stages, params, inputs, compute_dtype, keep_intermediates)
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
@@ -439,7 +451,7 @@ class _BnReluConvChain(torch.autograd.Function):
             t.view_as(t) if needed else t
             for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs :], needs_grad, strict=True)
         ]
-        with torch.autocast(grad_output.device.type, enabled=False):
+        with _autocast_off(grad_output.device.type):
             output = _chain(
                 ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype, update_running_stats=False
             )[0]

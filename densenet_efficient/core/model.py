@@ -25,15 +25,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .config import architecture_cfg
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "")
 # timm's MATCH_PREV_GROUP: a group_matcher ordinal that puts a parameter in the previous group.
 _MATCH_PREV_GROUP = (99999,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-VOLUME_SIZE = 96  # side of the volumes (e.g. CT/MRI patches) a 3D network is configured for, as in MONAI's examples
 
 
 @dataclass(frozen=True)
@@ -50,36 +48,6 @@ SPATIAL_LAYERS: dict[int, SpatialLayers] = {
     2: SpatialLayers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
     3: SpatialLayers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
 }
-
-
-def architecture_cfg(stem: str, in_chans: int, num_classes: int, spatial_dims: int = 2) -> dict[str, Any]:
-    """The input configuration a network of this stem was designed for, in timm's ``pretrained_cfg`` keys.
-
-    Pretrained weights replace it with their own (see :mod:`densenet_efficient.pretrained`). CIFAR networks take
-    32x32 images normalised with CIFAR-10's statistics; ImageNet networks 224x224 crops (crop fraction 0.875,
-    bicubic resize) normalised with ImageNet's. For ``in_chans`` other than 3 the mean and std are the
-    channel average, repeated. 1D and 3D networks take signals of length 224 or 32 and volumes of side 96
-    (``VOLUME_SIZE``) or 32, already normalised (mean 0, std 1, as MONAI's intensity transforms leave them).
-    """
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    size, mean, std = (32, CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (224, IMAGENET_MEAN, IMAGENET_STD)
-    if in_chans != 3:
-        mean, std = (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans
-    if spatial_dims != 2:
-        mean, std = (0.0,) * in_chans, (1.0,) * in_chans
-    if spatial_dims == 3 and stem == "imagenet":
-        size = VOLUME_SIZE
-    return {
-        "input_size": (in_chans,) + (size,) * spatial_dims,
-        "interpolation": {1: "linear", 2: "bicubic", 3: "trilinear"}[spatial_dims],
-        "crop_pct": 1.0 if stem == "cifar" or spatial_dims != 2 else 0.875,
-        "mean": tuple(mean),
-        "std": tuple(std),
-        "num_classes": num_classes,
-        "first_conv": "features.conv0",
-        "classifier": "classifier",
-    }
 
 
 class DenseLayer(nn.Module):
@@ -565,7 +533,9 @@ class DenseNet(nn.Module):
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = self._min_input_size(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
-        self.pretrained_cfg: dict[str, Any] = architecture_cfg(stem, in_chans, num_classes, spatial_dims)
+        self.pretrained_cfg: dict[str, Any] = architecture_cfg(
+            stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
+        )
 
         for module in self.modules():
             if isinstance(module, _ConvNd):
@@ -646,9 +616,12 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none), and the
-        pooling by ``global_pool`` (``None`` keeps it; ``""`` with ``num_classes=0``: unpooled feature maps)."""
+        pooling by ``global_pool`` (``None`` keeps it, or restores ``"avg"`` when a classifier returns to an
+        unpooled model, as timm's tests expect; ``""`` with ``num_classes=0``: unpooled feature maps)."""
         num_classes = _check_int("num_classes", num_classes, 0)
-        global_pool = _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
+        if global_pool is None:
+            global_pool = self.global_pool or ("avg" if num_classes else "")
+        global_pool = _check_pool(global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
         self.config["global_pool"] = self.global_pool = global_pool
         param = next(self.parameters())
@@ -657,6 +630,7 @@ class DenseNet(nn.Module):
             nn.init.zeros_(self.classifier.bias)
         else:
             self.classifier = nn.Identity()
+        self.classifier.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, num_features, H', W'): features after the final BN and ReLU (likewise for

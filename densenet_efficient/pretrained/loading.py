@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.config import MAX_CHANNELS, MAX_CLASSES, WEIGHT_SOURCE_KEYS, adapt_cfg, check_pretrained_cfg
 from ..core.model import DenseNet
 from ..core.registry import architecture, is_model, list_models, resolve_model
 from .errors import (
@@ -57,7 +58,10 @@ _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 _FIRST_CONV = "features.conv0.weight"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
-# config.json: this project's keys (save_pretrained) and timm's (save_for_hf).
+# config.json. This project's (save_pretrained) carries the marker FORMAT_KEY: CONFIG_FORMAT beside timm's keys, so
+# that timm ("local-dir:", "hf-hub:") and transformers read it too; a config.json without the marker is timm's
+# (save_for_hf, push_to_hub), read only for this package's architectures and timm's DenseNets of the same layout.
+FORMAT_KEY, CONFIG_FORMAT = "format", "densenet_efficient"
 MODEL_ARGS = (
     "growth_rate",
     "block_config",
@@ -71,7 +75,6 @@ MODEL_ARGS = (
     "global_pool",
     "spatial_dims",
 )
-_OWN_KEYS = {"architecture", "model_args", "num_classes", "pretrained_cfg", "weights_sha256"}
 _TIMM_KEYS = {
     "architecture",
     "model_args",
@@ -81,6 +84,14 @@ _TIMM_KEYS = {
     "pretrained_cfg",
     "label_names",
     "label_descriptions",
+}
+_OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
+# timm's DenseNets whose weights have this package's layout (timm's densenet264d has a deep stem: not listed).
+TIMM_DENSENETS = {
+    "densenet121": "densenet121_efficient",
+    "densenet169": "densenet169_efficient",
+    "densenet201": "densenet201_efficient",
+    "densenet161": "densenet161_efficient",
 }
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
 # timm DenseNet arguments this architecture does not have: accepted only at timm's default value. timm's
@@ -95,23 +106,13 @@ _TIMM_DEFAULT_ONLY = {
     "drop_rate": 0.0,
 }
 _TIMM_ANY_BOOL = ("memory_efficient",)
-# The pretrained_cfg keys (timm's names) that describe how to feed the weights; the rest of a config's
-# pretrained_cfg (training recipe, metrics, ...) stays in the file.
-INPUT_CFG_KEYS = (
-    "input_size",
-    "test_input_size",
-    "interpolation",
-    "crop_pct",
-    "test_crop_pct",
-    "crop_mode",
-    "mean",
-    "std",
-    "license",
-    "source",
-    "tag",
-    "label_names",
-    "labels",
-)
+# What a config may ask for, checked before anything is built (the weights' header then checks every shape).
+_MAX_CONFIG_BYTES = 16 * 2**20
+_MAX_CONFIG_DEPTH = 8  # this package's and timm's configs nest 3 deep
+_MAX_BLOCKS = 8
+_MAX_LAYERS = 10_000
+_MAX_WIDTH = 4096  # growth rate, stem channels, bottleneck width
+_MAX_PARAMETERS = 2**32
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWe
     commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
     file = Path(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
     check_shapes(name, model_args, tensor_shapes(file), where)
-    input_cfg.setdefault("hf_hub_id", repo_id)
+    input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
     return PretrainedWeights(reference, model_args, lambda: read_state_dict(file), input_cfg)
 
 
@@ -258,60 +259,87 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
         )
     if config:  # a bare file: the caller's arguments describe the model; loading names any mismatch
         check_shapes(name, model_args, tensor_shapes(file), str(config_file))
-    input_cfg.setdefault("source", str(file))
+    input_cfg["file"] = str(file)
     return PretrainedWeights(str(file), model_args, lambda: read_state_dict(file), input_cfg)
 
 
 def read_config(path: Path, where: str) -> dict[str, Any]:
-    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a JSON object."""
+    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a JSON object of at
+    most 16 MiB nested at most 8 deep."""
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise InvalidConfigError(f"{where} is {path.stat().st_size:,} bytes: a config.json holds at most 16 MiB")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise InvalidConfigError(f"{where} is nested too deeply: a config.json nests at most 8 deep") from None
     if not isinstance(config, dict):
         raise InvalidConfigError(f"{where} must hold a JSON object, got {type(config).__name__}: {config!r:.80}")
+    if _depth(config) > _MAX_CONFIG_DEPTH:
+        raise InvalidConfigError(f"{where} is nested too deeply: a config.json nests at most 8 deep")
     return config
 
 
+def _depth(value: Any, limit: int = _MAX_CONFIG_DEPTH + 1) -> int:
+    """How deep ``value`` nests (a scalar: 0), counted no further than ``limit``."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not children or limit == 0:
+        return 0
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
 def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(constructor arguments, input configuration)`` from a ``config.json`` written by ``save_pretrained``
-    or by timm's ``save_for_hf``. Refuses one written for another model, unknown keys, timm arguments this
-    architecture does not have unless they hold timm's default, and values the model would refuse."""
-    saved_for = config.get("architecture")
-    if saved_for is not None and not isinstance(saved_for, str):
-        raise InvalidConfigError(f"{where}: 'architecture' must be a model name, got {saved_for!r}")
-    timm_format = saved_for is not None and not is_model(saved_for)
-    if not timm_format and saved_for is not None and resolve_model(saved_for)[0] != name:
-        raise UnknownWeightsError(
-            f"{where} describes weights for {saved_for!r}, not {name!r}: use create_model({saved_for!r}, weights=...)."
+    """``(constructor arguments, pretrained_cfg)`` from a ``config.json``, read by its format marker: this
+    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``) or, without one, timm's
+    (``save_for_hf``; for this package's architectures and timm's DenseNets in :data:`TIMM_DENSENETS`).
+    Refuses a config for another model or a foreign architecture, unknown keys, timm arguments this architecture
+    does not have unless they hold timm's default, sizes beyond the bounds, and values the model would refuse."""
+    if not config:
+        return {}, {}
+    config_format = config.get(FORMAT_KEY)
+    if config_format not in (None, CONFIG_FORMAT):
+        raise InvalidConfigError(
+            f"{where}: unknown format {config_format!r}: {FORMAT_KEY!r} is {CONFIG_FORMAT!r} in a config.json written "
+            f"by save_pretrained and absent in one written by timm"
         )
-    if timm_format and f"{saved_for}_efficient" in list_models() and f"{saved_for}_efficient" != name:
-        raise UnknownWeightsError(
-            f"{where} describes timm's {saved_for!r}, not {name!r}: use "
-            f"create_model('{saved_for}_efficient', weights=...)."
-        )
-    known = _TIMM_KEYS if timm_format else _OWN_KEYS
+    known = _TIMM_KEYS if config_format is None else _OWN_KEYS
     unknown = sorted(set(config) - known)
     if unknown:
-        raise InvalidConfigError(f"{where}: unknown keys {unknown}; a config.json holds {sorted(known)}")
+        written_by = "timm's (no 'format' marker)" if config_format is None else f"format {CONFIG_FORMAT!r}"
+        raise InvalidConfigError(
+            f"{where}: unknown keys {unknown}; a config.json of {written_by} holds {sorted(known)}"
+        )
+    saved_for = config.get("architecture", name)
+    if not isinstance(saved_for, str):
+        raise InvalidConfigError(f"{where}: 'architecture' must be a model name, got {saved_for!r}")
+    ours = is_model(saved_for)
+    if not ours and (config_format is not None or saved_for not in TIMM_DENSENETS):
+        valid = list_models() if config_format is not None else [*list_models(), *TIMM_DENSENETS]
+        raise InvalidConfigError(
+            f"{where} describes a {saved_for!r}, which is not an architecture of this package"
+            f"{'' if config_format is not None else ' nor one of timm DenseNets it reads'}; valid: {', '.join(valid)}"
+        )
+    wanted = resolve_model(saved_for)[0] if ours else TIMM_DENSENETS[saved_for]
+    if wanted != name:
+        described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
+        raise UnknownWeightsError(
+            f"{where} describes {described}, not {name!r}: use create_model({wanted!r}, weights=...)."
+        )
     raw_args = config.get("model_args", {})
     if not isinstance(raw_args, dict):
         raise InvalidConfigError(
             f"{where}: 'model_args' must be an object of constructor arguments, got {json.dumps(raw_args)}"
         )
-    model_args = _timm_model_args(name, config, raw_args, where) if timm_format else dict(raw_args)
-    unknown = sorted(set(model_args) - set(MODEL_ARGS))
-    if unknown:
-        raise InvalidConfigError(
-            f"{where}: model_args {unknown} are not arguments of {name}; valid: {', '.join(MODEL_ARGS)}"
-        )
+    model_args = dict(raw_args) if ours else _timm_model_args(name, config, raw_args, where)
+    if config_format is None and ours:
+        model_args.pop("efficient", None)  # timm records every create_model argument; the memory mode is no weight
     if "num_classes" in config and config["num_classes"] != model_args.setdefault("num_classes", config["num_classes"]):
         raise InvalidConfigError(
             f"{where}: num_classes {config['num_classes']} and model_args.num_classes "
             f"{model_args['num_classes']} differ"
         )
-    _check_model_args(name, model_args, where)
-    return model_args, _input_cfg(config, where)
+    return check_model_args(name, model_args, where), config_pretrained_cfg(config, name, where)
 
 
 def _timm_model_args(name: str, config: Mapping[str, Any], raw_args: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -339,12 +367,54 @@ def _timm_model_args(name: str, config: Mapping[str, Any], raw_args: Mapping[str
     return model_args
 
 
+def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``model_args`` as constructor arguments of ``name`` (sequences as tuples), or :class:`InvalidConfigError`
+    naming ``where``: only ``DenseNet`` arguments, within the bounds, accepted by the constructor."""
+    unknown = sorted(set(model_args) - set(MODEL_ARGS))
+    if unknown:
+        raise InvalidConfigError(
+            f"{where}: model_args {unknown} are not arguments of {name}; valid: {', '.join(MODEL_ARGS)}"
+        )
+    args = {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
+    _check_model_args(name, args, where)
+    return args
+
+
 def _check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> None:
-    """Types and ranges, checked by the model's own constructor on the ``meta`` device (nothing is allocated)."""
+    """Bounds, then types and ranges, checked by the model's own constructor on the ``meta`` device (nothing is
+    allocated)."""
     try:
-        _meta_model(name, model_args, check_size=False)
+        _check_bounds({**architecture(name), **model_args})
+        model = _meta_model(name, model_args)
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    if parameters > _MAX_PARAMETERS:
+        raise InvalidConfigError(
+            f"{where}: invalid model_args: they ask for {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
+        )
+
+
+def _check_bounds(args: Mapping[str, Any]) -> None:
+    """``ValueError`` for a network too big to be a DenseNet anyone trains (before anything is built)."""
+    block_config = args.get("block_config")
+    if isinstance(block_config, (list, tuple)) and len(block_config) > _MAX_BLOCKS:
+        raise ValueError(f"block_config has {len(block_config)} dense blocks (at most {_MAX_BLOCKS})")
+    if _layer_count(args) > _MAX_LAYERS:
+        raise ValueError(f"block_config {args['block_config']} asks for {_layer_count(args)} layers (at most 10000)")
+    bounds = {
+        "growth_rate": _MAX_WIDTH,
+        "num_init_features": _MAX_WIDTH,
+        "in_chans": MAX_CHANNELS,
+        "num_classes": MAX_CLASSES,
+    }
+    for key, bound in bounds.items():
+        value = args.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+            raise ValueError(f"{key}={value} is beyond the bound of {bound}")
+    growth_rate, bn_size = args.get("growth_rate"), args.get("bn_size")
+    if isinstance(growth_rate, int) and isinstance(bn_size, int) and bn_size * growth_rate > _MAX_WIDTH:
+        raise ValueError(f"bn_size * growth_rate = {bn_size * growth_rate} is beyond the bound of {_MAX_WIDTH}")
 
 
 def _layer_count(args: Mapping[str, Any]) -> int:
@@ -354,48 +424,32 @@ def _layer_count(args: Mapping[str, Any]) -> int:
     return 0
 
 
-def _meta_model(name: str, model_args: Mapping[str, Any], check_size: bool = True) -> DenseNet:
+def _meta_model(name: str, model_args: Mapping[str, Any]) -> DenseNet:
     args = {**architecture(name), **model_args}
-    if _layer_count(args) > 10_000:
-        raise ValueError(f"block_config {args['block_config']} asks for {_layer_count(args)} layers (at most 10000)")
+    _check_bounds(args)
     with torch.device("meta"):
         return DenseNet(**args, efficient=False)
 
 
-def _input_cfg(config: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The input configuration in a config's ``pretrained_cfg`` (timm's keys; ``classes`` -> ``label_names``),
-    with its types checked."""
+def config_pretrained_cfg(config: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of a ``config.json`` (with timm's top-level ``label_names`` and
+    ``label_descriptions``), checked (:func:`~densenet_efficient.core.config.check_pretrained_cfg`), without the
+    weight locations it was exported from, for model ``name``."""
     pretrained_cfg = config.get("pretrained_cfg", {})
     if not isinstance(pretrained_cfg, dict):
         raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(pretrained_cfg)}")
-    cfg = {key: pretrained_cfg[key] for key in INPUT_CFG_KEYS if pretrained_cfg.get(key) is not None}
-    names = config.get("label_names", pretrained_cfg.get("classes"))
-    if names is not None:
-        cfg.setdefault("label_names", names)
-    for key in ("input_size", "test_input_size"):
-        if key in cfg and not (
-            isinstance(cfg[key], list) and len(cfg[key]) == 3 and all(isinstance(n, int) and n > 0 for n in cfg[key])
-        ):
-            raise InvalidConfigError(
-                f"{where}: pretrained_cfg.{key} must be [channels, height, width], got {cfg[key]!r}"
-            )
-    for key in ("mean", "std"):
-        if key in cfg and not (
-            isinstance(cfg[key], list)
-            and cfg[key]
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg[key])
-        ):
-            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be a list of numbers, got {cfg[key]!r}")
-    if "std" in cfg and not all(v > 0 for v in cfg["std"]):
-        raise InvalidConfigError(f"{where}: pretrained_cfg.std must be positive, got {cfg['std']}")
-    for key in ("crop_pct", "test_crop_pct"):
-        if key in cfg and not (isinstance(cfg[key], (int, float)) and 0 < cfg[key] <= 1):
-            raise InvalidConfigError(f"{where}: pretrained_cfg.{key} must be in (0, 1], got {cfg[key]!r}")
-    if "label_names" in cfg and not (
-        isinstance(cfg["label_names"], list) and all(isinstance(v, str) for v in cfg["label_names"])
-    ):
-        raise InvalidConfigError(f"{where}: label names must be a list of strings")
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
+    cfg = {key: value for key, value in pretrained_cfg.items() if value is not None}
+    for key in ("label_names", "label_descriptions"):
+        if config.get(key) is not None:
+            cfg.setdefault(key, config[key])
+    try:
+        cfg = check_pretrained_cfg(cfg)
+    except ValueError as error:
+        raise InvalidConfigError(f"{where}: {error}") from None
+    for key in WEIGHT_SOURCE_KEYS:
+        cfg.pop(key, None)
+    cfg["architecture"] = name
+    return cfg
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -443,37 +497,10 @@ def check_shapes(name: str, model_args: Mapping[str, Any], shapes: Mapping[str, 
 
 
 def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``model.pretrained_cfg`` once ``weights_cfg`` is loaded into ``model``: the weights' input configuration
-    over the architecture's defaults, adapted to the model's input channels and classes; ImageNet-1k weights
-    get torchvision's category names as ``label_names``."""
-    cfg = {**model.pretrained_cfg, **weights_cfg}
-    weights_chans = len(cfg["mean"])
-    if model.in_chans != weights_chans:
-        mean, std = sum(cfg["mean"]) / weights_chans, sum(cfg["std"]) / weights_chans
-        cfg["mean"], cfg["std"] = (mean,) * model.in_chans, (std,) * model.in_chans
-    for key in ("input_size", "test_input_size"):
-        if key in cfg:
-            cfg[key] = (model.in_chans, *tuple(cfg[key])[1:])
-    num_classes = model.config["num_classes"]
-    names = cfg.get("label_names")
-    if num_classes != cfg.get("num_classes", num_classes) or (names is not None and len(names) != num_classes):
-        cfg.pop("label_names", None)
-        cfg.pop("labels", None)
-    elif names is None and cfg.get("labels") == "imagenet-1k":
-        names = imagenet_categories()
-        if names is not None:
-            cfg["label_names"] = names
-    cfg["num_classes"] = num_classes
-    return cfg
-
-
-def imagenet_categories() -> tuple[str, ...] | None:
-    """torchvision's ImageNet-1k category names (``None`` without torchvision)."""
-    try:
-        from torchvision.models import DenseNet121_Weights
-    except ImportError:
-        return None
-    return tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+    """``model.pretrained_cfg`` once weights of configuration ``weights_cfg`` are loaded into ``model``: the
+    weights' configuration over the architecture's, adapted to the model's input channels and classes
+    (:func:`~densenet_efficient.core.config.adapt_cfg`)."""
+    return adapt_cfg({**model.pretrained_cfg, **weights_cfg}, model.in_chans, model.num_classes)
 
 
 def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

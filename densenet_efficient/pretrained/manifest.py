@@ -17,12 +17,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..core.config import architecture_cfg, check_pretrained_cfg, with_pool_sizes
 from .errors import ManifestError, UnknownWeightsError
 
 MANIFEST_FILENAME = "weights_manifest.json"
 SCHEMA_FILENAME = "weights_manifest.schema.json"
 MANIFEST_ENV = "DENSENET_EFFICIENT_MANIFEST"
 DEFAULT_TAG = "DEFAULT"  # torchvision's spelling of "the model's default weights"
+# Entry fields that are pretrained_cfg keys of the same meaning.
+_INPUT_FIELDS = ("input_size", "test_input_size", "mean", "std", "interpolation", "crop_pct", "test_crop_pct")
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,8 @@ class PretrainedCfg:
     """One manifest entry (``model.tag``): constructor arguments, preprocessing, labels, results, license and
     where the file lives. Frozen; sequences are tuples. :meth:`to_dict` gives the manifest's JSON form back.
 
-    ``input_size`` is ``(channels, height, width)``; ``test_input_size``/``test_crop_pct`` (when set) are the
-    size and crop the best published result was measured at. ``labels`` names a standard label list
+    ``input_size`` is ``(channels, *spatial)`` (1 to 3 spatial sizes); ``test_input_size``/``test_crop_pct``
+    (when set) are the size and crop the best published result was measured at. ``labels`` names a standard label list
     (``"imagenet-1k"``: torchvision's ImageNet category names).
     """
 
@@ -74,7 +77,7 @@ class PretrainedCfg:
     model_args: Mapping[str, Any]
     num_classes: int
     label_source: str | None
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str | None
@@ -86,7 +89,7 @@ class PretrainedCfg:
     url: UrlFile | None
     license_source: str | None = None
     labels: str | None = None
-    test_input_size: tuple[int, int, int] | None = None
+    test_input_size: tuple[int, ...] | None = None
     test_crop_pct: float | None = None
 
     @property
@@ -119,34 +122,51 @@ class PretrainedCfg:
         return json.loads(json.dumps(entry))
 
     def model_cfg(self) -> dict[str, Any]:
-        """The weights' input configuration in timm's ``pretrained_cfg`` keys (what ``model.pretrained_cfg``
-        holds after loading them)."""
-        cfg: dict[str, Any] = {
-            "architecture": self.model,
-            "tag": self.tag,
-            "input_size": self.input_size,
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "crop_mode": "center",
-            "mean": self.mean,
-            "std": self.std,
-            "num_classes": self.num_classes,
-            "first_conv": "features.conv0",
-            "classifier": "classifier",
-            "license": self.license,
-            "source": self.source,
-            "label_source": self.label_source,
-            "labels": self.labels,
-        }
+        """The weights' configuration in timm's ``pretrained_cfg`` keys (what ``model.pretrained_cfg`` holds after
+        loading them, and what timm's registry holds for ``model.tag``): the architecture's defaults
+        (:func:`~densenet_efficient.core.config.architecture_cfg`) updated with this entry's input, labels and
+        weights location. ``labels="imagenet-1k"`` gives torchvision's category names as ``label_names``."""
+        args = self.model_args
+        stem, num_blocks = args.get("stem", "imagenet"), len(args["block_config"])
+        cfg = architecture_cfg(stem, args.get("in_chans", 3), self.num_classes, len(self.input_size) - 1, num_blocks)
+        cfg.update(
+            architecture=self.model,
+            tag=self.tag,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+            license=self.license,
+            description=self.source,
+        )
+        if self.interpolation is not None:
+            cfg["interpolation"] = self.interpolation
+        if self.crop_pct is not None:
+            cfg["crop_pct"] = self.crop_pct
         if self.test_input_size is not None:
             cfg["test_input_size"] = self.test_input_size
         if self.test_crop_pct is not None:
             cfg["test_crop_pct"] = self.test_crop_pct
         if self.hub is not None:
             cfg["hf_hub_id"] = self.hub.repo_id
+            cfg["hf_hub_filename"] = self.hub.filename
         if self.url is not None:
             cfg["url"] = self.url.url
-        return cfg
+        names = label_names(self.labels)
+        if names is not None:
+            cfg["label_names"] = names
+        return check_pretrained_cfg(with_pool_sizes(cfg, stem, num_blocks))
+
+
+def label_names(labels: str | None) -> tuple[str, ...] | None:
+    """The names of a standard label list (``"imagenet-1k"``: torchvision's ImageNet category names); ``None``
+    for none, or without torchvision."""
+    if labels != "imagenet-1k":
+        return None
+    try:
+        from torchvision.models import DenseNet121_Weights
+    except ImportError:
+        return None
+    return tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def _frozen_args(model_args: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -181,6 +201,10 @@ def validate_manifest(manifest: Any, where: str | os.PathLike) -> None:
     for key, entry in manifest["weights"].items():
         if key != f"{entry['model']}.{entry['tag']}":
             raise ManifestError(f"{where}: entry {key!r} is for {entry['model']}.{entry['tag']}; keys are model.tag")
+        try:  # what JSON Schema cannot say: NaN, one mean/std per channel, sizes of one rank
+            check_pretrained_cfg({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
+        except ValueError as error:
+            raise ManifestError(f"{where}: entry {key!r}: {error}") from None
     for model, tag in manifest["default_tags"].items():
         if f"{model}.{tag}" not in manifest["weights"]:
             raise ManifestError(f"{where}: the default tag of {model!r} is {tag!r}, which has no entry")

@@ -19,7 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from .loading import CONFIG_FILENAME, WEIGHTS_FILENAME
+from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
+from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, WEIGHTS_FILENAME
 
 CARD_FILENAME = "README.md"
 SET_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME, CARD_FILENAME)
@@ -44,9 +45,14 @@ def save_pretrained(
 
     - ``model.safetensors``: ``model.state_dict()`` on the CPU with one metadata key (``format: pt``), so the
       same weights always give the same bytes;
-    - ``config.json``: ``{"architecture": name, "model_args": constructor arguments, "num_classes": n,
-      "pretrained_cfg": metadata, "weights_sha256": ...}``, enough to rebuild the model with
-      ``create_model(name, weights="<directory>")`` or ``weights="hf-hub:org/name"`` once published;
+    - ``config.json``: ``{"format": "densenet_efficient", "architecture": name, "model_args": constructor
+      arguments, "num_classes": n, "num_features": ..., "global_pool": ..., "pretrained_cfg": ...,
+      "weights_sha256": ...}``: timm's layout plus the format marker and the sha256, so that
+      ``create_model(name, weights="<directory>")`` (or ``weights="hf-hub:org/name"`` once published),
+      ``timm.create_model("local-dir:<directory>")`` after :func:`~densenet_efficient.register_with_timm`, and
+      transformers' ``AutoImageProcessor.from_pretrained("<directory>")`` all read it. ``pretrained_cfg`` is the
+      model's (timm's keys: input size, mean, std, crop, interpolation, labels, ...; see
+      :func:`saved_pretrained_cfg`) updated with the metadata of those keys;
     - ``README.md``: a model card (``huggingface_hub.ModelCard``) with the Hub's metadata (library, pipeline tag,
       license, datasets, base model, ``model-index`` results), the sha256 and how to load it.
 
@@ -84,6 +90,7 @@ def save_pretrained(
             f"to replace it, or save into another folder"
         )
 
+    pretrained_cfg = saved_pretrained_cfg(model, name, metadata)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     weights_bytes = save(tensors, metadata={"format": "pt"})
     sha256 = hashlib.sha256(weights_bytes).hexdigest()
@@ -103,10 +110,13 @@ def save_pretrained(
         "url": None,
     }
     config = {
+        FORMAT_KEY: CONFIG_FORMAT,
         "architecture": name,
         "model_args": model_args,
         "num_classes": entry["num_classes"],
-        "pretrained_cfg": metadata,
+        "num_features": getattr(model, "num_features", None),
+        "global_pool": model_args.get("global_pool", "avg"),
+        "pretrained_cfg": pretrained_cfg,
         "weights_sha256": sha256,
     }
     write_set(
@@ -118,6 +128,42 @@ def save_pretrained(
         },
     )
     return entry
+
+
+def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pretrained_cfg`` that ``config.json`` records: ``model.pretrained_cfg`` (without where its weights
+    were loaded from) updated with the metadata that are timm ``pretrained_cfg`` keys (``input_size``, ``mean``,
+    ``std``, ``crop_pct``, ``interpolation``, ``label_names``, ``tag``, ``license``, ...), as JSON; ``pool_size``
+    follows ``input_size``. ``ValueError`` naming the key for a value timm or this package would refuse."""
+    cfg = {
+        key: value
+        for key, value in dict(getattr(model, "pretrained_cfg", None) or {}).items()
+        if key not in WEIGHT_SOURCE_KEYS
+    }
+    cfg.update(
+        {key: value for key, value in metadata.items() if key in PRETRAINED_CFG_KEYS and key not in WEIGHT_SOURCE_KEYS}
+    )
+    if "input_size" in metadata and "test_input_size" not in metadata:
+        cfg.pop("test_input_size", None)  # it described the previous input size
+    cfg["architecture"] = name
+    config = getattr(model, "config", {})
+    num_classes = config.get("num_classes", cfg.get("num_classes"))
+    cfg["num_classes"] = num_classes
+    if "block_config" in config:
+        cfg = with_pool_sizes(cfg, config.get("stem", "imagenet"), len(config["block_config"]))
+    try:
+        checked = check_pretrained_cfg(cfg)
+    except ValueError as error:
+        raise ValueError(f"save_pretrained: {error}") from None
+    in_chans = config.get("in_chans", checked["input_size"][0] if "input_size" in checked else None)
+    if "input_size" in checked and checked["input_size"][0] != in_chans:
+        raise ValueError(
+            f"save_pretrained: input_size {checked['input_size']} for a model of {in_chans} input channels"
+        )
+    names = checked.get("label_names")
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"save_pretrained: {len(names)} label_names for a model of {num_classes} classes")
+    return json.loads(json.dumps(checked))
 
 
 def write_set(directory: Path, files: Mapping[str, bytes]) -> None:

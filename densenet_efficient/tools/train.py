@@ -722,7 +722,7 @@ class Trainer:
             self.output / "export",
             architecture=config.model,
             dataset=config.dataset,
-            classes=self.splits.classes,
+            label_names=self.splits.classes,
             metrics=metrics,
             source="densenet-efficient train",
             recipe=config.recipe(),
