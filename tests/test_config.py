@@ -11,10 +11,10 @@ import time
 
 import pytest
 import torch
-from tests.weights_helpers import randomise_batch_norm, small_model
 
 import densenet_efficient as de
 from densenet_efficient.core.config import PRETRAINED_CFG_KEYS, check_pretrained_cfg, min_input_side
+from tests.weights_helpers import randomise_batch_norm, small_model
 
 SMALL = dict(block_config=(1, 1, 1), growth_rate=4, num_init_features=8)
 
@@ -30,7 +30,7 @@ def test_keys_are_timms():
     assert set(PRETRAINED_CFG_KEYS) == {field.name for field in dataclasses.fields(timm.models.PretrainedCfg)}
 
 
-@pytest.mark.parametrize("name", ["densenet_40_k12", "densenet121_efficient", "densenet121_3d_efficient"])
+@pytest.mark.parametrize("name", ["densenet_40_k12", "densenet121_efficient", "densenet121_3d"])
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 def test_pool_size_and_min_input_size_are_what_the_network_gives(name, spatial_dims):
     model = de.create_model(name, spatial_dims=spatial_dims, in_chans=2, **SMALL).eval()
@@ -56,9 +56,9 @@ def test_min_input_side_closed_form(stem, num_blocks):
 
 def test_a_3d_model_saved_with_its_volume_size_loads_again(tmp_path):
     """Issue 15: a 3D model saved with the documented input_size=[1, 96, 96, 96] raised InvalidConfigError."""
-    model = randomise_batch_norm(de.create_model("densenet121_3d_efficient", **SMALL)).eval()
+    model = randomise_batch_norm(de.create_model("densenet121_3d", **SMALL)).eval()
     de.save_pretrained(model, tmp_path, input_size=[1, 96, 96, 96], tag="ct")
-    loaded = de.create_model("densenet121_3d_efficient", weights=str(tmp_path)).eval()
+    loaded = de.create_model("densenet121_3d", weights=str(tmp_path)).eval()
     assert loaded.pretrained_cfg["input_size"] == (1, 96, 96, 96) and loaded.pretrained_cfg["tag"] == "ct"
     assert loaded.pretrained_cfg["pool_size"] == (6, 6, 6)  # three blocks: 96 / 4 / 4
     volume = torch.randn(1, 1, 32, 32, 32)
@@ -68,7 +68,7 @@ def test_a_3d_model_saved_with_its_volume_size_loads_again(tmp_path):
 
 def test_transforms_of_a_3d_model_resize_and_normalise_volumes():
     """Issue 15: de.transforms of a 3D model raised 'too many values to unpack'."""
-    model = de.create_model("densenet121_3d_efficient", **SMALL)
+    model = de.create_model("densenet121_3d", **SMALL)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, 16, 20, 24), "mean": (0.5,), "std": (2.0,)}
     preprocess = de.transforms(model)
     volume = torch.rand(1, 8, 10, 12)

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from tests.weights_helpers import X, hub_entry, manifest_entry, randomise_batch_norm, saved_files, small_model
 
 import densenet_efficient as de
 from densenet_efficient.pretrained.manifest import MANIFEST_ENV
+from tests.weights_helpers import X, hub_entry, manifest_entry, randomise_batch_norm, saved_files, small_model
 
 timm = pytest.importorskip("timm")
 
@@ -66,7 +66,7 @@ def test_registered_pretrained_configurations():
         assert cfg["first_conv"] == "features.conv0" and cfg["classifier"] == "classifier"
 
 
-@pytest.mark.parametrize("name", ["densenet_40_k12", "densenet121_efficient", "densenet121_3d_efficient"])
+@pytest.mark.parametrize("name", ["densenet_40_k12", "densenet121_efficient", "densenet121_3d"])
 def test_pool_size_is_the_unpooled_feature_size(name):
     """timm's test_model_default_cfgs failed with KeyError: 'pool_size'."""
     model = timm.create_model(name, block_config=(1, 1, 1, 1), device="meta", dtype=torch.float32)
