@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
+import torch
 from torch import nn
 
 from .functional import MemoryMode
@@ -138,8 +139,6 @@ def is_model(name: str) -> bool:
 def _architecture(name: str) -> dict[str, Any]:
     """The constructor arguments of registered name ``name``, read from the network its factory builds on the
     ``meta`` device (nothing is allocated)."""
-    import torch
-
     with torch.device("meta"):
         return dict(_ENTRYPOINTS[name](efficient=False).config)
 
