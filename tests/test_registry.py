@@ -229,12 +229,12 @@ def test_any_cifar_depth_saved_loads_again_by_its_name(tmp_path):
         assert torch.equal(a, b), key
 
 
-COMMANDS_WITH_A_MODEL = [["bench"], ["plan", "--memory", "1GB"], ["train"]]
+COMMANDS_WITH_A_MODEL = [["bench", "--model"], ["plan", "--memory", "1GB", "--model"], ["train", "--model"], ["eval"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS_WITH_A_MODEL)
 def test_every_command_accepts_any_cifar_depth(command):
-    args = cli.build_parser().parse_args([*command, "--model", "densenet_bc_28_k4"])
+    args = cli.build_parser().parse_args([*command, "densenet_bc_28_k4"])
     assert args.model == "densenet_bc_28_k4"
 
 
@@ -244,7 +244,7 @@ def test_every_command_refuses_what_create_model_refuses(name, capsys):
         de.create_model(name)
     for command in COMMANDS_WITH_A_MODEL:
         with pytest.raises(SystemExit) as exit_:
-            cli.build_parser().parse_args([*command, "--model", name])
+            cli.build_parser().parse_args([*command, name])
         assert exit_.value.code == 2
         assert str(refused.value) in capsys.readouterr().err
 

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
+import torch
 from torch import nn
 
 from .functional import MemoryMode
@@ -101,11 +102,6 @@ def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
     return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 
-def aliases() -> dict[str, str]:
-    """Earlier model names that keep working: ``{alias: registered name}``."""
-    return dict(_ALIASES)
-
-
 def resolve_model(name: str) -> tuple[str, Callable[..., DenseNet]]:
     """``(canonical name, factory)`` for a registered name, an alias, or a CIFAR network of any depth
     (``densenet_bc_<depth>_k<growth>``, ``densenet_<depth>_k<growth>``). The one name resolver: everything that
@@ -143,8 +139,6 @@ def is_model(name: str) -> bool:
 def _architecture(name: str) -> dict[str, Any]:
     """The constructor arguments of registered name ``name``, read from the network its factory builds on the
     ``meta`` device (nothing is allocated)."""
-    import torch
-
     with torch.device("meta"):
         return dict(_ENTRYPOINTS[name](efficient=False).config)
 
@@ -445,10 +439,8 @@ def densenet264_3d(
     return _create_densenet("densenet264_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
 
 
-def entrypoints(include_aliases: bool = True) -> dict[str, Callable[..., DenseNet]]:
-    """``{name: factory}`` of every registered model (and, with ``include_aliases``, each alias with the factory
-    of the name it stands for): what the package and ``hubconf.py`` export."""
-    names = {name: name for name in _ENTRYPOINTS}
-    if include_aliases:
-        names.update(_ALIASES)
+def entrypoints() -> dict[str, Callable[..., DenseNet]]:
+    """``{name: factory}`` of every registered model and alias (an alias maps to the factory of the name it
+    stands for): what the package and ``hubconf.py`` export."""
+    names = {**{name: name for name in _ENTRYPOINTS}, **_ALIASES}
     return {name: _ENTRYPOINTS[target] for name, target in sorted(names.items())}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import MemoryMode, create_model
-from ..core.registry import cifar_name
+from ..core.registry import cifar_name, resolve_model
 from .memory import Footprint, fake_footprint
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,10 +31,9 @@ _FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
 
 def model_name(value: str) -> str:
     """argparse type: a model name :func:`~densenet_efficient.core.registry.resolve_model` accepts (a registered
-    name, an alias, or any CIFAR depth), checked by building it on the meta device."""
+    name, an alias, or any CIFAR depth), the resolver that ``create_model`` uses."""
     try:
-        with torch.device("meta"):
-            create_model(value, efficient=False)
+        resolve_model(value)
     except (ValueError, TypeError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return value

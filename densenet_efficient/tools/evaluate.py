@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from ..core import create_model
-from .common import AMP_DTYPES, UsageError, evaluate
+from .common import AMP_DTYPES, UsageError, evaluate, model_name
 from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="registered model name (see `densenet-efficient models`)")
+    parser.add_argument("model", type=model_name, help="model name (see `densenet-efficient models`)")
     parser.add_argument(
         "--weights",
         help="weights tag, .safetensors file (a `train` run's best.safetensors or "
