@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .core import registry
-from .core.config import adapt_cfg, check_pretrained_cfg, with_pool_sizes
+from .core.config import adapt_cfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
 from .core.model import DenseNet, DenseNetFeatures
 from .pretrained.errors import UnknownWeightsError
 from .pretrained.loading import WEIGHTS_FILENAME, check_model_args
@@ -40,8 +40,15 @@ def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
         for tag in sorted(tags, key=lambda tag: tag != default):
             cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
         if not tags:
-            with torch.device("meta"):
-                cfgs[name] = dict(registry.create_model(name).pretrained_cfg)
+            args = registry.architecture(name)
+            cfgs[name] = architecture_cfg(
+                args.get("stem", "imagenet"),
+                args.get("in_chans", 3),
+                args.get("num_classes", 1000),
+                args.get("spatial_dims", 2),
+                len(args["block_config"]),
+                architecture=name,
+            )
     return generate_default_cfgs(cfgs)
 
 
@@ -112,7 +119,7 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
                 "DenseNetFeatures backbone (timm's 'getter' semantics: forward_intermediates)"
             )
         if pretrained_model_args:  # a config.json's model_args, which timm also passed on in kwargs
-            check_model_args(name, {k: v for k, v in pretrained_model_args.items() if k != "efficient"}, "model_args")
+            check_model_args(name, {k: v for k, v in pretrained_model_args.items() if k != "efficient"}, "config.json")
         cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
         reference = _weights_reference(name, cfg) if pretrained else None
         features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)

@@ -174,3 +174,27 @@ def test_timms_save_for_hf_of_a_registered_model_loads_both_ways(tmp_path):
     again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
     assert again.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "spelling, expected",
+    [
+        (dict(model_name="densenet121_efficient.ra_in1k"), ("densenet121_efficient", "ra_in1k")),
+        (dict(model_name="densenet121_efficient"), ("densenet121_efficient", "tv_in1k")),
+        (dict(model_name="densenet169_efficient", pretrained_cfg="tv_in1k"), ("densenet169_efficient", "tv_in1k")),
+    ],
+)
+def test_the_shipped_tags_ask_this_packages_loader_for_their_weights(monkeypatch, spelling, expected):
+    """The weights reference timm.create_model hands to this package's loader (stopped before any download)."""
+    from densenet_efficient.core import registry
+
+    asked = []
+
+    def resolver(name, weights, **options):
+        asked.append((name, weights))
+        raise LookupError("stop before downloading")
+
+    monkeypatch.setattr(registry, "_weights_resolver", resolver)
+    with pytest.raises(LookupError, match="stop before downloading"):
+        timm.create_model(**spelling, pretrained=True)
+    assert asked == [expected]
