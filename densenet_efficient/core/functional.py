@@ -491,5 +491,6 @@ def bn_relu_conv(
         warn_fallback(owner or stages[0][1], *obstacle)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
-        x = conv(F.relu(norm(x), inplace=True))
+        # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
+        x = conv(F.relu(norm(x), inplace=not (norm._backward_hooks or norm._backward_pre_hooks)))
     return x
