@@ -146,10 +146,10 @@ class DenseLayer(nn.Module):
     @classmethod
     def from_modules(
         cls,
-        norm1: nn.BatchNorm2d,
-        conv1: nn.Conv2d,
-        norm2: nn.BatchNorm2d | None,
-        conv2: nn.Conv2d | None,
+        norm1: _BatchNorm,
+        conv1: _ConvNd,
+        norm2: _BatchNorm | None,
+        conv2: _ConvNd | None,
         drop_rate: float,
         efficient: MemoryMode,
     ) -> "DenseLayer":
@@ -206,6 +206,13 @@ class DenseBlock(nn.ModuleDict):
             )
             self.add_module(f"denselayer{index + 1}", layer)
 
+    @classmethod
+    def from_layers(cls, layers: "OrderedDict[str, nn.Module]") -> "DenseBlock":
+        """A dense block of existing dense layers (the same objects), each taking the list of maps before it."""
+        block = cls.__new__(cls)
+        nn.ModuleDict.__init__(block, layers)
+        return block
+
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         return _concat(self.extend(_feature_list(features)))
 
@@ -237,7 +244,7 @@ class Transition(nn.Module):
         self.efficient = efficient
 
     @classmethod
-    def from_modules(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, efficient: MemoryMode) -> "Transition":
+    def from_modules(cls, norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode) -> "Transition":
         """A transition around existing modules (the same objects: weights and buffers are shared)."""
         transition = cls.__new__(cls)
         nn.Module.__init__(transition)
