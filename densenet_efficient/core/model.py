@@ -710,10 +710,15 @@ class DenseNet(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch for trading compute for memory, mapped to the memory modes: ``True`` sets
-        ``efficient=True`` (recompute concatenation, BN and ReLU in backward), ``False`` sets ``efficient=False``
-        (plain autograd). ``set_efficient("max")`` is the lowest-memory mode."""
-        self.set_efficient(bool(enable))
+        """timm's switch for trading compute for memory (``train.py --grad-checkpointing``), mapped to the memory
+        modes so that turning it on never raises memory: ``True`` keeps a mode that recomputes already (``True``,
+        the default, or ``"max"``) and turns plain autograd into ``efficient=True`` (recompute concatenation, BN
+        and ReLU in backward); ``False`` recomputes nothing: plain autograd (``efficient=False``).
+        ``set_efficient("max")`` is the lowest-memory mode."""
+        if not enable:
+            self.set_efficient(False)
+        elif not self.efficient:
+            self.set_efficient(True)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning rates (timm's ``group_matcher``): the stem, then each dense
