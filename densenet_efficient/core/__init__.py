@@ -6,6 +6,7 @@ It imports nothing else of the project.
 from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
+from .monai_layout import from_monai
 from .registry import (
     cifar_densenet,
     create_model,
@@ -51,6 +52,7 @@ __all__ = [
     "densenet_bc_100_k12",
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
+    "from_monai",
     "list_models",
     "make_efficient",
     "register_model",
