@@ -53,12 +53,14 @@ def assert_same_training(
 ):
     """Train copies of ``base`` naive and in ``mode``; compare logits, gradients and buffers.
 
+    ``base``: a model, or a function that builds one (for models that cannot be deep-copied).
     Gradients are compared as one vector (relative norm of the difference) unless ``per_tensor_gradients``:
     in fp32 some BN weight gradients are ~1e-7, pure rounding noise, in which plain autograd itself differs
     from float64 by percents.
     """
-    reference = train(copy.deepcopy(base).to(device), inputs, targets, autocast=autocast)
-    result = train(copy.deepcopy(base).set_efficient(mode).to(device), inputs, targets, autocast=autocast)
+    make = base if not isinstance(base, torch.nn.Module) else lambda: copy.deepcopy(base)
+    reference = train(make().set_efficient(False).to(device), inputs, targets, autocast=autocast)
+    result = train(make().set_efficient(mode).to(device), inputs, targets, autocast=autocast)
     assert_close_relative(result[0], reference[0], rtol, "logits")
     assert reference[1].keys() == result[1].keys()
     if per_tensor_gradients:

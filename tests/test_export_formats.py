@@ -137,3 +137,66 @@ def test_jit_trace_of_a_training_efficient_model_says_what_to_use():
     assert traced(x).shape == (2, 10)
     model.eval()
     torch.testing.assert_close(torch.jit.trace(model, x)(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("mode", de.MEMORY_MODES)
+@pytest.mark.parametrize(("spatial_dims", "stem", "side"), [(2, "imagenet", 64), (1, "cifar", 16), (3, "imagenet", 16)])
+def test_every_feature_info_name_gives_its_level_through_fx(spatial_dims, stem, side, mode, training):
+    """The nodes feature_info names are the levels forward_intermediates returns (a block: its concatenation)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = de.DenseNet(**SMALL, num_classes=3, in_chans=2, stem=stem, spatial_dims=spatial_dims, efficient=mode).train(
+        training
+    )
+    names = [level["module"] for level in model.feature_info]
+    extractor = create_feature_extractor(model, return_nodes=names)
+    x = torch.randn((2, 2) + (side,) * spatial_dims)
+    out = extractor(x)
+    expected = model.forward_intermediates(x, intermediates_only=True)
+    assert list(out) == names
+    for level, level_out, reference in zip(model.feature_info, out.values(), expected, strict=True):
+        assert level_out.shape[1] == level["num_chs"], level["module"]
+        assert [side // s for s in level_out.shape[2:]] == [level["reduction"]] * spatial_dims, level["module"]
+        torch.testing.assert_close(level_out, reference, msg=level["module"])
+
+
+def test_block_nodes_mean_what_torchvisions_mean():
+    """create_feature_extractor on a block's name: the concatenated block output, as on torchvision's DenseNet
+    with the same weights."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    reference = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8).eval()
+    model = de.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8).eval()
+    model.load_state_dict(reference.state_dict())
+    nodes = ["features.denseblock1", "features.denseblock2", "features.denseblock3", "features.transition1"]
+    x = torch.randn(2, 3, 64, 64)
+    ours, theirs = (create_feature_extractor(m, return_nodes=nodes)(x) for m in (model, reference))
+    assert {name: o.shape[1] for name, o in ours.items()} == dict(zip(nodes, [16, 16, 16, 8], strict=True))
+    for name in nodes:
+        torch.testing.assert_close(ours[name], theirs[name], msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [True, "max"])
+def test_fx_extractor_of_every_level_keeps_the_savings(mode):
+    """Returning the blocks' concatenations from a traced training model stores none of them for backward."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    saved = {}
+    for efficient in (False, mode):
+        torch.manual_seed(0)
+        model = de.create_model("densenet_bc_100_k12", efficient=efficient, block_config=(4, 4, 4)).train()
+        extractor = create_feature_extractor(model, return_nodes=[level["module"] for level in model.feature_info])
+        with saved_tensor_bytes(exclude=tuple(extractor.parameters())) as counter:
+            out = extractor(torch.randn(4, 3, 32, 32))
+        sum(o.mean() for o in out.values()).backward()
+        saved[efficient] = counter.bytes
+        plain = de.create_model("densenet_bc_100_k12", efficient=efficient, block_config=(4, 4, 4)).train()
+        with saved_tensor_bytes(exclude=tuple(plain.parameters())) as untraced:
+            plain(torch.randn(4, 3, 32, 32))
+        if efficient:
+            assert counter.bytes <= untraced.bytes  # the traced model stores no more than the model itself
+    assert saved[mode] < 0.6 * saved[False]

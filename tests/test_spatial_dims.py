@@ -174,7 +174,7 @@ def test_3d_densenet121_trains_like_monai_in_every_mode():
     """DenseNet-121 3D holding MONAI's DenseNet121 weights: in every mode a training step on 1x32^3 volumes gives
     MONAI's loss, gradients and BatchNorm running statistics."""
     nets = pytest.importorskip("monai.networks.nets")
-    from export.monai import convert_state_dict
+    from densenet_efficient.core.monai_layout import convert_state_dict
 
     torch.manual_seed(0)
     monai = nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)

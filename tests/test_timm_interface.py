@@ -145,6 +145,25 @@ def test_features_only_backbone_keeps_memory_savings(stem):
     assert saved["max"] < saved[True] < 0.6 * saved[False]
 
 
+@pytest.mark.parametrize("mode", de.MEMORY_MODES)
+def test_grad_checkpointing_on_never_raises_memory(mode):
+    """timm's --grad-checkpointing (set_grad_checkpointing(True)) keeps a recomputing mode; on plain autograd it
+    turns the efficient mode on. Bytes saved for backward, one training forward."""
+    from densenet_efficient.tools.memory import saved_tensor_bytes
+
+    def saved(model):
+        with saved_tensor_bytes(exclude=tuple(model.parameters())) as counter:
+            model(torch.randn(2, 3, 64, 64))
+        return counter.bytes
+
+    model = small("densenet121_efficient", block_config=(2, 2, 2, 2)).train().set_efficient(mode)
+    before = saved(model)
+    model.set_grad_checkpointing(True)
+    after = saved(model)
+    assert model.efficient == (mode or True)
+    assert after == before if mode else after < 0.7 * before
+
+
 def test_grad_checkpointing_and_group_matcher():
     model = small("densenet121_efficient", block_config=(2, 2, 2, 2))
     model.set_grad_checkpointing(False)

@@ -8,6 +8,7 @@ from . import registry
 from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
+from .monai_layout import from_monai
 from .registry import cifar_densenet, create_model, is_model, list_models, register_model
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
@@ -25,6 +26,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "create_model",
     "is_model",
+    "from_monai",
     "list_models",
     "make_efficient",
     "register_model",

@@ -50,6 +50,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .eligibility import efficient_obstacle, is_frozen_norm, warn_fallback
+
 MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
 
@@ -113,25 +115,24 @@ def _batch_norm_momentum(norm: _BatchNorm) -> float:
 def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
     """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
     # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
-    # and an eval-mode norm without running statistics normalises with the batch's.
-    if isinstance(conv.padding, str):
-        raise ValueError(
-            f"{type(conv).__name__} with padding={conv.padding!r}: the memory-efficient layers need numeric padding"
-        )
-    use_running = not norm.training or norm.track_running_stats
+    # and an eval-mode norm without running statistics normalises with the batch's. A frozen norm (fixed
+    # statistics) is an eval-mode one.
+    assert not isinstance(conv.padding, str)  # string padding takes the plain path (see .eligibility)
+    training = norm.training and not is_frozen_norm(norm)
+    use_running = not training or norm.track_running_stats
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
-    batch_stats = norm.training or (running_mean is None and running_var is None)
+    batch_stats = training or (running_mean is None and running_var is None)
     return _Stage(
         running_mean,
         running_var,
-        _batch_norm_momentum(norm) if norm.training else 0.0,
+        _batch_norm_momentum(norm) if training else 0.0,
         norm.eps,
         conv.stride,
         conv.padding,
         conv.dilation,
         conv.groups,
         batch_stats,
-        _sync_group(norm) if norm.training else None,
+        _sync_group(norm) if training else None,
     )
 
 
@@ -461,22 +462,28 @@ class _BnReluConvChain(torch.autograd.Function):
 
 
 def bn_relu_conv(
-    features: Sequence[Tensor], stages: Sequence[tuple[_BatchNorm, _ConvNd]], efficient: MemoryMode
+    features: Sequence[Tensor],
+    stages: Sequence[tuple[_BatchNorm, _ConvNd]],
+    efficient: MemoryMode,
+    owner: nn.Module | None = None,
 ) -> Tensor:
     """Apply ``conv(relu(norm(.)))`` for each ``(norm, conv)`` of ``stages`` to ``cat(features, 1)``.
 
     ``features``: feature maps (N, C_i, *spatial) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
     training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
-    ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs. ``torch.jit.trace`` cannot
-    record the function: an eval-mode model traces with the plain modules, and tracing a training model raises a
-    ``RuntimeError`` that names the alternatives.
+    ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs. So do stages the function
+    would not compute exactly (see :mod:`.eligibility`: another norm, a convolution bias, hooks, ...), with a
+    one-time warning naming ``owner``, the layer they belong to. ``torch.jit.trace`` cannot record the function:
+    an eval-mode model traces with the plain modules, and tracing a training model raises a ``RuntimeError`` that
+    names the alternatives.
     """
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features)
         or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
     )
-    if efficient and needs_grad and torch.jit.is_tracing() and any(norm.training for norm, _ in stages):
+    training = any(norm.training and not is_frozen_norm(norm) for norm, _ in stages)
+    if efficient and needs_grad and torch.jit.is_tracing() and training:
         raise RuntimeError(
             f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
             "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
@@ -486,12 +493,16 @@ def bn_relu_conv(
     # Under functorch transforms and torch.jit.trace (eval mode), which cannot run this Function, the plain
     # modules run.
     if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
-        params: list[Tensor] = []
-        for norm, conv in stages:
-            params += (norm.weight, norm.bias, conv.weight)
-        chain = tuple(_stage(norm, conv) for norm, conv in stages)
-        return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
+        obstacle = efficient_obstacle(stages)
+        if obstacle is None:
+            params: list[Tensor] = []
+            for norm, conv in stages:
+                params += (norm.weight, norm.bias, conv.weight)
+            chain = tuple(_stage(norm, conv) for norm, conv in stages)
+            return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
+        warn_fallback(owner or stages[0][1], *obstacle)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
-        x = conv(F.relu(norm(x), inplace=True))
+        # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
+        x = conv(F.relu(norm(x), inplace=not (norm._backward_hooks or norm._backward_pre_hooks)))
     return x

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .config import architecture_cfg
+from .eligibility import has_module_hooks
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
@@ -57,13 +58,16 @@ class DenseLayer(nn.Module):
     BN-ReLU-Conv3x3 to ``growth_rate`` channels. Without: a single BN-ReLU-Conv3x3. Dropout follows if
     ``drop_rate > 0``.
 
-    Input: a list of (N, C_i, H, W) tensors with sum(C_i) == ``in_channels``. Output: (N, growth_rate, H, W).
-    With ``spatial_dims`` 1 or 3, (N, C, L) or (N, C, D, H, W) and 1D or 3D layers instead.
+    Input: a (N, in_channels, H, W) tensor or, as torchvision's ``_DenseLayer``, a list of (N, C_i, H, W) tensors
+    with sum(C_i) == ``in_channels`` (the list is concatenated, in the efficient modes only in backward). Output:
+    the new features (N, growth_rate, H, W). With ``spatial_dims`` 1 or 3, (N, C, L) or (N, C, D, H, W) and 1D or
+    3D layers instead.
     Stored for backward: plain autograd keeps the concatenation and each BN-ReLU output; ``efficient=True`` keeps
     only the per-channel batch statistics and the bottleneck output; ``"max"`` only the statistics.
     """
 
-    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+    __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
+    qualified_name = ""  # where the layer is in its network (see name_layers), for messages
 
     def __init__(
         self,
@@ -96,10 +100,10 @@ class DenseLayer(nn.Module):
     @classmethod
     def from_modules(
         cls,
-        norm1: nn.BatchNorm2d,
-        conv1: nn.Conv2d,
-        norm2: nn.BatchNorm2d | None,
-        conv2: nn.Conv2d | None,
+        norm1: _BatchNorm,
+        conv1: _ConvNd,
+        norm2: _BatchNorm | None,
+        conv2: _ConvNd | None,
         drop_rate: float,
         efficient: MemoryMode,
     ) -> "DenseLayer":
@@ -113,23 +117,31 @@ class DenseLayer(nn.Module):
         layer.efficient = check_memory_mode(efficient)
         return layer
 
-    def forward(self, features: List[Tensor]) -> Tensor:
+    def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
-            new_features = self.conv1(F.relu(self.norm1(_concat(features))))
+            new_features = self.conv1(F.relu(self.norm1(_concat(_feature_list(features)))))
             if hasattr(self, "conv2"):
                 new_features = self.conv2(F.relu(self.norm2(new_features)))
         else:
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            new_features = bn_relu_conv(features, self.stages(), self.efficient)
+            new_features = bn_relu_conv(_feature_list(features), self.stages(), self.efficient, self)
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers. Input: a list of feature maps; output: that list plus each layer's output."""
+    """``num_layers`` dense layers, each reading every feature map before it.
+
+    ``forward``, as torchvision's ``_DenseBlock`` and MONAI's: a (N, C, H, W) tensor (or a list of maps whose
+    channels add up to C) -> the concatenation of the input and every layer's new features (N, C + num_layers *
+    growth_rate, H, W). Under ``torch.fx`` that concatenation is the block's output node, so
+    ``create_feature_extractor(model, ["features.denseblock1"])`` returns what torchvision's DenseNet returns.
+    :meth:`extend` returns the maps as a list instead: :class:`DenseFeatures` hands that list to the transition,
+    so that no concatenation of the block is stored for backward.
+    """
 
     def __init__(
         self,
@@ -148,7 +160,18 @@ class DenseBlock(nn.ModuleDict):
             )
             self.add_module(f"denselayer{index + 1}", layer)
 
-    def forward(self, features: List[Tensor]) -> List[Tensor]:
+    @classmethod
+    def from_layers(cls, layers: "OrderedDict[str, nn.Module]") -> "DenseBlock":
+        """A dense block of existing dense layers (the same objects), each taking the list of maps before it."""
+        block = cls.__new__(cls)
+        nn.ModuleDict.__init__(block, layers)
+        return block
+
+    def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
+        return _concat(self.extend(_feature_list(features)))
+
+    def extend(self, features: List[Tensor]) -> List[Tensor]:
+        """The input feature maps followed by each layer's new features (N, growth_rate, H, W)."""
         features = list(features)
         for layer in self.values():
             features.append(layer(features))
@@ -163,7 +186,8 @@ class Transition(nn.Module):
     In the efficient modes the block's concatenation is not stored for backward: only its statistics are.
     """
 
-    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs plain modules
+    __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
+    qualified_name = ""  # where the layer is in its network (see name_layers), for messages
 
     def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode, spatial_dims: int = 2):
         super().__init__()
@@ -174,7 +198,7 @@ class Transition(nn.Module):
         self.efficient = efficient
 
     @classmethod
-    def from_modules(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, efficient: MemoryMode) -> "Transition":
+    def from_modules(cls, norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode) -> "Transition":
         """A transition around existing modules (the same objects: weights and buffers are shared)."""
         transition = cls.__new__(cls)
         nn.Module.__init__(transition)
@@ -185,14 +209,12 @@ class Transition(nn.Module):
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
-            inputs = [features] if isinstance(features, Tensor) else features
-            x = self.conv(F.relu(self.norm(_concat(inputs))))
+            x = self.conv(F.relu(self.norm(_concat(_feature_list(features)))))
         else:
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            inputs = [features] if isinstance(features, Tensor) else features
-            x = bn_relu_conv(inputs, [(self.norm, self.conv)], self.efficient)
+            x = bn_relu_conv(_feature_list(features), [(self.norm, self.conv)], self.efficient, self)
         return _avg_pool(x, self.spatial_dims)
 
 
@@ -206,7 +228,49 @@ def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
 
 
 def _concat(features: List[Tensor]) -> Tensor:
+    if not torch.jit.is_scripting():
+        if isinstance(features, _TracedBlockMaps):
+            return features.concatenation  # the block's output node, not a second concatenation
     return features[0] if len(features) == 1 else torch.cat(features, 1)
+
+
+class _TracedBlockMaps(list):
+    """Under ``torch.fx`` tracing, the feature maps of a dense block and the node of their concatenation."""
+
+    def __init__(self, maps: List[Any], concatenation: Any):
+        super().__init__(maps)
+        self.concatenation = concatenation
+
+
+def _feature_list(features: Union[Tensor, List[Tensor]]) -> List[Tensor]:
+    """A feature map (a tensor, or a ``torch.fx`` proxy of one) as a one-map list; a list as it is."""
+    if isinstance(features, Tensor):
+        return [features]
+    if not torch.jit.is_scripting():
+        if isinstance(features, torch.fx.Proxy):
+            return [features]
+    return features
+
+
+def _block_features(block: nn.Module, features: List[Tensor]) -> List[Tensor]:
+    """``block.extend(features)``, calling the block as a module where something observes the call.
+
+    Under ``torch.fx`` tracing the block is called, so that its concatenation is recorded under its name, and the
+    maps it concatenated are taken back from that node: the graph passes them to the transition as a list, so
+    that the concatenation, unused there, costs one copy per block in a traced model but no memory stored for
+    backward (feature extractors drop it unless it is asked for). A block with hooks is called
+    too, so that they fire with what torchvision's block would give them; the transition then reads (and stores
+    for backward) that concatenation.
+    """
+    if any(isinstance(feature, torch.fx.Proxy) for feature in features):
+        output: Any = block(features)
+        node = output.node
+        if node.op == "call_function" and node.target is torch.cat:
+            return _TracedBlockMaps([torch.fx.Proxy(part, output.tracer) for part in node.args[0]], output)
+        return [output]  # the tracer keeps the block as a leaf
+    if has_module_hooks(block):
+        return [block(features)]
+    return block.extend(features)  # type: ignore[operator]
 
 
 def _record_as_fx_leaf(module: nn.Module, features: Union[Tensor, List[Tensor]]) -> Optional[Tensor]:
@@ -248,7 +312,10 @@ class DenseFeatures(nn.Sequential):
             # Dispatch on submodule names: TorchScript resolves hasattr on modules statically (isinstance on a
             # ModuleDict subclass it does not always).
             if hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
-                features = module(features)
+                if torch.jit.is_scripting():
+                    features = module.extend(features)  # type: ignore[operator]
+                else:
+                    features = _block_features(module, features)
             elif hasattr(module, "norm") and hasattr(module, "conv"):  # a Transition: list in, tensor out
                 features = [module(features)]
             else:
@@ -314,6 +381,15 @@ def _set_memory_mode(root: nn.Module, efficient: MemoryMode) -> None:
     for module in root.modules():
         if isinstance(module, (DenseLayer, Transition)):
             module.efficient = efficient
+    name_layers(root)
+
+
+def name_layers(root: nn.Module) -> None:
+    """Record in each dense layer and transition of ``root`` its name there (``features.denseblock1.denselayer1``),
+    for messages."""
+    for name, module in root.named_modules():
+        if isinstance(module, (DenseLayer, Transition)):
+            module.qualified_name = name
 
 
 def _shape(x: Tensor) -> str:
@@ -530,6 +606,7 @@ class DenseNet(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+        name_layers(self)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = self._min_input_size(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
@@ -587,10 +664,15 @@ class DenseNet(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch for trading compute for memory, mapped to the memory modes: ``True`` sets
-        ``efficient=True`` (recompute concatenation, BN and ReLU in backward), ``False`` sets ``efficient=False``
-        (plain autograd). ``set_efficient("max")`` is the lowest-memory mode."""
-        self.set_efficient(bool(enable))
+        """timm's switch for trading compute for memory (``train.py --grad-checkpointing``), mapped to the memory
+        modes so that turning it on never raises memory: ``True`` keeps a mode that recomputes already (``True``,
+        the default, or ``"max"``) and turns plain autograd into ``efficient=True`` (recompute concatenation, BN
+        and ReLU in backward); ``False`` recomputes nothing: plain autograd (``efficient=False``).
+        ``set_efficient("max")`` is the lowest-memory mode."""
+        if not enable:
+            self.set_efficient(False)
+        elif not self.efficient:
+            self.set_efficient(True)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning rates (timm's ``group_matcher``): the stem, then each dense

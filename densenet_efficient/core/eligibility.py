@@ -1,0 +1,153 @@
+"""Which BN-ReLU-Conv stages the memory-efficient function may compute, and the warning when it may not.
+
+The function reads a stage's tensors and settings (``norm.weight``, ``norm.running_mean``, ``conv.weight``,
+``conv.stride``, ...) and never calls the modules. It therefore computes a stage exactly only when the modules do
+nothing but what it computes: batch norm (training or eval mode) or a norm with fixed statistics, a ReLU, and a
+bias-free, zero-padded convolution, with no hooks that expect the modules to be called. Everything else (another
+norm, a convolution with a bias or its own ``forward``, hooks, legacy reparametrisations, quantisation-aware
+training) runs the plain modules for that layer, exactly, with a one-time warning that names the layer and says
+that its memory saving is lost. ``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor
+evaluates its parametrisation, differentiably.
+
+The checks read types, attributes and hook dictionaries on every call (a few dictionary look-ups per stage), so
+hooks or modules added at any time are seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import TypeGuard
+
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.nn.utils import parametrize
+
+# Batch norms the function computes as they are: (N, C, *spatial) batch norm, statistics from the batch in
+# training mode (shared across processes where ``process_group`` says so) and the running ones in eval mode.
+_BATCH_NORMS = frozenset(
+    {
+        "torch.nn.modules.batchnorm.BatchNorm1d",
+        "torch.nn.modules.batchnorm.BatchNorm2d",
+        "torch.nn.modules.batchnorm.BatchNorm3d",
+        "torch.nn.modules.batchnorm.SyncBatchNorm",
+        "densenet_efficient.core.sync_batchnorm.SyncBatchNorm",
+    }
+)
+# Batch norm followed by its own activation and dropout: computed when those are a ReLU (or nothing) and nothing.
+_BATCH_NORM_ACTS = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
+# Norms with fixed statistics and affine tensors as buffers (``weight``, ``bias``, ``running_mean``,
+# ``running_var``, ``eps``): computed as an eval-mode batch norm, whatever their training flag.
+FROZEN_NORMS = frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"})
+_CONVOLUTIONS = frozenset(
+    {"torch.nn.modules.conv.Conv1d", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.conv.Conv3d"}
+)
+SUPPORTED = (
+    "BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d or timm's BatchNormAct2d with a ReLU, then "
+    "a Conv1d/2d/3d without bias and with zero padding, no hooks"
+)
+
+
+def _class_name(module: nn.Module) -> str:
+    """The qualified name of ``module``'s class; for a module with ``parametrize`` parametrisations, of the class
+    it had before (parametrize swaps in a subclass whose tensors it computes)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_frozen_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises with fixed statistics whatever its training flag (torchvision's
+    ``FrozenBatchNorm2d``)."""
+    return _class_name(norm) in FROZEN_NORMS
+
+
+def has_global_module_hooks() -> bool:
+    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_*_hook``)."""
+    return bool(
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks: its own (forward, forward pre-, backward) or global ones."""
+    return _own_hooks(module) or has_global_module_hooks()
+
+
+def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
+    return type(module) in classes
+
+
+def _norm_obstacle(norm: nn.Module) -> str | None:
+    name = _class_name(norm)
+    if name in FROZEN_NORMS:
+        return None
+    if name in _BATCH_NORM_ACTS:
+        act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+        if not _is_exactly(act, nn.ReLU, nn.Identity) or not _is_exactly(drop, nn.Identity):
+            return f"is a {type(norm).__name__} with activation {type(act).__name__} and dropout {type(drop).__name__}"
+        if _own_hooks(act) or _own_hooks(drop):
+            return "has hooks on its activation or dropout"
+    elif name not in _BATCH_NORMS:
+        return f"is a {type(norm).__name__}, not a batch norm"
+    if norm.weight is None or norm.bias is None:
+        return "is a batch norm without affine weight and bias (affine=False or bias=False)"
+    return None
+
+
+def _conv_obstacle(conv: nn.Module) -> str | None:
+    if _class_name(conv) not in _CONVOLUTIONS:
+        return f"is a {type(conv).__name__}, not a Conv1d/2d/3d"
+    if conv.bias is not None:
+        return "has a bias"
+    if conv.padding_mode != "zeros":
+        return f"pads with padding_mode={conv.padding_mode!r}, not zeros"
+    if isinstance(conv.padding, str):
+        return f"has padding={conv.padding!r}, not numeric padding"
+    return None
+
+
+def efficient_obstacle(stages: Sequence[tuple[nn.Module, nn.Module]]) -> tuple[nn.Module | None, str] | None:
+    """``None`` if the memory-efficient function computes ``stages`` exactly (see the module docstring), else
+    the first module it would get wrong (``None`` for the whole network) and why."""
+    if has_global_module_hooks():
+        return None, "runs while global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+    for norm, conv in stages:
+        for module, obstacle in ((norm, _norm_obstacle), (conv, _conv_obstacle)):
+            reason = obstacle(module)
+            if reason is None and _own_hooks(module):
+                reason = "has hooks (forward, forward pre- or backward hooks, or a legacy weight_norm, spectral_norm "
+                reason += "or prune reparametrisation, or quantisation-aware training's observers)"
+            if reason is not None:
+                return module, reason
+    return None
+
+
+_warned: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def warn_fallback(owner: nn.Module, module: nn.Module | None, reason: str) -> None:
+    """Warn, once per layer and reason, that ``owner`` runs its plain modules because of ``module``."""
+    seen = _warned.setdefault(owner, set())
+    if reason in seen:
+        return
+    seen.add(reason)
+    layer = getattr(owner, "qualified_name", "") or type(owner).__name__
+    role = next((name for name, child in owner.named_children() if child is module), None)
+    subject = f"{layer}.{role} ({type(module).__name__})" if role else layer
+    warnings.warn(
+        f"{subject} {reason}: the memory-efficient function would not compute it, so {layer} runs its plain "
+        f"modules (exact, as efficient=False) and its memory saving is lost. The function computes {SUPPORTED}.",
+        stacklevel=4,
+    )

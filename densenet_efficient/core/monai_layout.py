@@ -1,0 +1,103 @@
+"""MONAI's DenseNet (``monai.networks.nets.DenseNet121/169/201/264``, any ``spatial_dims``) in this project's
+layout: its state dict converted, or a model built with its weights (:func:`from_monai`).
+
+MONAI names a dense layer's modules ``denselayerM.layers.norm1`` and the classifier ``class_layers.out``; this
+project ``denselayerM.norm1`` and ``classifier`` (torchvision's names); every other key is the same. The
+architecture (spatial dimensions, input channels, classes, growth rate, blocks, bottleneck width) is read from the
+state dict's shapes. To keep MONAI's own model (and its keys) and give it the memory modes, use
+:func:`~densenet_efficient.make_efficient` instead.
+
+MONAI's ``dropout_prob`` drops whole channels in 2D and 3D (``nn.Dropout2d/3d``), this project's ``drop_rate``
+single activations: weights and inference are the same, training with dropout is not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .functional import MemoryMode
+from .model import DenseNet
+from .registry import architecture, create_model, list_models
+
+DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
+_LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$")
+_CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
+_DENSE_LAYER = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.layers\.conv2\.weight$")
+
+
+def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """MONAI DenseNet keys -> this project's (``...denselayerM.layers.norm1`` -> ``...denselayerM.norm1``,
+    ``class_layers.out`` -> ``classifier``); raises ``ValueError`` for a state dict that is not a MONAI DenseNet."""
+    if "features.conv0.weight" not in state_dict or "class_layers.out.weight" not in state_dict:
+        raise ValueError(
+            "not a MONAI DenseNet state dict: expected keys features.conv0.weight and "
+            "class_layers.out.weight (monai.networks.nets.DenseNet121/169/201/264)"
+        )
+    converted = {}
+    for key, value in state_dict.items():
+        key = _LAYER_KEY.sub(r"\1.\2", key)
+        key = _CLASSIFIER_KEY.sub(r"classifier.\1", key)
+        converted[key] = value
+    return converted
+
+
+def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``DenseNet`` constructor arguments of the MONAI DenseNet whose (MONAI-named) ``state_dict`` this is."""
+    convert_state_dict(state_dict)  # checks that it is one
+    layers: dict[int, int] = {}
+    for key in state_dict:
+        match = _DENSE_LAYER.match(key)
+        if match:
+            block, layer = int(match[1]), int(match[2])
+            layers[block] = max(layers.get(block, 0), layer)
+    if not layers or sorted(layers) != list(range(1, len(layers) + 1)):
+        raise ValueError("not a MONAI DenseNet state dict: its dense blocks are not numbered 1, 2, ...")
+    conv0 = state_dict["features.conv0.weight"]
+    conv1 = state_dict["features.denseblock1.denselayer1.layers.conv1.weight"]
+    growth_rate = state_dict["features.denseblock1.denselayer1.layers.conv2.weight"].shape[0]
+    return {
+        "growth_rate": growth_rate,
+        "block_config": tuple(layers[block] for block in sorted(layers)),
+        "num_init_features": conv0.shape[0],
+        "bn_size": conv1.shape[0] // growth_rate,
+        "compression": 0.5,
+        "num_classes": state_dict["class_layers.out.weight"].shape[0],
+        "in_chans": conv0.shape[1],
+        "stem": "imagenet",
+        "spatial_dims": conv0.dim() - 2,
+    }
+
+
+def registered_name(args: Mapping[str, Any]) -> str:
+    """The registered 3D architecture with ``args``' layout (``densenet121_3d`` for MONAI's
+    DenseNet121...); ``ValueError`` if none has it."""
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
+    names = list_models("densenet*_3d")
+    for name in names:
+        if all(architecture(name).get(key, DENSENET_DEFAULTS[key]) == args[key] for key in keys):
+            return name
+    layout = ", ".join(f"{key}={args[key]}" for key in keys)
+    raise ValueError(
+        f"no registered architecture has this layout ({layout}); registered 3D DenseNets: "
+        f"{', '.join(names)} (MONAI's DenseNet121/169/201/264): pass the model name to use"
+    )
+
+
+def from_monai(
+    source: nn.Module | Mapping[str, Tensor], name: str | None = None, efficient: MemoryMode = True
+) -> DenseNet:
+    """This project's DenseNet with the weights and buffers of a MONAI DenseNet (a module or its state dict).
+
+    ``name``: the registered model to build (default: the 3D architecture with the same blocks, e.g.
+    ``densenet121_3d``); its spatial dimensions, channels and classes are taken from the weights.
+    """
+    state_dict = source.state_dict() if isinstance(source, nn.Module) else source
+    args = model_args(state_dict)
+    model = create_model(name or registered_name(args), efficient=efficient, **args)
+    model.load_state_dict(convert_state_dict(state_dict), strict=True)
+    return model

@@ -1,0 +1,262 @@
+"""Which stages the memory-efficient function computes, and the plain-module fallback for the others.
+
+Every case is checked against ``efficient=False`` (plain modules, the reference): outputs, gradients, batch-norm
+buffers and hook calls, and, where the function must still run, the bytes saved for backward.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from test_functional import assert_same_training
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+import densenet_efficient as de
+from densenet_efficient.tools.memory import saved_tensor_bytes
+
+LAYER = "features.denseblock2.denselayer1"  # the layer each case modifies
+MODES = [True, pytest.param("max", marks=pytest.mark.slow)]
+
+
+def tiny(mode=False):
+    """DenseNet-BC depth 16, growth 4: three blocks of two bottleneck layers."""
+    torch.manual_seed(0)
+    return de.cifar_densenet(16, growth_rate=4, efficient=mode)
+
+
+def batch():
+    return torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+
+
+def fallback_warnings(caught):
+    return [str(w.message) for w in caught if "memory saving is lost" in str(w.message)]
+
+
+def saved_bytes(model, x):
+    with saved_tensor_bytes(exclude=tuple(model.parameters()) + tuple(model.buffers())) as counter:
+        model(x).sum().backward()
+    return counter.bytes
+
+
+class StandardisedConv2d(nn.Conv2d):
+    """Weight standardisation: a convolution with its own forward."""
+
+    def forward(self, x):
+        weight = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight / (weight.std((1, 2, 3), keepdim=True) + 1e-5), self.bias)
+
+
+def _bias_conv(layer):
+    layer.conv1 = nn.Conv2d(layer.conv1.in_channels, layer.conv1.out_channels, 1, bias=True)
+    nn.init.uniform_(layer.conv1.bias, -1, 1)
+
+
+def _reflect_conv(layer):
+    conv = layer.conv2
+    layer.conv2 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False, padding_mode="reflect")
+
+
+def _same_padding_conv(layer):
+    conv = layer.conv2
+    layer.conv2 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding="same", bias=False)
+
+
+def _standardised_conv(layer):
+    conv = layer.conv2
+    layer.conv2 = StandardisedConv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+
+
+def _group_norm(layer):
+    layer.norm1 = nn.GroupNorm(2, layer.norm1.num_features)
+
+
+def _non_affine_norm(layer):
+    layer.norm2 = nn.BatchNorm2d(layer.norm2.num_features, affine=False)
+
+
+def _spectral_norm(layer):
+    nn.utils.spectral_norm(layer.conv1)
+
+
+def _weight_norm(layer):
+    nn.utils.weight_norm(layer.conv2)
+
+
+def _prune(layer):
+    prune.l1_unstructured(layer.conv1, "weight", amount=0.5)
+
+
+def _output_hook(layer):
+    layer.conv1.register_forward_hook(lambda module, inputs, output: output * 2)
+
+
+def _pre_hook(layer):
+    layer.norm1.register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,))
+
+
+FALLBACKS = {
+    "bias": (_bias_conv, "has a bias"),
+    "reflect padding": (_reflect_conv, "padding_mode='reflect'"),
+    "same padding": (_same_padding_conv, "padding='same'"),
+    "own forward": (_standardised_conv, "StandardisedConv2d, not a Conv1d/2d/3d"),
+    "GroupNorm": (_group_norm, "GroupNorm, not a batch norm"),
+    "affine=False": (_non_affine_norm, "without affine weight"),
+    "spectral_norm": (_spectral_norm, "has hooks"),
+    "weight_norm": (_weight_norm, "has hooks"),
+    "prune": (_prune, "has hooks"),
+    "forward hook": (_output_hook, "has hooks"),
+    "forward pre-hook": (_pre_hook, "has hooks"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_a_stage_the_function_would_get_wrong_runs_the_plain_modules(case, mode):
+    modify, reason = FALLBACKS[case]
+
+    def make():  # built anew: weight_norm's modules cannot be deep-copied
+        model = tiny()
+        modify(model.get_submodule(LAYER))
+        return model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same_training(make, *batch(), mode)  # three steps: spectral_norm's second one included
+    messages = fallback_warnings(caught)
+    assert len(messages) == 1, messages  # once, not per step
+    assert messages[0].startswith(LAYER) and reason in messages[0]
+    assert f"so {LAYER} runs its plain modules" in messages[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hooks_on_norm_and_conv_fire_as_in_plain_autograd(mode):
+    def counted(efficient):
+        model = tiny(efficient)
+        layer = model.get_submodule(LAYER)
+        calls = {"forward": 0, "pre": 0, "backward": 0}
+
+        def count(kind):
+            def hook(*args):
+                calls[kind] += 1
+
+            return hook
+
+        for module in (layer.norm1, layer.conv1):
+            module.register_forward_hook(count("forward"))
+            module.register_forward_pre_hook(count("pre"))
+            module.register_full_backward_hook(count("backward"))
+        x, _ = batch()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                model(x.requires_grad_()).sum().backward()
+        return calls
+
+    expected = counted(False)
+    assert expected == {"forward": 4, "pre": 4, "backward": 4}
+    assert counted(mode) == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_global_module_hooks_see_every_module(mode):
+    def count_calls(efficient):
+        model = tiny(efficient)
+        seen = []
+        handle = nn.modules.module.register_module_forward_hook(lambda module, inputs, output: seen.append(module))
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(batch()[0]).sum().backward()
+        finally:
+            handle.remove()
+        return len(seen), fallback_warnings(caught)
+
+    expected, none = count_calls(False)
+    calls, messages = count_calls(mode)
+    assert calls == expected and not none
+    assert messages and all("global module hooks" in message for message in messages)
+    # Without the global hook, the efficient path runs again.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny(mode)(batch()[0]).sum().backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantization_aware_training_runs_its_observers(mode):
+    from torch.ao import quantization
+
+    base = tiny()
+    base.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    quantization.prepare_qat(base, inplace=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same_training(base, *batch(), mode)  # observers' buffers included
+    assert fallback_warnings(caught)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parametrize_stays_on_the_efficient_path(mode):
+    class Scale(nn.Module):
+        def forward(self, weight):
+            return 0.5 * weight
+
+    base = tiny()
+    for layer in base.modules():
+        if isinstance(layer, de.core.model.DenseLayer):
+            parametrize.register_parametrization(layer.conv1, "weight", Scale())
+    x = batch()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_training(base, *batch(), mode)
+        efficient_bytes = saved_bytes(copy.deepcopy(base).set_efficient(mode), x)
+    assert efficient_bytes < 0.6 * saved_bytes(copy.deepcopy(base), x)
+
+
+def _frozen(norm):
+    frozen = torchvision.ops.FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+    frozen.weight.uniform_(0.5, 1.5)
+    frozen.bias.uniform_(-0.2, 0.2)
+    frozen.running_mean.uniform_(-0.5, 0.5)
+    frozen.running_var.uniform_(0.5, 1.5)
+    return frozen
+
+
+def _freeze_dense_norms(model):
+    """Every norm of the dense layers and transitions a torchvision FrozenBatchNorm2d, as detection models do."""
+    for module in model.modules():
+        if isinstance(module, (de.core.model.DenseLayer, de.core.model.Transition)):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.BatchNorm2d):
+                    setattr(module, name, _frozen(child))
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_batch_norm_in_a_training_model_keeps_the_savings(mode):
+    base = _freeze_dense_norms(tiny()).train()
+    x = batch()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_training(base, *batch(), mode, rtol=1e-4)
+        efficient_bytes = saved_bytes(copy.deepcopy(base).set_efficient(mode), x)
+    # Plain autograd stores less with frozen norms (not their inputs); the function stores what it stores with
+    # training batch norms, or less.
+    assert efficient_bytes < {True: 0.8, "max": 0.4}[mode] * saved_bytes(copy.deepcopy(base), x)
+    assert efficient_bytes <= saved_bytes(tiny(mode).train(), x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_mode_batch_norms_in_a_training_model_keep_the_savings(mode):
+    base = tiny().train()
+    for module in base.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    x = batch()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_training(base, *batch(), mode)
+        efficient_bytes = saved_bytes(copy.deepcopy(base).set_efficient(mode), x)
+    assert efficient_bytes < 0.6 * saved_bytes(copy.deepcopy(base), x)
