@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 EFFICIENT_MODES = [True, "max"]
 
@@ -76,3 +77,26 @@ def assert_same_training(
             assert torch.equal(result[2][name], reference[2][name]), name
         else:
             assert_close_relative(result[2][name], reference[2][name], rtol, name)
+
+
+def monai_densenet(spatial_dims=3):
+    """A small random MONAI DenseNet with non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(2)
+    from monai.networks.nets import DenseNet
+
+    model = DenseNet(
+        spatial_dims=spatial_dims,
+        in_channels=2,
+        out_channels=3,
+        init_features=8,
+        growth_rate=4,
+        block_config=(2, 3),
+        bn_size=2,
+    )
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()

@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 import torchvision
-from test_functional import assert_same_training
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import densenet_efficient as de
 from densenet_efficient.tools.memory import saved_tensor_bytes
+from tests.model_helpers import assert_same_training
 
 LAYER = "features.denseblock2.denselayer1"  # the layer each case modifies
 MODES = [True, pytest.param("max", marks=pytest.mark.slow)]

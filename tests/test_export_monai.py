@@ -2,33 +2,12 @@
 
 import pytest
 import torch
-from torch import nn
 
 import densenet_efficient as de
 from export import monai as convert_monai
+from tests.model_helpers import monai_densenet
 
-nets = pytest.importorskip("monai.networks.nets")
-
-
-def monai_densenet(spatial_dims=3):
-    """A small random MONAI DenseNet with non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(2)
-    model = nets.DenseNet(
-        spatial_dims=spatial_dims,
-        in_channels=2,
-        out_channels=3,
-        init_features=8,
-        growth_rate=4,
-        block_config=(2, 3),
-        bn_size=2,
-    )
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+pytest.importorskip("monai")
 
 
 def test_cli_writes_weights_that_load_by_name(tmp_path, capsys):

@@ -3,9 +3,9 @@ logits."""
 
 import pytest
 import torch
-from test_export_monai import monai_densenet
 
 from densenet_efficient.core import monai_layout as convert_monai
+from tests.model_helpers import monai_densenet
 
 nets = pytest.importorskip("monai.networks.nets")
 
