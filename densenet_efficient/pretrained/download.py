@@ -39,13 +39,14 @@ from huggingface_hub import (
     try_to_load_from_cache,
 )
 
-from .errors import ChecksumMismatchError, WeightsNotAvailableError
+from .errors import ChecksumMismatchError, UnverifiedWeightsError, WeightsNotAvailableError
 from .files import file_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
 TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes of an answer
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+ALLOW_UNVERIFIED_ENV = "DENSENET_EFFICIENT_ALLOW_UNVERIFIED"  # "1": load a Hub file that no hash can verify
 
 
 def fetch_hub_file(
@@ -64,6 +65,7 @@ def fetch_hub_file(
     """
     revision = revision or constants.DEFAULT_REVISION
     offline = constants.is_offline_mode()
+    served = None
     hub_cache = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
     if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache, revision=revision), str):
         if offline:
@@ -80,7 +82,7 @@ def fetch_hub_file(
         )
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
-    _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256)
+    _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256, served)
     return path
 
 
@@ -126,25 +128,67 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" + (f" ({lines[-1]})" if len(lines) > 1 else "")
 
 
-def _verify_cached(path: str, name: str, sha256: str | None) -> None:
-    """Check a cached Hub file against ``sha256`` or the hash its cache blob is named by; remove it on mismatch."""
-    blob = Path(path).resolve()
-    if sha256 or _SHA256.fullmatch(blob.name):
-        expected, actual = sha256 or blob.name, file_sha256(blob)
-    elif _GIT_BLOB_ID.fullmatch(blob.name):
-        expected, actual = blob.name, _git_blob_id(blob)
-    else:
+def _verify_cached(
+    path: str, name: str, sha256: str | None, served: str | None = None, allow_unverified: bool | None = None
+) -> None:
+    """Check a cached Hub file against ``sha256``, else the hash its cache blob is named by, else ``served`` (the
+    ETag of the request that just downloaded it). On a mismatch the cache's own entries for it are removed (see
+    :func:`_remove_cache_entries`). A file with no hash to check against is refused
+    (:class:`~.errors.UnverifiedWeightsError`) unless ``allow_unverified`` (default: ``$ALLOW_UNVERIFIED_ENV``)."""
+    entry = _cache_entry(Path(path))
+    hashes = [
+        value for value in (entry.name, served) if value and (_SHA256.fullmatch(value) or _GIT_BLOB_ID.fullmatch(value))
+    ]
+    expected = sha256 or next(iter(hashes), None)
+    if expected is None:
+        if allow_unverified is None:
+            allow_unverified = os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0")
+        if not allow_unverified:
+            raise UnverifiedWeightsError(
+                f"{name}: no pinned hash to check it against ({path} is {_link_text(Path(path))}, not a cache blob "
+                f"named by its hash), so it was not loaded. Pin its sha256 in the manifest, delete the cache entry "
+                f"to download it again, or set {ALLOW_UNVERIFIED_ENV}=1 to load files that cannot be verified."
+            )
         warnings.warn(
-            f"{name}: no hash to check it against (cache blob {blob.name}); loading it unverified", stacklevel=2
+            f"{name}: no hash to check it against (cache entry {entry.name}); loading it unverified because "
+            f"{ALLOW_UNVERIFIED_ENV} is set",
+            stacklevel=2,
         )
         return
+    actual = file_sha256(path) if _SHA256.fullmatch(expected) else _git_blob_id(Path(path))
     if actual != expected:
-        Path(path).unlink()
-        blob.unlink(missing_ok=True)
+        removed = _remove_cache_entries(Path(path), entry)
         raise ChecksumMismatchError(
-            f"{name}: the file's hash is {actual}, expected {expected}. The bad copy ({blob}) was removed from "
-            f"the cache; load again to download it afresh."
+            f"{name}: the file's hash is {actual}, expected {expected}. The bad copy was removed from the cache "
+            f"({', '.join(map(str, removed))}; nothing outside it); load again to download it afresh."
         )
+
+
+def _cache_entry(path: Path) -> Path:
+    """The cache's own file for snapshot file ``path``: the blob its link names (one step, without following a
+    link the blob itself may be), or ``path`` itself when it is no link (a cache without symlinks)."""
+    if not path.is_symlink():
+        return path
+    return Path(os.path.normpath(path.parent / os.readlink(path)))
+
+
+def _remove_cache_entries(path: Path, entry: Path) -> list[Path]:
+    """Remove snapshot file ``path`` and its blob ``entry`` if that blob lies in the repo's ``blobs`` folder.
+    Never through a link: a link is removed, not what it points at, so a cache entry relinked to a file outside
+    the cache costs the user nothing but the link."""
+    removed = []
+    snapshots = next((parent for parent in path.parents if parent.name == "snapshots"), None)
+    blobs = snapshots.parent / "blobs" if snapshots is not None else None
+    for candidate in dict.fromkeys((path, entry)):
+        inside = candidate == path or (blobs is not None and candidate.parent == blobs)
+        if inside and (candidate.is_symlink() or candidate.is_file()):
+            candidate.unlink()  # unlink() of a link removes the link only
+            removed.append(candidate)
+    return removed
+
+
+def _link_text(path: Path) -> str:
+    return f"a link to {os.readlink(path)}" if path.is_symlink() else "a plain file"
 
 
 def _git_blob_id(path: Path) -> str:
