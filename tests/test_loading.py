@@ -156,3 +156,22 @@ def test_a_transposed_classifier_is_refused_not_dropped_as_another_number_of_cla
     save_file(state, tmp_path / "transposed.safetensors")
     with pytest.raises(W.IncompatibleWeightsError, match="transposed"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "transposed.safetensors"), **SMALL)
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_a_config_with_too_many_blocks_is_refused_before_building(tmp_path, loopback_hub, where):
+    """40 one-layer blocks: a small network that needs inputs of 2**39 px; refused from its config.json."""
+    import json
+
+    W.save_pretrained(small_model(), tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    config["model_args"]["block_config"] = [1] * 40
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    if where == "folder":
+        reference, options = str(tmp_path / "export"), {}
+    else:
+        files = {path.name: path.read_bytes() for path in (tmp_path / "export").iterdir()}
+        reference = f"hf-hub:org/deep@{loopback_hub.commit('org/deep', files)}"
+        options = dict(cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    with pytest.raises(de.InvalidConfigError, match=r"40 dense blocks \(at most 16\).*2\*\*39 pixels per side"):
+        de.create_model("densenet_40_k12", weights=reference, **options)

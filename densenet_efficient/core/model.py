@@ -612,18 +612,11 @@ class DenseNet(nn.Module):
     @staticmethod
     def _min_input_size(stem: str, num_blocks: int) -> int:
         """Smallest side (height, width, depth or length) that leaves at least one pixel after the stem and every
-        transition."""
-
-        def final_size(size: int) -> int:
-            if stem == "imagenet":
-                size = (size - 1) // 2 + 1  # 7x7 conv, stride 2, padding 3
-                size = (size - 1) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
-            return size // 2 ** (num_blocks - 1)
-
-        size = 1
-        while final_size(size) < 1:
-            size += 1
-        return size
+        transition: each of the ``num_blocks - 1`` transitions halves (floor), so the stem must leave
+        ``m = 2 ** (num_blocks - 1)``; the ImageNet stem's two stride-2 stages (``(s - 1) // 2 + 1`` each) leave
+        ``m`` from ``4 * m - 3``."""
+        least_after_stem = 2 ** (num_blocks - 1)
+        return 4 * least_after_stem - 3 if stem == "imagenet" else least_after_stem
 
     def set_efficient(self, efficient: MemoryMode) -> "DenseNet":
         """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""

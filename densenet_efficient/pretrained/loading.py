@@ -57,6 +57,7 @@ _LEGACY_KEY = re.compile(
 _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 _FIRST_CONV = "features.conv0.weight"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_MAX_BLOCKS = 16  # more dense blocks need inputs of 2**16 px per side or more: such a config is refused unbuilt
 PREVIOUS_SET_DIRNAME = ".previous-save"  # save_pretrained keeps the set it replaces here until the new one is sealed
 
 # config.json: this project's keys (save_pretrained) and timm's (save_for_hf).
@@ -441,6 +442,12 @@ def _meta_model(name: str, model_args: Mapping[str, Any], check_size: bool = Tru
     args = {**architecture(name), **model_args}
     if _layer_count(args) > 10_000:
         raise ValueError(f"block_config {args['block_config']} asks for {_layer_count(args)} layers (at most 10000)")
+    blocks = len(args["block_config"]) if isinstance(args.get("block_config"), (list, tuple)) else 0
+    if blocks > _MAX_BLOCKS:
+        raise ValueError(
+            f"block_config has {blocks} dense blocks (at most {_MAX_BLOCKS}): each transition halves the input, so "
+            f"its inputs would need at least 2**{blocks - 1} pixels per side"
+        )
     with torch.device("meta"):
         return DenseNet(**args, efficient=False)
 
