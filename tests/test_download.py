@@ -488,3 +488,13 @@ def test_a_snapshot_relinked_to_any_file_is_refused_at_a_pinned_commit(loopback_
         loaded = de.create_model("densenet_40_k12", weights=reference, cache_dir=cache, endpoint=loopback_hub.endpoint)
     torch.testing.assert_close(logits(loaded), logits(other), rtol=0, atol=0)
     assert loopback_hub.requests == []
+
+
+def test_a_full_sha256_of_a_url_source_is_checked_not_only_its_prefix(loopback_hub, torchvision_file, tmp_path):
+    _, url, prefix = torchvision_file
+    full = hashlib.sha256(loopback_hub.url_files[urlparse(url).path]).hexdigest()
+    other = prefix + ("0" if full[8] != "0" else "1") + full[9:]  # shares the name's prefix, not the file's hash
+    fetch_url_file(url, full, tmp_path / "cached")  # the whole hash passes
+    for directory in (tmp_path / "fresh", tmp_path / "cached"):  # a download, then a cache hit
+        with pytest.raises(W.ChecksumMismatchError, match=f"does not start with {other}"):
+            fetch_url_file(url, other, directory)
