@@ -498,3 +498,21 @@ def test_a_full_sha256_of_a_url_source_is_checked_not_only_its_prefix(loopback_h
     for directory in (tmp_path / "fresh", tmp_path / "cached"):  # a download, then a cache hit
         with pytest.raises(W.ChecksumMismatchError, match=f"does not start with {other}"):
             fetch_url_file(url, other, directory)
+
+
+def test_leftovers_of_a_killed_url_download_are_removed_and_nothing_else(loopback_hub, torchvision_file, tmp_path):
+    import fcntl
+
+    model, url, prefix = torchvision_file
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    name = Path(url).name
+    stale, live = directory / f".{name}.k2j3.part", directory / f".{name}.live.part"
+    others = [directory / f".other-{name}.x1.part", directory / "notes.part"]
+    for path in (stale, live, *others):
+        path.write_bytes(b"partial")
+    with open(live, "rb") as in_progress:  # another process's download, still running, holds its file locked
+        fcntl.flock(in_progress, fcntl.LOCK_EX)
+        fetch_url_file(url, prefix, directory)
+    assert not stale.exists() and live.exists() and all(path.exists() for path in others)
+    assert (directory / name).is_file()

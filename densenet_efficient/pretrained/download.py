@@ -19,6 +19,7 @@ Progress bars are shown on a terminal only (``tqdm(disable=None)``): CI logs sta
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import os
@@ -40,10 +41,11 @@ from huggingface_hub import (
 )
 
 from .errors import ChecksumMismatchError, UnverifiedWeightsError, WeightsNotAvailableError
-from .files import file_sha256
+from .files import file_sha256, remove_stale_temporaries
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
+_PARTIAL_SUFFIX = ".part"
 TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes of an answer
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 ALLOW_UNVERIFIED_ENV = "DENSENET_EFFICIENT_ALLOW_UNVERIFIED"  # "1": load a Hub file that no hash can verify
@@ -213,6 +215,7 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
     if constants.is_offline_mode():
         raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)  # of killed downloads
     try:
         _download(url, path, sha256_prefix)
     except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, TimeoutError, IncompleteRead
@@ -225,12 +228,14 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
 def _download(url: str, path: Path, sha256_prefix: str) -> None:
     """GET ``url`` into a temporary file beside ``path``, waiting at most :data:`TIMEOUT_S` for the connection and
     for each read; rename it to ``path`` only if it is complete and its sha256 starts with ``sha256_prefix``.
-    Nothing is left behind on failure. A progress bar is shown on a terminal only."""
+    Nothing is left behind on failure; the temporary file is locked while it is written, so that one a killed
+    download left is told from one in progress. A progress bar is shown on a terminal only."""
     from tqdm.auto import tqdm
 
     digest, received = hashlib.sha256(), 0
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
     try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             expected = response.length
             with tqdm(
@@ -241,14 +246,15 @@ def _download(url: str, path: Path, sha256_prefix: str) -> None:
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-        if expected is not None and received != expected:
-            raise http.client.IncompleteRead(b"", expected - received)
-        actual = digest.hexdigest()
-        if not actual.startswith(sha256_prefix):
-            raise ChecksumMismatchError(
-                f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was saved"
-            )
-        os.replace(temporary, path)
+            if expected is not None and received != expected:
+                raise http.client.IncompleteRead(b"", expected - received)
+            actual = digest.hexdigest()
+            if not actual.startswith(sha256_prefix):
+                raise ChecksumMismatchError(
+                    f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was saved"
+                )
+            file.flush()
+            os.replace(temporary, path)  # while the file is still locked: no cleaner takes it for a leftover
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
