@@ -357,3 +357,37 @@ def test_a_reader_during_saves_always_gets_one_whole_set(tmp_path):
             assert any(torch.equal(result, expected) for expected in models.values())
             loads += 1
     assert _finished(writer) == 0
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_set(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    old = randomise_batch_norm(small_model())
+    W.save_pretrained(old, tmp_path)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if "w" in mode and ".save-" in str(path) else file
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*model.safetensors: No space left on device") as error:
+        W.save_pretrained(randomise_batch_norm(small_model()), tmp_path)
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    torch.testing.assert_close(logits(de.create_model("densenet_40_k12", weights=str(tmp_path))), logits(old))

@@ -140,19 +140,19 @@ def write_set(directory: Path, files: Mapping[str, bytes]) -> None:
         staging = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX))
         try:
             for filename, data in files.items():
-                with open(staging / filename, "wb") as file:
-                    file.write(data)
-                    file.flush()
-                    os.fsync(file.fileno())
+                try:
+                    with open(staging / filename, "wb") as file:
+                        file.write(data)
+                        file.flush()
+                        os.fsync(file.fileno())
+                except OSError as error:  # a full disk: say which file of which folder
+                    message = f"cannot write {directory / filename}: {error.strerror or error}"
+                    raise OSError(error.errno, message, str(directory / filename)) from error
             _keep_previous_set(directory, list(files))
             for filename in files:
                 os.replace(staging / filename, directory / filename)
             _fsync_folder(directory)
             shutil.rmtree(directory / PREVIOUS_SET_DIRNAME)
-        except OSError as error:
-            if not error.filename:
-                raise OSError(error.errno, f"cannot write {directory}: {error.strerror or error}") from error
-            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
