@@ -516,3 +516,21 @@ def test_leftovers_of_a_killed_url_download_are_removed_and_nothing_else(loopbac
         fetch_url_file(url, prefix, directory)
     assert not stale.exists() and live.exists() and all(path.exists() for path in others)
     assert (directory / name).is_file()
+
+
+def test_the_hub_bytes_hashed_are_the_bytes_loaded(loopback_hub, published, tmp_path):
+    """hf-hub: the weights are verified when the reference is resolved; a cache file changed before the tensors
+    are read must not be what is loaded."""
+    from densenet_efficient.pretrained.loading import resolve_weights
+
+    model, _, commit = published
+    cache = tmp_path / "cache"
+    weights = resolve_weights(
+        "densenet_40_k12", f"hf-hub:org/small@{commit}", cache_dir=cache, endpoint=loopback_hub.endpoint
+    )
+    snapshot, blob = _cached(loopback_hub, cache, commit)
+    other = randomise_batch_norm(small_model())
+    W.save_pretrained(other, tmp_path / "other")
+    blob.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())  # swapped after the check
+    state = weights.read()
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())

@@ -41,7 +41,7 @@ from huggingface_hub import (
 )
 
 from .errors import ChecksumMismatchError, UnverifiedWeightsError, WeightsNotAvailableError
-from .files import file_sha256, remove_stale_temporaries
+from .files import remove_stale_temporaries
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
@@ -65,6 +65,22 @@ def fetch_hub_file(
     ``sha256``: the expected hash (from the manifest); without it the Hub's own hash is used. A full 40-hex
     ``revision`` makes a cache hit cost no request.
     """
+    return fetch_hub_bytes(repo_id, filename, revision=revision, sha256=sha256, cache_dir=cache_dir, endpoint=endpoint)[
+        0
+    ]
+
+
+def fetch_hub_bytes(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> tuple[str, bytes]:
+    """:func:`fetch_hub_file`'s path and the file's bytes, read once: the bytes whose hash was checked are the bytes
+    returned, so a file changed in the cache after the check is never used."""
     revision = revision or constants.DEFAULT_REVISION
     offline = constants.is_offline_mode()
     served = None
@@ -84,8 +100,7 @@ def fetch_hub_file(
         )
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
-    _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256, served)
-    return path
+    return path, _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256, served)
 
 
 def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None) -> str | None:
@@ -132,12 +147,14 @@ def _reason(error: BaseException) -> str:
 
 def _verify_cached(
     path: str, name: str, sha256: str | None, served: str | None = None, allow_unverified: bool | None = None
-) -> None:
+) -> bytes:
     """Check a cached Hub file against ``sha256``, else the hash its cache blob is named by, else ``served`` (the
     ETag of the request that just downloaded it). On a mismatch the cache's own entries for it are removed (see
     :func:`_remove_cache_entries`). A file with no hash to check against is refused
-    (:class:`~.errors.UnverifiedWeightsError`) unless ``allow_unverified`` (default: ``$ALLOW_UNVERIFIED_ENV``)."""
+    (:class:`~.errors.UnverifiedWeightsError`) unless ``allow_unverified`` (default: ``$ALLOW_UNVERIFIED_ENV``).
+    Returns the bytes that were checked."""
     entry = _cache_entry(Path(path))
+    data = Path(path).read_bytes()
     hashes = [
         value for value in (entry.name, served) if value and (_SHA256.fullmatch(value) or _GIT_BLOB_ID.fullmatch(value))
     ]
@@ -156,14 +173,15 @@ def _verify_cached(
             f"{ALLOW_UNVERIFIED_ENV} is set",
             stacklevel=2,
         )
-        return
-    actual = file_sha256(path) if _SHA256.fullmatch(expected) else _git_blob_id(Path(path))
+        return data
+    actual = hashlib.sha256(data).hexdigest() if _SHA256.fullmatch(expected) else _git_blob_id(data)
     if actual != expected:
         removed = _remove_cache_entries(Path(path), entry)
         raise ChecksumMismatchError(
             f"{name}: the file's hash is {actual}, expected {expected}. The bad copy was removed from the cache "
             f"({', '.join(map(str, removed))}; nothing outside it); load again to download it afresh."
         )
+    return data
 
 
 def _cache_entry(path: Path) -> Path:
@@ -193,9 +211,8 @@ def _link_text(path: Path) -> str:
     return f"a link to {os.readlink(path)}" if path.is_symlink() else "a plain file"
 
 
-def _git_blob_id(path: Path) -> str:
+def _git_blob_id(data: bytes) -> str:
     """The git blob id (sha1 of ``blob <size>\\0<bytes>``): the Hub's ETag of a small, non-LFS file."""
-    data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
@@ -204,13 +221,7 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
     needed; its sha256 must start with ``sha256_prefix`` (a full sha256 works too), on download and cache hits."""
     path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
     if path.is_file():
-        actual = file_sha256(path)
-        if not actual.startswith(sha256_prefix):
-            path.unlink()
-            raise ChecksumMismatchError(
-                f"{path} (from {url}): sha256 {actual} does not start with {sha256_prefix}. The bad copy was "
-                f"removed; load again to download it afresh."
-            )
+        _read_checked(path, url, sha256_prefix)
         return str(path)
     if constants.is_offline_mode():
         raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
@@ -223,6 +234,27 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
             raise
         raise _url_unavailable(url, path, _reason(error)) from error
     return str(path)
+
+
+def fetch_url_bytes(url: str, sha256_prefix: str, directory: str | os.PathLike | None = None) -> tuple[str, bytes]:
+    """:func:`fetch_url_file`'s path and the file's bytes, read once and checked (the bytes returned are the bytes
+    whose hash was checked)."""
+    path = Path(fetch_url_file(url, sha256_prefix, directory))
+    return str(path), _read_checked(path, url, sha256_prefix)
+
+
+def _read_checked(path: Path, url: str, sha256_prefix: str) -> bytes:
+    """The bytes of cached ``path``, whose sha256 must start with ``sha256_prefix``; else the copy is removed (the
+    cache entry only: a link, not what it points at) and :class:`~.errors.ChecksumMismatchError` raised."""
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if not actual.startswith(sha256_prefix):
+        path.unlink()
+        raise ChecksumMismatchError(
+            f"{path} (from {url}): sha256 {actual} does not start with {sha256_prefix}. The bad copy was "
+            f"removed; load again to download it afresh."
+        )
+    return data
 
 
 def _download(url: str, path: Path, sha256_prefix: str) -> None:
@@ -269,11 +301,11 @@ def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableEr
 
 def fetch_manifest_weights(
     key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
-) -> str:
-    """Path of the verified weights file of manifest entry ``key``: its Hub file, else its URL (a torchvision
-    ``.pth``) when the Hub copy cannot be had. A checksum mismatch is raised, except at a floating Hub revision (a
-    branch such as ``main``, which may have moved on since the sha256 was pinned): then the URL is tried, with a
-    warning that says so."""
+) -> tuple[str, bytes]:
+    """Path and bytes (read once: those that were checked) of the verified weights file of manifest entry ``key``:
+    its Hub file, else its URL (a torchvision ``.pth``) when the Hub copy cannot be had. A checksum mismatch is
+    raised, except at a floating Hub revision (a branch such as ``main``, which may have moved on since the sha256
+    was pinned): then the URL is tried, with a warning that says so."""
     failures, mismatch = [], None
     hub = entry.get("hub")
     source = entry.get("url")
@@ -285,7 +317,7 @@ def fetch_manifest_weights(
                 stacklevel=2,
             )
         try:
-            return fetch_hub_file(
+            return fetch_hub_bytes(
                 hub["repo_id"],
                 hub["filename"],
                 revision=hub["revision"],
@@ -302,7 +334,7 @@ def fetch_manifest_weights(
             failures.append(str(error))
     if source:
         try:
-            path = fetch_url_file(source["url"], source["sha256"] or source["sha256_prefix"])
+            path, data = fetch_url_bytes(source["url"], source["sha256"] or source["sha256_prefix"])
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         else:
@@ -314,5 +346,5 @@ def fetch_manifest_weights(
                 )
             elif failures:
                 warnings.warn(f"{key}: the Hub copy is not available, loaded {source['url']} instead.", stacklevel=2)
-            return path
+            return path, data
     raise WeightsNotAvailableError(f"No source of {key} is available:\n- " + "\n- ".join(failures))

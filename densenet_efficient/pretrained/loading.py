@@ -217,13 +217,14 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint))
+        file, data = fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint)
+        return _state_dict_of(data, Path(file))
 
     return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg())
 
 
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
-    from .download import fetch_hub_file
+    from .download import fetch_hub_bytes, fetch_hub_file
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -234,10 +235,11 @@ def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWe
     where = f"{reference} ({CONFIG_FILENAME})"
     model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
     commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
-    file = Path(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
-    check_shapes(name, model_args, tensor_shapes(file), where)
+    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint)
+    file = Path(path)
+    check_shapes(name, model_args, _shapes_of(data, file), where)
     input_cfg.setdefault("hf_hub_id", repo_id)
-    return PretrainedWeights(reference, model_args, lambda: read_state_dict(file), input_cfg)
+    return PretrainedWeights(reference, model_args, lambda: _state_dict_of(data, file), input_cfg)
 
 
 def _local_weights(name: str, path: Path) -> PretrainedWeights:
