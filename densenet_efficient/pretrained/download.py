@@ -19,7 +19,6 @@ Progress bars are shown on a terminal only (``tqdm(disable=None)``): CI logs sta
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import os
@@ -41,7 +40,7 @@ from huggingface_hub import (
 )
 
 from .errors import ChecksumMismatchError, UnverifiedWeightsError, WeightsNotAvailableError
-from .files import remove_stale_temporaries
+from .files import lock_file, remove_stale_temporaries
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
@@ -267,7 +266,7 @@ def _download(url: str, path: Path, sha256_prefix: str) -> None:
     digest, received = hashlib.sha256(), 0
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        lock_file(handle)
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             expected = response.length
             with tqdm(

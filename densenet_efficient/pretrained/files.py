@@ -2,21 +2,34 @@
 
 Temporary files are locked (``fcntl.flock``) by the process that writes them for as long as it writes, and the
 operating system drops that lock when the process dies: :func:`remove_stale_temporaries` deletes only those no
-living process holds, so a killed write's leftovers go and a concurrent writer's file stays.
+living process holds, so a killed write's leftovers go and a concurrent writer's file stays. Windows has no
+``fcntl``: there :func:`lock_file` does nothing (writes stay atomic, but are not serialised, and a file another
+process holds open cannot be deleted anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+if sys.platform != "win32":
+    import fcntl
+
 TEMPORARY_SUFFIX = ".tmp"
+
+
+def lock_file(handle: int, *, blocking: bool = True) -> None:
+    """Take an exclusive advisory lock (``fcntl.flock``) on open descriptor ``handle``, held until it is closed
+    (or the process dies). Without ``blocking``, ``BlockingIOError`` says at once that another process holds it.
+    Nothing on Windows."""
+    if sys.platform != "win32":
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -27,7 +40,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     except OSError as error:
         raise _naming(error, path) from error
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        lock_file(handle)
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -60,14 +73,13 @@ def remove_stale_temporaries(directory: Path, prefix: str = ".", suffix: str = T
         except OSError:  # gone already, or a folder
             continue
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        else:
+            lock_file(handle, blocking=False)
             if path.is_file():
                 path.unlink()
                 removed.append(path)
+        except OSError as error:  # held by a living writer (on Windows: open, not deletable), or gone
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.ENOENT):
+                raise
         finally:
             os.close(handle)
     return removed
@@ -80,7 +92,7 @@ def locked(path: Path, *, blocking: bool = True) -> Iterator[int]:
     ``blocking``, ``BlockingIOError`` says at once that another process holds it."""
     handle = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        lock_file(handle, blocking=blocking)
         yield handle
     finally:
         os.close(handle)

@@ -309,7 +309,7 @@ def _read_folder(folder: Path, name: str) -> _SavedSet:
         warnings.warn(
             f"{folder}: a save_pretrained into it is in progress or was interrupted before it completed; loaded the "
             f"set it replaces ({previous}). Save again to complete the folder.",
-            stacklevel=5,
+            stacklevel=2,
         )
         return old
     raise InvalidWeightsFileError(

@@ -45,7 +45,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import io
 import json
@@ -71,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
-from ..pretrained.files import file_sha256, remove_stale_temporaries, write_atomically
+from ..pretrained.files import file_sha256, lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, parse_efficient, to_device
@@ -929,7 +928,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """Hold the run's lock on ``output`` (created if needed) for the block: ``fcntl.flock`` on
+    """Hold the run's lock on ``output`` (created if needed) for the block: :func:`.files.lock_file` on
     ``output/.train.lock``, which holds this process's pid, host and start time, and is removed at the end. The
     OS drops the lock if the process dies. Raises :class:`UsageError` naming the holder if another run holds it."""
     if output.exists() and not output.is_dir():
@@ -942,7 +941,7 @@ def output_lock(output: Path) -> Iterator[None]:
     while True:
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_file(handle, blocking=False)
         except BlockingIOError:
             holder = path.read_text(encoding="utf-8", errors="replace").strip() or "holder unknown"
             os.close(handle)
