@@ -55,7 +55,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def _naming(error: OSError, path: Path) -> OSError:
     """``error`` as an ``OSError`` of the same type that names the file it could not write."""
-    return type(error)(error.errno, f"cannot write {path}: {error.strerror or error}", str(path))
+    return type(error)(error.errno, f"cannot write {path}: {error.strerror or error}")
 
 
 def remove_stale_temporaries(directory: Path, prefix: str = ".", suffix: str = TEMPORARY_SUFFIX) -> list[Path]:

@@ -147,7 +147,7 @@ def write_set(directory: Path, files: Mapping[str, bytes]) -> None:
                         os.fsync(file.fileno())
                 except OSError as error:  # a full disk: say which file of which folder
                     message = f"cannot write {directory / filename}: {error.strerror or error}"
-                    raise OSError(error.errno, message, str(directory / filename)) from error
+                    raise type(error)(error.errno, message) from error
             _keep_previous_set(directory, list(files))
             for filename in files:
                 os.replace(staging / filename, directory / filename)
