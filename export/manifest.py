@@ -85,8 +85,9 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
 
 
 def table(manifest: dict[str, Any]) -> str:
-    """Markdown table of the manifest's weights: top-1/top-5 with the protocol (who measured, size, crop) and
-    the license."""
+    """Markdown table of the manifest's weights: top-1/top-5 with the protocol (who measured, size, crop), the
+    license, and how each source is pinned (a torchvision fallback pinned only by the prefix in its name says
+    so)."""
     rows = [
         (
             "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
@@ -104,12 +105,21 @@ def table(manifest: dict[str, Any]) -> str:
         hub = entry["hub"]
         hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
         pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"
-        url = entry["url"]["url"] if entry["url"] else ""
+        url = entry["url"]
+        fallback = f"{url['url']} ({url_pinning(url)})" if url else ""
         rows.append(
             f"| `{key}` | {default} | {results} | {entry['license'] or 'unknown'} | {entry['source']} "
-            f"| {hub_cell} | {pinned} | {url} |"
+            f"| {hub_cell} | {pinned} | {fallback} |"
         )
     return "\n".join(rows)
+
+
+def url_pinning(url: dict[str, Any]) -> str:
+    """How a URL source is pinned: by its whole sha256, or only by the hash prefix in its name (torchvision's
+    own check: a file that shares those hex digits would pass)."""
+    if url["sha256"]:
+        return "sha256"
+    return f"only the {len(url['sha256_prefix'])}-hex-digit sha256 prefix in its name"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -170,7 +170,7 @@ def test_config_without_the_marker_is_read_as_timms(saved):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"block_config": [1] * 40}, "block_config has 40 dense blocks \\(at most 8\\)"),
+        ({"block_config": [1] * 40}, "block_config has 40 dense blocks \\(at most 16\\)"),
         ({"num_classes": 10**9}, "num_classes=1000000000 is beyond the bound of 1000000"),
         ({"growth_rate": 5000}, "growth_rate=5000 is beyond the bound of 4096"),
         ({"in_chans": 10**6}, "in_chans=1000000 is beyond the bound of 4096"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import sys
 import threading
@@ -428,3 +429,107 @@ def test_url_transfer_cut_short_leaves_nothing(loopback_hub, torchvision_file, t
 def test_hub_download_is_quiet_when_not_a_terminal(loopback_hub, published, tmp_path, capsys):
     fetch_hub_file("org/small", "model.safetensors", cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A cache that is not trusted: links out of the cache, files no hash can verify (issue 17)
+
+
+def _cached(loopback_hub, cache: Path, commit: str) -> tuple[Path, Path]:
+    """Download org/small's weights at ``commit`` into ``cache``: (snapshot link, blob)."""
+    path = Path(
+        fetch_hub_file(
+            "org/small", "model.safetensors", revision=commit, cache_dir=cache, endpoint=loopback_hub.endpoint
+        )
+    )
+    return path, Path(os.path.normpath(path.parent / os.readlink(path)))
+
+
+@pytest.mark.parametrize("relinked", ["blob", "snapshot"])
+def test_a_mismatch_never_deletes_through_a_link(loopback_hub, published, tmp_path, monkeypatch, relinked):
+    """A cache entry relinked to a user's file outside the cache: the checksum refuses it and only the cache's
+    own entries go; the user's file is untouched."""
+    _, files, commit = published
+    write_manifest(tmp_path / "manifest.json", monkeypatch, hub_entry(commit, files))
+    cache = tmp_path / "cache"
+    snapshot, blob = _cached(loopback_hub, cache, commit)
+    users_file = tmp_path / "thesis.safetensors"
+    users_file.write_bytes(b"the user's own file, not weights")
+    link = blob if relinked == "blob" else snapshot
+    link.unlink()
+    link.symlink_to(users_file)
+    with pytest.raises(W.ChecksumMismatchError, match="nothing outside it"):
+        de.densenet_40_k12(pretrained=True, cache_dir=cache, endpoint=loopback_hub.endpoint)
+    assert users_file.read_bytes() == b"the user's own file, not weights"
+    assert not snapshot.is_symlink() and not link.is_symlink()
+
+
+def test_a_snapshot_relinked_to_any_file_is_refused_at_a_pinned_commit(loopback_hub, published, tmp_path, monkeypatch):
+    """hf-hub: at a commit costs no request once cached, so the cache blob's name is the only hash there is: a
+    snapshot linked to another file is refused unless the user opts in, naming the opt-in."""
+    _, files, commit = published
+    cache = tmp_path / "cache"
+    reference = f"hf-hub:org/small@{commit}"
+    de.create_model("densenet_40_k12", weights=reference, cache_dir=cache, endpoint=loopback_hub.endpoint)
+    snapshot, _ = _cached(loopback_hub, cache, commit)
+    other = randomise_batch_norm(small_model())
+    replacement = tmp_path / "other.safetensors"
+    W.save_pretrained(other, tmp_path / "other")
+    replacement.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    snapshot.unlink()
+    snapshot.symlink_to(replacement)
+    loopback_hub.requests.clear()
+    with pytest.raises(W.UnverifiedWeightsError, match="DENSENET_EFFICIENT_ALLOW_UNVERIFIED=1"):
+        de.create_model("densenet_40_k12", weights=reference, cache_dir=cache, endpoint=loopback_hub.endpoint)
+    assert replacement.is_file() and snapshot.is_symlink()  # refused, nothing deleted
+    monkeypatch.setenv("DENSENET_EFFICIENT_ALLOW_UNVERIFIED", "1")
+    with pytest.warns(UserWarning, match="loading it unverified because DENSENET_EFFICIENT_ALLOW_UNVERIFIED"):
+        loaded = de.create_model("densenet_40_k12", weights=reference, cache_dir=cache, endpoint=loopback_hub.endpoint)
+    torch.testing.assert_close(logits(loaded), logits(other), rtol=0, atol=0)
+    assert loopback_hub.requests == []
+
+
+def test_a_full_sha256_of_a_url_source_is_checked_not_only_its_prefix(loopback_hub, torchvision_file, tmp_path):
+    _, url, prefix = torchvision_file
+    full = hashlib.sha256(loopback_hub.url_files[urlparse(url).path]).hexdigest()
+    other = prefix + ("0" if full[8] != "0" else "1") + full[9:]  # shares the name's prefix, not the file's hash
+    fetch_url_file(url, full, tmp_path / "cached")  # the whole hash passes
+    for directory in (tmp_path / "fresh", tmp_path / "cached"):  # a download, then a cache hit
+        with pytest.raises(W.ChecksumMismatchError, match=f"does not start with {other}"):
+            fetch_url_file(url, other, directory)
+
+
+def test_leftovers_of_a_killed_url_download_are_removed_and_nothing_else(loopback_hub, torchvision_file, tmp_path):
+    import fcntl
+
+    model, url, prefix = torchvision_file
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    name = Path(url).name
+    stale, live = directory / f".{name}.k2j3.part", directory / f".{name}.live.part"
+    others = [directory / f".other-{name}.x1.part", directory / "notes.part"]
+    for path in (stale, live, *others):
+        path.write_bytes(b"partial")
+    with open(live, "rb") as in_progress:  # another process's download, still running, holds its file locked
+        fcntl.flock(in_progress, fcntl.LOCK_EX)
+        fetch_url_file(url, prefix, directory)
+    assert not stale.exists() and live.exists() and all(path.exists() for path in others)
+    assert (directory / name).is_file()
+
+
+def test_the_hub_bytes_hashed_are_the_bytes_loaded(loopback_hub, published, tmp_path):
+    """hf-hub: the weights are verified when the reference is resolved; a cache file changed before the tensors
+    are read must not be what is loaded."""
+    from densenet_efficient.pretrained.loading import resolve_weights
+
+    model, _, commit = published
+    cache = tmp_path / "cache"
+    weights = resolve_weights(
+        "densenet_40_k12", f"hf-hub:org/small@{commit}", cache_dir=cache, endpoint=loopback_hub.endpoint
+    )
+    snapshot, blob = _cached(loopback_hub, cache, commit)
+    other = randomise_batch_norm(small_model())
+    W.save_pretrained(other, tmp_path / "other")
+    blob.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())  # swapped after the check
+    state = weights.read()
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())

@@ -104,3 +104,74 @@ def test_pickled_object_is_refused(tmp_path):
     torch.save({"model": small_model()}, tmp_path / "pickled.pth")
     with pytest.raises(W.InvalidWeightsFileError, match="not a readable PyTorch checkpoint"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "pickled.pth"), **SMALL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values that are refused rather than cast or loaded (issue 17)
+
+
+def _refused(state: dict[str, torch.Tensor], error_type: type[Exception], match: str) -> None:
+    """Loading ``state`` into a fresh small model raises ``error_type``; the model keeps its own weights."""
+    model = small_model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(error_type, match=match):
+        W.load_state_dict_into(model, state, "test.safetensors")
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8])
+def test_integer_or_bool_tensors_are_not_cast_into_float_weights(dtype):
+    state = small_model().state_dict()
+    state["features.conv0.weight"] = state["features.conv0.weight"].to(dtype)
+    _refused(state, W.IncompatibleWeightsError, rf"features.conv0.weight holds {dtype} .*only floating-point tensors")
+
+
+def test_a_float_count_is_not_cast_into_num_batches_tracked():
+    state = small_model().state_dict()
+    key = next(key for key in state if key.endswith("num_batches_tracked"))
+    state[key] = state[key].float()
+    _refused(state, W.IncompatibleWeightsError, rf"{key} holds torch.float32 .*only integer tensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(value):
+    state = small_model().state_dict()
+    state["features.denseblock2.denselayer1.norm1.weight"][3] = value
+    _refused(state, W.InvalidWeightsFileError, "norm1.weight holds 1 NaN or infinite values of 40: weights must be")
+
+
+def test_a_negative_running_variance_is_refused():
+    state = randomise_batch_norm(small_model()).state_dict()
+    state["features.norm5.running_var"][0] = -0.5
+    _refused(state, W.InvalidWeightsFileError, r"features.norm5.running_var holds negative variances .*-0.5")
+
+
+def test_a_transposed_classifier_is_refused_not_dropped_as_another_number_of_classes(tmp_path):
+    from safetensors.torch import save_file
+
+    state = small_model().state_dict()
+    state["classifier.weight"] = state["classifier.weight"].t().contiguous()  # (features, 10) for (10, features)
+    features = state["classifier.weight"].shape[0]
+    _refused(state, W.IncompatibleWeightsError, rf"classifier.weight is \({features}, 10\).*transposed")
+    save_file(state, tmp_path / "transposed.safetensors")
+    with pytest.raises(W.IncompatibleWeightsError, match="transposed"):
+        de.create_model("densenet_40_k12", weights=str(tmp_path / "transposed.safetensors"), **SMALL)
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_a_config_with_too_many_blocks_is_refused_before_building(tmp_path, loopback_hub, where):
+    """40 one-layer blocks: a small network that needs inputs of 2**39 px; refused from its config.json."""
+    import json
+
+    W.save_pretrained(small_model(), tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    config["model_args"]["block_config"] = [1] * 40
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    if where == "folder":
+        reference, options = str(tmp_path / "export"), {}
+    else:
+        files = {path.name: path.read_bytes() for path in (tmp_path / "export").iterdir()}
+        reference = f"hf-hub:org/deep@{loopback_hub.commit('org/deep', files)}"
+        options = dict(cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
+    with pytest.raises(de.InvalidConfigError, match=r"40 dense blocks \(at most 16\).*2\*\*39 pixels per side"):
+        de.create_model("densenet_40_k12", weights=reference, **options)

@@ -116,6 +116,16 @@ def manifest_with(tmp_path, monkeypatch, change) -> None:
             lambda m: m["weights"]["densenet121_efficient.ra_in1k"]["metrics"][1].pop("crop_pct"),
             r"\['metrics'\]\[1\]: 'crop_pct' is a required property",
         ),
+        (
+            lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(
+                url="http://download.pytorch.org/models/densenet121-a639ec97.pth"
+            ),
+            r"\['url'\]\['url'\]: 'http://download.pytorch.org/.*' does not match",
+        ),
+        (
+            lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(sha256="b" * 64),
+            "url.sha256 b{64} does not start with url.sha256_prefix a639ec97",
+        ),
         (lambda m: m.pop("default_tags"), r"\(top level\): 'default_tags' is a required property"),
         (
             lambda m: m["default_tags"].update(densenet169_efficient="ra_in1k"),
@@ -179,3 +189,16 @@ def test_entry_constructor_arguments_are_read_only():
     with pytest.raises(TypeError):
         cfg.model_args["num_classes"] = 10  # type: ignore[index]
     assert W.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_args["num_classes"] == 1000
+
+
+def test_weights_table_says_which_fallbacks_are_pinned_only_by_their_name_prefix():
+    from export.manifest import table
+
+    manifest = W.load_manifest()
+    rows = {row.split("`")[1]: row for row in table(manifest).splitlines() if row.startswith("| `")}
+    for key, entry in manifest["weights"].items():
+        if entry["url"] and not entry["url"]["sha256"]:
+            assert rows[key].endswith("(only the 8-hex-digit sha256 prefix in its name) |")
+    entry = manifest["weights"]["densenet121_efficient.tv_in1k"]
+    entry["url"]["sha256"] = entry["url"]["sha256_prefix"] + "0" * 56
+    assert table(manifest).splitlines()[3].endswith("densenet121-a639ec97.pth (sha256) |")

@@ -94,3 +94,36 @@ def test_core_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _TookTooLong(Exception):
+    pass
+
+
+def _within(seconds: float, build):
+    """``build()``, or ``_TookTooLong`` after ``seconds`` (SIGALRM: interrupts a pure-Python loop)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise _TookTooLong
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return build()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("stem", "blocks", "expected"), [("cifar", 3, 4), ("imagenet", 4, 29), ("cifar", 40, 2**39)])
+def test_min_input_size_is_closed_form_even_for_many_blocks(stem, blocks, expected):
+    """40 one-layer blocks hung the constructor (a loop up to 2**39); the smallest input is computed now."""
+    with torch.device("meta"):
+        model = _within(5, lambda: de.DenseNet(block_config=(1,) * blocks, stem=stem, growth_rate=4))
+    assert model.min_input_size == expected
+    if expected < 64:  # the smallest input runs, one pixel less is refused
+        small = de.DenseNet(block_config=(1,) * blocks, stem=stem, growth_rate=4).eval()
+        assert small(torch.zeros(1, 3, expected, expected)).shape == (1, 1000)
+        with pytest.raises(ValueError):
+            small(torch.zeros(1, 3, expected - 1, expected - 1))

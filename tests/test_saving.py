@@ -5,14 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 
 import pytest
+import torch
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
 from densenet_efficient.pretrained.saving import model_card
 from tests.weights_helpers import (
+    REPO_ROOT,
     SMALL,
+    logits,
     manifest_schema,
     randomise_batch_norm,
     saved_files,
@@ -204,8 +212,8 @@ def test_leftovers_of_an_interrupted_save_are_removed_by_the_next(tmp_path):
     ]
 
 
-def test_interruption_between_renames_is_refused_at_load(tmp_path, monkeypatch):
-    old = small_model()
+def test_interruption_between_renames_loads_the_previous_set(tmp_path, monkeypatch):
+    old = randomise_batch_norm(small_model())
     W.save_pretrained(old, tmp_path)
     real_replace, renamed = os.replace, []
 
@@ -220,9 +228,169 @@ def test_interruption_between_renames_is_refused_at_load(tmp_path, monkeypatch):
         W.save_pretrained(randomise_batch_norm(small_model()), tmp_path)
     monkeypatch.undo()
     assert [path.name for path in renamed] == ["model.safetensors"]
-    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # staging folder removed
-    with pytest.raises(
-        W.InvalidWeightsFileError,
-        match="model.safetensors is not the file .*config.json was written for .* Save the weights again",
-    ):
+    with pytest.warns(UserWarning, match="in progress or was interrupted .*loaded the set it replaces"):
+        loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
+    torch.testing.assert_close(logits(loaded), logits(old), rtol=0, atol=0)
+    with pytest.raises(W.InvalidWeightsFileError, match="not the file .*config.json was written for"):
+        de.create_model("densenet_40_k12", weights=str(tmp_path / "model.safetensors"))  # the file alone: mixed
+    new = randomise_batch_norm(small_model())
+    W.save_pretrained(new, tmp_path)  # completes the folder and removes what the interrupted save left
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    torch.testing.assert_close(logits(de.create_model("densenet_40_k12", weights=str(tmp_path))), logits(new))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed saves, concurrent saves and readers (issue 17): real processes
+
+
+def _python(*code_lines: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A Python process running ``code_lines`` with this checkout and tests/ on its path."""
+    code = "\n".join(("import os, signal, sys", "sys.path.insert(0, 'tests')", *code_lines))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
+
+
+_SAVE_KILLED_AFTER_THE_WEIGHTS = (
+    "import torch",
+    "from weights_helpers import randomise_batch_norm, small_model",
+    "from densenet_efficient import pretrained as W",
+    "real_replace = os.replace",
+    "def replace_then_die(source, target):",
+    "    real_replace(source, target)",
+    "    if os.path.basename(target) == 'model.safetensors':",
+    "        os.kill(os.getpid(), signal.SIGKILL)",
+    "os.replace = replace_then_die",
+    "W.save_pretrained(randomise_batch_norm(small_model()), sys.argv[1])",
+)
+
+
+def _finished(process: subprocess.Popen) -> int:
+    """Wait for ``process`` (2 minutes at most); its exit status, with its stderr shown if it is not 0."""
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode != 0:
+        print(stderr.decode(), file=sys.stderr)
+    return process.returncode
+
+
+def test_sigkill_between_the_renames_keeps_the_previous_set_loadable(tmp_path):
+    old = randomise_batch_norm(small_model())
+    old_bytes = saved_files(old, tmp_path)["model.safetensors"]
+    assert _finished(_python(*_SAVE_KILLED_AFTER_THE_WEIGHTS, args=(str(tmp_path),))) == -signal.SIGKILL
+    assert (tmp_path / "model.safetensors").read_bytes() != old_bytes  # the new weights are in place, not sealed
+    with pytest.warns(UserWarning, match="loaded the set it replaces"):
+        loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
+    torch.testing.assert_close(logits(loaded), logits(old), rtol=0, atol=0)
+    W.save_pretrained(old, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_a_first_save_killed_between_the_renames_is_named_incomplete(tmp_path):
+    assert _finished(_python(*_SAVE_KILLED_AFTER_THE_WEIGHTS, args=(str(tmp_path),))) == -signal.SIGKILL
+    assert (tmp_path / "model.safetensors").is_file()
+    with pytest.raises(W.InvalidWeightsFileError, match="incomplete save_pretrained: it was interrupted"):
         de.create_model("densenet_40_k12", weights=str(tmp_path))
+
+
+def test_the_bytes_hashed_are_the_bytes_loaded(tmp_path):
+    """The reference is resolved (config read, weights hashed) before the tensors are used: a save in between
+    must not hand out the new file's tensors under the old file's checked sha256."""
+    from densenet_efficient.pretrained.loading import resolve_weights
+
+    old, new = randomise_batch_norm(small_model()), randomise_batch_norm(small_model())
+    W.save_pretrained(old, tmp_path)
+    weights = resolve_weights("densenet_40_k12", str(tmp_path))
+    W.save_pretrained(new, tmp_path)
+    state = weights.read()
+    assert all(torch.equal(state[key], value) for key, value in old.state_dict().items())
+
+
+_SAVE_LOOP = (
+    "import densenet_efficient as de",
+    "from densenet_efficient import pretrained as W",
+    "models = [de.create_model('densenet_40_k12', weights=path) for path in sys.argv[2:]]",
+    "for step in range(6):",
+    "    W.save_pretrained(models[step % len(models)], sys.argv[1])",
+)
+
+
+@pytest.mark.slow  # a second Python process importing torch
+def test_a_concurrent_save_into_one_folder_waits_its_turn(tmp_path):
+    """A save that starts while another one is between its staging and its renames: before, its cleanup deleted
+    the other's staging folder (a raw FileNotFoundError there); now saves take turns and both succeed."""
+    W.save_pretrained(randomise_batch_norm(small_model()), tmp_path / "a")
+    target, ready = tmp_path / "target", tmp_path / "ready"
+    first = _python(
+        "import time",
+        "import densenet_efficient as de",
+        "from densenet_efficient import pretrained as W",
+        "model = de.create_model('densenet_40_k12', weights=sys.argv[2])",
+        "real_replace = os.replace",
+        "def replace_slowly(source, target):",
+        "    if not os.path.exists(sys.argv[3]):",
+        "        open(sys.argv[3], 'w').close()",
+        "        time.sleep(1.0)",
+        "    real_replace(source, target)",
+        "os.replace = replace_slowly",
+        "W.save_pretrained(model, sys.argv[1])",
+        args=(str(target), str(tmp_path / "a"), str(ready)),
+    )
+    while not ready.exists() and first.poll() is None:
+        time.sleep(0.01)
+    second = randomise_batch_norm(small_model())
+    W.save_pretrained(second, target)
+    assert _finished(first) == 0
+    assert sorted(path.name for path in target.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    torch.testing.assert_close(logits(de.create_model("densenet_40_k12", weights=str(target))), logits(second))
+
+
+@pytest.mark.slow  # two Python processes importing torch
+def test_a_reader_during_saves_always_gets_one_whole_set(tmp_path):
+    models = {}
+    for name in ("a", "b"):
+        W.save_pretrained(randomise_batch_norm(small_model()), tmp_path / name)
+        models[name] = logits(de.create_model("densenet_40_k12", weights=str(tmp_path / name)))
+    target = tmp_path / "target"
+    W.save_pretrained(de.create_model("densenet_40_k12", weights=str(tmp_path / "a")), target)
+    writer = _python(*_SAVE_LOOP, args=(str(target), str(tmp_path / "a"), str(tmp_path / "b")))
+    loads = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "in progress ...: loaded the set it replaces"
+        while writer.poll() is None or loads == 0:
+            result = logits(de.create_model("densenet_40_k12", weights=str(target)))
+            assert any(torch.equal(result, expected) for expected in models.values())
+            loads += 1
+    assert _finished(writer) == 0
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_set(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    old = randomise_batch_norm(small_model())
+    W.save_pretrained(old, tmp_path)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if "w" in mode and ".save-" in str(path) else file
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*model.safetensors: No space left on device") as error:
+        W.save_pretrained(randomise_batch_norm(small_model()), tmp_path)
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    torch.testing.assert_close(logits(de.create_model("densenet_40_k12", weights=str(tmp_path))), logits(old))

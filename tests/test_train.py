@@ -706,3 +706,189 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_reusable(tmp_path
         train(digits_config(tmp_path, lr=1e6, epochs=1))
     assert list(tmp_path.iterdir()) == []  # so the same command with a lower lr needs no --overwrite
     assert train(digits_config(tmp_path, epochs=1, export=False))["epochs"] == 1
+
+
+# -- one run per folder, resume settings, timeouts, full disks, leftovers (issue 17) --------------------------------
+
+
+def test_a_second_run_into_a_locked_output_is_refused_naming_the_holder(tmp_path, capsys):
+    with train_module.output_lock(tmp_path):
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started "
+        with pytest.raises(UsageError, match=rf"--output {tmp_path} is in use by another train run \({holder}"):
+            train(digits_config(tmp_path))
+        assert main(["train", "--output", str(tmp_path), "--no-progress"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "is in use by another train run" in error and holder in error and len(error.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+    with train_module.output_lock(tmp_path):  # free again
+        pass
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_is_released(tmp_path):
+    """A run killed with SIGKILL cannot remove its lock file: the OS drops the lock, and the next run takes it."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from densenet_efficient.tools.train import output_lock\n"
+        "with output_lock(Path(sys.argv[1])):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UsageError, match=rf"in use by another train run \(pid {holder.pid} on "):
+            train(digits_config(tmp_path))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=60)
+    assert (tmp_path / train_module.LOCK_FILENAME).exists()  # left behind by the killed run, but not locked
+    with train_module.output_lock(tmp_path):
+        pass
+
+
+def test_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: calls.append(options))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for timeout, expected in ((None, 600), (5.0, 5)):
+        with distributed("cpu", *(() if timeout is None else (timeout,))):
+            pass
+        assert calls.pop()["timeout"] == datetime.timedelta(seconds=expected)
+    assert TrainConfig().timeout == 600
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_timeout_must_be_positive(tmp_path, capsys, value):
+    assert main(["train", "--output", str(tmp_path), "--timeout", value]) == 2
+    assert "timeout must be a finite number of seconds above 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _hanging_worker(rank: int, port: int, result_dir: str) -> None:
+    """Rank 1 joins the group and then stops answering; rank 0's barrier must fail within the timeout."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    with distributed("cpu", timeout=3) as ctx:
+        if rank == 1:
+            time.sleep(30)
+            return
+        started = time.monotonic()
+        try:
+            ctx.barrier()
+        except RuntimeError as error:
+            (Path(result_dir) / "rank0.txt").write_text(f"{time.monotonic() - started:.1f} {error}")
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_answering_fails_the_others_within_the_timeout(tmp_path):
+    context = mp.spawn(_hanging_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = 25
+    while not (tmp_path / "rank0.txt").exists() and deadline > 0:
+        context.join(timeout=1)
+        deadline -= 1
+    for process in context.processes:
+        process.kill()
+    waited, _, message = (tmp_path / "rank0.txt").read_text().partition(" ")
+    assert float(waited) < 15 and message  # gloo's own default would wait 30 minutes
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A 1-epoch run, efficient=True, one process."""
+    output = tmp_path_factory.mktemp("one_epoch")
+    with one_thread():
+        train(digits_config(output, epochs=1, export=False))
+    return output
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+@pytest.mark.filterwarnings("ignore:extending the run")
+def test_resume_in_another_memory_mode_warns_that_it_is_not_bit_exact(one_epoch, tmp_path):
+    output = _copy(one_epoch, tmp_path / "run")
+    assert load_checkpoint(checkpoints(output)[-1])[1]["execution"] == {
+        "efficient": True,
+        "world_size": 1,
+        "sync_bn": False,
+    }
+    with pytest.warns(UserWarning, match=r"\(efficient=True\) with efficient=False: .*not bit-identically"):
+        train(digits_config(output, epochs=2, efficient=False, export=False, resume=True))
+
+
+@pytest.mark.parametrize(
+    "recorded, listing",
+    [
+        ({"world_size": 2}, "another world_size (world_size: checkpoint 2, now 1)"),
+        ({"world_size": 2, "sync_bn": True}, "another world_size and sync_bn"),
+    ],
+)
+def test_resume_with_another_world_size_or_sync_bn_is_refused(one_epoch, tmp_path, recorded, listing):
+    output = _copy(one_epoch, tmp_path / "run")
+    path = checkpoints(output)[-1]
+    state = torch.load(path, weights_only=True)
+    state["execution"].update(recorded)  # as a 2-process run would have written it
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=re.escape(listing) + ".*--weights .*epoch-0001.safetensors"):
+        train(digits_config(output, epochs=2, export=False, resume=True))
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle, mode):
+            self.file = real_fdopen(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match=r"cannot write .*epoch-0003.safetensors: No space left on device") as error:
+        train_module.save_checkpoint(tmp_path, b"weights", {"epoch": 3}, keep=2)
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == []  # no temporary file left
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_run_and_nothing_else(tmp_path):
+    import fcntl
+
+    checkpoints_dir = tmp_path / "checkpoints"
+    checkpoints_dir.mkdir()
+    stale = [tmp_path / ".metrics.csv.k2j3.tmp", checkpoints_dir / ".epoch-0002.pt.a8f1.tmp"]
+    kept = [tmp_path / ".notes.txt.x1.tmp", tmp_path / "draft.tmp", checkpoints_dir / ".epoch-0003.pt.live.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    with open(kept[-1], "rb") as live:  # a writer in progress holds its temporary file locked
+        fcntl.flock(live, fcntl.LOCK_EX)
+        train_module.prepare_output(digits_config(tmp_path, resume=True).resolved())
+    assert [path.exists() for path in stale + kept] == [False, False, True, True, True]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .config import architecture_cfg
+from .config import architecture_cfg, min_input_side
 from .eligibility import has_module_hooks
 from .functional import MemoryMode, bn_relu_conv, check_memory_mode
 
@@ -608,7 +608,7 @@ class DenseNet(nn.Module):
         self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
         name_layers(self)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
-        self.min_input_size = self._min_input_size(stem, len(block_config))
+        self.min_input_size = min_input_side(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
         self.pretrained_cfg: dict[str, Any] = architecture_cfg(
             stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
@@ -639,22 +639,6 @@ class DenseNet(nn.Module):
         levels.append(dict(num_chs=self.num_features, reduction=reduction, module="features.relu5"))
         info = FeatureInfo(dict(level, index=index) for index, level in enumerate(levels))
         return info, [names.index(level["module"].split(".", 1)[1]) for level in info]
-
-    @staticmethod
-    def _min_input_size(stem: str, num_blocks: int) -> int:
-        """Smallest side (height, width, depth or length) that leaves at least one pixel after the stem and every
-        transition."""
-
-        def final_size(size: int) -> int:
-            if stem == "imagenet":
-                size = (size - 1) // 2 + 1  # 7x7 conv, stride 2, padding 3
-                size = (size - 1) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
-            return size // 2 ** (num_blocks - 1)
-
-        size = 1
-        while final_size(size) < 1:
-            size += 1
-        return size
 
     def set_efficient(self, efficient: MemoryMode) -> "DenseNet":
         """Switch every dense layer and transition to memory mode ``efficient``; returns ``self``."""

@@ -13,6 +13,7 @@ from .errors import (
     InvalidWeightsFileError,
     ManifestError,
     UnknownWeightsError,
+    UnverifiedWeightsError,
     WeightsNotAvailableError,
 )
 from .loading import (
@@ -35,6 +36,7 @@ __all__ = [
     "ManifestError",
     "PretrainedCfg",
     "UnknownWeightsError",
+    "UnverifiedWeightsError",
     "WeightsNotAvailableError",
     "get_pretrained_cfg",
     "list_pretrained",

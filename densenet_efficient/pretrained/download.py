@@ -39,13 +39,15 @@ from huggingface_hub import (
     try_to_load_from_cache,
 )
 
-from .errors import ChecksumMismatchError, WeightsNotAvailableError
-from .files import file_sha256
+from .errors import ChecksumMismatchError, UnverifiedWeightsError, WeightsNotAvailableError
+from .files import lock_file, remove_stale_temporaries
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_BLOB_ID = re.compile(r"[0-9a-f]{40}")
+_PARTIAL_SUFFIX = ".part"
 TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes of an answer
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+ALLOW_UNVERIFIED_ENV = "DENSENET_EFFICIENT_ALLOW_UNVERIFIED"  # "1": load a Hub file that no hash can verify
 
 
 def fetch_hub_file(
@@ -62,8 +64,25 @@ def fetch_hub_file(
     ``sha256``: the expected hash (from the manifest); without it the Hub's own hash is used. A full 40-hex
     ``revision`` makes a cache hit cost no request.
     """
+    return fetch_hub_bytes(repo_id, filename, revision=revision, sha256=sha256, cache_dir=cache_dir, endpoint=endpoint)[
+        0
+    ]
+
+
+def fetch_hub_bytes(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> tuple[str, bytes]:
+    """:func:`fetch_hub_file`'s path and the file's bytes, read once: the bytes whose hash was checked are the bytes
+    returned, so a file changed in the cache after the check is never used."""
     revision = revision or constants.DEFAULT_REVISION
     offline = constants.is_offline_mode()
+    served = None
     hub_cache = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
     if not isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache, revision=revision), str):
         if offline:
@@ -80,8 +99,7 @@ def fetch_hub_file(
         )
     except Exception as error:  # HTTP errors, a transfer cut short after the client's resumes, ...
         raise _hub_unavailable(repo_id, filename, revision, cache_dir, endpoint, _reason(error)) from error
-    _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256)
-    return path
+    return path, _verify_cached(path, f"{repo_id}/{filename}@{revision}", sha256, served)
 
 
 def _check_reachable(repo_id: str, filename: str, revision: str, cache_dir, endpoint: str | None) -> str | None:
@@ -126,30 +144,74 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" + (f" ({lines[-1]})" if len(lines) > 1 else "")
 
 
-def _verify_cached(path: str, name: str, sha256: str | None) -> None:
-    """Check a cached Hub file against ``sha256`` or the hash its cache blob is named by; remove it on mismatch."""
-    blob = Path(path).resolve()
-    if sha256 or _SHA256.fullmatch(blob.name):
-        expected, actual = sha256 or blob.name, file_sha256(blob)
-    elif _GIT_BLOB_ID.fullmatch(blob.name):
-        expected, actual = blob.name, _git_blob_id(blob)
-    else:
+def _verify_cached(
+    path: str, name: str, sha256: str | None, served: str | None = None, allow_unverified: bool | None = None
+) -> bytes:
+    """Check a cached Hub file against ``sha256``, else the hash its cache blob is named by, else ``served`` (the
+    ETag of the request that just downloaded it). On a mismatch the cache's own entries for it are removed (see
+    :func:`_remove_cache_entries`). A file with no hash to check against is refused
+    (:class:`~.errors.UnverifiedWeightsError`) unless ``allow_unverified`` (default: ``$ALLOW_UNVERIFIED_ENV``).
+    Returns the bytes that were checked."""
+    entry = _cache_entry(Path(path))
+    data = Path(path).read_bytes()
+    hashes = [
+        value for value in (entry.name, served) if value and (_SHA256.fullmatch(value) or _GIT_BLOB_ID.fullmatch(value))
+    ]
+    expected = sha256 or next(iter(hashes), None)
+    if expected is None:
+        if allow_unverified is None:
+            allow_unverified = os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0")
+        if not allow_unverified:
+            raise UnverifiedWeightsError(
+                f"{name}: no pinned hash to check it against ({path} is {_link_text(Path(path))}, not a cache blob "
+                f"named by its hash), so it was not loaded. Pin its sha256 in the manifest, delete the cache entry "
+                f"to download it again, or set {ALLOW_UNVERIFIED_ENV}=1 to load files that cannot be verified."
+            )
         warnings.warn(
-            f"{name}: no hash to check it against (cache blob {blob.name}); loading it unverified", stacklevel=2
+            f"{name}: no hash to check it against (cache entry {entry.name}); loading it unverified because "
+            f"{ALLOW_UNVERIFIED_ENV} is set",
+            stacklevel=2,
         )
-        return
+        return data
+    actual = hashlib.sha256(data).hexdigest() if _SHA256.fullmatch(expected) else _git_blob_id(data)
     if actual != expected:
-        Path(path).unlink()
-        blob.unlink(missing_ok=True)
+        removed = _remove_cache_entries(Path(path), entry)
         raise ChecksumMismatchError(
-            f"{name}: the file's hash is {actual}, expected {expected}. The bad copy ({blob}) was removed from "
-            f"the cache; load again to download it afresh."
+            f"{name}: the file's hash is {actual}, expected {expected}. The bad copy was removed from the cache "
+            f"({', '.join(map(str, removed))}; nothing outside it); load again to download it afresh."
         )
+    return data
 
 
-def _git_blob_id(path: Path) -> str:
+def _cache_entry(path: Path) -> Path:
+    """The cache's own file for snapshot file ``path``: the blob its link names (one step, without following a
+    link the blob itself may be), or ``path`` itself when it is no link (a cache without symlinks)."""
+    if not path.is_symlink():
+        return path
+    return Path(os.path.normpath(path.parent / os.readlink(path)))
+
+
+def _remove_cache_entries(path: Path, entry: Path) -> list[Path]:
+    """Remove snapshot file ``path`` and its blob ``entry`` if that blob lies in the repo's ``blobs`` folder.
+    Never through a link: a link is removed, not what it points at, so a cache entry relinked to a file outside
+    the cache costs the user nothing but the link."""
+    removed = []
+    snapshots = next((parent for parent in path.parents if parent.name == "snapshots"), None)
+    blobs = snapshots.parent / "blobs" if snapshots is not None else None
+    for candidate in dict.fromkeys((path, entry)):
+        inside = candidate == path or (blobs is not None and candidate.parent == blobs)
+        if inside and (candidate.is_symlink() or candidate.is_file()):
+            candidate.unlink()  # unlink() of a link removes the link only
+            removed.append(candidate)
+    return removed
+
+
+def _link_text(path: Path) -> str:
+    return f"a link to {os.readlink(path)}" if path.is_symlink() else "a plain file"
+
+
+def _git_blob_id(data: bytes) -> str:
     """The git blob id (sha1 of ``blob <size>\\0<bytes>``): the Hub's ETag of a small, non-LFS file."""
-    data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
@@ -158,17 +220,12 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
     needed; its sha256 must start with ``sha256_prefix`` (a full sha256 works too), on download and cache hits."""
     path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
     if path.is_file():
-        actual = file_sha256(path)
-        if not actual.startswith(sha256_prefix):
-            path.unlink()
-            raise ChecksumMismatchError(
-                f"{path} (from {url}): sha256 {actual} does not start with {sha256_prefix}. The bad copy was "
-                f"removed; load again to download it afresh."
-            )
+        _read_checked(path, url, sha256_prefix)
         return str(path)
     if constants.is_offline_mode():
         raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)  # of killed downloads
     try:
         _download(url, path, sha256_prefix)
     except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, TimeoutError, IncompleteRead
@@ -178,15 +235,38 @@ def fetch_url_file(url: str, sha256_prefix: str, directory: str | os.PathLike | 
     return str(path)
 
 
+def fetch_url_bytes(url: str, sha256_prefix: str, directory: str | os.PathLike | None = None) -> tuple[str, bytes]:
+    """:func:`fetch_url_file`'s path and the file's bytes, read once and checked (the bytes returned are the bytes
+    whose hash was checked)."""
+    path = Path(fetch_url_file(url, sha256_prefix, directory))
+    return str(path), _read_checked(path, url, sha256_prefix)
+
+
+def _read_checked(path: Path, url: str, sha256_prefix: str) -> bytes:
+    """The bytes of cached ``path``, whose sha256 must start with ``sha256_prefix``; else the copy is removed (the
+    cache entry only: a link, not what it points at) and :class:`~.errors.ChecksumMismatchError` raised."""
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if not actual.startswith(sha256_prefix):
+        path.unlink()
+        raise ChecksumMismatchError(
+            f"{path} (from {url}): sha256 {actual} does not start with {sha256_prefix}. The bad copy was "
+            f"removed; load again to download it afresh."
+        )
+    return data
+
+
 def _download(url: str, path: Path, sha256_prefix: str) -> None:
     """GET ``url`` into a temporary file beside ``path``, waiting at most :data:`TIMEOUT_S` for the connection and
     for each read; rename it to ``path`` only if it is complete and its sha256 starts with ``sha256_prefix``.
-    Nothing is left behind on failure. A progress bar is shown on a terminal only."""
+    Nothing is left behind on failure; the temporary file is locked while it is written, so that one a killed
+    download left is told from one in progress. A progress bar is shown on a terminal only."""
     from tqdm.auto import tqdm
 
     digest, received = hashlib.sha256(), 0
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
     try:
+        lock_file(handle)
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             expected = response.length
             with tqdm(
@@ -197,14 +277,15 @@ def _download(url: str, path: Path, sha256_prefix: str) -> None:
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-        if expected is not None and received != expected:
-            raise http.client.IncompleteRead(b"", expected - received)
-        actual = digest.hexdigest()
-        if not actual.startswith(sha256_prefix):
-            raise ChecksumMismatchError(
-                f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was saved"
-            )
-        os.replace(temporary, path)
+            if expected is not None and received != expected:
+                raise http.client.IncompleteRead(b"", expected - received)
+            actual = digest.hexdigest()
+            if not actual.startswith(sha256_prefix):
+                raise ChecksumMismatchError(
+                    f"{url}: sha256 {actual} does not start with {sha256_prefix}; nothing was saved"
+                )
+            file.flush()
+            os.replace(temporary, path)  # while the file is still locked: no cleaner takes it for a leftover
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -219,11 +300,11 @@ def _url_unavailable(url: str, path: Path, reason: str) -> WeightsNotAvailableEr
 
 def fetch_manifest_weights(
     key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
-) -> str:
-    """Path of the verified weights file of manifest entry ``key``: its Hub file, else its URL (a torchvision
-    ``.pth``) when the Hub copy cannot be had. A checksum mismatch is raised, except at a floating Hub revision (a
-    branch such as ``main``, which may have moved on since the sha256 was pinned): then the URL is tried, with a
-    warning that says so."""
+) -> tuple[str, bytes]:
+    """Path and bytes (read once: those that were checked) of the verified weights file of manifest entry ``key``:
+    its Hub file, else its URL (a torchvision ``.pth``) when the Hub copy cannot be had. A checksum mismatch is
+    raised, except at a floating Hub revision (a branch such as ``main``, which may have moved on since the sha256
+    was pinned): then the URL is tried, with a warning that says so."""
     failures, mismatch = [], None
     hub = entry.get("hub")
     source = entry.get("url")
@@ -235,7 +316,7 @@ def fetch_manifest_weights(
                 stacklevel=2,
             )
         try:
-            return fetch_hub_file(
+            return fetch_hub_bytes(
                 hub["repo_id"],
                 hub["filename"],
                 revision=hub["revision"],
@@ -252,7 +333,7 @@ def fetch_manifest_weights(
             failures.append(str(error))
     if source:
         try:
-            path = fetch_url_file(source["url"], source["sha256"] or source["sha256_prefix"])
+            path, data = fetch_url_bytes(source["url"], source["sha256"] or source["sha256_prefix"])
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         else:
@@ -264,5 +345,5 @@ def fetch_manifest_weights(
                 )
             elif failures:
                 warnings.warn(f"{key}: the Hub copy is not available, loaded {source['url']} instead.", stacklevel=2)
-            return path
+            return path, data
     raise WeightsNotAvailableError(f"No source of {key} is available:\n- " + "\n- ".join(failures))

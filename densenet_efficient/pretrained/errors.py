@@ -19,6 +19,10 @@ class ChecksumMismatchError(OSError):
     """A file's sha256 is not the one expected; the bad copy has been removed from the cache."""
 
 
+class UnverifiedWeightsError(OSError):
+    """A cached file that no pinned hash can verify (not a blob named by its hash); refused unless opted in."""
+
+
 class WeightsNotAvailableError(OSError):
     """The weights file is neither reachable nor cached; the message says where to get it."""
 

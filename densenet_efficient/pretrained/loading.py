@@ -19,6 +19,8 @@ Downloads and their sha256 checks live in :mod:`.download`; this module imports 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -42,7 +44,6 @@ from .errors import (
     InvalidWeightsFileError,
     UnknownWeightsError,
 )
-from .files import file_sha256
 from .manifest import weights_entry
 
 WEIGHTS_FILENAME = "model.safetensors"
@@ -57,6 +58,8 @@ _LEGACY_KEY = re.compile(
 _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 _FIRST_CONV = "features.conv0.weight"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_MAX_BLOCKS = 16  # more dense blocks need inputs of 2**16 px per side or more: such a config is refused unbuilt
+PREVIOUS_SET_DIRNAME = ".previous-save"  # save_pretrained keeps the set it replaces here until the new one is sealed
 
 # config.json. This project's (save_pretrained) carries the marker FORMAT_KEY: CONFIG_FORMAT beside timm's keys, so
 # that timm ("local-dir:", "hf-hub:") and transformers read it too; a config.json without the marker is timm's
@@ -109,7 +112,6 @@ _TIMM_ANY_BOOL = ("memory_efficient",)
 # What a config may ask for, checked before anything is built (the weights' header then checks every shape).
 _MAX_CONFIG_BYTES = 16 * 2**20
 _MAX_CONFIG_DEPTH = 8  # this package's and timm's configs nest 3 deep
-_MAX_BLOCKS = 8
 _MAX_LAYERS = 10_000
 _MAX_WIDTH = 4096  # growth rate, stem channels, bottleneck width
 _MAX_PARAMETERS = 2**32
@@ -215,13 +217,14 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint))
+        file, data = fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint)
+        return _state_dict_of(data, Path(file))
 
     return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg())
 
 
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
-    from .download import fetch_hub_file
+    from .download import fetch_hub_bytes, fetch_hub_file
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -232,35 +235,117 @@ def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWe
     where = f"{reference} ({CONFIG_FILENAME})"
     model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
     commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
-    file = Path(fetch_hub_file(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
-    check_shapes(name, model_args, tensor_shapes(file), where)
+    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint)
+    file = Path(path)
+    check_shapes(name, model_args, _shapes_of(data, file), where)
     input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
-    return PretrainedWeights(reference, model_args, lambda: read_state_dict(file), input_cfg)
+    return PretrainedWeights(reference, model_args, lambda: _state_dict_of(data, file), input_cfg)
 
 
 def _local_weights(name: str, path: Path) -> PretrainedWeights:
-    file = path
-    if path.is_dir():
-        candidates = [path / WEIGHTS_FILENAME, path / TORCH_WEIGHTS_FILENAME]
-        file = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"file not found: {file}. Pass a weights tag of {name!r} (or 'DEFAULT'), a .safetensors file, a "
-            f"folder written by save_pretrained, or 'hf-hub:org/name[@revision]'."
-        )
-    config_file = file.with_name(CONFIG_FILENAME)
-    config = read_config(config_file, str(config_file)) if config_file.is_file() else {}
+    saved = _read_local(path, name)
+    config_file, config = saved.config_file, saved.config
     model_args, input_cfg = parse_config(name, config, str(config_file))
-    expected_sha256 = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
-    if expected_sha256 is not None and file_sha256(file) != expected_sha256:
-        raise InvalidWeightsFileError(
-            f"{file} is not the file {config_file} was written for (sha256 {expected_sha256}): an interrupted or "
-            f"mixed save. Save the weights again."
-        )
     if config:  # a bare file: the caller's arguments describe the model; loading names any mismatch
-        check_shapes(name, model_args, tensor_shapes(file), str(config_file))
-    input_cfg["file"] = str(file)
-    return PretrainedWeights(str(file), model_args, lambda: read_state_dict(file), input_cfg)
+        check_shapes(name, model_args, _shapes_of(saved.data, saved.file), str(config_file))
+    input_cfg["file"] = str(saved.file)
+    return PretrainedWeights(str(saved.file), model_args, lambda: _state_dict_of(saved.data, saved.file), input_cfg)
+
+
+@dataclass(frozen=True)
+class _SavedSet:
+    """A weights file read once (``data``: the bytes that were hashed are the bytes that are loaded) and the
+    ``config.json`` beside it (``{}`` when there is none). ``sealed``: whether the file is the one the config
+    records (``None``: the config records no sha256, as timm's do)."""
+
+    file: Path
+    data: bytes
+    config_file: Path
+    config: dict[str, Any]
+    sealed: bool | None
+
+
+def _read_local(path: Path, name: str) -> _SavedSet:
+    """The set a local reference names: a file and the config beside it, or a folder's set (see
+    :func:`_read_folder`). A save running into the folder at the same time may remove what was just found: then
+    the folder is read again (twice at most)."""
+    for _ in range(2):
+        try:
+            return _read_local_once(path, name)
+        except FileNotFoundError:
+            continue
+    return _read_local_once(path, name)
+
+
+def _read_local_once(path: Path, name: str) -> _SavedSet:
+    if path.is_dir():
+        return _read_folder(path, name)
+    saved = _read_set(path.parent, path) if path.is_file() else None
+    if saved is None:
+        raise FileNotFoundError(_not_found(path, name))
+    if saved.sealed is False:
+        raise _mixed_set(saved)
+    return saved
+
+
+def _read_folder(folder: Path, name: str) -> _SavedSet:
+    """A folder's set: ``model.safetensors`` (or ``pytorch_model.bin``) and ``config.json`` at its top, as this
+    project's, older versions' and timm's saves write them. While :func:`.saving.save_pretrained` replaces a set
+    it keeps the one it replaces in :data:`PREVIOUS_SET_DIRNAME`: if the top is not the sealed new set (a save
+    in progress, or killed between its renames), that previous set is loaded, with a warning; a first save that
+    was interrupted is named as such."""
+    previous = folder / PREVIOUS_SET_DIRNAME
+    top = _read_set(folder)
+    if not previous.is_dir():
+        if top is None:
+            raise FileNotFoundError(_not_found(folder / WEIGHTS_FILENAME, name))
+        if top.sealed is False:
+            raise _mixed_set(top)
+        return top
+    if top is not None and top.sealed:
+        return top
+    old = _read_set(previous)
+    if old is not None and old.sealed is not False:
+        warnings.warn(
+            f"{folder}: a save_pretrained into it is in progress or was interrupted before it completed; loaded the "
+            f"set it replaces ({previous}). Save again to complete the folder.",
+            stacklevel=2,
+        )
+        return old
+    raise InvalidWeightsFileError(
+        f"{folder} holds an incomplete save_pretrained: it was interrupted (or is still running) before "
+        f"{CONFIG_FILENAME} sealed the set, and there is no earlier set to fall back on. Save the weights again."
+    )
+
+
+def _read_set(folder: Path, file: Path | None = None) -> _SavedSet | None:
+    """Read ``file`` (default: the folder's weights file) and the ``config.json`` beside it; ``None`` if there
+    is no such file."""
+    if file is None:
+        candidates = [folder / WEIGHTS_FILENAME, folder / TORCH_WEIGHTS_FILENAME]
+        file = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if file is None:
+            return None
+    config_file = folder / CONFIG_FILENAME
+    config = read_config(config_file, str(config_file)) if config_file.is_file() else {}
+    data = file.read_bytes()
+    expected = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
+    sealed = None if expected is None else hashlib.sha256(data).hexdigest() == expected
+    return _SavedSet(file, data, config_file, config, sealed)
+
+
+def _not_found(file: Path, name: str) -> str:
+    return (
+        f"file not found: {file}. Pass a weights tag of {name!r} (or 'DEFAULT'), a .safetensors file, a "
+        f"folder written by save_pretrained, or 'hf-hub:org/name[@revision]'."
+    )
+
+
+def _mixed_set(saved: _SavedSet) -> InvalidWeightsFileError:
+    return InvalidWeightsFileError(
+        f"{saved.file} is not the file {saved.config_file} was written for (sha256 "
+        f"{saved.config['weights_sha256']}): an interrupted or mixed save. Save the weights again."
+    )
 
 
 def read_config(path: Path, where: str) -> dict[str, Any]:
@@ -399,7 +484,10 @@ def _check_bounds(args: Mapping[str, Any]) -> None:
     """``ValueError`` for a network too big to be a DenseNet anyone trains (before anything is built)."""
     block_config = args.get("block_config")
     if isinstance(block_config, (list, tuple)) and len(block_config) > _MAX_BLOCKS:
-        raise ValueError(f"block_config has {len(block_config)} dense blocks (at most {_MAX_BLOCKS})")
+        raise ValueError(
+            f"block_config has {len(block_config)} dense blocks (at most {_MAX_BLOCKS}): each transition halves the "
+            f"input, so its inputs would need at least 2**{len(block_config) - 1} pixels per side"
+        )
     if _layer_count(args) > _MAX_LAYERS:
         raise ValueError(f"block_config {args['block_config']} asks for {_layer_count(args)} layers (at most 10000)")
     bounds = {
@@ -463,13 +551,25 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
         if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
             raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
-        try:
-            header = json.loads(file.read(size))
-            shapes = {
-                key: tuple(int(n) for n in value["shape"]) for key, value in header.items() if key != "__metadata__"
-            }
-        except (ValueError, TypeError, KeyError) as error:
-            raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: bad header ({error})") from error
+        return _header_shapes(file.read(size), path)
+
+
+def _shapes_of(data: bytes, path: Path) -> dict[str, tuple[int, ...]]:
+    """:func:`tensor_shapes` of a weights file's bytes, already read."""
+    if path.suffix != ".safetensors":
+        return {key: tuple(value.shape) for key, value in _torch_load(path, map_location="meta", data=data).items()}
+    size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    if not 0 < size <= min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
+    return _header_shapes(data[8 : 8 + size], path)
+
+
+def _header_shapes(header_bytes: bytes, path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        header = json.loads(header_bytes)
+        shapes = {key: tuple(int(n) for n in value["shape"]) for key, value in header.items() if key != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: bad header ({error})") from error
     return {_LEGACY_KEY.sub(r"\1\2", key): shape for key, shape in shapes.items()}
 
 
@@ -508,9 +608,12 @@ def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
-def _torch_load(path: Path, map_location: str) -> Mapping[str, Tensor]:
+def _torch_load(path: Path, map_location: str, data: bytes | None = None) -> Mapping[str, Tensor]:
+    """A ``.pth``/``.bin`` state dict read with ``weights_only=True``: from ``data`` when given, else ``path``."""
     try:
-        state_dict = torch.load(path, map_location=map_location, weights_only=True)
+        state_dict = torch.load(
+            path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True
+        )
     except Exception as error:  # torch.load raises many types for a bad file; all mean "unreadable"
         raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
@@ -532,6 +635,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     except SafetensorError as error:
         raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
     return rename_legacy_keys(state_dict)
+
+
+def _state_dict_of(data: bytes, path: Path) -> dict[str, Tensor]:
+    """:func:`read_state_dict` of a weights file's bytes, already read (and hashed)."""
+    if path.suffix != ".safetensors":
+        return dict(_torch_load(path, map_location="cpu", data=data))
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state_dict = load(data)
+    except SafetensorError as error:
+        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
+    return rename_legacy_keys(dict(sorted(state_dict.items())))  # in load_file's order
 
 
 def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
@@ -585,8 +702,33 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], sou
             f"{_listing('missing', missing)}; {_listing('unexpected', unexpected)}; "
             f"{_listing('with another shape (weights vs model)', misshapen)}."
         )
+    _check_values(expected, state_dict, source)
     model.load_state_dict(state_dict, strict=not classifier_skipped)
     return model
+
+
+def _check_values(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Refuse, rather than cast or load: integer or bool tensors where the model has floating-point weights (and
+    the reverse), NaN or infinite values, negative running variances. The error names the key and what is valid."""
+    for key, value in state_dict.items():
+        target = expected[key]
+        if target.is_floating_point() != value.is_floating_point():
+            valid = "floating-point" if target.is_floating_point() else "integer"
+            raise IncompatibleWeightsError(
+                f"{source}: {key} holds {value.dtype} values where the model has {target.dtype}: only {valid} "
+                f"tensors load there (they are not cast)"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise InvalidWeightsFileError(
+                f"{source}: {key} holds {bad} NaN or infinite values of {value.numel()}: weights must be finite "
+                f"(diverged training or a damaged file)"
+            )
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise InvalidWeightsFileError(
+                f"{source}: {key} holds negative variances (smallest {value.min().item():g}): a BatchNorm's "
+                f"running_var is at least 0"
+            )
 
 
 def _listing(what: str, keys: list[str], shown: int = 5) -> str:
@@ -599,11 +741,27 @@ def _without_mismatched_classifier(
     model: nn.Module, state_dict: dict[str, Tensor], source: str
 ) -> tuple[dict[str, Tensor], bool]:
     """Drop the weights' classifier if the model has another number of classes (0: none), with a warning.
-    Returns the state dict and whether the classifier was dropped."""
-    model_classes = _num_classes(model.state_dict())
+    Returns the state dict and whether the classifier was dropped. A classifier for the same features in
+    another layout (transposed, another input width) is refused, not dropped: it is no fine-tuning head."""
+    expected = model.state_dict()
+    model_classes = _num_classes(expected)
     weights_classes = _num_classes(state_dict)
     if model_classes == weights_classes:
         return state_dict, False
+    ours, theirs = expected.get("classifier.weight"), state_dict.get("classifier.weight")
+    if ours is not None and theirs is not None:
+        bias = state_dict.get("classifier.bias")
+        if (
+            theirs.dim() != 2
+            or theirs.shape[1] != ours.shape[1]
+            or (bias is not None and bias.shape != theirs.shape[:1])
+        ):
+            raise IncompatibleWeightsError(
+                f"{source}: classifier.weight is {tuple(theirs.shape)}"
+                + ("" if bias is None else f" with classifier.bias {tuple(bias.shape)}")
+                + f", the model's {tuple(ours.shape)}: only a classifier of (classes, {ours.shape[1]}) with a bias of "
+                f"(classes,) is replaced for another number of classes; this one is transposed or for other features"
+            )
     warnings.warn(
         f"{source}: the weights have {weights_classes} classes, the model {model_classes}: loaded everything but "
         f"the classifier, which keeps its fresh initialisation (fine-tuning).",

@@ -54,7 +54,8 @@ class HubFile:
 
 @dataclass(frozen=True)
 class UrlFile:
-    """A torchvision-style ``.pth`` URL whose name carries ``sha256_prefix``."""
+    """A torchvision-style ``.pth`` URL (https) whose name carries ``sha256_prefix``; ``sha256``, when recorded,
+    pins the whole file and is what is checked."""
 
     url: str
     sha256_prefix: str
@@ -205,6 +206,12 @@ def validate_manifest(manifest: Any, where: str | os.PathLike) -> None:
             check_pretrained_cfg({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
         except ValueError as error:
             raise ManifestError(f"{where}: entry {key!r}: {error}") from None
+        url = entry["url"]
+        if url and url["sha256"] and not url["sha256"].startswith(url["sha256_prefix"]):
+            raise ManifestError(
+                f"{where}: entry {key!r}: url.sha256 {url['sha256']} does not start with url.sha256_prefix "
+                f"{url['sha256_prefix']} (the prefix in the file name); one of them is wrong"
+            )
     for model, tag in manifest["default_tags"].items():
         if f"{model}.{tag}" not in manifest["weights"]:
             raise ManifestError(f"{where}: the default tag of {model!r} is {tag!r}, which has no entry")

@@ -1,9 +1,19 @@
 """Saving weights as this project's Hub repos hold them: ``model.safetensors``, ``config.json`` and a model card.
 
-The three files are written as one set: into a temporary folder inside the target folder first, then renamed
-into place with ``config.json`` last. ``config.json`` records the sha256 of ``model.safetensors``, so a set left
-mixed by an interruption between the renames is refused when loaded; leftovers of an interrupted save are
-removed by the next save into the folder.
+The three files are written as one set, so that the folder always holds a set that loads, the old one or the
+new one, even if the process is killed at any point:
+
+1. saves into one folder take turns (an advisory ``fcntl.flock`` on the folder, released by the OS on death);
+2. the new files are written into a staging folder inside the target folder and synced to disk;
+3. the set they replace is kept, as hard links (no copy), in ``.previous-save/``: that folder also marks a save
+   in progress;
+4. the new files are renamed into place, ``config.json`` last: it records the sha256 of ``model.safetensors``
+   and so seals the set;
+5. ``.previous-save/`` is removed.
+
+Loading (:mod:`.loading`) takes the top-level set when it is sealed, else the set in ``.previous-save/`` (with a
+warning), and names a first save that never completed as incomplete. The next save removes what an interrupted
+one left.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from typing import Any
 from torch import nn
 
 from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
-from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, WEIGHTS_FILENAME
+from .files import file_sha256, locked, remove_stale_temporaries
+from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, PREVIOUS_SET_DIRNAME, WEIGHTS_FILENAME
 
 CARD_FILENAME = "README.md"
 SET_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME, CARD_FILENAME)
@@ -167,37 +178,80 @@ def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any
 
 
 def write_set(directory: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``directory`` as a set: all into a temporary folder inside it (synced to disk), then
-    each renamed into place in the given order. Leftovers of an interrupted earlier call are removed first."""
+    """Write ``files`` into ``directory`` as a set, in the given order (the last one seals it), as the module's
+    documentation describes. Leftovers of an interrupted earlier call are removed first."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(directory)
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX))
+    with locked(directory):
+        remove_leftovers(directory)
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX))
+        try:
+            for filename, data in files.items():
+                try:
+                    with open(staging / filename, "wb") as file:
+                        file.write(data)
+                        file.flush()
+                        os.fsync(file.fileno())
+                except OSError as error:  # a full disk: say which file of which folder
+                    message = f"cannot write {directory / filename}: {error.strerror or error}"
+                    raise type(error)(error.errno, message) from error
+            _keep_previous_set(directory, list(files))
+            for filename in files:
+                os.replace(staging / filename, directory / filename)
+            _fsync_folder(directory)
+            shutil.rmtree(directory / PREVIOUS_SET_DIRNAME)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _keep_previous_set(directory: Path, filenames: list[str]) -> None:
+    """Hard-link the set in ``directory`` into ``.previous-save/`` (synced), unless that folder already holds the
+    last good set: an earlier save was killed between its renames and left the top mixed."""
+    previous = directory / PREVIOUS_SET_DIRNAME
+    if previous.is_dir() and not _sealed(directory):
+        return
+    kept = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX))
+    for filename in filenames:
+        if (directory / filename).is_file():
+            try:
+                os.link(directory / filename, kept / filename)
+            except OSError:  # a file system without hard links
+                shutil.copy2(directory / filename, kept / filename)
+    _fsync_folder(kept)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    os.rename(kept, previous)
+    _fsync_folder(directory)
+
+
+def _sealed(directory: Path) -> bool:
+    """Whether ``directory``'s ``config.json`` records the sha256 of its ``model.safetensors``."""
     try:
-        for filename, data in files.items():
-            with open(staging / filename, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-        for filename in files:
-            os.replace(staging / filename, directory / filename)
+        recorded = json.loads((directory / CONFIG_FILENAME).read_text(encoding="utf-8")).get("weights_sha256")
+        return recorded is not None and file_sha256(directory / WEIGHTS_FILENAME) == recorded
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fsync_folder(directory: Path) -> None:
+    """Make the renames in ``directory`` durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(handle)
 
 
 def remove_leftovers(directory: Path) -> list[Path]:
     """Remove what an interrupted save left in ``directory``: staging folders and ``write_atomically``'s
-    temporary files. Returns what was removed."""
+    temporary files that no living process writes. Returns what was removed. (``.previous-save/`` stays: it
+    may hold the last good set; a completed save removes it.) Call it holding the folder's lock."""
     removed = []
     for path in directory.iterdir():
-        staging = path.name.startswith(_STAGING_PREFIX) and path.name.endswith(_STAGING_SUFFIX) and path.is_dir()
-        temporary = any(path.name.startswith(f".{name}.") and path.name.endswith(".tmp") for name in SET_FILENAMES)
-        if staging:
+        if path.name.startswith(_STAGING_PREFIX) and path.name.endswith(_STAGING_SUFFIX) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-        elif temporary and path.is_file():
-            path.unlink()
-        else:
-            continue
-        removed.append(path)
+            removed.append(path)
+    for name in SET_FILENAMES:
+        removed += remove_stale_temporaries(directory, prefix=f".{name}.")
     return removed
 
 

@@ -16,8 +16,18 @@ output folder (rank 0 only):
   writes them (model.safetensors, config.json, model card) and ``manifest_entry.json``.
 
 A run refuses an ``output`` folder that holds files unless it resumes (``resume``) or ``overwrite`` deletes the
-previous run's files first; every checkpoint carries the run's id. A NaN or infinite loss or metric stops the run
-with :class:`TrainingDivergedError` before anything of that epoch is saved; nothing non-finite is exported.
+previous run's files first; every checkpoint carries the run's id. Rank 0 holds an advisory lock on the folder
+(``.train.lock``, ``fcntl.flock``, released by the OS if the process dies) for the whole run: a second run into
+the same folder is refused at once, naming the holder (pid, host, start time). A run's temporary files that a
+killed write left behind are removed by the next run into the folder (only those no living process holds).
+
+A resumed run must use the world size and ``sync_bn`` setting the checkpoint records (they change what is
+computed: batch-norm statistics over another batch, another data order), else it is refused; another memory
+mode (``efficient``) computes the same function and is accepted with a warning (it is not bit-identical).
+``timeout`` bounds how long a process waits for the others in a collective (gloo's default is 30 minutes).
+
+A NaN or infinite loss or metric stops the run with :class:`TrainingDivergedError` before anything of that epoch
+is saved; nothing non-finite is exported.
 Resuming with more ``epochs`` extends the run: the learning-rate milestones are recomputed for the new length.
 
 The random state is reseeded from (seed, epoch, rank) at the start of every epoch and the data order comes from
@@ -34,6 +44,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -41,6 +52,7 @@ import math
 import numbers
 import os
 import re
+import socket
 import tempfile
 import time
 import uuid
@@ -58,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
-from ..pretrained.files import file_sha256, write_atomically
+from ..pretrained.files import file_sha256, lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
@@ -105,6 +117,11 @@ BEST_FILENAME = "best.safetensors"
 RUN_FILES = (BEST_FILENAME, CONFIG_FILENAME, "metrics.csv", "curves.png", "results.json", "manifest_entry.json")
 RUN_FOLDERS = (CHECKPOINT_DIR, "export")
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d{4,})\.pt")
+LOCK_FILENAME = ".train.lock"  # rank 0's advisory lock on the output folder, held for the run
+DEFAULT_TIMEOUT_S = 600.0  # how long a process waits for the others in a collective
+# Execution settings recorded in each checkpoint: a resumed run with another world size or sync_bn is refused,
+# another memory mode is accepted with a warning.
+REFUSED_ON_RESUME = ("world_size", "sync_bn")
 
 
 class CheckpointError(RuntimeError):
@@ -144,6 +161,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    timeout: float = DEFAULT_TIMEOUT_S
     seed: int = 0
     workers: int | None = None
     device: str | None = None
@@ -233,6 +251,7 @@ class ResolvedTrainConfig(TrainConfig):
             "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
             "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
         }
+        ranges["timeout"] = (lambda v: v > 0, "of seconds above 0")
         for name, (valid, text) in ranges.items():
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and valid(value)):
@@ -274,9 +293,10 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def distributed(device: str | None) -> Iterator[DistContext]:
+def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on CUDA, gloo
-    on CPU. One process without those variables runs alone."""
+    on CPU. One process without those variables runs alone. A collective that waits more than ``timeout``
+    seconds for another process (one that hangs or stopped answering) fails instead of blocking."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -286,7 +306,9 @@ def distributed(device: str | None) -> Iterator[DistContext]:
         torch.cuda.set_device(target)
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if target.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+        )
     try:
         yield DistContext(rank, world_size, target, owns)
     finally:
@@ -476,6 +498,7 @@ class Trainer:
                 f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or "
                 f"more, not {self.config.epochs}"
             )
+        self._check_execution(path, state.get("execution", {}))
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -486,6 +509,33 @@ class Trainer:
         if planned != self.config.epochs:
             self._reschedule(planned)
         self._check_best()
+
+    def _execution(self) -> dict[str, Any]:
+        """How this run executes: what a checkpoint records besides the recipe (see :data:`REFUSED_ON_RESUME`)."""
+        return {"efficient": self.config.efficient, "world_size": self.ctx.world_size, "sync_bn": self.config.sync_bn}
+
+    def _check_execution(self, path: Path, recorded: dict[str, Any]) -> None:
+        """Refuse a resume with another world size, or another ``sync_bn`` with more than one process; warn for
+        another memory mode. Checkpoints that record nothing (older ones) are not checked."""
+        now = self._execution()
+        changed = [key for key in REFUSED_ON_RESUME if key in recorded and recorded[key] != now[key]]
+        if "sync_bn" in changed and max(recorded.get("world_size", 1), now["world_size"]) == 1:
+            changed.remove("sync_bn")  # one process: synchronised batch norm is plain batch norm
+        if changed:
+            listing = "; ".join(f"{key}: checkpoint {recorded[key]!r}, now {now[key]!r}" for key in changed)
+            raise CheckpointError(
+                f"{path} was written by a run with another {' and '.join(changed)} ({listing}): that changes the "
+                f"batch-norm statistics and the data order, so the resumed run would not continue this one. Resume "
+                f"with the same number of processes and --sync-bn setting, or start a new run from its weights "
+                f"(--weights {path.with_suffix('.safetensors')}) in another --output"
+            )
+        if "efficient" in recorded and recorded["efficient"] != now["efficient"] and self.ctx.is_main:
+            warnings.warn(
+                f"resuming {path} (efficient={recorded['efficient']!r}) with efficient={now['efficient']!r}: the "
+                f"memory modes compute the same function, but not bit-identically, so the run will not repeat the "
+                f"uninterrupted one exactly",
+                stacklevel=2,
+            )
 
     def _reschedule(self, planned: int) -> None:
         """A run planned for ``planned`` epochs goes on for ``config.epochs``: the milestones of the new length, and
@@ -550,6 +600,7 @@ class Trainer:
             history=self.history,
             best=self.best,
             config=self.config.recipe(),
+            execution=self._execution(),
             run_id=self.run_id,
         )
         save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
@@ -867,10 +918,49 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` in this process (joining torchrun's process group if there is one); returns the results."""
     config = config.resolved()
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output(config)
-    with distributed(config.device) as ctx:
-        return Trainer(config, ctx).fit()
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", "0")) == 0:
+            stack.enter_context(output_lock(Path(config.output)))
+            prepare_output(config)
+        with distributed(config.device, config.timeout) as ctx:
+            return Trainer(config, ctx).fit()
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the run's lock on ``output`` (created if needed) for the block: :func:`.files.lock_file` on
+    ``output/.train.lock``, which holds this process's pid, host and start time, and is removed at the end. The
+    OS drops the lock if the process dies. Raises :class:`UsageError` naming the holder if another run holds it."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
+    path = output / LOCK_FILENAME
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock_file(handle, blocking=False)
+        except BlockingIOError:
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "holder unknown"
+            os.close(handle)
+            raise UsageError(
+                f"--output {output} is in use by another train run ({holder}): wait for it to end, or pass another "
+                f"--output"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                break  # the lock is on the file the path names, not on one a finishing run just removed
+        os.close(handle)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(handle, 0)
+    os.write(handle, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(handle)
 
 
 def prepare_output(config: TrainConfig) -> None:
@@ -882,7 +972,7 @@ def prepare_output(config: TrainConfig) -> None:
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
-    if not config.resume and output.is_dir() and any(output.iterdir()):
+    if not config.resume and output.is_dir() and any(p.name != LOCK_FILENAME for p in output.iterdir()):
         if not config.overwrite:
             raise UsageError(
                 f"--output {output} is not empty: pass --resume to continue the run in it, --overwrite "
@@ -898,6 +988,19 @@ def prepare_output(config: TrainConfig) -> None:
             pass
     except OSError as error:
         raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
+    remove_run_temporaries(output)
+
+
+def remove_run_temporaries(output: Path) -> list[Path]:
+    """Remove what killed writes of a run left in ``output``: ``write_atomically``'s temporary files of the run's
+    files (``.metrics.csv.*.tmp``, ``.epoch-0003.pt.*.tmp``, ...), only those no living process holds. Other
+    files, however named, stay. Returns what was removed."""
+    removed = []
+    for name in (*RUN_FILES, CONFIG_FILENAME):
+        removed += remove_stale_temporaries(output, prefix=f".{name}.")
+    for prefix in (".epoch-", f".{CONFIG_FILENAME}."):
+        removed += remove_stale_temporaries(output / CHECKPOINT_DIR, prefix=prefix)
+    return removed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -965,6 +1068,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--compile", action="store_true", help="torch.compile the model")
     run_group.add_argument(
         "--sync-bn", action="store_true", help="BatchNorm statistics of all processes (any memory mode)"
+    )
+    run_group.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"torchrun: how long a process waits for the others before the run fails (default {DEFAULT_TIMEOUT_S:g})",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="runs/train", help="output folder (default runs/train)")
