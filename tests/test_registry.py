@@ -253,3 +253,11 @@ def test_factories_and_generated_names_take_any_densenet_argument():
     assert de.densenet_bc_100_k12(growth_rate=4, block_config=(1, 1, 1)).config["growth_rate"] == 4
     model = de.create_model("densenet_bc_28_k4", growth_rate=2, num_classes=3)
     assert model.arch_name == "densenet_bc_28_k4" and model.config["growth_rate"] == 2
+
+
+def test_weights_saved_under_an_alias_load_by_the_new_name(tmp_path):
+    small = dict(block_config=(1, 1), growth_rate=4, num_init_features=8)
+    model = de.create_model("densenet121_3d_efficient", **small)
+    de.save_pretrained(model, tmp_path, architecture="densenet121_3d_efficient")  # as saved before the rename
+    loaded = de.create_model("densenet121_3d", weights=tmp_path)
+    assert loaded.arch_name == "densenet121_3d" and loaded.config == model.config
