@@ -14,6 +14,7 @@ def blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
+@pytest.mark.slow
 def test_docs_timm_blocks_run(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
