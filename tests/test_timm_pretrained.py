@@ -76,6 +76,7 @@ def test_pool_size_is_the_unpooled_feature_size(name):
     assert features.shape[2:] == cfg["pool_size"] and model.in_chans == cfg["input_size"][0]
 
 
+@pytest.mark.slow
 def test_a_tag_asks_for_its_own_weights(two_tags, loopback_hub):
     """Issue 16 item 2: timm.create_model("NAME.TAG", pretrained=True) lost the tag and loaded the default."""
     models, cache = two_tags
@@ -113,6 +114,7 @@ def test_local_dir_config_is_checked_before_building(tmp_path):
         timm.create_model(f"local-dir:{tmp_path}")
 
 
+@pytest.mark.slow
 def test_hf_hub_loads_the_repo(two_tags, loopback_hub, tmp_path):
     models, cache = two_tags
     model = randomise_batch_norm(small_model(num_classes=4))
@@ -123,6 +125,7 @@ def test_hf_hub_loads_the_repo(two_tags, loopback_hub, tmp_path):
     assert loopback_hub.requests_for("org/mine/resolve/") and not loopback_hub.requests_for("org/test/")
 
 
+@pytest.mark.slow
 def test_pretrained_cfg_overlay_names_the_file(two_tags, tmp_path):
     models, cache = two_tags
     model = randomise_batch_norm(small_model())
@@ -137,6 +140,7 @@ def test_pretrained_cfg_overlay_names_the_file(two_tags, tmp_path):
     torch.testing.assert_close(logits(as_dict), logits(model), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_state_dict_overlay_goes_through_timms_loader(two_tags):
     models, _ = two_tags
     state_dict = models["other"].state_dict()
@@ -147,6 +151,7 @@ def test_state_dict_overlay_goes_through_timms_loader(two_tags):
     assert "state_dict" not in loaded.pretrained_cfg
 
 
+@pytest.mark.slow
 def test_transformers_image_processor_reads_a_saved_folder(tmp_path):
     """Issue 16 item 6: AutoImageProcessor.from_pretrained(folder) failed on "pretrained_cfg": {}."""
     transformers = pytest.importorskip("transformers")
@@ -161,6 +166,7 @@ def test_transformers_image_processor_reads_a_saved_folder(tmp_path):
     torch.testing.assert_close(pixels[0], de.transforms(model)(image), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_timms_save_for_hf_of_a_registered_model_loads_both_ways(tmp_path):
     """timm's export of this package's model: no format marker, this package's architecture and arguments."""
     from timm.models import _hub

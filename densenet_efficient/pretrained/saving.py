@@ -32,6 +32,7 @@ from torch import nn
 from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
 from .files import file_sha256, locked, remove_stale_temporaries
 from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, PREVIOUS_SET_DIRNAME, WEIGHTS_FILENAME
+from .manifest import label_names
 
 CARD_FILENAME = "README.md"
 SET_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME, CARD_FILENAME)
@@ -144,8 +145,9 @@ def save_pretrained(
 def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The ``pretrained_cfg`` that ``config.json`` records: ``model.pretrained_cfg`` (without where its weights
     were loaded from) updated with the metadata that are timm ``pretrained_cfg`` keys (``input_size``, ``mean``,
-    ``std``, ``crop_pct``, ``interpolation``, ``label_names``, ``tag``, ``license``, ...), as JSON; ``pool_size``
-    follows ``input_size``. ``ValueError`` naming the key for a value timm or this package would refuse."""
+    ``std``, ``crop_pct``, ``interpolation``, ``label_names``, ``tag``, ``license``, ...; ``labels="imagenet-1k"``
+    gives that list's ``label_names``), as JSON; ``pool_size`` follows ``input_size``. ``ValueError`` naming the
+    key for a value timm or this package would refuse."""
     cfg = {
         key: value
         for key, value in dict(getattr(model, "pretrained_cfg", None) or {}).items()
@@ -154,6 +156,9 @@ def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any
     cfg.update(
         {key: value for key, value in metadata.items() if key in PRETRAINED_CFG_KEYS and key not in WEIGHT_SOURCE_KEYS}
     )
+    names = label_names(metadata.get("labels"))  # a standard label list, e.g. "imagenet-1k"
+    if names is not None and "label_names" not in metadata:
+        cfg["label_names"] = names
     if "input_size" in metadata and "test_input_size" not in metadata:
         cfg.pop("test_input_size", None)  # it described the previous input size
     cfg["architecture"] = name
