@@ -12,9 +12,6 @@ import torch
 # share the cores (two OpenMP threads waiting for a busy core ran a 1D DenseNet-121 forward in 10 s instead of 0.07 s).
 torch.set_num_threads(1)
 
-# The conftest that tests/test_timm_suite.py copies into timm's unpacked sdist: not a test folder of this suite.
-collect_ignore = ["timm_suite"]
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,5 +1,5 @@
 """timm's own ``tests/test_models.py``, fetched by pip from the installed timm version's sdist, run on this
-package's registered architectures through ``tests/timm_suite/conftest.py`` (nothing of timm's is copied into
+package's registered architectures through ``tests/timm_suite/timm_conftest.py`` (nothing of timm's is copied into
 this repository). Fails on any failure and on any skip (timm skips its backward, FX and TorchScript tests for
 models without a registered pretrained configuration). Skipped only where pip cannot reach the index, and never
 in CI (``CI`` set)."""
@@ -20,7 +20,7 @@ timm = pytest.importorskip("timm")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("densenet_40_k12", "densenet121_efficient")  # a CIFAR network and an ImageNet one with tags
-CONFTEST = REPO_ROOT / "tests" / "timm_suite" / "conftest.py"
+CONFTEST = REPO_ROOT / "tests" / "timm_suite" / "timm_conftest.py"
 # The tests timm's test_models.py has for a CNN classifier with a registered pretrained configuration.
 EXPECTED = {
     "test_model_forward",

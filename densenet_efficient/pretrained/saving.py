@@ -102,7 +102,6 @@ def save_pretrained(
             f"to replace it, or save into another folder"
         )
 
-    pretrained_cfg = saved_pretrained_cfg(model, name, metadata)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     weights_bytes = save(tensors, metadata={"format": "pt"})
     sha256 = hashlib.sha256(weights_bytes).hexdigest()
@@ -121,16 +120,7 @@ def save_pretrained(
         },
         "url": None,
     }
-    config = {
-        FORMAT_KEY: CONFIG_FORMAT,
-        "architecture": name,
-        "model_args": model_args,
-        "num_classes": entry["num_classes"],
-        "num_features": getattr(model, "num_features", None),
-        "global_pool": model_args.get("global_pool", "avg"),
-        "pretrained_cfg": pretrained_cfg,
-        "weights_sha256": sha256,
-    }
+    config = config_json(model, name, metadata, model_args, sha256)
     write_set(
         directory,
         {
@@ -140,6 +130,31 @@ def save_pretrained(
         },
     )
     return entry
+
+
+def config_json(
+    model: nn.Module,
+    name: str,
+    metadata: Mapping[str, Any],
+    model_args: Mapping[str, Any] | None = None,
+    weights_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` of this package's format for ``model`` saved as ``name``: timm's keys
+    (``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``
+    from :func:`saved_pretrained_cfg`), the format marker and, for a saved set, the weights' sha256."""
+    args = json.loads(json.dumps(model_args if model_args is not None else getattr(model, "config", {})))
+    config = {
+        FORMAT_KEY: CONFIG_FORMAT,
+        "architecture": name,
+        "model_args": args,
+        "num_classes": args.get("num_classes"),
+        "num_features": getattr(model, "num_features", None),
+        "global_pool": args.get("global_pool", "avg"),
+        "pretrained_cfg": saved_pretrained_cfg(model, name, metadata),
+    }
+    if weights_sha256 is not None:
+        config["weights_sha256"] = weights_sha256
+    return config
 
 
 def saved_pretrained_cfg(model: nn.Module, name: str, metadata: Mapping[str, Any]) -> dict[str, Any]:

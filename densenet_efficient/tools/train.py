@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
 from ..pretrained.files import file_sha256, lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
-from ..pretrained.saving import save_pretrained
+from ..pretrained.saving import config_json, save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, Splits, build_splits, weights_preprocessing
 
@@ -441,12 +441,7 @@ class Trainer:
     def _write_config(self) -> None:
         """``config.json`` beside ``best.safetensors`` and the checkpoints, as save_pretrained writes it, so that
         ``eval`` and ``create_model(weights=...)`` can read those files directly."""
-        config = {
-            "architecture": self.config.model,
-            "model_args": self.model.config,
-            "num_classes": self.model.config["num_classes"],
-            "pretrained_cfg": self.splits.preprocessing.metadata(),
-        }
+        config = config_json(self.model, self.config.model, self.splits.preprocessing.metadata())
         data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         for folder in (self.output, self.output / CHECKPOINT_DIR):
             folder.mkdir(parents=True, exist_ok=True)

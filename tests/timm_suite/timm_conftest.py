@@ -1,6 +1,7 @@
 """Run timm's own ``tests/test_models.py`` (from the installed timm version's sdist) on this package's models.
 
-``tests/test_timm_suite.py`` copies this file to the root of the unpacked sdist, so pytest loads it before timm's
+``tests/test_timm_suite.py`` copies this file to the root of the unpacked sdist as ``conftest.py`` (it is no
+conftest here, so that this repository's own test run does not load it), and pytest loads it before timm's
 test module is imported. It registers the architectures with timm and narrows timm's model lists to them, so
 that timm's own filters (``exclude_filters``, ``name_matches_cfg``, ``pretrained``, ``module``) pick among ours.
 ``DENSENET_TIMM_SUITE_MODELS`` (comma-separated, set by the test) names the architectures: 2D models small enough
