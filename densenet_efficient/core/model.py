@@ -208,13 +208,6 @@ class DenseBlock(nn.ModuleDict):
             )
             self.add_module(f"denselayer{index + 1}", layer)
 
-    @classmethod
-    def from_layers(cls, layers: "OrderedDict[str, nn.Module]") -> "DenseBlock":
-        """A dense block of existing dense layers (the same objects), each taking the list of maps before it."""
-        block = cls.__new__(cls)
-        nn.ModuleDict.__init__(block, layers)
-        return block
-
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         return _concat(self.extend(_feature_list(features)))
 
