@@ -121,7 +121,9 @@ def _as_dense_block(module: nn.Module, efficient: MemoryMode) -> DenseBlock | No
         if layer is None:
             return None
         layers[name] = layer
-    return DenseBlock.from_layers(layers)
+    block = DenseBlock.__new__(DenseBlock)  # around the same layer objects
+    nn.ModuleDict.__init__(block, layers)
+    return block
 
 
 def _as_transition(module: nn.Module, efficient: MemoryMode) -> Transition | None:

@@ -43,25 +43,38 @@ FROZEN_NORMS = frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"})
 _CONVOLUTIONS = frozenset(
     {"torch.nn.modules.conv.Conv1d", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.conv.Conv3d"}
 )
+_KNOWN = (
+    ("batch_norm", _BATCH_NORMS),
+    ("batch_norm_act", _BATCH_NORM_ACTS),
+    ("frozen", FROZEN_NORMS),
+    ("conv", _CONVOLUTIONS),
+)
 SUPPORTED = (
     "BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d or timm's BatchNormAct2d with a ReLU, then "
     "a Conv1d/2d/3d without bias and with zero padding, no hooks"
 )
 
 
-def _class_name(module: nn.Module) -> str:
-    """The qualified name of ``module``'s class; for a module with ``parametrize`` parametrisations, of the class
-    it had before (parametrize swaps in a subclass whose tensors it computes)."""
+_kinds: dict[type, str] = {}  # class -> "batch_norm", "batch_norm_act", "frozen", "conv" or "other"
+
+
+def _kind(module: object) -> str:
+    """What the function knows ``module``'s class as (cached per class: a class does not change). A class made by
+    ``parametrize`` counts as the class it parametrises (parametrize computes its tensors on access)."""
     cls = type(module)
-    if parametrize.is_parametrized(module):
-        cls = cls.__bases__[0]
-    return f"{cls.__module__}.{cls.__qualname__}"
+    kind = _kinds.get(cls)
+    if kind is None:
+        base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
+        name = f"{base.__module__}.{base.__qualname__}"
+        kind = next((known for known, names in _KNOWN if name in names), "other")
+        _kinds[cls] = kind
+    return kind
 
 
 def is_frozen_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` normalises with fixed statistics whatever its training flag (torchvision's
     ``FrozenBatchNorm2d``)."""
-    return _class_name(norm) in FROZEN_NORMS
+    return _kind(norm) == "frozen"
 
 
 def has_global_module_hooks() -> bool:
@@ -90,16 +103,16 @@ def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
 
 
 def _norm_obstacle(norm: nn.Module) -> str | None:
-    name = _class_name(norm)
-    if name in FROZEN_NORMS:
+    kind = _kind(norm)
+    if kind == "frozen":
         return None
-    if name in _BATCH_NORM_ACTS:
+    if kind == "batch_norm_act":
         act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
         if not _is_exactly(act, nn.ReLU, nn.Identity) or not _is_exactly(drop, nn.Identity):
             return f"is a {type(norm).__name__} with activation {type(act).__name__} and dropout {type(drop).__name__}"
         if _own_hooks(act) or _own_hooks(drop):
             return "has hooks on its activation or dropout"
-    elif name not in _BATCH_NORMS:
+    elif kind != "batch_norm":
         return f"is a {type(norm).__name__}, not a batch norm"
     if norm.weight is None or norm.bias is None:
         return "is a batch norm without affine weight and bias (affine=False or bias=False)"
@@ -107,7 +120,7 @@ def _norm_obstacle(norm: nn.Module) -> str | None:
 
 
 def _conv_obstacle(conv: nn.Module) -> str | None:
-    if _class_name(conv) not in _CONVOLUTIONS:
+    if _kind(conv) != "conv":
         return f"is a {type(conv).__name__}, not a Conv1d/2d/3d"
     if conv.bias is not None:
         return "has a bias"

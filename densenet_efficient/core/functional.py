@@ -500,7 +500,7 @@ def bn_relu_conv(
                 params += (norm.weight, norm.bias, conv.weight)
             chain = tuple(_stage(norm, conv) for norm, conv in stages)
             return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
-        warn_fallback(owner or stages[0][1], *obstacle)
+        warn_fallback(owner if owner is not None else stages[0][1], *obstacle)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
         # In place unless a backward hook made the norm's output a view that autograd forbids modifying.

@@ -8,8 +8,10 @@ State-dict keys follow torchvision's ``DenseNet``: ``features.conv0``, ``feature
 The model has timm's interface (``num_classes``, ``num_features``, ``global_pool``, ``reset_classifier``,
 ``group_matcher``, ``feature_info``, ``forward_intermediates``, ...) and :class:`DenseNetFeatures` is its
 ``features_only`` backbone. Tracing: dense layers and transitions record themselves in ``torch.fx`` graphs as leaf
-modules (``call_module``), so a traced model still runs the memory-efficient function when it trains;
-``torch.jit.script`` compiles their plain-module path.
+modules (``call_module``), so a traced model still runs the memory-efficient function when it trains, and a dense
+block's output node is its concatenation (what ``features.denseblockN`` means in torchvision);
+``torch.jit.script`` compiles their plain-module path. Blocks, layers and transitions take and return what
+torchvision's do (see :class:`DenseBlock`), so torchvision's and MONAI's code can drive them.
 """
 
 import math
@@ -159,13 +161,6 @@ class DenseBlock(nn.ModuleDict):
                 in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient, spatial_dims
             )
             self.add_module(f"denselayer{index + 1}", layer)
-
-    @classmethod
-    def from_layers(cls, layers: "OrderedDict[str, nn.Module]") -> "DenseBlock":
-        """A dense block of existing dense layers (the same objects), each taking the list of maps before it."""
-        block = cls.__new__(cls)
-        nn.ModuleDict.__init__(block, layers)
-        return block
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         return _concat(self.extend(_feature_list(features)))
