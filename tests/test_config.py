@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import densenet_efficient as de
 from densenet_efficient.core.config import PRETRAINED_CFG_KEYS, check_pretrained_cfg, min_input_side
@@ -154,6 +155,16 @@ def test_config_naming_a_foreign_architecture_is_refused(saved):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
+def test_a_folder_saved_by_version_0_1_loads(saved):
+    """0.1's save_pretrained wrote no format marker, an empty pretrained_cfg and weights_sha256 (only this package
+    writes that key): its folders still load, as this package's format, with the architecture's input config."""
+    edit_config(saved, lambda c: (c.pop("format"), c.update(pretrained_cfg={})))
+    model = de.create_model("densenet_40_k12", weights=str(saved.parent))
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    saved_tensors = load_file(saved.parent / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in saved_tensors.items())
+
+
 def test_unknown_format_marker_is_refused(saved):
     edit_config(saved, lambda c: c.update(format="keras"))
     with pytest.raises(de.InvalidConfigError, match="unknown format 'keras': 'format' is 'densenet_efficient'"):
@@ -161,9 +172,9 @@ def test_unknown_format_marker_is_refused(saved):
 
 
 def test_config_without_the_marker_is_read_as_timms(saved):
-    """No marker: timm's format, where this package's own keys (weights_sha256) are unknown."""
-    edit_config(saved, lambda c: c.pop("format"))
-    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['weights_sha256'\]; a config.json of timm's"):
+    """Neither the marker nor weights_sha256: timm's format, whose keys are timm's."""
+    edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(labels=["a"])))
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['labels'\]; a config.json of timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 

@@ -376,13 +376,14 @@ def _depth(value: Any, limit: int = _MAX_CONFIG_DEPTH + 1) -> int:
 
 def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(constructor arguments, pretrained_cfg)`` from a ``config.json``, read by its format marker: this
-    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``) or, without one, timm's
+    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``; version 0.1 wrote no marker but
+    ``weights_sha256``, a key only this package writes) or, without either, timm's
     (``save_for_hf``; for this package's architectures and timm's DenseNets in :data:`TIMM_DENSENETS`).
     Refuses a config for another model or a foreign architecture, unknown keys, timm arguments this architecture
     does not have unless they hold timm's default, sizes beyond the bounds, and values the model would refuse."""
     if not config:
         return {}, {}
-    config_format = config.get(FORMAT_KEY)
+    config_format = config.get(FORMAT_KEY, CONFIG_FORMAT if "weights_sha256" in config else None)
     if config_format not in (None, CONFIG_FORMAT):
         raise InvalidConfigError(
             f"{where}: unknown format {config_format!r}: {FORMAT_KEY!r} is {CONFIG_FORMAT!r} in a config.json written "
