@@ -118,3 +118,19 @@ def test_blocks_and_layers_take_what_torchvisions_take():
     assert out.shape == (3, 16, 8, 8)
     torch.testing.assert_close(out[:, :8], x)
     torch.testing.assert_close(block([x]), out)
+
+
+@pytest.mark.parametrize("mode", de.MEMORY_MODES)
+def test_forward_hooks_on_a_block_see_its_concatenation(mode):
+    """A forward hook on features.denseblockN fires once per forward with the block's concatenated output, as on
+    torchvision's DenseNet, and changes nothing else."""
+    model = de.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, efficient=mode).train()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    seen = []
+    model.features.denseblock1.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    out = model(x)
+    out.sum().backward()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    assert seen[0].shape == (2, model.feature_info.channels()[1], 16, 16)
+    torch.testing.assert_close(out, expected)
