@@ -3,6 +3,7 @@
 It imports nothing else of the project.
 """
 
+from . import compiled_op as compiled_op  # registers the operator the efficient layers run as under torch.compile
 from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
