@@ -158,3 +158,12 @@ def test_double_backward_of_a_compiled_model_is_refused():
     with pytest.raises(RuntimeError, match="create_graph=False"):
         grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
         sum(g.square().sum() for g in grads).backward()
+
+
+@pytest.mark.slow
+def test_exported_program_holds_standard_operators_only():
+    model = build_model(NAME, True).eval()  # frozen norms, gradients on: the efficient path runs
+    images = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(model, (images,))
+    assert "bn_relu_conv_chain" not in str(program.graph)
+    torch.testing.assert_close(program.module()(images), model(images))

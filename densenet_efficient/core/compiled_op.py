@@ -15,8 +15,9 @@ computed for backward (batch statistics, kept bottlenecks); the parameters, feat
 it saves are its inputs, saved as such.
 
 Not covered, each said where it happens: synchronized batch norms (their collectives cannot run inside an opaque
-operator) fall back to the traced function, with a warning; double backward (``create_graph=True``) of a compiled
-model is refused by ``torch.compile`` itself.
+operator) fall back to the traced function, with a warning; so does ``torch.export`` (exported programs hold
+standard operators only); double backward (``create_graph=True``) of a compiled model is refused by
+``torch.compile`` itself.
 """
 
 from __future__ import annotations
@@ -170,8 +171,11 @@ def bn_relu_conv_chain(
     """``_BnReluConvChain.apply(stages, keep_intermediates, *params, *features)`` as one opaque operator.
 
     Synchronized batch norms fall back to the function itself (traced through by the compiler, which then
-    chooses what to save), with a warning that says so.
+    chooses what to save), with a warning that says so. So does ``torch.export``, without one: an exported
+    program holds standard operators only (ONNX, other runtimes), and is rarely trained.
     """
+    if torch.compiler.is_exporting():
+        return _BnReluConvChain.apply(stages, keep_intermediates, *params, *features)
     if any(stage.sync is not None for stage in stages):
         warnings.warn(
             "torch.compile of synchronized batch norms in the memory-efficient modes: their collectives cannot "
