@@ -12,7 +12,7 @@ from densenet_efficient.core.functional import _BnReluConvChain, _Stage
 from densenet_efficient.core.model import DenseLayer, Transition
 from densenet_efficient.tools.bench import freeze_batch_norms
 from densenet_efficient.tools.common import build_model
-from densenet_efficient.tools.memory import allocator_peak
+from densenet_efficient.tools.memory import saved_tensor_bytes
 
 NAME = "densenet_bc_16_k12"  # two dense layers per block: layers read one and several feature maps
 # The min-cut partitioner torch.compile's default backend (inductor) uses, without its code generation.
@@ -135,18 +135,46 @@ def test_compiled_model_matches_eager_outputs_gradients_and_batch_norm_buffers(m
         assert not got.requires_grad
 
 
+def _compiled_saved_bytes(model, images, labels):
+    """Bytes the compiled forward graph hands to backward: its outputs that are neither graph inputs (parameters,
+    buffers, the batch) nor the logits, partitioned by the min-cut partitioner torch.compile's default uses."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    saved = []
+
+    def forward_compiler(graph, example_inputs):
+        (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
+        for node in outputs[1:]:  # the first is the logits
+            value = getattr(node, "meta", {}).get("val")
+            if node.op != "placeholder" and isinstance(value, torch.Tensor):
+                saved.append(value.numel() * value.element_size())
+        return graph.forward
+
+    def backend(graph, example_inputs):
+        return aot_module_simplified(
+            graph,
+            example_inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=lambda graph, example_inputs: graph.forward,
+            partition_fn=min_cut_rematerialization_partition,
+        )
+
+    _step(torch.compile(model, backend=backend), images, labels)
+    return sum(saved)
+
+
 @pytest.mark.slow
-def test_compiled_efficient_models_keep_their_eager_memory():
+@pytest.mark.parametrize("mode", [True, "max"])
+def test_compiled_efficient_model_saves_what_eager_saves(mode):
+    model = build_model(NAME, mode)
     images, labels = _batch(8, 32)
-    peaks = {}
-    for mode, compiled in ((False, False), (True, False), (True, True), ("max", False), ("max", True)):
-        model = build_model(NAME, mode)
-        runnable = torch.compile(model, backend=BACKEND) if compiled else model
-        _step(runnable, images, labels)  # compilation, and the first step's lazily allocated state
-        peaks[mode, compiled] = allocator_peak(lambda runnable=runnable: _step(runnable, images, labels))
-    for mode in (True, "max"):
-        # Traced through, the function lost most of its saving (densenet121: 0.70 x naive against 0.31 eager).
-        assert peaks[mode, True] <= 1.05 * peaks[mode, False] < 0.8 * peaks[False, False]
+    with saved_tensor_bytes((*model.parameters(), *model.buffers(), images)) as eager:
+        F.cross_entropy(model(images), labels)
+    compiled = _compiled_saved_bytes(model, images, labels)
+    # Traced through, the function's saving was the compiler's choice: 38% more here for True, 0.70 against 0.31 x
+    # naive for densenet121 at 224 px. Here the running statistics' updates (outputs too) are within the 5%.
+    assert 0.9 * eager.bytes <= compiled <= 1.05 * eager.bytes, (compiled, eager.bytes)
 
 
 @pytest.mark.slow
