@@ -195,3 +195,17 @@ def test_exported_program_holds_standard_operators_only():
     program = torch.export.export(model, (images,))
     assert "bn_relu_conv_chain" not in str(program.graph)
     torch.testing.assert_close(program.module()(images), model(images))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_model_matches_eager():
+    # torch.compile's default backend generates C++ around the opaque operator.
+    eager = build_model("densenet_bc_10_k12", "max")
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)
+    images, labels = _batch()
+    torch.testing.assert_close(_step(compiled, images, labels), _step(eager, images, labels))
+    for got, expected in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6)
+    for got, expected in zip(model.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

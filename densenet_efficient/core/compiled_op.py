@@ -39,7 +39,8 @@ _FROZEN = 2  # running statistics read (eval mode)
 
 # Where each tensor ``_BnReluConvChain.forward`` saves comes from, by the chain's structure: ("input", i) for the
 # i-th of the operator inputs it may save (params, features, frozen, flattened), ("extra", j) for the j-th extra
-# output.
+# output. Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the
+# function saving by the chain's structure only (the key), not by values.
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 

@@ -10,6 +10,12 @@ round, so that no peer gets a quieter or warmer machine than another.
 for torchvision ``IntermediateLayerGetter`` on the same levels), each followed by :class:`MultiScaleProbe`, a
 head that pools and classifies every level so that each gets a gradient.
 
+On CPU, memory is given twice: live tensor storage as a dispatch mode sees it (deterministic, what ``plan``
+models), and the CPU allocator's peak from the profiler's memory events, which adds kernels' temporaries and is
+the only figure for compiled models. ``--compile`` adds each memory mode compiled, ``--compile-budget`` the plain
+model compiled under ``torch._functorch.config.activation_memory_budget`` (the compiler's own rematerialisation),
+as peers; ``--plot`` then draws memory against time, the Pareto front joined.
+
 ``--sweep depth`` and ``--sweep batch`` repeat this over depths of a CIFAR family or over batch sizes and plot
 memory against them. A peer whose predicted memory (:func:`densenet_efficient.plan.predict`) exceeds what the
 device has free is skipped, and its prediction is shown instead.
