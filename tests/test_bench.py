@@ -84,9 +84,12 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     assert main(["bench", *TINY, "--repeats", "2", "--json", str(json_path), "--csv", str(csv_path)]) == 0
     out = capsys.readouterr().out
-    assert "counted in-process by a TorchDispatchMode" in out
+    assert "counted in-process by a TorchDispatchMode" in out and "torch.profiler profile_memory" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| mode | peak memory (MiB) | memory x naive | step (s) | time x naive | images/s")
+    assert table[0].startswith(
+        "| mode | peak, live tensors (MiB) | memory x naive, live tensors | peak, allocator (MiB) | "
+        "memory x naive, allocator | step (s) | time x naive | images/s"
+    )
     assert [line.split(" | ")[0] for line in table[2:]] == [
         "| efficient=False",
         "| efficient=True",
@@ -103,12 +106,49 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
         assert len(row["step_times"]) == 2 and row["step_s"] > 0
         assert row["images_per_s"] == pytest.approx(4 / row["step_s"])
         assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / naive["peak_bytes"])
+        # The allocator sees every tensor the dispatch counter sees, and kernels' temporaries besides.
+        assert row["allocator_peak_bytes"] >= row["peak_bytes"]
+        assert row["allocator_memory_ratio"] == pytest.approx(
+            row["allocator_peak_bytes"] / naive["allocator_peak_bytes"]
+        )
     assert rows[1]["peak_bytes"] < naive["peak_bytes"] and rows[2]["peak_bytes"] < naive["peak_bytes"]
 
     with open(csv_path, newline="") as file:
         records = list(csv.DictReader(file))
     assert [record["mode"] for record in records] == ["false", "true", "max", "checkpoint"]
     assert [int(record["peak_bytes"]) for record in records] == [row["peak_bytes"] for row in rows]
+    assert [int(record["allocator_peak_bytes"]) for record in records] == [row["allocator_peak_bytes"] for row in rows]
+
+
+def test_pareto_front_keeps_the_rows_no_other_beats_on_memory_and_time():
+    rows = [
+        {"mode": "a", "allocator_memory_ratio": 1.0, "time_ratio": 1.0},  # d needs less of both
+        {"mode": "b", "allocator_memory_ratio": 0.3, "time_ratio": 1.1},
+        {"mode": "c", "allocator_memory_ratio": 0.4, "time_ratio": 1.2},  # so does b
+        {"mode": "d", "allocator_memory_ratio": 0.9, "time_ratio": 0.8},
+        {"mode": "e", "allocator_memory_ratio": 0.3, "time_ratio": 1.1},  # ties b: neither beats the other
+        {"mode": "f", "allocator_memory_ratio": None, "time_ratio": 0.5},  # not measured
+    ]
+    front = bench.pareto_front(rows, "allocator_memory_ratio")
+    assert [row["mode"] for row in front] == ["b", "d", "e"]  # d beats a
+
+
+@pytest.mark.slow
+def test_bench_compiled_peers_are_measured_by_the_allocator_and_plotted(tmp_path, capsys):
+    png, json_path = tmp_path / "pareto.png", tmp_path / "bench.json"
+    args = [*TINY, "--modes", "false,true", "--repeats", "1", "--compile", "--compile-budget", "0.5"]
+    args += ["--compile-backend", "aot_eager_decomp_partition", "--plot", str(png), "--json", str(json_path)]
+    assert main(["bench", *args]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile, efficient=False, activation_memory_budget=0.5" in out
+    rows = {row["mode"]: row for row in json.loads(json_path.read_text())["rows"]}
+    assert list(rows) == ["false", "true", "false+compile", "true+compile", "false+budget0.5"]
+    for key in ("false+compile", "true+compile", "false+budget0.5"):
+        # Compiled graphs bypass the dispatch counter: only the allocator's figure is given for them.
+        assert "peak_bytes" not in rows[key] and rows[key]["allocator_peak_bytes"] > 0
+        assert rows[key]["time_ratio"] > 0
+    assert rows["true+compile"]["allocator_peak_bytes"] < rows["false+compile"]["allocator_peak_bytes"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -210,6 +250,8 @@ def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path
         (["--input-size", "2"], "needs at least 4"),
         (["--batch-size", "0"], "integer >= 1"),
         (["--repeats", "-1"], "integer >= 0"),
+        (["--compile-budget", "0"], "numbers in (0, 1]"),
+        (["--compile-budget", "0.5,x"], "numbers in (0, 1]"),
     ],
 )
 def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):

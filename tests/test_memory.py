@@ -6,7 +6,9 @@ import torch
 import densenet_efficient as de
 from densenet_efficient.tools import bench, common
 from densenet_efficient.tools.memory import (
+    AllocatorPeak,
     LiveTensorBytes,
+    allocator_peak,
     fake_footprint,
     saved_tensor_bytes,
 )
@@ -24,6 +26,32 @@ def test_counter_counts_a_single_allocation_and_its_release():
         assert (counter.current, counter.peak) == (4000, 4000)
         del tensor
         assert (counter.current, counter.peak) == (0, 4000)
+
+
+def test_allocator_peak_sees_a_known_allocation_above_what_existed_before():
+    existing = torch.zeros(1000)
+    with AllocatorPeak() as counter:
+        existing.add_(1)
+        tensor = torch.empty(2**20, dtype=torch.uint8)
+        del tensor
+        kept = torch.empty(1000, dtype=torch.float64)
+    assert counter.peak == 2**20 and counter.events >= 3
+    assert allocator_peak(lambda: torch.empty(12345, dtype=torch.uint8)) == 12345
+    del kept
+
+
+def test_allocator_peak_sees_kernel_temporaries_the_dispatch_counter_misses():
+    # The CPU convolution backward copies its input inside the kernel: no operator returns that copy.
+    x = torch.randn(8, 64, 32, 32, requires_grad=True)
+    weight = torch.randn(32, 64, 1, 1, requires_grad=True)
+
+    def step():
+        torch.nn.functional.conv2d(x, weight).sum().backward()
+
+    step()
+    with LiveTensorBytes() as tensors:
+        step()
+    assert allocator_peak(step) >= tensors.peak + x.nbytes
 
 
 def test_counter_ignores_tensors_allocated_before_it():

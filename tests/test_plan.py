@@ -53,6 +53,19 @@ def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_plan_measure_checks_the_prediction_on_this_cpu(tmp_path, capsys):
+    json_path = tmp_path / "plan.json"
+    assert main(["plan", "--memory", "1GiB", *TINY, "--modes", "false,max", "--measure", "--json", str(json_path)]) == 0
+    assert "measured, allocator" in capsys.readouterr().out
+    rows = json.loads(json_path.read_text())["measured"]
+    assert [row["mode"] for row in rows] == ["false", "max"]
+    for row in rows:
+        # The fake-tensor model is the live-tensor count of a real step; the allocator sees that and more.
+        assert row["peak_bytes"] == row["predicted_bytes"]
+        assert row["allocator_peak_bytes"] >= row["peak_bytes"]
+
+
+@pytest.mark.slow
 def test_plan_deepest_by_search_is_the_boundary():
     question = plan.Question(2, 16)
     budget = 8 * 2**20

@@ -39,7 +39,7 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -461,6 +461,11 @@ class _BnReluConvChain(torch.autograd.Function):
         return (None, None, *(next(grads) if needed else None for needed in needs_grad))
 
 
+# torch.compile traces through an autograd function and then chooses what to save itself: under compilation the
+# chain runs as the opaque operator of .compiled_op instead, which registers it here when it is imported.
+_compiled_chain: Callable[[Sequence[_Stage], bool, Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None
+
+
 def bn_relu_conv(
     features: Sequence[Tensor],
     stages: Sequence[tuple[_BatchNorm, _ConvNd]],
@@ -499,6 +504,8 @@ def bn_relu_conv(
             for norm, conv in stages:
                 params += (norm.weight, norm.bias, conv.weight)
             chain = tuple(_stage(norm, conv) for norm, conv in stages)
+            if torch.compiler.is_compiling() and _compiled_chain is not None:
+                return _compiled_chain(chain, efficient is True, params, features)
             return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
         warn_fallback(owner if owner is not None else stages[0][1], *obstacle)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]

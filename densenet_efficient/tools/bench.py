@@ -10,6 +10,12 @@ round, so that no peer gets a quieter or warmer machine than another.
 for torchvision ``IntermediateLayerGetter`` on the same levels), each followed by :class:`MultiScaleProbe`, a
 head that pools and classifies every level so that each gets a gradient.
 
+On CPU, memory is given twice: live tensor storage as a dispatch mode sees it (deterministic, what ``plan``
+models), and the CPU allocator's peak from the profiler's memory events, which adds kernels' temporaries and is
+the only figure for compiled models. ``--compile`` adds each memory mode compiled, ``--compile-budget`` the plain
+model compiled under ``torch._functorch.config.activation_memory_budget`` (the compiler's own rematerialisation),
+as peers; ``--plot`` then draws memory against time, the Pareto front joined.
+
 ``--sweep depth`` and ``--sweep batch`` repeat this over depths of a CIFAR family or over batch sizes and plot
 memory against them. A peer whose predicted memory (:func:`densenet_efficient.tools.common.predict`) exceeds what the
 device has free is skipped, and its prediction is shown instead.
@@ -55,7 +61,7 @@ from .common import (
     total_bytes,
     train_step,
 )
-from .memory import peak_memory
+from .memory import allocator_peak, peak_memory
 
 BASELINE = "checkpoint"
 PEER_KEYS = (*MODES, BASELINE)
@@ -178,11 +184,14 @@ def monai_densenet(config: dict[str, Any]) -> nn.Module:
 
 @dataclass(frozen=True)
 class Peer:
-    """One contestant: ``key`` (false, true, max, checkpoint), the label printed, and how to build it."""
+    """One contestant: ``key`` (false, true, max, checkpoint; compiled peers ``<mode>+compile`` and
+    ``false+budget<B>``), the label printed, how to build it, and the ``activation_memory_budget`` it is
+    ``torch.compile``d with (``None``: run eagerly; 1.0: the compiler's default)."""
 
     key: str
     label: str
     build: Callable[[], nn.Module]
+    compile_budget: float | None = None
 
 
 def baseline_peer(name: str) -> Peer:
@@ -217,6 +226,47 @@ def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool
     return [peer for peer in peers if peer.key in keys]
 
 
+def compiled_peers(name: str, keys: tuple[str, ...], budgets: tuple[float, ...], every_mode: bool) -> list[Peer]:
+    """``torch.compile``d peers of model ``name``: with ``every_mode`` each memory mode of ``keys`` at the
+    compiler's default settings, then the plain model (``efficient=False``) at each ``activation_memory_budget``
+    of ``budgets``, the compiler's own rematerialisation as a peer of the memory-efficient modes."""
+    peers = [
+        Peer(f"{key}+compile", f"torch.compile, efficient={mode!r}", partial(create_model, name, efficient=mode), 1.0)
+        for key, mode in MODES.items()
+        if every_mode and key in keys
+    ]
+    peers += [
+        Peer(
+            f"false+budget{budget:g}",
+            f"torch.compile, efficient=False, activation_memory_budget={budget:g}",
+            partial(create_model, name, efficient=False),
+            budget,
+        )
+        for budget in budgets
+    ]
+    return peers
+
+
+def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
+    """``torch.compile(model)`` with ``backend``, partitioned for backward under ``activation_memory_budget``
+    ``budget`` (1.0: the default, everything the compiler would keep).
+
+    The budget is set while the backend compiles, which is when the forward and backward graphs are split, and
+    each budget gets a backend of its own, so that no compiled graph is reused under another budget.
+    """
+    from torch._dynamo import lookup_backend
+    from torch._functorch import config as functorch_config
+
+    compiler = lookup_backend(backend)
+
+    def compile_with_budget(graph: Any, example_inputs: Any) -> Any:
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiler(graph, example_inputs)
+
+    # torch.compile of a module returns a module (its annotation only says "a callable").
+    return torch.compile(model, backend=compile_with_budget)  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------------- one step
 
 
@@ -234,6 +284,8 @@ class Setting:
     repeats: int = 3
     frozen_bn: bool = False  # batch norms in eval mode, gradients on: fine-tuning with frozen BatchNorm
     features_only: bool = False
+    compile_budgets: tuple[float, ...] = ()  # peers: the plain model compiled with these activation memory budgets
+    compile_backend: str = "inductor"
 
 
 class Runner:
@@ -251,8 +303,12 @@ class Runner:
         )
         self.images = images.contiguous(memory_format=memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        # torch.compile of a module returns a module (its annotation only says "a callable").
-        self.model: nn.Module = torch.compile(model) if setting.compile else model  # type: ignore[assignment]
+        self.compiled = peer.compile_budget is not None
+        self.model: nn.Module = (
+            compile_model(model, peer.compile_budget, setting.compile_backend)
+            if peer.compile_budget is not None
+            else model
+        )
         self.amp_dtype = PRECISIONS[setting.dtype]
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
         self.device = setting.device
@@ -269,10 +325,16 @@ class Runner:
         return time.perf_counter() - start
 
     def peak_bytes(self) -> int:
-        """Peak memory of one training step above what was allocated before it."""
+        """Peak memory of one training step above what was allocated before it: on CPU, live tensor storage as a
+        dispatch mode sees it (:func:`.memory.peak_memory`)."""
         with peak_memory(self.device) as stats:
             self.step()
         return stats["peak"]
+
+    def allocator_peak_bytes(self) -> int:
+        """Peak bytes the CPU allocator holds during one training step above what it held before it
+        (:class:`.memory.AllocatorPeak`): kernels' temporaries and compiled graphs included."""
+        return allocator_peak(self.step)
 
 
 def freeze_batch_norms(model: nn.Module) -> None:
@@ -317,7 +379,10 @@ def measure(
     rows: list[dict[str, Any]] = []
     runners: dict[str, Runner] = {}
     all_fit = False
-    for peer in make_peers(name, keys, setting.features_only):
+    peers = make_peers(name, keys, setting.features_only)
+    if setting.compile or setting.compile_budgets:
+        peers += compiled_peers(name, keys, setting.compile_budgets, setting.compile)
+    for peer in peers:
         row: dict[str, Any] = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
         rows.append(row)
         if not all_fit:
@@ -327,10 +392,16 @@ def measure(
             _advance(progress, setting.warmup + 1 + setting.repeats)
             continue
         runner = runners[peer.key] = Runner(peer, setting)
-        for _ in range(setting.warmup):
+        # A compiled model compiles in its first step: never timed nor measured.
+        for _ in range(max(setting.warmup, runner.compiled)):
             runner.step()
             _advance(progress)
-        row["peak_bytes"] = runner.peak_bytes()
+        if setting.device.type != "cpu":
+            row["peak_bytes"] = runner.peak_bytes()  # max_memory_allocated: the allocator's own figure
+        else:
+            if not runner.compiled:  # compiled graphs do not dispatch through the counter's mode
+                row["peak_bytes"] = runner.peak_bytes()
+            row["allocator_peak_bytes"] = runner.allocator_peak_bytes()
         _advance(progress)
     gc.collect()  # the fake tensors of the predictions, not a peer's timed step, pay for their collection
     times = _interleaved_times(runners, setting.repeats, progress)
@@ -363,6 +434,13 @@ def _advance(progress: Any, steps: int = 1) -> None:
         progress.update(steps)
 
 
+RATIOS = {  # measured value: its ratio to eager naive's
+    "peak_bytes": "memory_ratio",
+    "allocator_peak_bytes": "allocator_memory_ratio",
+    "step_s": "time_ratio",
+}
+
+
 def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
     """Add the median step time, images/s and both ratios to naive (where naive and the peer were measured)."""
     for row in rows:
@@ -371,8 +449,8 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
             row["images_per_s"] = batch_size / row["step_s"]
     naive = next((row for row in rows if row["mode"] == "false" and not row["skipped"]), {})
     for row in rows:
-        for value, ratio in (("peak_bytes", "memory_ratio"), ("step_s", "time_ratio")):
-            if value in row and naive.get(value):
+        for value, ratio in RATIOS.items():
+            if row.get(value) is not None and naive.get(value):
                 row[ratio] = row[value] / naive[value]
     return rows
 
@@ -494,11 +572,14 @@ def method_note(setting: Setting) -> str:
         )
     else:
         memory = (
-            "peak bytes of tensor storage allocated during one training step and still alive, counted "
-            "in-process by a TorchDispatchMode (parameters, optimizer state and input batch excluded)"
+            "two figures per step, each above what was allocated before it (parameters, optimizer state, input "
+            "batch): 'live tensors', the peak bytes of tensor storage allocated during one training step and "
+            "still alive, counted in-process by a TorchDispatchMode (deterministic; the planner's accounting; "
+            "not measured for compiled models, whose graphs bypass the mode); 'allocator', the peak of the "
+            "running sum of the CPU allocator's allocation and free events during another step "
+            "(torch.profiler profile_memory), which includes kernels' temporaries and compiled graphs: what "
+            "the process needs"
         )
-        if setting.compile:
-            memory += "; compiled code runs eagerly under the counter, so memory is the eager figure"
     timing = "not measured (--repeats 0)"
     if setting.repeats:
         timing = (
@@ -509,28 +590,27 @@ def method_note(setting: Setting) -> str:
     return f"memory: {memory}.\ntime: {timing}."
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    return format(row[key], fmt) if row.get(key) is not None else "-"
+def _cell(row: dict[str, Any], key: str, fmt: str, unit: int = 1) -> str:
+    return format(row[key] / unit, fmt) if row.get(key) is not None else "-"
 
 
 def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     """A Markdown table of ``rows``; ``first`` names an extra leading column (``depth``, ``batch_size``)."""
-    header = ["mode", "peak memory (MiB)", "memory x naive", "step (s)", "time x naive", "images/s"]
+    allocator = any("allocator_peak_bytes" in row for row in rows)
+    header = ["mode", "peak, live tensors (MiB)", "memory x naive, live tensors"]
+    header += ["peak, allocator (MiB)", "memory x naive, allocator"] if allocator else []
+    header += ["step (s)", "time x naive", "images/s"]
     lines = []
     for row in rows:
         cells = [row["label"]]
         if row["skipped"]:
-            cells += [
-                f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit",
-                "-",
-                "-",
-                "-",
-                "-",
-            ]
+            cells += [f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit"]
+            cells += ["-"] * (len(header) - 2)
         else:
+            cells += [_cell(row, "peak_bytes", ".1f", MIB), _cell(row, "memory_ratio", ".3f")]
+            if allocator:
+                cells += [_cell(row, "allocator_peak_bytes", ".1f", MIB), _cell(row, "allocator_memory_ratio", ".3f")]
             cells += [
-                f"{row['peak_bytes'] / MIB:.1f}",
-                _cell(row, "memory_ratio", ".3f"),
                 _cell(row, "step_s", ".3f"),
                 _cell(row, "time_ratio", ".2f"),
                 _cell(row, "images_per_s", ".1f"),
@@ -554,6 +634,8 @@ CSV_FIELDS = (
     "peak_bytes",
     "predicted_bytes",
     "memory_ratio",
+    "allocator_peak_bytes",
+    "allocator_memory_ratio",
     "step_s",
     "time_ratio",
     "images_per_s",
@@ -579,7 +661,7 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
         mine = [row for row in rows if row["mode"] == key]
         if not mine:
             continue
-        measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if not row["skipped"]]
+        measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if row.get("peak_bytes") is not None]
         line = axes.plot(*zip(*measured, strict=True), marker="o", label=mine[0]["label"])[0] if measured else None
         predicted = [(row[x_key], row["predicted_bytes"] / MIB) for row in mine if row["skipped"]]
         if predicted:
@@ -602,6 +684,55 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
     plt.close(figure)
 
 
+def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, Any]]:
+    """The rows no other row beats: none needs no more memory (``memory_key``) for no more time, and less of
+    one of them. Rows without both figures are left out."""
+    points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
+
+    def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        no_worse = a[memory_key] <= b[memory_key] and a["time_ratio"] <= b["time_ratio"]
+        return no_worse and (a[memory_key] < b[memory_key] or a["time_ratio"] < b["time_ratio"])
+
+    return [row for row in points if not any(dominates(other, row) for other in points)]
+
+
+def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
+    """PNG of every peer's memory x naive against its time x eager naive, the Pareto front joined: on CPU the
+    allocator's figure (the one compiled models have), on CUDA ``max_memory_allocated``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
+    points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    for row in points:
+        compiled = "compile" in row["label"]
+        axes.scatter(row["time_ratio"], row[memory_key], marker="s" if compiled else "o", s=40)
+        axes.annotate(
+            row["label"], (row["time_ratio"], row[memory_key]), fontsize=6, xytext=(4, 3), textcoords="offset points"
+        )
+    front = sorted(pareto_front(points, memory_key), key=lambda row: row["time_ratio"])
+    if front:
+        axes.plot(
+            [row["time_ratio"] for row in front],
+            [row[memory_key] for row in front],
+            "k--",
+            lw=0.8,
+            label="Pareto front (no peer needs less memory for less time)",
+        )
+        axes.legend(fontsize=7)
+    axes.set_xlabel("step time x eager efficient=False")
+    axes.set_ylabel(f"peak memory x eager efficient=False ({'allocator' if 'allocator' in memory_key else 'device'})")
+    axes.set_title(title, fontsize=7, wrap=True)
+    axes.margins(x=0.35, y=0.08)  # room for the labels, right of their points
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
 
@@ -615,7 +746,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu, cuda or cuda:N (default: %(default)s)",
     )
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure each memory mode of --modes torch.compiled (default settings), beside the eager ones",
+    )
+    parser.add_argument(
+        "--compile-budget",
+        type=_budgets,
+        default=(),
+        metavar="B[,B...]",
+        help="also measure the plain model (efficient=False) compiled with torch._functorch.config."
+        "activation_memory_budget B, the compiler's own rematerialisation (0 < B <= 1), e.g. 0.5,0.1",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile and --compile-budget (default: %(default)s; aot_eager "
+        "compiles faster and partitions the same way)",
+    )
     parser.add_argument(
         "--frozen-bn",
         action="store_true",
@@ -657,7 +806,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[16, 32, 64, 128],
         help="batch sizes for --sweep batch (default: 16,32,64,128)",
     )
-    parser.add_argument("--plot", metavar="PNG", help="plot path for --sweep (default: bench-<sweep>.png)")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="plot path: for --sweep memory against depth or batch (default: bench-<sweep>.png); otherwise "
+        "memory x naive against time x naive of every peer, the Pareto front joined (needs --repeats >= 1)",
+    )
     parser.add_argument(
         "--sync-bn-processes",
         type=int_at_least(2),
@@ -665,6 +819,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: time a data-parallel step of N processes (gloo on CPU, NCCL on CUDA) with and "
         "without SyncBatchNorm; --batch-size is per process, --modes its memory modes",
     )
+
+
+def _budgets(value: str) -> tuple[float, ...]:
+    """Activation memory budgets from ``0.5,0.1``: each in (0, 1]."""
+    try:
+        budgets = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        budgets = ()
+    if not budgets or not all(0 < budget <= 1 for budget in budgets):
+        raise argparse.ArgumentTypeError(
+            f"invalid activation memory budgets {value!r}: give comma-separated numbers in (0, 1], e.g. 0.5,0.1"
+        )
+    return budgets
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
@@ -695,11 +862,14 @@ def run(args: argparse.Namespace) -> int:
         args.repeats,
         args.frozen_bn,
         args.features_only,
+        args.compile_budget,
+        args.compile_backend,
     )
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
-    steps = len(configs) * len(args.modes) * (args.warmup + 1 + args.repeats)
+    compiled = len(args.compile_budget) + (len(set(args.modes) & set(MODES)) if args.compile else 0)
+    steps = len(configs) * (len(args.modes) + compiled) * (args.warmup + 1 + args.repeats)
     with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
         for fields, name, size in configs:
             setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
@@ -724,6 +894,9 @@ def run(args: argparse.Namespace) -> int:
         path = args.plot or f"bench-{args.sweep}.png"
         plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
         print(f"\nplot: {path}")
+    elif args.plot:
+        pareto_plot(args.plot, rows, summary.splitlines()[0])
+        print(f"\nplot: {args.plot}")
     return 0
 
 
@@ -767,7 +940,8 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
         f", {flag}"
         for flag, on in (
             ("channels_last", args.channels_last),
-            ("compile", args.compile),
+            ("compiled peers", args.compile),
+            (f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}", bool(args.compile_budget)),
             ("frozen BatchNorm (eval mode)", args.frozen_bn),
             ("features_only", args.features_only),
         )

@@ -3,7 +3,9 @@
 On CUDA, ``torch.cuda.max_memory_allocated`` answers; on CPU there is no allocator statistic, so
 :class:`LiveTensorBytes` counts, through a ``TorchDispatchMode``, the storage of every tensor an operator creates
 while it is active, until that storage is freed. Tensors that existed before (parameters, inputs) are not
-counted, so the peak is the extra memory the measured code needs.
+counted, so the peak is the extra memory the measured code needs. It does not see temporaries allocated inside
+CPU kernels, nor what a compiled graph allocates (compiled code does not dispatch through the mode):
+:class:`AllocatorPeak` does, from the profiler's allocator events, which is what a process needs.
 
 :func:`fake_footprint` predicts the same count without allocating anything: it runs the code on fake tensors,
 which carry shapes and dtypes but no data, so a step that needs more memory than any device has is measured on
@@ -65,6 +67,44 @@ class LiveTensorBytes(TorchDispatchMode):
         weakref.finalize(storage, self._release, key, nbytes)
 
 
+class AllocatorPeak:
+    """Context manager: ``peak`` bytes the CPU allocator holds inside it above what it held on entry.
+
+    Every allocation and free of the block is an event of ``torch.profiler.profile(profile_memory=True)``; the
+    peak is the largest running sum of them, in time order. Unlike :class:`LiveTensorBytes` it sees what a
+    dispatch mode does not: temporaries allocated inside CPU kernels, and everything a compiled graph allocates.
+    ``events`` is the number of allocator events seen.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.events = 0
+
+    def __enter__(self) -> AllocatorPeak:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        profiler = self._profile.profiler
+        assert profiler is not None and profiler.kineto_results is not None
+        # Allocations count positive bytes, frees negative. (torch's stubs lack _KinetoEvent.nbytes.)
+        events: list[Any] = profiler.kineto_results.events()
+        changes = sorted(
+            (event.start_ns(), event.nbytes())
+            for event in events
+            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+        )
+        current = 0
+        for _, nbytes in changes:
+            current += nbytes
+            self.peak = max(self.peak, current)
+        self.events = len(changes)
+
+
 def saved_tensor_bytes(exclude: tuple[Tensor, ...] = ()) -> _SavedBytes:
     """Context manager counting the distinct storage bytes autograd saves for backward inside it.
 
@@ -116,6 +156,13 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         with LiveTensorBytes() as counter:
             yield stats
         stats["peak"] = counter.peak
+
+
+def allocator_peak(step: Callable[[], object]) -> int:
+    """Peak bytes the CPU allocator holds during ``step()`` above what it held before (:class:`AllocatorPeak`)."""
+    with AllocatorPeak() as counter:
+        step()
+    return counter.peak
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ and the caching allocator come on top: keep some headroom.
   quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
   modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
   n = 28, and solved for the budget. Where n = 28 does not fit, small depths are searched with fake steps directly.
+
+The model counts live tensors, as a dispatch mode sees them. ``--measure`` checks it on this CPU: one real step at
+the batch size per mode, its live-tensor peak beside the prediction, and the CPU allocator's peak, which adds
+the temporaries kernels allocate inside themselves (what the process needs; see ``bench``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 from ..core import MemoryMode, create_model
 from .common import (
     MODES,
+    PRECISIONS,
     add_common_arguments,
     family_depth,
     family_member,
@@ -40,11 +45,14 @@ from .common import (
     input_label,
     input_size,
     int_at_least,
+    model_io,
     peer_keys,
     predict,
+    random_batch,
     total_bytes,
+    train_step,
 )
-from .memory import Footprint
+from .memory import Footprint, LiveTensorBytes, allocator_peak
 
 _UNITS = {
     "b": 1,
@@ -89,6 +97,24 @@ class Question:
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
         return total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+
+
+def measure_step(build: Callable[[], nn.Module], question: Question) -> tuple[int, int]:
+    """Peak bytes of one real training step of ``build()`` on this CPU at the question's batch and input: live
+    tensors (the planner's accounting, what :meth:`Question.footprint` predicts) and the allocator's."""
+    torch.manual_seed(0)
+    model = build()
+    images, labels = random_batch(question.batch_size, question.input_size, *model_io(model))
+
+    def step() -> None:
+        train_step(model, images, labels, PRECISIONS[question.dtype])
+        for parameter in model.parameters():
+            parameter.grad = None  # each step starts without gradients, as the predicted one does
+
+    step()  # lazily allocated state
+    with LiveTensorBytes() as tensors:
+        step()
+    return tensors.peak, allocator_peak(step)
 
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
@@ -195,6 +221,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)",
     )
     parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also check the model on this CPU: one real training step per mode at --batch-size (it allocates "
+        "that memory), its live-tensor peak beside the prediction, and the CPU allocator's peak",
+    )
+    parser.add_argument(
         "--modes",
         type=partial(peer_keys, valid=tuple(MODES)),
         default=tuple(MODES),
@@ -233,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         print(f"| efficient={mode!r} | {_gib(at_batch)} | {batch} |")
+    if args.measure:
+        result["measured"] = _print_measured(args.model, modes, question)
     if args.largest_input:
         result["largest_input"] = _print_largest_input(args.model, modes, args.memory, question)
     if args.family:
@@ -242,6 +276,28 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return 0
+
+
+def _print_measured(name: str, modes: dict[str, MemoryMode], question: Question) -> list[dict]:
+    """Print and return, per mode, the predicted step peak and one real step's peaks on this CPU."""
+    print(
+        f"\nChecked on this CPU, one training step at batch {question.batch_size} (step peak, above parameters and "
+        "input):\n| mode | predicted, live tensors | measured, live tensors | measured, allocator | "
+        "allocator x predicted |\n| --- | --- | --- | --- | --- |"
+    )
+    rows: list[dict] = []
+    for key, mode in modes.items():
+        build = partial(create_model, name, efficient=mode)
+        predicted = question.footprint(build).peak
+        tensors, allocator = measure_step(build, question)
+        rows.append(
+            {"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors, "allocator_peak_bytes": allocator}
+        )
+        print(
+            f"| efficient={mode!r} | {predicted / 2**20:.1f} MiB | {tensors / 2**20:.1f} MiB | "
+            f"{allocator / 2**20:.1f} MiB | {allocator / predicted:.3f} |"
+        )
+    return rows
 
 
 def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
