@@ -51,7 +51,9 @@ def test_allocator_peak_sees_kernel_temporaries_the_dispatch_counter_misses():
     step()
     with LiveTensorBytes() as tensors:
         step()
-    assert allocator_peak(step) >= tensors.peak + x.nbytes
+    # At least one grad_output-sized buffer (8x32x32x32 fp32, 1 MiB) that no operator returns; with more threads,
+    # the kernel also copies the input (2 MiB more).
+    assert allocator_peak(step) - tensors.peak >= 2**20
 
 
 def test_counter_ignores_tensors_allocated_before_it():
