@@ -64,9 +64,10 @@ def fetch_hub_file(
     ``sha256``: the expected hash (from the manifest); without it the Hub's own hash is used. A full 40-hex
     ``revision`` makes a cache hit cost no request.
     """
-    return fetch_hub_bytes(repo_id, filename, revision=revision, sha256=sha256, cache_dir=cache_dir, endpoint=endpoint)[
-        0
-    ]
+    path, _ = fetch_hub_bytes(
+        repo_id, filename, revision=revision, sha256=sha256, cache_dir=cache_dir, endpoint=endpoint
+    )
+    return path
 
 
 def fetch_hub_bytes(
