@@ -160,7 +160,9 @@ def _compiled_saved_bytes(model, images, labels):
             partition_fn=min_cut_rematerialization_partition,
         )
 
+    torch._dynamo.reset()  # a fresh compilation: earlier tests' graphs and their recompilation count do not apply
     _step(torch.compile(model, backend=backend), images, labels)
+    assert saved, "the forward graph was not compiled (dynamo fell back to eager)"
     return sum(saved)
 
 
