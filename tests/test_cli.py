@@ -48,10 +48,24 @@ def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, opt
     assert not (tmp_path / "run").exists()
 
 
-def test_argparse_errors_exit_2(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--epochs", "many"],
+            "densenet-efficient train: error: argument --epochs: invalid int value: 'many'",
+        ),
+        (["bench", "--model", "nope"], "densenet-efficient bench: error: argument --model: Unknown model 'nope'"),
+        (["plan", "--batch-size", "0"], "densenet-efficient plan: error: argument --batch-size: expected an integer"),
+        (["eval", "--no-such-option"], "densenet-efficient eval: error: the following arguments are required"),
+        (["nope"], "densenet-efficient: error: argument COMMAND: invalid choice: 'nope'"),
+    ],
+)
+def test_argparse_errors_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--epochs", "many"])
-    assert exit_.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+        main(argv)
+    err = one_line(capsys)
+    assert exit_.value.code == 2 and err.startswith(message) and "usage:" not in err, err
 
 
 def test_non_empty_output_exits_2_naming_resume_and_overwrite(tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..core import list_models
 from .common import UsageError
@@ -60,8 +61,16 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: one line, as every other error of the command (subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="densenet-efficient",
         description="Memory-efficient DenseNets: benchmark, plan, train, evaluate.",
         epilog="Exit status: 0 success, 1 failure, 2 usage error.",
