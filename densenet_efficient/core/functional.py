@@ -38,7 +38,7 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +86,7 @@ class _Stage:
     groups: int
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
+    pool: bool = False  # 2x average pooling between ReLU and convolution (the first stage of a chain only)
 
 
 def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
@@ -123,6 +124,65 @@ _CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by input rank, as nn.
 def _conv(x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
     """``stage``'s convolution (no bias) of ``x``, (N, C, *spatial) with 1 to 3 spatial dimensions."""
     return _CONVOLUTIONS[x.dim()](x, weight, None, stage.stride, stage.padding, stage.dilation, stage.groups)
+
+
+_TRANSPOSED_CONVOLUTIONS = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+
+
+def _conv_input_grad(grad: Tensor, weight: Tensor, stage: _Stage, input_shape: Sequence[int]) -> Tensor:
+    """Gradient of :func:`_conv` for its input of ``input_shape``: the transposed convolution of ``grad``. Unlike
+    ``convolution_backward`` it needs no input tensor, so the input can be freed before its gradient exists."""
+    kernel = weight.shape[2:]
+    output_padding = [
+        size - ((out - 1) * stride - 2 * pad + dilation * (k - 1) + 1)
+        for size, out, stride, pad, dilation, k in zip(
+            input_shape[2:], grad.shape[2:], stage.stride, stage.padding, stage.dilation, kernel, strict=True
+        )
+    ]
+    return _TRANSPOSED_CONVOLUTIONS[grad.dim()](
+        grad, weight, None, stage.stride, stage.padding, output_padding, stage.groups, stage.dilation
+    )
+
+
+def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
+    """Gradient of :func:`_conv` of ``x`` for ``weight`` from the output gradient ``grad``."""
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        stage.stride,
+        stage.padding,
+        stage.dilation,
+        False,
+        [0] * len(stage.stride),
+        stage.groups,
+        [False, True, False],
+    )[1]
+
+
+_AVERAGE_POOLS = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
+
+
+def _avg_pool(x: Tensor) -> Tensor:
+    """2x average pooling over every spatial dimension of ``x`` (N, C, *spatial)."""
+    return _AVERAGE_POOLS[x.dim()](x, kernel_size=2)
+
+
+def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
+    """Gradient of :func:`_avg_pool` for an input of ``input_shape``: each window shares its output's gradient
+    equally (a power of two: exact); rows and columns the pooling dropped (odd sizes) get zero."""
+    spatial = len(input_shape) - 2
+    pooled = [2 * size for size in grad.shape[2:]]
+    dropped = pooled != list(input_shape[2:])
+    result = grad.new_zeros(input_shape) if dropped else grad.new_empty(input_shape)
+    windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
+    spread = grad * 0.5**spatial
+    for dim in range(2, 2 + spatial):
+        windows = windows.unflatten(2 * dim - 2, (-1, 2))
+        spread = spread.unsqueeze(2 * dim - 1)
+    windows.copy_(spread)
+    return result
 
 
 def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
@@ -170,6 +230,141 @@ def _batch_norm_backward(
     )
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``torch.cat`` gives a concatenation of tensors laid out like ``x``."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
+def _concat_bn_relu(
+    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, dtype: torch.dtype | None
+) -> Tensor:
+    """``relu(batch_norm(cat(pieces, 1)))`` from per-channel statistics, as :func:`_bn_relu_from_stats` computes
+    it, in ``dtype`` (default: the pieces'). Written piece by piece: the concatenation itself is never built."""
+    first = pieces[0]
+    channels = sum(piece.shape[1] for piece in pieces)
+    shape = channel_view(first)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    result = torch.empty(
+        (first.shape[0], channels, *first.shape[2:]),
+        dtype=dtype or first.dtype,
+        device=first.device,
+        memory_format=_memory_format(first),
+    )
+    start = 0
+    for piece in pieces:
+        part = slice(start, start + piece.shape[1])
+        torch.addcmul(shift[part].view(shape), piece, scale[part].view(shape), out=result[:, part]).relu_()
+        start = part.stop
+    return result
+
+
+def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
+    """Runs ``[first, last)`` of consecutive pieces with ``channels`` whose widths add up to at most ``limit`` (a
+    wider piece is a run of its own); one run of every piece if ``limit`` is ``None``."""
+    if limit is None:
+        return [(0, len(channels))]
+    runs: list[tuple[int, int]] = []
+    first, width = 0, 0
+    for index, piece in enumerate(channels):
+        if index > first and width + piece > limit:
+            runs.append((first, index))
+            first, width = index, 0
+        width += piece
+    runs.append((first, len(channels)))
+    return runs
+
+
+def _concat_bn_relu_backward(
+    weight_grad: Callable[[Tensor, int, int], None],
+    input_grad: Callable[[int, int, Sequence[int]], Tensor],
+    inputs: Sequence[Tensor],
+    inputs_need_grad: Sequence[bool],
+    norm_params: Sequence[Tensor],
+    norm_params_need_grad: Sequence[bool],
+    saved: Sequence[Tensor],
+    stage: _Stage,
+    compute_dtype: torch.dtype | None,
+    chunk_channels: int | None,
+) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
+    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
+
+    Runs of consecutive pieces at most ``chunk_channels`` wide (all at once if ``None``) are processed one after
+    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``weight_grad(a, start,
+    stop)`` (which takes what it needs of it, a weight gradient), then freed but for its sign; ``input_grad(start,
+    stop, shape)`` returns the gradient for ``a``'s channels, and batch norm's backward turns it into each piece's
+    gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the transient is a
+    run's width. Synchronized batch norms take the whole concatenation at once (one collective).
+    """
+    weight, bias = norm_params
+    channels = [t.shape[1] for t in inputs]
+    mean, invstd = _statistics(saved, stage)
+    norm_mask = list(norm_params_need_grad)
+    if stage.sync is not None:
+        activated = _concat_bn_relu(inputs, weight, bias, mean, invstd, compute_dtype)
+        weight_grad(activated, 0, sum(channels))
+        dead, shape = activated <= 0, activated.shape
+        del activated
+        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        grad = input_grad(0, sum(channels), shape).masked_fill_(dead, 0).to(x.dtype)
+        del dead
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
+        assert grad_x is not None
+        grads = [g.to(t.dtype) for g, t in zip(grad_x.split(channels, 1), inputs, strict=True)]
+        return (
+            [g if needed else None for g, needed in zip(grads, inputs_need_grad, strict=True)],
+            grad_weight,
+            grad_bias,
+        )
+    input_grads: list[Tensor | None] = []
+    weight_grads: list[Tensor] = []
+    bias_grads: list[Tensor] = []
+    bounds = [0]
+    for width in channels:
+        bounds.append(bounds[-1] + width)
+    for first, last in _chunks(channels, chunk_channels):
+        start, stop = bounds[first], bounds[last]
+        part = slice(start, stop)
+        activated = _concat_bn_relu(
+            inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
+        )
+        weight_grad(activated, start, stop)
+        dead, shape = activated <= 0, activated.shape
+        del activated
+        grad = input_grad(start, stop, shape).masked_fill_(dead, 0)
+        del dead
+        for index in range(first, last):
+            piece = slice(bounds[index] - start, bounds[index + 1] - start)
+            channel = slice(bounds[index], bounds[index + 1])
+            mask = [inputs_need_grad[index], *norm_mask]
+            if not any(mask):
+                input_grads.append(None)
+                continue
+            grad_input, grad_weight, grad_bias = _batch_norm_backward(
+                # Contiguous: on CPU the reduced-precision kernel accumulates strided input in that precision.
+                grad[:, piece].to(inputs[index].dtype).contiguous(),
+                inputs[index],
+                weight[channel],
+                [s[channel] for s in saved],
+                stage,
+                mask,
+            )
+            input_grads.append(grad_input)
+            if grad_weight is not None:
+                weight_grads.append(grad_weight)
+            if grad_bias is not None:
+                bias_grads.append(grad_bias)
+        del grad
+    return (
+        input_grads,
+        torch.cat(weight_grads) if weight_grads else None,
+        torch.cat(bias_grads) if bias_grads else None,
+    )
+
+
 def _chain(
     stages: Sequence[_Stage],
     params: Sequence[Tensor],
@@ -192,8 +387,10 @@ def _chain(
             intermediates.append(x)
         normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
         statistics += (first, second)
-        x = _conv(_to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), stage)
+        activated = _to(normalized.relu_(), compute_dtype)
         del normalized
+        x = _conv(_avg_pool(activated) if stage.pool else activated, _to(conv_weight, compute_dtype), stage)
+        del activated
     return x, statistics, intermediates
 
 
@@ -234,6 +431,7 @@ class _BnReluConvChain(torch.autograd.Function):
         inputs = saved[len(saved) - ctx.num_inputs :]
         compute_dtype = ctx.compute_dtype
         param_needs_grad = ctx.needs_input_grad[2 : 2 + 3 * num_stages]
+        input_needs_grad = ctx.needs_input_grad[2 + 3 * num_stages :]
 
         def relu_output(index: int, x: Tensor) -> Tensor:
             weight, bias, _ = params[3 * index : 3 * index + 3]
@@ -243,57 +441,82 @@ class _BnReluConvChain(torch.autograd.Function):
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
 
-        # Recompute each stage's input: the concatenation, then either the saved intermediates or, in "max"
-        # mode, the bottleneck convolution's output again.
-        stage_inputs = [torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]]
-        relu_outputs: dict[int, Tensor] = {}
-        if ctx.keep_intermediates:
-            stage_inputs += saved[: num_stages - 1]
-        else:
-            for index in range(num_stages - 1):
-                relu_outputs[index] = relu_output(index, stage_inputs[index])
-                stage_inputs.append(_conv(relu_outputs[index], conv_weight(index), stages[index]))
-
-        grad = grad_output
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
-        for index in reversed(range(num_stages)):
-            stage, x = stages[index], stage_inputs[index]
-            activated = relu_outputs.pop(index, None)
-            if activated is None:
-                activated = relu_output(index, x)
-            grad, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-                _to(grad, activated.dtype),
-                activated,
-                conv_weight(index),
-                None,
-                stage.stride,
-                stage.padding,
-                stage.dilation,
-                False,
-                [0] * len(stage.stride),
-                stage.groups,
-                [True, param_needs_grad[3 * index + 2], False],
-            )
-            # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
-            grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad).to(x.dtype)
-            del activated
-            grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                grad,
-                x,
-                params[3 * index],
-                statistics[2 * index : 2 * index + 2],
-                stage,
-                [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
-            )
-            assert grad_input is not None  # requested: the first entry of the output mask is True
-            grad = grad_input
-            stage_inputs[index] = None
-            for offset, param_grad in enumerate((grad_weight, grad_bias, grad_conv_weight)):
-                if param_grad is not None:
-                    param_grads[3 * index + offset] = param_grad.to(params[3 * index + offset].dtype)
+        with torch.autocast(grad_output.device.type, enabled=False):
+            # The inputs of the stages after the first: the saved intermediates or, in "max" mode, the
+            # convolutions' outputs again (the first stage's input is recomputed piece by piece below).
+            stage_inputs: list[Tensor | None] = [None]
+            if ctx.keep_intermediates:
+                stage_inputs += saved[: num_stages - 1]
+            elif num_stages > 1:
+                x = _concat_bn_relu(
+                    inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
+                )
+                for index in range(num_stages - 1):
+                    x = _conv(_avg_pool(x) if stages[index].pool else x, conv_weight(index), stages[index])
+                    stage_inputs.append(x)
+                    if index + 1 < num_stages - 1:
+                        x = relu_output(index + 1, x)
+                del x
 
-        channels = [t.shape[1] for t in inputs]
-        input_grads = [g.to(t.dtype) for g, t in zip(grad.split(channels, 1), inputs, strict=True)]
+            grad = grad_output
+            for index in reversed(range(1, num_stages)):
+                stage, x = stages[index], stage_inputs[index]
+                stage_inputs[index] = None
+                assert x is not None
+                activated = relu_output(index, x)
+                grad = _to(grad, activated.dtype)
+                if param_needs_grad[3 * index + 2]:
+                    param_grads[3 * index + 2] = _conv_weight_grad(grad, activated, conv_weight(index), stage)
+                # The ReLU output is freed before the input gradient exists: only its sign is needed.
+                dead = activated <= 0
+                del activated
+                grad = _conv_input_grad(grad, conv_weight(index), stage, x.shape).masked_fill_(dead, 0).to(x.dtype)
+                del dead
+                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
+                    grad,
+                    x,
+                    params[3 * index],
+                    statistics[2 * index : 2 * index + 2],
+                    stage,
+                    [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
+                )
+                assert grad_input is not None  # requested: the first entry of the output mask is True
+                grad = grad_input
+                del x
+
+            first = stages[0]
+            weight = conv_weight(0)
+            grad = _to(grad, weight.dtype)
+            grad_conv_weight: list[Tensor] = []
+
+            def weight_grad(activated: Tensor, start: int, stop: int) -> None:
+                if param_needs_grad[2]:
+                    conv_input = _avg_pool(activated) if first.pool else activated
+                    grad_conv_weight.append(_conv_weight_grad(grad, conv_input, weight[:, start:stop], first))
+
+            def input_grad(start: int, stop: int, shape: Sequence[int]) -> Tensor:
+                pooled = list(shape[:2]) + [size // 2 for size in shape[2:]] if first.pool else shape
+                result = _conv_input_grad(grad, weight[:, start:stop], first, pooled)
+                return _avg_pool_backward(result, shape) if first.pool else result
+
+            input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
+                weight_grad,
+                input_grad,
+                inputs,
+                input_needs_grad,
+                params[:2],
+                param_needs_grad[:2],
+                statistics[:2],
+                first,
+                compute_dtype,
+                None if ctx.keep_intermediates or first.groups != 1 else weight.shape[0],
+            )
+            if grad_conv_weight:
+                param_grads[2] = torch.cat(grad_conv_weight, 1)
+        for offset, param_grad in enumerate(param_grads):
+            if param_grad is not None:
+                param_grads[offset] = param_grad.to(params[offset].dtype)
         return (None, None, *param_grads, *input_grads)
 
     @staticmethod
