@@ -449,15 +449,16 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                x = _concat_bn_relu(
+                recomputed = _concat_bn_relu(
                     inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
                 )
                 for index in range(num_stages - 1):
-                    x = _conv(_avg_pool(x) if stages[index].pool else x, conv_weight(index), stages[index])
-                    stage_inputs.append(x)
+                    conv_input = _avg_pool(recomputed) if stages[index].pool else recomputed
+                    recomputed = _conv(conv_input, conv_weight(index), stages[index])
+                    stage_inputs.append(recomputed)
                     if index + 1 < num_stages - 1:
-                        x = relu_output(index + 1, x)
-                del x
+                        recomputed = relu_output(index + 1, recomputed)
+                del recomputed, conv_input
 
             grad = grad_output
             for index in reversed(range(1, num_stages)):
