@@ -38,13 +38,14 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -86,14 +87,17 @@ class _Stage:
     groups: int
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
-    pool: bool = False  # 2x average pooling between ReLU and convolution (the first stage of a chain only)
+    # 2x average pooling after the convolution (first stage only); a pointwise convolution and the pooling
+    # commute, and backward pools first: its convolution gradients are a quarter (3D: an eighth) of the size.
+    pool: bool = False
 
 
-def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
-    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
+def _stage(norm: _BatchNorm, conv: _ConvNd | None, pool: bool = False) -> _Stage:
+    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training; ``conv``
+    ``None`` for a BN-ReLU without convolution."""
     # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
     # and an eval-mode norm without running statistics normalises with the batch's.
-    if isinstance(conv.padding, str):
+    if conv is not None and isinstance(conv.padding, str):
         raise ValueError(
             f"{type(conv).__name__} with padding={conv.padding!r}: the memory-efficient layers need numeric padding"
         )
@@ -105,12 +109,13 @@ def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
         running_var,
         batch_norm_momentum(norm) if norm.training else 0.0,
         norm.eps,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
+        () if conv is None else conv.stride,
+        () if conv is None else conv.padding,  # type: ignore[arg-type]  # numeric: checked above
+        () if conv is None else conv.dilation,
+        1 if conv is None else conv.groups,
         batch_stats,
         sync_group(norm) if norm.training else None,
+        pool,
     )
 
 
@@ -387,10 +392,13 @@ def _chain(
             intermediates.append(x)
         normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
         statistics += (first, second)
-        activated = _to(normalized.relu_(), compute_dtype)
+        # Under autocast a convolution casts its input; a BN-ReLU without one keeps its input's dtype.
+        activated = normalized.relu_() if conv_weight is None else _to(normalized.relu_(), compute_dtype)
         del normalized
-        x = _conv(_avg_pool(activated) if stage.pool else activated, _to(conv_weight, compute_dtype), stage)
+        x = activated if conv_weight is None else _conv(activated, _to(conv_weight, compute_dtype), stage)
         del activated
+        if stage.pool:
+            x = _avg_pool(x)
     return x, statistics, intermediates
 
 
@@ -453,12 +461,13 @@ class _BnReluConvChain(torch.autograd.Function):
                     inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
                 )
                 for index in range(num_stages - 1):
-                    conv_input = _avg_pool(recomputed) if stages[index].pool else recomputed
-                    recomputed = _conv(conv_input, conv_weight(index), stages[index])
+                    recomputed = _conv(recomputed, conv_weight(index), stages[index])
+                    if stages[index].pool:
+                        recomputed = _avg_pool(recomputed)
                     stage_inputs.append(recomputed)
                     if index + 1 < num_stages - 1:
                         recomputed = relu_output(index + 1, recomputed)
-                del recomputed, conv_input
+                del recomputed
 
             grad = grad_output
             for index in reversed(range(1, num_stages)):
@@ -487,19 +496,28 @@ class _BnReluConvChain(torch.autograd.Function):
                 del x
 
             first = stages[0]
-            weight = conv_weight(0)
-            grad = _to(grad, weight.dtype)
+            weight = None if params[2] is None else conv_weight(0)  # None: a BN-ReLU without convolution
+            grad = grad if weight is None else _to(grad, weight.dtype)
+            # A pooled pointwise convolution takes its gradients at the pooled size (they commute), except in
+            # reduced precision: the pooled BN-ReLU output would be rounded before the weight gradient, so the
+            # gradient is spread to full size first, as plain autograd does, and keeps its rounding.
+            pool_first = first.pool and grad.dtype not in (torch.float16, torch.bfloat16)
+            if first.pool and not pool_first:
+                grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
 
             def weight_grad(activated: Tensor, start: int, stop: int) -> None:
-                if param_needs_grad[2]:
-                    conv_input = _avg_pool(activated) if first.pool else activated
+                if weight is not None and param_needs_grad[2]:
+                    conv_input = _avg_pool(activated) if pool_first else activated
                     grad_conv_weight.append(_conv_weight_grad(grad, conv_input, weight[:, start:stop], first))
 
             def input_grad(start: int, stop: int, shape: Sequence[int]) -> Tensor:
-                pooled = list(shape[:2]) + [size // 2 for size in shape[2:]] if first.pool else shape
-                result = _conv_input_grad(grad, weight[:, start:stop], first, pooled)
-                return _avg_pool_backward(result, shape) if first.pool else result
+                if weight is None:  # a BN-ReLU: the gradient is the output's (copied: it is modified in place)
+                    return grad[:, start:stop].clone(memory_format=torch.contiguous_format)
+                if not pool_first:
+                    return _conv_input_grad(grad, weight[:, start:stop], first, shape)
+                pooled = list(shape[:2]) + [size // 2 for size in shape[2:]]
+                return _avg_pool_backward(_conv_input_grad(grad, weight[:, start:stop], first, pooled), shape)
 
             input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
                 weight_grad,
@@ -510,8 +528,8 @@ class _BnReluConvChain(torch.autograd.Function):
                 param_needs_grad[:2],
                 statistics[:2],
                 first,
-                compute_dtype,
-                None if ctx.keep_intermediates or first.groups != 1 else weight.shape[0],
+                None if weight is None else compute_dtype,
+                None if first.groups != 1 or weight is None else weight.shape[0],
             )
             if grad_conv_weight:
                 param_grads[2] = torch.cat(grad_conv_weight, 1)
@@ -548,6 +566,40 @@ class _BnReluConvChain(torch.autograd.Function):
         return (None, None, *(next(grads) if needed else None for needed in needs_grad))
 
 
+def _use_function(features: Sequence[Tensor], modules: Sequence[nn.Module], efficient: MemoryMode) -> bool:
+    """Whether the memory-efficient autograd function should run on ``features`` with ``modules``' parameters:
+    ``efficient`` set and a backward pass to come (grad enabled and something requiring it), outside
+    ``torch.func`` transforms and ``torch.jit.trace``, which cannot run it (they get plain modules). Tracing a
+    training model raises a ``RuntimeError`` that names the alternatives."""
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in features) or any(p.requires_grad for m in modules for p in m.parameters())
+    )
+    if efficient and needs_grad and torch.jit.is_tracing() and any(m.training for m in modules):
+        raise RuntimeError(
+            f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
+            "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
+            "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
+            "torch.fx (they keep the memory savings)"
+        )
+    return (
+        bool(efficient)
+        and needs_grad
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
+    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the batch-norm kernels
+    would read past or short of its parameters)."""
+    channels = [t.shape[1] for t in features]
+    if sum(channels) != norm.num_features:
+        raise ValueError(
+            f"feature maps of {'+'.join(map(str, channels))} = {sum(channels)} channels, but "
+            f"{type(norm).__name__} normalises {norm.num_features}: pass the feature maps it was built for"
+        )
+
+
 def bn_relu_conv(
     features: Sequence[Tensor], stages: Sequence[tuple[_BatchNorm, _ConvNd]], efficient: MemoryMode
 ) -> Tensor:
@@ -560,20 +612,8 @@ def bn_relu_conv(
     record the function: an eval-mode model traces with the plain modules, and tracing a training model raises a
     ``RuntimeError`` that names the alternatives.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in features)
-        or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
-    )
-    if efficient and needs_grad and torch.jit.is_tracing() and any(norm.training for norm, _ in stages):
-        raise RuntimeError(
-            f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
-            "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
-            "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
-            "torch.fx (they keep the memory savings)"
-        )
-    # Under functorch transforms and torch.jit.trace (eval mode), which cannot run this Function, the plain
-    # modules run.
-    if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
+    if _use_function(features, [m for pair in stages for m in pair], efficient):
+        _check_channels(features, stages[0][0])
         params: list[Tensor] = []
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
@@ -583,3 +623,358 @@ def bn_relu_conv(
     for norm, conv in stages:
         x = conv(F.relu(norm(x), inplace=True))
     return x
+
+
+def _pointwise(conv: _ConvNd) -> bool:
+    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding: it commutes with average pooling."""
+    return (
+        conv.bias is None
+        and all(k == 1 for k in conv.kernel_size)
+        and all(s == 1 for s in conv.stride)
+        and not isinstance(conv.padding, str)
+        and all(p == 0 for p in conv.padding)
+    )
+
+
+def bn_relu_conv_pool(features: Sequence[Tensor], norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode) -> Tensor:
+    """A transition: ``avg_pool(conv(relu(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
+    *spatial / 2).
+
+    In the efficient modes (see :func:`bn_relu_conv`) with a pointwise ``conv`` nothing full-size is stored for
+    backward, only the norm's per-channel statistics. Forward computes what the plain modules compute, in their
+    order (the same output, to the bit on CPU); backward recomputes the pooled BN-ReLU output from the feature maps
+    and takes the convolution's gradients at the pooled size (pointwise convolution and average pooling commute:
+    exact in real arithmetic), a quarter (3D: an eighth) of the work. Plain autograd stores the concatenation, the
+    BN-ReLU output and the convolution's full-size output (the pooling's input).
+    """
+    if _pointwise(conv) and _use_function(features, [norm, conv], efficient):
+        _check_channels(features, norm)
+        chain = (_stage(norm, conv, pool=True),)
+        return _BnReluConvChain.apply(chain, efficient is True, norm.weight, norm.bias, conv.weight, *features)
+    return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient))
+
+
+def bn_relu(features: Sequence[Tensor], norm: _BatchNorm, efficient: MemoryMode) -> Tensor:
+    """``relu(norm(cat(features, 1)))``, the final norm and ReLU of a DenseNet.
+
+    In the efficient modes (see :func:`bn_relu_conv`) only the norm's per-channel statistics are stored for
+    backward (the feature maps are the network's anyway); plain autograd stores the concatenation and the ReLU
+    output.
+    """
+    if _use_function(features, [norm], efficient):
+        _check_channels(features, norm)
+        return _BnReluConvChain.apply((_stage(norm, None),), efficient is True, norm.weight, norm.bias, None, *features)
+    return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
+
+
+# ----------------------------------------------------------------------------------------------- the stem
+
+
+@dataclass(frozen=True)
+class _MaxPool:
+    """A max pooling's geometry, over two or three spatial dimensions (1D pools run as 2D, one row high)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+
+    @classmethod
+    def of(cls, pool: nn.Module, spatial_dims: int) -> _MaxPool:
+        def sizes(value: Any) -> tuple[int, ...]:
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial_dims
+            return (1, *values) if spatial_dims == 1 else values
+
+        pad = 0 if spatial_dims == 1 else None
+        padding = sizes(pool.padding)
+        return cls(
+            sizes(pool.kernel_size),
+            sizes(pool.stride or pool.kernel_size),
+            padding if pad is None else (0, *padding[1:]),
+            sizes(pool.dilation),
+            bool(pool.ceil_mode),
+        )
+
+    def window(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+_MAX_POOLS = {4: torch.ops.aten.max_pool2d_with_indices, 5: torch.ops.aten.max_pool3d_with_indices}
+_MAX_POOL_BACKWARDS = {
+    4: torch.ops.aten.max_pool2d_with_indices_backward,
+    5: torch.ops.aten.max_pool3d_with_indices_backward,
+}
+
+
+def _as_pooled(x: Tensor) -> Tensor:
+    """``x`` with two or three spatial dimensions: a signal (N, C, L) as an image one row high."""
+    return x.unsqueeze(2) if x.dim() == 3 else x
+
+
+def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
+    """Max pooling of ``x`` (N, C, *spatial, 2 or 3 spatial dimensions): output and flat int64 input indices."""
+    output, indices = _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return output, indices
+
+
+def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
+    """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
+    size = indices.shape[2 + dim]
+    shape = [1] * indices.dim()
+    shape[2 + dim] = size
+    starts = torch.arange(size, device=indices.device) * pool.stride[dim] - pool.padding[dim]
+    return starts.view(shape)
+
+
+def _position_dtype(window: int) -> torch.dtype:
+    """The narrowest integer type that holds a position in a window of ``window`` elements."""
+    return torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32
+
+
+def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
+    """Flat input indices of a max pooling -> each maximum's position inside its window (uint8 for 3x3 or
+    3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
+    coordinates: list[Tensor] = []
+    remaining = indices
+    for size in reversed(input_sizes):
+        coordinates.insert(0, remaining % size)
+        remaining = remaining // size
+    position = torch.zeros_like(indices)
+    for dim, coordinate in enumerate(coordinates):
+        offset = (coordinate - _window_starts(pool, dim, indices)) // pool.dilation[dim]
+        position = position * pool.kernel_size[dim] + offset
+    return position.to(_position_dtype(pool.window()))
+
+
+def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
+    """Inverse of :func:`_window_positions`: the flat int64 input indices the pooling backward kernel takes."""
+    remaining = positions.long()
+    offsets: list[Tensor] = []
+    for kernel in reversed(pool.kernel_size):
+        offsets.insert(0, remaining % kernel)
+        remaining = remaining // kernel
+    indices = torch.zeros_like(remaining)
+    for dim, (offset, size) in enumerate(zip(offsets, input_sizes, strict=True)):
+        coordinate = _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
+        indices = indices * size + coordinate
+    return indices
+
+
+_STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are a quarter of its output
+
+
+def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
+    """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
+    if stage.sync is not None:
+        return [slice(0, channels)]
+    width = -(-channels // _STEM_CHUNKS)
+    return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
+
+
+def _running_slice(stage: _Stage, part: slice) -> _Stage:
+    """``stage`` restricted to channels ``part``: its running statistics are views, updated in place."""
+    mean, var = stage.running_mean, stage.running_var
+    return replace(
+        stage, running_mean=None if mean is None else mean[part], running_var=None if var is None else var[part]
+    )
+
+
+class _ConvBnReluMaxPool(torch.autograd.Function):
+    """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
+
+    Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
+    instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
+    recomputes the convolution from it: with 1 or 3 input channels that costs a few percent of a step, and
+    storing the convolution's output instead would cost the stem's full size. Plain autograd stores the
+    convolution's output, the BN-ReLU output and int64 indices: two and a half times the convolution's output.
+    Forward and backward run in channel runs (see :data:`_STEM_CHUNKS`), so the full-size transients are a
+    run's, not the stem's.
+
+    Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
+    return the BN-ReLU output), then ``x``, the convolution's weight, and the norm's weight and bias. Returns the
+    pooled output, or ``(pooled, activation)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        stage: _Stage,
+        pool: _MaxPool,
+        keep_activation: bool,
+        x: Tensor,
+        conv_weight: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        device_type = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        pooled_parts: list[Tensor] = []
+        positions: list[Tensor] = []
+        statistics: list[tuple[Tensor, Tensor]] = []
+        activation: Tensor | None = None
+        channels = conv_weight.shape[0]
+        with torch.autocast(device_type, enabled=False):
+            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            for part in _channel_runs(channels, stage):
+                conv_output = _conv(inputs, weight[part], stage)
+                activated, first, second = _batch_norm(
+                    conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
+                )
+                activated = activated.relu_()
+                pooled, indices = _max_pool(_as_pooled(activated), pool)
+                positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
+                del indices
+                pooled_parts.append(pooled)
+                statistics.append((first, second))
+                if keep_activation:
+                    if activation is None:
+                        activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
+                    activation[:, part] = activated
+                del conv_output, activated
+            output = torch.cat(pooled_parts, 1)
+        del pooled_parts
+        ctx.stage, ctx.pool, ctx.compute_dtype, ctx.keep_activation = stage, pool, compute_dtype, keep_activation
+        first = torch.cat([s[0] for s in statistics])
+        second = torch.cat([s[1] for s in statistics])
+        ctx.save_for_backward(x, conv_weight, norm_weight, norm_bias, first, second, *positions)
+        if x.dim() == 3:
+            output = output.squeeze(2)
+        if activation is not None:
+            return output, activation
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _ConvBnReluMaxPool._differentiable_backward(ctx, grad_output, grad_activation)
+        stage: _Stage = ctx.stage
+        x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        compute_dtype = ctx.compute_dtype
+        mean, invstd = _statistics((first, second), stage)
+        grad_x: Tensor | None = None
+        grad_weights: list[Tensor] = []
+        norm_weight_grads: list[Tensor] = []
+        norm_bias_grads: list[Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            for index, part in enumerate(_channel_runs(conv_weight.shape[0], stage)):
+                conv_output = _conv(inputs, weight[part], stage)
+                activated = _bn_relu_from_stats(
+                    conv_output, norm_weight[part], norm_bias[part], mean[part], invstd[part]
+                )
+                pooled_input = _as_pooled(activated)
+                indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
+                pool = ctx.pool
+                grad = _MAX_POOL_BACKWARDS[pooled_input.dim()](
+                    _as_pooled(grad_output[:, part]).to(activated.dtype),
+                    pooled_input,
+                    pool.kernel_size,
+                    pool.stride,
+                    pool.padding,
+                    pool.dilation,
+                    pool.ceil_mode,
+                    indices,
+                ).view_as(activated)
+                del indices, pooled_input
+                if grad_activation is not None:
+                    grad += grad_activation[:, part]
+                grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+                del activated
+                grad_conv, grad_norm_weight, grad_norm_bias = _batch_norm_backward(
+                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
+                )
+                del grad, conv_output
+                assert grad_conv is not None
+                if grad_norm_weight is not None:
+                    norm_weight_grads.append(grad_norm_weight)
+                if grad_norm_bias is not None:
+                    norm_bias_grads.append(grad_norm_bias)
+                if needs[1]:
+                    grad_weights.append(_conv_weight_grad(grad_conv, inputs, weight[part], stage))
+                if needs[0]:
+                    grad_part = _conv_input_grad(grad_conv, weight[part], stage, x.shape)
+                    grad_x = grad_part if grad_x is None else grad_x.add_(grad_part)
+                del grad_conv
+        grads = (
+            None if grad_x is None else grad_x.to(x.dtype),
+            torch.cat(grad_weights).to(conv_weight.dtype) if needs[1] else None,
+            torch.cat(norm_weight_grads).to(norm_weight.dtype) if norm_weight_grads else None,
+            torch.cat(norm_bias_grads).to(norm_bias.dtype) if norm_bias_grads else None,
+        )
+        return (None, None, None, *grads)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
+        """Backward that autograd can differentiate again: the stem recomputed with differentiable operations
+        (batch statistics a function of the input, running statistics never updated), then differentiated."""
+        stage: _Stage = ctx.stage
+        if stage.sync is not None:
+            raise RuntimeError(
+                "double backward (create_graph=True) through a synchronized batch norm is not supported in the "
+                "memory-efficient modes: use efficient=False, or plain BatchNorm"
+            )
+        needs = ctx.needs_input_grad[3:]
+        tensors = [t.view_as(t) if needed else t for t, needed in zip(ctx.saved_tensors[:4], needs, strict=True)]
+        x, conv_weight, norm_weight, norm_bias = tensors
+        pool = ctx.pool
+        with torch.autocast(grad_output.device.type, enabled=False):
+            conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
+            activated = _batch_norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+            pooled = _MAX_POOLS[_as_pooled(activated).dim()](
+                _as_pooled(activated), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+            )[0].view_as(grad_output)
+        outputs, grads = [pooled], [grad_output]
+        if grad_activation is not None:
+            outputs.append(activated)
+            grads.append(grad_activation)
+        wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
+        results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+        return (None, None, None, *(next(results) if needed else None for needed in needs))
+
+
+def _stem_supported(conv: _ConvNd, norm: _BatchNorm, pool: nn.Module) -> bool:
+    """Whether :class:`_ConvBnReluMaxPool` computes exactly what these modules do."""
+    pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+    return (
+        type(pool) is pools.get(conv.weight.dim() - 2)
+        and not pool.return_indices
+        and norm.affine
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not conv.transposed
+    )
+
+
+def conv_bn_relu_max_pool(
+    x: Tensor, conv: nn.Module, norm: nn.Module, pool: nn.Module, efficient: MemoryMode, keep_activation: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """An ImageNet stem: ``pool(relu(norm(conv(x))))`` and, with ``keep_activation``, ``relu(norm(conv(x)))``.
+
+    ``x`` (N, C_in, *spatial); ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only
+    the batch norm's statistics and one byte per pooled value (each maximum's place in its window) are stored for
+    backward; the convolution is recomputed from ``x`` in backward (see :class:`_ConvBnReluMaxPool`).
+    Batch-norm statistics are updated once, in forward. Plain modules run otherwise, and when the modules are of
+    kinds the function does not reproduce.
+    """
+    if (
+        isinstance(conv, _ConvNd)
+        and isinstance(norm, _BatchNorm)
+        and _stem_supported(conv, norm, pool)
+        and _use_function([x], [conv, norm], efficient)
+    ):
+        outputs = _ConvBnReluMaxPool.apply(
+            _stage(norm, conv),
+            _MaxPool.of(pool, x.dim() - 2),
+            keep_activation,
+            x,
+            conv.weight,
+            norm.weight,
+            norm.bias,
+        )
+        return (outputs[0], outputs[1]) if keep_activation else (outputs, None)
+    activation = F.relu(norm(conv(x)))
+    return pool(activation), activation if keep_activation else None
