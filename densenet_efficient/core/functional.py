@@ -131,27 +131,11 @@ def _conv(x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
     return _CONVOLUTIONS[x.dim()](x, weight, None, stage.stride, stage.padding, stage.dilation, stage.groups)
 
 
-_TRANSPOSED_CONVOLUTIONS = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
-
-
-def _conv_input_grad(grad: Tensor, weight: Tensor, stage: _Stage, input_shape: Sequence[int]) -> Tensor:
-    """Gradient of :func:`_conv` for its input of ``input_shape``: the transposed convolution of ``grad``. Unlike
-    ``convolution_backward`` it needs no input tensor, so the input can be freed before its gradient exists."""
-    kernel = weight.shape[2:]
-    output_padding = [
-        size - ((out - 1) * stride - 2 * pad + dilation * (k - 1) + 1)
-        for size, out, stride, pad, dilation, k in zip(
-            input_shape[2:], grad.shape[2:], stage.stride, stage.padding, stage.dilation, kernel, strict=True
-        )
-    ]
-    return _TRANSPOSED_CONVOLUTIONS[grad.dim()](
-        grad, weight, None, stage.stride, stage.padding, output_padding, stage.groups, stage.dilation
-    )
-
-
-def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
-    """Gradient of :func:`_conv` of ``x`` for ``weight`` from the output gradient ``grad``."""
-    return torch.ops.aten.convolution_backward(
+def _conv_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage, weight_needs_grad: bool, input_needs_grad: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`_conv` of ``x`` for ``x`` and ``weight`` (each if it needs one), from ``grad``."""
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad,
         x,
         weight,
@@ -162,8 +146,14 @@ def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage) ->
         False,
         [0] * len(stage.stride),
         stage.groups,
-        [False, True, False],
-    )[1]
+        [input_needs_grad, weight_needs_grad, False],
+    )
+    return grad_input, grad_weight
+
+
+def _relu_backward_(grad: Tensor, activated: Tensor) -> Tensor:
+    """ReLU's backward written over ``grad`` (a tensor of its own): zero where the ReLU output ``activated`` is."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
 
 
 _AVERAGE_POOLS = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
@@ -284,8 +274,7 @@ def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]
 
 
 def _concat_bn_relu_backward(
-    weight_grad: Callable[[Tensor, int, int], None],
-    input_grad: Callable[[int, int, Sequence[int]], Tensor],
+    activation_grad: Callable[[Tensor, int, int], Tensor],
     inputs: Sequence[Tensor],
     inputs_need_grad: Sequence[bool],
     norm_params: Sequence[Tensor],
@@ -298,11 +287,11 @@ def _concat_bn_relu_backward(
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
     Runs of consecutive pieces at most ``chunk_channels`` wide (all at once if ``None``) are processed one after
-    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``weight_grad(a, start,
-    stop)`` (which takes what it needs of it, a weight gradient), then freed but for its sign; ``input_grad(start,
-    stop, shape)`` returns the gradient for ``a``'s channels, and batch norm's backward turns it into each piece's
-    gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the transient is a
-    run's width. Synchronized batch norms take the whole concatenation at once (one collective).
+    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``activation_grad(a, start,
+    stop)``, which takes what it needs of it (a weight gradient) and returns a new tensor, the gradient for
+    ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the rest into each
+    piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
+    transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
@@ -310,12 +299,10 @@ def _concat_bn_relu_backward(
     norm_mask = list(norm_params_need_grad)
     if stage.sync is not None:
         activated = _concat_bn_relu(inputs, weight, bias, mean, invstd, compute_dtype)
-        weight_grad(activated, 0, sum(channels))
-        dead, shape = activated <= 0, activated.shape
+        grad = _relu_backward_(activation_grad(activated, 0, sum(channels)), activated)
         del activated
         x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-        grad = input_grad(0, sum(channels), shape).masked_fill_(dead, 0).to(x.dtype)
-        del dead
+        grad = grad.to(x.dtype)
         grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
         assert grad_x is not None
         grads = [g.to(t.dtype) for g, t in zip(grad_x.split(channels, 1), inputs, strict=True)]
@@ -336,11 +323,8 @@ def _concat_bn_relu_backward(
         activated = _concat_bn_relu(
             inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
         )
-        weight_grad(activated, start, stop)
-        dead, shape = activated <= 0, activated.shape
+        grad = _relu_backward_(activation_grad(activated, start, stop), activated)
         del activated
-        grad = input_grad(start, stop, shape).masked_fill_(dead, 0)
-        del dead
         for index in range(first, last):
             piece = slice(bounds[index] - start, bounds[index + 1] - start)
             channel = slice(bounds[index], bounds[index + 1])
@@ -475,14 +459,11 @@ class _BnReluConvChain(torch.autograd.Function):
                 stage_inputs[index] = None
                 assert x is not None
                 activated = relu_output(index, x)
-                grad = _to(grad, activated.dtype)
-                if param_needs_grad[3 * index + 2]:
-                    param_grads[3 * index + 2] = _conv_weight_grad(grad, activated, conv_weight(index), stage)
-                # The ReLU output is freed before the input gradient exists: only its sign is needed.
-                dead = activated <= 0
+                grad, param_grads[3 * index + 2] = _conv_backward(
+                    _to(grad, activated.dtype), activated, conv_weight(index), stage, param_needs_grad[3 * index + 2]
+                )
+                grad = _relu_backward_(grad, activated).to(x.dtype)
                 del activated
-                grad = _conv_input_grad(grad, conv_weight(index), stage, x.shape).masked_fill_(dead, 0).to(x.dtype)
-                del dead
                 grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
                     grad,
                     x,
@@ -506,22 +487,19 @@ class _BnReluConvChain(torch.autograd.Function):
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
 
-            def weight_grad(activated: Tensor, start: int, stop: int) -> None:
-                if weight is not None and param_needs_grad[2]:
-                    conv_input = _avg_pool(activated) if pool_first else activated
-                    grad_conv_weight.append(_conv_weight_grad(grad, conv_input, weight[:, start:stop], first))
-
-            def input_grad(start: int, stop: int, shape: Sequence[int]) -> Tensor:
+            def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's (copied: it is modified in place)
                     return grad[:, start:stop].clone(memory_format=torch.contiguous_format)
-                if not pool_first:
-                    return _conv_input_grad(grad, weight[:, start:stop], first, shape)
-                pooled = list(shape[:2]) + [size // 2 for size in shape[2:]]
-                return _avg_pool_backward(_conv_input_grad(grad, weight[:, start:stop], first, pooled), shape)
+                conv_input = _avg_pool(activated) if pool_first else activated
+                result, weight_part = _conv_backward(
+                    grad, conv_input, weight[:, start:stop], first, param_needs_grad[2]
+                )
+                if weight_part is not None:
+                    grad_conv_weight.append(weight_part)
+                return _avg_pool_backward(result, activated.shape) if pool_first else result
 
             input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
-                weight_grad,
-                input_grad,
+                activation_grad,
                 inputs,
                 input_needs_grad,
                 params[:2],
@@ -880,7 +858,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 del indices, pooled_input
                 if grad_activation is not None:
                     grad += grad_activation[:, part]
-                grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+                grad = _relu_backward_(grad, activated)
                 del activated
                 grad_conv, grad_norm_weight, grad_norm_bias = _batch_norm_backward(
                     grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
@@ -891,10 +869,10 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                     norm_weight_grads.append(grad_norm_weight)
                 if grad_norm_bias is not None:
                     norm_bias_grads.append(grad_norm_bias)
-                if needs[1]:
-                    grad_weights.append(_conv_weight_grad(grad_conv, inputs, weight[part], stage))
+                grad_part, grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], needs[0])
+                if grad_weight_part is not None:
+                    grad_weights.append(grad_weight_part)
                 if needs[0]:
-                    grad_part = _conv_input_grad(grad_conv, weight[part], stage, x.shape)
                     grad_x = grad_part if grad_x is None else grad_x.add_(grad_part)
                 del grad_conv
         grads = (
