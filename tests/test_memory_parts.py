@@ -138,3 +138,20 @@ def test_feature_maps_of_the_wrong_width_are_refused(mode):
     pieces = [torch.randn(2, 6, 4, 4, requires_grad=True), torch.randn(2, 4, 4, 4, requires_grad=True)]
     with pytest.raises(ValueError, match="6\\+4 = 10 channels.*normalises 16"):
         bn_relu(pieces, norm, mode)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_through_the_stem_matches_naive(mode, training):
+    """A gradient penalty (create_graph=True) through the fused stem, transitions and final norm."""
+    from test_functional import gradient_penalty_step, with_running_stats
+
+    base = with_running_stats(imagenet_stem_network(False).double()).train(training)
+    real, fake = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reference = gradient_penalty_step(copy.deepcopy(base), real, fake)
+    result = gradient_penalty_step(copy.deepcopy(base).set_efficient(mode), real, fake)
+    torch.testing.assert_close(result[0], reference[0], rtol=1e-9, atol=1e-12)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(result[1][name], grad, rtol=1e-7, atol=1e-10, msg=name)
+    for name, buffer in reference[2].items():
+        torch.testing.assert_close(result[2][name], buffer, rtol=1e-9, atol=1e-12, msg=name)
