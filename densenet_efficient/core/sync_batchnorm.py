@@ -18,13 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import (
-    _batch_norm_momentum,
-    _batch_norm_train,
-    _batch_norm_train_backward,
-    _sync_group,
-    _SyncGroup,
-)
+from .batchnorm import SyncGroup, batch_norm_momentum, batch_norm_train, batch_norm_train_backward, sync_group
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -43,9 +37,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
-        sync: _SyncGroup,
+        sync: SyncGroup,
     ) -> Tensor:
-        output, mean, invstd = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, sync)
+        output, mean, invstd = batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, sync)
         ctx.eps, ctx.sync = eps, sync
         ctx.save_for_backward(x, weight, mean, invstd)
         return output
@@ -54,7 +48,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
-        grads = _batch_norm_train_backward(
+        grads = batch_norm_train_backward(
             grad_output.contiguous(), x, weight, mean, invstd, ctx.eps, ctx.sync, ctx.needs_input_grad[:3]
         )
         return (*grads, None, None, None, None, None)
@@ -91,11 +85,11 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"SyncBatchNorm expects an input of shape (N, C, *spatial), got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
-        sync = _sync_group(self) if self.training else None
+        sync = sync_group(self) if self.training else None
         if sync is None:
             return super().forward(input)
         self._check_input_dim(input)
-        momentum = _batch_norm_momentum(self)
+        momentum = batch_norm_momentum(self)
         tracked = self.track_running_stats
         return _SyncBatchNormFunction.apply(
             input,

@@ -1,0 +1,148 @@
+"""Batch-norm kernels shared by the memory-efficient layers and :class:`~densenet_efficient.SyncBatchNorm`.
+
+Training-mode batch norm and its backward, per process or with statistics shared by a process group (one
+collective in forward, one in backward), on (N, C, *spatial) inputs with 1 to 3 spatial dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@dataclass(frozen=True)
+class SyncGroup:
+    """The process group whose batch statistics a synchronized batch norm shares (``None``: the default group)."""
+
+    process_group: Any
+
+
+def sync_group(norm: nn.Module) -> SyncGroup | None:
+    """Where ``norm``'s training statistics are shared, or ``None`` to normalise per process.
+
+    A batch norm with a ``process_group`` attribute (:class:`~densenet_efficient.SyncBatchNorm`,
+    ``nn.SyncBatchNorm``) synchronises in training when a process group of more than one process is initialised,
+    as ``nn.SyncBatchNorm`` does; otherwise it is a plain batch norm.
+    """
+    if not hasattr(norm, "process_group") or not dist.is_available() or not dist.is_initialized():
+        return None
+    group: Any = norm.process_group or dist.group.WORLD
+    return SyncGroup(group) if dist.get_world_size(group) > 1 else None
+
+
+def batch_norm_momentum(norm: _BatchNorm) -> float:
+    """Count one training batch in ``norm`` and return its running-average factor, as nn.BatchNormNd does."""
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            return 1.0 / float(norm.num_batches_tracked)
+    return 0.0 if norm.momentum is None else norm.momentum
+
+
+def channel_view(x: Tensor) -> tuple[int, ...]:
+    """View shape that broadcasts a per-channel vector over ``x`` (N, C, *spatial)."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def sync_statistics(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, sync: SyncGroup
+) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance of ``x`` (N, C, *spatial) over every process of ``sync``.
+
+    One collective: an all-gather of each process's (mean, biased variance, count), combined with the counts, so
+    processes may hold different batch sizes (even none). Updates the running statistics once, with the global
+    mean and the unbiased global variance, as ``nn.SyncBatchNorm`` does.
+    """
+    channels, count = x.shape[1], x.numel() // x.shape[1]
+    stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if count:
+        mean, var = (t.to(stats_dtype) for t in torch.batch_norm_update_stats(x, None, None, 0.0))
+    else:
+        mean = var = x.new_zeros(channels, dtype=stats_dtype)
+    local = torch.cat([mean, var, mean.new_full((1,), count)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(sync.process_group))]
+    dist.all_gather(gathered, local, group=sync.process_group)
+    stacked = torch.stack(gathered)
+    means, variances, counts = stacked[:, :channels], stacked[:, channels : 2 * channels], stacked[:, -1:]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    if running_mean is not None and running_var is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+    return mean, var
+
+
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    sync: SyncGroup | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of ``x``: (output, per-channel batch mean, inverse std), running stats updated.
+
+    With ``sync``, the statistics are those of the batch of every process in the group (one collective), and
+    ``x`` is normalised with them by the inference kernel.
+    """
+    if sync is None:
+        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    mean, var = sync_statistics(x, running_mean, running_var, momentum, sync)
+    output = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    return output, mean, (var + eps).rsqrt()
+
+
+def batch_norm_train_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    sync: SyncGroup | None,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
+
+    With ``sync``, where the input gradient is needed: the two per-channel sums (of ``grad`` and of
+    ``grad * (x - mean)``, from the local kernel's weight and bias gradients) and the element count are
+    all-reduced once, and the local kernel's input gradient is corrected from local to global means (one
+    ``addcmul``), so that it includes what every process's loss contributes through the shared statistics. Weight
+    and bias gradients stay per process, as in ``nn.SyncBatchNorm``: data parallelism averages them.
+    """
+    if sync is None:
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, eps, list(output_mask)
+        )
+    channels, count = x.shape[1], x.numel() // x.shape[1]
+    if count:
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, eps, [output_mask[0], True, True]
+        )
+    else:
+        grad_input, grad_weight, grad_bias = torch.zeros_like(x), mean.new_zeros(channels), mean.new_zeros(channels)
+    if output_mask[0]:
+        sum_dy, sum_dy_xmu = grad_bias.to(mean.dtype), grad_weight.to(mean.dtype) / invstd
+        sums = torch.cat([sum_dy, sum_dy_xmu, mean.new_full((1,), count)])
+        dist.all_reduce(sums, group=sync.process_group)
+        if count:
+            # The kernel's input gradient is (grad - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * scale
+            # with the local sums and count; the same with the global ones differs by shift + x * factor.
+            scale = invstd if weight is None else invstd * weight
+            total = sums[-1]
+            delta_dy = sum_dy / count - sums[:channels] / total
+            delta_dy_xmu = sum_dy_xmu / count - sums[channels : 2 * channels] / total
+            factor = invstd * invstd * delta_dy_xmu * scale
+            shift = delta_dy * scale - mean * factor
+            shape = channel_view(x)
+            grad_input = grad_input.addcmul_(x, factor.view(shape)).add_(shift.view(shape))
+    return grad_input, grad_weight if output_mask[1] else None, grad_bias if output_mask[2] else None
