@@ -100,3 +100,25 @@ def monai_densenet(spatial_dims=3):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+def with_running_stats(model, seed=2):
+    """``model`` after a no-grad training forward on shifted data, so that running stats are not 0 and 1."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32, dtype=next(model.parameters()).dtype) * 2 + 1)
+    return model
+
+
+def gradient_penalty_step(model, real, fake, weight=10.0):
+    """One WGAN-GP critic step: Wasserstein loss plus the penalty on the gradient norm at interpolates."""
+    torch.manual_seed(5)
+    alpha = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype)
+    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_()
+    critic = model(interpolates)[:, 0]
+    (grad,) = torch.autograd.grad(critic.sum(), interpolates, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    loss = model(fake)[:, 0].mean() - model(real)[:, 0].mean() + weight * penalty
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads, {name: b.clone() for name, b in model.named_buffers()}

@@ -9,7 +9,14 @@ import torchvision
 
 import densenet_efficient as de
 from densenet_efficient.core import functional
-from tests.model_helpers import EFFICIENT_MODES, assert_close_relative, assert_same_training, train
+from tests.model_helpers import (
+    EFFICIENT_MODES,
+    assert_close_relative,
+    assert_same_training,
+    gradient_penalty_step,
+    train,
+    with_running_stats,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -116,14 +123,6 @@ def frozen(model, every=1):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for norm in norms[::every]:
         norm.eval()
-    return model
-
-
-def with_running_stats(model, seed=2):
-    """``model`` after a no-grad training forward on shifted data, so that running stats are not 0 and 1."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 32, 32, dtype=next(model.parameters()).dtype) * 2 + 1)
     return model
 
 
@@ -236,20 +235,6 @@ def test_gradgradcheck_float64(mode, training):
     if not training:
         for name, buffer in model.named_buffers():
             assert torch.equal(buffer, buffers[name]), name
-
-
-def gradient_penalty_step(model, real, fake, weight=10.0):
-    """One WGAN-GP critic step: Wasserstein loss plus the penalty on the gradient norm at interpolates."""
-    torch.manual_seed(5)
-    alpha = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype)
-    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_()
-    critic = model(interpolates)[:, 0]
-    (grad,) = torch.autograd.grad(critic.sum(), interpolates, create_graph=True)
-    penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
-    loss = model(fake)[:, 0].mean() - model(real)[:, 0].mean() + weight * penalty
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return loss.detach(), grads, {name: b.clone() for name, b in model.named_buffers()}
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)

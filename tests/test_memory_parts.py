@@ -11,6 +11,7 @@ import densenet_efficient as de
 from densenet_efficient.core.functional import bn_relu
 from densenet_efficient.core.model import DenseLayer
 from densenet_efficient.tools.memory import LiveTensorBytes, saved_tensor_bytes
+from tests.model_helpers import gradient_penalty_step, with_running_stats
 
 EFFICIENT_MODES = [True, "max"]
 FLOAT = 4  # bytes
@@ -144,8 +145,6 @@ def test_feature_maps_of_the_wrong_width_are_refused(mode):
 @pytest.mark.parametrize("training", [True, False])
 def test_double_backward_through_the_stem_matches_naive(mode, training):
     """A gradient penalty (create_graph=True) through the fused stem, transitions and final norm."""
-    from test_functional import gradient_penalty_step, with_running_stats
-
     base = with_running_stats(imagenet_stem_network(False).double()).train(training)
     real, fake = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
     reference = gradient_penalty_step(copy.deepcopy(base), real, fake)

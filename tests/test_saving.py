@@ -244,15 +244,15 @@ def test_interruption_between_renames_loads_the_previous_set(tmp_path, monkeypat
 
 
 def _python(*code_lines: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A Python process running ``code_lines`` with this checkout and tests/ on its path."""
-    code = "\n".join(("import os, signal, sys", "sys.path.insert(0, 'tests')", *code_lines))
+    """A Python process running ``code_lines`` with this checkout on its path."""
+    code = "\n".join(("import os, signal, sys", *code_lines))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
 
 
 _SAVE_KILLED_AFTER_THE_WEIGHTS = (
     "import torch",
-    "from weights_helpers import randomise_batch_norm, small_model",
+    "from tests.weights_helpers import randomise_batch_norm, small_model",
     "from densenet_efficient import pretrained as W",
     "real_replace = os.replace",
     "def replace_then_die(source, target):",

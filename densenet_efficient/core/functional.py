@@ -598,10 +598,11 @@ def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
     """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the batch-norm kernels
     would read past or short of its parameters)."""
     channels = [t.shape[1] for t in features]
-    if sum(channels) != norm.num_features:
+    expected = norm.weight.shape[0]  # FrozenBatchNorm2d has no num_features
+    if sum(channels) != expected:
         raise ValueError(
             f"feature maps of {'+'.join(map(str, channels))} = {sum(channels)} channels, but "
-            f"{type(norm).__name__} normalises {norm.num_features}: pass the feature maps it was built for"
+            f"{type(norm).__name__} normalises {expected}: pass the feature maps it was built for"
         )
 
 
