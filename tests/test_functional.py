@@ -57,8 +57,8 @@ def test_efficient_path_is_used_when_training(batch, monkeypatch):
     monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: calls.append(1) or original(*a))
     model = de.cifar_densenet(16, growth_rate=4)
     model(batch[0]).sum().backward()
-    # 3 blocks x 2 layers + 2 transitions
-    assert len(calls) == 8
+    # 3 blocks x 2 layers + 2 transitions + the final norm and ReLU
+    assert len(calls) == 9
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
@@ -166,7 +166,7 @@ def test_frozen_batch_norm_uses_efficient_path(mode, batch, monkeypatch):
     monkeypatch.setattr(functional._BnReluConvChain, "apply", lambda *a: calls.append(1) or original(*a))
     model = de.cifar_densenet(16, growth_rate=4, efficient=mode).eval()
     model(batch[0]).sum().backward()
-    assert len(calls) == 8
+    assert len(calls) == 9
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)

@@ -131,13 +131,17 @@ def _conv_obstacle(conv: nn.Module) -> str | None:
     return None
 
 
-def efficient_obstacle(stages: Sequence[tuple[nn.Module, nn.Module]]) -> tuple[nn.Module | None, str] | None:
+def efficient_obstacle(
+    stages: Sequence[tuple[nn.Module, nn.Module | None]],
+) -> tuple[nn.Module | None, str] | None:
     """``None`` if the memory-efficient function computes ``stages`` exactly (see the module docstring), else
     the first module it would get wrong (``None`` for the whole network) and why."""
     if has_global_module_hooks():
         return None, "runs while global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     for norm, conv in stages:
         for module, obstacle in ((norm, _norm_obstacle), (conv, _conv_obstacle)):
+            if module is None:  # a BN-ReLU without convolution
+                continue
             reason = obstacle(module)
             if reason is None and _own_hooks(module):
                 reason = "has hooks (forward, forward pre- or backward hooks, or a legacy weight_norm, spectral_norm "

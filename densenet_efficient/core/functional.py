@@ -39,9 +39,10 @@ matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,14 +89,18 @@ class _Stage:
     groups: int
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
+    # 2x average pooling after the convolution (first stage only); a pointwise convolution and the pooling
+    # commute, and backward pools first: its convolution gradients are a quarter (3D: an eighth) of the size.
+    pool: bool = False
 
 
-def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
-    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training."""
+def _stage(norm: _BatchNorm, conv: _ConvNd | None, pool: bool = False) -> _Stage:
+    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training; ``conv``
+    ``None`` for a BN-ReLU without convolution."""
     # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
     # and an eval-mode norm without running statistics normalises with the batch's. A frozen norm (fixed
     # statistics) is an eval-mode one.
-    assert not isinstance(conv.padding, str)  # string padding takes the plain path (see .eligibility)
+    assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
     training = norm.training and not is_frozen_norm(norm)
     use_running = not training or norm.track_running_stats
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
@@ -105,12 +110,13 @@ def _stage(norm: _BatchNorm, conv: _ConvNd) -> _Stage:
         running_var,
         batch_norm_momentum(norm) if training else 0.0,
         norm.eps,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
+        () if conv is None else conv.stride,
+        () if conv is None else conv.padding,  # type: ignore[arg-type]  # numeric: checked above
+        () if conv is None else conv.dilation,
+        1 if conv is None else conv.groups,
         batch_stats,
         sync_group(norm) if training else None,
+        pool,
     )
 
 
@@ -124,6 +130,55 @@ _CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by input rank, as nn.
 def _conv(x: Tensor, weight: Tensor, stage: _Stage) -> Tensor:
     """``stage``'s convolution (no bias) of ``x``, (N, C, *spatial) with 1 to 3 spatial dimensions."""
     return _CONVOLUTIONS[x.dim()](x, weight, None, stage.stride, stage.padding, stage.dilation, stage.groups)
+
+
+def _conv_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage, weight_needs_grad: bool, input_needs_grad: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`_conv` of ``x`` for ``x`` and ``weight`` (each if it needs one), from ``grad``."""
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        stage.stride,
+        stage.padding,
+        stage.dilation,
+        False,
+        [0] * len(stage.stride),
+        stage.groups,
+        [input_needs_grad, weight_needs_grad, False],
+    )
+    return grad_input, grad_weight
+
+
+def _relu_backward_(grad: Tensor, activated: Tensor) -> Tensor:
+    """ReLU's backward written over ``grad`` (a tensor of its own): zero where the ReLU output ``activated`` is."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+
+
+_AVERAGE_POOLS = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
+
+
+def _avg_pool(x: Tensor) -> Tensor:
+    """2x average pooling over every spatial dimension of ``x`` (N, C, *spatial)."""
+    return _AVERAGE_POOLS[x.dim()](x, kernel_size=2)
+
+
+def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
+    """Gradient of :func:`_avg_pool` for an input of ``input_shape``: each window shares its output's gradient
+    equally (a power of two: exact); rows and columns the pooling dropped (odd sizes) get zero."""
+    spatial = len(input_shape) - 2
+    pooled = [2 * size for size in grad.shape[2:]]
+    dropped = pooled != list(input_shape[2:])
+    result = grad.new_zeros(input_shape) if dropped else grad.new_empty(input_shape)
+    windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
+    spread = grad * 0.5**spatial
+    for dim in range(2, 2 + spatial):
+        windows = windows.unflatten(2 * dim - 2, (-1, 2))
+        spread = spread.unsqueeze(2 * dim - 1)
+    windows.copy_(spread)
+    return result
 
 
 def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
@@ -171,6 +226,135 @@ def _batch_norm_backward(
     )
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``torch.cat`` gives a concatenation of tensors laid out like ``x``."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
+def _concat_bn_relu(
+    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, dtype: torch.dtype | None
+) -> Tensor:
+    """``relu(batch_norm(cat(pieces, 1)))`` from per-channel statistics, as :func:`_bn_relu_from_stats` computes
+    it, in ``dtype`` (default: the pieces'). Written piece by piece: the concatenation itself is never built."""
+    first = pieces[0]
+    channels = sum(piece.shape[1] for piece in pieces)
+    shape = channel_view(first)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    result = torch.empty(
+        (first.shape[0], channels, *first.shape[2:]),
+        dtype=dtype or first.dtype,
+        device=first.device,
+        memory_format=_memory_format(first),
+    )
+    start = 0
+    for piece in pieces:
+        part = slice(start, start + piece.shape[1])
+        torch.addcmul(shift[part].view(shape), piece, scale[part].view(shape), out=result[:, part]).relu_()
+        start = part.stop
+    return result
+
+
+def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
+    """Runs ``[first, last)`` of consecutive pieces with ``channels`` whose widths add up to at most ``limit`` (a
+    wider piece is a run of its own); one run of every piece if ``limit`` is ``None``."""
+    if limit is None:
+        return [(0, len(channels))]
+    runs: list[tuple[int, int]] = []
+    first, width = 0, 0
+    for index, piece in enumerate(channels):
+        if index > first and width + piece > limit:
+            runs.append((first, index))
+            first, width = index, 0
+        width += piece
+    runs.append((first, len(channels)))
+    return runs
+
+
+def _concat_bn_relu_backward(
+    activation_grad: Callable[[Tensor, int, int], Tensor],
+    inputs: Sequence[Tensor],
+    inputs_need_grad: Sequence[bool],
+    norm_params: Sequence[Tensor],
+    norm_params_need_grad: Sequence[bool],
+    saved: Sequence[Tensor],
+    stage: _Stage,
+    compute_dtype: torch.dtype | None,
+    chunk_channels: int | None,
+) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
+    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
+
+    Runs of consecutive pieces at most ``chunk_channels`` wide (all at once if ``None``) are processed one after
+    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``activation_grad(a, start,
+    stop)``, which takes what it needs of it (a weight gradient) and returns a new tensor, the gradient for
+    ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the rest into each
+    piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
+    transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
+    """
+    weight, bias = norm_params
+    channels = [t.shape[1] for t in inputs]
+    mean, invstd = _statistics(saved, stage)
+    norm_mask = list(norm_params_need_grad)
+    if stage.sync is not None:
+        activated = _concat_bn_relu(inputs, weight, bias, mean, invstd, compute_dtype)
+        grad = _relu_backward_(activation_grad(activated, 0, sum(channels)), activated)
+        del activated
+        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        grad = grad.to(x.dtype)
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
+        assert grad_x is not None
+        grads = [g.to(t.dtype) for g, t in zip(grad_x.split(channels, 1), inputs, strict=True)]
+        return (
+            [g if needed else None for g, needed in zip(grads, inputs_need_grad, strict=True)],
+            grad_weight,
+            grad_bias,
+        )
+    input_grads: list[Tensor | None] = []
+    weight_grads: list[Tensor] = []
+    bias_grads: list[Tensor] = []
+    bounds = [0]
+    for width in channels:
+        bounds.append(bounds[-1] + width)
+    for first, last in _chunks(channels, chunk_channels):
+        start, stop = bounds[first], bounds[last]
+        part = slice(start, stop)
+        activated = _concat_bn_relu(
+            inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
+        )
+        grad = _relu_backward_(activation_grad(activated, start, stop), activated)
+        del activated
+        for index in range(first, last):
+            piece = slice(bounds[index] - start, bounds[index + 1] - start)
+            channel = slice(bounds[index], bounds[index + 1])
+            mask = [inputs_need_grad[index], *norm_mask]
+            if not any(mask):
+                input_grads.append(None)
+                continue
+            grad_input, grad_weight, grad_bias = _batch_norm_backward(
+                # Contiguous: on CPU the reduced-precision kernel accumulates strided input in that precision.
+                grad[:, piece].to(inputs[index].dtype).contiguous(),
+                inputs[index],
+                weight[channel],
+                [s[channel] for s in saved],
+                stage,
+                mask,
+            )
+            input_grads.append(grad_input)
+            if grad_weight is not None:
+                weight_grads.append(grad_weight)
+            if grad_bias is not None:
+                bias_grads.append(grad_bias)
+        del grad
+    return (
+        input_grads,
+        torch.cat(weight_grads) if weight_grads else None,
+        torch.cat(bias_grads) if bias_grads else None,
+    )
+
+
 def _chain(
     stages: Sequence[_Stage],
     params: Sequence[Tensor],
@@ -193,8 +377,13 @@ def _chain(
             intermediates.append(x)
         normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
         statistics += (first, second)
-        x = _conv(_to(normalized.relu_(), compute_dtype), _to(conv_weight, compute_dtype), stage)
+        # Under autocast a convolution casts its input; a BN-ReLU without one keeps its input's dtype.
+        activated = normalized.relu_() if conv_weight is None else _to(normalized.relu_(), compute_dtype)
         del normalized
+        x = activated if conv_weight is None else _conv(activated, _to(conv_weight, compute_dtype), stage)
+        del activated
+        if stage.pool:
+            x = _avg_pool(x)
     return x, statistics, intermediates
 
 
@@ -246,6 +435,7 @@ class _BnReluConvChain(torch.autograd.Function):
         inputs = saved[len(saved) - ctx.num_inputs :]
         compute_dtype = ctx.compute_dtype
         param_needs_grad = ctx.needs_input_grad[2 : 2 + 3 * num_stages]
+        input_needs_grad = ctx.needs_input_grad[2 + 3 * num_stages :]
 
         def relu_output(index: int, x: Tensor) -> Tensor:
             weight, bias, _ = params[3 * index : 3 * index + 3]
@@ -255,57 +445,87 @@ class _BnReluConvChain(torch.autograd.Function):
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
 
-        # Recompute each stage's input: the concatenation, then either the saved intermediates or, in "max"
-        # mode, the bottleneck convolution's output again.
-        stage_inputs = [torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]]
-        relu_outputs: dict[int, Tensor] = {}
-        if ctx.keep_intermediates:
-            stage_inputs += saved[: num_stages - 1]
-        else:
-            for index in range(num_stages - 1):
-                relu_outputs[index] = relu_output(index, stage_inputs[index])
-                stage_inputs.append(_conv(relu_outputs[index], conv_weight(index), stages[index]))
-
-        grad = grad_output
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
-        for index in reversed(range(num_stages)):
-            stage, x = stages[index], stage_inputs[index]
-            activated = relu_outputs.pop(index, None)
-            if activated is None:
-                activated = relu_output(index, x)
-            grad, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-                _to(grad, activated.dtype),
-                activated,
-                conv_weight(index),
-                None,
-                stage.stride,
-                stage.padding,
-                stage.dilation,
-                False,
-                [0] * len(stage.stride),
-                stage.groups,
-                [True, param_needs_grad[3 * index + 2], False],
-            )
-            # ReLU backward written over the convolution's input gradient: one feature-map-sized tensor less.
-            grad = torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad).to(x.dtype)
-            del activated
-            grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                grad,
-                x,
-                params[3 * index],
-                statistics[2 * index : 2 * index + 2],
-                stage,
-                [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
-            )
-            assert grad_input is not None  # requested: the first entry of the output mask is True
-            grad = grad_input
-            stage_inputs[index] = None
-            for offset, param_grad in enumerate((grad_weight, grad_bias, grad_conv_weight)):
-                if param_grad is not None:
-                    param_grads[3 * index + offset] = param_grad.to(params[3 * index + offset].dtype)
+        with torch.autocast(grad_output.device.type, enabled=False):
+            # The inputs of the stages after the first: the saved intermediates or, in "max" mode, the
+            # convolutions' outputs again (the first stage's input is recomputed piece by piece below).
+            stage_inputs: list[Tensor | None] = [None]
+            if ctx.keep_intermediates:
+                stage_inputs += saved[: num_stages - 1]
+            elif num_stages > 1:
+                recomputed = _concat_bn_relu(
+                    inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
+                )
+                for index in range(num_stages - 1):
+                    recomputed = _conv(recomputed, conv_weight(index), stages[index])
+                    if stages[index].pool:
+                        recomputed = _avg_pool(recomputed)
+                    stage_inputs.append(recomputed)
+                    if index + 1 < num_stages - 1:
+                        recomputed = relu_output(index + 1, recomputed)
+                del recomputed
 
-        channels = [t.shape[1] for t in inputs]
-        input_grads = [g.to(t.dtype) for g, t in zip(grad.split(channels, 1), inputs, strict=True)]
+            grad = grad_output
+            for index in reversed(range(1, num_stages)):
+                stage, x = stages[index], stage_inputs[index]
+                stage_inputs[index] = None
+                assert x is not None
+                activated = relu_output(index, x)
+                grad, param_grads[3 * index + 2] = _conv_backward(
+                    _to(grad, activated.dtype), activated, conv_weight(index), stage, param_needs_grad[3 * index + 2]
+                )
+                grad = _relu_backward_(grad, activated).to(x.dtype)
+                del activated
+                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
+                    grad,
+                    x,
+                    params[3 * index],
+                    statistics[2 * index : 2 * index + 2],
+                    stage,
+                    [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
+                )
+                assert grad_input is not None  # requested: the first entry of the output mask is True
+                grad = grad_input
+                del x
+
+            first = stages[0]
+            weight = None if params[2] is None else conv_weight(0)  # None: a BN-ReLU without convolution
+            grad = grad if weight is None else _to(grad, weight.dtype)
+            # A pooled pointwise convolution takes its gradients at the pooled size (they commute), except in
+            # reduced precision: the pooled BN-ReLU output would be rounded before the weight gradient, so the
+            # gradient is spread to full size first, as plain autograd does, and keeps its rounding.
+            pool_first = first.pool and grad.dtype not in (torch.float16, torch.bfloat16)
+            if first.pool and not pool_first:
+                grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
+            grad_conv_weight: list[Tensor] = []
+
+            def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
+                if weight is None:  # a BN-ReLU: the gradient is the output's (copied: it is modified in place)
+                    return grad[:, start:stop].clone(memory_format=torch.contiguous_format)
+                conv_input = _avg_pool(activated) if pool_first else activated
+                result, weight_part = _conv_backward(
+                    grad, conv_input, weight[:, start:stop], first, param_needs_grad[2]
+                )
+                if weight_part is not None:
+                    grad_conv_weight.append(weight_part)
+                return _avg_pool_backward(result, activated.shape) if pool_first else result
+
+            input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
+                activation_grad,
+                inputs,
+                input_needs_grad,
+                params[:2],
+                param_needs_grad[:2],
+                statistics[:2],
+                first,
+                None if weight is None else compute_dtype,
+                None if first.groups != 1 or weight is None else weight.shape[0],
+            )
+            if grad_conv_weight:
+                param_grads[2] = torch.cat(grad_conv_weight, 1)
+        for offset, param_grad in enumerate(param_grads):
+            if param_grad is not None:
+                param_grads[offset] = param_grad.to(params[offset].dtype)
         return (None, None, *param_grads, *input_grads)
 
     @staticmethod
@@ -341,6 +561,51 @@ class _BnReluConvChain(torch.autograd.Function):
 _compiled_chain: Callable[[Sequence[_Stage], bool, Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None
 
 
+def _use_function(
+    features: Sequence[Tensor],
+    stages: Sequence[tuple[nn.Module, nn.Module | None]],
+    efficient: MemoryMode,
+    owner: nn.Module | None = None,
+) -> bool:
+    """Whether the memory-efficient autograd function should run on ``features`` with the ``(norm, conv)`` pairs
+    of ``stages`` (``conv`` ``None`` for a BN-ReLU): ``efficient`` set and a backward pass to come (grad enabled
+    and something requiring it), outside ``torch.func`` transforms and ``torch.jit.trace``, which cannot run it
+    (they get plain modules), and modules that it computes exactly (see :mod:`.eligibility`; otherwise a one-time
+    warning names ``owner``, the layer they belong to). Tracing a training model raises a ``RuntimeError`` that
+    names the alternatives."""
+    modules = [module for pair in stages for module in pair if module is not None]
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in features) or any(p.requires_grad for m in modules for p in m.parameters())
+    )
+    training = any(norm.training and not is_frozen_norm(norm) for norm, _ in stages)
+    if efficient and needs_grad and torch.jit.is_tracing() and training:
+        raise RuntimeError(
+            f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
+            "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
+            "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
+            "torch.fx (they keep the memory savings)"
+        )
+    if not efficient or not needs_grad or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+        return False
+    obstacle = efficient_obstacle(stages)
+    if obstacle is not None:
+        warn_fallback(owner if owner is not None else modules[0], *obstacle)
+        return False
+    return True
+
+
+def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
+    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the batch-norm kernels
+    would read past or short of its parameters)."""
+    channels = [t.shape[1] for t in features]
+    expected = norm.weight.shape[0]  # FrozenBatchNorm2d has no num_features
+    if sum(channels) != expected:
+        raise ValueError(
+            f"feature maps of {'+'.join(map(str, channels))} = {sum(channels)} channels, but "
+            f"{type(norm).__name__} normalises {expected}: pass the feature maps it was built for"
+        )
+
+
 def bn_relu_conv(
     features: Sequence[Tensor],
     stages: Sequence[tuple[_BatchNorm, _ConvNd]],
@@ -358,33 +623,382 @@ def bn_relu_conv(
     an eval-mode model traces with the plain modules, and tracing a training model raises a ``RuntimeError`` that
     names the alternatives.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in features)
-        or any(p.requires_grad for pair in stages for m in pair for p in m.parameters())
-    )
-    training = any(norm.training and not is_frozen_norm(norm) for norm, _ in stages)
-    if efficient and needs_grad and torch.jit.is_tracing() and training:
-        raise RuntimeError(
-            f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
-            "of a training model: trace it in eval mode (model.eval()) or without gradients, switch to "
-            "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
-            "torch.fx (they keep the memory savings)"
-        )
-    # Under functorch transforms and torch.jit.trace (eval mode), which cannot run this Function, the plain
-    # modules run.
-    if efficient and needs_grad and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing():
-        obstacle = efficient_obstacle(stages)
-        if obstacle is None:
-            params: list[Tensor] = []
-            for norm, conv in stages:
-                params += (norm.weight, norm.bias, conv.weight)
-            chain = tuple(_stage(norm, conv) for norm, conv in stages)
-            if torch.compiler.is_compiling() and _compiled_chain is not None:
-                return _compiled_chain(chain, efficient is True, params, features)
-            return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
-        warn_fallback(owner if owner is not None else stages[0][1], *obstacle)
+    if _use_function(features, stages, efficient, owner):
+        _check_channels(features, stages[0][0])
+        params: list[Tensor] = []
+        for norm, conv in stages:
+            params += (norm.weight, norm.bias, conv.weight)
+        chain = tuple(_stage(norm, conv) for norm, conv in stages)
+        if torch.compiler.is_compiling() and _compiled_chain is not None:
+            return _compiled_chain(chain, efficient is True, params, features)
+        return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
         # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
         x = conv(F.relu(norm(x), inplace=not (norm._backward_hooks or norm._backward_pre_hooks)))
     return x
+
+
+def _pointwise(conv: _ConvNd) -> bool:
+    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding: it commutes with average pooling."""
+    return (
+        conv.bias is None
+        and all(k == 1 for k in conv.kernel_size)
+        and all(s == 1 for s in conv.stride)
+        and not isinstance(conv.padding, str)
+        and all(p == 0 for p in conv.padding)
+    )
+
+
+def bn_relu_conv_pool(
+    features: Sequence[Tensor], norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode, owner: nn.Module | None = None
+) -> Tensor:
+    """A transition: ``avg_pool(conv(relu(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
+    *spatial / 2).
+
+    In the efficient modes (see :func:`bn_relu_conv`) with a pointwise ``conv`` nothing full-size is stored for
+    backward, only the norm's per-channel statistics. Forward computes what the plain modules compute, in their
+    order (the same output, to the bit on CPU); backward recomputes the pooled BN-ReLU output from the feature maps
+    and takes the convolution's gradients at the pooled size (pointwise convolution and average pooling commute:
+    exact in real arithmetic), a quarter (3D: an eighth) of the work. Plain autograd stores the concatenation, the
+    BN-ReLU output and the convolution's full-size output (the pooling's input).
+    """
+    if _pointwise(conv) and _use_function(features, [(norm, conv)], efficient, owner):
+        _check_channels(features, norm)
+        chain = (_stage(norm, conv, pool=True),)
+        return _BnReluConvChain.apply(chain, efficient is True, norm.weight, norm.bias, conv.weight, *features)
+    return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient, owner))
+
+
+def bn_relu(
+    features: Sequence[Tensor], norm: _BatchNorm, efficient: MemoryMode, owner: nn.Module | None = None
+) -> Tensor:
+    """``relu(norm(cat(features, 1)))``, the final norm and ReLU of a DenseNet.
+
+    In the efficient modes (see :func:`bn_relu_conv`) only the norm's per-channel statistics are stored for
+    backward (the feature maps are the network's anyway); plain autograd stores the concatenation and the ReLU
+    output.
+    """
+    if _use_function(features, [(norm, None)], efficient, owner):
+        _check_channels(features, norm)
+        return _BnReluConvChain.apply((_stage(norm, None),), efficient is True, norm.weight, norm.bias, None, *features)
+    return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
+
+
+# ----------------------------------------------------------------------------------------------- the stem
+
+
+@dataclass(frozen=True)
+class _MaxPool:
+    """A max pooling's geometry, over two or three spatial dimensions (1D pools run as 2D, one row high)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+
+    @classmethod
+    def of(cls, pool: nn.Module, spatial_dims: int) -> _MaxPool:
+        def sizes(value: Any) -> tuple[int, ...]:
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial_dims
+            return (1, *values) if spatial_dims == 1 else values
+
+        pad = 0 if spatial_dims == 1 else None
+        padding = sizes(pool.padding)
+        return cls(
+            sizes(pool.kernel_size),
+            sizes(pool.stride or pool.kernel_size),
+            padding if pad is None else (0, *padding[1:]),
+            sizes(pool.dilation),
+            bool(pool.ceil_mode),
+        )
+
+    def window(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+_MAX_POOLS = {4: torch.ops.aten.max_pool2d_with_indices, 5: torch.ops.aten.max_pool3d_with_indices}
+_MAX_POOL_BACKWARDS = {
+    4: torch.ops.aten.max_pool2d_with_indices_backward,
+    5: torch.ops.aten.max_pool3d_with_indices_backward,
+}
+
+
+def _as_pooled(x: Tensor) -> Tensor:
+    """``x`` with two or three spatial dimensions: a signal (N, C, L) as an image one row high."""
+    return x.unsqueeze(2) if x.dim() == 3 else x
+
+
+def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
+    """Max pooling of ``x`` (N, C, *spatial, 2 or 3 spatial dimensions): output and flat int64 input indices."""
+    output, indices = _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return output, indices
+
+
+def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
+    """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
+    size = indices.shape[2 + dim]
+    shape = [1] * indices.dim()
+    shape[2 + dim] = size
+    starts = torch.arange(size, device=indices.device) * pool.stride[dim] - pool.padding[dim]
+    return starts.view(shape)
+
+
+def _position_dtype(window: int) -> torch.dtype:
+    """The narrowest integer type that holds a position in a window of ``window`` elements."""
+    return torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32
+
+
+def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
+    """Flat input indices of a max pooling -> each maximum's position inside its window (uint8 for 3x3 or
+    3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
+    coordinates: list[Tensor] = []
+    remaining = indices
+    for size in reversed(input_sizes):
+        coordinates.insert(0, remaining % size)
+        remaining = remaining // size
+    position = torch.zeros_like(indices)
+    for dim, coordinate in enumerate(coordinates):
+        offset = (coordinate - _window_starts(pool, dim, indices)) // pool.dilation[dim]
+        position = position * pool.kernel_size[dim] + offset
+    return position.to(_position_dtype(pool.window()))
+
+
+def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
+    """Inverse of :func:`_window_positions`: the flat int64 input indices the pooling backward kernel takes."""
+    remaining = positions.long()
+    offsets: list[Tensor] = []
+    for kernel in reversed(pool.kernel_size):
+        offsets.insert(0, remaining % kernel)
+        remaining = remaining // kernel
+    indices = torch.zeros_like(remaining)
+    for dim, (offset, size) in enumerate(zip(offsets, input_sizes, strict=True)):
+        coordinate = _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
+        indices = indices * size + coordinate
+    return indices
+
+
+_STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are a quarter of its output
+
+
+def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
+    """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
+    if stage.sync is not None:
+        return [slice(0, channels)]
+    width = -(-channels // _STEM_CHUNKS)
+    return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
+
+
+def _running_slice(stage: _Stage, part: slice) -> _Stage:
+    """``stage`` restricted to channels ``part``: its running statistics are views, updated in place."""
+    mean, var = stage.running_mean, stage.running_var
+    return replace(
+        stage, running_mean=None if mean is None else mean[part], running_var=None if var is None else var[part]
+    )
+
+
+class _ConvBnReluMaxPool(torch.autograd.Function):
+    """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
+
+    Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
+    instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
+    recomputes the convolution from it: with 1 or 3 input channels that costs a few percent of a step, and
+    storing the convolution's output instead would cost the stem's full size. Plain autograd stores the
+    convolution's output, the BN-ReLU output and int64 indices: two and a half times the convolution's output.
+    Forward and backward run in channel runs (see :data:`_STEM_CHUNKS`), so the full-size transients are a
+    run's, not the stem's.
+
+    Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
+    return the BN-ReLU output), then ``x``, the convolution's weight, and the norm's weight and bias. Returns the
+    pooled output, or ``(pooled, activation)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        stage: _Stage,
+        pool: _MaxPool,
+        keep_activation: bool,
+        x: Tensor,
+        conv_weight: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        device_type = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        pooled_parts: list[Tensor] = []
+        positions: list[Tensor] = []
+        statistics: list[tuple[Tensor, Tensor]] = []
+        activation: Tensor | None = None
+        channels = conv_weight.shape[0]
+        with torch.autocast(device_type, enabled=False):
+            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            for part in _channel_runs(channels, stage):
+                conv_output = _conv(inputs, weight[part], stage)
+                activated, first, second = _batch_norm(
+                    conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
+                )
+                activated = activated.relu_()
+                pooled, indices = _max_pool(_as_pooled(activated), pool)
+                positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
+                del indices
+                pooled_parts.append(pooled)
+                statistics.append((first, second))
+                if keep_activation:
+                    if activation is None:
+                        activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
+                    activation[:, part] = activated
+                del conv_output, activated
+            output = torch.cat(pooled_parts, 1)
+        del pooled_parts
+        ctx.stage, ctx.pool, ctx.compute_dtype, ctx.keep_activation = stage, pool, compute_dtype, keep_activation
+        first = torch.cat([s[0] for s in statistics])
+        second = torch.cat([s[1] for s in statistics])
+        ctx.save_for_backward(x, conv_weight, norm_weight, norm_bias, first, second, *positions)
+        if x.dim() == 3:
+            output = output.squeeze(2)
+        if activation is not None:
+            return output, activation
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _ConvBnReluMaxPool._differentiable_backward(ctx, grad_output, grad_activation)
+        stage: _Stage = ctx.stage
+        x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        compute_dtype = ctx.compute_dtype
+        mean, invstd = _statistics((first, second), stage)
+        grad_x: Tensor | None = None
+        grad_weights: list[Tensor] = []
+        norm_weight_grads: list[Tensor] = []
+        norm_bias_grads: list[Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            for index, part in enumerate(_channel_runs(conv_weight.shape[0], stage)):
+                conv_output = _conv(inputs, weight[part], stage)
+                activated = _bn_relu_from_stats(
+                    conv_output, norm_weight[part], norm_bias[part], mean[part], invstd[part]
+                )
+                pooled_input = _as_pooled(activated)
+                indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
+                pool = ctx.pool
+                grad = _MAX_POOL_BACKWARDS[pooled_input.dim()](
+                    _as_pooled(grad_output[:, part]).to(activated.dtype),
+                    pooled_input,
+                    pool.kernel_size,
+                    pool.stride,
+                    pool.padding,
+                    pool.dilation,
+                    pool.ceil_mode,
+                    indices,
+                ).view_as(activated)
+                del indices, pooled_input
+                if grad_activation is not None:
+                    grad += grad_activation[:, part]
+                grad = _relu_backward_(grad, activated)
+                del activated
+                grad_conv, grad_norm_weight, grad_norm_bias = _batch_norm_backward(
+                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
+                )
+                del grad, conv_output
+                assert grad_conv is not None
+                if grad_norm_weight is not None:
+                    norm_weight_grads.append(grad_norm_weight)
+                if grad_norm_bias is not None:
+                    norm_bias_grads.append(grad_norm_bias)
+                grad_part, grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], needs[0])
+                if grad_weight_part is not None:
+                    grad_weights.append(grad_weight_part)
+                if needs[0]:
+                    grad_x = grad_part if grad_x is None else grad_x.add_(grad_part)
+                del grad_conv
+        grads = (
+            None if grad_x is None else grad_x.to(x.dtype),
+            torch.cat(grad_weights).to(conv_weight.dtype) if needs[1] else None,
+            torch.cat(norm_weight_grads).to(norm_weight.dtype) if norm_weight_grads else None,
+            torch.cat(norm_bias_grads).to(norm_bias.dtype) if norm_bias_grads else None,
+        )
+        return (None, None, None, *grads)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
+        """Backward that autograd can differentiate again: the stem recomputed with differentiable operations
+        (batch statistics a function of the input, running statistics never updated), then differentiated."""
+        stage: _Stage = ctx.stage
+        if stage.sync is not None:
+            raise RuntimeError(
+                "double backward (create_graph=True) through a synchronized batch norm is not supported in the "
+                "memory-efficient modes: use efficient=False, or plain BatchNorm"
+            )
+        needs = ctx.needs_input_grad[3:]
+        tensors = [t.view_as(t) if needed else t for t, needed in zip(ctx.saved_tensors[:4], needs, strict=True)]
+        x, conv_weight, norm_weight, norm_bias = tensors
+        pool = ctx.pool
+        with torch.autocast(grad_output.device.type, enabled=False):
+            conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
+            activated = _batch_norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+            pooled = _MAX_POOLS[_as_pooled(activated).dim()](
+                _as_pooled(activated), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+            )[0].view_as(grad_output)
+        outputs, grads = [pooled], [grad_output]
+        if grad_activation is not None:
+            outputs.append(activated)
+            grads.append(grad_activation)
+        wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
+        results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+        return (None, None, None, *(next(results) if needed else None for needed in needs))
+
+
+def _stem_supported(conv: _ConvNd, norm: _BatchNorm, pool: nn.Module) -> bool:
+    """Whether :class:`_ConvBnReluMaxPool` computes exactly what these modules do."""
+    pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+    return (
+        type(pool) is pools.get(conv.weight.dim() - 2)
+        and not pool.return_indices
+        and norm.affine
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not conv.transposed
+    )
+
+
+def conv_bn_relu_max_pool(
+    x: Tensor,
+    conv: nn.Module,
+    norm: nn.Module,
+    pool: nn.Module,
+    efficient: MemoryMode,
+    keep_activation: bool = False,
+    owner: nn.Module | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """An ImageNet stem: ``pool(relu(norm(conv(x))))`` and, with ``keep_activation``, ``relu(norm(conv(x)))``.
+
+    ``x`` (N, C_in, *spatial); ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only
+    the batch norm's statistics and one byte per pooled value (each maximum's place in its window) are stored for
+    backward; the convolution is recomputed from ``x`` in backward (see :class:`_ConvBnReluMaxPool`).
+    Batch-norm statistics are updated once, in forward. Plain modules run otherwise, and when the modules are of
+    kinds the function does not reproduce.
+    """
+    if (
+        isinstance(conv, _ConvNd)
+        and isinstance(norm, _BatchNorm)
+        and _stem_supported(conv, norm, pool)
+        and _use_function([x], [(norm, conv)], efficient, owner)
+    ):
+        outputs = _ConvBnReluMaxPool.apply(
+            _stage(norm, conv),
+            _MaxPool.of(pool, x.dim() - 2),
+            keep_activation,
+            x,
+            conv.weight,
+            norm.weight,
+            norm.bias,
+        )
+        return (outputs[0], outputs[1]) if keep_activation else (outputs, None)
+    activation = F.relu(norm(conv(x)))
+    return pool(activation), activation if keep_activation else None

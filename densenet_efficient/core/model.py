@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .config import architecture_cfg, min_input_side
 from .eligibility import has_module_hooks
-from .functional import MemoryMode, bn_relu_conv, check_memory_mode
+from .functional import MemoryMode, bn_relu, bn_relu_conv, bn_relu_conv_pool, check_memory_mode, conv_bn_relu_max_pool
 
 STEMS = ("imagenet", "cifar")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "")
@@ -178,7 +178,8 @@ class Transition(nn.Module):
 
     Input: the previous block's list of feature maps (N, C_i, H, W). Output: (N, out_channels, H/2, W/2).
     With ``spatial_dims`` 1 or 3, every spatial dimension is halved likewise.
-    In the efficient modes the block's concatenation is not stored for backward: only its statistics are.
+    In the efficient modes nothing full-size is stored for backward, only the norm's statistics: the pooling runs
+    before the 1x1 convolution (they commute), and backward recomputes the pooled BN-ReLU output.
     """
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
@@ -204,13 +205,13 @@ class Transition(nn.Module):
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
-            x = self.conv(F.relu(self.norm(_concat(_feature_list(features)))))
+            x = _avg_pool(self.conv(F.relu(self.norm(_concat(_feature_list(features))))), self.spatial_dims)
         else:
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            x = bn_relu_conv(_feature_list(features), [(self.norm, self.conv)], self.efficient, self)
-        return _avg_pool(x, self.spatial_dims)
+            x = bn_relu_conv_pool(_feature_list(features), self.norm, self.conv, self.efficient, self)
+        return x
 
 
 def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
@@ -292,7 +293,23 @@ class DenseFeatures(nn.Sequential):
     """The stem, dense blocks, transitions, final norm and ReLU; passes feature lists between blocks.
 
     Input (N, in_chans, H, W); output the last module's output, the concatenation if that is a dense block.
+    In the memory-efficient modes (``efficient``, set by the network) the ImageNet stem (conv0, norm0, relu0,
+    pool0) runs as one function that stores only statistics and one byte per pooled value (see
+    :func:`~densenet_efficient.core.functional.conv_bn_relu_max_pool`), and the final norm and ReLU as one that
+    stores only statistics (:func:`~densenet_efficient.core.functional.bn_relu`); under ``torch.fx`` tracing,
+    TorchScript, or with hooks on those modules, the modules run one by one.
     """
+
+    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs the modules one by one
+    efficient: MemoryMode = False
+
+    @torch.jit.unused
+    def __getitem__(self, idx: Union[int, slice]) -> Any:
+        """A module, or (a slice) the modules as :class:`DenseFeatures` in the same memory mode."""
+        item = super().__getitem__(idx)
+        if isinstance(item, DenseFeatures):
+            item.efficient = self.efficient
+        return item
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_taps(x, [])[0]
@@ -303,10 +320,20 @@ class DenseFeatures(nn.Sequential):
         features = [x]
         outputs: List[Tensor] = []
         index = 0  # a counter, not enumerate(): TorchScript cannot enumerate a Sequential of modules
+        fused_until = 0  # the modules before this position ran fused with an earlier one
+        fused_taps: Dict[int, Tensor] = {}
         for module in self:
+            if not torch.jit.is_scripting():
+                if index >= fused_until:
+                    fused = self._run_fused(index, features, taps)
+                    if fused is not None:
+                        features, fused_until, fused_taps = fused
+            if index < fused_until:  # no `continue`: TorchScript unrolls this loop
+                if index + 1 < fused_until and index in taps:
+                    outputs.append(fused_taps[index])
             # Dispatch on submodule names: TorchScript resolves hasattr on modules statically (isinstance on a
             # ModuleDict subclass it does not always).
-            if hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
+            elif hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
                 if torch.jit.is_scripting():
                     features = module.extend(features)  # type: ignore[operator]
                 else:
@@ -315,10 +342,31 @@ class DenseFeatures(nn.Sequential):
                 features = [module(features)]
             else:
                 features = [module(_concat(features))]
-            if index in taps:
+            if index in taps and (index >= fused_until or index + 1 == fused_until):
                 outputs.append(_concat(features))
             index += 1
         return _concat(features), outputs
+
+    def _run_fused(
+        self, index: int, features: List[Tensor], taps: List[int]
+    ) -> Optional[Tuple[List[Tensor], int, Dict[int, Tensor]]]:
+        """Run the modules from position ``index`` on as one memory-efficient function, if they are the stem or a
+        BN-ReLU pair and the efficient modes apply: returns the features after them, the position after them and
+        the outputs of tapped positions among them but the last. ``None``: run the module at ``index`` by itself."""
+        if not self.efficient or any(isinstance(t, torch.fx.Proxy) for t in features):
+            return None
+        modules = list(self._modules.values())[index:]
+        names = list(self._modules)[index:]
+        if names[:4] == ["conv0", "norm0", "relu0", "pool0"] and type(modules[2]) is nn.ReLU:
+            if not any(has_module_hooks(m) for m in modules[:4]) and index not in taps and index + 1 not in taps:
+                pooled, activation = conv_bn_relu_max_pool(
+                    _concat(features), modules[0], modules[1], modules[3], self.efficient, index + 2 in taps, self
+                )
+                return [pooled], index + 4, {} if activation is None else {index + 2: activation}
+        if len(modules) >= 2 and isinstance(modules[0], _BatchNorm) and type(modules[1]) is nn.ReLU:
+            if not any(has_module_hooks(m) for m in modules[:2]) and index not in taps:
+                return [bn_relu(features, modules[0], self.efficient, self)], index + 2, {}
+        return None
 
 
 class FeatureInfo(list):
@@ -374,7 +422,7 @@ def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> tuple[
 
 def _set_memory_mode(root: nn.Module, efficient: MemoryMode) -> None:
     for module in root.modules():
-        if isinstance(module, (DenseLayer, Transition)):
+        if isinstance(module, (DenseLayer, Transition, DenseFeatures)):
             module.efficient = efficient
     name_layers(root)
 
@@ -596,6 +644,7 @@ class DenseNet(nn.Module):
                 num_features = out_features
         features.add_module("norm5", layers.norm(num_features))
         features.add_module("relu5", nn.ReLU(inplace=True))
+        features.efficient = efficient
         self.features = features
         self.num_features = self.head_hidden_size = num_features
         self.num_classes = num_classes
@@ -739,7 +788,7 @@ class DenseNet(nn.Module):
             )
         features: DenseFeatures = self.features
         if stop_early or intermediates_only:
-            features = features[: self.feature_ends[last] + 1]  # type: ignore[assignment]
+            features = features[: self.feature_ends[last] + 1]
         x = _checked_input(x, self.in_chans, self.min_input_size, self.spatial_dims)
         final, levels = features.forward_taps(x, [self.feature_ends[i] for i in taken])
         return levels if intermediates_only else (final, levels)
@@ -756,7 +805,9 @@ class DenseNet(nn.Module):
         taken, last = take_indices(len(self.feature_info), indices)
         end = self.feature_ends[last]
         pruned_end = end < len(self.features) - 1
+        efficient = self.features.efficient
         self.features = DenseFeatures(OrderedDict(list(self.features.named_children())[: end + 1]))
+        self.features.efficient = efficient
         if pruned_end:
             self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
         if prune_head or pruned_end:
