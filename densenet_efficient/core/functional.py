@@ -89,9 +89,7 @@ class _Stage:
     groups: int
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
-    # 2x average pooling after the convolution (first stage only); a pointwise convolution and the pooling
-    # commute, and backward pools first: its convolution gradients are a quarter (3D: an eighth) of the size.
-    pool: bool = False
+    pool: bool = False  # 2x average pooling after the convolution (a transition: one stage)
 
 
 def _stage(norm: _BatchNorm, conv: _ConvNd | None, pool: bool = False) -> _Stage:
@@ -491,24 +489,21 @@ class _BnReluConvChain(torch.autograd.Function):
             first = stages[0]
             weight = None if params[2] is None else conv_weight(0)  # None: a BN-ReLU without convolution
             grad = grad if weight is None else _to(grad, weight.dtype)
-            # A pooled pointwise convolution takes its gradients at the pooled size (they commute), except in
-            # reduced precision: the pooled BN-ReLU output would be rounded before the weight gradient, so the
-            # gradient is spread to full size first, as plain autograd does, and keeps its rounding.
-            pool_first = first.pool and grad.dtype not in (torch.float16, torch.bfloat16)
-            if first.pool and not pool_first:
+            # A transition's gradient is spread to full size (an exact division by a power of two) and the
+            # convolution's gradients taken there, as plain autograd takes them: taken at the pooled size (the
+            # two commute), they would sum in another order, which ill-conditioned batch norms (1x1 maps at
+            # batch 2) amplify. The spread gradient is a transient of the convolution's output size.
+            if first.pool:
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
 
             def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's (copied: it is modified in place)
                     return grad[:, start:stop].clone(memory_format=torch.contiguous_format)
-                conv_input = _avg_pool(activated) if pool_first else activated
-                result, weight_part = _conv_backward(
-                    grad, conv_input, weight[:, start:stop], first, param_needs_grad[2]
-                )
+                result, weight_part = _conv_backward(grad, activated, weight[:, start:stop], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
-                return _avg_pool_backward(result, activated.shape) if pool_first else result
+                return result
 
             input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
                 activation_grad,
@@ -658,10 +653,10 @@ def bn_relu_conv_pool(
 
     In the efficient modes (see :func:`bn_relu_conv`) with a pointwise ``conv`` nothing full-size is stored for
     backward, only the norm's per-channel statistics. Forward computes what the plain modules compute, in their
-    order (the same output, to the bit on CPU); backward recomputes the pooled BN-ReLU output from the feature maps
-    and takes the convolution's gradients at the pooled size (pointwise convolution and average pooling commute:
-    exact in real arithmetic), a quarter (3D: an eighth) of the work. Plain autograd stores the concatenation, the
-    BN-ReLU output and the convolution's full-size output (the pooling's input).
+    order (the same output, to the bit on CPU); backward recomputes the BN-ReLU output from the feature maps, piece
+    by piece, and takes the convolution's gradients as plain autograd does (the same values, summed in the same
+    order). Plain autograd stores the concatenation, the BN-ReLU output and the convolution's full-size output
+    (the pooling's input).
     """
     if _pointwise(conv) and _use_function(features, [(norm, conv)], efficient, owner):
         _check_channels(features, norm)
@@ -807,7 +802,8 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
     storing the convolution's output instead would cost the stem's full size. Plain autograd stores the
     convolution's output, the BN-ReLU output and int64 indices: two and a half times the convolution's output.
     Forward and backward run in channel runs (see :data:`_STEM_CHUNKS`), so the full-size transients are a
-    run's, not the stem's.
+    run's, not the stem's; except that an input which needs a gradient gets it from one convolution backward over
+    all channels (summed in plain autograd's order), for which the convolution output's gradient is held whole.
 
     Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
     return the BN-ReLU output), then ``x``, the convolution's weight, and the norm's weight and bias. Returns the
@@ -868,16 +864,17 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             return _ConvBnReluMaxPool._differentiable_backward(ctx, grad_output, grad_activation)
         stage: _Stage = ctx.stage
         x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
+        channels = conv_weight.shape[0]
         needs = ctx.needs_input_grad[3:]
         compute_dtype = ctx.compute_dtype
         mean, invstd = _statistics((first, second), stage)
-        grad_x: Tensor | None = None
+        grad_conv_output: Tensor | None = None  # kept whole only for the input's gradient (see below)
         grad_weights: list[Tensor] = []
         norm_weight_grads: list[Tensor] = []
         norm_bias_grads: list[Tensor] = []
         with torch.autocast(x.device.type, enabled=False):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
-            for index, part in enumerate(_channel_runs(conv_weight.shape[0], stage)):
+            for index, part in enumerate(_channel_runs(channels, stage)):
                 conv_output = _conv(inputs, weight[part], stage)
                 activated = _bn_relu_from_stats(
                     conv_output, norm_weight[part], norm_bias[part], mean[part], invstd[part]
@@ -909,12 +906,20 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                     norm_weight_grads.append(grad_norm_weight)
                 if grad_norm_bias is not None:
                     norm_bias_grads.append(grad_norm_bias)
-                grad_part, grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], needs[0])
-                if grad_weight_part is not None:
-                    grad_weights.append(grad_weight_part)
+                if needs[1]:
+                    grad_weights.append(_conv_backward(grad_conv, inputs, weight[part], stage, True, False)[1])
                 if needs[0]:
-                    grad_x = grad_part if grad_x is None else grad_x.add_(grad_part)
+                    if grad_conv_output is None:
+                        grad_conv_output = grad_conv.new_empty((grad_conv.shape[0], channels, *grad_conv.shape[2:]))
+                    grad_conv_output[:, part] = grad_conv
                 del grad_conv
+            # The input's gradient sums over every output channel: one convolution backward over all of them sums
+            # in plain autograd's order (per run, the partial sums would round differently). Only when the input
+            # needs a gradient (gradient penalties, attributions) is the convolution output's gradient held whole.
+            grad_x = None
+            if grad_conv_output is not None:
+                grad_x = _conv_backward(grad_conv_output, inputs, weight, stage, False)[0]
+                del grad_conv_output
         grads = (
             None if grad_x is None else grad_x.to(x.dtype),
             torch.cat(grad_weights).to(conv_weight.dtype) if needs[1] else None,

@@ -178,8 +178,8 @@ class Transition(nn.Module):
 
     Input: the previous block's list of feature maps (N, C_i, H, W). Output: (N, out_channels, H/2, W/2).
     With ``spatial_dims`` 1 or 3, every spatial dimension is halved likewise.
-    In the efficient modes nothing full-size is stored for backward, only the norm's statistics: the pooling runs
-    before the 1x1 convolution (they commute), and backward recomputes the pooled BN-ReLU output.
+    In the efficient modes nothing full-size is stored for backward, only the norm's statistics: backward
+    recomputes the BN-ReLU output from the feature maps.
     """
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
