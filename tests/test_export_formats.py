@@ -198,5 +198,10 @@ def test_fx_extractor_of_every_level_keeps_the_savings(mode):
         with saved_tensor_bytes(exclude=tuple(plain.parameters())) as untraced:
             plain(torch.randn(4, 3, 32, 32))
         if efficient:
-            assert counter.bytes <= untraced.bytes  # the traced model stores no more than the model itself
+            # The traced model stores no more than the model itself, but for norm5 and relu5, separate nodes
+            # there (each can be returned) that run as plain modules: at most the last block's concatenation and
+            # the ReLU output more.
+            last = out["features.relu5"]
+            extra = counter.bytes - untraced.bytes
+            assert 0 < extra <= 2 * last.numel() * last.element_size()
     assert saved[mode] < 0.6 * saved[False]

@@ -13,7 +13,8 @@ and the caching allocator come on top: keep some headroom.
 * Deepest network of a CIFAR family: with n layers per block, once n is past a dozen or so the total is a
   quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
   modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
-  n = 28, and solved for the budget. Where n = 28 does not fit, small depths are searched with fake steps directly.
+  n = 28, and solved for the budget; fake steps at the answer and its neighbour then settle the boundary exactly.
+  Where n = 28 does not fit, small depths are searched with fake steps directly.
 
 The model counts live tensors, as a dispatch mode sees them. ``--measure`` checks it on this CPU: one real step at
 the batch size per mode, its live-tensor peak beside the prediction, and the CPU allocator's peak, which adds
@@ -186,13 +187,18 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
             return None
         return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, None)
     curve = quadratic({n: total(n) for n in FIT_LAYERS})
-    parameters = quadratic({n: footprints[n].parameters for n in FIT_LAYERS})
     high = CHECK_LAYERS
     while curve(high) <= budget and high < MAX_LAYERS:
         high *= 2
     layers = _last_true(lambda n: curve(n) <= budget, CHECK_LAYERS, high)
+    # The fit is a guess within about 1 % (where the step's peak lies can move with depth): fake steps at the
+    # guess and its neighbours settle the boundary exactly.
+    while layers > CHECK_LAYERS and total(layers) > budget:
+        layers -= 1
+    while layers < MAX_LAYERS and total(layers + 1) <= budget:
+        layers += 1
     fit_error = abs(curve(CHECK_LAYERS) - check) / check
-    return Deepest(family_depth(family, layers), layers, round(curve(layers)), round(parameters(layers)), fit_error)
+    return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
 
 
 # ----------------------------------------------------------------------------------------------- command line
