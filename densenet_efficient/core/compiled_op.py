@@ -49,7 +49,7 @@ _FROZEN = 2  # running statistics read (eval mode)
 # Where each tensor an eager function's forward saves comes from, by the operator's structure: ("input", i) for
 # the i-th of the operator inputs it may save (see ``_save_layout``), ("extra", j) for the j-th extra output.
 # Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the function
-# saving by the structure only (the key), not by values.
+# saving by the structure only (the key, and the number of extra outputs), not by values.
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 
@@ -155,7 +155,8 @@ def _compute_dtype(tensor: Tensor) -> torch.dtype | None:
 
 def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
     """Record under ``key`` where each of the ``saved`` tensors comes from among the operator's ``inputs`` (a
-    ``None`` saved maps to a ``None`` input); return those that are not inputs, the extra outputs."""
+    ``None`` saved maps to a ``None`` input); return those that are not inputs, the extra outputs (their number
+    completes the key: the stem saves one tensor per channel run, as many as its channels make)."""
     positions = {id(t): index for index, t in enumerate(inputs)}
     layout: list[tuple[str, int]] = []
     extras: list[Tensor] = []
@@ -166,14 +167,14 @@ def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: S
             assert tensor is not None
             layout.append(("extra", len(extras)))
             extras.append(tensor)
-    _LAYOUTS[key] = tuple(layout)
+    _LAYOUTS[key + (len(extras),)] = tuple(layout)
     return extras
 
 
 def _saved(key: tuple[Any, ...], inputs: Sequence[Tensor | None], extras: Sequence[Tensor]) -> list[Tensor | None]:
     """The tensors the forward saved, from the operator's inputs and extra outputs, as :func:`_save_layout`
     recorded them."""
-    return [inputs[i] if source == "input" else extras[i] for source, i in _LAYOUTS[key]]
+    return [inputs[i] if source == "input" else extras[i] for source, i in _LAYOUTS[key + (len(extras),)]]
 
 
 def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
@@ -313,9 +314,8 @@ def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
     return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _stem_layout_key(conv_weight: Tensor, kinds: Sequence[int], keep_activation: bool) -> tuple:
-    # The channels: the stem saves window positions per channel run.
-    return "stem", conv_weight.shape[0], tuple(kinds), keep_activation
+def _stem_layout_key(kinds: Sequence[int], keep_activation: bool) -> tuple:
+    return "stem", tuple(kinds), keep_activation
 
 
 def _stem_impl(
@@ -346,7 +346,7 @@ def _stem_impl(
         outputs = _ConvBnReluMaxPool.forward(
             context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
         )
-    key = _stem_layout_key(conv_weight, kinds, keep_activation)
+    key = _stem_layout_key(kinds, keep_activation)
     extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
     return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
 
@@ -359,7 +359,7 @@ def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor])
     x, conv_weight, norm_weight, norm_bias, updated, frozen, *stage_arguments, max_pool, ceil_mode, keep, dtype = inputs
     num_outputs = 2 if keep else 1
     ctx.mark_non_differentiable(*output[num_outputs:])
-    key = _stem_layout_key(conv_weight, stage_arguments[0], keep)
+    key = _stem_layout_key(stage_arguments[0], keep)
     tensors = (x, conv_weight, norm_weight, norm_bias)
     ctx.save_for_backward(*_saved(key, (*tensors, *frozen), output[num_outputs + len(updated) :]))
     (stage,) = _stages((norm_weight, norm_bias, conv_weight), updated, frozen, *stage_arguments)
