@@ -277,7 +277,7 @@ def _compiled_saved_bytes(model, images, labels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, mode", [("cifar", True), ("cifar", "max"), ("imagenet", True)])
+@pytest.mark.parametrize("stem, mode", [("cifar", True), ("cifar", "max"), ("imagenet", True), ("imagenet", "max")])
 def test_compiled_efficient_model_saves_what_eager_saves(stem, mode):
     model, side = _model(stem, mode)
     images, labels = _batch(8, 2 * side)
