@@ -1,26 +1,37 @@
-"""The memory-efficient layers under torch.compile: one opaque operator per dense layer, the eager values and
-BatchNorm buffers, and the eager saved-tensor contract (so the eager memory)."""
+"""The memory-efficient layers under torch.compile: one opaque operator per dense layer, transition, final norm
+and ImageNet stem, the eager values and BatchNorm buffers, and the eager saved-tensor contract (so the eager
+memory)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_efficient import create_model
+from densenet_efficient import DenseNet, create_model
 from densenet_efficient.core import compiled_op
-from densenet_efficient.core.functional import _BnReluConvChain, _Stage
+from densenet_efficient.core.functional import _BnReluConvChain, _ConvBnReluMaxPool, _Stage
 from densenet_efficient.core.model import DenseLayer, Transition
 from densenet_efficient.tools.bench import freeze_batch_norms
 from densenet_efficient.tools.memory import saved_tensor_bytes
 
 NAME = "densenet_bc_16_k12"  # two dense layers per block: layers read one and several feature maps
+# A tiny ImageNet-stem model (conv0-norm0-relu0-pool0), two dense layers per block.
+IMAGENET = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
 # The min-cut partitioner torch.compile's default backend (inductor) uses, without its code generation.
 BACKEND = "aot_eager_decomp_partition"
 
 
 def _batch(size=2, side=16):
     return torch.randn(size, 3, side, side), torch.randint(0, 10, (size,))
+
+
+def _model(stem, mode):
+    """``NAME`` (``stem="cifar"``) or the tiny ``IMAGENET`` model, and the side of its input images."""
+    if stem == "cifar":
+        return create_model(NAME, efficient=mode), 16
+    return DenseNet(**IMAGENET, efficient=mode), 32
 
 
 def _step(model, images, labels):
@@ -30,73 +41,90 @@ def _step(model, images, labels):
 
 
 @pytest.mark.slow
-def test_compiled_model_calls_one_opaque_operator_per_dense_layer_and_transition():
+@pytest.mark.parametrize("stem, counts", [("cifar", (6, 2, 0)), ("imagenet", (4, 1, 1))])
+def test_compiled_model_calls_one_opaque_operator_per_dense_layer_transition_final_norm_and_stem(stem, counts):
     graphs = []
 
     def record(graph, example_inputs):
         graphs.append(graph)
         return graph.forward
 
-    model = create_model(NAME, efficient=True)
-    images, labels = _batch()
+    model, side = _model(stem, True)
+    images, labels = _batch(side=side)
     _step(torch.compile(model, backend=record), images, labels)
-    calls = [node for graph in graphs for node in graph.graph.nodes if "bn_relu_conv_chain" in str(node.target)]
-    chains = [module for module in model.modules() if isinstance(module, (DenseLayer, Transition))]
-    assert len(calls) == len(chains) == 6 + 2
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    layers, transitions, stems = counts
+    assert [isinstance(m, DenseLayer) for m in model.modules()].count(True) == layers
+    assert [isinstance(m, Transition) for m in model.modules()].count(True) == transitions
+    assert sum("bn_relu_conv_chain" in target for target in targets) == layers + transitions + 1  # and norm5
+    assert sum("conv_bn_relu_max_pool" in target for target in targets) == stems
 
 
-def _chain_arguments(kinds, keep_intermediates):
-    """Operator arguments for a two-stage chain (BN-ReLU-1x1 conv, BN-ReLU-3x3 conv) on two feature maps."""
-    params = [
-        torch.rand(8) + 0.5,
-        torch.randn(8),
-        torch.randn(6, 8, 1, 1),
-        torch.rand(6) + 0.5,
-        torch.randn(6),
-        torch.randn(4, 6, 3, 3),
-    ]
+def _running(kinds, channels):
+    """Running statistics of stages of ``kinds`` normalising ``channels``: those updated, and those read."""
+    pairs = [[torch.randn(width) * 0.1, torch.rand(width) + 0.5] for width in channels]
+    updated = [t for kind, pair in zip(kinds, pairs, strict=True) if kind == compiled_op._TRAIN_UPDATING for t in pair]
+    frozen = [t for kind, pair in zip(kinds, pairs, strict=True) if kind == compiled_op._FROZEN for t in pair]
+    return updated, frozen
+
+
+# Chains on two feature maps of 5 + 3 channels: a dense layer (BN-ReLU-1x1 conv, BN-ReLU-3x3 conv), a transition
+# (BN-ReLU-1x1 conv, 2x average pooling) and a final norm (BN-ReLU, no convolution).
+CHAINS = ("dense layer", "transition", "final norm")
+
+
+def _chain_arguments(form, kinds, keep_intermediates):
+    """Operator arguments (all but the compute dtype) for a chain of ``form``, its stages of ``kinds``."""
+    if form == "dense layer":
+        params = [torch.rand(8) + 0.5, torch.randn(8), torch.randn(6, 8, 1, 1)]
+        params += [torch.rand(6) + 0.5, torch.randn(6), torch.randn(4, 6, 3, 3)]
+        convolved, pools, channels = [True, True], [False, False], [8, 6]
+        geometry = [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    else:
+        params = [torch.rand(8) + 0.5, torch.randn(8)] + ([torch.randn(4, 8, 1, 1)] if form == "transition" else [])
+        convolved, pools, channels = [form == "transition"], [form == "transition"], [8]
+        geometry = [1, 1, 0, 0, 1, 1] if form == "transition" else []
     for param in params:
         param.requires_grad_(True)
     features = [torch.randn(2, 5, 6, 6, requires_grad=True), torch.randn(2, 3, 6, 6, requires_grad=True)]
-    running = [torch.zeros(8), torch.ones(8), torch.zeros(6), torch.ones(6)]
-    updated = [t for kind, pair in zip(kinds, (running[:2], running[2:]), strict=True) if kind == 0 for t in pair]
-    frozen = [t for kind, pair in zip(kinds, (running[:2], running[2:]), strict=True) if kind == 2 for t in pair]
-    geometry = [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
-    return (params, features, updated, frozen, kinds, [0.1, 0.1], [1e-5, 1e-5], geometry, [1, 1], keep_intermediates)
+    updated, frozen = _running(kinds, channels)
+    scalars = [0.1] * len(kinds), [1e-5] * len(kinds), geometry, [1] * len(kinds)
+    return (params, convolved, features, updated, frozen, kinds, pools, *scalars, keep_intermediates)
 
 
 @pytest.mark.parametrize(
-    "kinds, keep_intermediates", [([0, 0], True), ([2, 2], False), ([0, 2], False), ([1, 0], True)]
+    "form, kinds, keep_intermediates",
+    [
+        ("dense layer", [0, 0], True),
+        ("dense layer", [2, 2], False),
+        ("dense layer", [0, 2], False),
+        ("dense layer", [1, 0], True),
+        ("transition", [0], True),
+        ("transition", [2], False),
+        ("final norm", [0], True),
+        ("final norm", [1], False),
+        ("final norm", [2], False),
+    ],
 )
-def test_operator_passes_torch_library_opcheck(kinds, keep_intermediates):
+def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates):
     # Schema (nothing mutated), fake (shapes-only) kernel, autograd registration, and AOT dispatch.
-    arguments = _chain_arguments(kinds, keep_intermediates) + (None,)
+    arguments = _chain_arguments(form, kinds, keep_intermediates) + (None,)
     torch.library.opcheck(compiled_op._chain_op, arguments)
 
 
-@pytest.mark.parametrize("kinds", [[0, 0], [2, 2], [0, 2]])
-@pytest.mark.parametrize("keep_intermediates", [True, False])
-def test_operator_computes_what_the_eager_function_computes(kinds, keep_intermediates):
-    arguments = _chain_arguments(kinds, keep_intermediates)
-    params, features, updated, frozen = arguments[:4]
-    stages = compiled_op._stages(updated, frozen, *arguments[4:9])
-    reference_stages = [
-        _Stage(
-            None if s.running_mean is None else s.running_mean.clone(),
-            None if s.running_var is None else s.running_var.clone(),
-            *(getattr(s, field) for field in ("momentum", "eps", "stride", "padding", "dilation", "groups")),
-            s.batch_stats,
+def _reference_stages(stages):
+    """``stages`` with copies of their running statistics, for the eager function to update."""
+    return [
+        dataclasses.replace(
+            s,
+            running_mean=None if s.running_mean is None else s.running_mean.clone(),
+            running_var=None if s.running_var is None else s.running_var.clone(),
         )
         for s in stages
     ]
-    grad_output = torch.randn(2, 4, 6, 6)
-    expected = _BnReluConvChain.apply(reference_stages, keep_intermediates, *params, *features)
-    expected_grads = torch.autograd.grad(expected, [*params, *features], grad_output)
-    got = compiled_op.bn_relu_conv_chain(stages, keep_intermediates, params, features)
-    got_grads = torch.autograd.grad(got, [*params, *features], grad_output)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
-        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
+
+
+def _assert_same_running_statistics(stages, reference_stages):
     for stage, reference in zip(stages, reference_stages, strict=True):
         for name in ("running_mean", "running_var"):
             value, reference_value = getattr(stage, name), getattr(reference, name)
@@ -105,27 +133,109 @@ def test_operator_computes_what_the_eager_function_computes(kinds, keep_intermed
                 assert not value.requires_grad
 
 
+@pytest.mark.parametrize(
+    "form, kinds",
+    [
+        ("dense layer", [0, 0]),
+        ("dense layer", [2, 2]),
+        ("dense layer", [0, 2]),
+        ("transition", [0]),
+        ("transition", [2]),
+        ("final norm", [0]),
+        ("final norm", [2]),
+    ],
+)
+@pytest.mark.parametrize("keep_intermediates", [True, False])
+def test_operator_computes_what_the_eager_function_computes(form, kinds, keep_intermediates):
+    arguments = _chain_arguments(form, kinds, keep_intermediates)
+    params, convolved, features, updated, frozen = arguments[:5]
+    tensors = compiled_op._chain_params(params, convolved)
+    stages = compiled_op._stages(tensors, updated, frozen, *arguments[5:11])
+    assert [stage.pool for stage in stages] == arguments[6]
+    reference_stages = _reference_stages(stages)
+    expected = _BnReluConvChain.apply(reference_stages, keep_intermediates, *tensors, *features)
+    grad_output = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [*params, *features], grad_output)
+    got = compiled_op.bn_relu_conv_chain(stages, keep_intermediates, *tensors, *features)
+    got_grads = torch.autograd.grad(got, [*params, *features], grad_output)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
+    _assert_same_running_statistics(stages, reference_stages)
+
+
+def _stem_arguments(kind, keep_activation):
+    """Stem operator arguments (all but the compute dtype): a 3x3 stride-2 convolution of 3 to 6 channels (the
+    stem runs in channel runs: several here), its norm of ``kind``, a 3x3 stride-2 max pooling."""
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    params = [torch.randn(6, 3, 3, 3), torch.rand(6) + 0.5, torch.randn(6)]
+    for param in params:
+        param.requires_grad_(True)
+    updated, frozen = _running([kind], [6])
+    stage = [kind], [False], [0.1], [1e-5], [2, 2, 1, 1, 1, 1], [1]  # geometry: stride, padding, dilation
+    max_pool = [3, 3, 2, 2, 1, 1, 1, 1]  # kernel size, stride, padding, dilation
+    return (x, *params, updated, frozen, *stage, max_pool, False, keep_activation)
+
+
+@pytest.mark.parametrize("kind, keep_activation", [(0, False), (0, True), (1, False), (2, True)])
+def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation):
+    torch.library.opcheck(compiled_op._stem_op, _stem_arguments(kind, keep_activation) + (None,))
+
+
+@pytest.mark.parametrize("kind", [0, 2])
+@pytest.mark.parametrize("keep_activation", [True, False])
+def test_stem_operator_computes_what_the_eager_function_computes(kind, keep_activation):
+    arguments = _stem_arguments(kind, keep_activation)
+    x, conv_weight, norm_weight, norm_bias, updated, frozen = arguments[:6]
+    tensors = [x, conv_weight, norm_weight, norm_bias]
+    stages = compiled_op._stages((norm_weight, norm_bias, conv_weight), updated, frozen, *arguments[6:12])
+    pool = compiled_op._max_pool(*arguments[12:14])
+    reference_stages = _reference_stages(stages)
+    expected = _ConvBnReluMaxPool.apply(reference_stages[0], pool, keep_activation, *tensors)
+    expected = expected if keep_activation else (expected,)
+    grads = [torch.randn_like(t) for t in expected]
+    expected_grads = torch.autograd.grad(expected, tensors, grads)
+    got = compiled_op.conv_bn_relu_max_pool(stages[0], pool, keep_activation, *tensors)
+    got = got if keep_activation else (got,)
+    got_grads = torch.autograd.grad(got, tensors, grads)
+    for got_tensor, expected_tensor in zip((*got, *got_grads), (*expected, *expected_grads), strict=True):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=0, atol=0)
+    _assert_same_running_statistics(stages, reference_stages)
+
+
 def test_synchronized_batch_norms_fall_back_to_the_traced_function_with_a_warning(monkeypatch):
     calls = []
-    monkeypatch.setattr(compiled_op._BnReluConvChain, "apply", lambda *args: calls.append(args) or args[-1])
+    for function in (_BnReluConvChain, _ConvBnReluMaxPool):
+        monkeypatch.setattr(function, "apply", lambda *args: calls.append(args) or args[-1])
     stage = _Stage(None, None, 0.1, 1e-5, (1, 1), (0, 0), (1, 1), 1, True, sync=object())  # type: ignore[arg-type]
     feature = torch.randn(1, 2, 3, 3)
     with pytest.warns(UserWarning, match="synchronized batch norms.*compiler's choice"):
-        compiled_op.bn_relu_conv_chain([stage], True, [], [feature])
-    assert len(calls) == 1
+        compiled_op.bn_relu_conv_chain([stage], True, feature)
+    with pytest.warns(UserWarning, match="synchronized batch norms.*compiler's choice"):
+        compiled_op.conv_bn_relu_max_pool(stage, compiled_op._max_pool([3, 3, 2, 2, 1, 1, 1, 1], False), False, feature)
+    assert len(calls) == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, frozen", [(True, False), ("max", False), ("max", True)])
-def test_compiled_model_matches_eager_outputs_gradients_and_batch_norm_buffers(mode, frozen):
-    eager = create_model(NAME, efficient=mode)
+@pytest.mark.parametrize(
+    "stem, mode, frozen",
+    [
+        ("cifar", True, False),
+        ("cifar", "max", False),
+        ("cifar", "max", True),
+        ("imagenet", True, False),
+        ("imagenet", "max", True),
+    ],
+)
+def test_compiled_model_matches_eager_outputs_gradients_and_batch_norm_buffers(stem, mode, frozen):
+    eager, side = _model(stem, mode)
     model = copy.deepcopy(eager)
     if frozen:
         freeze_batch_norms(eager)
         freeze_batch_norms(model)
     compiled = torch.compile(model, backend=BACKEND)
     for _ in range(2):  # running statistics updated once per step, in both
-        images, labels = _batch()
+        images, labels = _batch(side=side)
         torch.testing.assert_close(_step(compiled, images, labels), _step(eager, images, labels))
         for got, expected in zip(model.parameters(), eager.parameters(), strict=True):
             torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6)
@@ -167,10 +277,10 @@ def _compiled_saved_bytes(model, images, labels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [True, "max"])
-def test_compiled_efficient_model_saves_what_eager_saves(mode):
-    model = create_model(NAME, efficient=mode)
-    images, labels = _batch(8, 32)
+@pytest.mark.parametrize("stem, mode", [("cifar", True), ("cifar", "max"), ("imagenet", True), ("imagenet", "max")])
+def test_compiled_efficient_model_saves_what_eager_saves(stem, mode):
+    model, side = _model(stem, mode)
+    images, labels = _batch(8, 2 * side)
     with saved_tensor_bytes((*model.parameters(), *model.buffers(), images)) as eager:
         F.cross_entropy(model(images), labels)
     compiled = _compiled_saved_bytes(model, images, labels)
@@ -191,11 +301,13 @@ def test_double_backward_of_a_compiled_model_is_refused():
 
 
 @pytest.mark.slow
-def test_exported_program_holds_standard_operators_only():
-    model = create_model(NAME, efficient=True).eval()  # frozen norms, gradients on: the efficient path runs
-    images = torch.randn(2, 3, 16, 16)
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_exported_program_holds_standard_operators_only(stem):
+    model, side = _model(stem, True)
+    model.eval()  # frozen norms, gradients on: the efficient path runs
+    images = torch.randn(2, 3, side, side)
     program = torch.export.export(model, (images,))
-    assert "bn_relu_conv_chain" not in str(program.graph)
+    assert "densenet_efficient" not in str(program.graph)
     torch.testing.assert_close(program.module()(images), model(images))
 
 

@@ -1,18 +1,27 @@
-"""The memory-efficient BN-ReLU-Conv chain as an opaque operator for ``torch.compile``.
+"""The memory-efficient autograd functions as opaque operators for ``torch.compile``.
 
-``torch.compile`` traces through a plain ``torch.autograd.Function``: the chain's saved-tensor contract is then
-gone, and what is kept for backward becomes the compiler's choice (densenet121 at batch 8, 224 px: 0.70 x naive
-compiled against 0.31 x eager for ``efficient=True``). Under compilation :func:`..functional.bn_relu_conv` calls
-:func:`bn_relu_conv_chain` instead, a ``torch.library.custom_op`` whose autograd is registered: the compiler
-fuses around it but cannot see inside, and saves for backward exactly what ``setup_context`` saves, which is what
-the eager function saves. Forward and backward are the eager function's own (``_BnReluConvChain``), run on a
-stand-in for its autograd context, so both paths compute the same values.
+``torch.compile`` traces through a plain ``torch.autograd.Function``: its saved-tensor contract is then gone, and
+what is kept for backward becomes the compiler's choice (densenet121 at batch 8, 224 px: 0.70 x naive compiled
+against 0.31 x eager for ``efficient=True``). Under compilation :mod:`.functional` calls two
+``torch.library.custom_op`` operators instead, each with its autograd registered:
 
-Operator arguments are tensors and plain values only: the parameters, the feature maps, the running statistics
-(those a training norm updates, declared mutated, and those an eval-mode norm reads), and per stage its kind,
-momentum, eps, convolution geometry and groups. It returns the chain's output followed by the tensors forward
-computed for backward (batch statistics, kept bottlenecks); the parameters, feature maps and running statistics
-it saves are its inputs, saved as such.
+* :func:`bn_relu_conv_chain` (``densenet_efficient::bn_relu_conv_chain``) for ``_BnReluConvChain``: every dense
+  layer (:func:`..functional.bn_relu_conv`), every transition (:func:`..functional.bn_relu_conv_pool`, a stage
+  with 2x average pooling) and the final norm and ReLU (:func:`..functional.bn_relu`, a stage without
+  convolution);
+* :func:`conv_bn_relu_max_pool` (``densenet_efficient::conv_bn_relu_max_pool``) for ``_ConvBnReluMaxPool``, the
+  ImageNet stem (:func:`..functional.conv_bn_relu_max_pool`).
+
+The compiler fuses around them but cannot see inside, and saves for backward exactly what ``setup_context``
+saves, which is what the eager function saves. Forward and backward are the eager functions' own, run on a
+stand-in for their autograd context, so both paths compute the same values.
+
+Operator arguments are tensors and plain values only: the parameters (a stage without convolution has ``None``
+for its convolution's weight), the feature maps, the running statistics (those a training norm updates, declared
+mutated, and those an eval-mode norm reads), and per stage its kind, pooling, momentum, eps, convolution geometry
+and groups; the stem also its max pooling's geometry. Each returns its output(s), the updated running statistics,
+then the tensors forward computed for backward (batch statistics, kept bottlenecks, window positions); the
+parameters, feature maps and running statistics it saves are its inputs, saved as such.
 
 Not covered, each said where it happens: synchronized batch norms (their collectives cannot run inside an opaque
 operator) fall back to the traced function, with a warning; so does ``torch.export`` (exported programs hold
@@ -24,77 +33,189 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from . import functional
-from .functional import _BnReluConvChain, _Stage
+from .functional import _BnReluConvChain, _ConvBnReluMaxPool, _MaxPool, _Stage
 
 # Stage kinds: how a stage's batch norm normalises, and which running statistics it holds.
 _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, tracking them)
 _TRAIN_UNTRACKED = 1  # batch statistics, no running statistics (training without tracking; eval without them)
 _FROZEN = 2  # running statistics read (eval mode)
 
-# Where each tensor ``_BnReluConvChain.forward`` saves comes from, by the chain's structure: ("input", i) for the
-# i-th of the operator inputs it may save (params, features, frozen, flattened), ("extra", j) for the j-th extra
-# output. Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the
-# function saving by the chain's structure only (the key), not by values.
+# Where each tensor an eager function's forward saves comes from, by the operator's structure: ("input", i) for
+# the i-th of the operator inputs it may save (see ``_save_layout``), ("extra", j) for the j-th extra output.
+# Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the function
+# saving by the structure only (the key, and the number of extra outputs), not by values.
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 
 class _ForwardContext:
-    """What ``_BnReluConvChain.forward`` records on its context: attributes, and the tensors it saves."""
+    """What an eager function's forward records on its context: attributes, and the tensors it saves."""
 
-    saved: tuple[Tensor, ...] = ()
+    saved: tuple[Tensor | None, ...] = ()
 
-    def save_for_backward(self, *tensors: Tensor) -> None:
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
         self.saved = tensors
 
 
 class _BackwardContext:
-    """The context ``_BnReluConvChain.backward`` reads: the forward's attributes and saved tensors."""
+    """The context an eager function's backward reads: the forward's attributes and saved tensors."""
 
-    def __init__(self, attributes: dict[str, Any], saved: Sequence[Tensor], needs_input_grad: tuple[bool, ...]):
+    def __init__(self, attributes: dict[str, Any], saved: Sequence[Tensor | None], needs_input_grad: tuple[bool, ...]):
         self.__dict__.update(attributes)
         self.saved_tensors = tuple(saved)
         self.needs_input_grad = needs_input_grad
 
 
+def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Any], ...]:
+    """The operator arguments that describe ``stages``: updated and frozen running statistics, kinds, pooling,
+    momentum, eps, geometry (stride, padding, dilation per stage, flat; none for a stage without convolution) and
+    groups."""
+    updated: list[Tensor] = []
+    frozen: list[Tensor] = []
+    kinds: list[int] = []
+    geometry: list[int] = []
+    for stage in stages:
+        if stage.running_mean is not None and stage.running_var is not None:
+            (updated if stage.batch_stats else frozen).extend((stage.running_mean, stage.running_var))
+            kinds.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
+        else:
+            kinds.append(_TRAIN_UNTRACKED)
+        geometry += (*stage.stride, *stage.padding, *stage.dilation)
+    pools = [stage.pool for stage in stages]
+    momentum, eps, groups = ([getattr(stage, name) for stage in stages] for name in ("momentum", "eps", "groups"))
+    return updated, frozen, kinds, pools, momentum, eps, geometry, groups
+
+
 def _stages(
+    params: Sequence[Tensor | None],
     updated: Sequence[Tensor],
     frozen: Sequence[Tensor],
     kinds: Sequence[int],
+    pools: Sequence[bool],
     momentum: Sequence[float],
     eps: Sequence[float],
     geometry: Sequence[int],
     groups: Sequence[int],
 ) -> tuple[_Stage, ...]:
-    """The stages the operator's arguments describe (``geometry``: stride, padding, dilation per stage, flat)."""
+    """The stages the operator's arguments describe (see :func:`_stage_arguments`); ``params``: norm weight, norm
+    bias and convolution weight per stage, whose convolution weights give the geometry's dimensions."""
     stages = []
     running = {_TRAIN_UPDATING: iter(updated), _FROZEN: iter(frozen)}
-    dims = len(geometry) // (3 * len(kinds))
+    start = 0
     for index, kind in enumerate(kinds):
         mean, var = (next(running[kind]), next(running[kind])) if kind in running else (None, None)
-        start = 3 * dims * index
+        conv_weight = params[3 * index + 2]
+        dims = 0 if conv_weight is None else conv_weight.dim() - 2
         stride, padding, dilation = (tuple(geometry[start + k * dims : start + (k + 1) * dims]) for k in range(3))
+        start += 3 * dims
         stages.append(
-            _Stage(mean, var, momentum[index], eps[index], stride, padding, dilation, groups[index], kind != _FROZEN)
+            _Stage(
+                mean,
+                var,
+                momentum[index],
+                eps[index],
+                stride,
+                padding,
+                dilation,
+                groups[index],
+                kind != _FROZEN,
+                pool=pools[index],
+            )
         )
     return tuple(stages)
 
 
-def _layout_key(num_params: int, num_features: int, kinds: Sequence[int], keep_intermediates: bool) -> tuple:
-    return num_params, num_features, tuple(kinds), keep_intermediates
+def _falls_back(stages: Sequence[_Stage]) -> bool:
+    """Whether ``stages`` run as the eager function, traced through: under ``torch.export``, and with a warning
+    for synchronized batch norms."""
+    if torch.compiler.is_exporting():
+        return True
+    if any(stage.sync is not None for stage in stages):
+        warnings.warn(
+            "torch.compile of synchronized batch norms in the memory-efficient modes: their collectives cannot "
+            "run inside the opaque operator, so the autograd function is traced through and what it saves for "
+            "backward is the compiler's choice (more memory than eager)",
+            stacklevel=4,
+        )
+        return True
+    return False
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The caller's autocast dtype for ``tensor``'s device (``None``: autocast off); the eager functions read the
+    autocast state to choose their compute dtype, and the operators re-enter it."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
+    """Record under ``key`` where each of the ``saved`` tensors comes from among the operator's ``inputs`` (a
+    ``None`` saved maps to a ``None`` input); return those that are not inputs, the extra outputs (their number
+    completes the key: the stem saves one tensor per channel run, as many as its channels make)."""
+    positions = {id(t): index for index, t in enumerate(inputs)}
+    layout: list[tuple[str, int]] = []
+    extras: list[Tensor] = []
+    for tensor in saved:
+        if id(tensor) in positions:
+            layout.append(("input", positions[id(tensor)]))
+        else:
+            assert tensor is not None
+            layout.append(("extra", len(extras)))
+            extras.append(tensor)
+    _LAYOUTS[key + (len(extras),)] = tuple(layout)
+    return extras
+
+
+def _saved(key: tuple[Any, ...], inputs: Sequence[Tensor | None], extras: Sequence[Tensor]) -> list[Tensor | None]:
+    """The tensors the forward saved, from the operator's inputs and extra outputs, as :func:`_save_layout`
+    recorded them."""
+    return [inputs[i] if source == "input" else extras[i] for source, i in _LAYOUTS[key + (len(extras),)]]
+
+
+def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
+    """A gradient of nothing for each operator input, in the structure ``torch.library`` matches the backward's
+    result against: a list of ``None`` for a list of tensors (an empty list too, whatever it would hold), else
+    ``None``."""
+    return [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None for a in inputs]
+
+
+def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
+    """Copy the operator's updated running statistics into the buffers (once per forward, as in eager)."""
+    with torch.no_grad():
+        for running, value in zip(updated, new, strict=True):
+            running.copy_(value)
+
+
+# --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
+
+
+def _chain_layout_key(
+    convolved: Sequence[bool], num_features: int, kinds: Sequence[int], keep_intermediates: bool
+) -> tuple:
+    return "chain", tuple(convolved), num_features, tuple(kinds), keep_intermediates
+
+
+def _chain_params(params: Sequence[Tensor], convolved: Sequence[bool]) -> list[Tensor | None]:
+    """The eager function's parameters, norm weight, norm bias and convolution weight per stage (``None`` for a
+    stage without convolution), from the operator's: a list of tensors only (autograd is registered for lists of
+    tensors, not of optional ones), and per stage whether it has a convolution."""
+    tensors = iter(params)
+    return [t for has_conv in convolved for t in (next(tensors), next(tensors), next(tensors) if has_conv else None)]
 
 
 def _chain_impl(
     params: list[Tensor],
+    convolved: list[bool],
     features: list[Tensor],
     updated: list[Tensor],
     frozen: list[Tensor],
     kinds: list[int],
+    pools: list[bool],
     momentum: list[float],
     eps: list[float],
     geometry: list[int],
@@ -107,22 +228,14 @@ def _chain_impl(
     # A functional operator (autograd cannot be registered for a mutating one): training norms update copies of
     # their running statistics, returned for the caller to copy back once.
     updated = [t.clone() for t in updated]
-    stages = _stages(updated, frozen, kinds, momentum, eps, geometry, groups)
+    chain_params = _chain_params(params, convolved)
+    stages = _stages(chain_params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
     context = _ForwardContext()
-    device_type = features[0].device.type
-    # The eager function reads the autocast state to choose its compute dtype: give it the caller's.
-    with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype is not None):
-        output = _BnReluConvChain.forward(context, stages, keep_intermediates, *params, *features)
-    inputs = {id(t): index for index, t in enumerate((*params, *features, *frozen))}
-    layout: list[tuple[str, int]] = []
-    extras: list[Tensor] = []
-    for tensor in context.saved:
-        if id(tensor) in inputs:
-            layout.append(("input", inputs[id(tensor)]))
-        else:
-            layout.append(("extra", len(extras)))
-            extras.append(tensor)
-    _LAYOUTS[_layout_key(len(params), len(features), kinds, keep_intermediates)] = tuple(layout)
+    with torch.autocast(features[0].device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+        # A None parameter: the convolution weight of a stage without convolution.
+        output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
+    key = _chain_layout_key(convolved, len(features), kinds, keep_intermediates)
+    extras = _save_layout(key, context.saved, (*chain_params, *features, *frozen))
     return [output, *updated, *extras]
 
 
@@ -131,25 +244,24 @@ _chain_op = torch.library.custom_op("densenet_efficient::bn_relu_conv_chain", _c
 _chain_op.register_fake(_chain_impl)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    params, features, updated, frozen, kinds, momentum, eps, geometry, groups, keep, compute_dtype = inputs
-    flat_inputs = (*params, *features, *frozen)
-    layout = _LAYOUTS[_layout_key(len(params), len(features), kinds, keep)]
+def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    params, convolved, features, updated, frozen, kinds, pools, momentum, eps, geometry, groups, keep, dtype = inputs
     ctx.mark_non_differentiable(*output[1:])  # running statistics and saved tensors: no gradient flows back
-    extras = output[1 + len(updated) :]
-    ctx.save_for_backward(*(flat_inputs[i] if source == "input" else extras[i] for source, i in layout))
+    key = _chain_layout_key(convolved, len(features), kinds, keep)
+    chain_params = _chain_params(params, convolved)
+    ctx.save_for_backward(*_saved(key, (*chain_params, *features, *frozen), output[1 + len(updated) :]))
     ctx.chain_attributes = {
-        "stages": _stages(updated, frozen, kinds, momentum, eps, geometry, groups),
+        "stages": _stages(chain_params, updated, frozen, kinds, pools, momentum, eps, geometry, groups),
         "keep_intermediates": keep,
-        "compute_dtype": compute_dtype,
+        "compute_dtype": dtype,
         "num_inputs": len(features),
     }
-    ctx.inputs_require_grad = tuple(t.requires_grad for t in (*params, *features))
-    ctx.chain_num_params = len(params)
-    ctx.chain_num_running = len(updated), len(frozen)
+    ctx.inputs_require_grad = tuple(t is not None and t.requires_grad for t in (*chain_params, *features))
+    ctx.chain_present = tuple(t is not None for t in chain_params)
+    ctx.no_gradients = _no_gradients(inputs)
 
 
-def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
+def _chain_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     grad_output = grads[0]
     assert grad_output is not None, "backward reached the chain without a gradient for its output"
     context = _BackwardContext(ctx.chain_attributes, ctx.saved_tensors, (False, False, *ctx.inputs_require_grad))
@@ -157,64 +269,139 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     # function's first-order backward.
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grad_output)[2:]
-    params, features = list(gradients[: ctx.chain_num_params]), list(gradients[ctx.chain_num_params :])
-    # The structure of the operator's arguments: a list per tensor list, None for everything without a gradient.
-    num_updated, num_frozen = ctx.chain_num_running
-    return (params, features, [None] * num_updated, [None] * num_frozen, *(None,) * 7)
+    present = ctx.chain_present
+    params = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
+    result = list(ctx.no_gradients)
+    result[0], result[2] = params, list(gradients[len(present) :])
+    return tuple(result)
 
 
-_chain_op.register_autograd(_backward, setup_context=_setup_context)
+_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
 
 
-def bn_relu_conv_chain(
-    stages: Sequence[_Stage], keep_intermediates: bool, params: Sequence[Tensor], features: Sequence[Tensor]
-) -> Tensor:
-    """``_BnReluConvChain.apply(stages, keep_intermediates, *params, *features)`` as one opaque operator.
+def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor | None) -> Tensor:
+    """``_BnReluConvChain.apply(stages, keep_intermediates, *tensors)`` as one opaque operator.
 
     Synchronized batch norms fall back to the function itself (traced through by the compiler, which then
     chooses what to save), with a warning that says so. So does ``torch.export``, without one: an exported
     program holds standard operators only (ONNX, other runtimes), and is rarely trained.
     """
-    if torch.compiler.is_exporting():
-        return _BnReluConvChain.apply(stages, keep_intermediates, *params, *features)
-    if any(stage.sync is not None for stage in stages):
-        warnings.warn(
-            "torch.compile of synchronized batch norms in the memory-efficient modes: their collectives cannot "
-            "run inside the opaque operator, so the autograd function is traced through and what it saves for "
-            "backward is the compiler's choice (more memory than eager)",
-            stacklevel=3,
-        )
-        return _BnReluConvChain.apply(stages, keep_intermediates, *params, *features)
-    updated: list[Tensor] = []
-    frozen: list[Tensor] = []
-    kinds: list[int] = []
-    geometry: list[int] = []
-    for stage in stages:
-        if stage.running_mean is not None and stage.running_var is not None:
-            (updated if stage.batch_stats else frozen).extend((stage.running_mean, stage.running_var))
-            kinds.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
-        else:
-            kinds.append(_TRAIN_UNTRACKED)
-        geometry += (*stage.stride, *stage.padding, *stage.dilation)
-    device_type = features[0].device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    outputs = _chain_op(
-        list(params),
-        list(features),
-        updated,
-        frozen,
-        kinds,
-        [stage.momentum for stage in stages],
-        [stage.eps for stage in stages],
-        geometry,
-        [stage.groups for stage in stages],
-        keep_intermediates,
-        compute_dtype,
-    )
-    with torch.no_grad():
-        for running, new in zip(updated, outputs[1 : 1 + len(updated)], strict=True):
-            running.copy_(new)
+    if _falls_back(stages):
+        return _BnReluConvChain.apply(stages, keep_intermediates, *tensors)
+    num_params = 3 * len(stages)
+    convolved = [tensors[index] is not None for index in range(2, num_params, 3)]
+    params = [t for t in tensors[:num_params] if t is not None]
+    features = cast(list[Tensor], list(tensors[num_params:]))
+    arguments = _stage_arguments(stages)
+    outputs = _chain_op(params, convolved, features, *arguments, keep_intermediates, _compute_dtype(features[0]))
+    updated = arguments[0]
+    _copy_back(updated, outputs[1 : 1 + len(updated)])
     return outputs[0]
 
 
+# ------------------------------------------------------------------------------------------------- the stem
+
+
+def _max_pool_arguments(pool: _MaxPool) -> list[int]:
+    """``pool``'s geometry as ints: kernel size, stride, padding, dilation (one per spatial dimension each)."""
+    return [*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation]
+
+
+def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
+    """The :class:`_MaxPool` of :func:`_max_pool_arguments`."""
+    dims = len(geometry) // 4
+    kernel_size, stride, padding, dilation = (tuple(geometry[k * dims : (k + 1) * dims]) for k in range(4))
+    return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _stem_layout_key(kinds: Sequence[int], keep_activation: bool) -> tuple:
+    return "stem", tuple(kinds), keep_activation
+
+
+def _stem_impl(
+    x: Tensor,
+    conv_weight: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    updated: list[Tensor],
+    frozen: list[Tensor],
+    kinds: list[int],
+    pools: list[bool],
+    momentum: list[float],
+    eps: list[float],
+    geometry: list[int],
+    groups: list[int],
+    max_pool: list[int],
+    ceil_mode: bool,
+    keep_activation: bool,
+    compute_dtype: torch.dtype | None,
+) -> list[Tensor]:
+    """The pooled output, the BN-ReLU output if ``keep_activation``, the updated running statistics (for
+    ``updated``), then the tensors saved for backward that are not inputs (see the module's docstring)."""
+    updated = [t.clone() for t in updated]  # functional, as the chain's operator
+    params = (norm_weight, norm_bias, conv_weight)
+    (stage,) = _stages(params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
+    context = _ForwardContext()
+    with torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+        outputs = _ConvBnReluMaxPool.forward(
+            context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
+        )
+    key = _stem_layout_key(kinds, keep_activation)
+    extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
+    return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
+
+
+_stem_op = torch.library.custom_op("densenet_efficient::conv_bn_relu_max_pool", _stem_impl, mutates_args=())
+_stem_op.register_fake(_stem_impl)
+
+
+def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    x, conv_weight, norm_weight, norm_bias, updated, frozen, *stage_arguments, max_pool, ceil_mode, keep, dtype = inputs
+    num_outputs = 2 if keep else 1
+    ctx.mark_non_differentiable(*output[num_outputs:])
+    key = _stem_layout_key(stage_arguments[0], keep)
+    tensors = (x, conv_weight, norm_weight, norm_bias)
+    ctx.save_for_backward(*_saved(key, (*tensors, *frozen), output[num_outputs + len(updated) :]))
+    (stage,) = _stages((norm_weight, norm_bias, conv_weight), updated, frozen, *stage_arguments)
+    ctx.stem_attributes = {
+        "stage": stage,
+        "pool": _max_pool(max_pool, ceil_mode),
+        "compute_dtype": dtype,
+        "keep_activation": keep,
+    }
+    ctx.inputs_require_grad = tuple(t.requires_grad for t in tensors)
+    ctx.no_gradients = _no_gradients(inputs)
+
+
+def _stem_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
+    grad_output = grads[0]
+    assert grad_output is not None, "backward reached the stem without a gradient for its output"
+    grad_activation = grads[1] if ctx.stem_attributes["keep_activation"] else None
+    context = _BackwardContext(ctx.stem_attributes, ctx.saved_tensors, (False, False, False, *ctx.inputs_require_grad))
+    with torch.no_grad():  # first order only, as the chain's
+        gradients = _ConvBnReluMaxPool.backward(context, grad_output, grad_activation)[3:]
+    return (*gradients, *ctx.no_gradients[len(gradients) :])
+
+
+_stem_op.register_autograd(_stem_backward, setup_context=_stem_setup_context)
+
+
+def conv_bn_relu_max_pool(
+    stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``_ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, conv_weight, norm_weight, norm_bias)`` as one
+    opaque operator; falls back as :func:`bn_relu_conv_chain` does."""
+    if _falls_back([stage]):
+        return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
+    arguments = _stage_arguments([stage])
+    outputs = _stem_op(
+        x, *params, *arguments, _max_pool_arguments(pool), pool.ceil_mode, keep_activation, _compute_dtype(x)
+    )
+    num_outputs = 2 if keep_activation else 1
+    updated = arguments[0]
+    _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])
+    return (outputs[0], outputs[1]) if keep_activation else outputs[0]
+
+
 functional._compiled_chain = bn_relu_conv_chain
+functional._compiled_stem = conv_bn_relu_max_pool

@@ -552,8 +552,17 @@ class _BnReluConvChain(torch.autograd.Function):
 
 
 # torch.compile traces through an autograd function and then chooses what to save itself: under compilation the
-# chain runs as the opaque operator of .compiled_op instead, which registers it here when it is imported.
-_compiled_chain: Callable[[Sequence[_Stage], bool, Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None
+# chain and the stem run as the opaque operators of .compiled_op instead, which registers them here when it is
+# imported (each takes its function's ``apply`` arguments).
+_compiled_chain: Callable[..., Tensor] | None = None
+_compiled_stem: Callable[..., Any] | None = None
+
+
+def _apply(function: type[torch.autograd.Function], compiled: Callable[..., Any] | None, *args: Any) -> Any:
+    """``function.apply(*args)``, or under ``torch.compile`` ``compiled(*args)``, its opaque operator."""
+    if compiled is not None and torch.compiler.is_compiling():
+        return compiled(*args)
+    return function.apply(*args)
 
 
 def _use_function(
@@ -624,9 +633,7 @@ def bn_relu_conv(
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
         chain = tuple(_stage(norm, conv) for norm, conv in stages)
-        if torch.compiler.is_compiling() and _compiled_chain is not None:
-            return _compiled_chain(chain, efficient is True, params, features)
-        return _BnReluConvChain.apply(chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
         # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
@@ -661,7 +668,8 @@ def bn_relu_conv_pool(
     if _pointwise(conv) and _use_function(features, [(norm, conv)], efficient, owner):
         _check_channels(features, norm)
         chain = (_stage(norm, conv, pool=True),)
-        return _BnReluConvChain.apply(chain, efficient is True, norm.weight, norm.bias, conv.weight, *features)
+        params = (norm.weight, norm.bias, conv.weight)
+        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
     return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient, owner))
 
 
@@ -676,7 +684,9 @@ def bn_relu(
     """
     if _use_function(features, [(norm, None)], efficient, owner):
         _check_channels(features, norm)
-        return _BnReluConvChain.apply((_stage(norm, None),), efficient is True, norm.weight, norm.bias, None, *features)
+        chain = (_stage(norm, None),)
+        params = (norm.weight, norm.bias, None)
+        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
     return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
 
 
@@ -995,7 +1005,9 @@ def conv_bn_relu_max_pool(
         and _stem_supported(conv, norm, pool)
         and _use_function([x], [(norm, conv)], efficient, owner)
     ):
-        outputs = _ConvBnReluMaxPool.apply(
+        outputs = _apply(
+            _ConvBnReluMaxPool,
+            _compiled_stem,
             _stage(norm, conv),
             _MaxPool.of(pool, x.dim() - 2),
             keep_activation,
