@@ -916,8 +916,9 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                     norm_weight_grads.append(grad_norm_weight)
                 if grad_norm_bias is not None:
                     norm_bias_grads.append(grad_norm_bias)
-                if needs[1]:
-                    grad_weights.append(_conv_backward(grad_conv, inputs, weight[part], stage, True, False)[1])
+                grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], False)[1]
+                if grad_weight_part is not None:
+                    grad_weights.append(grad_weight_part)
                 if needs[0]:
                     if grad_conv_output is None:
                         grad_conv_output = grad_conv.new_empty((grad_conv.shape[0], channels, *grad_conv.shape[2:]))
