@@ -31,6 +31,7 @@ standard operators only); double backward (``create_graph=True``) of a compiled 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import functional
-from .functional import _BnReluConvChain, _ConvBnReluMaxPool, _MaxPool, _Stage
+from .functional import _BnReluConvChain, _ConvBnReluMaxPool, _MaxPool, _Stage, autocast_dtype, autocast_off
 
 # Stage kinds: how a stage's batch norm normalises, and which running statistics it holds.
 _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, tracking them)
@@ -148,9 +149,15 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype | None:
     """The caller's autocast dtype for ``tensor``'s device (``None``: autocast off); the eager functions read the
-    autocast state to choose their compute dtype, and the operators re-enter it."""
-    device_type = tensor.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    autocast state to choose their compute dtype, and the operators re-enter it (see :func:`_caller_autocast`)."""
+    return autocast_dtype(tensor.device.type)
+
+
+def _caller_autocast(device_type: str, compute_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The caller's autocast state again, inside an operator: on in ``compute_dtype``, or off (``None``)."""
+    if compute_dtype is None:
+        return autocast_off(device_type)
+    return torch.autocast(device_type, dtype=compute_dtype)
 
 
 def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
@@ -231,7 +238,7 @@ def _chain_impl(
     chain_params = _chain_params(params, convolved)
     stages = _stages(chain_params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
     context = _ForwardContext()
-    with torch.autocast(features[0].device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+    with _caller_autocast(features[0].device.type, compute_dtype):
         # A None parameter: the convolution weight of a stage without convolution.
         output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
     key = _chain_layout_key(convolved, len(features), kinds, keep_intermediates)
@@ -342,7 +349,7 @@ def _stem_impl(
     params = (norm_weight, norm_bias, conv_weight)
     (stage,) = _stages(params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
     context = _ForwardContext()
-    with torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+    with _caller_autocast(x.device.type, compute_dtype):
         outputs = _ConvBnReluMaxPool.forward(
             context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
         )

@@ -385,12 +385,16 @@ def _chain(
     return x, statistics, intermediates
 
 
-def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in on ``device_type``; ``None`` with autocast off, or on a device
+    without autocast (``meta``: timm's config tests)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled; nothing to disable on a device without autocast (``meta``: timm's config tests)."""
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled; nothing to disable on a device without autocast."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -411,8 +415,8 @@ class _BnReluConvChain(torch.autograd.Function):
         device_type = inputs[0].device.type
         # Under autocast, convolutions run in the autocast dtype and batch norm in its input's dtype, as in
         # plain autograd. Casts are explicit here so that backward can repeat them exactly.
-        compute_dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else None
-        with _autocast_off(device_type):
+        compute_dtype = autocast_dtype(device_type)
+        with autocast_off(device_type):
             x, statistics, intermediates = _chain(stages, params, inputs, compute_dtype, keep_intermediates)
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
@@ -444,7 +448,7 @@ class _BnReluConvChain(torch.autograd.Function):
             return _to(params[3 * index + 2], compute_dtype)
 
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
-        with torch.autocast(grad_output.device.type, enabled=False):
+        with autocast_off(grad_output.device.type):
             # The inputs of the stages after the first: the saved intermediates or, in "max" mode, the
             # convolutions' outputs again (the first stage's input is recomputed piece by piece below).
             stage_inputs: list[Tensor | None] = [None]
@@ -542,7 +546,7 @@ class _BnReluConvChain(torch.autograd.Function):
             t.view_as(t) if needed else t
             for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs :], needs_grad, strict=True)
         ]
-        with _autocast_off(grad_output.device.type):
+        with autocast_off(grad_output.device.type):
             output = _chain(
                 ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype, update_running_stats=False
             )[0]
@@ -832,13 +836,13 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         norm_bias: Tensor,
     ) -> Tensor | tuple[Tensor, Tensor]:
         device_type = x.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        compute_dtype = autocast_dtype(device_type)
         pooled_parts: list[Tensor] = []
         positions: list[Tensor] = []
         statistics: list[tuple[Tensor, Tensor]] = []
         activation: Tensor | None = None
         channels = conv_weight.shape[0]
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
@@ -882,7 +886,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         grad_weights: list[Tensor] = []
         norm_weight_grads: list[Tensor] = []
         norm_bias_grads: list[Tensor] = []
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for index, part in enumerate(_channel_runs(channels, stage)):
                 conv_output = _conv(inputs, weight[part], stage)
@@ -953,7 +957,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         tensors = [t.view_as(t) if needed else t for t, needed in zip(ctx.saved_tensors[:4], needs, strict=True)]
         x, conv_weight, norm_weight, norm_bias = tensors
         pool = ctx.pool
-        with torch.autocast(grad_output.device.type, enabled=False):
+        with autocast_off(grad_output.device.type):
             conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
             activated = _batch_norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
             pooled = _MAX_POOLS[_as_pooled(activated).dim()](
