@@ -1,6 +1,9 @@
 """The CPU memory counter that bench and plan rest on: live tensor bytes, saved-for-backward bytes, fake-tensor
 footprints."""
 
+import subprocess
+import sys
+
 import torch
 
 import densenet_efficient as de
@@ -38,6 +41,20 @@ def test_allocator_peak_sees_a_known_allocation_above_what_existed_before():
     assert counter.peak == 2**20 and counter.events >= 3
     assert allocator_peak(lambda: torch.empty(12345, dtype=torch.uint8)) == 12345
     del kept
+
+
+def test_allocator_peak_keeps_the_profilers_native_log_off_stderr():
+    # kineto writes "profiler_start"/"profiler_stop" (and, without a GPU, a device-count error) to fd 2.
+    script = (
+        "import sys, torch\n"
+        "from densenet_efficient.tools.memory import AllocatorPeak\n"
+        "with AllocatorPeak() as counter:\n"
+        "    torch.empty(1000)\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "after\n"
 
 
 def test_allocator_peak_sees_kernel_temporaries_the_dispatch_counter_misses():

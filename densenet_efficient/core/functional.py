@@ -238,21 +238,24 @@ def _concat_bn_relu(
     """``relu(batch_norm(cat(pieces, 1)))`` from per-channel statistics, as :func:`_bn_relu_from_stats` computes
     it, in ``dtype`` (default: the pieces'). Written piece by piece: the concatenation itself is never built."""
     first = pieces[0]
-    channels = sum(piece.shape[1] for piece in pieces)
+    widths = [piece.shape[1] for piece in pieces]
     shape = channel_view(first)
     scale = weight * invstd
     shift = bias - mean * scale
     result = torch.empty(
-        (first.shape[0], channels, *first.shape[2:]),
+        (first.shape[0], sum(widths), *first.shape[2:]),
         dtype=dtype or first.dtype,
         device=first.device,
         memory_format=_memory_format(first),
     )
-    start = 0
-    for piece in pieces:
-        part = slice(start, start + piece.shape[1])
-        torch.addcmul(shift[part].view(shape), piece, scale[part].view(shape), out=result[:, part]).relu_()
-        start = part.stop
+    for piece, piece_shift, piece_scale, out in zip(
+        pieces,
+        shift.view(shape).split(widths, 1),
+        scale.view(shape).split(widths, 1),
+        result.split(widths, 1),
+        strict=True,
+    ):
+        torch.addcmul(piece_shift, piece, piece_scale, out=out).relu_()
     return result
 
 
@@ -313,30 +316,31 @@ def _concat_bn_relu_backward(
     input_grads: list[Tensor | None] = []
     weight_grads: list[Tensor] = []
     bias_grads: list[Tensor] = []
-    bounds = [0]
-    for width in channels:
-        bounds.append(bounds[-1] + width)
+    # Per-piece views, taken once (one operator each, not one per piece: per-piece operators are what a fake-tensor
+    # step, plan's model, spends its time on).
+    piece_weights = weight.split(channels)
+    piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
+    start = 0
     for first, last in _chunks(channels, chunk_channels):
-        start, stop = bounds[first], bounds[last]
+        stop = start + sum(channels[first:last])
         part = slice(start, stop)
         activated = _concat_bn_relu(
             inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
         )
         grad = _relu_backward_(activation_grad(activated, start, stop), activated)
         del activated
-        for index in range(first, last):
-            piece = slice(bounds[index] - start, bounds[index + 1] - start)
-            channel = slice(bounds[index], bounds[index + 1])
+        for index, piece_grad in zip(range(first, last), grad.split(channels[first:last], 1), strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
             if not any(mask):
                 input_grads.append(None)
                 continue
             grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                # Contiguous: on CPU the reduced-precision kernel accumulates strided input in that precision.
-                grad[:, piece].to(inputs[index].dtype).contiguous(),
+                # Contiguous: on CPU the reduced-precision kernel accumulates strided input in that precision,
+                # and the full-precision one sums strided input in another order than plain autograd's.
+                piece_grad.to(inputs[index].dtype).contiguous(),
                 inputs[index],
-                weight[channel],
-                [s[channel] for s in saved],
+                piece_weights[index],
+                piece_saved[index],
                 stage,
                 mask,
             )
@@ -345,7 +349,8 @@ def _concat_bn_relu_backward(
                 weight_grads.append(grad_weight)
             if grad_bias is not None:
                 bias_grads.append(grad_bias)
-        del grad
+        del grad, piece_grad
+        start = stop
     return (
         input_grads,
         torch.cat(weight_grads) if weight_grads else None,

@@ -14,6 +14,8 @@ any machine.
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +69,22 @@ class LiveTensorBytes(TorchDispatchMode):
         weakref.finalize(storage, self._release, key, nbytes)
 
 
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Discard what native code writes to file descriptor 2 inside: the profiler's C++ library (kineto) logs its
+    start and stop there ("USDT: ... profiler_start") and, on a machine without a GPU, a failed device count.
+    Python exceptions are raised as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class AllocatorPeak:
     """Context manager: ``peak`` bytes the CPU allocator holds inside it above what it held on entry.
 
@@ -84,11 +102,13 @@ class AllocatorPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
+        with _native_stderr_silenced():
+            self._profile.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._profile.__exit__(*exc)
+        with _native_stderr_silenced():
+            self._profile.__exit__(*exc)
         profiler = self._profile.profiler
         assert profiler is not None and profiler.kineto_results is not None
         # Allocations count positive bytes, frees negative. (torch's stubs lack _KinetoEvent.nbytes.)
