@@ -71,16 +71,29 @@ class LiveTensorBytes(TorchDispatchMode):
 
 @contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
-    """Discard what native code writes to file descriptor 2 inside: the profiler's C++ library (kineto) logs its
-    start and stop there ("USDT: ... profiler_start") and, on a machine without a GPU, a failed device count.
-    Python exceptions are raised as usual."""
+    """Discard what native code writes to file descriptor 2 inside: the profiler's C++ libraries log there (its
+    start and stop, "Memory block of unknown size was allocated before the profiling started" for every block
+    freed inside that was allocated before, and, without a GPU, a failed device count). Python's own ``stderr``
+    (warnings, tracebacks) still reaches the terminal; exceptions are raised as usual."""
     sys.stderr.flush()
     saved = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        on_fd_2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced by a capture (pytest) or an in-memory stream
+        on_fd_2 = False
+    replacement = open(saved, "w", closefd=False, errors="backslashreplace") if on_fd_2 else None
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
+        if replacement is not None:
+            sys.stderr = replacement
         yield
     finally:
+        if replacement is not None:
+            replacement.flush()
+            sys.stderr = python_stderr
+            replacement.close()
         os.dup2(saved, 2)
         os.close(saved)
 
@@ -102,13 +115,16 @@ class AllocatorPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        with _native_stderr_silenced():
-            self._profile.__enter__()
+        self._silenced = _native_stderr_silenced()
+        self._silenced.__enter__()
+        self._profile.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        with _native_stderr_silenced():
+        try:
             self._profile.__exit__(*exc)
+        finally:
+            self._silenced.__exit__(None, None, None)
         profiler = self._profile.profiler
         assert profiler is not None and profiler.kineto_results is not None
         # Allocations count positive bytes, frees negative. (torch's stubs lack _KinetoEvent.nbytes.)
