@@ -110,7 +110,12 @@ def test_every_block_is_python_or_marked_as_not_run():
 
 @pytest.mark.filterwarnings("ignore:densenet_efficient is already imported:UserWarning")  # the hub's copy
 @pytest.mark.filterwarnings("ignore:.*classes, the model.*:UserWarning")  # fine-tuning snippets
-@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "path",
+    # Compiling a model takes tens of seconds: compile.md's blocks run with the slow tests.
+    [pytest.param(path, marks=pytest.mark.slow) if path.name == "compile.md" else path for path in DOC_FILES],
+    ids=lambda path: path.name,
+)
 def test_python_blocks_run(path, offline_world):
     namespace: dict = {"__name__": "__docs__"}
     for block in python_blocks(path):
