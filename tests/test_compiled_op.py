@@ -94,16 +94,17 @@ def _chain_arguments(form, kinds, keep_intermediates):
 
 @pytest.mark.parametrize(
     "form, kinds, keep_intermediates",
+    # One case per form in the fast subset (opcheck takes about a second each); the other kinds with the slow tests.
     [
         ("dense layer", [0, 0], True),
-        ("dense layer", [2, 2], False),
-        ("dense layer", [0, 2], False),
-        ("dense layer", [1, 0], True),
+        pytest.param("dense layer", [2, 2], False, marks=pytest.mark.slow),
+        pytest.param("dense layer", [0, 2], False, marks=pytest.mark.slow),
+        pytest.param("dense layer", [1, 0], True, marks=pytest.mark.slow),
         ("transition", [0], True),
-        ("transition", [2], False),
+        pytest.param("transition", [2], False, marks=pytest.mark.slow),
         ("final norm", [0], True),
-        ("final norm", [1], False),
-        ("final norm", [2], False),
+        pytest.param("final norm", [1], False, marks=pytest.mark.slow),
+        pytest.param("final norm", [2], False, marks=pytest.mark.slow),
     ],
 )
 def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates):
@@ -177,7 +178,10 @@ def _stem_arguments(kind, keep_activation):
     return (x, *params, updated, frozen, *stage, max_pool, False, keep_activation)
 
 
-@pytest.mark.parametrize("kind, keep_activation", [(0, False), (0, True), (1, False), (2, True)])
+@pytest.mark.parametrize(
+    "kind, keep_activation",
+    [(0, True), *(pytest.param(*case, marks=pytest.mark.slow) for case in [(0, False), (1, False), (2, True)])],
+)
 def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation):
     torch.library.opcheck(compiled_op._stem_op, _stem_arguments(kind, keep_activation) + (None,))
 
