@@ -651,7 +651,8 @@ def bn_relu_conv(
 
 
 def _pointwise(conv: _ConvNd) -> bool:
-    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding: it commutes with average pooling."""
+    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding: its output has its input's spatial
+    size, which is where a transition's backward spreads the pooling's gradient."""
     return (
         conv.bias is None
         and all(k == 1 for k in conv.kernel_size)
