@@ -108,6 +108,7 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, device: str)
             result["num_norms"] = sum(isinstance(m, de.SyncBatchNorm) for m in model.modules())
             results[key] = result
         torch.save(results, Path(result_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both processes done with gloo before either tears it down
     finally:
         dist.destroy_process_group()
 
@@ -264,6 +265,7 @@ def _empty_rank_worker(rank: int, world_size: int, port: int, result_dir: str) -
             {"input_grad": x.grad, "weight_grad": norm.weight.grad, "buffers": dict(norm.named_buffers())},
             Path(result_dir) / f"rank{rank}.pt",
         )
+        dist.barrier()  # both processes done with gloo before either tears it down
     finally:
         dist.destroy_process_group()
 

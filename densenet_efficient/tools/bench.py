@@ -546,6 +546,9 @@ def _sync_cost_worker(
                 )
             with open(path, "w") as file:
                 json.dump(rows, file)
+        # Every process reaches the teardown together: one destroying its gloo group while the other's
+        # connection threads still run aborts that one ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
