@@ -335,9 +335,10 @@ def _concat_bn_relu_backward(
                 input_grads.append(None)
                 continue
             grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                # Contiguous: on CPU the reduced-precision kernel accumulates strided input in that precision,
-                # and the full-precision one sums strided input in another order than plain autograd's.
-                piece_grad.to(inputs[index].dtype).contiguous(),
+                # Dense in the piece's own layout: on CPU the reduced-precision kernel accumulates strided input in
+                # that precision, and the full-precision one sums strided input, or a gradient laid out otherwise
+                # than its input (channels-last maps), in another order than plain autograd's.
+                piece_grad.to(inputs[index].dtype).contiguous(memory_format=_memory_format(inputs[index])),
                 inputs[index],
                 piece_weights[index],
                 piece_saved[index],
@@ -507,8 +508,8 @@ class _BnReluConvChain(torch.autograd.Function):
             grad_conv_weight: list[Tensor] = []
 
             def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
-                if weight is None:  # a BN-ReLU: the gradient is the output's (copied: it is modified in place)
-                    return grad[:, start:stop].clone(memory_format=torch.contiguous_format)
+                if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
+                    return torch.empty_like(activated).copy_(grad[:, start:stop])  # in the output's layout
                 result, weight_part = _conv_backward(grad, activated, weight[:, start:stop], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
