@@ -59,6 +59,13 @@ def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, opt
         (["plan", "--batch-size", "0"], "densenet-efficient plan: error: argument --batch-size: expected an integer"),
         (["eval", "--no-such-option"], "densenet-efficient eval: error: the following arguments are required"),
         (["nope"], "densenet-efficient: error: argument COMMAND: invalid choice: 'nope'"),
+        # Output paths are checked before the benchmark runs, not when its results are written.
+        (
+            ["bench", "--json", "/no/such/folder/r.json"],
+            "densenet-efficient bench: error: argument --json: cannot write",
+        ),
+        (["bench", "--csv", "."], "densenet-efficient bench: error: argument --csv: cannot write '.': it is a folder"),
+        (["plan", "--memory", "1GB", "--json", "/no/such/p.json"], "densenet-efficient plan: error: argument --json"),
     ],
 )
 def test_argparse_errors_exit_2_with_one_line(argv, message, capsys):

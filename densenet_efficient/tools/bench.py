@@ -54,6 +54,7 @@ from .common import (
     int_at_least,
     model_io,
     model_name,
+    output_path,
     peer_keys,
     positive_ints,
     predict,
@@ -789,7 +790,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=PEER_KEYS,
         help=f"comma-separated subset of {','.join(PEER_KEYS)} (default: all)",
     )
-    parser.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
+    parser.add_argument("--csv", metavar="PATH", type=output_path, help="also write the results as CSV")
     parser.add_argument("--sweep", choices=("depth", "batch"), help="repeat over depths or batch sizes and plot")
     parser.add_argument(
         "--family",
@@ -812,6 +813,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot",
         metavar="PNG",
+        type=output_path,
         help="plot path: for --sweep memory against depth or batch (default: bench-<sweep>.png); otherwise "
         "memory x naive against time x naive of every peer, the Pareto front joined (needs --repeats >= 1)",
     )

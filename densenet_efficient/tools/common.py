@@ -4,6 +4,7 @@ its predicted memory, memory-mode and precision parsing, autocast and evaluation
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable, Iterable
 
@@ -173,6 +174,17 @@ def positive_ints(value: str) -> list[int]:
     return numbers
 
 
+def output_path(value: str) -> str:
+    """argparse type: a file to write, in a folder that exists (checked before any work starts)."""
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder) or os.path.isdir(value):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {value!r}: {'it is a folder' if os.path.isdir(value) else f'no folder {folder!r}'}; "
+            "give a file path in an existing folder"
+        )
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``plan`` share."""
     parser.add_argument(
@@ -192,7 +204,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", type=output_path, help="also write the results as JSON")
 
 
 def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
