@@ -20,6 +20,7 @@ from densenet_efficient.pretrained.saving import model_card
 from tests.weights_helpers import (
     REPO_ROOT,
     SMALL,
+    FullDiskFile,
     logits,
     manifest_schema,
     randomise_batch_norm,
@@ -370,22 +371,9 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_set(tmp_path, monkeyp
     W.save_pretrained(old, tmp_path)
     real_open = builtins.open
 
-    class FullDisk:
-        def __init__(self, file):
-            self.file = file
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
         file = real_open(path, mode, *args, **kwargs)
-        return FullDisk(file) if "w" in mode and ".save-" in str(path) else file
+        return FullDiskFile(file) if "w" in mode and ".save-" in str(path) else file
 
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
     with pytest.raises(OSError, match=r"cannot write .*model.safetensors: No space left on device") as error:

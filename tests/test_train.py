@@ -32,6 +32,7 @@ from densenet_efficient.tools.train import (
     load_checkpoint,
     train,
 )
+from tests.weights_helpers import FullDiskFile
 
 pytest.importorskip("sklearn")
 
@@ -859,20 +860,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
 
     real_fdopen = os.fdopen
 
-    class FullDisk:
-        def __init__(self, handle, mode):
-            self.file = real_fdopen(handle, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", FullDisk)
+    monkeypatch.setattr(os, "fdopen", lambda handle, mode: FullDiskFile(real_fdopen(handle, mode)))
     with pytest.raises(OSError, match=r"cannot write .*epoch-0003.safetensors: No space left on device") as error:
         train_module.save_checkpoint(tmp_path, b"weights", {"epoch": 3}, keep=2)
     assert error.value.errno == errno.ENOSPC

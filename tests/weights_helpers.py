@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -120,3 +121,19 @@ def hub_entry(commit: str | None, files: dict[str, bytes], repo_id: str = "org/s
 
 def manifest_schema() -> dict:
     return json.loads((REPO_ROOT / "densenet_efficient" / "pretrained" / "weights_manifest.schema.json").read_text())
+
+
+class FullDiskFile:
+    """A file opened for writing on a full disk: every write raises ENOSPC; closing closes ``file``."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
