@@ -311,10 +311,6 @@ def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Itera
         )
     try:
         yield DistContext(rank, world_size, target, owns)
-        if owns:
-            # Every process reaches the teardown together: one destroying its gloo group while another's
-            # connection threads still run aborts that one ("terminate called without an active exception").
-            dist.barrier()
     finally:
         if owns:
             dist.destroy_process_group()
