@@ -143,16 +143,21 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: TrainConfig, resu
     )
     torch.set_num_threads(1)
     with distributed(None) as ctx:
-        trainer = Trainer(config.resolved(), ctx)
-        results = trainer.fit()
-        torch.save(
-            {
-                "params": {k: v.detach() for k, v in trainer.model.named_parameters()},
-                "buffers": dict(trainer.model.named_buffers()),
-                "results": results,
-            },
-            Path(result_dir) / f"rank{rank}.pt",
-        )
+        _fit_and_save(Trainer(config.resolved(), ctx), Path(result_dir) / f"rank{rank}.pt")
+
+
+def _fit_and_save(trainer: Trainer, path: Path) -> None:
+    """Train and save the parameters, buffers and results; the trainer (and its DDP) is gone when this returns,
+    before the group's teardown, as in :func:`train`."""
+    results = trainer.fit()
+    torch.save(
+        {
+            "params": {k: v.detach() for k, v in trainer.model.named_parameters()},
+            "buffers": dict(trainer.model.named_buffers()),
+            "results": results,
+        },
+        path,
+    )
 
 
 @pytest.mark.slow
@@ -774,6 +779,34 @@ def test_timeout_reaches_the_process_group(monkeypatch):
             pass
         assert calls.pop()["timeout"] == datetime.timedelta(seconds=expected)
     assert TrainConfig().timeout == 600
+
+
+def test_what_holds_the_group_is_collected_before_its_teardown(monkeypatch):
+    """DistributedDataParallel sits in a reference cycle: the group's teardown collects it first, instead of
+    leaving its gloo objects to the interpreter's exit (a SIGABRT there)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    class Cyclic:
+        pass
+
+    alive_at_teardown = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: alive_at_teardown.append(user() is not None))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gc.disable()  # only the teardown's own collection may free the cycle
+    try:
+        with distributed("cpu"):
+            cycle = Cyclic()
+            cycle.self = cycle
+            user = weakref.ref(cycle)
+            del cycle
+            assert user() is not None
+    finally:
+        gc.enable()
+    assert alive_at_teardown == [False]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])

@@ -501,57 +501,64 @@ def _threads_per_process(processes: int) -> int:
 def _sync_cost_worker(
     rank: int, processes: int, port: int, name: str, setting: Setting, modes: tuple[str, ...], path: str
 ) -> None:
-    """One process of :func:`measure_sync_cost`; rank 0 writes the rows to ``path``."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+    """One process of :func:`measure_sync_cost`, in train's process group (torchrun's variables set here); rank 0
+    writes the rows to ``path``."""
+    from .train import distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes)
+    )
     torch.set_num_threads(_threads_per_process(processes))
-    cuda = setting.device.type == "cuda"
-    setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=processes)
-    try:
-        runners: dict[tuple[str, bool], Runner] = {}
-        for key in modes:
-            for sync in (False, True):
-                build = partial(create_model, name, efficient=MODES[key])
-                runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
-                runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
-                for _ in range(setting.warmup):
-                    runner.step()
-                runners[key, sync] = runner
-        times: dict[tuple[str, bool], list[float]] = {key: [] for key in runners}
-        order = list(runners)
-        for _ in range(setting.repeats):
-            for variant in order:
-                dist.barrier()
-                elapsed = torch.tensor(runners[variant].timed_step(), device=setting.device)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                times[variant].append(float(elapsed))
-            order.reverse()
-        if rank == 0:
-            rows = []
-            for key in modes:
-                plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
-                rows.append(
-                    {
-                        "mode": key,
-                        "label": f"efficient={MODES[key]!r}",
-                        "processes": processes,
-                        "step_times": times[key, False],
-                        "sync_step_times": times[key, True],
-                        "step_s": plain,
-                        "sync_step_s": synced,
-                        "sync_time_ratio": synced / plain,
-                    }
-                )
+    with distributed(setting.device.type) as ctx:
+        rows = _sync_cost_rows(name, replace(setting, device=ctx.device), modes, processes)
+        if ctx.is_main:
             with open(path, "w") as file:
                 json.dump(rows, file)
         # Every process reaches the teardown together: one destroying its gloo group while the other's
         # connection threads still run aborts that one ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        ctx.barrier()
+
+
+def _sync_cost_rows(name: str, setting: Setting, modes: tuple[str, ...], processes: int) -> list[dict[str, Any]]:
+    """The rows of :func:`measure_sync_cost`, measured in this process's group (every process gets them)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = setting.device.type == "cuda"
+    runners: dict[tuple[str, bool], Runner] = {}
+    for key in modes:
+        for sync in (False, True):
+            build = partial(create_model, name, efficient=MODES[key])
+            runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
+            runner.model = DistributedDataParallel(runner.model, device_ids=[setting.device.index] if cuda else None)
+            for _ in range(setting.warmup):
+                runner.step()
+            runners[key, sync] = runner
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in runners}
+    order = list(runners)
+    for _ in range(setting.repeats):
+        for variant in order:
+            dist.barrier()
+            elapsed = torch.tensor(runners[variant].timed_step(), device=setting.device)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            times[variant].append(float(elapsed))
+        order.reverse()
+    rows = []
+    for key in modes:
+        plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
+        rows.append(
+            {
+                "mode": key,
+                "label": f"efficient={MODES[key]!r}",
+                "processes": processes,
+                "step_times": times[key, False],
+                "sync_step_times": times[key, True],
+                "step_s": plain,
+                "sync_step_s": synced,
+                "sync_time_ratio": synced / plain,
+            }
+        )
+    return rows
 
 
 def format_sync_table(rows: list[dict[str, Any]]) -> str:

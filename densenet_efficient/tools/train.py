@@ -45,6 +45,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import gc
 import hashlib
 import io
 import json
@@ -313,6 +314,10 @@ def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Itera
         yield DistContext(rank, world_size, target, owns)
     finally:
         if owns:
+            # DistributedDataParallel sits in a reference cycle and holds the group: left to the interpreter's
+            # exit, its gloo objects are destroyed in a half-finalized interpreter, which can abort the process
+            # with SIGABRT. Collected here, the group is destroyed with nothing left using it.
+            gc.collect()
             dist.destroy_process_group()
 
 
