@@ -111,9 +111,10 @@ def test_digits_reach_90_percent_in_every_memory_mode(recipe_runs, mode):
 
 @pytest.fixture(scope="module")
 def low_lr_runs(tmp_path_factory) -> dict:
-    """Two epochs at lr 0.01 in each mode. At lr 0.1 SGD on this tiny net is chaotic: rounding-level differences
-    (the modes agree per step to float precision) grow to percents within an epoch; at lr 0.01 they stay small."""
-    return run_every_mode(tmp_path_factory.mktemp("low-lr"), epochs=2, lr=0.01)
+    """Two epochs at lr 0.001 in each mode. SGD on this tiny net amplifies rounding-level differences (the modes
+    agree per step to float precision): at lr 0.1 to percents within an epoch, at lr 0.01 to 1e-3 of the
+    validation loss on some CPUs (an AMD EPYC); at lr 0.001 they stayed within 1e-7 there."""
+    return run_every_mode(tmp_path_factory.mktemp("low-lr"), epochs=2, lr=0.001)
 
 
 @pytest.mark.slow

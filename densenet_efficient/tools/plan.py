@@ -8,8 +8,9 @@ and the caching allocator come on top: keep some headroom.
 
 * Largest batch: a step's peak is affine in the batch size (activations scale with it; parameters, gradients
   and batch statistics do not), so two fake steps give the line and a third checks the answer.
-* Largest input (``--largest-input``): the total grows with the input side (every feature map does), so a
-  binary search over the side with fake steps finds the largest image or volume that trains at the batch size.
+* Largest input (``--largest-input``): the total grows with the input side, nearly affinely in side ** spatial
+  dims (every feature map does), so fake steps at sides interpolated on that line, inside a bracket found by
+  doubling, find the largest image or volume that trains at the batch size.
 * Deepest network of a CIFAR family: with n layers per block, once n is past a dozen or so the total is a
   quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
   modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
@@ -128,19 +129,43 @@ def largest_batch(build: Callable[[], nn.Module], budget: int, question: Questio
     return max(batch, 0)
 
 
-def largest_input(build: Callable[[], nn.Module], budget: int, question: Question, smallest: int) -> int:
+def largest_input(
+    build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
+) -> tuple[int, int | None]:
     """The largest input side (at least ``smallest``, the network's minimum) whose training total at the
-    question's batch size fits in ``budget`` bytes; 0 if not even ``smallest`` fits."""
+    question's batch size fits in ``budget`` bytes, and that total; ``(0, None)`` if not even ``smallest`` fits.
+
+    Sides are bracketed by doubling. Inside the bracket the total is close to affine in side ** spatial dims
+    (every feature map grows so), so each probe is the side where that line through the last two probes (at
+    first the bracket's ends) meets the budget, with a second probe beside it: the answer is usually settled in
+    one or two rounds, and always by fake steps (the side fits, the next one does not)."""
+    with torch.device("meta"):
+        dims = model_io(build())[2]
+    totals: dict[int, int] = {}
 
     def fits(side: int) -> bool:
-        return replace(question, input_size=side).total(build) <= budget
+        if side not in totals:
+            totals[side] = replace(question, input_size=side).total(build)
+        return totals[side] <= budget
 
     if not fits(smallest):
-        return 0
-    high = max(smallest, question.input_size)
-    while fits(high) and high < MAX_SIDE:
-        high *= 2
-    return _last_true(lambda side: side == smallest or fits(side), smallest, high)
+        return 0, None
+    low, high = smallest, max(smallest, question.input_size)
+    while fits(high):  # low fits, high is probed next
+        if high >= MAX_SIDE:
+            return high, totals[high]
+        low, high = high, 2 * high
+    probed = [low, high]
+    while high - low > 1:  # low fits, high does not
+        a, b = probed[-2:] if totals[probed[-2]] != totals[probed[-1]] else (low, high)
+        volume = a**dims + (budget - totals[a]) * (b**dims - a**dims) / (totals[b] - totals[a])
+        side = min(max(int(max(volume, 0.0) ** (1 / dims)), low + 1), high - 1)
+        low, high, beside = (side, high, side + 1) if fits(side) else (low, side, side - 1)
+        probed.append(side)
+        if low < beside < high:
+            low, high = (beside, high) if fits(beside) else (low, beside)
+            probed.append(beside)
+    return low, totals[low]
 
 
 @dataclass(frozen=True)
@@ -317,8 +342,7 @@ def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, q
     rows: list[dict] = []
     for key, mode in modes.items():
         build = partial(create_model, name, efficient=mode)
-        side = largest_input(build, budget, question, smallest)
-        total = replace(question, input_size=side).total(build) if side else None
+        side, total = largest_input(build, budget, question, smallest)
         rows.append({"mode": key, "side": side, "total_bytes": total})
         naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
         ratio = f"{side / naive:.2f}" if naive and side else "-"
