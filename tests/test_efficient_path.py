@@ -5,6 +5,8 @@ buffers and hook calls, and, where the function must still run, the bytes saved 
 """
 
 import copy
+import functools
+import types
 import warnings
 
 import pytest
@@ -97,6 +99,16 @@ def _pre_hook(layer):
     layer.norm1.register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,))
 
 
+def _instance_forward(layer):
+    conv = layer.conv1
+    conv.forward = types.MethodType(lambda self, x: nn.Conv2d.forward(self, x) * 2, conv)
+
+
+def _instance_partial_forward(layer):  # accelerate's hooks replace forward with a functools.partial
+    norm = layer.norm2
+    norm.forward = functools.partial(lambda module, x: nn.BatchNorm2d.forward(module, x + 1), norm)
+
+
 FALLBACKS = {
     "bias": (_bias_conv, "has a bias"),
     "reflect padding": (_reflect_conv, "padding_mode='reflect'"),
@@ -109,6 +121,8 @@ FALLBACKS = {
     "prune": (_prune, "has hooks"),
     "forward hook": (_output_hook, "has hooks"),
     "forward pre-hook": (_pre_hook, "has hooks"),
+    "forward set on the instance": (_instance_forward, "own forward set on the instance"),
+    "partial forward on the instance": (_instance_partial_forward, "own forward set on the instance"),
 }
 
 
@@ -182,6 +196,61 @@ def test_global_module_hooks_see_every_module(mode):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny(mode)(batch()[0]).sum().backward()
+
+
+def _tracked_step(model, x, tracker):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracker:
+            model(x).sum().backward()
+    return fallback_warnings(caught)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_memory_tracker_sees_the_saving(mode):
+    """torch's MemTracker registers global module hooks that only observe: the efficient path runs under it,
+    and the peak it reports is the efficient one (bytes it tracks are deterministic)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    def peak(efficient):
+        model, tracker = tiny(efficient), MemTracker()
+        tracker.track_external(model)
+        assert not _tracked_step(model, torch.randn(8, 3, 16, 16), tracker)
+        (per_device,) = tracker.get_tracker_snapshot("peak").values()
+        return per_device["Total"]
+
+    ratio = peak(mode) / peak(False)
+    assert ratio < {True: 0.6, "max": 0.45}[mode], ratio
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_trackers_see_the_layers_and_the_efficient_path(mode):
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = tiny(mode), batch()[0]
+    with saved_tensor_bytes(exclude=tuple(model.parameters()) + tuple(model.buffers())) as untracked:
+        model(x).sum().backward()
+    tracker = ModTracker()
+    parents = set()
+    tracker.register_user_hooks(pre_fw_hook=lambda module, inputs: parents.update(tracker.parents))
+    with saved_tensor_bytes(exclude=tuple(model.parameters()) + tuple(model.buffers())) as tracked:
+        assert not _tracked_step(model, x, tracker)
+    assert tracked.bytes == untracked.bytes  # the same bytes saved for backward: the efficient path ran
+    assert any(name.endswith(LAYER) for name in parents)  # the dense layers are still seen
+    counter = FlopCounterMode(display=False)
+    assert not _tracked_step(model, x, counter)
+    naive = _flops(tiny(False), x)
+    # FlopCounterMode counts what ran: True recomputes no convolution, "max" the bottleneck's in backward.
+    assert counter.get_total_flops() == naive if mode is True else counter.get_total_flops() > naive
+
+
+def _flops(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -260,3 +329,99 @@ def test_eval_mode_batch_norms_in_a_training_model_keep_the_savings(mode):
         assert_same_training(base, *batch(), mode)
         efficient_bytes = saved_bytes(copy.deepcopy(base).set_efficient(mode), x)
     assert efficient_bytes < 0.6 * saved_bytes(copy.deepcopy(base), x)
+
+
+def _imagenet_stem(mode=False, spatial_dims=2):
+    torch.manual_seed(0)
+    sizes = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8, "num_classes": 5}
+    return de.DenseNet(**sizes, efficient=mode, spatial_dims=spatial_dims)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("module", ["relu0", "pool0", "relu5"])
+def test_a_forward_set_on_a_fused_module_runs_it(module, mode):
+    """The stem (conv0, norm0, relu0, pool0) and the final norm and ReLU run as one function only when each module
+    computes what its class does: a forward replaced on the instance is called, as in efficient=False."""
+
+    def make():
+        model = _imagenet_stem()
+        target = model.features.get_submodule(module)
+        target.forward = types.MethodType(lambda self, x: type(self).forward(self, x) * 0.5, target)
+        return model
+
+    x, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    assert not torch.allclose(make()(x), _imagenet_stem()(x))  # the replaced forward changes the output
+    assert_same_training(make, x, targets, mode)
+
+
+SMALL_BATCHES = {  # spatial dims -> an input whose last block sees one value per channel
+    1: torch.randn(1, 3, 8),
+    2: torch.randn(1, 3, 8, 8),
+    3: torch.randn(1, 3, 8, 8, 8),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_one_value_per_channel_raises_as_plain_autograd_and_keeps_the_buffers(spatial_dims, mode):
+    """Batch 1 with a 1-pixel map in the last block: efficient=False raises batch norm's ValueError; the efficient
+    modes raise it too, and write no NaN into running_var (every buffer as plain autograd leaves it)."""
+    x = SMALL_BATCHES[spatial_dims]
+
+    def step(efficient):
+        model = _imagenet_stem(efficient, spatial_dims)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            model(x).sum().backward()
+        return dict(model.named_buffers())
+
+    expected = step(False)
+    for name, buffer in step(mode).items():
+        assert not buffer.isnan().any(), name
+        torch.testing.assert_close(buffer, expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_an_empty_batch_trains_as_in_plain_autograd(spatial_dims, mode):
+    x = SMALL_BATCHES[spatial_dims].new_empty((0, *SMALL_BATCHES[spatial_dims].shape[1:]))
+
+    def step(efficient):
+        model = _imagenet_stem(efficient, spatial_dims)
+        output = model(x)
+        output.sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return output, grads, dict(model.named_buffers())
+
+    expected, actual = step(False), step(mode)
+    assert actual[0].shape == expected[0].shape == (0, 5)
+    torch.testing.assert_close(actual[1:], expected[1:], rtol=0, atol=0)
+
+
+def test_the_stems_normalisation_of_one_value_raises_inside_the_function():
+    """The stem's batch norm sees the convolution's output, not the input the path was chosen on: a 2x2 image
+    at batch 1 is one value per channel after the stride-2 convolution, and the function raises as the module."""
+    from densenet_efficient.core.functional import conv_bn_relu_max_pool
+
+    for mode in (False, True):
+        torch.manual_seed(0)
+        conv, norm = nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(4)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            conv_bn_relu_max_pool(torch.randn(1, 3, 2, 2), conv, norm, nn.MaxPool2d(3, 2, 1), mode)
+        assert torch.equal(norm.running_var, torch.ones(4)) and int(norm.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_mode_ad_runs_the_plain_modules(mode):
+    from torch.autograd import forward_ad
+
+    x, tangent = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+
+    def jvp(efficient):
+        model = tiny(efficient)
+        with forward_ad.dual_level():
+            output = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent)))
+        return output.primal, output.tangent, dict(model.named_buffers())
+
+    expected, actual = jvp(False), jvp(mode)
+    torch.testing.assert_close(actual[:2], expected[:2], rtol=0, atol=0)
+    torch.testing.assert_close(actual[2], expected[2], rtol=0, atol=0)

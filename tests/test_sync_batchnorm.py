@@ -285,3 +285,31 @@ def test_a_process_with_an_empty_batch_takes_part_without_changing_the_statistic
     for rank in (empty, full):
         for name, buffer in reference.named_buffers():
             assert_close(rank["buffers"][name], buffer, name)
+
+
+def _one_value_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
+    """Rank 0 holds no image, rank 1 one image of one pixel: one value per channel across the group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        norm = de.convert_sync_batchnorm(nn.BatchNorm2d(3))
+        try:
+            norm(torch.randn(rank, 3, 1, 1, requires_grad=True)).sum().backward()
+            error = ""
+        except ValueError as exc:
+            error = str(exc)
+        torch.save({"error": error, "buffers": dict(norm.named_buffers())}, Path(result_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_value_per_channel_across_the_group_raises_on_every_process_and_keeps_the_buffers(tmp_path):
+    mp.spawn(_one_value_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "more than 1 value per channel" in result["error"]
+        assert torch.equal(result["buffers"]["running_var"], torch.ones(3))
+        assert torch.equal(result["buffers"]["running_mean"], torch.zeros(3))

@@ -4,7 +4,7 @@ It imports nothing else of the project. The model factories (``densenet121_effic
 the registry, which is the one list of them.
 """
 
-from . import compiled_op as compiled_op  # registers the operator the efficient layers run as under torch.compile
+from . import compiled_op as compiled_op  # defines the operators the efficient layers run as under torch.compile
 from . import registry
 from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode

@@ -71,6 +71,12 @@ def sync_statistics(
     stacked = torch.stack(gathered)
     means, variances, counts = stacked[:, :channels], stacked[:, channels : 2 * channels], stacked[:, -1:]
     total = counts.sum()
+    # As nn.BatchNorm2d: the variance of one value would write NaN into running_var. (Read on the host only where
+    # this process holds fewer than two values: the check costs no device synchronisation otherwise.)
+    if count < 2 and total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {int(total)} across the process group"
+        )
     mean = (counts * means).sum(0) / total
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
     if running_mean is not None and running_var is not None:
@@ -95,6 +101,8 @@ def batch_norm_train(
     ``x`` is normalised with them by the inference kernel.
     """
     if sync is None:
+        if x.numel() == x.shape[1]:  # as nn.BatchNorm2d: a variance of one value would write NaN into running_var
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
         return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
     mean, var = sync_statistics(x, running_mean, running_var, momentum, sync)
     output = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]

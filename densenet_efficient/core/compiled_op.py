@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from . import functional
 from .functional import _BnReluConvChain, _ConvBnReluMaxPool, _MaxPool, _Stage, autocast_dtype, autocast_off
 
 # Stage kinds: how a stage's batch norm normalises, and which running statistics it holds.
@@ -410,5 +409,8 @@ def conv_bn_relu_max_pool(
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]
 
 
-functional._compiled_chain = bn_relu_conv_chain
-functional._compiled_stem = conv_bn_relu_max_pool
+# What functional._apply runs under torch.compile instead of each autograd function.
+OPERATORS: dict[type[torch.autograd.Function], Callable[..., Any]] = {
+    _BnReluConvChain: bn_relu_conv_chain,
+    _ConvBnReluMaxPool: conv_bn_relu_max_pool,
+}

@@ -3,11 +3,17 @@
 The function reads a stage's tensors and settings (``norm.weight``, ``norm.running_mean``, ``conv.weight``,
 ``conv.stride``, ...) and never calls the modules. It therefore computes a stage exactly only when the modules do
 nothing but what it computes: batch norm (training or eval mode) or a norm with fixed statistics, a ReLU, and a
-bias-free, zero-padded convolution, with no hooks that expect the modules to be called. Everything else (another
-norm, a convolution with a bias or its own ``forward``, hooks, legacy reparametrisations, quantisation-aware
-training) runs the plain modules for that layer, exactly, with a one-time warning that names the layer and says
-that its memory saving is lost. ``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor
-evaluates its parametrisation, differentiably.
+bias-free, zero-padded convolution, with no hooks that expect the modules to be called and nothing set on the
+instance that replaces what its class computes. Everything else (another norm, a convolution with a bias or its
+own ``forward``, a ``forward`` set on one instance, hooks, legacy reparametrisations, quantisation-aware training)
+runs the plain modules for that layer, exactly, with a one-time warning that names the layer and says that its
+memory saving is lost. ``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor evaluates its
+parametrisation, differentiably.
+
+The hook rule: a hook on a module inside a layer (its own, or a global hook, which may look at any module's
+class) sends the layer to its plain modules. The global hooks of torch's module trackers (``ModTracker``:
+``MemTracker``, ``CommDebugMode``; ``ModuleTracker``: ``FlopCounterMode``) only observe where modules begin and
+end: they see the dense layers, transitions and everything above them, and the efficient path and its saving.
 
 The checks read types, attributes and hook dictionaries on every call (a few dictionary look-ups per stage), so
 hooks or modules added at any time are seen.
@@ -77,14 +83,30 @@ def is_frozen_norm(norm: nn.Module) -> bool:
     return _kind(norm) == "frozen"
 
 
+# Classes (and their subclasses) whose global module hooks only observe module boundaries.
+_OBSERVERS = frozenset({"torch.utils.module_tracker.ModuleTracker", "torch.distributed._tools.mod_tracker.ModTracker"})
+_observer_types: dict[type, bool] = {}
+
+
+def _is_observer(hook: object) -> bool:
+    """Whether ``hook`` is a method of one of torch's module trackers (see :data:`_OBSERVERS`)."""
+    cls = type(getattr(hook, "__self__", None))
+    observer = _observer_types.get(cls)
+    if observer is None:
+        observer = _observer_types[cls] = any(f"{c.__module__}.{c.__qualname__}" in _OBSERVERS for c in cls.__mro__)
+    return observer
+
+
 def has_global_module_hooks() -> bool:
-    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_*_hook``)."""
-    return bool(
-        module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-        or module_hooks._global_backward_hooks
-        or module_hooks._global_backward_pre_hooks
+    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_*_hook``) other
+    than torch's module trackers' (they only observe module boundaries)."""
+    hook_dicts = (
+        module_hooks._global_forward_hooks,
+        module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks,
+        module_hooks._global_backward_pre_hooks,
     )
+    return any(not _is_observer(hook) for hooks in hook_dicts for hook in hooks.values())
 
 
 def _own_hooks(module: nn.Module) -> bool:
@@ -93,9 +115,25 @@ def _own_hooks(module: nn.Module) -> bool:
     )
 
 
-def has_module_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks: its own (forward, forward pre-, backward) or global ones."""
-    return _own_hooks(module) or has_global_module_hooks()
+_methods: dict[type, frozenset[str]] = {}  # class -> names of its methods (cached: a class does not change)
+
+
+def _instance_override(module: nn.Module) -> str | None:
+    """The name of a method of ``module``'s class that the instance replaces (``module.forward = ...``:
+    ``types.MethodType``, ``functools.partial``, accelerate's hooks), or ``None``."""
+    cls = type(module)
+    methods = _methods.get(cls)
+    if methods is None:
+        methods = _methods[cls] = frozenset(
+            name for name in dir(cls) if not name.startswith("__") and callable(getattr(cls, name, None))
+        )
+    return next((name for name in module.__dict__ if name in methods), None)
+
+
+def is_customised(module: nn.Module) -> bool:
+    """Whether calling ``module`` may do other than its class's ``forward``: hooks (its own, or global ones other
+    than torch's module trackers'), or a method replaced on the instance."""
+    return _own_hooks(module) or _instance_override(module) is not None or has_global_module_hooks()
 
 
 def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
@@ -110,8 +148,8 @@ def _norm_obstacle(norm: nn.Module) -> str | None:
         act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
         if not _is_exactly(act, nn.ReLU, nn.Identity) or not _is_exactly(drop, nn.Identity):
             return f"is a {type(norm).__name__} with activation {type(act).__name__} and dropout {type(drop).__name__}"
-        if _own_hooks(act) or _own_hooks(drop):
-            return "has hooks on its activation or dropout"
+        if is_customised(act) or is_customised(drop):
+            return "has hooks or a replaced method on its activation or dropout"
     elif kind != "batch_norm":
         return f"is a {type(norm).__name__}, not a batch norm"
     if norm.weight is None or norm.bias is None:
@@ -143,6 +181,9 @@ def efficient_obstacle(
             if module is None:  # a BN-ReLU without convolution
                 continue
             reason = obstacle(module)
+            override = _instance_override(module)
+            if reason is None and override is not None:
+                reason = f"has its own {override} set on the instance (not its class's)"
             if reason is None and _own_hooks(module):
                 reason = "has hooks (forward, forward pre- or backward hooks, or a legacy weight_norm, spectral_norm "
                 reason += "or prune reparametrisation, or quantisation-aware training's observers)"

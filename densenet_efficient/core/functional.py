@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -561,17 +562,13 @@ class _BnReluConvChain(torch.autograd.Function):
         return (None, None, *(next(grads) if needed else None for needed in needs_grad))
 
 
-# torch.compile traces through an autograd function and then chooses what to save itself: under compilation the
-# chain and the stem run as the opaque operators of .compiled_op instead, which registers them here when it is
-# imported (each takes its function's ``apply`` arguments).
-_compiled_chain: Callable[..., Tensor] | None = None
-_compiled_stem: Callable[..., Any] | None = None
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)`` or, under ``torch.compile``, its opaque operator from :mod:`.compiled_op`
+    (torch.compile traces through an autograd function and then chooses what to save itself)."""
+    if torch.compiler.is_compiling():
+        from . import compiled_op  # it imports this module, so it is imported here rather than at the top
 
-
-def _apply(function: type[torch.autograd.Function], compiled: Callable[..., Any] | None, *args: Any) -> Any:
-    """``function.apply(*args)``, or under ``torch.compile`` ``compiled(*args)``, its opaque operator."""
-    if compiled is not None and torch.compiler.is_compiling():
-        return compiled(*args)
+        return compiled_op.OPERATORS[function](*args)
     return function.apply(*args)
 
 
@@ -583,9 +580,10 @@ def _use_function(
 ) -> bool:
     """Whether the memory-efficient autograd function should run on ``features`` with the ``(norm, conv)`` pairs
     of ``stages`` (``conv`` ``None`` for a BN-ReLU): ``efficient`` set and a backward pass to come (grad enabled
-    and something requiring it), outside ``torch.func`` transforms and ``torch.jit.trace``, which cannot run it
-    (they get plain modules), and modules that it computes exactly (see :mod:`.eligibility`; otherwise a one-time
-    warning names ``owner``, the layer they belong to). Tracing a training model raises a ``RuntimeError`` that
+    and something requiring it), outside ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace``, which
+    cannot run it, and batches too small for batch norm's statistics (they get plain modules), and modules that it
+    computes exactly (see :mod:`.eligibility`; otherwise a one-time warning names ``owner``, the layer they belong
+    to). Tracing a training model raises a ``RuntimeError`` that
     names the alternatives."""
     modules = [module for pair in stages for module in pair if module is not None]
     needs_grad = torch.is_grad_enabled() and (
@@ -599,13 +597,28 @@ def _use_function(
             "efficient=False (model.set_efficient(False)) for a training trace, or use torch.compile or "
             "torch.fx (they keep the memory savings)"
         )
-    if not efficient or not needs_grad or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+    if (
+        not efficient
+        or not needs_grad
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0  # forward-mode AD: the function has no jvp
+        or torch.jit.is_tracing()
+        or _too_few_values(features[0], training)
+    ):
         return False
     obstacle = efficient_obstacle(stages)
     if obstacle is not None:
         warn_fallback(owner if owner is not None else modules[0], *obstacle)
         return False
     return True
+
+
+def _too_few_values(x: Tensor, training: bool) -> bool:
+    """Whether batch norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch (batch norm
+    passes it through) or, in training, one value per channel (batch norm raises; the function would write NaN
+    into ``running_var``). Either way there is nothing to save."""
+    values = x.numel() // max(x.shape[1], 1)
+    return values == 0 or (training and values == 1)
 
 
 def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
@@ -643,7 +656,7 @@ def bn_relu_conv(
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
         chain = tuple(_stage(norm, conv) for norm, conv in stages)
-        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
         # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
@@ -680,7 +693,7 @@ def bn_relu_conv_pool(
         _check_channels(features, norm)
         chain = (_stage(norm, conv, pool=True),)
         params = (norm.weight, norm.bias, conv.weight)
-        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
     return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient, owner))
 
 
@@ -697,7 +710,7 @@ def bn_relu(
         _check_channels(features, norm)
         chain = (_stage(norm, None),)
         params = (norm.weight, norm.bias, None)
-        return _apply(_BnReluConvChain, _compiled_chain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
     return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
 
 
@@ -1019,7 +1032,6 @@ def conv_bn_relu_max_pool(
     ):
         outputs = _apply(
             _ConvBnReluMaxPool,
-            _compiled_stem,
             _stage(norm, conv),
             _MaxPool.of(pool, x.dim() - 2),
             keep_activation,

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .config import architecture_cfg, min_input_side
-from .eligibility import has_module_hooks
+from .eligibility import is_customised
 from .functional import MemoryMode, bn_relu, bn_relu_conv, bn_relu_conv_pool, check_memory_mode, conv_bn_relu_max_pool
 
 STEMS = ("imagenet", "cifar")
@@ -264,7 +264,7 @@ def _block_features(block: nn.Module, features: List[Tensor]) -> List[Tensor]:
         if node.op == "call_function" and node.target is torch.cat:
             return _TracedBlockMaps([torch.fx.Proxy(part, output.tracer) for part in node.args[0]], output)
         return [output]  # the tracer keeps the block as a leaf
-    if has_module_hooks(block):
+    if is_customised(block):
         return [block(features)]
     return block.extend(features)  # type: ignore[operator]
 
@@ -358,13 +358,13 @@ class DenseFeatures(nn.Sequential):
         modules = list(self._modules.values())[index:]
         names = list(self._modules)[index:]
         if names[:4] == ["conv0", "norm0", "relu0", "pool0"] and type(modules[2]) is nn.ReLU:
-            if not any(has_module_hooks(m) for m in modules[:4]) and index not in taps and index + 1 not in taps:
+            if not any(is_customised(m) for m in modules[:4]) and index not in taps and index + 1 not in taps:
                 pooled, activation = conv_bn_relu_max_pool(
                     _concat(features), modules[0], modules[1], modules[3], self.efficient, index + 2 in taps, self
                 )
                 return [pooled], index + 4, {} if activation is None else {index + 2: activation}
         if len(modules) >= 2 and isinstance(modules[0], _BatchNorm) and type(modules[1]) is nn.ReLU:
-            if not any(has_module_hooks(m) for m in modules[:2]) and index not in taps:
+            if not any(is_customised(m) for m in modules[:2]) and index not in taps:
                 return [bn_relu(features, modules[0], self.efficient, self)], index + 2, {}
         return None
 
