@@ -54,11 +54,30 @@ def test_global_pool_values_and_errors():
     expected = 0.5 * (features.mean((2, 3)) + features.amax((2, 3)))
     torch.testing.assert_close(model(x), expected)
     assert small("densenet_40_k12", num_classes=0, global_pool="").eval()(x).shape == features.shape
-    with pytest.raises(ValueError, match=r"global_pool must be one of \('avg', 'max', 'avgmax', ''\)"):
+    with pytest.raises(ValueError, match=r"global_pool must be one of \('avg', 'max', 'avgmax', 'catavgmax', ''"):
         small("densenet_40_k12", global_pool="mean")
     with pytest.raises(ValueError, match="global_pool='' .* needs num_classes=0, got num_classes=10"):
         small("densenet_40_k12", global_pool="")
     assert small("densenet_40_k12").config["global_pool"] == "avg"
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max", "avgmax", "catavgmax", "fast", "fastcatavgmax"])
+def test_global_pool_matches_timms_densenet121_with_the_same_weights(global_pool):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = timm.create_model("densenet121", global_pool=global_pool, num_classes=7).eval()
+    model = de.create_model("densenet121_efficient", global_pool=global_pool, num_classes=7).eval()
+    model.load_state_dict(reference.state_dict())  # strict: the classifier reads the same pooled width
+    assert model.head_hidden_size == reference.get_classifier().in_features
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
+            reference.forward_head(reference.forward_features(x), pre_logits=True).flatten(1),
+        )
+    model.reset_classifier(3, global_pool)
+    assert model.classifier.in_features == model.head_hidden_size and model(x).shape == (2, 3)
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from .eligibility import is_customised
 from .functional import MemoryMode, bn_relu, bn_relu_conv, bn_relu_conv_pool, check_memory_mode, conv_bn_relu_max_pool
 
 STEMS = ("imagenet", "cifar")
-GLOBAL_POOLS = ("avg", "max", "avgmax", "")
+# timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
 # timm's MATCH_PREV_GROUP: a group_matcher ordinal that puts a parameter in the previous group.
 _MATCH_PREV_GROUP = (99999,)
 
@@ -486,22 +487,36 @@ def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: 
 torch.fx.wrap("_checked_input")
 
 
+def _pool_kind(pool_type: str) -> str:
+    """``pool_type`` without timm's ``fast`` prefix: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""``."""
+    return "avg" if pool_type == "fast" else pool_type[4:] if pool_type.startswith("fast") else pool_type
+
+
+def _pooled_width(num_features: int, pool_type: str) -> int:
+    """Width of the pooled features: twice ``num_features`` for ``catavgmax``."""
+    return 2 * num_features if _pool_kind(pool_type) == "catavgmax" else num_features
+
+
 def _global_pool(x: Tensor, pool_type: str) -> Tensor:
-    """(N, C, *spatial) -> (N, C): ``"avg"``, ``"max"`` or ``"avgmax"`` (their mean, as timm); ``""``: ``x``."""
-    if pool_type == "":
+    """(N, C, *spatial) -> (N, C): ``"avg"``, ``"max"``, ``"avgmax"`` (their mean, as timm), or (N, 2C):
+    ``"catavgmax"`` (both, concatenated); ``""``: ``x``. timm's ``fast`` spellings are the same."""
+    kind = _pool_kind(pool_type)
+    if kind == "":
         return x
     flat = x.flatten(2)
-    if pool_type == "avg":
+    if kind == "avg":
         return flat.mean(2)
-    if pool_type == "max":
+    if kind == "max":
         return flat.amax(2)
+    if kind == "catavgmax":
+        return torch.cat([flat.mean(2), flat.amax(2)], 1)
     return 0.5 * (flat.mean(2) + flat.amax(2))
 
 
 def _check_pool(global_pool: object, num_classes: int) -> str:
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' for no pooling), got {global_pool!r}")
-    if global_pool == "" and num_classes:
+    if _pool_kind(global_pool) == "" and num_classes:
         raise ValueError(
             f"global_pool='' (unpooled feature maps) needs num_classes=0, got num_classes={num_classes}: "
             "a linear classifier needs pooled features"
@@ -548,8 +563,9 @@ class DenseNet(nn.Module):
             and batch-norm statistics; they differ in memory and time.
         arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
             weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
-        global_pool: pooling before the classifier: ``"avg"`` (default), ``"max"``, ``"avgmax"`` (their mean, as
-            in timm) or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
+        global_pool: pooling before the classifier, timm's values: ``"avg"`` (default), ``"max"``, ``"avgmax"``
+            (their mean), ``"catavgmax"`` (both, concatenated: the classifier reads ``2 * num_features``), their
+            ``"fast..."`` spellings, or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
 
     Input (N, in_chans, H, W), or (N, in_chans, D, H, W) / (N, in_chans, L); output (N, num_classes) logits.
 
@@ -646,10 +662,11 @@ class DenseNet(nn.Module):
         features.add_module("relu5", nn.ReLU(inplace=True))
         features.efficient = efficient
         self.features = features
-        self.num_features = self.head_hidden_size = num_features
+        self.num_features = num_features
+        self.head_hidden_size = _pooled_width(num_features, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+        self.classifier: nn.Module = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         name_layers(self)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = min_input_side(stem, len(block_config))
@@ -734,9 +751,10 @@ class DenseNet(nn.Module):
         global_pool = _check_pool(global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
         self.config["global_pool"] = self.global_pool = global_pool
+        self.head_hidden_size = _pooled_width(self.num_features, global_pool)
         param = next(self.parameters())
         if num_classes:
-            self.classifier = nn.Linear(self.num_features, num_classes, device=param.device, dtype=param.dtype)
+            self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=param.device, dtype=param.dtype)
             nn.init.zeros_(self.classifier.bias)
         else:
             self.classifier = nn.Identity()
@@ -809,7 +827,7 @@ class DenseNet(nn.Module):
         self.features = DenseFeatures(OrderedDict(list(self.features.named_children())[: end + 1]))
         self.features.efficient = efficient
         if pruned_end:
-            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+            self.num_features = self.feature_info[last]["num_chs"]
         if prune_head or pruned_end:
             self.reset_classifier(0, "")
         return taken
