@@ -914,3 +914,75 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next_run_and_nothing_e
         fcntl.flock(live, fcntl.LOCK_EX)
         train_module.prepare_output(digits_config(tmp_path, resume=True).resolved())
     assert [path.exists() for path in stale + kept] == [False, False, True, True, True]
+
+
+# -- fail-closed input and output -----------------------------------------------------------------------------------
+
+
+def test_a_dataset_with_one_class_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    _digits_imagefolder(tmp_path / "images", range(1))
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self, epoch: pytest.fail("training started"))
+    args = ["train", "--dataset", "imagefolder", "--data", str(tmp_path / "images"), "--image-size", "8"]
+    assert main([*args, "--output", str(tmp_path / "run"), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "1 class" in line and "at least 2" in line
+    assert not any(p.name != train_module.LOCK_FILENAME for p in (tmp_path / "run").rglob("*") if p.is_file())
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    original = Trainer._train_epoch
+
+    def interrupted_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted_in_epoch_2)
+    args = ["train", "--output", str(tmp_path / "run"), "--image-size", "8", "--epochs", "2", "--no-progress"]
+    args += ["--model-arg", "block_config=1,1,1", "--no-export"]
+    assert main(args) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "interrupted" in line and "--resume" in line
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    assert main([*args, "--resume"]) == 0
+    assert [p.name for p in checkpoints(tmp_path / "run")][-1] == "epoch-0002.pt"
+
+
+def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_links_to(one_epoch, tmp_path):
+    output = _copy(one_epoch, tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(output / "checkpoints", elsewhere)
+    (output / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = {path.name: path.read_bytes() for path in elsewhere.iterdir()}
+    train(digits_config(output, epochs=1, export=False, overwrite=True))
+    assert {path.name: path.read_bytes() for path in elsewhere.iterdir()} == before
+    assert not (output / "checkpoints").is_symlink() and checkpoints(output)
+
+
+def test_a_checkpoint_swapped_after_its_check_is_not_read(one_epoch, tmp_path, monkeypatch):
+    """The model file is hashed and deserialised from the same bytes: replacing the file once its hash is taken
+    (another run's weights) changes nothing that load_checkpoint returns."""
+    (path,) = checkpoints(one_epoch)
+    expected = load_checkpoint(path)[0]
+    model_path = path.with_suffix(".safetensors")
+    other = dict(expected, **{"classifier.bias": expected["classifier.bias"] + 1})
+    import safetensors.torch
+
+    other_bytes = safetensors.torch.save(other)
+    real_sha256 = hashlib.sha256
+
+    class SwapAfterHashing:
+        def __init__(self, data=b""):
+            self.hash = real_sha256(data)
+
+        def update(self, data):
+            self.hash.update(data)
+
+        def hexdigest(self):
+            model_path.write_bytes(other_bytes)  # the check is done: the file changes now
+            return self.hash.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", SwapAfterHashing)
+    loaded = load_checkpoint(path)[0]
+    assert model_path.read_bytes() == other_bytes  # the swap happened
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)

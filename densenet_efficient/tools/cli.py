@@ -21,7 +21,7 @@ from ..core import list_models
 from .common import UsageError
 
 DEBUG_ENV = "DENSENET_EFFICIENT_DEBUG"
-EXIT_FAILURE, EXIT_USAGE = 1, 2
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -106,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+        kept = " (checkpoints written so far are kept: --resume continues the run)" if args.command == "train" else ""
+        print(f"densenet-efficient {args.command}: interrupted{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # every failure becomes one line and an exit status; --debug shows the traceback
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         print(f"densenet-efficient {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
-from ..pretrained.files import file_sha256, lock_file, remove_stale_temporaries, write_atomically
+from ..pretrained.files import lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
@@ -405,6 +405,11 @@ class Trainer:
         self.splits = _data(config)
         if download_first and ctx.is_main:
             ctx.barrier()
+        if self.splits.num_classes < 2:
+            raise UsageError(
+                f"{config.dataset} has {self.splits.num_classes} class ({', '.join(self.splits.classes)}): a "
+                "classifier needs at least 2 classes (one sub-folder per class)"
+            )
         num_classes = config.num_classes or self.splits.num_classes
         if num_classes != self.splits.num_classes:
             raise ValueError(
@@ -508,7 +513,7 @@ class Trainer:
         planned = state["config"].get("epochs", self.config.epochs)
         if planned != self.config.epochs:
             self._reschedule(planned)
-        self._check_best()
+        self._verified_best()
 
     def _execution(self) -> dict[str, Any]:
         """How this run executes: what a checkpoint records besides the recipe (see :data:`REFUSED_ON_RESUME`)."""
@@ -553,29 +558,32 @@ class Trainer:
                 stacklevel=2,
             )
 
-    def _check_best(self) -> None:
-        """``best.safetensors`` must be the file this run's checkpoints recorded (by sha256), else the export would
-        be another run's or another epoch's weights. If it is missing or another file (a crash between a checkpoint
-        and the best weights it records, or another run's file) and the best epoch's checkpoint is still kept (its
-        model file has the same bytes), it is restored from there with a warning; otherwise
-        :class:`CheckpointError` says what is missing and what to do."""
+    def _verified_best(self) -> bytes | None:
+        """The bytes of ``best.safetensors``, which must be the file this run's checkpoints recorded (by sha256), else
+        the export would be another run's or another epoch's weights; ``None`` where nothing is recorded. The bytes
+        hashed are the bytes returned: nothing reads the file again after the check. If it is missing or another
+        file (a crash between a checkpoint and the best weights it records, or another run's file) and the best
+        epoch's checkpoint is still kept (its model file has the same bytes), it is restored from there with a
+        warning; otherwise :class:`CheckpointError` says what is missing and what to do."""
         recorded = self.best.get("sha256")
         if recorded is None:  # rank > 0 of a run not resumed, or checkpoints older than run ids
-            return
+            return None
         path, epoch = self.output / BEST_FILENAME, self.best["epoch"]
-        if path.is_file() and file_sha256(path) == recorded:
-            return
+        data = path.read_bytes() if path.is_file() else None
+        if data is not None and hashlib.sha256(data).hexdigest() == recorded:
+            return data
         found = (
             f"holds {_weights_origin(path)}, not epoch {epoch} of run {self.run_id}" if path.is_file() else "is missing"
         )
         kept = self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
-        if kept.is_file() and file_sha256(kept) == recorded:
+        data = kept.read_bytes() if kept.is_file() else None
+        if data is not None and hashlib.sha256(data).hexdigest() == recorded:
             if self.ctx.is_main:
-                write_atomically(path, kept.read_bytes())
+                write_atomically(path, data)
                 warnings.warn(
                     f"{path} {found}; restored the best weights of this run (epoch {epoch}) from {kept}", stacklevel=2
                 )
-            return
+            return data
         raise CheckpointError(
             f"{path} {found}: it must hold the weights of epoch {epoch}, the best of this run so far, which are "
             f"exported at the end, and {kept} (the same weights) is no longer kept. Restore {path.name} from a backup "
@@ -722,12 +730,12 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """Test the best weights; rank 0 writes results.json, curves.png and the export."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         best_file = self.output / BEST_FILENAME
-        self._check_best()
-        self.ctx.barrier()
-        self.model.load_state_dict(load_file(best_file, device=str(self.ctx.device)))
+        verified = self._verified_best()
+        self.ctx.barrier()  # rank 0 has checked (or restored) the file the other processes read
+        self.model.load_state_dict(load(verified if verified is not None else best_file.read_bytes()))
         results = {
             "best_epoch": self.best["epoch"],
             "best_score": self.best["score"],
@@ -891,7 +899,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     Raises :class:`CheckpointError` naming the file, and the previous checkpoint if there is one, when either file
     is missing, truncated or corrupt, or when the model file is not the one the state was saved with.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     model_path = path.with_suffix(".safetensors")
@@ -907,12 +915,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}){hint}") from error
     if not isinstance(state, dict) or "model_sha256" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of densenet-efficient{hint}")
-    if file_sha256(model_path) != state["model_sha256"]:
+    model_bytes = model_path.read_bytes()  # hashed and deserialised: the file is not read again after the check
+    if hashlib.sha256(model_bytes).hexdigest() != state["model_sha256"]:
         raise CheckpointError(
             f"{model_path} is truncated, corrupt or from another checkpoint: its sha256 differs "
             f"from the one {path.name} recorded{hint}"
         )
-    return load_file(model_path), state
+    return load(model_bytes), state
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -979,7 +988,11 @@ def prepare_output(config: TrainConfig) -> None:
                 f"to delete its run files and start afresh, or another --output folder"
             )
         for name in RUN_FOLDERS:
-            shutil.rmtree(output / name, ignore_errors=True)
+            folder = output / name
+            if folder.is_symlink() or folder.is_file():  # the link itself goes, not what it points to
+                folder.unlink()
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
         for name in RUN_FILES:
             (output / name).unlink(missing_ok=True)
     try:
