@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -407,10 +407,3 @@ def conv_bn_relu_max_pool(
     updated = arguments[0]
     _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]
-
-
-# What functional._apply runs under torch.compile instead of each autograd function.
-OPERATORS: dict[type[torch.autograd.Function], Callable[..., Any]] = {
-    _BnReluConvChain: bn_relu_conv_chain,
-    _ConvBnReluMaxPool: conv_bn_relu_max_pool,
-}

@@ -562,13 +562,13 @@ class _BnReluConvChain(torch.autograd.Function):
         return (None, None, *(next(grads) if needed else None for needed in needs_grad))
 
 
-def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
-    """``function.apply(*args)`` or, under ``torch.compile``, its opaque operator from :mod:`.compiled_op`
-    (torch.compile traces through an autograd function and then chooses what to save itself)."""
+def _apply(function: type[torch.autograd.Function], operator: str, *args: Any) -> Any:
+    """``function.apply(*args)`` or, under ``torch.compile``, :mod:`.compiled_op`'s ``operator``, the function as
+    one opaque operator (torch.compile traces through an autograd function and then chooses what to save itself)."""
     if torch.compiler.is_compiling():
         from . import compiled_op  # it imports this module, so it is imported here rather than at the top
 
-        return compiled_op.OPERATORS[function](*args)
+        return getattr(compiled_op, operator)(*args)
     return function.apply(*args)
 
 
@@ -656,7 +656,7 @@ def bn_relu_conv(
         for norm, conv in stages:
             params += (norm.weight, norm.bias, conv.weight)
         chain = tuple(_stage(norm, conv) for norm, conv in stages)
-        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, "bn_relu_conv_chain", chain, efficient is True, *params, *features)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, conv in stages:
         # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
@@ -693,7 +693,7 @@ def bn_relu_conv_pool(
         _check_channels(features, norm)
         chain = (_stage(norm, conv, pool=True),)
         params = (norm.weight, norm.bias, conv.weight)
-        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, "bn_relu_conv_chain", chain, efficient is True, *params, *features)
     return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient, owner))
 
 
@@ -710,7 +710,7 @@ def bn_relu(
         _check_channels(features, norm)
         chain = (_stage(norm, None),)
         params = (norm.weight, norm.bias, None)
-        return _apply(_BnReluConvChain, chain, efficient is True, *params, *features)
+        return _apply(_BnReluConvChain, "bn_relu_conv_chain", chain, efficient is True, *params, *features)
     return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
 
 
@@ -1032,6 +1032,7 @@ def conv_bn_relu_max_pool(
     ):
         outputs = _apply(
             _ConvBnReluMaxPool,
+            "conv_bn_relu_max_pool",
             _stage(norm, conv),
             _MaxPool.of(pool, x.dim() - 2),
             keep_activation,
