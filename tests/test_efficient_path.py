@@ -400,7 +400,7 @@ def test_an_empty_batch_trains_as_in_plain_autograd(spatial_dims, mode):
 def test_the_stems_normalisation_of_one_value_raises_inside_the_function():
     """The stem's batch norm sees the convolution's output, not the input the path was chosen on: a 2x2 image
     at batch 1 is one value per channel after the stride-2 convolution, and the function raises as the module."""
-    from densenet_efficient.core.functional import conv_bn_relu_max_pool
+    from densenet_efficient.core.efficient import conv_bn_relu_max_pool
 
     for mode in (False, True):
         torch.manual_seed(0)

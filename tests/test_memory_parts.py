@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.core.functional import bn_relu
+from densenet_efficient.core.efficient import bn_relu
 from densenet_efficient.core.model import DenseLayer
 from densenet_efficient.tools.memory import LiveTensorBytes, saved_tensor_bytes
 from tests.model_helpers import gradient_penalty_step, with_running_stats

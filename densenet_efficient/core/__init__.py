@@ -4,10 +4,10 @@ It imports nothing else of the project. The model factories (``densenet121_effic
 the registry, which is the one list of them.
 """
 
-from . import compiled_op as compiled_op  # defines the operators the efficient layers run as under torch.compile
 from . import registry
 from .adapt import make_efficient
-from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
+from .efficient import bn_relu_conv
+from .functional import MEMORY_MODES, MemoryMode, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
 from .monai_layout import from_monai
 from .registry import cifar_densenet, create_model, is_model, list_models, register_model

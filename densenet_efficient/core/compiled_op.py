@@ -2,15 +2,15 @@
 
 ``torch.compile`` traces through a plain ``torch.autograd.Function``: its saved-tensor contract is then gone, and
 what is kept for backward becomes the compiler's choice (densenet121 at batch 8, 224 px: 0.70 x naive compiled
-against 0.31 x eager for ``efficient=True``). Under compilation :mod:`.functional` calls two
+against 0.31 x eager for ``efficient=True``). Under compilation :mod:`.efficient` calls two
 ``torch.library.custom_op`` operators instead, each with its autograd registered:
 
 * :func:`bn_relu_conv_chain` (``densenet_efficient::bn_relu_conv_chain``) for ``_BnReluConvChain``: every dense
-  layer (:func:`..functional.bn_relu_conv`), every transition (:func:`..functional.bn_relu_conv_pool`, a stage
-  with 2x average pooling) and the final norm and ReLU (:func:`..functional.bn_relu`, a stage without
+  layer (:func:`.efficient.bn_relu_conv`), every transition (:func:`.efficient.bn_relu_conv_pool`, a stage
+  with 2x average pooling) and the final norm and ReLU (:func:`.efficient.bn_relu`, a stage without
   convolution);
 * :func:`conv_bn_relu_max_pool` (``densenet_efficient::conv_bn_relu_max_pool``) for ``_ConvBnReluMaxPool``, the
-  ImageNet stem (:func:`..functional.conv_bn_relu_max_pool`).
+  ImageNet stem (:func:`.efficient.conv_bn_relu_max_pool`).
 
 The compiler fuses around them but cannot see inside, and saves for backward exactly what ``setup_context``
 saves, which is what the eager function saves. Forward and backward are the eager functions' own, run on a

@@ -28,8 +28,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .config import architecture_cfg, min_input_side
+from .efficient import bn_relu, bn_relu_conv, bn_relu_conv_pool, conv_bn_relu_max_pool
 from .eligibility import is_customised
-from .functional import MemoryMode, bn_relu, bn_relu_conv, bn_relu_conv_pool, check_memory_mode, conv_bn_relu_max_pool
+from .functional import MemoryMode, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
 # timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
@@ -296,8 +297,8 @@ class DenseFeatures(nn.Sequential):
     Input (N, in_chans, H, W); output the last module's output, the concatenation if that is a dense block.
     In the memory-efficient modes (``efficient``, set by the network) the ImageNet stem (conv0, norm0, relu0,
     pool0) runs as one function that stores only statistics and one byte per pooled value (see
-    :func:`~densenet_efficient.core.functional.conv_bn_relu_max_pool`), and the final norm and ReLU as one that
-    stores only statistics (:func:`~densenet_efficient.core.functional.bn_relu`); under ``torch.fx`` tracing,
+    :func:`~densenet_efficient.core.efficient.conv_bn_relu_max_pool`), and the final norm and ReLU as one that
+    stores only statistics (:func:`~densenet_efficient.core.efficient.bn_relu`); under ``torch.fx`` tracing,
     TorchScript, or with hooks on those modules, the modules run one by one.
     """
 
