@@ -44,6 +44,7 @@ from .errors import (
     InvalidWeightsFileError,
     UnknownWeightsError,
 )
+from .files import MAX_WEIGHTS_BYTES, read_regular_file
 from .manifest import weights_entry
 
 WEIGHTS_FILENAME = "model.safetensors"
@@ -327,8 +328,8 @@ def _read_set(folder: Path, file: Path | None = None) -> _SavedSet | None:
         if file is None:
             return None
     config_file = folder / CONFIG_FILENAME
-    config = read_config(config_file, str(config_file)) if config_file.is_file() else {}
-    data = file.read_bytes()
+    config = read_config(config_file, str(config_file)) if os.path.lexists(config_file) else {}
+    data = read_regular_file(file, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
     expected = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
     sealed = None if expected is None else hashlib.sha256(data).hexdigest() == expected
     return _SavedSet(file, data, config_file, config, sealed)
@@ -349,12 +350,10 @@ def _mixed_set(saved: _SavedSet) -> InvalidWeightsFileError:
 
 
 def read_config(path: Path, where: str) -> dict[str, Any]:
-    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a JSON object of at
-    most 16 MiB nested at most 8 deep."""
-    if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise InvalidConfigError(f"{where} is {path.stat().st_size:,} bytes: a config.json holds at most 16 MiB")
+    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a regular file (a
+    folder, a FIFO) holding a JSON object of at most 16 MiB nested at most 8 deep."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_regular_file(path, _MAX_CONFIG_BYTES, InvalidConfigError).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
     except RecursionError:
