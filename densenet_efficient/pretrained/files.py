@@ -48,6 +48,8 @@ def read_regular_file(path: str | os.PathLike, limit: int, error: type[Exception
     swapped after a check cannot be the one read."""
     try:
         handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:  # as it is: gone (a reader may look again)
+        raise
     except OSError as cause:
         raise error(f"cannot open {path}: {cause.strerror or cause}") from cause
     info = os.fstat(handle)
