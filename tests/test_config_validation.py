@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import densenet_efficient as de
-from densenet_efficient.core import registry
+from densenet_efficient import models
 from densenet_efficient.pretrained.loading import state_size
 from tests.weights_helpers import logits, randomise_batch_norm, saved_files, small_model
 
@@ -76,7 +76,7 @@ def test_huge_config_is_refused_before_any_allocation(tmp_path, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("create_model built the model before the config was checked")
 
-    monkeypatch.setattr(registry, "DenseNet", no_build)
+    monkeypatch.setattr(models, "DenseNet", no_build)
     with pytest.raises(de.InvalidConfigError) as error:
         de.create_model("densenet_40_k12", weights=str(tmp_path))
     parameters = int(str(error.value).split(" with ")[1].split(" parameters")[0].replace(",", ""))

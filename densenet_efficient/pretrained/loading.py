@@ -295,7 +295,7 @@ def _read_local_once(path: Path, name: str) -> _SavedSet:
 
 def _read_folder(folder: Path, name: str) -> _SavedSet:
     """A folder's set: ``model.safetensors`` (or ``pytorch_model.bin``) and ``config.json`` at its top, as this
-    project's, older versions' and timm's saves write them. While :func:`.saving.save_pretrained` replaces a set
+    project's and timm's saves write them. While :func:`.saving.save_pretrained` replaces a set
     it keeps the one it replaces in :data:`PREVIOUS_SET_DIRNAME`: if the top is not the sealed new set (a save
     in progress, or killed between its renames), that previous set is loaded, with a warning; a first save that
     was interrupted is named as such."""
@@ -379,14 +379,13 @@ def _depth(value: Any, limit: int = _MAX_CONFIG_DEPTH + 1) -> int:
 
 def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(constructor arguments, pretrained_cfg)`` from a ``config.json``, read by its format marker: this
-    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``; version 0.1 wrote no marker but
-    ``weights_sha256``, a key only this package writes) or, without either, timm's
+    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``) or, without it, timm's
     (``save_for_hf``; for this package's architectures and timm's DenseNets in :data:`TIMM_DENSENETS`).
     Refuses a config for another model or a foreign architecture, unknown keys, timm arguments this architecture
     does not have unless they hold timm's default, sizes beyond the bounds, and values the model would refuse."""
     if not config:
         return {}, {}
-    config_format = config.get(FORMAT_KEY, CONFIG_FORMAT if "weights_sha256" in config else None)
+    config_format = config.get(FORMAT_KEY)
     if config_format not in (None, CONFIG_FORMAT):
         raise InvalidConfigError(
             f"{where}: unknown format {config_format!r}: {FORMAT_KEY!r} is {CONFIG_FORMAT!r} in a config.json written "
@@ -409,7 +408,7 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
             f"{where} describes a {saved_for!r}, which is not an architecture of this package"
             f"{'' if config_format is not None else ' nor one of timm DenseNets it reads'}; valid: {', '.join(valid)}"
         )
-    wanted = resolve_model(saved_for)[0] if ours else TIMM_DENSENETS[saved_for]
+    wanted = resolve_model(saved_for) if ours else TIMM_DENSENETS[saved_for]
     if wanted != name:
         described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
         raise UnknownWeightsError(
