@@ -18,7 +18,7 @@ import torch
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.download import fetch_hub_file, fetch_url_file
+from densenet_efficient.pretrained.download import fetch_hub_bytes, fetch_url_bytes
 from tests.weights_helpers import (
     REPO_ROOT,
     cache_files,
@@ -30,6 +30,15 @@ from tests.weights_helpers import (
     small_model,
     write_manifest,
 )
+
+
+def fetch_hub_file(*args, **kwargs) -> str:
+    return fetch_hub_bytes(*args, **kwargs)[0]
+
+
+def fetch_url_file(*args, **kwargs) -> str:
+    return fetch_url_bytes(*args, **kwargs)[0]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Hub (loopback) and torchvision URLs
@@ -671,3 +680,14 @@ def test_an_invalid_hub_repo_id_is_the_projects_error(loopback_hub, tmp_path, re
             "densenet_40_k12", weights=f"hf-hub:{repo_id}", cache_dir=tmp_path, endpoint=loopback_hub.endpoint
         )
     assert loopback_hub.requests == [] and not any(tmp_path.iterdir())
+
+
+def test_a_hub_config_json_is_bounded_before_it_is_downloaded(loopback_hub, published, tmp_path, monkeypatch):
+    from densenet_efficient.pretrained import loading
+
+    monkeypatch.setattr(loading, "_MAX_CONFIG_BYTES", 64)
+    with pytest.raises(W.ChecksumMismatchError, match="config.json@main: the Hub serves .* more than the 64"):
+        de.create_model(
+            "densenet_40_k12", weights="hf-hub:org/small", cache_dir=tmp_path, endpoint=loopback_hub.endpoint
+        )
+    assert cache_files(tmp_path) == set() and [method for method, _ in loopback_hub.requests] == ["HEAD"]

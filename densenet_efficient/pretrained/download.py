@@ -92,27 +92,6 @@ def _transfer_meter(name: str, limit: int) -> type[tqdm]:
     return Meter
 
 
-def fetch_hub_file(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: str | None = None,
-    sha256: str | None = None,
-    size: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Path of ``filename`` of Hub repo ``repo_id`` in the Hugging Face cache, downloaded if needed and verified.
-
-    ``sha256``, ``size``: the expected hash and size (from the manifest); without them the Hub's own are used. A
-    full 40-hex ``revision`` makes a cache hit cost no request.
-    """
-    path, _ = fetch_hub_bytes(
-        repo_id, filename, revision=revision, sha256=sha256, size=size, cache_dir=cache_dir, endpoint=endpoint
-    )
-    return path
-
-
 def fetch_hub_bytes(
     repo_id: str,
     filename: str,
@@ -123,8 +102,14 @@ def fetch_hub_bytes(
     cache_dir: str | os.PathLike | None = None,
     endpoint: str | None = None,
 ) -> tuple[str, bytes]:
-    """:func:`fetch_hub_file`'s path and the file's bytes, read once: the bytes whose hash was checked are the bytes
-    returned, so a file changed in the cache after the check is never used."""
+    """Path of ``filename`` of Hub repo ``repo_id`` in the Hugging Face cache, downloaded if needed and verified,
+    and its bytes, read once: the bytes whose hash was checked are the bytes returned, so a file changed in the
+    cache after the check is never used.
+
+    ``sha256``: the expected hash (from the manifest); without it the Hub's own hash is used. ``size``: the most
+    bytes the file may hold (its pinned size; default :data:`.files.MAX_WEIGHTS_BYTES`). A full 40-hex
+    ``revision`` makes a cache hit cost no request.
+    """
     revision = revision or constants.DEFAULT_REVISION
     try:
         validate_repo_id(repo_id)
@@ -294,33 +279,23 @@ def _git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def fetch_url_file(
-    url: str, sha256_prefix: str, directory: str | os.PathLike | None = None, size: int | None = None
-) -> str:
-    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints`` folder), downloaded if
-    needed; its sha256 must start with ``sha256_prefix`` (a full sha256 works too), on download and cache hits.
-    ``size``: the file's pinned size, the most a download writes (default: :data:`.files.MAX_WEIGHTS_BYTES`)."""
-    path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
-    if path.is_file():
-        _read_checked(path, url, sha256_prefix)
-        return str(path)
-    if constants.is_offline_mode():
-        raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
-    try:
-        _fetch_bounded(url, path, sha256_prefix, size or MAX_WEIGHTS_BYTES)
-    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, TimeoutError, IncompleteRead
-        if isinstance(error, ChecksumMismatchError):
-            raise
-        raise _url_unavailable(url, path, _reason(error)) from error
-    return str(path)
-
-
 def fetch_url_bytes(
     url: str, sha256_prefix: str, directory: str | os.PathLike | None = None, size: int | None = None
 ) -> tuple[str, bytes]:
-    """:func:`fetch_url_file`'s path and the file's bytes, read once and checked (the bytes returned are the bytes
-    whose hash was checked)."""
-    path = Path(fetch_url_file(url, sha256_prefix, directory, size))
+    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints`` folder), downloaded if
+    needed, and its bytes, read once: its sha256 must start with ``sha256_prefix`` (a full sha256 works too), on
+    download and cache hits, and the bytes returned are those checked. ``size``: the file's pinned size, the most
+    a download writes (default: :data:`.files.MAX_WEIGHTS_BYTES`)."""
+    path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
+    if not path.is_file():
+        if constants.is_offline_mode():
+            raise _url_unavailable(url, path, "HF_HUB_OFFLINE is set")
+        try:
+            _fetch_bounded(url, path, sha256_prefix, size or MAX_WEIGHTS_BYTES)
+        except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, TimeoutError, IncompleteRead
+            if isinstance(error, ChecksumMismatchError):
+                raise
+            raise _url_unavailable(url, path, _reason(error)) from error
     return str(path), _read_checked(path, url, sha256_prefix)
 
 

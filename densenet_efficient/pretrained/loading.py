@@ -228,18 +228,19 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
 
 
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
-    from .download import fetch_hub_bytes, fetch_hub_file
+    from .download import fetch_hub_bytes
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
-    config_path = Path(
-        fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir, endpoint=endpoint)
+    options = dict(cache_dir=cache_dir, endpoint=endpoint)
+    config_path, config_bytes = fetch_hub_bytes(
+        repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options
     )
     where = f"{reference} ({CONFIG_FILENAME})"
-    model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
-    commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
-    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint)
+    model_args, input_cfg = parse_config(name, _config_of(config_bytes, where), where)
+    commit = Path(config_path).parent.name  # the cache's snapshots/<commit>/: the weights of that same commit
+    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, **options)
     state_dict = read_state_dict(path, data)
     check_shapes(name, model_args, state_dict, where)
     input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
@@ -356,8 +357,13 @@ def _mixed_set(saved: _SavedSet) -> InvalidWeightsFileError:
 def read_config(path: Path, where: str) -> dict[str, Any]:
     """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a regular file (a
     folder, a FIFO) holding a JSON object of at most 16 MiB nested at most 8 deep."""
+    return _config_of(read_regular_file(path, _MAX_CONFIG_BYTES, InvalidConfigError), where)
+
+
+def _config_of(data: bytes, where: str) -> dict[str, Any]:
+    """:func:`read_config` of a ``config.json``'s bytes, already read (and checked)."""
     try:
-        config = json.loads(read_regular_file(path, _MAX_CONFIG_BYTES, InvalidConfigError).decode("utf-8"))
+        config = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
     except RecursionError:
