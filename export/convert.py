@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from densenet_efficient import create_model
+from densenet_efficient.core.config import IMAGENET_MEAN, IMAGENET_STD
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.pretrained.download import fetch_url_bytes
 from densenet_efficient.tools.bench import torchvision_densenet
@@ -34,8 +35,8 @@ TORCHVISION_PREPROCESSING: dict[str, Any] = {
     "input_size": [3, 224, 224],
     "interpolation": "bilinear",
     "crop_pct": 0.875,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "labels": "imagenet-1k",
 }
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
