@@ -1,7 +1,6 @@
 """The registry: names, factories, create_model, CIFAR depths."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -208,19 +207,6 @@ def test_exports_are_the_registry():
     assert {n for n in de.__all__ if n.startswith("densenet")} == names
     assert all(getattr(de, name) is getattr(models, name.replace("_3d_efficient", "_3d")) for name in names)
     assert not {n for n in core.__all__ if n.startswith("densenet")}
-
-
-def test_the_core_imports_nothing_of_the_layers_above():
-    import ast
-
-    core_folder = Path(core.__file__).parent
-    for path in core_folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level >= 2:  # from ..pretrained, from ..models, ...
-                raise AssertionError(f"{path.name} imports {'.' * node.level}{node.module}")
-            if isinstance(node, ast.ImportFrom | ast.Import):
-                names = [getattr(node, "module", None) or ""] + [alias.name for alias in node.names]
-                assert not any(name.startswith("densenet_efficient") for name in names), path.name
 
 
 def test_architecture_of_every_name():
