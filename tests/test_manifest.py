@@ -12,7 +12,7 @@ import pytest
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
+from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path, validate_manifest
 from tests.weights_helpers import (
     REPO_ROOT,
     manifest_schema,
@@ -27,6 +27,7 @@ def test_manifest_matches_schema_and_registry():
     manifest = W.load_manifest()
     jsonschema.Draft202012Validator.check_schema(manifest_schema())
     jsonschema.Draft202012Validator(manifest_schema()).validate(manifest)
+    validate_manifest(manifest, manifest_path())  # what the schema cannot say; load_manifest does not re-check it
     for key, entry in manifest["weights"].items():
         assert key == f"{entry['model']}.{entry['tag']}"
         reference = json.loads(json.dumps(de.create_model(entry["model"]).config))
