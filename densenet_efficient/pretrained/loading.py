@@ -55,7 +55,7 @@ HF_HUB_PREFIX = "hf-hub:"
 _PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # torchvision's legacy checkpoints name ``denselayer1.norm.1.weight`` what is now ``denselayer1.norm1.weight``.
 _LEGACY_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$", re.MULTILINE
 )
 _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 _FIRST_CONV = "features.conv0.weight"
@@ -609,7 +609,7 @@ def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dic
 
 def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Map torchvision's legacy names (``denselayer1.norm.1.weight``) to current ones (``denselayer1.norm1.weight``)."""
-    if not any(".norm." in key or ".conv." in key for key in state_dict):  # nothing legacy: no regex per key
+    if not _LEGACY_KEY.search("\n".join(state_dict)):  # nothing legacy: one search, not one a key
         return dict(state_dict)
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
