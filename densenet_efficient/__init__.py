@@ -1,10 +1,9 @@
 """Memory-efficient DenseNets for PyTorch: same outputs, gradients and BatchNorm statistics, a fraction of the memory.
 
-Layers (imports only go down): :mod:`.core` (autograd function, model, named architectures: the factories
-``densenet121_efficient``, ... that this package exports are those of the registry, ``list_models()`` and the
-aliases of earlier names),
-:mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.tools` (the ``densenet-efficient`` commands,
-imported only by the command line). :mod:`.interop` registers the architectures with timm on request.
+Layers (imports only go down): :mod:`.core` (autograd function, model, the registry of named architectures),
+:mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.models` (``create_model`` and the factories
+``densenet121_efficient``, ...: the one layer that knows both), :mod:`.tools` (the ``densenet-efficient``
+commands, imported only by the command line). :mod:`.interop` registers the architectures with timm on request.
 """
 
 from importlib import metadata as _metadata
@@ -17,9 +16,7 @@ from .core import (
     MemoryMode,
     SyncBatchNorm,
     check_memory_mode,
-    cifar_densenet,
     convert_sync_batchnorm,
-    create_model,
     is_model,
     list_models,
     make_efficient,
@@ -27,6 +24,7 @@ from .core import (
     registry,
 )
 from .interop import register_with_timm
+from .models import cifar_densenet, create_model
 from .pretrained import (
     ChecksumMismatchError,
     IncompatibleWeightsError,
@@ -43,7 +41,7 @@ from .pretrained import (
     transforms,
 )
 
-globals().update(registry.entrypoints())  # the model factories: the registry is the one list of them
+globals().update(registry.entrypoints())  # the factories of .models, as registered: the one list of them
 
 try:
     __version__ = _metadata.version("densenet-efficient")

@@ -17,6 +17,7 @@ import torch
 from .core import registry
 from .core.config import adapt_cfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
 from .core.model import DenseNet, DenseNetFeatures
+from .models import create_model
 from .pretrained.errors import UnknownWeightsError
 from .pretrained.loading import WEIGHTS_FILENAME, check_model_args
 from .pretrained.manifest import load_manifest, weights_entry
@@ -124,7 +125,7 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
         reference = _weights_reference(name, cfg) if pretrained else None
         features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = registry.create_model(name, weights=reference, cache_dir=cache_dir, **kwargs)
+            model = create_model(name, weights=reference, cache_dir=cache_dir, **kwargs)
         if pretrained and reference is None:
             load_pretrained(model, cfg, model.num_classes, model.in_chans, cache_dir=cache_dir, strict=False)
         model.pretrained_cfg = _model_cfg(

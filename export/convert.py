@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from densenet_efficient import create_model
+from densenet_efficient.core.config import IMAGENET_MEAN, IMAGENET_STD
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
-from densenet_efficient.pretrained.download import fetch_url_file
+from densenet_efficient.pretrained.download import fetch_url_bytes
 from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
@@ -34,8 +35,8 @@ TORCHVISION_PREPROCESSING: dict[str, Any] = {
     "input_size": [3, 224, 224],
     "interpolation": "bilinear",
     "crop_pct": 0.875,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "labels": "imagenet-1k",
 }
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
@@ -54,14 +55,15 @@ def torchvision_url(name: str, endpoint: str | None = None) -> str:
     return url.replace(TORCHVISION_URL_BASE, endpoint.rstrip("/"), 1) if endpoint else url
 
 
-def fetch_checkpoint(location: str) -> Path:
-    """A local path as is; a URL downloaded to torch.hub's cache, its sha256 checked against the name's prefix."""
+def read_checkpoint(location: str) -> dict[str, torch.Tensor]:
+    """The state dict of a local path; of a URL, downloaded to torch.hub's cache, its sha256 checked against the
+    name's prefix (the bytes checked are the bytes read)."""
     if not location.startswith(("http://", "https://")):
-        return Path(location)
+        return read_state_dict(location)
     prefix = _HASH_PREFIX.search(location)
     if prefix is None:
         raise SystemExit(f"{location}: a checkpoint URL must end in -<sha256 prefix>.pth, as torchvision's do")
-    return Path(fetch_url_file(location, prefix.group(1)))
+    return read_state_dict(*fetch_url_bytes(location, prefix.group(1)))
 
 
 def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     location = torchvision_url(args.torchvision, args.endpoint) if args.torchvision else args.checkpoint
     name = args.model or f"{args.torchvision}_efficient"
-    state_dict = read_state_dict(fetch_checkpoint(location))
+    state_dict = read_checkpoint(location)
     model = create_model(name)
     model.load_state_dict(state_dict, strict=True)
     difference = max_logit_difference(state_dict, model, args.image_size)

@@ -10,17 +10,19 @@ Every request is logged in ``requests`` as ``(method, path)``.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import itertools
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 LFS_SUFFIXES = (".safetensors", ".pth", ".bin")
-FAULTS = ("tamper", "truncate", "empty", "error500")
+FAULTS = ("tamper", "truncate", "empty", "error500", "drip", "endless", "gzip")
 
 
 @dataclass
@@ -187,8 +189,34 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]  # same size, other bytes
             if fault == "truncate":
                 self._send(200, data[: len(data) // 2], length=len(data))  # announces more than it sends
+            elif fault in ("drip", "endless", "gzip"):
+                self._stream(data, fault)
             else:
                 self._send(200, data)
+
+        def _stream(self, data: bytes, fault: str) -> None:
+            """drip: the file, announced, one byte every 50 ms (every read in time, the whole never ends); endless:
+            no Content-Length, the file then zeros for as long as the client reads (up to 1 GiB); gzip: no
+            Content-Length, a gzip-encoded body that decodes (and, raw, runs) far past the file's size."""
+            self.send_response(200)
+            if fault == "drip":
+                self.send_header("Content-Length", str(len(data)))
+            if fault == "gzip":
+                self.send_header("Content-Encoding", "gzip")
+                data = gzip.compress(data * 4)
+            self.end_headers()
+            try:
+                if fault == "drip":
+                    for index in range(len(data)):
+                        self.wfile.write(data[index : index + 1])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                else:
+                    self.wfile.write(data)
+                    for _ in range(1024 if fault == "endless" else 0):
+                        self.wfile.write(bytes(1 << 20))
+            except OSError:  # the client hung up: what the test wants
+                pass
 
         def _create_repo(self) -> None:
             payload = json.loads(self._body())

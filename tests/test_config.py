@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import densenet_efficient as de
 from densenet_efficient.core.config import PRETRAINED_CFG_KEYS, check_pretrained_cfg, min_input_side
@@ -155,14 +154,12 @@ def test_config_naming_a_foreign_architecture_is_refused(saved):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
-def test_a_folder_saved_by_version_0_1_loads(saved):
-    """0.1's save_pretrained wrote no format marker, an empty pretrained_cfg and weights_sha256 (only this package
-    writes that key): its folders still load, as this package's format, with the architecture's input config."""
-    edit_config(saved, lambda c: (c.pop("format"), c.update(pretrained_cfg={})))
-    model = de.create_model("densenet_40_k12", weights=str(saved.parent))
-    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
-    saved_tensors = load_file(saved.parent / "model.safetensors")
-    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in saved_tensors.items())
+def test_a_config_without_the_marker_is_timms_even_with_weights_sha256(saved):
+    """No format marker: timm's format, whatever else it holds (the never-released 0.1, which wrote none, is not
+    read as this package's)."""
+    edit_config(saved, lambda c: c.pop("format"))
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['weights_sha256'\]; a config.json of timm's"):
+        de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 def test_unknown_format_marker_is_refused(saved):
@@ -172,7 +169,7 @@ def test_unknown_format_marker_is_refused(saved):
 
 
 def test_config_without_the_marker_is_read_as_timms(saved):
-    """Neither the marker nor weights_sha256: timm's format, whose keys are timm's."""
+    """No marker: timm's format, whose keys are timm's."""
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(labels=["a"])))
     with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['labels'\]; a config.json of timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))

@@ -175,3 +175,33 @@ def test_a_config_with_too_many_blocks_is_refused_before_building(tmp_path, loop
         options = dict(cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
     with pytest.raises(de.InvalidConfigError, match=r"40 dense blocks \(at most 16\).*2\*\*39 pixels per side"):
         de.create_model("densenet_40_k12", weights=reference, **options)
+
+
+def test_loaded_weights_train(tmp_path):
+    model = randomise_batch_norm(small_model())
+    W.save_pretrained(model, tmp_path)
+    saved = (tmp_path / "model.safetensors").read_bytes()
+    loaded = de.create_model("densenet_40_k12", weights=str(tmp_path)).train()
+    weight = loaded.features.conv0.weight
+    assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad and weight.dtype == torch.float32
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    loaded(X).sum().backward()
+    before = weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(weight.detach(), before)
+    assert (tmp_path / "model.safetensors").read_bytes() == saved
+
+
+def test_values_are_checked_once_when_saved_or_when_no_seal_vouches_for_them(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_model()
+    with torch.no_grad():
+        model.features.norm5.running_var[0] = -1.0
+    with pytest.raises(W.InvalidWeightsFileError, match="norm5.running_var holds negative variances"):
+        W.save_pretrained(model, tmp_path / "saved")
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    save_file(state, tmp_path / "bare.safetensors")  # no config.json: no seal
+    with pytest.raises(W.InvalidWeightsFileError, match="norm5.running_var holds negative variances"):
+        de.create_model("densenet_40_k12", weights=str(tmp_path / "bare.safetensors"), **SMALL)

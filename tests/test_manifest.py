@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
+from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path, validate_manifest
 from tests.weights_helpers import (
     REPO_ROOT,
     manifest_schema,
@@ -25,6 +27,7 @@ def test_manifest_matches_schema_and_registry():
     manifest = W.load_manifest()
     jsonschema.Draft202012Validator.check_schema(manifest_schema())
     jsonschema.Draft202012Validator(manifest_schema()).validate(manifest)
+    validate_manifest(manifest, manifest_path())  # what the schema cannot say; load_manifest does not re-check it
     for key, entry in manifest["weights"].items():
         assert key == f"{entry['model']}.{entry['tag']}"
         reference = json.loads(json.dumps(de.create_model(entry["model"]).config))
@@ -202,3 +205,17 @@ def test_weights_table_says_which_fallbacks_are_pinned_only_by_their_name_prefix
     entry = manifest["weights"]["densenet121_efficient.tv_in1k"]
     entry["url"]["sha256"] = entry["url"]["sha256_prefix"] + "0" * 56
     assert table(manifest).splitlines()[3].endswith("densenet121-a639ec97.pth (sha256) |")
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "folder"])
+def test_a_manifest_that_is_no_regular_file_is_refused_at_once(tmp_path, monkeypatch, kind):
+    path = tmp_path / "manifest.json"
+    if kind == "FIFO":
+        os.mkfifo(path)  # opening it to read would wait for a writer forever
+    else:
+        path.mkdir()
+    monkeypatch.setenv(MANIFEST_ENV, str(path))
+    started = time.monotonic()
+    with pytest.raises(W.ManifestError, match=f"manifest.json is a {kind}, not a regular file"):
+        W.list_pretrained()
+    assert time.monotonic() - started < 5

@@ -192,7 +192,7 @@ def test_timms_save_for_hf_of_a_registered_model_loads_both_ways(tmp_path):
 )
 def test_the_shipped_tags_ask_this_packages_loader_for_their_weights(monkeypatch, spelling, expected):
     """The weights reference timm.create_model hands to this package's loader (stopped before any download)."""
-    from densenet_efficient.core import registry
+    from densenet_efficient import models
 
     asked = []
 
@@ -200,7 +200,7 @@ def test_the_shipped_tags_ask_this_packages_loader_for_their_weights(monkeypatch
         asked.append((name, weights))
         raise LookupError("stop before downloading")
 
-    monkeypatch.setattr(registry, "_weights_resolver", resolver)
+    monkeypatch.setattr(models, "resolve_weights", resolver)
     with pytest.raises(LookupError, match="stop before downloading"):
         timm.create_model(**spelling, pretrained=True)
     assert asked == [expected]

@@ -1,19 +1,17 @@
 """The model core: the memory-efficient autograd function, the DenseNet model and the named architectures.
 
-It imports nothing else of the project. The model factories (``densenet121_efficient``, ...) are exported from
-the registry, which is the one list of them.
+It imports nothing else of the project. The model factories (``densenet121_efficient``, ...) and ``create_model``
+are :mod:`densenet_efficient.models`', which registers them in :mod:`.registry`.
 """
 
-from . import registry
+from . import registry as registry
 from .adapt import make_efficient
 from .efficient import bn_relu_conv
 from .functional import MEMORY_MODES, MemoryMode, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
 from .monai_layout import from_monai
-from .registry import cifar_densenet, create_model, is_model, list_models, register_model
+from .registry import is_model, list_models, register_model
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
-
-globals().update(registry.entrypoints())
 
 __all__ = [
     "MEMORY_MODES",
@@ -23,13 +21,10 @@ __all__ = [
     "SyncBatchNorm",
     "bn_relu_conv",
     "check_memory_mode",
-    "cifar_densenet",
     "convert_sync_batchnorm",
-    "create_model",
     "is_model",
     "from_monai",
     "list_models",
     "make_efficient",
     "register_model",
-    *registry.entrypoints(),
 ]

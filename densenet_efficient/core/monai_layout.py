@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .functional import MemoryMode
 from .model import DenseNet
-from .registry import architecture, create_model, list_models
+from .registry import architecture, list_models, resolve_model
 
 DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
 _LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$")
@@ -98,6 +98,7 @@ def from_monai(
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
-    model = create_model(name or registered_name(args), efficient=efficient, **args)
+    name = resolve_model(name or registered_name(args))
+    model = DenseNet(**{**architecture(name), **args}, efficient=efficient, arch_name=name)
     model.load_state_dict(convert_state_dict(state_dict), strict=True)
     return model

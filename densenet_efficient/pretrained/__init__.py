@@ -1,11 +1,10 @@
 """Pretrained weights: the manifest, Hub and URL downloads with their checks, loading, saving, model cards.
 
-This layer knows the model core (:mod:`densenet_efficient.core`); the core knows nothing of it. Importing it
-installs :func:`.loading.resolve_weights` as the core's weights resolver, so that ``create_model(name,
-pretrained=True)`` and the factories' ``weights=`` argument load weights.
+This layer knows the model core (:mod:`densenet_efficient.core`); the core knows nothing of it. The factories and
+``create_model`` (:mod:`densenet_efficient.models`) call :func:`.loading.resolve_weights` for ``pretrained=True``
+and ``weights=``.
 """
 
-from ..core.registry import set_weights_resolver
 from .errors import (
     ChecksumMismatchError,
     IncompatibleWeightsError,
@@ -25,8 +24,6 @@ from .loading import (
 from .manifest import PretrainedCfg, get_pretrained_cfg, list_pretrained, load_manifest
 from .preprocessing import transforms
 from .saving import save_pretrained
-
-set_weights_resolver(resolve_weights)
 
 __all__ = [
     "ChecksumMismatchError",

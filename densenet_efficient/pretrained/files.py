@@ -1,4 +1,5 @@
-"""File helpers shared by the weights layer and the tools: atomic writes, advisory locks and sha256.
+"""File helpers shared by the weights layer and the tools: bounded reads, atomic writes, advisory locks, sha256,
+and the one parser of on/off environment switches.
 
 Temporary files are locked (``fcntl.flock``) by the process that writes them for as long as it writes, and the
 operating system drops that lock when the process dies: :func:`remove_stale_temporaries` deletes only those no
@@ -13,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +24,46 @@ if sys.platform != "win32":
     import fcntl
 
 TEMPORARY_SUFFIX = ".tmp"
+MAX_WEIGHTS_BYTES = 2**32  # the largest weights file read or downloaded when no size is pinned (1G float32 values)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """The on/off switch in environment variable ``name``: ``1 true yes on`` (any case) or ``0 false no off`` and
+    unset/empty; anything else raises ``ValueError`` naming the variable and the valid values, so that a switch
+    never turns on by a spelling it does not know."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in (*_TRUE, *_FALSE):
+        raise ValueError(
+            f"{name}={os.environ[name]!r} is not an on/off value: use one of {', '.join(_TRUE)} to turn it on, "
+            f"{', '.join(v for v in _FALSE if v)} (or unset) to turn it off"
+        )
+    return value in _TRUE
+
+
+def read_regular_file(path: str | os.PathLike, limit: int, error: type[Exception]) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes, else ``error`` saying what
+    it is. Opened without blocking and checked on the open descriptor before anything is read: a FIFO never
+    stalls, a folder or device is named as such, a huge (even sparse) file is refused by its size, and a file
+    swapped after a check cannot be the one read."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:  # as it is: gone (a reader may look again)
+        raise
+    except OSError as cause:
+        raise error(f"cannot open {path}: {cause.strerror or cause}") from cause
+    info = os.fstat(handle)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(handle)
+        if stat.S_ISREG(info.st_mode):
+            raise error(f"{path} is {info.st_size:,} bytes, more than the {limit:,} bytes such a file may hold")
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+        raise error(f"{path} is a {kind}, not a regular file")
+    with os.fdopen(handle, "rb") as file:
+        data = file.read(info.st_size)
+        if len(data) != info.st_size or file.read(1):
+            raise error(f"{path} changed size while it was read")
+    return data
 
 
 def lock_file(handle: int, *, blocking: bool = True) -> None:

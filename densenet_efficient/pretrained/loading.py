@@ -10,8 +10,10 @@ A reference is one of
   timm's).
 
 Every reference and config is checked before anything is built: a ``config.json`` must name known constructor
-arguments with sane values, and the tensor shapes it implies must match the weights file's header (read without
-reading the tensors), so that a config asking for a huge network is refused before any memory is allocated.
+arguments with sane values (the constructor's own checks, on a one-layer network on the ``meta`` device), and the
+number of values its network holds (:func:`state_size`, in closed form) must be the weights file's, so that a
+config asking for a huge network is refused before any memory is allocated. The network is built once, on the
+CPU, and the weights loaded into it.
 
 Downloads and their sha256 checks live in :mod:`.download`; this module imports it (and ``safetensors``,
 ``huggingface_hub``) only when a file has to be read or fetched, so ``import densenet_efficient`` stays light.
@@ -25,7 +27,6 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from .errors import (
     InvalidWeightsFileError,
     UnknownWeightsError,
 )
+from .files import MAX_WEIGHTS_BYTES, read_regular_file
 from .manifest import weights_entry
 
 WEIGHTS_FILENAME = "model.safetensors"
@@ -53,11 +55,10 @@ HF_HUB_PREFIX = "hf-hub:"
 _PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # torchvision's legacy checkpoints name ``denselayer1.norm.1.weight`` what is now ``denselayer1.norm1.weight``.
 _LEGACY_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$", re.MULTILINE
 )
 _CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 _FIRST_CONV = "features.conv0.weight"
-_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _MAX_BLOCKS = 16  # more dense blocks need inputs of 2**16 px per side or more: such a config is refused unbuilt
 PREVIOUS_SET_DIRNAME = ".previous-save"  # save_pretrained keeps the set it replaces here until the new one is sealed
 
@@ -121,17 +122,20 @@ _MAX_PARAMETERS = 2**32
 class PretrainedWeights:
     """Weights that a reference resolved to: where they come from, the constructor arguments they need, their
     input configuration (timm's ``pretrained_cfg`` keys), and a ``read`` callable that fetches, verifies and
-    reads the tensors."""
+    reads the tensors. ``vouched``: the bytes are those a seal or pin records (a ``config.json``'s
+    ``weights_sha256``, written by :func:`.saving.save_pretrained` after checking the values; the manifest's
+    sha256), so their values are not checked again."""
 
     source: str
     model_args: dict[str, Any]
     read: Callable[[], dict[str, Tensor]]
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    vouched: bool = False
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Read the tensors, load them into ``model`` (see :func:`load_state_dict_into`) and set
         ``model.pretrained_cfg`` from the weights."""
-        load_state_dict_into(model, self.read(), self.source)
+        load_state_dict_into(model, self.read(), self.source, check_values=not self.vouched)
         if isinstance(model, DenseNet):
             model.pretrained_cfg = model_pretrained_cfg(model, self.pretrained_cfg)
         return model
@@ -218,38 +222,40 @@ def _manifest_weights(name: str, tag: str | None, cache_dir, endpoint) -> Pretra
         from .download import fetch_manifest_weights
 
         file, data = fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint)
-        return _state_dict_of(data, Path(file))
+        return read_state_dict(file, data)
 
-    return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg())
+    return PretrainedWeights(cfg.key, dict(cfg.to_dict()["model_args"]), read, cfg.model_cfg(), vouched=True)
 
 
 def _hub_weights(name: str, reference: str, cache_dir, endpoint) -> PretrainedWeights:
-    from .download import fetch_hub_bytes, fetch_hub_file
+    from .download import fetch_hub_bytes
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
-    config_path = Path(
-        fetch_hub_file(repo_id, CONFIG_FILENAME, revision=revision or None, cache_dir=cache_dir, endpoint=endpoint)
+    options = dict(cache_dir=cache_dir, endpoint=endpoint)
+    config_path, config_bytes = fetch_hub_bytes(
+        repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options
     )
     where = f"{reference} ({CONFIG_FILENAME})"
-    model_args, input_cfg = parse_config(name, read_config(config_path, where), where)
-    commit = config_path.parent.name  # the cache's snapshots/<commit>/ folder: the weights of that same commit
-    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, cache_dir=cache_dir, endpoint=endpoint)
-    file = Path(path)
-    check_shapes(name, model_args, _shapes_of(data, file), where)
+    model_args, input_cfg = parse_config(name, _config_of(config_bytes, where), where)
+    commit = Path(config_path).parent.name  # the cache's snapshots/<commit>/: the weights of that same commit
+    path, data = fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, **options)
+    state_dict = read_state_dict(path, data)
+    check_shapes(name, model_args, state_dict, where)
     input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
-    return PretrainedWeights(reference, model_args, lambda: _state_dict_of(data, file), input_cfg)
+    return PretrainedWeights(reference, model_args, lambda: state_dict, input_cfg)
 
 
 def _local_weights(name: str, path: Path) -> PretrainedWeights:
     saved = _read_local(path, name)
     config_file, config = saved.config_file, saved.config
     model_args, input_cfg = parse_config(name, config, str(config_file))
+    state_dict = read_state_dict(saved.file, saved.data)
     if config:  # a bare file: the caller's arguments describe the model; loading names any mismatch
-        check_shapes(name, model_args, _shapes_of(saved.data, saved.file), str(config_file))
+        check_shapes(name, model_args, state_dict, str(config_file))
     input_cfg["file"] = str(saved.file)
-    return PretrainedWeights(str(saved.file), model_args, lambda: _state_dict_of(saved.data, saved.file), input_cfg)
+    return PretrainedWeights(str(saved.file), model_args, lambda: state_dict, input_cfg, vouched=bool(saved.sealed))
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,7 @@ def _read_local_once(path: Path, name: str) -> _SavedSet:
 
 def _read_folder(folder: Path, name: str) -> _SavedSet:
     """A folder's set: ``model.safetensors`` (or ``pytorch_model.bin``) and ``config.json`` at its top, as this
-    project's, older versions' and timm's saves write them. While :func:`.saving.save_pretrained` replaces a set
+    project's and timm's saves write them. While :func:`.saving.save_pretrained` replaces a set
     it keeps the one it replaces in :data:`PREVIOUS_SET_DIRNAME`: if the top is not the sealed new set (a save
     in progress, or killed between its renames), that previous set is loaded, with a warning; a first save that
     was interrupted is named as such."""
@@ -327,8 +333,8 @@ def _read_set(folder: Path, file: Path | None = None) -> _SavedSet | None:
         if file is None:
             return None
     config_file = folder / CONFIG_FILENAME
-    config = read_config(config_file, str(config_file)) if config_file.is_file() else {}
-    data = file.read_bytes()
+    config = read_config(config_file, str(config_file)) if os.path.lexists(config_file) else {}
+    data = read_regular_file(file, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
     expected = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
     sealed = None if expected is None else hashlib.sha256(data).hexdigest() == expected
     return _SavedSet(file, data, config_file, config, sealed)
@@ -349,12 +355,15 @@ def _mixed_set(saved: _SavedSet) -> InvalidWeightsFileError:
 
 
 def read_config(path: Path, where: str) -> dict[str, Any]:
-    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a JSON object of at
-    most 16 MiB nested at most 8 deep."""
-    if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise InvalidConfigError(f"{where} is {path.stat().st_size:,} bytes: a config.json holds at most 16 MiB")
+    """A ``config.json`` as a dict; :class:`InvalidConfigError` naming ``where`` if it is not a regular file (a
+    folder, a FIFO) holding a JSON object of at most 16 MiB nested at most 8 deep."""
+    return _config_of(read_regular_file(path, _MAX_CONFIG_BYTES, InvalidConfigError), where)
+
+
+def _config_of(data: bytes, where: str) -> dict[str, Any]:
+    """:func:`read_config` of a ``config.json``'s bytes, already read (and checked)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
     except RecursionError:
@@ -376,14 +385,13 @@ def _depth(value: Any, limit: int = _MAX_CONFIG_DEPTH + 1) -> int:
 
 def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(constructor arguments, pretrained_cfg)`` from a ``config.json``, read by its format marker: this
-    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``; version 0.1 wrote no marker but
-    ``weights_sha256``, a key only this package writes) or, without either, timm's
+    package's (``"format": "densenet_efficient"``, written by ``save_pretrained``) or, without it, timm's
     (``save_for_hf``; for this package's architectures and timm's DenseNets in :data:`TIMM_DENSENETS`).
     Refuses a config for another model or a foreign architecture, unknown keys, timm arguments this architecture
     does not have unless they hold timm's default, sizes beyond the bounds, and values the model would refuse."""
     if not config:
         return {}, {}
-    config_format = config.get(FORMAT_KEY, CONFIG_FORMAT if "weights_sha256" in config else None)
+    config_format = config.get(FORMAT_KEY)
     if config_format not in (None, CONFIG_FORMAT):
         raise InvalidConfigError(
             f"{where}: unknown format {config_format!r}: {FORMAT_KEY!r} is {CONFIG_FORMAT!r} in a config.json written "
@@ -406,7 +414,7 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
             f"{where} describes a {saved_for!r}, which is not an architecture of this package"
             f"{'' if config_format is not None else ' nor one of timm DenseNets it reads'}; valid: {', '.join(valid)}"
         )
-    wanted = resolve_model(saved_for)[0] if ours else TIMM_DENSENETS[saved_for]
+    wanted = resolve_model(saved_for) if ours else TIMM_DENSENETS[saved_for]
     if wanted != name:
         described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
         raise UnknownWeightsError(
@@ -467,18 +475,56 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
 
 
 def _check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> None:
-    """Bounds, then types and ranges, checked by the model's own constructor on the ``meta`` device (nothing is
-    allocated)."""
+    """Bounds, then types and ranges, checked by the model's own constructor on a one-layer network on the
+    ``meta`` device (nothing is allocated; not needed when every argument is the architecture's own), then the
+    parameter count (:func:`state_size`)."""
+    arch = architecture(name)
+    args = {**arch, **model_args}
     try:
-        _check_bounds({**architecture(name), **model_args})
-        model = _meta_model(name, model_args)
+        _check_bounds(args)
+        if args != arch:
+            with torch.device("meta"):
+                DenseNet(**{**args, "block_config": _skeleton(args["block_config"])}, efficient=False)
+        parameters, _ = state_size(args)
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
-    parameters = sum(parameter.numel() for parameter in model.parameters())
     if parameters > _MAX_PARAMETERS:
         raise InvalidConfigError(
             f"{where}: invalid model_args: they ask for {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
         )
+
+
+def _skeleton(block_config: Any) -> Any:
+    """One block of one layer, for the constructor's checks of everything else; the entries it refuses as they
+    are (and anything that is no sequence of entries), so that its error names them."""
+    if isinstance(block_config, (str, bytes)) or not isinstance(block_config, (list, tuple)):
+        return block_config
+    invalid = tuple(n for n in block_config if isinstance(n, bool) or not isinstance(n, int) or n < 1)
+    return invalid or (1,)
+
+
+def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
+    """``(parameters, values)`` of ``DenseNet(**args)``'s state dict (values: parameters and BatchNorm running
+    statistics, ``num_batches_tracked`` aside), in closed form: nothing is built. ``args`` must be valid."""
+    growth, bn_size, spatial_dims = args["growth_rate"], args.get("bn_size", 4), args.get("spatial_dims", 2)
+    channels, stem = args["num_init_features"], args.get("stem", "imagenet")
+    kernel = 3**spatial_dims
+    convs = channels * args.get("in_chans", 3) * (7**spatial_dims if stem == "imagenet" else kernel)
+    norms = channels if stem == "imagenet" else 0  # channels of all BatchNorms: 2 parameters, 2 statistics each
+    for index, layers in enumerate(args["block_config"]):
+        for layer in range(layers):
+            width = channels + layer * growth
+            norms += width + (bn_size * growth if bn_size else 0)
+            convs += (
+                width * bn_size * growth + bn_size * growth * growth * kernel if bn_size else width * growth * kernel
+            )
+        channels += layers * growth
+        if index < len(args["block_config"]) - 1:
+            out = math.floor(channels * args.get("compression", 0.5))
+            norms, convs, channels = norms + channels, convs + channels * out, out
+    classes = args.get("num_classes", 1000)
+    parameters = convs + 2 * (norms + channels) + classes * (channels + 1)
+    return parameters, parameters + 2 * (norms + channels)
 
 
 def _check_bounds(args: Mapping[str, Any]) -> None:
@@ -513,13 +559,6 @@ def _layer_count(args: Mapping[str, Any]) -> int:
     return 0
 
 
-def _meta_model(name: str, model_args: Mapping[str, Any]) -> DenseNet:
-    args = {**architecture(name), **model_args}
-    _check_bounds(args)
-    with torch.device("meta"):
-        return DenseNet(**args, efficient=False)
-
-
 def config_pretrained_cfg(config: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
     """The ``pretrained_cfg`` of a ``config.json`` (with timm's top-level ``label_names`` and
     ``label_descriptions``), checked (:func:`~densenet_efficient.core.config.check_pretrained_cfg`), without the
@@ -541,59 +580,23 @@ def config_pretrained_cfg(config: Mapping[str, Any], name: str, where: str) -> d
     return cfg
 
 
-def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in a weights file, without reading them: the JSON header of a
-    ``.safetensors`` file, or a ``.pth``/``.bin`` file mapped onto the ``meta`` device. Legacy names renamed."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {key: tuple(value.shape) for key, value in _torch_load(path, map_location="meta").items()}
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
-            raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
-        return _header_shapes(file.read(size), path)
-
-
-def _shapes_of(data: bytes, path: Path) -> dict[str, tuple[int, ...]]:
-    """:func:`tensor_shapes` of a weights file's bytes, already read."""
-    if path.suffix != ".safetensors":
-        return {key: tuple(value.shape) for key, value in _torch_load(path, map_location="meta", data=data).items()}
-    size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
-    if not 0 < size <= min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: no complete header")
-    return _header_shapes(data[8 : 8 + size], path)
-
-
-def _header_shapes(header_bytes: bytes, path: Path) -> dict[str, tuple[int, ...]]:
-    try:
-        header = json.loads(header_bytes)
-        shapes = {key: tuple(int(n) for n in value["shape"]) for key, value in header.items() if key != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: bad header ({error})") from error
-    return {_LEGACY_KEY.sub(r"\1\2", key): shape for key, shape in shapes.items()}
-
-
-def check_shapes(name: str, model_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """Refuse (:class:`InvalidConfigError`) constructor arguments whose tensors are not those of the weights'
-    header, before the model is built: first by counting layers, then on a model on the ``meta`` device."""
+def check_shapes(name: str, model_args: Mapping[str, Any], state_dict: Mapping[str, Tensor], where: str) -> None:
+    """Refuse (:class:`InvalidConfigError`) constructor arguments whose network does not hold as many values as
+    the weights, before the model is built: first by counting layers, then by :func:`state_size`. (Loading then
+    names any tensor of another shape.)"""
     args = {**architecture(name), **model_args}
     per_layer = 10 if args.get("bn_size", 4) else 5  # per stage a BatchNorm (4 tensors at least) and a conv
-    if _layer_count(args) * per_layer > len(shapes):
+    if _layer_count(args) * per_layer > len(state_dict):
         raise InvalidConfigError(
-            f"{where} asks for {_layer_count(args)} dense layers, but the weights hold only {len(shapes)} tensors: "
-            f"the config does not describe these weights"
+            f"{where} asks for {_layer_count(args)} dense layers, but the weights hold only {len(state_dict)} "
+            f"tensors: the config does not describe these weights"
         )
-    expected = {key: tuple(value.shape) for key, value in _meta_model(name, model_args).state_dict().items()}
-    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in shapes if k not in expected]
-    misshapen = [f"{k} {shapes[k]} vs {expected[k]}" for k in shapes if k in expected and shapes[k] != expected[k]]
-    if missing or unexpected or misshapen:
-        parameters = sum(math.prod(shape) for key, shape in expected.items() if "running" not in key)
+    parameters, values = state_size(args)
+    stored = sum(value.numel() for key, value in state_dict.items() if not key.endswith("num_batches_tracked"))
+    if values != stored:
         raise InvalidConfigError(
-            f"{where} describes a {name} with {parameters:,} parameters whose tensors are not the weights': "
-            f"{_listing('missing', missing)}; {_listing('unexpected', unexpected)}; "
-            f"{_listing('with another shape (weights vs config)', misshapen)}."
+            f"{where} describes a {name} with {parameters:,} parameters whose tensors are not the weights': its "
+            f"state holds {values:,} values, the weights {stored:,}."
         )
 
 
@@ -606,42 +609,32 @@ def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dic
 
 def rename_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Map torchvision's legacy names (``denselayer1.norm.1.weight``) to current ones (``denselayer1.norm1.weight``)."""
+    if not _LEGACY_KEY.search("\n".join(state_dict)):  # nothing legacy: one search, not one a key
+        return dict(state_dict)
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
-def _torch_load(path: Path, map_location: str, data: bytes | None = None) -> Mapping[str, Tensor]:
-    """A ``.pth``/``.bin`` state dict read with ``weights_only=True``: from ``data`` when given, else ``path``."""
+def _torch_load(path: Path, data: bytes) -> Mapping[str, Tensor]:
+    """A ``.pth``/``.bin`` state dict read from its bytes ``data`` with ``weights_only=True``."""
     try:
-        state_dict = torch.load(
-            path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True
-        )
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file; all mean "unreadable"
         raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise InvalidWeightsFileError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
-    return rename_legacy_keys(state_dict)
+    return state_dict
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file read with ``weights_only=True``,
-    with legacy torchvision key names mapped to current ones."""
+    with legacy torchvision key names mapped to current ones: from ``data``, the file's bytes already read (and
+    hashed: the bytes checked are the bytes deserialised), else read from ``path`` (a regular file of at most
+    :data:`.files.MAX_WEIGHTS_BYTES`)."""
     path = Path(path)
+    if data is None:
+        data = read_regular_file(path, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
     if path.suffix != ".safetensors":
-        return dict(_torch_load(path, map_location="cpu"))
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state_dict = load_file(path)
-    except SafetensorError as error:
-        raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
-    return rename_legacy_keys(state_dict)
-
-
-def _state_dict_of(data: bytes, path: Path) -> dict[str, Tensor]:
-    """:func:`read_state_dict` of a weights file's bytes, already read (and hashed)."""
-    if path.suffix != ".safetensors":
-        return dict(_torch_load(path, map_location="cpu", data=data))
+        return rename_legacy_keys(_torch_load(path, data))
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -649,7 +642,7 @@ def _state_dict_of(data: bytes, path: Path) -> dict[str, Tensor]:
         state_dict = load(data)
     except SafetensorError as error:
         raise InvalidWeightsFileError(f"{path} is not a valid safetensors file: {error}") from error
-    return rename_legacy_keys(dict(sorted(state_dict.items())))  # in load_file's order
+    return rename_legacy_keys(dict(sorted(state_dict.items())))  # in the file's (sorted) order
 
 
 def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
@@ -671,11 +664,14 @@ def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
     return adapted.to(weight.dtype)
 
 
-def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> nn.Module:
+def load_state_dict_into(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str, *, check_values: bool = True
+) -> nn.Module:
     """Load ``state_dict`` into ``model`` strictly, except a classifier of another size, which is skipped with a
     warning (fine-tuning), and a first convolution for another number of input channels, which is adapted
     (:func:`adapt_input_conv`). Raises :class:`IncompatibleWeightsError` naming missing, unexpected and
-    misshapen keys."""
+    misshapen keys, and, with ``check_values``, :class:`InvalidWeightsFileError` for values no weights hold
+    (:func:`check_state_values`)."""
     state_dict = rename_legacy_keys(state_dict)
     expected = model.state_dict()
     first_conv = state_dict.get(_FIRST_CONV)
@@ -687,7 +683,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], sou
         and first_conv.shape[0] == expected[_FIRST_CONV].shape[0]
     ):
         state_dict = {**state_dict, _FIRST_CONV: adapt_input_conv(expected[_FIRST_CONV].shape[1], first_conv)}
-    state_dict, classifier_skipped = _without_mismatched_classifier(model, state_dict, source)
+    state_dict, classifier_skipped = _without_mismatched_classifier(expected, state_dict, source)
     exempt = set(_CLASSIFIER_KEYS) if classifier_skipped else set()
     # BatchNorm fills in a missing num_batches_tracked itself (torchvision's files have none).
     missing = [k for k in expected if k not in state_dict and k not in exempt and not k.endswith("num_batches_tracked")]
@@ -703,14 +699,16 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], sou
             f"{_listing('missing', missing)}; {_listing('unexpected', unexpected)}; "
             f"{_listing('with another shape (weights vs model)', misshapen)}."
         )
-    _check_values(expected, state_dict, source)
+    _check_dtypes(expected, state_dict, source)
+    if check_values:
+        check_state_values(state_dict, source)
     model.load_state_dict(state_dict, strict=not classifier_skipped)
     return model
 
 
-def _check_values(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Refuse, rather than cast or load: integer or bool tensors where the model has floating-point weights (and
-    the reverse), NaN or infinite values, negative running variances. The error names the key and what is valid."""
+def _check_dtypes(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Refuse, rather than cast: integer or bool tensors where the model has floating-point weights (and the
+    reverse). The error names the key and what is valid."""
     for key, value in state_dict.items():
         target = expected[key]
         if target.is_floating_point() != value.is_floating_point():
@@ -719,16 +717,26 @@ def _check_values(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tenso
                 f"{source}: {key} holds {value.dtype} values where the model has {target.dtype}: only {valid} "
                 f"tensors load there (they are not cast)"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+
+
+def check_state_values(state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Refuse (:class:`InvalidWeightsFileError`) NaN or infinite values and negative running variances, naming
+    the key: a diverged training or a damaged file. One pass a tensor (:func:`torch.aminmax`, NaN propagates)."""
+    floats = [(key, value) for key, value in state_dict.items() if value.is_floating_point() and value.numel()]
+    if not floats:
+        return
+    smallest, largest = (torch.stack(b).float() for b in zip(*(torch.aminmax(v) for _, v in floats), strict=True))
+    finite = (torch.isfinite(smallest) & torch.isfinite(largest)).tolist()
+    for (key, value), is_finite, low in zip(floats, finite, smallest.tolist(), strict=True):
+        if not is_finite:
             bad = int((~torch.isfinite(value)).sum())
             raise InvalidWeightsFileError(
                 f"{source}: {key} holds {bad} NaN or infinite values of {value.numel()}: weights must be finite "
                 f"(diverged training or a damaged file)"
             )
-        if key.endswith("running_var") and bool((value < 0).any()):
+        if low < 0 and key.endswith("running_var"):
             raise InvalidWeightsFileError(
-                f"{source}: {key} holds negative variances (smallest {value.min().item():g}): a BatchNorm's "
-                f"running_var is at least 0"
+                f"{source}: {key} holds negative variances (smallest {low:g}): a BatchNorm's running_var is at least 0"
             )
 
 
@@ -739,12 +747,11 @@ def _listing(what: str, keys: list[str], shown: int = 5) -> str:
 
 
 def _without_mismatched_classifier(
-    model: nn.Module, state_dict: dict[str, Tensor], source: str
+    expected: Mapping[str, Tensor], state_dict: dict[str, Tensor], source: str
 ) -> tuple[dict[str, Tensor], bool]:
     """Drop the weights' classifier if the model has another number of classes (0: none), with a warning.
     Returns the state dict and whether the classifier was dropped. A classifier for the same features in
     another layout (transposed, another input width) is refused, not dropped: it is no fine-tuning head."""
-    expected = model.state_dict()
     model_classes = _num_classes(expected)
     weights_classes = _num_classes(state_dict)
     if model_classes == weights_classes:

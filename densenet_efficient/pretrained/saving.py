@@ -31,7 +31,14 @@ from torch import nn
 
 from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
 from .files import file_sha256, locked, remove_stale_temporaries
-from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, PREVIOUS_SET_DIRNAME, WEIGHTS_FILENAME
+from .loading import (
+    CONFIG_FILENAME,
+    CONFIG_FORMAT,
+    FORMAT_KEY,
+    PREVIOUS_SET_DIRNAME,
+    WEIGHTS_FILENAME,
+    check_state_values,
+)
 from .manifest import label_names
 
 CARD_FILENAME = "README.md"
@@ -69,7 +76,9 @@ def save_pretrained(
       license, datasets, base model, ``model-index`` results), the sha256 and how to load it.
 
     Args:
-        model: a ``DenseNet`` (its ``config`` gives the constructor arguments).
+        model: a ``DenseNet`` (its ``config`` gives the constructor arguments). Its values are checked here, once
+            (NaN or infinite values, negative running variances: :class:`InvalidWeightsFileError`): a load of the
+            sealed set does not check them again.
         directory: created if needed.
         architecture: registered model name; defaults to ``model.arch_name`` (set by ``create_model``).
         overwrite: replace a ``README.md`` that this function did not write (refused otherwise).
@@ -103,6 +112,7 @@ def save_pretrained(
         )
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    check_state_values(tensors, f"save_pretrained({directory})")  # once, here: loading a sealed set trusts them
     weights_bytes = save(tensors, metadata={"format": "pt"})
     sha256 = hashlib.sha256(weights_bytes).hexdigest()
     model_args = json.loads(json.dumps(model.config))

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import convert_sync_batchnorm, create_model
+from ..core import convert_sync_batchnorm
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
+from ..models import create_model
 from .common import (
     MODES,
     PRECISIONS,

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import MemoryMode, create_model
+from ..core import MemoryMode
 from ..core.registry import cifar_name, resolve_model
+from ..models import create_model
 from .memory import Footprint, fake_footprint
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

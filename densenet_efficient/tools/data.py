@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..core.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..pretrained.loading import resolve_weights
 from ..pretrained.preprocessing import transforms
 
@@ -113,9 +114,9 @@ class Preprocessing:
 
 
 DEFAULT_PREPROCESSING = {
-    "cifar10": Preprocessing((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32),
-    "cifar100": Preprocessing((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32),
-    "imagefolder": Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+    "cifar10": Preprocessing(CIFAR10_MEAN, CIFAR10_STD, 32),
+    "cifar100": Preprocessing(CIFAR100_MEAN, CIFAR100_STD, 32),
+    "imagefolder": Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 224),
 }
 
 

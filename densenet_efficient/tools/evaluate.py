@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import create_model
+from ..models import create_model
 from .common import AMP_DTYPES, UsageError, evaluate, model_name
 from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
 

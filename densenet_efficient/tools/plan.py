@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import MemoryMode, create_model
+from ..core import MemoryMode
+from ..models import create_model
 from .common import (
     MODES,
     PRECISIONS,

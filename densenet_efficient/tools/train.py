@@ -70,7 +70,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, create_model
+from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm
+from ..models import create_model
 from ..pretrained.files import lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained

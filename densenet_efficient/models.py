@@ -1,0 +1,281 @@
+"""The model family, in timm's shape: ``create_model`` and the ``@register_model`` factories, each a few lines that
+name an architecture and call :func:`_create`, which builds the network (:func:`.core.registry.build`) and loads
+the weights ``pretrained=``/``weights=`` refer to (:func:`.pretrained.loading.resolve_weights`). This is the layer
+that knows both the core and the weights; the core knows nothing of weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Literal, overload
+
+from .core.functional import MemoryMode
+from .core.model import DenseNet, DenseNetFeatures
+from .core.registry import (
+    architecture,
+    cifar_architecture,
+    cifar_name,
+    entrypoints,
+    register_model,
+    resolve_model,
+)
+from .pretrained.loading import resolve_weights
+
+
+@overload
+def create_model(
+    name: str,
+    pretrained: bool = ...,
+    weights: str | os.PathLike | None = ...,
+    *,
+    cache_dir: str | os.PathLike | None = ...,
+    endpoint: str | None = ...,
+    features_only: Literal[False] = ...,
+    out_indices: int | Sequence[int] | None = ...,
+    **kwargs: Any,
+) -> DenseNet: ...
+
+
+@overload
+def create_model(
+    name: str,
+    pretrained: bool = ...,
+    weights: str | os.PathLike | None = ...,
+    *,
+    cache_dir: str | os.PathLike | None = ...,
+    endpoint: str | None = ...,
+    features_only: Literal[True],
+    out_indices: int | Sequence[int] | None = ...,
+    **kwargs: Any,
+) -> DenseNetFeatures: ...
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **kwargs: Any,
+) -> DenseNet | DenseNetFeatures:
+    """Build the named architecture (see :func:`resolve_model` for the names): call its factory; ``kwargs``
+    override its ``DenseNet`` arguments.
+
+    ``pretrained=True`` loads the model's default weights, or the tag of ``"NAME.TAG"``; ``weights`` names a tag
+    (``"DEFAULT"``: the default one), a file or an ``hf-hub:`` repo (see the factory functions' documentation).
+    The weights' own constructor arguments apply first, then ``kwargs``: another ``num_classes`` loads all but
+    the classifier (fine-tuning). ``cache_dir`` and ``endpoint`` override the Hugging Face cache folder and Hub
+    address for the download.
+
+    ``features_only=True`` returns the network as a multi-scale backbone (:class:`DenseNetFeatures`, timm's
+    ``features_only``): a list of feature maps, the levels ``out_indices`` of ``feature_info`` (default all:
+    the stem, each dense block but the last, the final features).
+    """
+    name, tag = _split_tag(name, weights)
+    if tag is not None and pretrained:
+        weights = tag
+    name = resolve_model(name)
+    factory = entrypoints().get(name) or functools.partial(_create, name, architecture(name))  # a CIFAR depth
+    return factory(
+        pretrained=pretrained,
+        weights=weights,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        features_only=features_only,
+        out_indices=out_indices,
+        **kwargs,
+    )
+
+
+def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:
+    """``"NAME.TAG"`` (timm's spelling) -> ``("NAME", "TAG")``, ``"NAME"`` -> ``("NAME", None)``; a tag also
+    given as ``weights`` must agree. As in timm, the tag is loaded with ``pretrained=True``."""
+    if not isinstance(name, str) or "." not in name:
+        return name, None
+    name, tag = name.split(".", 1)
+    if weights is not None and weights != tag:
+        raise ValueError(
+            f"create_model({name + '.' + tag!r}, weights={weights!r}) names two different weights: "
+            f"pass the tag in one place"
+        )
+    return name, tag
+
+
+def _create(
+    name: str,
+    arch: dict[str, Any],
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The builder every factory calls: ``DenseNet(**arch, **kwargs)`` named ``name``, built once, with the weights
+    ``pretrained``/``weights`` refer to (:func:`~densenet_efficient.pretrained.loading.resolve_weights`: their
+    constructor arguments apply before ``kwargs``); a :class:`DenseNetFeatures` backbone with ``features_only``."""
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the levels of a features_only backbone: pass features_only=True")
+    resolved = None
+    if pretrained or weights is not None:
+        resolved = resolve_weights(name, weights, cache_dir=cache_dir, endpoint=endpoint)
+        arch = {**arch, **resolved.model_args}
+    model = DenseNet(**{**arch, **kwargs}, arch_name=name)
+    if resolved is not None:
+        resolved.load_into(model)
+    return DenseNetFeatures(model, out_indices) if features_only else model
+
+
+def cifar_densenet(
+    depth: int,
+    growth_rate: int = 12,
+    bottleneck: bool = True,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> DenseNet:
+    """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet, for 32x32 inputs.
+
+    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block, a stem of 2k channels and compression 0.5;
+    plain DenseNet has (depth - 4) / 3 layers per block, a stem of 16 channels and no compression. Its
+    ``arch_name`` is :func:`cifar_name`, a name :func:`create_model` builds again. ``pretrained``, ``weights``
+    and ``kwargs`` are the factories' (see :func:`densenet_bc_100_k12`).
+    """
+    arch = cifar_architecture(depth, growth_rate, bottleneck)
+    name = cifar_name(depth, growth_rate, bottleneck)
+    return _create(name, arch, pretrained, weights, **kwargs)
+
+
+@register_model
+def densenet_40_k12(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
+    arch = cifar_architecture(40, 12, bottleneck=False)
+    return _create("densenet_40_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_100_k12(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
+    arch = cifar_architecture(100, 12, bottleneck=True)
+    return _create("densenet_bc_100_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_250_k24(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
+    arch = cifar_architecture(250, 24, bottleneck=True)
+    return _create("densenet_bc_250_k24", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet_bc_190_k40(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
+    arch = cifar_architecture(190, 40, bottleneck=True)
+    return _create("densenet_bc_190_k40", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+def _imagenet(block_config: tuple[int, ...], growth_rate: int = 32, **arch: Any) -> dict[str, Any]:
+    """The arguments of an ImageNet-stem DenseNet (bottleneck 4k, compression 0.5, a stem of 2k channels)."""
+    return dict(growth_rate=growth_rate, block_config=block_config, num_init_features=2 * growth_rate, **arch)
+
+
+@register_model
+def densenet121_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-121 for ImageNet (224x224): blocks of 6, 12, 24, 16 layers, k=32."""
+    arch = _imagenet((6, 12, 24, 16))
+    return _create("densenet121_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet169_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-169 for ImageNet (224x224): blocks of 6, 12, 32, 32 layers, k=32."""
+    arch = _imagenet((6, 12, 32, 32))
+    return _create("densenet169_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet201_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-201 for ImageNet (224x224): blocks of 6, 12, 48, 32 layers, k=32."""
+    arch = _imagenet((6, 12, 48, 32))
+    return _create("densenet201_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet161_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-161 for ImageNet (224x224): blocks of 6, 12, 36, 24 layers, k=48."""
+    arch = _imagenet((6, 12, 36, 24), growth_rate=48)
+    return _create("densenet161_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet264_efficient(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-264 for ImageNet (224x224): blocks of 6, 12, 64, 48 layers, k=32 (tech report; no weights)."""
+    arch = _imagenet((6, 12, 64, 48))
+    return _create("densenet264_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+# Volumetric (3D) DenseNets: the architectures of MONAI's DenseNet121/169/201/264 (ImageNet stem in 3D, compression
+# 0.5), for single-channel volumes (CT, MRI) and two classes by default, as in MONAI's 3D classification examples.
+def _volumetric(block_config: tuple[int, ...]) -> dict[str, Any]:
+    return _imagenet(block_config, spatial_dims=3, in_chans=1, num_classes=2)
+
+
+@register_model
+def densenet121_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-121 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet121(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 24, 16))
+    return _create("densenet121_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet169_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-169 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet169(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 32, 32))
+    return _create("densenet169_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet201_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-201 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet201(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 48, 32))
+    return _create("densenet201_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+
+
+@register_model
+def densenet264_3d(
+    pretrained: bool = False, weights: str | None = None, efficient: MemoryMode = True, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-264 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet264(spatial_dims=3)``."""
+    arch = _volumetric((6, 12, 64, 48))
+    return _create("densenet264_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
