@@ -13,6 +13,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -120,3 +122,20 @@ def test_python_blocks_run(path, offline_world):
     namespace: dict = {"__name__": "__docs__"}
     for block in python_blocks(path):
         exec(compile(block, str(path), "exec"), namespace)
+
+
+def test_built_site_shows_no_raw_sphinx_markup(tmp_path):
+    """The strict build of the site, as CI runs it: docstrings' Sphinx roles (:func:`x`, ...) become links where the
+    site documents the object and code otherwise; no raw role or reStructuredText double backtick is left."""
+    pytest.importorskip("mkdocstrings_handlers.python")
+    build = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    result = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    for page in tmp_path.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        raw = re.findall(r":(?:func|class|mod|meth|data|attr|exc|obj):(?:`|<code>)", html)
+        assert not raw and "``" not in html, (page, raw)
+    api = (tmp_path / "api" / "index.html").read_text(encoding="utf-8")
+    assert 'href="#densenet_efficient.core.registry.resolve_model"><code>resolve_model</code></a>' in api
+    assert api.count('id="densenet_efficient.core.registry.create_model"') == 1
+    assert not (tmp_path / "hooks").exists()
