@@ -15,6 +15,12 @@ from densenet_efficient.tools.cli import main
 
 TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
 TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
+LABELS = [
+    "efficient=False",
+    "efficient=True",
+    "efficient='max'",
+    "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)",
+]
 
 
 # ----------------------------------------------------------------------------------------------- peers
@@ -77,25 +83,53 @@ def test_peer_that_would_not_fit_is_skipped_with_its_prediction(monkeypatch):
     assert "skipped" in bench.format_table(rows)
 
 
+def test_timing_warnings_name_a_busy_machine_and_wide_spreads():
+    rows = bench._with_ratios(
+        [
+            {"mode": "false", "label": "efficient=False", "skipped": False, "step_times": [1.0, 1.05, 0.98]},
+            {"mode": "true", "label": "efficient=True", "skipped": False, "step_times": [1.0, 2.0, 1.2]},
+        ],
+        batch_size=4,
+    )
+    assert rows[1]["step_spread"] == pytest.approx(1.0 / 1.2)
+    assert bench.timing_warnings(rows[:1], others_load=0.2, cores=2) == []
+    busy, wide = bench.timing_warnings(rows, others_load=1.5, cores=2)
+    assert "busy" in busy and "load average of 1.5 on its 2 CPUs" in busy
+    assert "efficient=True 83%" in wide and "efficient=False" not in wide and "--repeats" in wide
+
+
+def test_bench_warns_on_stderr_when_the_machine_is_busy(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    json_path = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--repeats", "1", "--modes", "false", "--json", str(json_path)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning[0].startswith("densenet-efficient bench: warning: the machine is busy")
+    assert json.loads(json_path.read_text())["warnings"][0].startswith("the machine is busy")
+
+
 # ----------------------------------------------------------------------------------------------- bench command
 
 
 def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     assert main(["bench", *TINY, "--repeats", "2", "--json", str(json_path), "--csv", str(csv_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # stderr is no terminal here (as in CI, nohup, | tee): a line per peer measured and per timed round
+    progress = [line.split(" [")[0] for line in err.splitlines() if line.startswith("bench: ")]
+    assert progress == [
+        "bench: 1 configuration(s) x 4 peers, 16 training steps; the time left is estimated from the first ones",
+        *[f"bench: densenet_bc_10_k12, {label}: memory measured" for label in LABELS],
+        "bench: densenet_bc_10_k12: timed round 1/2",
+        "bench: densenet_bc_10_k12: timed round 2/2",
+    ]
+    assert "left]" in err.splitlines()[1]
     assert "counted in-process by a TorchDispatchMode" in out and "torch.profiler profile_memory" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith(
         "| mode | peak, live tensors (MiB) | memory x naive, live tensors | peak, allocator (MiB) | "
         "memory x naive, allocator | step (s) | time x naive | images/s"
     )
-    assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| efficient=False",
-        "| efficient=True",
-        "| efficient='max'",
-        "| torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)",
-    ]
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {label}" for label in LABELS]
 
     rows = json.loads(json_path.read_text())["rows"]
     assert [row["mode"] for row in rows] == ["false", "true", "max", "checkpoint"]
@@ -104,6 +138,8 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     assert naive["peak_bytes"] == naive["predicted_bytes"]
     for row in rows:
         assert len(row["step_times"]) == 2 and row["step_s"] > 0
+        spread = abs(row["step_times"][0] - row["step_times"][1]) / row["step_s"]
+        assert row["step_spread"] == pytest.approx(spread) and f"| {spread:.0%} |" in table[2 + rows.index(row)] + " |"
         assert row["images_per_s"] == pytest.approx(4 / row["step_s"])
         assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / naive["peak_bytes"])
         # The allocator sees every tensor the dispatch counter sees, and kernels' temporaries besides.

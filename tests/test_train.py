@@ -895,6 +895,20 @@ def one_epoch(tmp_path_factory):
     return output
 
 
+def test_eval_shows_progress_on_stderr_that_is_not_a_terminal(one_epoch, capsys):
+    """`eval` in CI or behind `| tee` (stderr not a terminal): a line at the start and about every tenth batch."""
+    weights = str(one_epoch / "best.safetensors")
+    assert main(["eval", "densenet_bc_100_k12", "--weights", weights, "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("eval: digits (test): 23 batches of up to 16 on cpu [")
+    assert [line.split(" [")[0] for line in lines[1:]] == [
+        f"eval: batch {n}/23" for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23)
+    ]
+    assert all(line.endswith("]") for line in lines) and "left]" in lines[1]
+    assert json.loads(captured.out)["images"] == 359
+
+
 def _copy(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, dirs_exist_ok=True)
     return target
