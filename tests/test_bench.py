@@ -169,6 +169,37 @@ def test_pareto_front_keeps_the_rows_no_other_beats_on_memory_and_time():
     assert [row["mode"] for row in front] == ["b", "d", "e"]  # d beats a
 
 
+def test_pareto_plot_names_every_peer_in_a_legend_inside_the_image(tmp_path):
+    """Each peer's full label in a legend beside the axes, the points only numbered, and the saved image wide
+    enough for the legend (labels beside the points were clipped at the right edge, as
+    'activation_memory_budget=0.1' of the rightmost point, and overlapped where points lie close)."""
+    import matplotlib.pyplot as plt
+
+    keys = ("false", "true", "max")
+    peers = bench.make_peers("densenet121_efficient", keys) + bench.compiled_peers(
+        "densenet121_efficient", keys, (0.5, 0.1), every_mode=True
+    )
+    ratios = [(1.0, 1.0), (0.59, 0.32), (0.78, 0.25), (1.01, 0.97), (1.05, 0.27), (0.98, 0.21), (1.6, 0.3), (2.0, 0.23)]
+    rows = [
+        {"label": peer.label, "time_ratio": time, "allocator_memory_ratio": memory}
+        for peer, (time, memory) in zip(peers, ratios, strict=True)
+    ]
+    figure = bench.pareto_figure(rows, "densenet121_efficient, batch 8, 224x224, fp32, compiled peers " * 2)
+    axes = figure.axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels[: len(rows)] == [f"{n}: {row['label']}" for n, row in enumerate(rows, 1)]
+    assert labels[-1].startswith("Pareto front") and labels[-2].endswith("activation_memory_budget=0.1")
+    assert [text.get_text() for text in axes.texts] == [str(n) for n in range(1, len(rows) + 1)]
+    renderer = figure.canvas.get_renderer()
+    image = figure.get_tightbbox(renderer)  # what savefig(bbox_inches="tight") keeps, in inches
+    for artist in (axes.get_legend(), axes.title, *axes.texts):
+        box = artist.get_window_extent(renderer).transformed(figure.dpi_scale_trans.inverted())
+        assert image.x0 <= box.x0 and box.x1 <= image.x1 and image.y0 <= box.y0 and box.y1 <= image.y1
+    plt.close(figure)
+    bench.pareto_plot(str(tmp_path / "p.png"), rows, "title")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.slow
 def test_bench_compiled_peers_are_measured_by_the_allocator_and_plotted(tmp_path, capsys):
     png, json_path = tmp_path / "pareto.png", tmp_path / "bench.json"

@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -747,8 +748,18 @@ def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, 
 
 
 def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
-    """PNG of every peer's memory x naive against its time x eager naive, the Pareto front joined: on CPU the
-    allocator's figure (the one compiled models have), on CUDA ``max_memory_allocated``."""
+    """PNG of :func:`pareto_figure`, cropped to what it draws (legend and title included)."""
+    import matplotlib.pyplot as plt
+
+    figure = pareto_figure(rows, title)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def pareto_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """Every peer's memory x naive against its time x eager naive, the Pareto front joined: on CPU the
+    allocator's figure (the one compiled models have), on CUDA ``max_memory_allocated``. Points are numbered and
+    named in a legend beside the axes (labels next to them were clipped at the edge or overlapped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -757,12 +768,10 @@ def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
     memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
     points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
     figure, axes = plt.subplots(figsize=(7.5, 5))
-    for row in points:
-        compiled = "compile" in row["label"]
-        axes.scatter(row["time_ratio"], row[memory_key], marker="s" if compiled else "o", s=40)
-        axes.annotate(
-            row["label"], (row["time_ratio"], row[memory_key]), fontsize=6, xytext=(4, 3), textcoords="offset points"
-        )
+    for number, row in enumerate(points, 1):
+        xy = (row["time_ratio"], row[memory_key])
+        axes.scatter(*xy, marker="s" if "compile" in row["label"] else "o", s=40, label=f"{number}: {row['label']}")
+        axes.annotate(str(number), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted(pareto_front(points, memory_key), key=lambda row: row["time_ratio"])
     if front:
         axes.plot(
@@ -770,17 +779,15 @@ def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
             [row[memory_key] for row in front],
             "k--",
             lw=0.8,
-            label="Pareto front (no peer needs less memory for less time)",
+            label="Pareto front (no peer needs\nless memory for less time)",
         )
-        axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     axes.set_xlabel("step time x eager efficient=False")
     axes.set_ylabel(f"peak memory x eager efficient=False ({'allocator' if 'allocator' in memory_key else 'device'})")
-    axes.set_title(title, fontsize=7, wrap=True)
-    axes.margins(x=0.35, y=0.08)  # room for the labels, right of their points
+    axes.set_title(textwrap.fill(title, 80), fontsize=8)
+    axes.margins(0.1)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------- command line
