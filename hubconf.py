@@ -1,9 +1,12 @@
 """torch.hub entrypoints: ``torch.hub.load('<owner>/<repo>', 'densenet_bc_100_k12', efficient=True)``.
 
-The entrypoints are the registry's models (``densenet_efficient.list_models()``) and the earlier names that
-still build them (``list_models(include_aliases=True)``). Every entrypoint takes ``pretrained``, ``weights`` and
-``efficient`` (``False``, ``True`` or ``"max"``) plus any ``DenseNet`` argument; ``torch.hub.help(repo, name)``
-prints the details. Other names here are private: ``torch.hub.list`` lists every public callable.
+The entrypoints are the registry's models (``densenet_efficient.list_models()``), the earlier names that still
+build them (``list_models(include_aliases=True)``), and ``cifar_densenet`` for a CIFAR DenseNet of any depth
+(``torch.hub.load(repo, 'cifar_densenet', depth=190, growth_rate=12)``, ``bottleneck=False`` for plain DenseNet).
+Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``, ``True`` or ``"max"``) plus any
+``DenseNet`` argument; ``torch.hub.help(repo, name)`` prints the details. Other names here are private:
+``torch.hub.list`` lists every public callable. Offline, load from a checkout or unpacked archive with
+``source="local"`` (docs/getting-started.md).
 """
 
 dependencies = ["torch", "safetensors", "huggingface_hub", "jsonschema"]
@@ -32,5 +35,6 @@ def _warn_if_another_copy_is_imported() -> None:
 _warn_if_another_copy_is_imported()
 
 from densenet_efficient.core.registry import entrypoints as _entrypoints  # noqa: E402
+from densenet_efficient.models import cifar_densenet  # noqa: E402, F401  (any CIFAR depth; registers the models)
 
 globals().update(_entrypoints())

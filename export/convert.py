@@ -1,9 +1,13 @@
 """Convert a torchvision DenseNet checkpoint into this project's safetensors layout, checked against torchvision.
 
     python -m export.convert --torchvision densenet121 --output out/densenet121_efficient.tv_in1k
-    python -m export.convert --checkpoint densenet121-a639ec97.pth --model densenet121_efficient --output out/x
+    python path/to/export/convert.py --checkpoint mine.pth --model densenet121_efficient --tag pets --output out/x
 
-The checkpoint may use torchvision's legacy key names (``norm.1``) or the current ones. The converted model and
+Run it as a module from the repository root or as a file from any folder (with the package installed). Only
+``--torchvision`` asserts that the weights are torchvision's ImageNet ones (tag ``tv_in1k``, ImageNet labels);
+a ``--checkpoint`` of your own is recorded as that file, with the tag you give, its number of classes, and
+labels only with ``--labels``. The checkpoint may use torchvision's legacy key names (``norm.1``) or the current
+ones. The converted model and
 torchvision's own ``DenseNet`` load the same tensors and must give the same logits on a random image (max
 absolute difference printed, below 1e-5), otherwise nothing is written. The output folder gets the files of
 ``save_pretrained`` (byte-identical on every run) and the manifest entry is printed as JSON.
@@ -29,16 +33,16 @@ from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5  # largest absolute logit difference a converted model may have (also export.monai's)
-# How torchvision's ImageNet weights are fed (its ImageClassification transform: resize 256 bilinear, centre crop
-# 224, ImageNet mean/std) and the label list they follow (torchvision's ImageNet categories).
+# How torchvision's DenseNets are fed (its ImageClassification transform: resize 256 bilinear, centre crop 224,
+# ImageNet mean/std); its ImageNet weights also follow the ImageNet label list (TORCHVISION_LABELS).
 TORCHVISION_PREPROCESSING: dict[str, Any] = {
     "input_size": [3, 224, 224],
     "interpolation": "bilinear",
     "crop_pct": 0.875,
     "mean": list(IMAGENET_MEAN),
     "std": list(IMAGENET_STD),
-    "labels": "imagenet-1k",
 }
+TORCHVISION_LABELS = "imagenet-1k"
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
 
@@ -90,12 +94,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
     )
-    parser.add_argument("--tag", default="tv_in1k", help="weights tag recorded in config.json (default: tv_in1k)")
+    parser.add_argument(
+        "--tag", help="weights tag recorded in config.json (default for --torchvision: tv_in1k; --checkpoint needs one)"
+    )
+    parser.add_argument(
+        "--labels",
+        help=f"the label list the classifier follows, e.g. {TORCHVISION_LABELS} (default for --torchvision: "
+        f"{TORCHVISION_LABELS}; for --checkpoint: none recorded)",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="side of the random test image (default 224)")
     parser.add_argument("--endpoint", help=f"a mirror of {TORCHVISION_URL_BASE} for --torchvision")
     args = parser.parse_args(argv)
-    if args.model is None and args.checkpoint:
-        parser.error("--model is required with --checkpoint")
+    if args.checkpoint and (args.model is None or args.tag is None):
+        parser.error("--checkpoint needs --model and --tag (what the weights were trained on, e.g. pets or c10)")
+    if args.torchvision:
+        args.tag, args.labels = args.tag or "tv_in1k", args.labels or TORCHVISION_LABELS
     return args
 
 
@@ -104,15 +117,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     location = torchvision_url(args.torchvision, args.endpoint) if args.torchvision else args.checkpoint
     name = args.model or f"{args.torchvision}_efficient"
     state_dict = read_checkpoint(location)
-    model = create_model(name)
+    classifier = state_dict.get("classifier.weight")
+    model = create_model(name, **({} if classifier is None else {"num_classes": classifier.shape[0]}))
     model.load_state_dict(state_dict, strict=True)
     difference = max_logit_difference(state_dict, model, args.image_size)
     print(f"max abs logit difference vs torchvision: {difference:.3e}")
     if not difference < TOLERANCE:
         print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
         return 1
+    source = "torchvision's ImageNet weights" if args.torchvision else "a checkpoint in torchvision's layout"
+    labels = {"labels": args.labels} if args.labels else {}
     entry = save_pretrained(
-        model, args.output, tag=args.tag, source=f"converted from torchvision ({location})", **TORCHVISION_PREPROCESSING
+        model,
+        args.output,
+        tag=args.tag,
+        source=f"converted from {source} ({location})",
+        **TORCHVISION_PREPROCESSING,
+        **labels,
     )
     print(json.dumps(entry, indent=2))
     return 0

@@ -15,6 +15,12 @@ from densenet_efficient.tools.cli import main
 
 TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
 TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
+LABELS = [
+    "efficient=False",
+    "efficient=True",
+    "efficient='max'",
+    "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)",
+]
 
 
 # ----------------------------------------------------------------------------------------------- peers
@@ -77,25 +83,53 @@ def test_peer_that_would_not_fit_is_skipped_with_its_prediction(monkeypatch):
     assert "skipped" in bench.format_table(rows)
 
 
+def test_timing_warnings_name_a_busy_machine_and_wide_spreads():
+    rows = bench._with_ratios(
+        [
+            {"mode": "false", "label": "efficient=False", "skipped": False, "step_times": [1.0, 1.05, 0.98]},
+            {"mode": "true", "label": "efficient=True", "skipped": False, "step_times": [1.0, 2.0, 1.2]},
+        ],
+        batch_size=4,
+    )
+    assert rows[1]["step_spread"] == pytest.approx(1.0 / 1.2)
+    assert bench.timing_warnings(rows[:1], others_load=0.2, cores=2) == []
+    busy, wide = bench.timing_warnings(rows, others_load=1.5, cores=2)
+    assert "busy" in busy and "load average of 1.5 on its 2 CPUs" in busy
+    assert "efficient=True 83%" in wide and "efficient=False" not in wide and "--repeats" in wide
+
+
+def test_bench_warns_on_stderr_when_the_machine_is_busy(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    json_path = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--repeats", "1", "--modes", "false", "--json", str(json_path)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning[0].startswith("densenet-efficient bench: warning: the machine is busy")
+    assert json.loads(json_path.read_text())["warnings"][0].startswith("the machine is busy")
+
+
 # ----------------------------------------------------------------------------------------------- bench command
 
 
 def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     assert main(["bench", *TINY, "--repeats", "2", "--json", str(json_path), "--csv", str(csv_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # stderr is no terminal here (as in CI, nohup, | tee): a line per peer measured and per timed round
+    progress = [line.split(" [")[0] for line in err.splitlines() if line.startswith("bench: ")]
+    assert progress == [
+        "bench: 1 configuration(s) x 4 peers, 16 training steps; the time left is estimated from the first ones",
+        *[f"bench: densenet_bc_10_k12, {label}: memory measured" for label in LABELS],
+        "bench: densenet_bc_10_k12: timed round 1/2",
+        "bench: densenet_bc_10_k12: timed round 2/2",
+    ]
+    assert "left]" in err.splitlines()[1]
     assert "counted in-process by a TorchDispatchMode" in out and "torch.profiler profile_memory" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith(
         "| mode | peak, live tensors (MiB) | memory x naive, live tensors | peak, allocator (MiB) | "
         "memory x naive, allocator | step (s) | time x naive | images/s"
     )
-    assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| efficient=False",
-        "| efficient=True",
-        "| efficient='max'",
-        "| torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)",
-    ]
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {label}" for label in LABELS]
 
     rows = json.loads(json_path.read_text())["rows"]
     assert [row["mode"] for row in rows] == ["false", "true", "max", "checkpoint"]
@@ -104,6 +138,8 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     assert naive["peak_bytes"] == naive["predicted_bytes"]
     for row in rows:
         assert len(row["step_times"]) == 2 and row["step_s"] > 0
+        spread = abs(row["step_times"][0] - row["step_times"][1]) / row["step_s"]
+        assert row["step_spread"] == pytest.approx(spread) and f"| {spread:.0%} |" in table[2 + rows.index(row)] + " |"
         assert row["images_per_s"] == pytest.approx(4 / row["step_s"])
         assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / naive["peak_bytes"])
         # The allocator sees every tensor the dispatch counter sees, and kernels' temporaries besides.
@@ -131,6 +167,37 @@ def test_pareto_front_keeps_the_rows_no_other_beats_on_memory_and_time():
     ]
     front = bench.pareto_front(rows, "allocator_memory_ratio")
     assert [row["mode"] for row in front] == ["b", "d", "e"]  # d beats a
+
+
+def test_pareto_plot_names_every_peer_in_a_legend_inside_the_image(tmp_path):
+    """Each peer's full label in a legend beside the axes, the points only numbered, and the saved image wide
+    enough for the legend (labels beside the points were clipped at the right edge, as
+    'activation_memory_budget=0.1' of the rightmost point, and overlapped where points lie close)."""
+    import matplotlib.pyplot as plt
+
+    keys = ("false", "true", "max")
+    peers = bench.make_peers("densenet121_efficient", keys) + bench.compiled_peers(
+        "densenet121_efficient", keys, (0.5, 0.1), every_mode=True
+    )
+    ratios = [(1.0, 1.0), (0.59, 0.32), (0.78, 0.25), (1.01, 0.97), (1.05, 0.27), (0.98, 0.21), (1.6, 0.3), (2.0, 0.23)]
+    rows = [
+        {"label": peer.label, "time_ratio": time, "allocator_memory_ratio": memory}
+        for peer, (time, memory) in zip(peers, ratios, strict=True)
+    ]
+    figure = bench.pareto_figure(rows, "densenet121_efficient, batch 8, 224x224, fp32, compiled peers " * 2)
+    axes = figure.axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels[: len(rows)] == [f"{n}: {row['label']}" for n, row in enumerate(rows, 1)]
+    assert labels[-1].startswith("Pareto front") and labels[-2].endswith("activation_memory_budget=0.1")
+    assert [text.get_text() for text in axes.texts] == [str(n) for n in range(1, len(rows) + 1)]
+    renderer = figure.canvas.get_renderer()
+    image = figure.get_tightbbox(renderer)  # what savefig(bbox_inches="tight") keeps, in inches
+    for artist in (axes.get_legend(), axes.title, *axes.texts):
+        box = artist.get_window_extent(renderer).transformed(figure.dpi_scale_trans.inverted())
+        assert image.x0 <= box.x0 and box.x1 <= image.x1 and image.y0 <= box.y0 and box.y1 <= image.y1
+    plt.close(figure)
+    bench.pareto_plot(str(tmp_path / "p.png"), rows, "title")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

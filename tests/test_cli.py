@@ -56,6 +56,11 @@ def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, opt
             "densenet-efficient train: error: argument --epochs: invalid int value: 'many'",
         ),
         (["bench", "--model", "nope"], "densenet-efficient bench: error: argument --model: Unknown model 'nope'"),
+        (
+            ["plan", "--memory", "1GB", "--model", "densenet121"],
+            "densenet-efficient plan: error: argument --model: Unknown model 'densenet121'. Did you mean "
+            "densenet121_efficient,",
+        ),
         (["plan", "--batch-size", "0"], "densenet-efficient plan: error: argument --batch-size: expected an integer"),
         (["eval", "--no-such-option"], "densenet-efficient eval: error: the following arguments are required"),
         (["nope"], "densenet-efficient: error: argument COMMAND: invalid choice: 'nope'"),

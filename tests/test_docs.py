@@ -13,6 +13,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -120,3 +122,31 @@ def test_python_blocks_run(path, offline_world):
     namespace: dict = {"__name__": "__docs__"}
     for block in python_blocks(path):
         exec(compile(block, str(path), "exec"), namespace)
+
+
+def test_built_site_has_no_raw_markup_and_shares_the_readmes_sections(tmp_path):
+    """The strict build of the site, as CI runs it: docstrings' Sphinx roles (:func:`x`, ...) become links where the
+    site documents the object and code otherwise; no raw role or reStructuredText double backtick is left."""
+    pytest.importorskip("mkdocstrings_handlers.python")
+    build = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    result = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    for page in tmp_path.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        raw = re.findall(r":(?:func|class|mod|meth|data|attr|exc|obj):(?:`|<code>)", html)
+        assert not raw and "``" not in html, (page, raw)
+    api = (tmp_path / "api" / "index.html").read_text(encoding="utf-8")
+    assert 'href="#densenet_efficient.core.registry.resolve_model"><code>resolve_model</code></a>' in api
+    assert api.count('id="densenet_efficient.core.registry.create_model"') == 1
+    assert not (tmp_path / "hooks").exists()
+    # What README and the site share has one source: README's sections, included by the site's pages.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    started = (tmp_path / "getting-started" / "index.html").read_text(encoding="utf-8")
+    weights = (tmp_path / "weights" / "index.html").read_text(encoding="utf-8")
+    assert "pip install densenet-efficient" in started and "--8&lt;--" not in started and "--8<--" not in started
+    assert 'source="local"' in started and "cifar_densenet" in started
+    for key in re.findall(r"^\| `(densenet\w+\.\w+)` \|", readme, re.MULTILINE):
+        assert f"<code>{key}</code>" in weights, key
+    memory = (tmp_path / "memory" / "index.html").read_text(encoding="utf-8")
+    assert '<img alt="Peak memory of a training step against depth' in memory
+    assert (tmp_path / "images" / "depth-bc-k12-b64-cpu.png").read_bytes()[:4] == b"\x89PNG"

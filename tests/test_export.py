@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -66,6 +67,8 @@ def exported(torchvision_checkpoints, tmp_path_factory):
         str(output),
         "--tag",
         "test",
+        "--labels",
+        "imagenet-1k",
         "--image-size",
         "64",
     ]
@@ -130,6 +133,42 @@ def test_exported_weights_load_strictly_into_torchvision_and_timm(torchvision_ch
     expected = logits(reference)
     for model in (ours, tv_model, timm_model):
         torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+
+
+def test_converting_your_own_checkpoint_claims_no_imagenet(tmp_path):
+    """A user's torchvision DenseNet fine-tuned on 5 classes, converted by running the file from another folder:
+    its tag, its number of classes, no labels, and the file it came from; no tv_in1k, ImageNet or torchvision's
+    weights claimed."""
+    torch.manual_seed(2)
+    mine = torchvision.models.densenet121(num_classes=5).eval()
+    torch.save(mine.state_dict(), tmp_path / "pets.pth")
+    argv = ["--checkpoint", "pets.pth", "--model", "densenet121_efficient", "--output", "out", "--image-size", "64"]
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "export" / "convert.py"), *argv, "--tag", "pets"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},  # this checkout's package, as if installed
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    entry = json.loads(run.stdout[run.stdout.index("{") :])
+    text = json.dumps(config) + json.dumps(entry) + (tmp_path / "out" / "README.md").read_text()
+    assert entry["tag"] == "pets" and config["num_classes"] == 5
+    assert "pets.pth" in entry["source"] and "a checkpoint in torchvision's layout" in entry["source"]
+    for claim in ("tv_in1k", "imagenet-1k", "ImageNet weights", "label_names"):
+        assert claim not in text, claim
+    ours = de.create_model("densenet121_efficient", weights=str(tmp_path / "out"))
+    torch.testing.assert_close(logits(ours), logits(mine), rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_needs_a_tag(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert.main(["--checkpoint", "x.pth", "--model", "densenet121_efficient", "--output", str(tmp_path / "o")])
+    assert "--checkpoint needs --model and --tag" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_torchvision_name_resolves_to_its_url_and_checks_the_hash(loopback_hub, tmp_path, monkeypatch):

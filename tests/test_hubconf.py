@@ -32,7 +32,27 @@ def github_hub(tmp_path, monkeypatch):
 
 def test_hubconf_exposes_exactly_the_models(github_hub):
     assert ALIASES == [f"densenet{depth}_3d_efficient" for depth in (121, 169, 201, 264)]
-    assert sorted(torch.hub.list(github_hub, trust_repo=True)) == sorted(ENTRYPOINTS + ALIASES)
+    assert sorted(torch.hub.list(github_hub, trust_repo=True)) == sorted([*ENTRYPOINTS, *ALIASES, "cifar_densenet"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "block_config"),
+    [
+        (dict(depth=190, growth_rate=12), "densenet_bc_190_k12", (31, 31, 31)),
+        (dict(depth=16, growth_rate=8, bottleneck=False), "densenet_16_k8", (4, 4, 4)),
+    ],
+)
+def test_local_load_builds_any_cifar_depth(kwargs, name, block_config):
+    """README says any CIFAR depth builds by name; torch.hub users get it through cifar_densenet."""
+    model = torch.hub.load(str(ROOT), "cifar_densenet", source="local", efficient="max", num_classes=100, **kwargs)
+    assert model.arch_name == name and model.config["block_config"] == block_config
+    assert model.efficient == "max" and model.classifier.out_features == 100
+    assert model.config == de.create_model(name, num_classes=100).config
+
+
+def test_local_load_refuses_a_depth_no_network_has():
+    with pytest.raises(ValueError, match=r"depth must be 6n\+4"):
+        torch.hub.load(str(ROOT), "cifar_densenet", source="local", depth=101)
 
 
 def test_alias_entrypoint_builds_the_renamed_model():

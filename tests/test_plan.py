@@ -39,6 +39,20 @@ def test_parse_memory_rejects_bad_sizes(text):
         plan.parse_memory(text)
 
 
+def test_plan_shows_a_line_per_fake_step_on_stderr_that_is_not_a_terminal(tmp_path, capsys):
+    json_path = tmp_path / "plan.json"
+    assert main(["plan", "--memory", "8MiB", *TINY, "--modes", "max", "--json", str(json_path)]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert lines[0].startswith("plan: about 4 fake training steps (one per line here)")
+    steps = [line for line in lines if line.startswith("plan: fake step")]
+    assert [line.split(":")[1] for line in steps] == [f" fake step {n}" for n in range(1, len(steps) + 1)]
+    assert steps[0].startswith("plan: fake step 1: batch 4, side 16: total ") and "left]" in steps[0]
+    assert len(steps) >= 3 and "largest batch" in out
+    result = json.loads(json_path.read_text())
+    assert result["batch_size"] == 4 and result["input_size"] == 16 and "progress" not in result
+
+
 @pytest.mark.slow
 def test_plan_largest_batch_is_the_boundary(tmp_path, capsys):
     json_path = tmp_path / "plan.json"

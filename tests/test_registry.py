@@ -76,6 +76,16 @@ def test_unknown_model_lists_close_names():
     assert "densenet_bc_<depth>_k<growth>" in str(error.value)
 
 
+@pytest.mark.parametrize("typed", ["densenet121", "DenseNet161", "densenet201.tv_in1k"])
+def test_torchvision_and_timm_names_suggest_ours_first(typed):
+    """What torchvision and timm users type is suggested first, not built: registered with timm, this package's
+    names must leave timm's own densenet121 alone."""
+    ours = typed.split(".")[0].lower() + "_efficient"
+    with pytest.raises(ValueError, match=rf"Unknown model '{typed.split('.')[0]}'\. Did you mean {ours}[,?]"):
+        de.create_model(typed)
+    assert not de.is_model(typed.split(".")[0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -410,6 +411,45 @@ def test_fine_tune_an_export_on_a_new_number_of_classes(cli_run, tmp_path):
 def test_missing_cifar_without_download_says_how_to_get_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="--download"):
         build_splits("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize(("batch_size", "said"), [(32, "trains on 1280 of the 1294 training images"), (647, None)])
+def test_images_an_epoch_leaves_out_are_said(tmp_path, capsys, batch_size, said):
+    """Full batches only (drop_last): the images of an incomplete last batch are said to be left out, not dropped
+    silently; a batch size dividing the training set (1294 digits) leaves none out and says nothing."""
+    train(digits_config(tmp_path, epochs=1, batch_size=batch_size, export=False, val_fraction=0.1))
+    out = capsys.readouterr().out
+    if said is None:
+        assert "left out" not in out
+    else:
+        assert said in out and "other 14" in out and "left out" in out
+
+
+def test_slow_steps_show_their_rate_not_zero():
+    fields = train_module._progress_fields(2.0, 50.0, 0.0421, torch.device("cpu"))
+    assert fields["img/s"] == "0.0421"
+    row = {"epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_top1": 50.0, "images_per_s": 3.14159}
+    assert "3.14 img/s" in train_module._epoch_line(row)
+    assert "1234 img/s" in train_module._epoch_line({**row, "images_per_s": 1234.4})
+
+
+def test_resume_does_not_repeat_the_warnings_of_weights_it_replaces(one_epoch, tmp_path):
+    """Fine-tuning 10-class weights on 5 classes warns once, in the run that loads them; its --resume, whose
+    checkpoint replaces those weights, does not warn again."""
+    _digits_imagefolder(tmp_path / "images", range(5))
+    config = dict(
+        dataset="imagefolder",
+        data=str(tmp_path / "images"),
+        weights=str(one_epoch / "best.safetensors"),
+        image_size=8,
+        export=False,
+    )
+    with pytest.warns(UserWarning, match="10 classes, the model 5"):
+        train(digits_config(tmp_path / "run", **config, epochs=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(digits_config(tmp_path / "run", **config, epochs=2, resume=True))
+    assert not [w for w in caught if "classes" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_batch_must_split_evenly_into_accumulation_steps(tmp_path):
@@ -853,6 +893,20 @@ def one_epoch(tmp_path_factory):
     with one_thread():
         train(digits_config(output, epochs=1, export=False))
     return output
+
+
+def test_eval_shows_progress_on_stderr_that_is_not_a_terminal(one_epoch, capsys):
+    """`eval` in CI or behind `| tee` (stderr not a terminal): a line at the start and about every tenth batch."""
+    weights = str(one_epoch / "best.safetensors")
+    assert main(["eval", "densenet_bc_100_k12", "--weights", weights, "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("eval: digits (test): 23 batches of up to 16 on cpu [")
+    assert [line.split(" [")[0] for line in lines[1:]] == [
+        f"eval: batch {n}/23" for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23)
+    ]
+    assert all(line.endswith("]") for line in lines) and "left]" in lines[1]
+    assert json.loads(captured.out)["images"] == 359
 
 
 def _copy(source: Path, target: Path) -> Path:

@@ -90,6 +90,11 @@ def resolve_model(name: str) -> str:
         cifar_architecture(int(match[2]), int(match[3]), bool(match[1]))  # a depth no network has raises
         return name
     close = difflib.get_close_matches(name, list_models(include_aliases=True), n=3, cutoff=0.5)
+    # torchvision's and timm's names (densenet121) are this project's with the suffix: suggested first, not
+    # accepted, so that register_with_timm never shadows timm's own model of that name.
+    ours = f"{name.lower()}_efficient"
+    if ours in _ENTRYPOINTS:
+        close = [ours, *(other for other in close if other != ours)][:3]
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"Unknown model {name!r}.{hint} Available models: {', '.join(list_models())}; or any CIFAR depth as "

@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ from ..models import create_model
 from .common import (
     MODES,
     PRECISIONS,
+    Progress,
     add_common_arguments,
     device_name,
     family_member,
@@ -68,6 +70,8 @@ from .memory import allocator_peak, peak_memory
 BASELINE = "checkpoint"
 PEER_KEYS = (*MODES, BASELINE)
 MIB = 2**20
+SPREAD_LIMIT = 0.1  # (max - min) / median of a peer's step times above which its time is not comparable
+BUSY_LOAD = 0.5  # load average of other work (runnable threads) above which the machine counts as busy
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -371,7 +375,7 @@ def measure(
     name: str,
     setting: Setting,
     keys: tuple[str, ...] = PEER_KEYS,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of peak memory and step times of every peer of model ``name`` (see the module's docstring).
 
@@ -391,7 +395,7 @@ def measure(
             row["predicted_bytes"], fits = _predict_fit(peer, setting)
             row["skipped"], all_fit = not fits, fits and peer.key == "false"
         if row["skipped"]:
-            _advance(progress, setting.warmup + 1 + setting.repeats)
+            _advance(progress, setting.warmup + 1 + setting.repeats, f"{name}, {peer.label}: skipped, does not fit")
             continue
         runner = runners[peer.key] = Runner(peer, setting)
         # A compiled model compiles in its first step: never timed nor measured.
@@ -404,13 +408,39 @@ def measure(
             if not runner.compiled:  # compiled graphs do not dispatch through the counter's mode
                 row["peak_bytes"] = runner.peak_bytes()
             row["allocator_peak_bytes"] = runner.allocator_peak_bytes()
-        _advance(progress)
+        _advance(progress, 1, f"{name}, {peer.label}: memory measured")
     gc.collect()  # the fake tensors of the predictions, not a peer's timed step, pay for their collection
-    times = _interleaved_times(runners, setting.repeats, progress)
+    times = _interleaved_times(runners, setting.repeats, progress, name)
     for row in rows:
         if row["mode"] in times:
             row["step_times"] = times[row["mode"]]
     return _with_ratios(rows, setting.batch_size)
+
+
+def timing_warnings(rows: list[dict[str, Any]], others_load: float, cores: int) -> list[str]:
+    """Why the step times of ``rows`` should not be compared: other work's load average ``others_load`` on a
+    machine of ``cores`` CPUs above :data:`BUSY_LOAD`, or peers' step times spread wider than :data:`SPREAD_LIMIT`
+    of their median."""
+    warnings = []
+    if others_load > BUSY_LOAD:
+        warnings.append(
+            f"the machine is busy: other work kept a load average of {others_load:.1f} on its {cores} CPUs, so the "
+            "steps are slower and the time ratios uncertain; measure on a quiet machine"
+        )
+    wide = [row for row in rows if row.get("step_spread", 0.0) > SPREAD_LIMIT]
+    if wide:
+        listing = ", ".join(f"{row['label']} {row['step_spread']:.0%}" for row in wide)
+        warnings.append(
+            f"step times spread more than {SPREAD_LIMIT:.0%} of their median ((max - min) / median: {listing}): "
+            "too wide to compare the peers' times; rerun on a quiet machine or with more --repeats"
+        )
+    return warnings
+
+
+def _others_load(start_load: float) -> float:
+    """Load average of other work: the higher of the 1-minute load before the run and, after it, the load beyond
+    this process's threads."""
+    return max(start_load, os.getloadavg()[0] - torch.get_num_threads())
 
 
 def _predict_fit(peer: Peer, setting: Setting) -> tuple[int, bool]:
@@ -419,21 +449,26 @@ def _predict_fit(peer: Peer, setting: Setting) -> tuple[int, bool]:
     return predicted.peak, total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
 
 
-def _interleaved_times(runners: dict[str, Runner], repeats: int, progress: Any) -> dict[str, list[float]]:
+def _interleaved_times(
+    runners: dict[str, Runner], repeats: int, progress: Progress | None, name: str
+) -> dict[str, list[float]]:
     """Step times of each runner: one step per runner a round, the order reversed every round."""
     times: dict[str, list[float]] = {key: [] for key in runners}
     order = list(runners)
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for key in order:
             times[key].append(runners[key].timed_step())
             _advance(progress)
+        _advance(progress, 0, f"{name}: timed round {round_ + 1}/{repeats}")
         order.reverse()
     return times
 
 
-def _advance(progress: Any, steps: int = 1) -> None:
+def _advance(progress: Progress | None, steps: int = 1, note: str | None = None) -> None:
     if progress is not None:
         progress.update(steps)
+        if note is not None:
+            progress.note(note)
 
 
 RATIOS = {  # measured value: its ratio to eager naive's
@@ -444,11 +479,14 @@ RATIOS = {  # measured value: its ratio to eager naive's
 
 
 def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """Add the median step time, images/s and both ratios to naive (where naive and the peer were measured)."""
+    """Add the median step time, its spread ((max - min) / median, from two steps on), images/s and both ratios
+    to naive (where naive and the peer were measured)."""
     for row in rows:
         if row.get("step_times"):
             row["step_s"] = statistics.median(row["step_times"])
             row["images_per_s"] = batch_size / row["step_s"]
+            if len(row["step_times"]) > 1:
+                row["step_spread"] = (max(row["step_times"]) - min(row["step_times"])) / row["step_s"]
     naive = next((row for row in rows if row["mode"] == "false" and not row["skipped"]), {})
     for row in rows:
         for value, ratio in RATIOS.items():
@@ -597,7 +635,7 @@ def method_note(setting: Setting) -> str:
         timing = (
             f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum "
             f"step) after {setting.warmup} warm-up step(s) and the memory step; peers interleaved, order "
-            "reversed every round"
+            "reversed every round; step spread: (max - min) / median of those steps"
         )
     return f"memory: {memory}.\ntime: {timing}."
 
@@ -611,7 +649,7 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     allocator = any("allocator_peak_bytes" in row for row in rows)
     header = ["mode", "peak, live tensors (MiB)", "memory x naive, live tensors"]
     header += ["peak, allocator (MiB)", "memory x naive, allocator"] if allocator else []
-    header += ["step (s)", "time x naive", "images/s"]
+    header += ["step (s)", "time x naive", "images/s", "step spread"]
     lines = []
     for row in rows:
         cells = [row["label"]]
@@ -626,6 +664,7 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
                 _cell(row, "step_s", ".3f"),
                 _cell(row, "time_ratio", ".2f"),
                 _cell(row, "images_per_s", ".1f"),
+                _cell(row, "step_spread", ".0%"),
             ]
         lines.append(([str(row[first])] if first else []) + cells)
     header = ([first] if first else []) + header
@@ -651,6 +690,7 @@ CSV_FIELDS = (
     "step_s",
     "time_ratio",
     "images_per_s",
+    "step_spread",
 )
 
 
@@ -709,8 +749,18 @@ def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, 
 
 
 def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
-    """PNG of every peer's memory x naive against its time x eager naive, the Pareto front joined: on CPU the
-    allocator's figure (the one compiled models have), on CUDA ``max_memory_allocated``."""
+    """PNG of :func:`pareto_figure`, cropped to what it draws (legend and title included)."""
+    import matplotlib.pyplot as plt
+
+    figure = pareto_figure(rows, title)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def pareto_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """Every peer's memory x naive against its time x eager naive, the Pareto front joined: on CPU the
+    allocator's figure (the one compiled models have), on CUDA ``max_memory_allocated``. Points are numbered and
+    named in a legend beside the axes (labels next to them were clipped at the edge or overlapped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -719,12 +769,10 @@ def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
     memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
     points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
     figure, axes = plt.subplots(figsize=(7.5, 5))
-    for row in points:
-        compiled = "compile" in row["label"]
-        axes.scatter(row["time_ratio"], row[memory_key], marker="s" if compiled else "o", s=40)
-        axes.annotate(
-            row["label"], (row["time_ratio"], row[memory_key]), fontsize=6, xytext=(4, 3), textcoords="offset points"
-        )
+    for number, row in enumerate(points, 1):
+        xy = (row["time_ratio"], row[memory_key])
+        axes.scatter(*xy, marker="s" if "compile" in row["label"] else "o", s=40, label=f"{number}: {row['label']}")
+        axes.annotate(str(number), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted(pareto_front(points, memory_key), key=lambda row: row["time_ratio"])
     if front:
         axes.plot(
@@ -732,17 +780,15 @@ def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
             [row[memory_key] for row in front],
             "k--",
             lw=0.8,
-            label="Pareto front (no peer needs less memory for less time)",
+            label="Pareto front (no peer needs\nless memory for less time)",
         )
-        axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     axes.set_xlabel("step time x eager efficient=False")
     axes.set_ylabel(f"peak memory x eager efficient=False ({'allocator' if 'allocator' in memory_key else 'device'})")
-    axes.set_title(title, fontsize=7, wrap=True)
-    axes.margins(x=0.35, y=0.08)  # room for the labels, right of their points
+    axes.set_title(textwrap.fill(title, 80), fontsize=8)
+    axes.margins(0.1)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -857,8 +903,7 @@ def _configs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    start_load = os.getloadavg()[0]
     try:
         configs = [(fields, name, input_size(name, args.input_size)) for fields, name in _configs(args)]
     except argparse.ArgumentTypeError as error:
@@ -883,7 +928,12 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     compiled = len(args.compile_budget) + (len(set(args.modes) & set(MODES)) if args.compile else 0)
     steps = len(configs) * (len(args.modes) + compiled) * (args.warmup + 1 + args.repeats)
-    with tqdm(total=steps, desc="bench", unit="step", disable=None) as progress:
+    progress = Progress("bench", steps)
+    progress.note(
+        f"{len(configs)} configuration(s) x {len(args.modes) + compiled} peers, {steps} training steps; the time "
+        "left is estimated from the first ones"
+    )
+    try:
         for fields, name, size in configs:
             setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
             common = {
@@ -895,12 +945,17 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": setting.dtype,
             }
             rows += [{**common, **fields, **row} for row in measure(name, setting, args.modes, progress)]
+    finally:
+        progress.close()
+    warnings = timing_warnings(rows, _others_load(start_load), os.cpu_count() or 1) if args.repeats else []
+    for warning in warnings:
+        print(f"densenet-efficient bench: warning: {warning}", file=sys.stderr)
     summary = _summary(args, base, configs)
     print(summary + "\n")
     print(format_table(rows, {"depth": "depth", "batch": "batch_size"}.get(args.sweep)))
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"summary": summary, "rows": rows}, file, indent=2)
+            json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
     if args.csv:
         write_csv(args.csv, rows)
     if args.sweep:

@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 TOOLS_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "bench": ("tqdm", "matplotlib"),
     "train": ("tqdm", "matplotlib", "sklearn"),
-    "eval": ("sklearn",),
+    "eval": ("tqdm", "sklearn"),
 }
 
 

@@ -1,12 +1,15 @@
 """Helpers the ``densenet-efficient`` tools share: model name and family arguments, argument types, one training step,
-its predicted memory, memory-mode and precision parsing, autocast and evaluation."""
+its predicted memory, memory-mode and precision parsing, autocast, evaluation and progress on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
-from collections.abc import Callable, Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,65 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 # Mixed-precision modes: the precisions that run under autocast.
 AMP_DTYPES: dict[str, torch.dtype] = {key: dtype for key, dtype in PRECISIONS.items() if dtype is not None}
 MODES: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
+
+
+_ITEM = TypeVar("_ITEM")
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``1.2 h``."""
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.1f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
+class Progress:
+    """Signs of life of a long command on stderr, whether or not it is a terminal (CI, ``nohup``, ``| tee``).
+
+    :meth:`note` prints one line: the command, what just happened, the time so far and, with a ``total`` of
+    steps, the time left at the rate so far. On a terminal a tqdm bar of the ``total`` steps runs below the notes.
+    """
+
+    def __init__(self, command: str, total: int = 0, unit: str = "step"):
+        self.command, self.total, self.done = command, total, 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=command, unit=unit, file=sys.stderr)
+
+    def update(self, steps: int = 1) -> None:
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def note(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = self.total - self.done
+        expected = f", about {duration(elapsed * left / self.done)} left" if self.done and left > 0 else ""
+        line = f"{self.command}: {message} [{duration(elapsed)}{expected}]"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def each(self, items: Iterable[_ITEM], what: str, lines: int = 10) -> Iterator[_ITEM]:
+        """``items``, one step each, with a note about ``lines`` times over the ``total`` (and at the end)."""
+        every = max(1, self.total // lines)
+        for item in items:
+            yield item
+            self.update()
+            if self.done % every == 0 or self.done == self.total:
+                self.note(f"{what} {self.done}/{self.total}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class UsageError(ValueError):

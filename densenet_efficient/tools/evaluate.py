@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models import create_model
-from .common import AMP_DTYPES, UsageError, evaluate, model_name
+from .common import AMP_DTYPES, Progress, UsageError, evaluate, model_name
 from .data import BAD_IMAGES, DATASETS, build_splits, weights_preprocessing
 
 
@@ -73,7 +73,13 @@ def run(args: argparse.Namespace) -> int:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    metrics = evaluate(model, loader, device, amp=args.amp, channels_last=args.channels_last)
+    progress = Progress("eval", len(loader), unit="batch")
+    progress.note(f"{args.dataset} ({args.split}): {len(loader)} batches of up to {args.batch_size} on {device}")
+    try:
+        batches = progress.each(loader, "batch")
+        metrics = evaluate(model, batches, device, amp=args.amp, channels_last=args.channels_last)
+    finally:
+        progress.close()
     result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics}
     text = json.dumps(result, indent=2)
     print(text)

@@ -29,7 +29,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -41,6 +41,7 @@ from ..models import create_model
 from .common import (
     MODES,
     PRECISIONS,
+    Progress,
     add_common_arguments,
     family_depth,
     family_member,
@@ -94,12 +95,25 @@ class Question:
     input_size: int
     dtype: str = "fp32"
     optimizer_copies: int = 1
+    progress: Progress | None = field(default=None, compare=False, repr=False)  # a line per fake step
 
-    def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> Footprint:
-        return predict(build, batch_size or self.batch_size, self.input_size, self.dtype)
+    def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None, what: str = "") -> Footprint:
+        batch_size = batch_size or self.batch_size
+        footprint = predict(build, batch_size, self.input_size, self.dtype)
+        if self.progress is not None:
+            self.progress.update()
+            self.progress.note(
+                f"fake step {self.progress.done}: {what}batch {batch_size}, side {self.input_size}: total "
+                f"{_gib(total_bytes(footprint, self.optimizer_copies))}"
+            )
+        return footprint
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
         return total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+
+    def record(self) -> dict[str, Any]:
+        """The question's fields for the JSON output."""
+        return {key: value for key, value in asdict(replace(self, progress=None)).items() if key != "progress"}
 
 
 def measure_step(build: Callable[[], nn.Module], question: Question) -> tuple[int, int]:
@@ -203,7 +217,9 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
     def total(layers: int) -> int:
         if layers not in footprints:
             name = family_member(family, family_depth(family, layers))
-            footprints[layers] = question.footprint(partial(create_model, name, efficient=mode))
+            footprints[layers] = question.footprint(
+                partial(create_model, name, efficient=mode), what=f"depth {family_depth(family, layers)}, "
+            )
         return total_bytes(footprints[layers], question.optimizer_copies)
 
     check = total(CHECK_LAYERS)
@@ -280,7 +296,10 @@ def run(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
         return 2
-    question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies)
+    # fake steps: about 4 per mode for the largest batch, 8 for --largest-input and --family each
+    steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))
+    progress = Progress("plan", steps, unit="fake step")
+    question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies, progress)
     print(
         f"{args.model}, {input_label(args.model, question.input_size)}, {args.dtype}: training within "
         f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)"
@@ -290,7 +309,10 @@ def run(args: argparse.Namespace) -> int:
         "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
         "cuDNN workspaces and the caching allocator add to it.\n"
     )
-    result: dict[str, Any] = {"memory_bytes": args.memory, **asdict(question), "model": args.model, "modes": []}
+    progress.note(
+        f"about {steps} fake training steps (one per line here); the time left is estimated from the first ones"
+    )
+    result: dict[str, Any] = {"memory_bytes": args.memory, **question.record(), "model": args.model, "modes": []}
     print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
     for key, mode in modes.items():
         build = partial(create_model, args.model, efficient=mode)
@@ -304,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     if args.family:
         result["family"] = args.family
         result["deepest"] = _print_deepest(args.family, modes, args.memory, replace(question, input_size=sizes[1]))
+    progress.close()
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

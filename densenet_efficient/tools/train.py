@@ -381,6 +381,14 @@ def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
     train = DataLoader(
         splits.train, batch_size=per_process * config.accum_steps, sampler=sampler, drop_last=True, **options
     )
+    trained = len(train) * config.batch_size
+    if trained < len(splits.train) and ctx.is_main:
+        print(
+            f"each epoch trains on {trained} of the {len(splits.train)} training images, in full batches of "
+            f"{config.batch_size}: the other {len(splits.train) - trained}, drawn anew every epoch, are left out "
+            "(a batch size that divides the training set uses them all)",
+            flush=True,
+        )
 
     def shard(dataset):
         return (
@@ -416,7 +424,10 @@ class Trainer:
             raise ValueError(
                 f"num_classes {num_classes} does not match the {self.splits.num_classes} classes of {config.dataset}"
             )
-        self.model = build_model(config, num_classes, self.splits.preprocessing.channels).to(ctx.device)
+        with warnings.catch_warnings():
+            if config.resume:  # the checkpoint replaces these weights: what loading them warns about does not apply
+                warnings.simplefilter("ignore")
+            self.model = build_model(config, num_classes, self.splits.preprocessing.channels).to(ctx.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -799,10 +810,15 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _progress_fields(loss: float, top1: float, rate: float, device: torch.device) -> dict[str, str]:
-    fields = {"loss": f"{loss:.3f}", "acc": f"{top1:.1f}%", "img/s": f"{rate:.0f}"}
+    fields = {"loss": f"{loss:.3f}", "acc": f"{top1:.1f}%", "img/s": _rate(rate)}
     if device.type == "cuda":
         fields["peak"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MiB"
     return fields
+
+
+def _rate(images_per_s: float) -> str:
+    """Images per second to three significant digits below 100 (a slow CPU step is not "0 img/s")."""
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
 
 
 def _epoch_line(row: dict[str, Any]) -> str:
@@ -812,7 +828,7 @@ def _epoch_line(row: dict[str, Any]) -> str:
     )
     if "val_top1" in row:
         text += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%"
-    text += f"  {row['images_per_s']:.0f} img/s"
+    text += f"  {_rate(row['images_per_s'])} img/s"
     if "peak_memory_mb" in row:
         text += f"  peak {row['peak_memory_mb']:.0f} MiB"
     return text
