@@ -117,6 +117,16 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
         main([*TINY_TRAIN, "--output", str(tmp_path / "run"), "--lr", "nan"])
 
 
+@pytest.mark.parametrize("value, status", [("false", 2), ("off", 2), ("no", 2), ("maybe", 2)])
+def test_the_debug_switch_reads_off_as_off_and_refuses_other_words(tmp_path, monkeypatch, capsys, value, status):
+    """DENSENET_EFFICIENT_DEBUG=false used to turn the traceback on: every spelling of off is off, and a word that
+    is neither on nor off is one line naming the valid values."""
+    monkeypatch.setenv(DEBUG_ENV, value)
+    assert main([*TINY_TRAIN, "--output", str(tmp_path / "run"), "--lr", "nan"]) == status
+    line = one_line(capsys)
+    assert ("lr must be a finite number" in line) if value != "maybe" else (DEBUG_ENV in line and "on/off" in line)
+
+
 @pytest.mark.slow
 def test_the_installed_entry_point_returns_the_exit_status(tmp_path):
     """`python -m densenet_efficient` (as the console script): status 2 and one line, no traceback."""

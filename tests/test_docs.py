@@ -137,7 +137,7 @@ def test_built_site_has_no_raw_markup_and_shares_the_readmes_sections(tmp_path):
         assert not raw and "``" not in html, (page, raw)
     api = (tmp_path / "api" / "index.html").read_text(encoding="utf-8")
     assert 'href="#densenet_efficient.core.registry.resolve_model"><code>resolve_model</code></a>' in api
-    assert api.count('id="densenet_efficient.core.registry.create_model"') == 1
+    assert api.count('id="densenet_efficient.models.create_model"') == 1
     assert not (tmp_path / "hooks").exists()
     # What README and the site share has one source: README's sections, included by the site's pages.
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

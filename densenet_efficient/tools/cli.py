@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from ..core import list_models
+from ..pretrained.files import env_flag
 from .common import UsageError
 
 DEBUG_ENV = "DENSENET_EFFICIENT_DEBUG"
@@ -102,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    try:
+        debug = getattr(args, "debug", False) or env_flag(DEBUG_ENV)
+    except ValueError as error:
+        print(f"densenet-efficient {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if debug:
         return args.run(args)
     try:
         return args.run(args)
