@@ -112,6 +112,9 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
             row["allocator_peak_bytes"] / naive["allocator_peak_bytes"]
         )
     assert rows[1]["peak_bytes"] < naive["peak_bytes"] and rows[2]["peak_bytes"] < naive["peak_bytes"]
+    # Operators per step: the efficient modes recompute, so they dispatch more; the line names each count.
+    assert naive["operator_ratio"] == 1.0 and all(row["operators"] > naive["operators"] for row in rows[1:3])
+    assert f"aten operators per training step (x naive): efficient=False {naive['operators']} (1.00)" in out
 
     with open(csv_path, newline="") as file:
         records = list(csv.DictReader(file))

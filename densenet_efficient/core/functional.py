@@ -232,30 +232,32 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _concat_bn_relu(
-    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, dtype: torch.dtype | None
-) -> Tensor:
-    """``relu(batch_norm(cat(pieces, 1)))`` from per-channel statistics, as :func:`_bn_relu_from_stats` computes
-    it, in ``dtype`` (default: the pieces'). Written piece by piece: the concatenation itself is never built."""
-    first = pieces[0]
-    widths = [piece.shape[1] for piece in pieces]
-    shape = channel_view(first)
+def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``relu(batch_norm(x))`` is ``relu(shift + x * scale)``: the two per-channel tensors, shaped to broadcast over
+    maps like ``like``, as :func:`_bn_relu_from_stats` computes them."""
     scale = weight * invstd
     shift = bias - mean * scale
+    shape = channel_view(like)
+    return shift.view(shape), scale.view(shape)
+
+
+def _concat_bn_relu(
+    pieces: Sequence[Tensor], shifts: Sequence[Tensor], scales: Sequence[Tensor], dtype: torch.dtype | None
+) -> Tensor:
+    """``relu(shift + cat(pieces, 1) * scale)``, each piece with its channels' ``shifts`` and ``scales`` (see
+    :func:`_shift_scale`), as :func:`_bn_relu_from_stats` computes it, in ``dtype`` (default: the pieces'). Written
+    piece by piece: the concatenation itself is never built."""
+    first = pieces[0]
+    widths = [piece.shape[1] for piece in pieces]
     result = torch.empty(
         (first.shape[0], sum(widths), *first.shape[2:]),
         dtype=dtype or first.dtype,
         device=first.device,
         memory_format=_memory_format(first),
     )
-    for piece, piece_shift, piece_scale, out in zip(
-        pieces,
-        shift.view(shape).split(widths, 1),
-        scale.view(shape).split(widths, 1),
-        result.split(widths, 1),
-        strict=True,
-    ):
-        torch.addcmul(piece_shift, piece, piece_scale, out=out).relu_()
+    outs = [result] if len(pieces) == 1 else result.split(widths, 1)
+    for piece, shift, scale, out in zip(pieces, shifts, scales, outs, strict=True):
+        torch.addcmul(shift, piece, scale, out=out).relu_()
     return result
 
 
@@ -298,9 +300,10 @@ def _concat_bn_relu_backward(
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
     mean, invstd = _statistics(saved, stage)
+    shifts, scales = (t.split(channels, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
     norm_mask = list(norm_params_need_grad)
     if stage.sync is not None:
-        activated = _concat_bn_relu(inputs, weight, bias, mean, invstd, compute_dtype)
+        activated = _concat_bn_relu(inputs, shifts, scales, compute_dtype)
         grad = _relu_backward_(activation_grad(activated, 0, sum(channels)), activated)
         del activated
         x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
@@ -316,20 +319,18 @@ def _concat_bn_relu_backward(
     input_grads: list[Tensor | None] = []
     weight_grads: list[Tensor] = []
     bias_grads: list[Tensor] = []
-    # Per-piece views, taken once (one operator each, not one per piece: per-piece operators are what a fake-tensor
-    # step, plan's model, spends its time on).
+    # Per-piece and per-run views, taken once (one operator each, not one per piece or run: the number of operators
+    # is what a launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
     piece_weights = weight.split(channels)
     piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
     start = 0
     for first, last in _chunks(channels, chunk_channels):
         stop = start + sum(channels[first:last])
-        part = slice(start, stop)
-        activated = _concat_bn_relu(
-            inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
-        )
+        activated = _concat_bn_relu(inputs[first:last], shifts[first:last], scales[first:last], compute_dtype)
         grad = _relu_backward_(activation_grad(activated, start, stop), activated)
         del activated
-        for index, piece_grad in zip(range(first, last), grad.split(channels[first:last], 1), strict=True):
+        piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
+        for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
             if not any(mask):
                 input_grads.append(None)
@@ -350,7 +351,7 @@ def _concat_bn_relu_backward(
                 weight_grads.append(grad_weight)
             if grad_bias is not None:
                 bias_grads.append(grad_bias)
-        del grad, piece_grad
+        del grad, piece_grads, piece_grad
         start = stop
     return (
         input_grads,
@@ -461,9 +462,9 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                recomputed = _concat_bn_relu(
-                    inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
-                )
+                shift, scale = _shift_scale(params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0])
+                widths = [t.shape[1] for t in inputs]
+                recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
                 for index in range(num_stages - 1):
                     recomputed = _conv(recomputed, conv_weight(index), stages[index])
                     if stages[index].pool:

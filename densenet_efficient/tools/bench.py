@@ -62,7 +62,7 @@ from .common import (
     total_bytes,
     train_step,
 )
-from .memory import allocator_peak, peak_memory
+from .memory import allocator_peak, operator_count, peak_memory
 
 BASELINE = "checkpoint"
 PEER_KEYS = (*MODES, BASELINE)
@@ -403,6 +403,8 @@ def measure(
             if not runner.compiled:  # compiled graphs do not dispatch through the counter's mode
                 row["peak_bytes"] = runner.peak_bytes()
             row["allocator_peak_bytes"] = runner.allocator_peak_bytes()
+        if not runner.compiled:  # the aten operators of one step: on a launch-bound GPU, each is a kernel
+            row["operators"] = operator_count(runner.step)
         _advance(progress)
     gc.collect()  # the fake tensors of the predictions, not a peer's timed step, pay for their collection
     times = _interleaved_times(runners, setting.repeats, progress)
@@ -439,6 +441,7 @@ RATIOS = {  # measured value: its ratio to eager naive's
     "peak_bytes": "memory_ratio",
     "allocator_peak_bytes": "allocator_memory_ratio",
     "step_s": "time_ratio",
+    "operators": "operator_ratio",
 }
 
 
@@ -650,6 +653,8 @@ CSV_FIELDS = (
     "step_s",
     "time_ratio",
     "images_per_s",
+    "operators",
+    "operator_ratio",
 )
 
 
@@ -897,6 +902,12 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(args, base, configs)
     print(summary + "\n")
     print(format_table(rows, {"depth": "depth", "batch": "batch_size"}.get(args.sweep)))
+    counted = [row for row in rows if row.get("operator_ratio") is not None]
+    if counted:
+        print(
+            "\naten operators per training step (x naive): "
+            + ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
+        )
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"summary": summary, "rows": rows}, file, indent=2)
