@@ -257,8 +257,8 @@ def _concat_bn_relu(
     )
     outs = [result] if len(pieces) == 1 else result.split(widths, 1)
     for piece, shift, scale, out in zip(pieces, shifts, scales, outs, strict=True):
-        torch.addcmul(shift, piece, scale, out=out).relu_()
-    return result
+        torch.addcmul(shift, piece, scale, out=out)
+    return result.relu_()
 
 
 def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
@@ -278,7 +278,7 @@ def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]
 
 
 def _concat_bn_relu_backward(
-    activation_grad: Callable[[Tensor, int, int], Tensor],
+    activation_grad: Callable[[Tensor, int], Tensor],
     inputs: Sequence[Tensor],
     inputs_need_grad: Sequence[bool],
     norm_params: Sequence[Tensor],
@@ -286,15 +286,15 @@ def _concat_bn_relu_backward(
     saved: Sequence[Tensor],
     stage: _Stage,
     compute_dtype: torch.dtype | None,
-    chunk_channels: int | None,
+    runs: Sequence[tuple[int, int]],
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    Runs of consecutive pieces at most ``chunk_channels`` wide (all at once if ``None``) are processed one after
-    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``activation_grad(a, start,
-    stop)``, which takes what it needs of it (a weight gradient) and returns a new tensor, the gradient for
-    ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the rest into each
-    piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
+    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`; one for synchronized batch norms)
+    are processed one after the other: ``a`` of the ``index``-th run's channels is recomputed and handed to
+    ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
+    the gradient for ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the
+    rest into each piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
     transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
     """
     weight, bias = norm_params
@@ -304,7 +304,7 @@ def _concat_bn_relu_backward(
     norm_mask = list(norm_params_need_grad)
     if stage.sync is not None:
         activated = _concat_bn_relu(inputs, shifts, scales, compute_dtype)
-        grad = _relu_backward_(activation_grad(activated, 0, sum(channels)), activated)
+        grad = _relu_backward_(activation_grad(activated, 0), activated)
         del activated
         x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
         grad = grad.to(x.dtype)
@@ -323,11 +323,9 @@ def _concat_bn_relu_backward(
     # is what a launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
     piece_weights = weight.split(channels)
     piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
-    start = 0
-    for first, last in _chunks(channels, chunk_channels):
-        stop = start + sum(channels[first:last])
+    for run, (first, last) in enumerate(runs):
         activated = _concat_bn_relu(inputs[first:last], shifts[first:last], scales[first:last], compute_dtype)
-        grad = _relu_backward_(activation_grad(activated, start, stop), activated)
+        grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
         piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
         for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
@@ -352,7 +350,6 @@ def _concat_bn_relu_backward(
             if grad_bias is not None:
                 bias_grads.append(grad_bias)
         del grad, piece_grads, piece_grad
-        start = stop
     return (
         input_grads,
         torch.cat(weight_grads) if weight_grads else None,
@@ -507,11 +504,16 @@ class _BnReluConvChain(torch.autograd.Function):
             if first.pool:
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
+            channels = [t.shape[1] for t in inputs]
+            one_run = first.sync is not None or first.groups != 1 or weight is None
+            runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
+            # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
+            run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
 
-            def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
+            def activation_grad(activated: Tensor, run: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
-                    return torch.empty_like(activated).copy_(grad[:, start:stop])  # in the output's layout
-                result, weight_part = _conv_backward(grad, activated, weight[:, start:stop], first, param_needs_grad[2])
+                    return torch.empty_like(activated).copy_(run_slices[run])  # in the output's layout
+                result, weight_part = _conv_backward(grad, activated, run_slices[run], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
                 return result
@@ -525,7 +527,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 statistics[:2],
                 first,
                 None if weight is None else compute_dtype,
-                None if first.groups != 1 or weight is None else weight.shape[0],
+                runs,
             )
             if grad_conv_weight:
                 param_grads[2] = torch.cat(grad_conv_weight, 1)
