@@ -123,6 +123,17 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     assert [int(record["allocator_peak_bytes"]) for record in records] == [row["allocator_peak_bytes"] for row in rows]
 
 
+def test_optimizer_in_backward_lowers_the_peak_by_the_gradients(tmp_path, capsys):
+    peaks = []
+    for extra in ([], ["--optimizer-in-backward"]):
+        path = tmp_path / f"bench{len(extra)}.json"
+        assert main(["bench", *TINY, "--modes", "max", "--repeats", "1", "--json", str(path), *extra]) == 0
+        peaks.append(json.loads(path.read_text())["rows"][0]["peak_bytes"])
+    assert "optimizer step in backward" in capsys.readouterr().out
+    gradients = sum(p.nbytes for p in de.create_model("densenet_bc_10_k12").parameters())
+    assert peaks[1] < peaks[0] - gradients / 2
+
+
 def test_pareto_front_keeps_the_rows_no_other_beats_on_memory_and_time():
     rows = [
         {"mode": "a", "allocator_memory_ratio": 1.0, "time_ratio": 1.0},  # d needs less of both
@@ -255,6 +266,7 @@ def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path
         (["--repeats", "-1"], "integer >= 0"),
         (["--compile-budget", "0"], "numbers in (0, 1]"),
         (["--compile-budget", "0.5,x"], "numbers in (0, 1]"),
+        (["--optimizer-in-backward", "--dtype", "fp16"], "not with --dtype fp16"),
     ],
 )
 def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):

@@ -10,6 +10,7 @@ from .adapt import make_efficient
 from .functional import MEMORY_MODES, MemoryMode, bn_relu_conv, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
 from .monai_layout import from_monai
+from .optim import OptimizerInBackward, optim_in_backward
 from .registry import cifar_densenet, create_model, is_model, list_models, register_model
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
@@ -30,6 +31,8 @@ __all__ = [
     "from_monai",
     "list_models",
     "make_efficient",
+    "optim_in_backward",
+    "OptimizerInBackward",
     "register_model",
     *registry.entrypoints(),
 ]

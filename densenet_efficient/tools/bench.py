@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import convert_sync_batchnorm, create_model
+from ..core import convert_sync_batchnorm, create_model, optim_in_backward
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from .common import (
     MODES,
@@ -287,6 +287,7 @@ class Setting:
     features_only: bool = False
     compile_budgets: tuple[float, ...] = ()  # peers: the plain model compiled with these activation memory budgets
     compile_backend: str = "inductor"
+    optimizer_in_backward: bool = False  # each parameter's SGD step inside backward (optim_in_backward)
 
 
 class Runner:
@@ -303,7 +304,11 @@ class Runner:
             setting.batch_size, setting.input_size, *model_io(model), device=setting.device
         )
         self.images = images.contiguous(memory_format=memory_format)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+        # With the step inside backward, a training step is forward and backward alone.
+        self.optimizer = None if setting.optimizer_in_backward else sgd(model.parameters())
+        if setting.optimizer_in_backward:
+            optim_in_backward(model, sgd)
         self.compiled = peer.compile_budget is not None
         self.model: nn.Module = (
             compile_model(model, peer.compile_budget, setting.compile_backend)
@@ -830,6 +835,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "memory x naive against time x naive of every peer, the Pareto front joined (needs --repeats >= 1)",
     )
     parser.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="step each parameter (SGD) inside backward, as soon as its gradient is accumulated, and free the "
+        "gradient (densenet_efficient.optim_in_backward)",
+    )
+    parser.add_argument(
         "--sync-bn-processes",
         type=int_at_least(2),
         metavar="N",
@@ -881,7 +892,16 @@ def run(args: argparse.Namespace) -> int:
         args.features_only,
         args.compile_budget,
         args.compile_backend,
+        args.optimizer_in_backward,
     )
+    if args.optimizer_in_backward and (args.dtype == "fp16" or args.sync_bn_processes):
+        print(
+            "densenet-efficient bench: error: --optimizer-in-backward steps each parameter as its gradient is "
+            "accumulated: not with --dtype fp16 (the GradScaler unscales and checks every gradient first) nor "
+            "--sync-bn-processes (DistributedDataParallel averages gradients after that)",
+            file=sys.stderr,
+        )
+        return 2
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
@@ -967,6 +987,7 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
             (f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}", bool(args.compile_budget)),
             ("frozen BatchNorm (eval mode)", args.frozen_bn),
             ("features_only", args.features_only),
+            ("optimizer step in backward", args.optimizer_in_backward),
         )
         if on
     )
