@@ -2,7 +2,8 @@
 
 Once the activations are small (the efficient memory modes), the parameter gradients are a large part of a
 training step's peak: stepping each parameter from ``Tensor.register_post_accumulate_grad_hook`` (the pattern of
-PyTorch's "optimizer step in backward" tutorial, one optimizer per parameter) means that at most the gradients of
+PyTorch's "optimizer step in backward" tutorial, one optimizer per parameter, here sharing one optimizer's state
+and hyperparameters) means that at most the gradients of
 the parameters whose backward is running are alive at once.
 
 It computes exactly what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer
@@ -15,57 +16,44 @@ else reading gradients after backward, gradient accumulation over micro-batches,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
 
 class OptimizerInBackward:
-    """The per-parameter optimizers of :func:`optim_in_backward` and their hooks.
+    """The hooks of :func:`optim_in_backward`, stepping each parameter with ``optimizer``'s rule.
 
-    ``optimizers`` maps each trained parameter to its optimizer; ``param_groups`` lists every optimizer's group (set
-    a learning rate there, or give each optimizer its own ``torch.optim.lr_scheduler``). Training steps are
+    ``optimizer`` is the ordinary optimizer over every trained parameter: it holds the state (momentum buffers,
+    Adam moments) and the hyperparameters, so a ``torch.optim.lr_scheduler`` on it, its ``state_dict`` and
+    ``load_state_dict`` work as usual. Each hook steps its parameter with a one-parameter optimizer of the same
+    class that shares that state and takes the group's current hyperparameters. Training steps are
     ``loss.backward()`` alone: :meth:`step` and :meth:`zero_grad` refuse, saying why, so that a training loop
     written for an ordinary optimizer fails loudly instead of clipping or scaling gradients that no longer exist.
-    :meth:`remove` detaches the hooks (the parameters keep their values, the optimizers their state).
+    :meth:`remove` detaches the hooks.
     """
 
-    def __init__(self, parameters: Sequence[nn.Parameter], optimizer: Callable[[list[nn.Parameter]], Any]):
-        self.optimizers: dict[nn.Parameter, torch.optim.Optimizer] = {}
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
         self._handles = []
-        for parameter in parameters:
-            made = optimizer([parameter])
-            if not isinstance(made, torch.optim.Optimizer):
-                raise TypeError(
-                    f"optimizer_factory returned {type(made).__name__}, not a torch.optim.Optimizer: pass a callable "
-                    "such as lambda params: torch.optim.AdamW(params, lr=1e-3)"
-                )
-            self.optimizers[parameter] = made
-            self._handles.append(parameter.register_post_accumulate_grad_hook(self._step))
+        for index, group in enumerate(optimizer.param_groups):
+            for parameter in group["params"]:
+                if parameter.requires_grad:
+                    # torch.optim's optimizers take (params, **hyperparameters): the group's, its own group
+                    one = type(optimizer)([{**group, "params": [parameter]}])  # type: ignore[call-arg]
+                    self._handles.append(parameter.register_post_accumulate_grad_hook(partial(self._step, one, index)))
 
-    def _step(self, parameter: torch.Tensor) -> None:
-        optimizer = self.optimizers[parameter]  # type: ignore[index]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
-
-    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
-        return iter(self.optimizers.values())
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        """Every optimizer's state, in the order of the parameters."""
-        return [optimizer.state_dict() for optimizer in self.optimizers.values()]
-
-    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"{len(states)} optimizer states for {len(self.optimizers)} parameters")
-        for optimizer, state in zip(self.optimizers.values(), states, strict=True):
-            optimizer.load_state_dict(state)
+    def _step(self, one: torch.optim.Optimizer, index: int, parameter: torch.Tensor) -> None:
+        # The group's hyperparameters and the state now: a scheduler changes the former, and load_state_dict
+        # replaces both dictionaries.
+        group = self.optimizer.param_groups[index]
+        one.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
+        one.state = self.optimizer.state
+        one.step()
+        parameter.grad = None
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]  # a step happened (lr schedulers check)
 
     def step(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError(
@@ -85,26 +73,33 @@ class OptimizerInBackward:
 
 
 def optim_in_backward(
-    model: nn.Module, optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer],
 ) -> OptimizerInBackward:
-    """Step every trained parameter of ``model`` inside backward, with its own ``optimizer_factory([parameter])``.
+    """Step every trained parameter of ``model`` inside backward, with ``optimizer`` (an optimizer over the model's
+    parameters, or a factory called with them, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``).
 
-    Example: ``optim_in_backward(model, lambda params: torch.optim.AdamW(params, lr=1e-3))``, then each training
-    step is ``loss.backward()``: every parameter is updated as its gradient is accumulated, and the gradient
-    freed (see the module's docstring for what this computes exactly, and what it refuses). Raises ``ValueError``
-    for a DistributedDataParallel model and for parameters that already hold a gradient (accumulated gradients
-    would be applied, and stepped again, in the next backward).
+    Each training step is then ``loss.backward()``: every parameter is updated as its gradient is accumulated, and
+    the gradient freed (see the module's docstring for what this computes exactly, and what it refuses). Raises
+    ``ValueError`` for a DistributedDataParallel model and for parameters that already hold a gradient
+    (accumulated gradients would be applied, and stepped again, in the next backward).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
             "optim_in_backward cannot wrap DistributedDataParallel: its bucketed all-reduce averages gradients "
             "after the hooks that would step them; train one process, or use an ordinary optimizer step"
         )
-    parameters = [p for p in model.parameters() if p.requires_grad]
     holding = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     if holding:
         raise ValueError(
             f"{len(holding)} parameters already hold a gradient (first: {holding[0]}): gradient accumulation over "
             "several backward passes cannot step inside backward; call model.zero_grad(set_to_none=True) first"
         )
-    return OptimizerInBackward(parameters, optimizer_factory)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer: pass a "
+                "callable such as lambda params: torch.optim.AdamW(params, lr=1e-3)"
+            )
+    return OptimizerInBackward(optimizer)
