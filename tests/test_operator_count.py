@@ -13,8 +13,8 @@ from densenet_efficient.tools.memory import OperatorCount, operator_count
 # norm backward per run of pieces, which holds a run-wide transient more than the per-piece backward: see
 # docs/memory.md). Before issue 25: densenet121 3.06 / 3.65, DenseNet-BC-100 2.87 / 3.45.
 RATIO_LIMITS = {
-    ("densenet121_efficient", 64): {True: 2.18, "max": 2.60},
-    ("densenet_bc_100_k12", 32): {True: 2.05, "max": 2.47},
+    ("densenet121_efficient", 64): {True: 2.04, "max": 2.46},
+    ("densenet_bc_100_k12", 32): {True: 1.92, "max": 2.33},
 }
 
 

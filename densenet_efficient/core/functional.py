@@ -241,6 +241,13 @@ def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, lik
     return shift.view(shape), scale.view(shape)
 
 
+def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, like: Tensor) -> Tensor:
+    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s), laid out as a
+    concatenation of maps like ``like`` is (``x`` itself may be such a concatenation)."""
+    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=_memory_format(like))
+    return torch.addcmul(shift, x, scale, out=out).relu_()
+
+
 def _concat_bn_relu(
     pieces: Sequence[Tensor], shifts: Sequence[Tensor], scales: Sequence[Tensor], dtype: torch.dtype | None
 ) -> Tensor:
@@ -300,13 +307,14 @@ def _concat_bn_relu_backward(
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
     mean, invstd = _statistics(saved, stage)
-    shifts, scales = (t.split(channels, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
+    widths = [sum(channels[first:last]) for first, last in runs]
+    shifts, scales = (t.split(widths, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
     norm_mask = list(norm_params_need_grad)
-    if stage.sync is not None:
-        activated = _concat_bn_relu(inputs, shifts, scales, compute_dtype)
+    if stage.sync is not None:  # one run
+        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        activated = _bn_relu_into(x, shifts[0], scales[0], compute_dtype, inputs[0])
         grad = _relu_backward_(activation_grad(activated, 0), activated)
         del activated
-        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
         grad = grad.to(x.dtype)
         grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
         assert grad_x is not None
@@ -324,7 +332,10 @@ def _concat_bn_relu_backward(
     piece_weights = weight.split(channels)
     piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
     for run, (first, last) in enumerate(runs):
-        activated = _concat_bn_relu(inputs[first:last], shifts[first:last], scales[first:last], compute_dtype)
+        # The run's concatenation, a transient freed before the convolution's backward allocates its gradient.
+        x = torch.cat(list(inputs[first:last]), 1) if last - first > 1 else inputs[first]
+        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, inputs[first])
+        del x
         grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
         piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
