@@ -148,12 +148,26 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
             row["allocator_peak_bytes"] / naive["allocator_peak_bytes"]
         )
     assert rows[1]["peak_bytes"] < naive["peak_bytes"] and rows[2]["peak_bytes"] < naive["peak_bytes"]
+    # Operators per step: the efficient modes recompute, so they dispatch more; the line names each count.
+    assert naive["operator_ratio"] == 1.0 and all(row["operators"] > naive["operators"] for row in rows[1:3])
+    assert f"aten operators per training step (x naive): efficient=False {naive['operators']} (1.00)" in out
 
     with open(csv_path, newline="") as file:
         records = list(csv.DictReader(file))
     assert [record["mode"] for record in records] == ["false", "true", "max", "checkpoint"]
     assert [int(record["peak_bytes"]) for record in records] == [row["peak_bytes"] for row in rows]
     assert [int(record["allocator_peak_bytes"]) for record in records] == [row["allocator_peak_bytes"] for row in rows]
+
+
+def test_optimizer_in_backward_lowers_the_peak_by_the_gradients(tmp_path, capsys):
+    peaks = []
+    for extra in ([], ["--optimizer-in-backward"]):
+        path = tmp_path / f"bench{len(extra)}.json"
+        assert main(["bench", *TINY, "--modes", "max", "--repeats", "1", "--json", str(path), *extra]) == 0
+        peaks.append(json.loads(path.read_text())["rows"][0]["peak_bytes"])
+    assert "optimizer step in backward" in capsys.readouterr().out
+    gradients = sum(p.nbytes for p in de.create_model("densenet_bc_10_k12").parameters())
+    assert peaks[1] < peaks[0] - gradients / 2
 
 
 def test_pareto_front_keeps_the_rows_no_other_beats_on_memory_and_time():
@@ -319,6 +333,7 @@ def test_bench_times_a_two_process_step_with_and_without_sync_batchnorm(tmp_path
         (["--repeats", "-1"], "integer >= 0"),
         (["--compile-budget", "0"], "numbers in (0, 1]"),
         (["--compile-budget", "0.5,x"], "numbers in (0, 1]"),
+        (["--optimizer-in-backward", "--dtype", "fp16"], "not with --dtype fp16"),
     ],
 )
 def test_bench_rejects_bad_input_saying_what_is_valid(args, message, capsys):

@@ -18,7 +18,9 @@ from tests.model_helpers import (
     with_running_stats,
 )
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def CUDA(test):  # a decorator: marked cuda (benchmarks/gpu.sh runs pytest -m cuda), skipped without
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def small_networks():

@@ -165,6 +165,7 @@ def test_one_collective_per_batch_norm_in_forward_and_one_in_backward(two_proces
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2,
     reason="torch's nn.SyncBatchNorm synchronises only GPU (CUDA/HPU/XPU/PrivateUse1) tensors: on CPU its forward "

@@ -452,6 +452,35 @@ def test_resume_does_not_repeat_the_warnings_of_weights_it_replaces(one_epoch, t
     assert not [w for w in caught if "classes" in str(w.message)], [str(w.message) for w in caught]
 
 
+def test_optimizer_in_backward_trains_the_same_weights_and_checkpoints(tmp_path):
+    states = []
+    for fused in (False, True):
+        output = tmp_path / str(fused)
+        train(digits_config(output, efficient="max", export=False, optimizer_in_backward=fused))
+        model_state, state = load_checkpoint(checkpoints(output)[-1])
+        history = [{key: value for key, value in row.items() if key != "images_per_s"} for row in state["history"]]
+        states.append((model_state, state["optimizer"], history))
+    (model, optimizer, history), (fused_model, fused_optimizer, fused_history) = states
+    assert all(torch.equal(fused_model[key], value) for key, value in model.items())
+    assert fused_optimizer["param_groups"] == optimizer["param_groups"]  # the scheduler's learning rate
+    assert all(
+        torch.equal(fused_optimizer["state"][index]["momentum_buffer"], entry["momentum_buffer"])
+        for index, entry in optimizer["state"].items()
+    )
+    assert fused_history == history
+
+
+@pytest.mark.parametrize(
+    "option, value, environment", [("accum_steps", 2, "1"), ("amp", "fp16", "1"), ("epochs", 2, "2")]
+)
+def test_optimizer_in_backward_refuses_what_it_cannot_step_exactly(tmp_path, monkeypatch, option, value, environment):
+    monkeypatch.setenv("WORLD_SIZE", environment)
+    monkeypatch.setattr(train_module, "_data", lambda config: pytest.fail("data loaded before the check"))
+    with pytest.raises(UsageError, match="--optimizer-in-backward.*accum-steps.*fp16.*several processes"):
+        train(digits_config(tmp_path / "run", optimizer_in_backward=True, **{option: value}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_batch_must_split_evenly_into_accumulation_steps(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size 32 must be divisible by .* \(1 x 3 = 3\)"):
         train(digits_config(tmp_path, accum_steps=3))

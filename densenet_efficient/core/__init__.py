@@ -10,6 +10,7 @@ from .efficient import bn_relu_conv
 from .functional import MEMORY_MODES, MemoryMode, check_memory_mode
 from .model import DenseNet, DenseNetFeatures
 from .monai_layout import from_monai
+from .optim import OptimizerInBackward, optim_in_backward
 from .registry import is_model, list_models, register_model
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
@@ -26,5 +27,7 @@ __all__ = [
     "from_monai",
     "list_models",
     "make_efficient",
+    "optim_in_backward",
+    "OptimizerInBackward",
     "register_model",
 ]

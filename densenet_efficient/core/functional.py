@@ -232,31 +232,40 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _concat_bn_relu(
-    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, dtype: torch.dtype | None
-) -> Tensor:
-    """``relu(batch_norm(cat(pieces, 1)))`` from per-channel statistics, as :func:`_bn_relu_from_stats` computes
-    it, in ``dtype`` (default: the pieces'). Written piece by piece: the concatenation itself is never built."""
-    first = pieces[0]
-    widths = [piece.shape[1] for piece in pieces]
-    shape = channel_view(first)
+def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``relu(batch_norm(x))`` is ``relu(shift + x * scale)``: the two per-channel tensors, shaped to broadcast over
+    maps like ``like``, as :func:`_bn_relu_from_stats` computes them."""
     scale = weight * invstd
     shift = bias - mean * scale
+    shape = channel_view(like)
+    return shift.view(shape), scale.view(shape)
+
+
+def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, like: Tensor) -> Tensor:
+    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s), laid out as a
+    concatenation of maps like ``like`` is (``x`` itself may be such a concatenation)."""
+    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=_memory_format(like))
+    return torch.addcmul(shift, x, scale, out=out).relu_()
+
+
+def _concat_bn_relu(
+    pieces: Sequence[Tensor], shifts: Sequence[Tensor], scales: Sequence[Tensor], dtype: torch.dtype | None
+) -> Tensor:
+    """``relu(shift + cat(pieces, 1) * scale)``, each piece with its channels' ``shifts`` and ``scales`` (see
+    :func:`_shift_scale`), as :func:`_bn_relu_from_stats` computes it, in ``dtype`` (default: the pieces'). Written
+    piece by piece: the concatenation itself is never built."""
+    first = pieces[0]
+    widths = [piece.shape[1] for piece in pieces]
     result = torch.empty(
         (first.shape[0], sum(widths), *first.shape[2:]),
         dtype=dtype or first.dtype,
         device=first.device,
         memory_format=_memory_format(first),
     )
-    for piece, piece_shift, piece_scale, out in zip(
-        pieces,
-        shift.view(shape).split(widths, 1),
-        scale.view(shape).split(widths, 1),
-        result.split(widths, 1),
-        strict=True,
-    ):
-        torch.addcmul(piece_shift, piece, piece_scale, out=out).relu_()
-    return result
+    outs = [result] if len(pieces) == 1 else result.split(widths, 1)
+    for piece, shift, scale, out in zip(pieces, shifts, scales, outs, strict=True):
+        torch.addcmul(shift, piece, scale, out=out)
+    return result.relu_()
 
 
 def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
@@ -276,7 +285,7 @@ def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]
 
 
 def _concat_bn_relu_backward(
-    activation_grad: Callable[[Tensor, int, int], Tensor],
+    activation_grad: Callable[[Tensor, int], Tensor],
     inputs: Sequence[Tensor],
     inputs_need_grad: Sequence[bool],
     norm_params: Sequence[Tensor],
@@ -284,26 +293,28 @@ def _concat_bn_relu_backward(
     saved: Sequence[Tensor],
     stage: _Stage,
     compute_dtype: torch.dtype | None,
-    chunk_channels: int | None,
+    runs: Sequence[tuple[int, int]],
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    Runs of consecutive pieces at most ``chunk_channels`` wide (all at once if ``None``) are processed one after
-    the other: ``a`` of a run's channels ``[start, stop)`` is recomputed and handed to ``activation_grad(a, start,
-    stop)``, which takes what it needs of it (a weight gradient) and returns a new tensor, the gradient for
-    ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the rest into each
-    piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
+    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`; one for synchronized batch norms)
+    are processed one after the other: ``a`` of the ``index``-th run's channels is recomputed and handed to
+    ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
+    the gradient for ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the
+    rest into each piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
     transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
     mean, invstd = _statistics(saved, stage)
+    widths = [sum(channels[first:last]) for first, last in runs]
+    shifts, scales = (t.split(widths, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
     norm_mask = list(norm_params_need_grad)
-    if stage.sync is not None:
-        activated = _concat_bn_relu(inputs, weight, bias, mean, invstd, compute_dtype)
-        grad = _relu_backward_(activation_grad(activated, 0, sum(channels)), activated)
-        del activated
+    if stage.sync is not None:  # one run
         x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        activated = _bn_relu_into(x, shifts[0], scales[0], compute_dtype, inputs[0])
+        grad = _relu_backward_(activation_grad(activated, 0), activated)
+        del activated
         grad = grad.to(x.dtype)
         grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
         assert grad_x is not None
@@ -316,20 +327,19 @@ def _concat_bn_relu_backward(
     input_grads: list[Tensor | None] = []
     weight_grads: list[Tensor] = []
     bias_grads: list[Tensor] = []
-    # Per-piece views, taken once (one operator each, not one per piece: per-piece operators are what a fake-tensor
-    # step, plan's model, spends its time on).
+    # Per-piece and per-run views, taken once (one operator each, not one per piece or run: the number of operators
+    # is what a launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
     piece_weights = weight.split(channels)
     piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
-    start = 0
-    for first, last in _chunks(channels, chunk_channels):
-        stop = start + sum(channels[first:last])
-        part = slice(start, stop)
-        activated = _concat_bn_relu(
-            inputs[first:last], weight[part], bias[part], mean[part], invstd[part], compute_dtype
-        )
-        grad = _relu_backward_(activation_grad(activated, start, stop), activated)
+    for run, (first, last) in enumerate(runs):
+        # The run's concatenation, a transient freed before the convolution's backward allocates its gradient.
+        x = torch.cat(list(inputs[first:last]), 1) if last - first > 1 else inputs[first]
+        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, inputs[first])
+        del x
+        grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
-        for index, piece_grad in zip(range(first, last), grad.split(channels[first:last], 1), strict=True):
+        piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
+        for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
             if not any(mask):
                 input_grads.append(None)
@@ -350,8 +360,7 @@ def _concat_bn_relu_backward(
                 weight_grads.append(grad_weight)
             if grad_bias is not None:
                 bias_grads.append(grad_bias)
-        del grad, piece_grad
-        start = stop
+        del grad, piece_grads, piece_grad
     return (
         input_grads,
         torch.cat(weight_grads) if weight_grads else None,
@@ -461,9 +470,9 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                recomputed = _concat_bn_relu(
-                    inputs, params[0], params[1], *_statistics(statistics[:2], stages[0]), compute_dtype
-                )
+                shift, scale = _shift_scale(params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0])
+                widths = [t.shape[1] for t in inputs]
+                recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
                 for index in range(num_stages - 1):
                     recomputed = _conv(recomputed, conv_weight(index), stages[index])
                     if stages[index].pool:
@@ -506,11 +515,16 @@ class _BnReluConvChain(torch.autograd.Function):
             if first.pool:
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
+            channels = [t.shape[1] for t in inputs]
+            one_run = first.sync is not None or first.groups != 1 or weight is None
+            runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
+            # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
+            run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
 
-            def activation_grad(activated: Tensor, start: int, stop: int) -> Tensor:
+            def activation_grad(activated: Tensor, run: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
-                    return torch.empty_like(activated).copy_(grad[:, start:stop])  # in the output's layout
-                result, weight_part = _conv_backward(grad, activated, weight[:, start:stop], first, param_needs_grad[2])
+                    return torch.empty_like(activated).copy_(run_slices[run])  # in the output's layout
+                result, weight_part = _conv_backward(grad, activated, run_slices[run], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
                 return result
@@ -524,7 +538,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 statistics[:2],
                 first,
                 None if weight is None else compute_dtype,
-                None if first.groups != 1 or weight is None else weight.shape[0],
+                runs,
             )
             if grad_conv_weight:
                 param_grads[2] = torch.cat(grad_conv_weight, 1)

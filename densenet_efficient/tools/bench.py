@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import convert_sync_batchnorm
+from ..core import convert_sync_batchnorm, optim_in_backward
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from ..models import create_model
 from .common import (
@@ -65,7 +65,7 @@ from .common import (
     total_bytes,
     train_step,
 )
-from .memory import allocator_peak, peak_memory
+from .memory import allocator_peak, operator_count, peak_memory
 
 BASELINE = "checkpoint"
 PEER_KEYS = (*MODES, BASELINE)
@@ -292,6 +292,7 @@ class Setting:
     features_only: bool = False
     compile_budgets: tuple[float, ...] = ()  # peers: the plain model compiled with these activation memory budgets
     compile_backend: str = "inductor"
+    optimizer_in_backward: bool = False  # each parameter's SGD step inside backward (optim_in_backward)
 
 
 class Runner:
@@ -308,7 +309,11 @@ class Runner:
             setting.batch_size, setting.input_size, *model_io(model), device=setting.device
         )
         self.images = images.contiguous(memory_format=memory_format)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+        # With the step inside backward, a training step is forward and backward alone.
+        self.optimizer = None if setting.optimizer_in_backward else sgd(model.parameters())
+        if setting.optimizer_in_backward:
+            optim_in_backward(model, sgd)
         self.compiled = peer.compile_budget is not None
         self.model: nn.Module = (
             compile_model(model, peer.compile_budget, setting.compile_backend)
@@ -408,6 +413,8 @@ def measure(
             if not runner.compiled:  # compiled graphs do not dispatch through the counter's mode
                 row["peak_bytes"] = runner.peak_bytes()
             row["allocator_peak_bytes"] = runner.allocator_peak_bytes()
+        if not runner.compiled:  # the aten operators of one step: on a launch-bound GPU, each is a kernel
+            row["operators"] = operator_count(runner.step)
         _advance(progress, 1, f"{name}, {peer.label}: memory measured")
     gc.collect()  # the fake tensors of the predictions, not a peer's timed step, pay for their collection
     times = _interleaved_times(runners, setting.repeats, progress, name)
@@ -475,6 +482,7 @@ RATIOS = {  # measured value: its ratio to eager naive's
     "peak_bytes": "memory_ratio",
     "allocator_peak_bytes": "allocator_memory_ratio",
     "step_s": "time_ratio",
+    "operators": "operator_ratio",
 }
 
 
@@ -691,6 +699,8 @@ CSV_FIELDS = (
     "time_ratio",
     "images_per_s",
     "step_spread",
+    "operators",
+    "operator_ratio",
 )
 
 
@@ -872,6 +882,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "memory x naive against time x naive of every peer, the Pareto front joined (needs --repeats >= 1)",
     )
     parser.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="step each parameter (SGD) inside backward, as soon as its gradient is accumulated, and free the "
+        "gradient (densenet_efficient.optim_in_backward)",
+    )
+    parser.add_argument(
         "--sync-bn-processes",
         type=int_at_least(2),
         metavar="N",
@@ -922,7 +938,16 @@ def run(args: argparse.Namespace) -> int:
         args.features_only,
         args.compile_budget,
         args.compile_backend,
+        args.optimizer_in_backward,
     )
+    if args.optimizer_in_backward and (args.dtype == "fp16" or args.sync_bn_processes):
+        print(
+            "densenet-efficient bench: error: --optimizer-in-backward steps each parameter as its gradient is "
+            "accumulated: not with --dtype fp16 (the GradScaler unscales and checks every gradient first) nor "
+            "--sync-bn-processes (DistributedDataParallel averages gradients after that)",
+            file=sys.stderr,
+        )
+        return 2
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs)
     rows: list[dict[str, Any]] = []
@@ -953,6 +978,12 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(args, base, configs)
     print(summary + "\n")
     print(format_table(rows, {"depth": "depth", "batch": "batch_size"}.get(args.sweep)))
+    counted = [row for row in rows if row.get("operator_ratio") is not None]
+    if counted:
+        print(
+            "\naten operators per training step (x naive): "
+            + ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
+        )
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
@@ -1012,6 +1043,7 @@ def _summary(args: argparse.Namespace, setting: Setting, configs: list[tuple[dic
             (f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}", bool(args.compile_budget)),
             ("frozen BatchNorm (eval mode)", args.frozen_bn),
             ("features_only", args.features_only),
+            ("optimizer step in backward", args.optimizer_in_backward),
         )
         if on
     )

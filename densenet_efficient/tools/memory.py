@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,31 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current += nbytes
         self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._release, key, nbytes)
+
+
+class OperatorCount(TorchDispatchMode):
+    """Context manager: ``total`` aten operators dispatched inside it (views and in-place ones included), and
+    ``by_name``, the count of each. Deterministic for a given model, input shape and dtype: it is the number of
+    kernels a launch-bound device would run, whatever the machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return self.by_name.total()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_count(step: Callable[[], object]) -> int:
+    """Aten operators ``step()`` dispatches (:class:`OperatorCount`)."""
+    with OperatorCount() as counter:
+        step()
+    return counter.total
 
 
 @contextmanager

@@ -70,7 +70,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm
+from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, optim_in_backward
 from ..models import create_model
 from ..pretrained.files import lock_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
@@ -151,6 +151,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     accum_steps: int = 1
+    optimizer_in_backward: bool = False
     lr: float | None = None
     momentum: float | None = None
     nesterov: bool | None = None
@@ -199,6 +200,13 @@ class TrainConfig:
             raise UsageError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
         if config.bad_images not in BAD_IMAGES:
             raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {config.bad_images!r}")
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if config.optimizer_in_backward and (config.accum_steps > 1 or config.amp == "fp16" or processes > 1):
+            raise UsageError(
+                "--optimizer-in-backward steps each parameter as soon as its gradient is accumulated: not with "
+                "--accum-steps above 1 (each micro-batch would step), --amp fp16 (the GradScaler checks every "
+                "gradient first) nor several processes (DistributedDataParallel averages the gradients after that)"
+            )
         return config
 
     def recipe(self) -> dict[str, Any]:
@@ -440,6 +448,8 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, self._milestones(), gamma=config.gamma)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
+        # The same SGD step, taken inside backward: the optimizer keeps the state and the learning rate.
+        self.in_backward = optim_in_backward(self.model, self.optimizer) if config.optimizer_in_backward else None
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.start_epoch = 0
@@ -706,7 +716,8 @@ class Trainer:
         (loss sum, correct, images) of the batch."""
         accum = self.config.accum_steps
         totals = torch.zeros(3, dtype=torch.float64, device=images.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.in_backward is None:
+            self.optimizer.zero_grad(set_to_none=True)
         for index in range(accum):
             inputs, targets = images[index::accum], labels[index::accum]
             with contextlib.nullcontext() if self.ddp is None or index == accum - 1 else self.ddp.no_sync():
@@ -721,8 +732,9 @@ class Trainer:
                     torch.tensor(float(len(targets)), dtype=torch.float64, device=images.device),
                 ]
             )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.in_backward is None:  # otherwise backward has taken the step
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return totals
 
     def _evaluate(self, loader) -> dict[str, float]:
@@ -1084,6 +1096,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--batch-size", type=int, help="global batch per optimizer step, over all processes")
     optim.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    optim.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="step each parameter inside backward and free its gradient (less memory, the same weights)",
+    )
     optim.add_argument("--lr", type=float)
     optim.add_argument("--momentum", type=float)
     optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: the CUDA tests, then the benchmark matrix, written under $OUT with the device's name
+# and torch's version. About 8 minutes on an H100. DEVICE=cpu runs the same steps at tiny sizes (a slow test does,
+# so the script is known to work before a GPU is spent on it).
+#
+#   benchmarks/gpu.sh                      # CUDA, results in benchmarks/results/gpu-<device>-<date>/
+#   DEVICE=cpu OUT=/tmp/r benchmarks/gpu.sh
+#
+# Environment: DEVICE (cuda | cpu, default cuda), OUT (default benchmarks/results), PYTHON (default python).
+# A failing step is recorded in summary.md and the script goes on; it exits non-zero if any step failed.
+set -uo pipefail
+
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-benchmarks/results}
+PYTHON=${PYTHON:-python}
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$DEVICE" = cuda ]; then
+    # model:batch:input side, as the issue asks: DenseNet-BC-100 b64, densenet121 b64, densenet121_3d b2 at 96^3
+    MATRIX="densenet_bc_100_k12:64:32 densenet121_efficient:64:224 densenet121_3d:2:96"
+    MODES=false,true,max,checkpoint REPEATS=5 WARMUP=2 BACKEND=inductor LARGEST=densenet121_efficient:224
+    FUSED=densenet121_efficient:64:224  # the optimizer-in-backward row
+    TESTS=(-m cuda)
+elif [ "$DEVICE" = cpu ]; then
+    # The same steps, small enough for a minute on two cores: a 10-layer CIFAR model in BC-100's place, memory only,
+    # two modes, aot_eager (inductor's CPU compile alone takes minutes).
+    MATRIX="densenet_bc_10_k12:2:16 densenet121_efficient:2:32 densenet121_3d:2:32"
+    MODES=false,max REPEATS=0 WARMUP=0 BACKEND=aot_eager LARGEST=densenet_bc_10_k12:16
+    FUSED=densenet_bc_10_k12:2:16
+    TESTS=(-m cuda tests/test_bench.py)  # skipped here: the step itself is what is checked
+else
+    echo "gpu.sh: DEVICE must be cuda or cpu, got '$DEVICE'" >&2
+    exit 2
+fi
+
+info=$("$PYTHON" - "$DEVICE" <<'PY'
+import sys, torch
+device = sys.argv[1]
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("gpu.sh: DEVICE=cuda but torch sees no CUDA device (torch " + torch.__version__ + ")")
+name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**26  # plan's budget on CPU: a small one
+print(name.replace(" ", "-"), torch.__version__, int(free * 0.85))
+PY
+) || exit 2
+read -r NAME TORCH BUDGET <<<"$info"
+DIR="$OUT/gpu-$NAME-$(date -u +%Y-%m-%d-%H%M)"
+mkdir -p "$DIR" || exit 2
+SUMMARY="$DIR/summary.md"
+failed=0
+start_all=$SECONDS
+
+{
+    echo "# gpu.sh on $NAME, torch $TORCH, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    "$PYTHON" -c "import torch; print('cuDNN', torch.backends.cudnn.version() if torch.cuda.is_available() else None, '| TF32 matmul', torch.backends.cuda.matmul.allow_tf32, '| TF32 cuDNN', torch.backends.cudnn.allow_tf32)"
+    echo
+    echo "| step | seconds | result | output |"
+    echo "| --- | --- | --- | --- |"
+} >"$SUMMARY"
+
+# step NAME COMMAND...: run it, its output in NAME.txt, a row in the summary
+step() {
+    local name=$1 begin=$SECONDS status
+    shift
+    echo "== $name: $*"
+    "$@" >"$DIR/$name.txt" 2>&1
+    status=$?
+    [ $status -eq 0 ] || failed=1
+    echo "| $name | $((SECONDS - begin)) | $([ $status -eq 0 ] && echo ok || echo "failed ($status)") | $name.txt |" >>"$SUMMARY"
+    return $status
+}
+
+bench() { "$PYTHON" -m densenet_efficient bench --device "$DEVICE" --repeats "$REPEATS" --warmup "$WARMUP" "$@"; }
+
+cuda_tests() {
+    "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+    local status=$?
+    [ $status -eq 5 ] && return 0  # no test selected: not a failure
+    return $status
+}
+
+step cuda-tests cuda_tests
+
+for entry in $MATRIX; do
+    IFS=: read -r model batch side <<<"$entry"
+    common=(--model "$model" --batch-size "$batch" --input-size "$side")
+    compile=()
+    [ "$entry" = "${MATRIX%% *}" ] && compile=(--compile --compile-backend "$BACKEND")  # the compiled rows: CIFAR
+    step "bench-$model-fp32" bench "${common[@]}" --modes "$MODES" "${compile[@]}" --json "$DIR/bench-$model-fp32.json"
+    # On CPU, 3D average pooling has no bfloat16 kernel; CUDA's has.
+    [ "$DEVICE" = cpu ] && [ "$model" = densenet121_3d ] && continue
+    layout=(--channels-last)
+    [ "$model" = densenet121_3d ] && layout=()  # channels_last is 4D; volumes keep their layout
+    step "bench-$model-bf16" bench "${common[@]}" --modes "$MODES" --dtype bf16 "${layout[@]}" --json "$DIR/bench-$model-bf16.json"
+done
+
+IFS=: read -r model batch side <<<"$FUSED"
+step "bench-$model-optimizer-in-backward" bench --model "$model" --batch-size "$batch" --input-size "$side" \
+    --modes false,max --optimizer-in-backward --json "$DIR/bench-$model-optimizer-in-backward.json"
+
+# The largest batch per mode that plan predicts in 85 % of the free memory, each checked by a real step.
+IFS=: read -r model side <<<"$LARGEST"
+if step plan "$PYTHON" -m densenet_efficient plan --memory "${BUDGET}B" --model "$model" \
+    --input-size "$side" --json "$DIR/plan.json"; then
+    for pair in $("$PYTHON" -c "import json, sys; print(' '.join(f\"{m['mode']}:{m['largest_batch']}\" for m in json.load(open(sys.argv[1]))['modes']))" "$DIR/plan.json"); do
+        IFS=: read -r mode largest <<<"$pair"
+        step "largest-batch-$mode-$largest" bench --model "$model" --batch-size "$largest" \
+            --input-size "$side" --modes "$mode" --repeats 1 --warmup 0 \
+            --json "$DIR/largest-batch-$mode.json"
+    done
+fi
+
+echo >>"$SUMMARY"
+echo "Total: $((SECONDS - start_all)) s. Files: $DIR" >>"$SUMMARY"
+cat "$SUMMARY"
+exit $failed

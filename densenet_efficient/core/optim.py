@@ -1,0 +1,105 @@
+"""The optimizer step inside backward: each parameter updated, and its gradient freed, as soon as it is accumulated.
+
+Once the activations are small (the efficient memory modes), the parameter gradients are a large part of a
+training step's peak: stepping each parameter from ``Tensor.register_post_accumulate_grad_hook`` (the pattern of
+PyTorch's "optimizer step in backward" tutorial, one optimizer per parameter, here sharing one optimizer's state
+and hyperparameters) means that at most the gradients of
+the parameters whose backward is running are alive at once.
+
+It computes exactly what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer
+that steps each parameter from its own gradient and state alone (SGD, with momentum, Nesterov and weight decay;
+Adam and AdamW; ...). It cannot reproduce what needs every gradient at once or several backward passes per step,
+and refuses it where it can see it: clipping by the global norm, a gradient scaler (fp16), a scheduler or anything
+else reading gradients after backward, gradient accumulation over micro-batches, and DistributedDataParallel
+(whose bucketed all-reduce averages the gradients after they are accumulated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+
+class OptimizerInBackward:
+    """The hooks of :func:`optim_in_backward`, stepping each parameter with ``optimizer``'s rule.
+
+    ``optimizer`` is the ordinary optimizer over every trained parameter: it holds the state (momentum buffers,
+    Adam moments) and the hyperparameters, so a ``torch.optim.lr_scheduler`` on it, its ``state_dict`` and
+    ``load_state_dict`` work as usual. Each hook steps its parameter with a one-parameter optimizer of the same
+    class that shares that state and takes the group's current hyperparameters. Training steps are
+    ``loss.backward()`` alone: :meth:`step` and :meth:`zero_grad` refuse, saying why, so that a training loop
+    written for an ordinary optimizer fails loudly instead of clipping or scaling gradients that no longer exist.
+    :meth:`remove` detaches the hooks.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._handles = []
+        for index, group in enumerate(optimizer.param_groups):
+            for parameter in group["params"]:
+                if parameter.requires_grad:
+                    # torch.optim's optimizers take (params, **hyperparameters): the group's, its own group
+                    one = type(optimizer)([{**group, "params": [parameter]}])  # type: ignore[call-arg]
+                    self._handles.append(parameter.register_post_accumulate_grad_hook(partial(self._step, one, index)))
+
+    def _step(self, one: torch.optim.Optimizer, index: int, parameter: torch.Tensor) -> None:
+        # The group's hyperparameters and the state now: a scheduler changes the former, and load_state_dict
+        # replaces both dictionaries.
+        group = self.optimizer.param_groups[index]
+        one.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
+        one.state = self.optimizer.state
+        one.step()
+        parameter.grad = None
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]  # a step happened (lr schedulers check)
+
+    def step(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "the optimizer steps inside backward (optim_in_backward): loss.backward() already updated every "
+            "parameter and freed its gradient, so there is nothing to step, and nothing that reads gradients after "
+            "backward (clipping by the global norm, a GradScaler, gradient accumulation) can run; use an ordinary "
+            "optimizer for those"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.step()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def optim_in_backward(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+) -> OptimizerInBackward:
+    """Step every trained parameter of ``model`` inside backward, with ``optimizer`` (an optimizer over the model's
+    parameters, or a factory called with them, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``).
+
+    Each training step is then ``loss.backward()``: every parameter is updated as its gradient is accumulated, and
+    the gradient freed (see the module's docstring for what this computes exactly, and what it refuses). Raises
+    ``ValueError`` for a DistributedDataParallel model and for parameters that already hold a gradient
+    (accumulated gradients would be applied, and stepped again, in the next backward).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "optim_in_backward cannot wrap DistributedDataParallel: its bucketed all-reduce averages gradients "
+            "after the hooks that would step them; train one process, or use an ordinary optimizer step"
+        )
+    holding = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    if holding:
+        raise ValueError(
+            f"{len(holding)} parameters already hold a gradient (first: {holding[0]}): gradient accumulation over "
+            "several backward passes cannot step inside backward; call model.zero_grad(set_to_none=True) first"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer: pass a "
+                "callable such as lambda params: torch.optim.AdamW(params, lr=1e-3)"
+            )
+    return OptimizerInBackward(optimizer)

@@ -1,0 +1,39 @@
+"""benchmarks/gpu.sh, the one command for a lent GPU, run end to end at its tiny CPU sizes (DEVICE=cpu)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_script_runs_every_step_on_cpu_and_writes_results(tmp_path):
+    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("gpu-cpu-")
+    summary = (folder / "summary.md").read_text()
+    assert "torch " in summary and "failed" not in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "| ok" in line]
+    steps = [row.split(" | ")[0][2:] for row in rows]
+    assert steps[:2] == ["cuda-tests", "bench-densenet_bc_10_k12-fp32"]
+    assert "bench-densenet121_efficient-bf16" in steps and "bench-densenet121_3d-fp32" in steps and "plan" in steps
+    assert sum(step.startswith("largest-batch-") for step in steps) == 3  # one real step per mode
+    compiled = json.loads((folder / "bench-densenet_bc_10_k12-fp32.json").read_text())["rows"]
+    assert [row["label"] for row in compiled if "compile" in row["label"]] == [
+        "torch.compile, efficient=False",
+        "torch.compile, efficient='max'",
+    ]
+    fused = json.loads((folder / "bench-densenet_bc_10_k12-optimizer-in-backward.json").read_text())
+    assert "optimizer step in backward" in fused["summary"]
+    plan = json.loads((folder / "plan.json").read_text())
+    for entry in plan["modes"]:
+        checked = json.loads((folder / f"largest-batch-{entry['mode']}.json").read_text())["rows"][0]
+        assert checked["batch_size"] == entry["largest_batch"] > 0 and checked["peak_bytes"] > 0
