@@ -9,7 +9,7 @@ Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``,
 ``source="local"`` (docs/getting-started.md).
 """
 
-dependencies = ["torch", "safetensors", "huggingface_hub", "jsonschema"]
+dependencies = ["torch", "safetensors", "huggingface_hub"]
 
 import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402

@@ -20,14 +20,43 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from densenet_efficient.core.config import check_pretrained_cfg
 from densenet_efficient.pretrained import manifest as _manifest
+from densenet_efficient.pretrained.errors import ManifestError
 from densenet_efficient.pretrained.files import write_atomically
-from densenet_efficient.pretrained.manifest import MANIFEST_FILENAME, manifest_path, validate_manifest
+from densenet_efficient.pretrained.manifest import MANIFEST_FILENAME, manifest_path
 
 PACKAGED = Path(_manifest.__file__).parent / MANIFEST_FILENAME
+SCHEMA = PACKAGED.with_name("weights_manifest.schema.json")
 ROOT_COPY = Path(__file__).resolve().parents[1] / MANIFEST_FILENAME
 
 FIELDS = ("sha256", "size", "revision")
+_INPUT_FIELDS = ("input_size", "test_input_size", "mean", "std", "interpolation", "crop_pct", "test_crop_pct")
+
+
+def validate_manifest(manifest: Any, where: str | Path) -> None:
+    """:class:`ManifestError` naming ``where``, the field and the rule it breaks, unless ``manifest`` satisfies its
+    JSON Schema, each key is ``model.tag``, inputs pass ``check_pretrained_cfg``, url hashes agree and every default
+    tag has an entry."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    if (error := jsonschema.exceptions.best_match(validator.iter_errors(manifest))) is not None:
+        field = "".join(f"[{part!r}]" for part in error.absolute_path) or "(top level)"
+        raise ManifestError(f"{where} is not a valid weights manifest: {field}: {error.message}")
+    for key, entry in manifest["weights"].items():
+        if key != f"{entry['model']}.{entry['tag']}":
+            raise ManifestError(f"{where}: entry {key!r} is for {entry['model']}.{entry['tag']}; keys are model.tag")
+        try:
+            check_pretrained_cfg({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
+        except ValueError as error:
+            raise ManifestError(f"{where}: entry {key!r}: {error}") from None
+        url = entry["url"]
+        if url and url["sha256"] and not url["sha256"].startswith(url["sha256_prefix"]):
+            raise ManifestError(f"{where}: entry {key!r}: url.sha256 {url['sha256']} does not start with url.sha256_prefix")
+    for model, tag in manifest["default_tags"].items():
+        if f"{model}.{tag}" not in manifest["weights"]:
+            raise ManifestError(f"{where}: the default tag of {model!r} is {tag!r}, which has no entry")
 
 
 def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:

@@ -11,12 +11,12 @@ or private file, a leftover of an interrupted save) is refused before anything i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from densenet_efficient.pretrained.files import file_sha256
 from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
 from densenet_efficient.pretrained.saving import CARD_FILENAME, card_files
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "repo_id": args.repo_id,
                     "revision": commit,
                     "filename": WEIGHTS_FILENAME,
-                    "sha256": file_sha256(weights),
+                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
                     "size": weights.stat().st_size,
                 }
             },

@@ -82,7 +82,7 @@ def test_damaged_local_file_is_a_clear_error(tmp_path, damage):
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
-    with pytest.raises(W.InvalidWeightsFileError, match="model.safetensors is not a valid safetensors file"):
+    with pytest.raises(W.InvalidWeightsFileError, match="model.safetensors is not a readable weights file"):
         de.create_model("densenet_40_k12", weights=str(path))
 
 
@@ -102,7 +102,7 @@ def test_legacy_pth_file_loads_with_weights_only(tmp_path):
 
 def test_pickled_object_is_refused(tmp_path):
     torch.save({"model": small_model()}, tmp_path / "pickled.pth")
-    with pytest.raises(W.InvalidWeightsFileError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(W.InvalidWeightsFileError, match="not a readable weights file"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "pickled.pth"), **SMALL)
 
 
@@ -173,7 +173,7 @@ def test_a_config_with_too_many_blocks_is_refused_before_building(tmp_path, loop
         files = {path.name: path.read_bytes() for path in (tmp_path / "export").iterdir()}
         reference = f"hf-hub:org/deep@{loopback_hub.commit('org/deep', files)}"
         options = dict(cache_dir=tmp_path / "cache", endpoint=loopback_hub.endpoint)
-    with pytest.raises(de.InvalidConfigError, match=r"40 dense blocks \(at most 16\).*2\*\*39 pixels per side"):
+    with pytest.raises(de.InvalidConfigError, match=r"40 dense blocks \(at most 16\)"):
         de.create_model("densenet_40_k12", weights=reference, **options)
 
 

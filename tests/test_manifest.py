@@ -12,7 +12,8 @@ import pytest
 
 import densenet_efficient as de
 from densenet_efficient import pretrained as W
-from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path, validate_manifest
+from densenet_efficient.pretrained.manifest import MANIFEST_ENV, manifest_path
+from export.manifest import validate_manifest
 from tests.weights_helpers import (
     REPO_ROOT,
     manifest_schema,

@@ -100,7 +100,7 @@ def test_name_tag_and_another_weights_argument_conflict():
 
 
 def test_unknown_tag_mentions_default():
-    with pytest.raises(de.UnknownWeightsError, match="Valid tags: ra_in1k, tv_in1k, or 'DEFAULT' for the default"):
+    with pytest.raises(de.UnknownWeightsError, match="Valid tags: ra_in1k, tv_in1k, or 'DEFAULT'"):
         de.create_model("densenet121_efficient.nope", pretrained=True)
 
 
