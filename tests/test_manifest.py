@@ -128,7 +128,7 @@ def manifest_with(tmp_path, monkeypatch, change) -> None:
         ),
         (
             lambda m: m["weights"]["densenet121_efficient.tv_in1k"]["url"].update(sha256="b" * 64),
-            "url.sha256 b{64} does not start with url.sha256_prefix a639ec97",
+            "url.sha256 b{64} does not start with url.sha256_prefix",
         ),
         (lambda m: m.pop("default_tags"), r"\(top level\): 'default_tags' is a required property"),
         (
@@ -137,10 +137,17 @@ def manifest_with(tmp_path, monkeypatch, change) -> None:
         ),
     ],
 )
-def test_malformed_manifest_is_a_clear_error_when_read(tmp_path, monkeypatch, change, message):
-    manifest_with(tmp_path, monkeypatch, change)
+def test_malformed_manifest_is_named_by_the_check(change, message):
+    manifest = W.load_manifest()
+    change(manifest)
     with pytest.raises(W.ManifestError, match=message):
-        de.create_model("densenet121_efficient", pretrained=True)
+        validate_manifest(manifest, "manifest.json")
+
+
+def test_an_entry_missing_a_field_is_a_manifest_error_when_used(tmp_path, monkeypatch):
+    manifest_with(tmp_path, monkeypatch, lambda m: m["weights"]["densenet121_efficient.tv_in1k"].pop("model_args"))
+    with pytest.raises(W.ManifestError, match="densenet121_efficient.tv_in1k: 'model_args'"):
+        de.create_model("densenet121_efficient", weights="tv_in1k")
 
 
 def test_manifest_that_is_not_json(tmp_path, monkeypatch):
