@@ -53,7 +53,7 @@ def validate_manifest(manifest: Any, where: str | Path) -> None:
             raise ManifestError(f"{where}: entry {key!r}: {error}") from None
         url = entry["url"]
         if url and url["sha256"] and not url["sha256"].startswith(url["sha256_prefix"]):
-            raise ManifestError(f"{where}: entry {key!r}: url.sha256 {url['sha256']} does not start with url.sha256_prefix")
+            raise ManifestError(f"{where}: {key!r}: url.sha256 {url['sha256']} does not start with url.sha256_prefix")
     for model, tag in manifest["default_tags"].items():
         if f"{model}.{tag}" not in manifest["weights"]:
             raise ManifestError(f"{where}: the default tag of {model!r} is {tag!r}, which has no entry")

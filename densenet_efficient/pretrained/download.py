@@ -125,6 +125,7 @@ def fetch_hub_bytes(
         raise UnknownWeightsError(f"Invalid Hub repo id {repo_id!r}: {error}; expected 'org/name'") from None
     revision = revision or constants.DEFAULT_REVISION
     name, limit = f"{repo_id}/{filename}@{revision}", size or MAX_WEIGHTS_BYTES
+    cache_dir = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
     try:
         if not constants.HF_HUB_OFFLINE and not isinstance(
             try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str

@@ -48,7 +48,12 @@ _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
 # timm's memory mode, at any value: it changes no weight).
 TIMM_DENSENETS = {f"densenet{n}": f"densenet{n}_efficient" for n in (121, 169, 201, 161)}
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
-_TIMM_DEFAULT_ONLY = {"global_pool": "avg", "stem_type": "", "act_layer": "relu", "norm_layer": "batchnorm2d"}
+_TIMM_DEFAULT_ONLY: dict[str, Any] = {
+    "global_pool": "avg",
+    "stem_type": "",
+    "act_layer": "relu",
+    "norm_layer": "batchnorm2d",
+}
 _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
@@ -74,9 +79,14 @@ class PretrainedWeights:
         """Load the tensors into ``model`` (:func:`load_state_dict_into`) and set its ``pretrained_cfg``."""
         load_state_dict_into(model, self.read(), self.source, check_values=not self.vouched)
         if isinstance(model, DenseNet):
-            cfg = {**model.pretrained_cfg, **self.pretrained_cfg}
-            model.pretrained_cfg = adapt_cfg(cfg, model.in_chans, model.num_classes)
+            model.pretrained_cfg = model_pretrained_cfg(model, self.pretrained_cfg)
         return model
+
+
+def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.pretrained_cfg`` once weights of ``weights_cfg`` are loaded: theirs over the architecture's, adapted
+    to the model's input channels and classes."""
+    return adapt_cfg({**model.pretrained_cfg, **weights_cfg}, model.in_chans, model.num_classes)
 
 
 def resolve_weights(
@@ -334,7 +344,7 @@ def _check_bounds(args: Mapping[str, Any]) -> None:
     blocks = args.get("block_config")
     if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
         raise ValueError(
-            f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS}): inputs would need 2**{len(blocks) - 1} px"
+            f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS}): inputs of 2**{len(blocks) - 1} px"
         )
     if _layers(args) > _MAX_LAYERS:
         raise ValueError(f"block_config {blocks} asks for {_layers(args)} layers (at most {_MAX_LAYERS})")
@@ -488,7 +498,7 @@ def load_state_dict_into(
         if expected[key].is_floating_point() != value.is_floating_point():
             raise IncompatibleWeightsError(
                 f"{source}: {key} holds {value.dtype} values where the model has {expected[key].dtype}: only "
-                f"{'floating-point' if expected[key].is_floating_point() else 'integer'} tensors load there (they are not cast)"
+                f"{'floating-point' if expected[key].is_floating_point() else 'integer'} tensors load there (no cast)"
             )
     if check_values:
         check_state_values(state_dict, source)
@@ -543,7 +553,7 @@ def _skip_other_classifier(
     ):
         raise IncompatibleWeightsError(
             f"{source}: classifier.weight is {tuple(theirs.shape)}, the model's {tuple(ours.shape)}: only a "
-            f"(classes, {ours.shape[1]}) classifier with a (classes,) bias is replaced; this one is transposed or for other features"
+            f"(classes, {ours.shape[1]}) classifier with a (classes,) bias is replaced; this one is transposed or other"
         )
     warnings.warn(
         f"{source}: the weights have {classes[1]} classes, the model {classes[0]}: loaded everything but the "

@@ -52,7 +52,7 @@ class HubFile:
 
 @dataclass(frozen=True)
 class UrlFile:
-    """A torchvision ``.pth`` URL whose name carries ``sha256_prefix``; ``sha256``, when recorded, is what is checked."""
+    """A torchvision ``.pth`` URL whose name carries ``sha256_prefix``; ``sha256``, when recorded, is checked."""
 
     url: str
     sha256_prefix: str
@@ -94,7 +94,7 @@ class PretrainedCfg:
     def from_dict(cls, entry: Mapping[str, Any]) -> PretrainedCfg:
         """From a manifest entry; :class:`ManifestError` naming what is missing or wrong."""
         try:
-            values = {key: tuple(v) if isinstance(v, list) else v for key, v in entry.items()}
+            values: dict[str, Any] = {key: tuple(v) if isinstance(v, list) else v for key, v in entry.items()}
             values["model_args"] = MappingProxyType(
                 {key: tuple(v) if isinstance(v, list) else v for key, v in entry["model_args"].items()}
             )

@@ -202,6 +202,7 @@ def model_card(entry: Mapping[str, Any]) -> str:
         f'```python\nimport densenet_efficient as de\n\nmodel = de.create_model("{name}", weights="hf-hub:'
         f'{hub.get("repo_id") or "ORG/NAME"}")\nmodel = de.create_model("{name}", weights="path/to/this/folder")  '
         f"# a local copy\npreprocess = de.transforms(model)  # PIL image -> normalised tensor\n```\n\n"
-        f"`{hub['filename']}`: {hub['size']} bytes, sha256 `{hub['sha256']}`.\n\n| field | value |\n|---|---|\n{details}\n"
+        f"`{hub['filename']}`: {hub['size']} bytes, sha256 `{hub['sha256']}`.\n\n"
+        f"| field | value |\n|---|---|\n{details}\n"
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
