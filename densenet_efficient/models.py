@@ -26,70 +26,30 @@ from .pretrained.loading import resolve_weights
 
 @overload
 def create_model(
-    name: str,
-    pretrained: bool = ...,
-    weights: str | os.PathLike | None = ...,
-    *,
-    cache_dir: str | os.PathLike | None = ...,
-    endpoint: str | None = ...,
-    features_only: Literal[False] = ...,
-    out_indices: int | Sequence[int] | None = ...,
-    **kwargs: Any,
+    name: str, pretrained: bool = ..., *, features_only: Literal[False] = ..., **kwargs: Any
 ) -> DenseNet: ...
-
-
 @overload
 def create_model(
-    name: str,
-    pretrained: bool = ...,
-    weights: str | os.PathLike | None = ...,
-    *,
-    cache_dir: str | os.PathLike | None = ...,
-    endpoint: str | None = ...,
-    features_only: Literal[True],
-    out_indices: int | Sequence[int] | None = ...,
-    **kwargs: Any,
+    name: str, pretrained: bool = ..., *, features_only: Literal[True], **kwargs: Any
 ) -> DenseNetFeatures: ...
-
-
 def create_model(
-    name: str,
-    pretrained: bool = False,
-    weights: str | os.PathLike | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    endpoint: str | None = None,
-    features_only: bool = False,
-    out_indices: int | Sequence[int] | None = None,
-    **kwargs: Any,
+    name: str, pretrained: bool = False, weights: Any = None, **kwargs: Any
 ) -> DenseNet | DenseNetFeatures:
-    """Build the named architecture (see :func:`resolve_model` for the names): call its factory; ``kwargs``
-    override its ``DenseNet`` arguments.
+    """Build the named architecture (see :func:`resolve_model` for the names) by its factory; ``kwargs`` are its
+    arguments (``efficient``, ``cache_dir``, ``endpoint``, ``features_only``, ``out_indices``) and ``DenseNet``'s,
+    applied after the weights' own.
 
-    ``pretrained=True`` loads the model's default weights, or the tag of ``"NAME.TAG"``; ``weights`` names a tag
-    (``"DEFAULT"``: the default one), a file or an ``hf-hub:`` repo (see the factory functions' documentation).
-    The weights' own constructor arguments apply first, then ``kwargs``: another ``num_classes`` loads all but
-    the classifier (fine-tuning). ``cache_dir`` and ``endpoint`` override the Hugging Face cache folder and Hub
-    address for the download.
-
-    ``features_only=True`` returns the network as a multi-scale backbone (:class:`DenseNetFeatures`, timm's
-    ``features_only``): a list of feature maps, the levels ``out_indices`` of ``feature_info`` (default all:
-    the stem, each dense block but the last, the final features).
+    ``pretrained=True`` loads the default weights, or those of the tag in ``"NAME.TAG"``; ``weights`` names a tag
+    (``"DEFAULT"``), a file, a folder or an ``hf-hub:`` repo. Another ``num_classes`` loads all but the
+    classifier (fine-tuning). ``features_only=True`` returns a :class:`DenseNetFeatures` backbone (timm's): the
+    levels ``out_indices`` of ``feature_info`` (default all).
     """
     name, tag = _split_tag(name, weights)
     if tag is not None and pretrained:
         weights = tag
     name = resolve_model(name)
     factory = entrypoints().get(name) or functools.partial(_create, name, architecture(name))  # a CIFAR depth
-    return factory(
-        pretrained=pretrained,
-        weights=weights,
-        cache_dir=cache_dir,
-        endpoint=endpoint,
-        features_only=features_only,
-        out_indices=out_indices,
-        **kwargs,
-    )
+    return factory(pretrained=pretrained, weights=weights, **kwargs)
 
 
 def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:

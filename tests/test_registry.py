@@ -127,7 +127,6 @@ def test_create_model_calls_the_registered_factory(monkeypatch):
             pretrained=False,
             weights=None,
             cache_dir="c",
-            endpoint=None,
             features_only=True,
             out_indices=(1,),
             num_classes=3,
