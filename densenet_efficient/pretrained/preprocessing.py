@@ -129,24 +129,13 @@ class ResizeNormalize:
 
 def _pretrained_cfg(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg) -> Mapping[str, Any]:
     """The checked ``pretrained_cfg`` of a model, a dict or a manifest entry."""
-    cfg = _cfg_of(model_or_cfg)
-    missing = [key for key in ("input_size", "mean", "std") if key not in cfg]
-    if missing:
-        raise ValueError(f"the configuration has no {', '.join(missing)}: cannot build its preprocessing")
-    return check_pretrained_cfg(cfg)
-
-
-def _cfg_of(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg) -> Mapping[str, Any]:
-    if isinstance(model_or_cfg, PretrainedCfg):
-        return model_or_cfg.model_cfg()
+    cfg: Any = model_or_cfg.model_cfg() if isinstance(model_or_cfg, PretrainedCfg) else model_or_cfg
     if isinstance(model_or_cfg, nn.Module):
         cfg = getattr(model_or_cfg, "pretrained_cfg", None)
         if not isinstance(cfg, Mapping):
-            raise TypeError(
-                f"{type(model_or_cfg).__name__} has no pretrained_cfg: build it with create_model, or "
-                "pass a pretrained_cfg dict"
-            )
-        return cfg
-    if isinstance(model_or_cfg, Mapping):
-        return model_or_cfg
-    raise TypeError(f"expected a model, a pretrained_cfg dict or a PretrainedCfg, got {type(model_or_cfg).__name__}")
+            raise TypeError(f"{type(model_or_cfg).__name__} has no pretrained_cfg: build it with create_model")
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"expected a model, a pretrained_cfg dict or a PretrainedCfg, got {type(cfg).__name__}")
+    if missing := [key for key in ("input_size", "mean", "std") if key not in cfg]:
+        raise ValueError(f"the configuration has no {', '.join(missing)}: cannot build its preprocessing")
+    return check_pretrained_cfg(cfg)
