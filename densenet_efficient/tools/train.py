@@ -1,17 +1,10 @@
 """``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP).
 
-``train(TrainConfig(...))`` returns what ``results.json`` holds. Rank 0 writes into ``output`` (each file to a
-temporary file, then renamed): ``checkpoints/epoch-NNNN.safetensors`` (model) and ``epoch-NNNN.pt`` (optimizer,
-scheduler, scaler, history, recipe and the model file's sha256), the newest ``keep_checkpoints`` kept;
-``best.safetensors`` (best validation top-1, written after the checkpoint recording its sha256); ``config.json``
-beside it and in ``checkpoints/``; ``metrics.csv``, ``curves.png``, ``results.json``, ``export/`` and
-``manifest_entry.json``. ``.train.lock`` (``filelock``, dropped by the OS if the process dies) keeps a second run
-out of the folder.
-
-A resumed run repeats the uninterrupted one exactly on CPU: the random state is reseeded from (seed, epoch, rank)
-every epoch and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one step: each
-of ``world_size`` processes feeds ``batch_size / world_size`` images in ``accum_steps`` strided micro-batches, so
-one process with ``accum_steps=N`` sees the micro-batches of N processes.
+``train(TrainConfig(...))`` returns what ``results.json`` holds; docs/training.md lists what rank 0 writes into
+``output``. A resumed run repeats the uninterrupted one exactly on CPU: the random state is reseeded from (seed,
+epoch, rank) every epoch and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one
+step: each of ``world_size`` processes feeds ``batch_size / world_size`` images in ``accum_steps`` strided
+micro-batches, so one process with ``accum_steps=N`` sees the micro-batches of N processes.
 """
 
 from __future__ import annotations
@@ -96,47 +89,71 @@ class TrainingDivergedError(RuntimeError):
     """The loss or a metric became NaN or infinite; the run stops before anything of that epoch is saved."""
 
 
+def _model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (VALUE: a Python literal; ``2,2,2`` is a tuple)."""
+    import ast
+
+    key, _, value = text.partition("=")
+    with contextlib.suppress(ValueError, SyntaxError):
+        if key.isidentifier():
+            return key, ast.literal_eval(value)
+    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, VALUE a literal (growth_rate=12), got {text!r}")
+
+
+def _arg(default: Any = None, help: str | None = None, **options: Any) -> Any:
+    """A :class:`TrainConfig` field with its command-line option (``options``: ``add_argument``'s, ``flag``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **options})
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs; ``None`` fields take the dataset's recipe (:data:`RECIPES`)."""
+    """Everything a run needs, with the command-line options; ``None`` fields take the dataset's :data:`RECIPES`."""
 
-    dataset: str = "digits"
-    data: str | None = None
-    download: bool = False
-    model: str | None = None
-    model_args: dict[str, Any] | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    num_classes: int | None = None
-    freeze_backbone: bool = False
-    efficient: MemoryMode = True
-    epochs: int | None = None
-    batch_size: int | None = None
-    accum_steps: int = 1
-    optimizer_in_backward: bool = False
-    lr: float | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    milestones: tuple[float, ...] | None = None
-    gamma: float | None = None
-    val_fraction: float | None = None
-    image_size: int | None = None
-    amp: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    timeout: float = DEFAULT_TIMEOUT_S
-    seed: int = 0
-    workers: int | None = None
-    device: str | None = None
-    output: str = "runs/train"
-    resume: bool | str = False
-    overwrite: bool = False
-    bad_images: str = "error"
-    keep_checkpoints: int = 2
-    export: bool = True
-    progress: bool = True
+    dataset: str = _arg("digits", "default: digits (scikit-learn's, no download)", choices=DATASETS)
+    data: str | None = _arg(help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
+    download: bool = _arg(False, "download CIFAR into --data if it is not there")
+    model: str | None = _arg(help="model name (see `densenet-efficient models`; any CIFAR depth too)", type=model_name)
+    model_args: dict[str, Any] | None = _arg(
+        help="e.g. block_config=2,2,2 (repeatable)", flag="--model-arg", action="append", type=_model_arg, metavar="K=V"
+    )
+    weights: str | None = _arg(help="fine-tune from: a tag, a .safetensors file, a folder or hf-hub:org/name[@rev]")
+    pretrained: bool = _arg(False, "fine-tune from the model's default weights")
+    num_classes: int | None = _arg(help="classifier outputs (default: the dataset's classes)", type=int)
+    freeze_backbone: bool = _arg(False, "train the classifier only")
+    efficient: MemoryMode = _arg(True, "memory mode (default True)", type=parse_efficient, metavar="{False,True,max}")
+    epochs: int | None = _arg(type=int)
+    batch_size: int | None = _arg(help="global batch per optimizer step, over all processes", type=int)
+    accum_steps: int = _arg(1, "micro-batches per step (gradient accumulation)", type=int)
+    optimizer_in_backward: bool = _arg(False, "step each parameter inside backward (less memory, the same weights)")
+    lr: float | None = _arg(type=float)
+    momentum: float | None = _arg(type=float)
+    nesterov: bool | None = _arg(flag="--no-nesterov", action="store_false")
+    weight_decay: float | None = _arg(type=float)
+    milestones: tuple[float, ...] | None = _arg(
+        help="lr x gamma at these fractions of the epochs", type=float, nargs="+"
+    )
+    gamma: float | None = _arg(type=float)
+    val_fraction: float | None = _arg(help="training images held out for validation (0: none)", type=float)
+    image_size: int | None = _arg(help="input size (default: the dataset's or the weights')", type=int)
+    amp: str | None = _arg(help="mixed precision (fp16 adds loss scaling)", choices=tuple(AMP_DTYPES))
+    channels_last: bool = _arg(False)
+    compile: bool = _arg(False, "torch.compile the model")
+    sync_bn: bool = _arg(False, "BatchNorm statistics of all processes (any memory mode)")
+    timeout: float = _arg(DEFAULT_TIMEOUT_S, "torchrun: seconds to wait for the others", type=float)
+    seed: int = _arg(0, type=int)
+    workers: int | None = _arg(help="data-loading processes per process", type=int)
+    device: str | None = _arg(help="cuda, cuda:N or cpu (default: cuda if available; torchrun: LOCAL_RANK)")
+    output: str = _arg("runs/train", "output folder (default runs/train)")
+    resume: bool | str = _arg(
+        False, "from the newest checkpoint, or this epoch-N.pt", nargs="?", const=True, metavar="PT"
+    )
+    overwrite: bool = _arg(False, "start afresh in a non-empty --output: delete the run's files")
+    bad_images: str = _arg(
+        "error", "imagefolder: stop at unreadable images (naming them) or skip them", choices=BAD_IMAGES
+    )
+    keep_checkpoints: int = _arg(2, "newest checkpoints kept (and the best epoch's)", type=int)
+    export: bool = _arg(True, flag="--no-export", action="store_false")
+    progress: bool = _arg(True, "no progress bars", flag="--no-progress", action="store_false")
 
     def resolved(self) -> ResolvedTrainConfig:
         """A copy with the recipe filled in, every option checked (:class:`UsageError` naming it and what is
@@ -173,9 +190,8 @@ class TrainConfig:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if config.optimizer_in_backward and (config.accum_steps > 1 or config.amp == "fp16" or processes > 1):
             raise UsageError(
-                "--optimizer-in-backward steps each parameter as soon as its gradient is accumulated: not with "
-                "--accum-steps above 1 (each micro-batch would step), --amp fp16 (the GradScaler checks every "
-                "gradient first) nor several processes (DistributedDataParallel averages the gradients after that)"
+                "--optimizer-in-backward steps each parameter once its gradient is accumulated: not with --accum-steps "
+                "above 1, --amp fp16 (GradScaler) nor several processes (DDP averages the gradients after that)"
             )
         return config
 
@@ -246,9 +262,7 @@ def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Itera
         yield DistContext(rank, world_size, target)
     finally:
         if owns:
-            # DistributedDataParallel sits in a reference cycle holding the group: left to the interpreter's exit,
-            # its gloo objects can abort the process (SIGABRT). Collected first, the group goes with no user left.
-            gc.collect()
+            gc.collect()  # DDP sits in a reference cycle: left to the interpreter's exit, gloo can abort (SIGABRT)
             dist.destroy_process_group()
 
 
@@ -278,10 +292,8 @@ def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
 
     per_process, remainder = divmod(config.batch_size, ctx.world_size * config.accum_steps)
     if remainder:
-        raise ValueError(
-            f"batch_size {config.batch_size} must be divisible by world size x accumulation steps "
-            f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
-        )
+        parts = f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by world size x accumulation steps {parts}")
     images = len(splits.train)
     if images < config.batch_size:
         raise ValueError(f"the training set has {images} images, fewer than one batch of {config.batch_size}")
@@ -292,12 +304,8 @@ def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
     train = DataLoader(splits.train, per_process * config.accum_steps, sampler=sampler, drop_last=True, **options)
     trained = len(train) * config.batch_size
     if trained < images and ctx.is_main:
-        print(
-            f"each epoch trains on {trained} of the {images} training images, in full batches of "
-            f"{config.batch_size}: the other {images - trained}, drawn anew every epoch, are left out "
-            "(a batch size that divides the training set uses them all)",
-            flush=True,
-        )
+        left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
+        print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
 
     def shard(dataset):
         if dataset is not None:
@@ -374,9 +382,9 @@ class Trainer:
         differing = [f"{k}: checkpoint {v!r}, now {recipe[k]!r}" for k, v in config.items() if v != recipe[k]]
         differing = [text for text in differing if not text.startswith("epochs:")]  # epochs may grow
         if differing:
+            listing = "; ".join(differing)
             raise CheckpointError(
-                f"{path} was written by another recipe ({'; '.join(differing)}); resume with the same settings, or "
-                "start a new run with --overwrite or another --output"
+                f"{path} was written by another recipe ({listing}): resume it as it ran, or --overwrite"
             )
         if state["epoch"] > self.config.epochs:
             raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or more")
@@ -390,11 +398,8 @@ class Trainer:
                 f"(--weights {path.with_suffix('.safetensors')}) in another --output"
             )
         if recorded["efficient"] != now["efficient"] and self.ctx.is_main:
-            warnings.warn(
-                f"resuming {path} (efficient={recorded['efficient']!r}) with efficient={now['efficient']!r}: the "
-                "memory modes compute the same function, but not bit-identically",
-                stacklevel=2,
-            )
+            modes = f"(efficient={recorded['efficient']!r}) with efficient={now['efficient']!r}"
+            warnings.warn(f"resuming {path} {modes}: the same function, but not bit-identically", stacklevel=2)
         self.model.load_state_dict(model_state)
         for key in ("optimizer", "scheduler", "scaler"):
             getattr(self, key).load_state_dict(state[key])
@@ -430,9 +435,8 @@ class Trainer:
         model_bytes = self._model_bytes()
         state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler")}
         state.update(epoch=epoch, history=self.history, best=self.best, execution=self._execution())
-        save_checkpoint(
-            self.output, model_bytes, {**state, "config": self.config.recipe()}, self.config.keep_checkpoints
-        )
+        state["config"] = self.config.recipe()
+        save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
         if self.best["epoch"] == epoch:
             write_atomically(self.output / BEST_FILENAME, model_bytes)
         write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
@@ -470,16 +474,10 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
         start = time.perf_counter()
-        bar = tqdm(
-            total=len(self.train_loader) * config.batch_size,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="img",
-            leave=False,
-            disable=not (config.progress and self.ctx.is_main),
-        )
-        for step, (images, labels) in enumerate(self.train_loader):
+        show = config.progress and self.ctx.is_main
+        bar = tqdm(self.train_loader, f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
+        for step, (images, labels) in enumerate(bar):
             totals += self._step(*to_device(images, labels, device, config.channels_last))
-            bar.update(config.batch_size)
             if step % 10 == 0 or step == len(self.train_loader) - 1:
                 loss, correct, count = totals.tolist()
                 self._check_finite(epoch, "training loss", loss / count)
@@ -499,10 +497,10 @@ class Trainer:
     def _check_finite(self, epoch: int, what: str, value: float) -> None:
         """Stop the run if ``value`` (a loss) is NaN or infinite: nothing of ``epoch`` is saved or exported."""
         if not math.isfinite(value):
+            lr = self.optimizer.param_groups[0]["lr"]
             raise TrainingDivergedError(
-                f"training diverged in epoch {epoch + 1}: the {what} is {value} (lr "
-                f"{self.optimizer.param_groups[0]['lr']:g}). The run stopped; nothing of epoch {epoch + 1} was saved "
-                f"or exported. Lower --lr (now {self.config.lr:g}), or check the data and --amp"
+                f"training diverged in epoch {epoch + 1}: the {what} is {value} (lr {lr:g}); nothing of it was saved. "
+                "Lower --lr, or check the data and --amp"
             )
 
     def _step(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -636,9 +634,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     older = [p for p in checkpoints(path.parent.parent) if p.name < path.name]
     hint = f"; the previous checkpoint {older[-1]} can be resumed with --resume {older[-1]}" if older else ""
     if not path.is_file() or not model_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are both needed{hint}"
-        )
+        raise CheckpointError(f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are needed{hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean "unreadable"
@@ -647,10 +643,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise CheckpointError(f"{path} is not a training checkpoint of densenet-efficient{hint}")
     model_bytes = model_path.read_bytes()
     if hashlib.sha256(model_bytes).hexdigest() != state["model_sha256"]:
-        raise CheckpointError(
-            f"{model_path} is truncated, corrupt or from another checkpoint: its sha256 differs from the one "
-            f"{path.name} recorded{hint}"
-        )
+        raise CheckpointError(f"{model_path} is corrupt or another file: its sha256 differs from the recorded{hint}")
     return load(model_bytes), state
 
 
@@ -667,15 +660,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """Hold the run's lock on ``output`` (created if needed) for the block: ``filelock`` on ``output/.train.lock``,
-    which names this process (pid, host, start time). :class:`UsageError` naming the holder if another run holds
-    it, or if ``output`` cannot be a folder."""
+    """Hold ``filelock`` on ``output/.train.lock`` (``output`` created, and checked writable) for the block; the file
+    names the holder (pid, host, start time) in the :class:`UsageError` another run gets."""
     from filelock import FileLock, Timeout
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
     try:
         output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
     except OSError as error:
         raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
 
@@ -699,9 +693,8 @@ def output_lock(output: Path) -> Iterator[None]:
 
 
 def prepare_output(config: TrainConfig) -> None:
-    """Check ``config.output`` (locked by :func:`output_lock`) before anything is built: it holds no files unless
-    the run resumes or ``overwrite`` deletes the run's files (:data:`RUN_FILES`, :data:`RUN_FOLDERS`), and it can
-    be written to. Then remove what killed writes left (``.metrics.csv.*.tmp``, ...: no living process holds)."""
+    """Before anything is built, in the folder :func:`output_lock` holds: refuse files unless the run resumes or
+    ``overwrite`` deletes the run's own (:data:`RUN_FILES`, :data:`RUN_FOLDERS`); remove what killed writes left."""
     import shutil
 
     output = Path(config.output)
@@ -711,19 +704,11 @@ def prepare_output(config: TrainConfig) -> None:
                 f"--output {output} is not empty: pass --resume to continue the run in it, --overwrite to delete "
                 "its run files and start afresh, or another --output folder"
             )
-        for name in RUN_FOLDERS:
-            folder = output / name
-            if folder.is_symlink() or folder.is_file():  # the link itself goes, not what it points to
-                folder.unlink()
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-        for name in RUN_FILES:
-            (output / name).unlink(missing_ok=True)
-    try:
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as error:
-        raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
+        for path in [output / name for name in (*RUN_FOLDERS, *RUN_FILES)]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:  # a file, or a link (the link goes, not what it points to)
+                path.unlink(missing_ok=True)
     for name in RUN_FILES:
         remove_stale_temporaries(output, prefix=f".{name}.")
     for prefix in (".epoch-", f".{CONFIG_FILENAME}."):
@@ -732,70 +717,18 @@ def prepare_output(config: TrainConfig) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipes = "; ".join(
-        f"{name}: {r['model']} {r.get('model_args', '')}, {r['epochs']} epochs" for name, r in RECIPES.items()
+        f"{name}: {r['model']} {r.get('model_args', '')} {r['epochs']} epochs" for name, r in RECIPES.items()
     )
     parser.epilog = f"Defaults per dataset ({recipes}); see RECIPES in densenet_efficient/tools/train.py."
-    add = parser.add_argument
-    add("--dataset", choices=DATASETS, default="digits", help="default: digits (no download)")
-    add("--data", help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
-    add("--download", action="store_true", help="download CIFAR into --data if it is not there")
-    add("--val-fraction", type=float, help="training images held out for validation (0: none)")
-    add("--image-size", type=int, help="input size (default: the dataset's or the weights')")
-    add("--workers", type=int, help="data-loading processes per process")
-    add(
-        "--bad-images", choices=BAD_IMAGES, default="error", help="imagefolder: stop at unreadable images, or skip them"
-    )
-    add("--model", type=model_name, help="model name (see `densenet-efficient models`; any CIFAR depth as well)")
-    add(
-        "--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg, help="e.g. block_config=2,2,2"
-    )
-    add("--weights", help="fine-tune from: a weights tag, a .safetensors file, a folder or hf-hub:org/name[@revision]")
-    add("--pretrained", action="store_true", help="fine-tune from the model's default weights")
-    add("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
-    add("--freeze-backbone", action="store_true", help="train the classifier only")
-    add(
-        "--efficient", type=parse_efficient, default=True, metavar="{False,True,max}", help="memory mode (default True)"
-    )
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="global batch per optimizer step, over all processes")
-    add("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
-    add("--optimizer-in-backward", action="store_true", help="step each parameter inside backward (less memory)")
-    add("--lr", type=float)
-    add("--momentum", type=float)
-    add("--no-nesterov", dest="nesterov", action="store_false", default=None)
-    add("--weight-decay", type=float)
-    add("--milestones", type=float, nargs="+", help="lr x gamma at these fractions of the epochs")
-    add("--gamma", type=float)
-    add("--seed", type=int, default=0)
-    add("--device", help="cuda, cuda:N or cpu (default: cuda if available; torchrun: LOCAL_RANK)")
-    add("--amp", choices=tuple(AMP_DTYPES), help="mixed precision (fp16 adds loss scaling)")
-    add("--channels-last", action="store_true")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--sync-bn", action="store_true", help="BatchNorm statistics of all processes (any memory mode)")
-    add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS", help="torchrun: wait for the others")
-    add("--output", default="runs/train", help="output folder (default runs/train)")
-    add("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT", help="newest or given epoch-N.pt")
-    add("--overwrite", action="store_true", help="start afresh in a non-empty --output: delete the run's files")
-    add("--keep-checkpoints", type=int, default=2)
-    add("--no-export", dest="export", action="store_false")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def _model_arg(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` (VALUE: a Python literal; ``2,2,2`` is a tuple)."""
-    import ast
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. growth_rate=12), got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError) as error:
-        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number, tuple or string literal") from error
+    for field in dataclasses.fields(TrainConfig):
+        options = dict(field.metadata)
+        flag = options.pop("flag", "--" + field.name.replace("_", "-"))
+        if field.default is False and "nargs" not in options:
+            options["action"] = "store_true"
+        parser.add_argument(flag, dest=field.name, default=field.default, **options)
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    options = {key: value for key, value in vars(args).items() if key in fields}
-    train(TrainConfig(**options, model_args=dict(args.model_arg) or None))
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    train(TrainConfig(**{**options, "model_args": dict(args.model_args or {}) or None}))
     return 0
