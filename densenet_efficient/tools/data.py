@@ -1,13 +1,8 @@
-"""Datasets for training and evaluation, each split into train, validation and test sets.
-
-* ``digits``: scikit-learn's 8x8 digits (1,797 images, no download) upsampled; a fixed 20% is the test set.
-* ``cifar10`` / ``cifar100``: torchvision's CIFAR in ``--data DIR`` (downloaded only with ``download``).
-* ``imagefolder``: an ``ImageFolder`` tree: ``DIR/train`` with ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR``
-  split 80/20 into train/test. Every image is decoded once first: ``bad_images="error"`` names the unreadable
-  ones (:class:`UnreadableImagesError`), ``"skip"`` leaves them out with a warning and a count.
-
-The validation set is ``val_fraction`` of the training images, drawn with a fixed seed. Images are normalised with
-a :class:`Preprocessing`: the dataset's own, or the pretrained weights' when fine-tuning.
+"""Datasets split into train, validation (``val_fraction`` of the training images, fixed seed) and test sets:
+``digits`` (scikit-learn's 8x8 digits, upsampled; 20% test), ``cifar10``/``cifar100`` (torchvision's, in ``--data``)
+and ``imagefolder`` (``DIR/train`` with ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR``: 20% test), each image
+decoded once first (``bad_images``: name the unreadable ones, or skip them). Images are normalised with a
+:class:`Preprocessing`: the dataset's own, or the pretrained weights' when fine-tuning.
 """
 
 from __future__ import annotations

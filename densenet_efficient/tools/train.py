@@ -21,7 +21,6 @@ import json
 import math
 import numbers
 import os
-import re
 import socket
 import tempfile
 import time
@@ -38,10 +37,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import DenseNet, MemoryMode, check_memory_mode, convert_sync_batchnorm, optim_in_backward
+from ..core import MemoryMode, check_memory_mode, convert_sync_batchnorm, optim_in_backward
 from ..models import create_model
 from ..pretrained.files import remove_stale_temporaries, write_atomically
-from ..pretrained.loading import CONFIG_FILENAME, PretrainedWeights
+from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
@@ -67,7 +66,6 @@ CHECKPOINT_DIR, BEST_FILENAME, LOCK_FILENAME = "checkpoints", "best.safetensors"
 # What a run writes into its output folder; ``overwrite`` deletes these (a linked folder: the link) and nothing else.
 RUN_FILES = (BEST_FILENAME, CONFIG_FILENAME, "metrics.csv", "curves.png", "results.json", "manifest_entry.json")
 RUN_FOLDERS = (CHECKPOINT_DIR, "export")
-_CHECKPOINT_NAME = re.compile(r"epoch-(\d{4,})\.pt")
 DEFAULT_TIMEOUT_S = 600.0  # how long a process waits for the others in a collective (gloo's default: 30 min)
 # Options checked before anything is built: whole numbers (least value) and finite reals (valid range).
 _WHOLE = dict(epochs=1, batch_size=1, accum_steps=1, keep_checkpoints=1, image_size=1, workers=0, seed=0, num_classes=1)
@@ -266,26 +264,6 @@ def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Itera
             dist.destroy_process_group()
 
 
-def _reseed(seed: int, epoch: int, rank: int) -> None:
-    """Seed torch (CPU and CUDA) from (seed, epoch, rank): each epoch's randomness depends on nothing else."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]))
-
-
-def build_model(
-    config: ResolvedTrainConfig, weights: PretrainedWeights | None, num_classes: int, in_chans: int
-) -> DenseNet:
-    """The configured model with ``num_classes`` outputs and the ``weights`` resolved once for the data and the
-    model (another number of classes keeps a fresh classifier, with a warning); the backbone frozen if asked."""
-    torch.manual_seed(config.seed)
-    args = {**(weights.model_args if weights else {}), **config.model_args, "efficient": config.efficient}
-    model = create_model(config.model, **{**args, "num_classes": num_classes, "in_chans": in_chans})
-    if weights is not None:
-        weights.load_into(model)
-    if config.freeze_backbone:
-        model.features.requires_grad_(False)
-    return model
-
-
 def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
     """Train loader (DistributedSampler, per-process batches), its sampler and per-process shards of val/test."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -337,10 +315,17 @@ class Trainer:
             raise UsageError(f"{config.dataset} has {classes} class: a classifier needs at least 2 (a folder each)")
         if config.num_classes not in (None, classes):
             raise UsageError(f"num_classes {config.num_classes} does not match the {classes} classes of the data")
-        with warnings.catch_warnings():
-            if config.resume:  # the checkpoint replaces these weights: what loading them warns about does not apply
-                warnings.simplefilter("ignore")
-            self.model = build_model(config, weights, classes, self.splits.preprocessing.channels).to(ctx.device)
+        torch.manual_seed(config.seed)
+        args = {**(weights.model_args if weights else {}), **config.model_args, "efficient": config.efficient}
+        args.update(num_classes=classes, in_chans=self.splits.preprocessing.channels)
+        self.model = create_model(config.model, **args).to(ctx.device)
+        if weights is not None:  # another number of classes keeps a fresh classifier, with a warning
+            with warnings.catch_warnings():
+                if config.resume:  # the checkpoint replaces these weights: what loading them warns about is moot
+                    warnings.simplefilter("ignore")
+                weights.load_into(self.model)
+        if config.freeze_backbone:
+            self.model.features.requires_grad_(False)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -444,7 +429,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best weights and export them. Returns the results."""
         for epoch in range(self.start_epoch, self.config.epochs):
-            _reseed(self.config.seed, epoch, self.ctx.rank)
+            # torch (CPU and CUDA) seeded from (seed, epoch, rank): each epoch's randomness depends on nothing else
+            seed = np.random.SeedSequence([self.config.seed, epoch, self.ctx.rank]).generate_state(1, np.uint64)[0]
+            torch.manual_seed(int(seed))
             self.sampler.set_epoch(epoch)
             row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **self._train_epoch(epoch)}
             if self.val_loader is not None:
@@ -601,9 +588,8 @@ def _curves_png(history: list[dict[str, Any]]) -> bytes:
 
 def checkpoints(output: str | os.PathLike) -> list[Path]:
     """The ``epoch-N.pt`` files of ``output/checkpoints``, oldest first."""
-    folder = Path(output) / CHECKPOINT_DIR
-    found = [p for p in folder.glob("epoch-*.pt") if _CHECKPOINT_NAME.fullmatch(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[6:-3]))
+    found = [p for p in (Path(output) / CHECKPOINT_DIR).glob("epoch-*.pt") if p.stem[6:].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem[6:]))
 
 
 def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], keep: int) -> Path:
