@@ -136,8 +136,8 @@ def weights_preprocessing(
 
 
 def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, Preprocessing]:
-    """``weights`` of ``model`` (see :func:`weights_preprocessing`) resolved once, and their preprocessing: the
-    bytes checked are the bytes loaded (``PretrainedWeights.load_into``)."""
+    """``weights`` of ``model`` (a tag, ``None`` for the default one, a saved file or folder, ``hf-hub:org/name``)
+    resolved, read and checked once, and the preprocessing they were trained with."""
     resolved = resolve_weights(model, weights)
     return resolved, Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
 
