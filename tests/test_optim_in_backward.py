@@ -22,7 +22,7 @@ def _batches(steps=3):
 
 def _model(mode=True):
     torch.manual_seed(0)
-    return de.create_model("densenet_40_k12", efficient=mode, num_classes=10)
+    return de.create_model("densenet_40_k12", efficient=mode, num_classes=10, block_config=(2, 2, 2))
 
 
 @pytest.mark.parametrize("mode", [False, "max"])

@@ -1,17 +1,11 @@
-"""The optimizer step inside backward: each parameter updated, and its gradient freed, as soon as it is accumulated.
-
-Once the activations are small (the efficient memory modes), the parameter gradients are a large part of a
-training step's peak: stepping each parameter from ``Tensor.register_post_accumulate_grad_hook`` (the pattern of
-PyTorch's "optimizer step in backward" tutorial, one optimizer per parameter, here sharing one optimizer's state
-and hyperparameters) means that at most the gradients of
-the parameters whose backward is running are alive at once.
+"""The optimizer step inside backward: each parameter updated, and its gradient freed, as soon as it is accumulated
+(``Tensor.register_post_accumulate_grad_hook``, as in PyTorch's "optimizer step in backward" tutorial), so at most
+the gradients of the parameters whose backward is running are alive at once.
 
 It computes exactly what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer
-that steps each parameter from its own gradient and state alone (SGD, with momentum, Nesterov and weight decay;
-Adam and AdamW; ...). It cannot reproduce what needs every gradient at once or several backward passes per step,
-and refuses it where it can see it: clipping by the global norm, a gradient scaler (fp16), a scheduler or anything
-else reading gradients after backward, gradient accumulation over micro-batches, and DistributedDataParallel
-(whose bucketed all-reduce averages the gradients after they are accumulated).
+that steps each parameter from its own gradient and state (SGD with momentum, Nesterov and weight decay; Adam,
+AdamW; ...). It refuses, where it can see them, what needs every gradient at once or several backward passes per
+step: clipping by the global norm, a gradient scaler (fp16), gradient accumulation and DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -24,15 +18,11 @@ from torch import nn
 
 
 class OptimizerInBackward:
-    """The hooks of :func:`optim_in_backward`, stepping each parameter with ``optimizer``'s rule.
-
-    ``optimizer`` is the ordinary optimizer over every trained parameter: it holds the state (momentum buffers,
-    Adam moments) and the hyperparameters, so a ``torch.optim.lr_scheduler`` on it, its ``state_dict`` and
-    ``load_state_dict`` work as usual. Each hook steps its parameter with a one-parameter optimizer of the same
-    class that shares that state and takes the group's current hyperparameters. Training steps are
-    ``loss.backward()`` alone: :meth:`step` and :meth:`zero_grad` refuse, saying why, so that a training loop
-    written for an ordinary optimizer fails loudly instead of clipping or scaling gradients that no longer exist.
-    :meth:`remove` detaches the hooks.
+    """The hooks of :func:`optim_in_backward`. ``optimizer`` (over every trained parameter) holds the state and the
+    hyperparameters, so a ``torch.optim.lr_scheduler``, ``state_dict`` and ``load_state_dict`` work as usual; each
+    hook steps its parameter with a one-parameter optimizer of the same class sharing them. :meth:`step` and
+    :meth:`zero_grad` refuse, saying why (a loop written for an ordinary optimizer fails loudly instead of clipping
+    or scaling gradients that no longer exist); :meth:`remove` detaches the hooks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):

@@ -1,10 +1,9 @@
-"""The ``densenet-efficient`` command (also ``python -m densenet_efficient``).
-
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""The ``densenet-efficient`` command (also ``python -m densenet_efficient``): each subcommand's module provides
+``add_arguments(parser)`` and ``run(args) -> int``.
 
 Errors: one line ``densenet-efficient COMMAND: error: MESSAGE`` on stderr, exit status 2 for usage errors (argparse's
-own and :class:`~.common.UsageError`) and 1 for any other failure; ``--debug`` or ``DENSENET_EFFICIENT_DEBUG=1``
-shows the traceback instead.
+own and :class:`~.common.UsageError`), 1 for any other failure and 130 for Ctrl-C; ``--debug`` or
+``DENSENET_EFFICIENT_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,23 +21,18 @@ from .common import UsageError
 
 DEBUG_ENV = "DENSENET_EFFICIENT_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("densenet_efficient.tools.cli", "list the model names"),
-    "bench": ("densenet_efficient.tools.bench", "peak memory and step time of every memory mode, side by side"),
-    "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network that train within a memory budget"),
-    "train": (
-        "densenet_efficient.tools.train",
-        "train or fine-tune a model (digits, CIFAR, any ImageFolder; torchrun)",
+_TRAIN = ("tqdm", "matplotlib", "sklearn")
+# name -> (module, one-line help, what it needs beyond the base install: the "tools" extra)
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "models": ("densenet_efficient.tools.cli", "list the model names", ()),
+    "bench": (
+        "densenet_efficient.tools.bench",
+        "peak memory and step time of each memory mode",
+        ("tqdm", "matplotlib"),
     ),
-    "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset"),
-}
-# What each command needs beyond the base install: the "tools" extra.
-TOOLS_REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "bench": ("tqdm", "matplotlib"),
-    "train": ("tqdm", "matplotlib", "sklearn"),
-    "eval": ("tqdm", "sklearn"),
+    "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network within a memory budget", ()),
+    "train": ("densenet_efficient.tools.train", "train or fine-tune (digits, CIFAR, ImageFolder; torchrun)", _TRAIN),
+    "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset", ("tqdm", "sklearn")),
 }
 
 
@@ -51,19 +45,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_debug(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: a subcommand's default must not hide `densenet-efficient --debug COMMAND`
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help=f"show the traceback of an error (also {DEBUG_ENV}=1)",
-    )
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse without the usage block on errors: one line, as every other error of the command (subcommands'
-    parsers are of this class too)."""
+    """argparse with one line on errors, as every other error of the command (subcommands' parsers too)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (--help shows the usage)\n")
@@ -73,39 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="densenet-efficient",
         description="Memory-efficient DenseNets: benchmark, plan, train, evaluate.",
-        epilog="Exit status: 0 success, 1 failure, 2 usage error.",
+        epilog="Exit status: 0 success, 1 failure, 2 usage error, 130 interrupted.",
     )
-    _add_debug(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, text, _) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser = subparsers.add_parser(name, help=text, description=text)
         module.add_arguments(subparser)
-        _add_debug(subparser)
         subparser.set_defaults(run=module.run)
+    for command in (parser, *subparsers.choices.values()):  # SUPPRESS: `densenet-efficient --debug COMMAND` holds
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=f"traceback ({DEBUG_ENV}=1)"
+        )
     return parser
 
 
 def missing_requirements(command: str) -> list[str]:
     """The modules ``command`` needs that are not installed (they come with ``densenet-efficient[tools]``)."""
-    return [name for name in TOOLS_REQUIREMENTS.get(command, ()) if importlib.util.find_spec(name) is None]
+    return [name for name in COMMANDS[command][2] if importlib.util.find_spec(name) is None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns its exit status (see the module docstring for errors)."""
     args = build_parser().parse_args(argv)
+    prefix = f"densenet-efficient {args.command}: error:"
     missing = missing_requirements(args.command)
     if missing:
         print(
-            f"densenet-efficient {args.command}: error: needs {', '.join(missing)}, which is not installed: "
-            "pip install 'densenet-efficient[tools]'",
+            f"{prefix} needs {', '.join(missing)}, which is not installed: pip install 'densenet-efficient[tools]'",
             file=sys.stderr,
         )
         return EXIT_FAILURE
     try:
         debug = getattr(args, "debug", False) or env_flag(DEBUG_ENV)
     except ValueError as error:
-        print(f"densenet-efficient {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prefix} {error}", file=sys.stderr)
         return EXIT_USAGE
     if debug:
         return args.run(args)
@@ -117,5 +102,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as error:  # every failure becomes one line and an exit status; --debug shows the traceback
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-        print(f"densenet-efficient {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{prefix} {message} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE

@@ -1,19 +1,8 @@
-"""Datasets for training and evaluation, each split into train, validation and test sets.
-
-* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside scikit-learn, no download),
-  upsampled to the input size. A fixed 20% is the test set; the validation set is taken from the rest.
-* ``cifar10`` / ``cifar100``: torchvision's CIFAR datasets in ``--data DIR`` (downloaded only with ``download``);
-  the official test set, and a validation set held out of the 50,000 training images.
-* ``imagefolder``: any ``torchvision.datasets.ImageFolder`` tree (one folder per class), either ``DIR/train`` with
-  ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR`` that is split into train/validation/test. Every image is
-  decoded once before training (JPEGs at reduced scale, on several threads), so that an unreadable file is named
-  at the start rather than crashing an epoch: ``bad_images="error"`` (the default: a dataset is never silently
-  smaller than its folder) raises :class:`UnreadableImagesError` listing them, ``"skip"`` leaves them out with a
-  warning and a count (the held-out splits are then drawn from the readable images).
-
-Images are normalised with a :class:`Preprocessing` (mean, std, input size): the dataset's own by default, the
-pretrained weights' own when fine-tuning (:func:`weights_preprocessing`, which reads them as
-``model.pretrained_cfg`` gets them). Evaluation images go through :func:`densenet_efficient.transforms`.
+"""Datasets split into train, validation (``val_fraction`` of the training images, fixed seed) and test sets:
+``digits`` (scikit-learn's 8x8 digits, upsampled; 20% test), ``cifar10``/``cifar100`` (torchvision's, in ``--data``)
+and ``imagefolder`` (``DIR/train`` with ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR``: 20% test), each image
+decoded once first (``bad_images``: name the unreadable ones, or skip them). Images are normalised with a
+:class:`Preprocessing`: the dataset's own, or the pretrained weights' when fine-tuning.
 """
 
 from __future__ import annotations
@@ -27,18 +16,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..core.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
-from ..pretrained.loading import resolve_weights
+from ..pretrained.loading import PretrainedWeights, resolve_weights
 from ..pretrained.preprocessing import transforms
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-SPLIT_SEED = 0  # the held-out splits never depend on the training seed
-DIGITS_TEST_FRACTION = 0.2
-IMAGEFOLDER_TEST_FRACTION = 0.2
 BAD_IMAGES = ("error", "skip")  # what to do with images that cannot be decoded
+TEST_FRACTION = 0.2  # digits and a flat imagefolder: the held-out test set
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -149,6 +135,13 @@ def weights_preprocessing(
     return Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
 
 
+def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, Preprocessing]:
+    """``weights`` of ``model`` (a tag, ``None`` for the default one, a saved file or folder, ``hf-hub:org/name``)
+    resolved, read and checked once, and the preprocessing they were trained with."""
+    resolved = resolve_weights(model, weights)
+    return resolved, Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
+
+
 def build_splits(
     dataset: str,
     root: str | os.PathLike | None = None,
@@ -160,34 +153,43 @@ def build_splits(
     augment: bool = True,
     bad_images: str = "error",
 ) -> Splits:
-    """Load ``dataset`` (one of :data:`DATASETS`) and split it.
-
-    ``preprocessing`` defaults to the dataset's own; ``image_size`` overrides its input size. ``val_fraction`` of
-    the training images (chosen with a fixed seed) form the validation set. ``augment`` adds the training
-    augmentation (CIFAR: random crop with padding and horizontal flip; photos: random resized crop and flip).
-    ``bad_images`` (``imagefolder``): ``"error"`` or ``"skip"`` for images that cannot be decoded.
-    """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    """Load ``dataset`` (one of :data:`DATASETS`) and split it. ``preprocessing`` defaults to the dataset's own,
+    ``image_size`` overrides its input size; ``augment`` adds the training augmentation (CIFAR: padded random crop
+    and flip; photos: random resized crop and flip); ``bad_images``: one of :data:`BAD_IMAGES`."""
+    if dataset not in DATASETS or not 0 <= val_fraction < 1:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)} ({dataset!r}), val_fraction in [0, 1)")
     if dataset == "digits":
         return _digits_splits(preprocessing, image_size, val_fraction)
     if root is None:
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
     preprocessing = (preprocessing or DEFAULT_PREPROCESSING[dataset]).with_size(image_size)
-    if dataset == "imagefolder":
-        if bad_images not in BAD_IMAGES:
-            raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, got {bad_images!r}")
-        return _imagefolder_splits(Path(root), preprocessing, val_fraction, augment, bad_images)
-    return _cifar_splits(dataset, Path(root), download, preprocessing, val_fraction, augment)
+    photos = dataset == "imagefolder"
+    train_tf = _transforms(preprocessing, augment, photos)
+    eval_tf = _transforms(preprocessing, False, photos)
+    if photos:
+        return _imagefolder_splits(Path(root), preprocessing, val_fraction, (train_tf, eval_tf), bad_images)
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    try:
+        train = cls(root, train=True, transform=train_tf, download=download)
+    except RuntimeError as error:
+        raise DatasetNotFoundError(
+            f"{dataset} not found in {root} ({error}): pass --download (download=True) to fetch it, or point --data "
+            f"at the folder that contains {cls.base_folder}"
+        ) from error
+    rest, val = _split(range(len(train)), val_fraction)
+    held_out = Subset(cls(root, train=True, transform=eval_tf), val) if val else None
+    test = cls(root, train=False, transform=eval_tf)
+    return Splits(Subset(train, rest), held_out, test, list(train.classes), preprocessing)
 
 
-def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """Indices ``0..n-1`` shuffled with :data:`SPLIT_SEED`: (the rest, the held-out ``fraction``)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    held_out = round(n * fraction)
-    return sorted(order[held_out:]), sorted(order[:held_out])
+def _split(indices: Sequence[int], fraction: float) -> tuple[list[int], list[int]]:
+    """``indices`` shuffled with a fixed seed (the held-out sets never depend on the training seed): (the rest,
+    the held-out ``fraction``), each in the original order."""
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0)).tolist()
+    held_out = round(len(indices) * fraction)
+    return [indices[i] for i in sorted(order[held_out:])], [indices[i] for i in sorted(order[:held_out])]
 
 
 def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, val_fraction: float) -> Splits:
@@ -201,40 +203,27 @@ def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
     labels = torch.tensor(digits.target, dtype=torch.long)
-    rest, test = _split(len(labels), DIGITS_TEST_FRACTION)
-    train, val = _split_subset(rest, val_fraction)
+    rest, test = _split(range(len(labels)), TEST_FRACTION)
+    train, val = _split(rest, val_fraction)
     if preprocessing is None:
         preprocessing = Preprocessing((images[train].mean().item(),), (images[train].std().item(),), 32)
     preprocessing = preprocessing.with_size(image_size)
     size = preprocessing.input_size
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
     images = images.expand(-1, preprocessing.channels, -1, -1)
-    mean = torch.tensor(preprocessing.mean).view(1, -1, 1, 1)
-    std = torch.tensor(preprocessing.std).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
     images = ((images - mean) / std).contiguous()
 
-    def subset(indices: Tensor | list[int]) -> TensorDataset:
-        indices = torch.as_tensor(indices, dtype=torch.long)
+    def subset(indices: list[int]) -> TensorDataset:
         return TensorDataset(images[indices], labels[indices])
 
-    return Splits(
-        subset(train),
-        subset(val) if len(val) else None,
-        subset(test),
-        [str(label) for label in digits.target_names],
-        preprocessing,
-    )
-
-
-def _split_subset(indices: list[int], fraction: float) -> tuple[list[int], list[int]]:
-    """Split a list of indices like :func:`_split` splits ``range(n)``."""
-    keep, held_out = _split(len(indices), fraction)
-    return [indices[i] for i in keep], [indices[i] for i in held_out]
+    classes = [str(label) for label in digits.target_names]
+    return Splits(subset(train), subset(val) if val else None, subset(test), classes, preprocessing)
 
 
 def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
-    """torchvision transforms: :func:`~densenet_efficient.transforms` for evaluation and for training on photos
-    (random resized crop and flip); CIFAR-style training augmentation (random crop with padding, flip)."""
+    """:func:`~densenet_efficient.transforms` for evaluation and for training on photos; CIFAR-style training
+    augmentation (random crop with padding, flip) otherwise."""
     if photos or not train:
         return transforms(preprocessing.pretrained_cfg(photos), training=train)
     from torchvision import transforms as T
@@ -242,87 +231,53 @@ def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
     size = preprocessing.input_size
     steps = [T.Resize(size, interpolation=T.InterpolationMode(preprocessing.interpolation))] if size != 32 else []
     steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
-    if preprocessing.channels == 1:
-        steps.append(T.Grayscale())
+    steps += [T.Grayscale()] if preprocessing.channels == 1 else []
     return T.Compose([*steps, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
 
 
-def _cifar_splits(
-    dataset: str, root: Path, download: bool, preprocessing: Preprocessing, val_fraction: float, augment: bool
-) -> Splits:
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-    train_tf, eval_tf = _transforms(preprocessing, augment, photos=False), _transforms(preprocessing, False, False)
-    try:
-        train_full = cls(root, train=True, transform=train_tf, download=download)
-    except RuntimeError as error:
-        folder = root / cls.base_folder
-        raise DatasetNotFoundError(
-            f"{dataset} not found in {root} (looked for {folder}: {error}). Pass --download (download=True) to "
-            f"fetch it, or point --data at the folder that contains {cls.base_folder}."
-        ) from error
-    eval_full = cls(root, train=True, transform=eval_tf)
-    train, val = _split(len(train_full), val_fraction)
-    test = cls(root, train=False, transform=eval_tf)
-    return Splits(
-        Subset(train_full, train),
-        Subset(eval_full, val) if val else None,
-        test,
-        list(train_full.classes),
-        preprocessing,
-    )
-
-
-def _imagefolder_splits(
-    root: Path, preprocessing: Preprocessing, val_fraction: float, augment: bool, bad_images: str
-) -> Splits:
+def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, tfs, bad_images: str) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     if not root.is_dir():
         raise DatasetNotFoundError(f"no folder {root}: expected an ImageFolder tree (one sub-folder per class)")
-    train_tf, eval_tf = _transforms(preprocessing, augment, photos=True), _transforms(preprocessing, False, True)
-    has_train = (root / "train").is_dir()
-    train_root = root / "train" if has_train else root
-    named = [root / name for name in ("test", "val") if has_train and (root / name).is_dir()]
-    folders = [ImageFolder(folder) for folder in (train_root, *named)]
-    unreadable = _unreadable_images([path for folder in folders for path, _ in folder.samples])
+    train_root = root / "train" if (root / "train").is_dir() else root
+    named = [root / name for name in ("test", "val") if train_root != root and (root / name).is_dir()]
+    scans = [ImageFolder(folder) for folder in (train_root, *named)]
+    for other, scan in zip(named, scans[1:], strict=True):
+        if scan.classes != scans[0].classes:
+            raise ValueError(f"class folders differ: {train_root} has {scans[0].classes}, {other} has {scan.classes}")
+    samples = [path for scan in scans for path, _ in scan.samples]
+    unreadable = _unreadable_images(samples)
     if unreadable:
-        _report_unreadable(unreadable, sum(len(folder) for folder in folders), bad_images)
+        listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:5])
+        listing += f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        if bad_images == "error":
+            raise UnreadableImagesError(
+                f"{len(unreadable)} of {len(samples)} images cannot be read: {listing}. Replace or remove them, or "
+                "pass --bad-images skip (bad_images='skip') to leave them out"
+            )
+        warnings.warn(f"skipped {len(unreadable)} unreadable images of {len(samples)}: {listing}", stacklevel=3)
 
-    def image_folder(folder: Path, transform) -> ImageFolder:
-        def readable(path: str) -> bool:
-            return has_file_allowed_extension(path, IMG_EXTENSIONS) and path not in unreadable
+    def folder(path: Path, train: bool) -> ImageFolder:
+        def readable(file: str) -> bool:
+            return has_file_allowed_extension(file, IMG_EXTENSIONS) and file not in unreadable
 
-        return ImageFolder(folder, transform, is_valid_file=readable)
+        return ImageFolder(path, tfs[0] if train else tfs[1], is_valid_file=readable)
 
-    train_full, eval_full = image_folder(train_root, train_tf), image_folder(train_root, eval_tf)
-    indices = list(range(len(train_full)))
-    if named:
-        test: Dataset = image_folder(named[0], eval_tf)
-        _check_same_classes(train_full.classes, test.classes, train_root, named[0])  # type: ignore[attr-defined]
-    else:
-        indices, held_out = _split(len(indices), IMAGEFOLDER_TEST_FRACTION)
-        test = Subset(eval_full, held_out)
+    train, held_out = folder(train_root, True), folder(train_root, False)
+    rest, test_indices = _split(range(len(train)), 0 if named else TEST_FRACTION)
+    test: Dataset = folder(named[0], False) if named else Subset(held_out, test_indices)
     if len(named) == 2:
-        val: Dataset | None = image_folder(named[1], eval_tf)
-        _check_same_classes(train_full.classes, val.classes, train_root, named[1])  # type: ignore[union-attr]
-    else:
-        indices, held_out = _split_subset(indices, val_fraction)
-        val = Subset(eval_full, held_out) if held_out else None
-    return Splits(Subset(train_full, indices), val, test, list(train_full.classes), preprocessing)
-
-
-def _check_same_classes(expected: list[str], found: list[str], expected_root: Path, found_root: Path) -> None:
-    if expected != found:
-        raise ValueError(f"class folders differ: {expected_root} has {expected}, {found_root} has {found}")
+        return Splits(Subset(train, rest), folder(named[1], False), test, train.classes, preprocessing)
+    rest, val = _split(rest, val_fraction)
+    return Splits(Subset(train, rest), Subset(held_out, val) if val else None, test, train.classes, preprocessing)
 
 
 def _unreadable_images(paths: list[str]) -> dict[str, str]:
-    """``{path: reason}`` for the images that PIL cannot decode, as torchvision's loader decodes them (JPEGs at
-    reduced scale: the whole file is still read), on up to 8 threads."""
+    """``{path: reason}`` for the images PIL cannot decode as torchvision's loader does (JPEGs at reduced scale:
+    the whole file is still read), on up to 8 threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -339,15 +294,3 @@ def _unreadable_images(paths: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         reasons = pool.map(problem, paths, chunksize=64)
         return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
-
-
-def _report_unreadable(unreadable: dict[str, str], total: int, bad_images: str, shown: int = 5) -> None:
-    """Raise (``"error"``) or warn (``"skip"``) about ``unreadable`` images, naming the first ``shown``."""
-    listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:shown])
-    more = f"; and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
-    if bad_images == "error":
-        raise UnreadableImagesError(
-            f"{len(unreadable)} of {total} images cannot be read: {listing}{more}. Replace or remove them, or pass "
-            f"--bad-images skip (bad_images='skip') to leave them out"
-        )
-    warnings.warn(f"skipped {len(unreadable)} unreadable images of {total}: {listing}{more}", stacklevel=3)
