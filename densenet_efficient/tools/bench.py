@@ -31,32 +31,11 @@ from torch import Tensor, nn
 from ..core import convert_sync_batchnorm, optim_in_backward
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from ..models import create_model
-from .common import (
-    MODES,
-    PRECISIONS,
-    Progress,
-    add_common_arguments,
-    device_name,
-    family_member,
-    family_name,
-    input_label,
-    input_size,
-    int_at_least,
-    markdown_row,
-    model_io,
-    model_name,
-    output_path,
-    peer_keys,
-    positive_ints,
-    predict,
-    random_batch,
-    total_bytes,
-    train_step,
-)
+from . import common
 from .memory import allocator_peak, operator_count, peak_memory
 
 BASELINE = "checkpoint"
-PEER_KEYS = (*MODES, BASELINE)
+PEER_KEYS = (*common.MODES, BASELINE)
 MIB = 2**20
 SPREAD_LIMIT = 0.1  # (max - min) / median of a peer's step times above which its time is not comparable
 BUSY_LOAD = 0.5  # load average of other work (runnable threads) above which the machine counts as busy
@@ -182,7 +161,8 @@ def baseline_peer(name: str) -> Peer:
 def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool = False) -> list[Peer]:
     """The peers of ``keys`` for model ``name``, in :data:`PEER_KEYS` order; with ``features_only`` as backbones."""
     peers = [
-        Peer(key, f"efficient={mode!r}", partial(create_model, name, efficient=mode)) for key, mode in MODES.items()
+        Peer(key, f"efficient={mode!r}", partial(create_model, name, efficient=mode))
+        for key, mode in common.MODES.items()
     ]
     peers.append(baseline_peer(name))
     if features_only:
@@ -197,7 +177,7 @@ def compiled_peers(name: str, keys: tuple[str, ...], budgets: tuple[float, ...],
     ``activation_memory_budget`` of ``budgets`` (the compiler's own rematerialisation)."""
     modes = [
         (f"{key}+compile", f"efficient={mode!r}", mode, 1.0)
-        for key, mode in MODES.items()
+        for key, mode in common.MODES.items()
         if every_mode and key in keys
     ]
     modes += [(f"false+budget{b:g}", f"efficient=False, activation_memory_budget={b:g}", False, b) for b in budgets]
@@ -253,7 +233,9 @@ class Runner:
         model = peer.build().to(setting.device).to(memory_format=memory_format)
         if setting.frozen_bn:
             freeze_batch_norms(model)
-        images, self.labels = random_batch(setting.batch_size, setting.input_size, *model_io(model), setting.device)
+        images, self.labels = common.random_batch(
+            setting.batch_size, setting.input_size, *common.model_io(model), setting.device
+        )
         self.images = images.contiguous(memory_format=memory_format)
         sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.optimizer = None if setting.optimizer_in_backward else sgd(model.parameters())
@@ -262,11 +244,11 @@ class Runner:
         self.compiled, self.model = peer.compile_budget is not None, model
         if peer.compile_budget is not None:
             self.model = compile_model(model, peer.compile_budget, setting.compile_backend)
-        self.amp_dtype, self.device = PRECISIONS[setting.dtype], setting.device
+        self.amp_dtype, self.device = common.PRECISIONS[setting.dtype], setting.device
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
 
     def step(self) -> None:
-        train_step(self.model, self.images, self.labels, self.amp_dtype, self.optimizer, self.scaler)
+        common.train_step(self.model, self.images, self.labels, self.amp_dtype, self.optimizer, self.scaler)
 
     def timed_step(self) -> float:
         """Seconds of one training step, the device synchronised before and after."""
@@ -305,7 +287,7 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _advance(progress: Progress | None, steps: int = 1, note: str | None = None) -> None:
+def _advance(progress: common.Progress | None, steps: int = 1, note: str | None = None) -> None:
     if progress is not None:
         progress.update(steps)
         if note is not None:
@@ -325,7 +307,9 @@ def interleaved(timers: dict[Any, Callable[[], float]], repeats: int, progress=N
     return times
 
 
-def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: Progress | None = None) -> list[dict[str, Any]]:
+def measure(
+    name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progress | None = None
+) -> list[dict[str, Any]]:
     """Rows of memory, operators and step times of each peer of model ``name`` (see the module docstring). Peers
     are predicted until naive fits (every other peer needs less)."""
     rows: list[dict[str, Any]] = []
@@ -337,8 +321,8 @@ def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: Progress | No
         row: dict[str, Any] = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
         rows.append(row)
         if not all_fit:
-            predicted = predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
-            fits = total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
+            predicted = common.predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
+            fits = common.total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
             row.update(predicted_bytes=predicted.peak, skipped=not fits)
             all_fit = fits and peer.key == "false"
         if row["skipped"]:
@@ -405,7 +389,7 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     with tempfile.TemporaryDirectory() as folder:
-        modes, path = tuple(key for key in keys if key in MODES), os.path.join(folder, "rows.json")
+        modes, path = tuple(key for key in keys if key in common.MODES), os.path.join(folder, "rows.json")
         mp.spawn(_sync_worker, (processes, get_free_port(), name, setting, modes, path), nprocs=processes)
         with open(path) as file:
             return json.load(file)
@@ -427,7 +411,7 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
     with distributed(setting.device.type) as ctx:
         setting, timers = replace(setting, device=ctx.device), dict[Any, Callable[[], float]]()
         for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
-            build = partial(create_model, name, efficient=MODES[key])
+            build = partial(create_model, name, efficient=common.MODES[key])
             runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             runner.model = DistributedDataParallel(runner.model, device_ids=device_ids)
@@ -438,7 +422,7 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
         rows = []
         for key in modes:
             plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
-            rows.append({"mode": key, "label": f"efficient={MODES[key]!r}", "processes": processes})
+            rows.append({"mode": key, "label": f"efficient={common.MODES[key]!r}", "processes": processes})
             rows[-1].update(step_times=times[key, False], sync_step_times=times[key, True], step_s=plain)
             rows[-1].update(sync_step_s=synced, sync_time_ratio=synced / plain)
         if ctx.is_main:
@@ -493,7 +477,7 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     columns.update(step_s=("step (s)", ".3f", 1), time_ratio=("time x naive", ".2f", 1))
     columns.update(images_per_s=("images/s", ".1f", 1), step_spread=("step spread", ".0%", 1))
     header = [first] * bool(first) + ["mode"] + [title for title, _, _ in columns.values()]
-    lines = [markdown_row(*header), markdown_row(*["---"] * len(header))]
+    lines = [common.markdown_row(*header), common.markdown_row(*["---"] * len(header))]
     for row in rows:
         cells = [
             format(row[key] / unit, f) if row.get(key) is not None else "-" for key, (_, f, unit) in columns.items()
@@ -501,7 +485,7 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
         if row["skipped"]:
             skipped = f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit"
             cells = [skipped] + ["-"] * (len(cells) - 1)
-        lines.append(markdown_row(*([row[first]] if first else []), row["label"], *cells))
+        lines.append(common.markdown_row(*([row[first]] if first else []), row["label"], *cells))
     return "\n".join(lines)
 
 
@@ -601,10 +585,10 @@ def _budgets(value: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     add = parser.add_argument
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    add("--device", type=device_name, default=device, help="cpu, cuda or cuda:N (default: %(default)s)")
+    add("--device", type=common.device_name, default=device, help="cpu, cuda or cuda:N (default: %(default)s)")
     add("--channels-last", action="store_true", help="channels_last memory format")
     add("--compile", action="store_true", help="also each memory mode of --modes torch.compiled (default settings)")
     budget = "also the plain model compiled under activation_memory_budget B (0 < B <= 1), e.g. 0.5,0.1"
@@ -612,21 +596,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile-backend", default="inductor", help="torch.compile backend (default: %(default)s; aot_eager: faster)")
     add("--frozen-bn", action="store_true", help="fine-tuning with frozen BatchNorm: batch norms in eval mode")
     add("--features-only", action="store_true", help="multi-scale backbones (features_only=True) under a probe head")
-    add("--repeats", type=int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
-    add("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
-    modes = partial(peer_keys, valid=PEER_KEYS)
+    add("--repeats", type=common.int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
+    add("--warmup", type=common.int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
+    modes = partial(common.peer_keys, valid=PEER_KEYS)
     add("--modes", type=modes, default=PEER_KEYS, help=f"subset of {','.join(PEER_KEYS)} (default: all)")
-    add("--csv", metavar="PATH", type=output_path, help="also write the results as CSV")
+    add("--csv", metavar="PATH", type=common.output_path, help="also write the results as CSV")
     add("--sweep", choices=("depth", "batch"), help="repeat over depths or batch sizes and plot memory")
-    add("--family", type=family_name, default="densenet_bc_k12", help="CIFAR family of --sweep depth (%(default)s)")
-    add("--depths", type=positive_ints, default=[40, 100, 160, 250, 400], help="of --sweep depth (40,100,160,250,400)")
-    add("--batch-sizes", type=positive_ints, default=[16, 32, 64, 128], help="of --sweep batch (16,32,64,128)")
+    add("--family", type=common.family_name, default="densenet_bc_k12", help="of --sweep depth (%(default)s)")
+    add("--depths", type=common.positive_ints, default=[40, 100, 160, 250, 400], help="of --sweep depth")
+    add("--batch-sizes", type=common.positive_ints, default=[16, 32, 64, 128], help="of --sweep batch (16,32,64,128)")
     plot = "with --sweep memory against it (default: bench-<sweep>.png), else memory against time, Pareto front"
-    add("--plot", metavar="PNG", type=output_path, help=plot)
+    add("--plot", metavar="PNG", type=common.output_path, help=plot)
     fused = "each parameter's SGD step inside backward, its gradient then freed (optim_in_backward)"
     add("--optimizer-in-backward", action="store_true", help=fused)
     sync = "instead: time a data-parallel step of N processes with and without SyncBatchNorm"
-    add("--sync-bn-processes", type=int_at_least(2), metavar="N", help=sync)
+    add("--sync-bn-processes", type=common.int_at_least(2), metavar="N", help=sync)
 
 
 def _error(message: str) -> int:
@@ -637,15 +621,12 @@ def _error(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     start_load = os.getloadavg()[0]
     try:
+        names: list[tuple[dict[str, int], str]] = [({}, args.model)]
         if args.sweep == "depth":
-            names = [({"depth": depth}, model_name(family_member(args.family, depth))) for depth in args.depths]
-        else:
-            names = (
-                [({"batch_size": batch}, args.model) for batch in args.batch_sizes]
-                if args.sweep
-                else [({}, args.model)]
-            )
-        configs = [(fields, name, input_size(name, args.input_size)) for fields, name in names]
+            names = [({"depth": d}, common.model_name(common.family_member(args.family, d))) for d in args.depths]
+        elif args.sweep == "batch":
+            names = [({"batch_size": batch}, args.model) for batch in args.batch_sizes]
+        configs = [(fields, name, common.input_size(name, args.input_size)) for fields, name in names]
     except argparse.ArgumentTypeError as error:
         return _error(str(error))
     if args.optimizer_in_backward and (args.dtype == "fp16" or args.sync_bn_processes):
@@ -658,20 +639,18 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(args, base, configs[0][1])
     if args.sync_bn_processes:
         return _run_sync_cost(args, base, configs[0][1], summary.splitlines()[0])
-    peers = len(args.modes) + len(args.compile_budget) + (len(set(args.modes) & set(MODES)) if args.compile else 0)
-    progress = Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
+    compiled = len(set(args.modes) & set(common.MODES)) if args.compile else 0
+    peers = len(args.modes) + len(args.compile_budget) + compiled
+    progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
     what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
     progress.note(f"{what}; the time left is estimated from the first ones")
     rows: list[dict[str, Any]] = []
     try:
         for fields, name, size in configs:
             setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
-            common = dict(
-                model=name, depth=None, batch_size=setting.batch_size, input_size=size, device=str(args.device)
-            )
-            rows += [
-                {**common, "dtype": args.dtype, **fields, **row} for row in measure(name, setting, args.modes, progress)
-            ]
+            fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
+            fixed.update(device=str(args.device), dtype=args.dtype, **fields)
+            rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
     finally:
         progress.close()
     others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
@@ -719,7 +698,7 @@ def _run_sync_cost(args: argparse.Namespace, base: Setting, name: str, head: str
         [row["label"], *(f"{row[key]:.4f}" for key in ("step_s", "sync_step_s")), f"{row['sync_time_ratio']:.2f}"]
         for row in rows
     )
-    print(summary + "\n\n" + "\n".join(markdown_row(*cells) for cells in table))
+    print(summary + "\n\n" + "\n".join(common.markdown_row(*cells) for cells in table))
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"summary": summary, "rows": rows}, file, indent=2)
@@ -737,6 +716,6 @@ def _summary(args: argparse.Namespace, setting: Setting, name: str) -> str:
     what = args.family if args.sweep == "depth" else args.model
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
     flagged = "".join(f", {flag}" for flag, on in flags if on)
-    shape = input_label(name, setting.input_size)
+    shape = common.input_label(name, setting.input_size)
     head = f"{what}{batch}, {shape}, {setting.dtype}{flagged} on {where}, torch {torch.__version__}"
     return f"{head}\n{method_note(setting)}"

@@ -1,19 +1,12 @@
 """``densenet-efficient plan``: the largest batch, largest input and deepest network that train within a budget.
 
-Memory is modelled without the target device: one training step (forward, cross-entropy, backward) runs on fake
-tensors (:func:`.memory.fake_footprint`: shapes, no data), its live tensor bytes counted as ``bench`` counts them
-on CPU. The total is parameters, ``--optimizer-copies`` of them (1: SGD momentum, 0: SGD, 2: Adam), buffers and
-the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top: keep some headroom.
-
-* Largest batch: a step's peak is affine in the batch size; two fake steps give the line, more settle the answer.
-* Largest input: sides are bracketed by doubling, then probed where the total (nearly affine in side ** spatial
-  dims) meets the budget; fake steps settle the boundary (the side fits, the next does not).
-* Deepest network of a CIFAR family: past a dozen layers per block n, the total is quadratic in n. It is fitted
-  through fake steps at n = 16, 20, 24, checked at n = 28 and solved for the budget; fake steps at the answer and
-  beside it settle the boundary. Where n = 28 does not fit, smaller n are searched directly.
-
-``--measure`` checks the model on this CPU: one real step per mode, its live-tensor peak beside the prediction,
-and the CPU allocator's peak, which adds the temporaries kernels allocate inside themselves.
+Memory is modelled without the target device: one training step runs on fake tensors (shapes, no data), its live
+tensor bytes counted as ``bench`` counts them on CPU. The total is parameters, ``--optimizer-copies`` of them,
+buffers and the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top. The largest batch
+follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then probed
+where the totals, nearly affine in side ** spatial dims, meet the budget; the deepest member of a CIFAR family
+solves the quadratic in layers per block n fitted at n = 16, 20, 24 (checked at 28; below it, n is searched).
+Fake steps settle every answer at its boundary. ``--measure`` checks the model with a real step on this CPU.
 """
 
 from __future__ import annotations
@@ -32,24 +25,7 @@ from torch import nn
 
 from ..core import MemoryMode
 from ..models import create_model
-from .common import (
-    MODES,
-    PRECISIONS,
-    Progress,
-    add_common_arguments,
-    family_member,
-    family_name,
-    input_label,
-    input_size,
-    int_at_least,
-    markdown_row,
-    model_io,
-    peer_keys,
-    predict,
-    random_batch,
-    total_bytes,
-    train_step,
-)
+from . import common
 from .memory import Footprint, LiveTensorBytes, allocator_peak
 
 _UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
@@ -88,21 +64,21 @@ class Question:
     input_size: int
     dtype: str = "fp32"
     optimizer_copies: int = 1
-    progress: Progress | None = field(default=None, compare=False, repr=False)
+    progress: common.Progress | None = field(default=None, compare=False, repr=False)
 
     def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None, what: str = "") -> Footprint:
         batch_size = batch_size or self.batch_size
-        footprint = predict(build, batch_size, self.input_size, self.dtype)
+        footprint = common.predict(build, batch_size, self.input_size, self.dtype)
         if self.progress is not None:
             self.progress.update()
             self.progress.note(
                 f"fake step {self.progress.done}: {what}batch {batch_size}, side {self.input_size}: total "
-                f"{_gib(total_bytes(footprint, self.optimizer_copies))}"
+                f"{_gib(common.total_bytes(footprint, self.optimizer_copies))}"
             )
         return footprint
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
-        return total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+        return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
 
     def record(self) -> dict[str, Any]:
         """The question's fields for the JSON output."""
@@ -114,10 +90,10 @@ def measure_step(build: Callable[[], nn.Module], question: Question) -> tuple[in
     tensors (what :meth:`Question.footprint` predicts) and the allocator's."""
     torch.manual_seed(0)
     model = build()
-    images, labels = random_batch(question.batch_size, question.input_size, *model_io(model))
+    images, labels = common.random_batch(question.batch_size, question.input_size, *common.model_io(model))
 
     def step() -> None:
-        train_step(model, images, labels, PRECISIONS[question.dtype])
+        common.train_step(model, images, labels, common.PRECISIONS[question.dtype])
         for parameter in model.parameters():
             parameter.grad = None  # each step starts without gradients, as the predicted one does
 
@@ -146,7 +122,7 @@ def largest_input(
     Each probe is the side where the line in side ** spatial dims through the last two probes (at first the
     bracket's ends) meets the budget, with a second probe beside it: usually one or two rounds."""
     with torch.device("meta"):
-        dims = model_io(build())[2]
+        dims = common.model_io(build())[2]
     totals: dict[int, int] = {}
 
     def fits(side: int) -> bool:
@@ -208,9 +184,9 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
     def total(layers: int) -> int:
         if layers not in footprints:
             depth = family_depth(family, layers)
-            build = partial(create_model, family_member(family, depth), efficient=mode)
+            build = partial(create_model, common.family_member(family, depth), efficient=mode)
             footprints[layers] = question.footprint(build, what=f"depth {depth}, ")
-        return total_bytes(footprints[layers], question.optimizer_copies)
+        return common.total_bytes(footprints[layers], question.optimizer_copies)
 
     def found(layers: int, fit_error: float | None) -> Deepest:
         return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
@@ -239,16 +215,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)"
     )
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument(
-        "--family", type=family_name, help="also the deepest network of this CIFAR family at --batch-size"
+        "--family", type=common.family_name, help="also the deepest network of this CIFAR family at --batch-size"
     )
     parser.add_argument(
         "--largest-input", action="store_true", help="also the largest input side that trains at --batch-size"
     )
     parser.add_argument(
         "--optimizer-copies",
-        type=int_at_least(0),
+        type=common.int_at_least(0),
         default=1,
         help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)",
     )
@@ -259,25 +235,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--modes",
-        type=partial(peer_keys, valid=tuple(MODES)),
-        default=tuple(MODES),
-        help=f"comma-separated subset of {','.join(MODES)} (default: all)",
+        type=partial(common.peer_keys, valid=tuple(common.MODES)),
+        default=tuple(common.MODES),
+        help=f"comma-separated subset of {','.join(common.MODES)} (default: all)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = {key: MODES[key] for key in args.modes}
+    modes = {key: common.MODES[key] for key in args.modes}
     family = args.family or "densenet_bc_k12"
     try:
-        size, family_size = (input_size(name, args.input_size) for name in (args.model, family_member(family, 10)))
+        size, family_size = (
+            common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
+        )
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
         return 2
     steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
-    progress = Progress("plan", steps, unit="fake step")
+    progress = common.Progress("plan", steps, unit="fake step")
     question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
     print(
-        f"{args.model}, {input_label(args.model, size)}, {args.dtype}: training within {_gib(args.memory)} "
+        f"{args.model}, {common.input_label(args.model, size)}, {args.dtype}: training within {_gib(args.memory)} "
         f"({args.memory / 1e9:.2f} GB)\nmodelled on fake tensors, no device needed: parameters "
         f"x{1 + args.optimizer_copies} (weights and optimizer state), buffers, and the peak of one training step "
         "as bench counts it on CPU; on CUDA, cuDNN workspaces and the caching allocator add to it.\n"
@@ -291,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         build = partial(create_model, args.model, efficient=mode)
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
-        print(markdown_row(f"efficient={mode!r}", _gib(at_batch), batch))
+        print(common.markdown_row(f"efficient={mode!r}", _gib(at_batch), batch))
     if args.measure:
         result["measured"] = _measured(args.model, modes, question)
     if args.largest_input:
@@ -321,7 +299,7 @@ def _measured(name: str, modes: dict[str, MemoryMode], question: Question) -> li
             {"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors, "allocator_peak_bytes": allocator}
         )
         mib = [f"{value / 2**20:.1f} MiB" for value in (predicted, tensors, allocator)]
-        print(markdown_row(f"efficient={mode!r}", *mib, f"{allocator / predicted:.3f}"))
+        print(common.markdown_row(f"efficient={mode!r}", *mib, f"{allocator / predicted:.3f}"))
     return rows
 
 
@@ -338,9 +316,9 @@ def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, questi
         side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
         rows.append({"mode": key, "side": side, "total_bytes": total})
         naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
-        shape = input_label(name, side) if side else "none fits"
+        shape = common.input_label(name, side) if side else "none fits"
         ratio = f"{side / naive:.2f}" if naive and side else "-"
-        print(markdown_row(f"efficient={mode!r}", side, shape, _gib(total) if total else "-", ratio))
+        print(common.markdown_row(f"efficient={mode!r}", side, shape, _gib(total) if total else "-", ratio))
     return rows
 
 
@@ -356,12 +334,12 @@ def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Q
         found = deepest(family, mode, budget, question)
         rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
         if found is None:
-            print(markdown_row(f"efficient={mode!r}", "none fits", *["-"] * 5))
+            print(common.markdown_row(f"efficient={mode!r}", "none fits", *["-"] * 5))
             continue
         naive = rows[0]["depth"] if rows[0]["mode"] == "false" and rows[0]["depth"] else None
         weights = found.parameter_bytes * (1 + question.optimizer_copies)
         print(
-            markdown_row(
+            common.markdown_row(
                 f"efficient={mode!r}",
                 found.depth,
                 found.layers_per_block,
