@@ -23,10 +23,10 @@ if [ "$DEVICE" = cuda ]; then
     TESTS=(-m cuda)
 elif [ "$DEVICE" = cpu ]; then
     # The same steps at the tiniest sizes, so that a slow test proves the script: a 10-layer CIFAR model for the 2D
-    # rows (bf16 with channels_last, compiled with aot_eager: inductor's CPU compile alone takes minutes), the 3D
+    # rows (bf16 with channels_last, compiled with the eager backend: inductor's CPU compile takes minutes), the 3D
     # network at batch 2, its smallest input and "max" alone, memory only, and a 16 MiB budget for plan.
     MATRIX="densenet_bc_10_k12:2:8 densenet121_3d:2:29:max"
-    MODES=false,max REPEATS=0 WARMUP=0 BACKEND=aot_eager LARGEST=densenet_bc_10_k12:8
+    MODES=false,max REPEATS=0 WARMUP=0 BACKEND=eager LARGEST=densenet_bc_10_k12:8
     FUSED=densenet_bc_10_k12:2:8
     TESTS=(-m cuda tests/test_operator_count.py)  # selects nothing here: the step itself is what is checked
 else

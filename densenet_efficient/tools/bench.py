@@ -44,9 +44,6 @@ RATIOS = dict(peak_bytes="memory_ratio", allocator_peak_bytes="allocator_memory_
 RATIOS.update(operators="operator_ratio")
 
 
-# ----------------------------------------------------------------------------------------------- peers
-
-
 class _CheckpointedLayer(nn.Module):
     """A dense layer as gpleiss/efficient_densenet_pytorch runs it: checkpoint around cat, norm1, ReLU, conv1."""
 
@@ -202,9 +199,6 @@ def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
     return torch.compile(model, backend=compile_with_budget)  # type: ignore[return-value]  # a module, in fact
 
 
-# ----------------------------------------------------------------------------------------------- measuring
-
-
 @dataclass(frozen=True)
 class Setting:
     """Everything a measurement depends on besides the model (field names are bench's option names)."""
@@ -357,7 +351,9 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
                 row["step_spread"] = (max(times) - min(times)) / row["step_s"]
     naive = next((row for row in rows if row["mode"] == "false" and not row["skipped"]), {})
     for row in rows:
-        row.update({ratio: row[key] / naive[key] for key, ratio in RATIOS.items() if row.get(key) and naive.get(key)})
+        for key, ratio in RATIOS.items():
+            if row.get(key) is not None and naive.get(key):
+                row[ratio] = row[key] / naive[key]
     return rows
 
 
@@ -442,9 +438,6 @@ def _slowest_step(runner: Runner) -> float:
     elapsed = torch.tensor(runner.timed_step(), device=runner.device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed)
-
-
-# ----------------------------------------------------------------------------------------------- reporting
 
 
 def method_note(setting: Setting) -> str:
@@ -567,9 +560,6 @@ def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
     figure = pareto_figure(rows, title)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(figure)
-
-
-# ----------------------------------------------------------------------------------------------- command line
 
 
 def _budgets(value: str) -> tuple[float, ...]:

@@ -82,9 +82,6 @@ class Progress:
             self.bar.close()
 
 
-# ----------------------------------------------------------------------------------------------- argument types
-
-
 def model_name(value: str) -> str:
     """argparse type: a name ``create_model`` resolves (registered, an alias, or any CIFAR depth)."""
     try:
@@ -188,9 +185,6 @@ def markdown_row(*cells: object) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-# ----------------------------------------------------------------------------------------------- models and steps
-
-
 def input_size(name: str, requested: int | None) -> int:
     """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D).
     Raises ``argparse.ArgumentTypeError`` if it is below the network's minimum."""
@@ -269,9 +263,6 @@ def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dt
 def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
     """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
     return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:

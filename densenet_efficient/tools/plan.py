@@ -208,37 +208,18 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
     return found(layers, abs(curve(CHECK_LAYERS) - check) / check)
 
 
-# ----------------------------------------------------------------------------------------------- command line
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)"
-    )
+    add, modes = parser.add_argument, tuple(common.MODES)
+    add("--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)")
     common.add_common_arguments(parser)
-    parser.add_argument(
-        "--family", type=common.family_name, help="also the deepest network of this CIFAR family at --batch-size"
+    add("--family", type=common.family_name, help="also the deepest network of this CIFAR family at --batch-size")
+    add("--largest-input", action="store_true", help="also the largest input side that trains at --batch-size")
+    copies = "parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)"
+    add("--optimizer-copies", type=common.int_at_least(0), default=1, help=copies)
+    add(
+        "--measure", action="store_true", help="also a real step per mode on this CPU: its live-tensor, allocator peaks"
     )
-    parser.add_argument(
-        "--largest-input", action="store_true", help="also the largest input side that trains at --batch-size"
-    )
-    parser.add_argument(
-        "--optimizer-copies",
-        type=common.int_at_least(0),
-        default=1,
-        help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)",
-    )
-    parser.add_argument(
-        "--measure",
-        action="store_true",
-        help="also one real training step per mode on this CPU at --batch-size: its live-tensor and allocator peaks",
-    )
-    parser.add_argument(
-        "--modes",
-        type=partial(common.peer_keys, valid=tuple(common.MODES)),
-        default=tuple(common.MODES),
-        help=f"comma-separated subset of {','.join(common.MODES)} (default: all)",
-    )
+    add("--modes", type=partial(common.peer_keys, valid=modes), default=modes, help=f"subset of {','.join(modes)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,9 +241,7 @@ def run(args: argparse.Namespace) -> int:
         f"x{1 + args.optimizer_copies} (weights and optimizer state), buffers, and the peak of one training step "
         "as bench counts it on CPU; on CUDA, cuDNN workspaces and the caching allocator add to it.\n"
     )
-    progress.note(
-        f"about {steps} fake training steps (one per line here); the time left is estimated from the first ones"
-    )
+    progress.note(f"about {steps} fake training steps (one per line here); the time left is estimated from the first")
     result: dict[str, Any] = {"memory_bytes": args.memory, **question.record(), "model": args.model, "modes": []}
     print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
     for key, mode in modes.items():
@@ -295,9 +274,8 @@ def _measured(name: str, modes: dict[str, MemoryMode], question: Question) -> li
     for key, mode in modes.items():
         build = partial(create_model, name, efficient=mode)
         predicted, (tensors, allocator) = question.footprint(build).peak, measure_step(build, question)
-        rows.append(
-            {"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors, "allocator_peak_bytes": allocator}
-        )
+        rows.append({"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors})
+        rows[-1]["allocator_peak_bytes"] = allocator
         mib = [f"{value / 2**20:.1f} MiB" for value in (predicted, tensors, allocator)]
         print(common.markdown_row(f"efficient={mode!r}", *mib, f"{allocator / predicted:.3f}"))
     return rows
@@ -337,16 +315,12 @@ def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Q
             print(common.markdown_row(f"efficient={mode!r}", "none fits", *["-"] * 5))
             continue
         naive = rows[0]["depth"] if rows[0]["mode"] == "false" and rows[0]["depth"] else None
-        weights = found.parameter_bytes * (1 + question.optimizer_copies)
-        print(
-            common.markdown_row(
-                f"efficient={mode!r}",
-                found.depth,
-                found.layers_per_block,
-                _gib(found.total_bytes),
-                f"{_gib(weights)} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)",
-                f"{found.depth / naive:.1f}" if naive else "-",
-                f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)",
-            )
-        )
+        weights = f"{_gib(found.parameter_bytes * (1 + question.optimizer_copies))} weights+optimizer"
+        cells = [found.depth, found.layers_per_block, _gib(found.total_bytes)]
+        cells += [
+            f"{weights} ({found.parameter_bytes / 4e6:.0f}M parameters)",
+            f"{found.depth / naive:.1f}" if naive else "-",
+        ]
+        cells += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
+        print(common.markdown_row(f"efficient={mode!r}", *cells))
     return rows
