@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.tools import bench, common, plan
+from densenet_efficient.tools import bench, common
 from densenet_efficient.tools.cli import main
 
 TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
@@ -57,7 +57,7 @@ def test_baseline_is_torchvision_for_imagenet_models_and_checkpoint_for_cifar():
 def test_measured_cpu_peak_is_the_planners_prediction():
     rows = bench.measure("densenet_bc_10_k12", TINY_SETTING, ("true", "max"))
     for row in rows:
-        predicted = plan.predict(bench.make_peers("densenet_bc_10_k12", (row["mode"],))[0].build, 4, 16)
+        predicted = common.predict(bench.make_peers("densenet_bc_10_k12", (row["mode"],))[0].build, 4, 16)
         assert abs(predicted.peak - row["peak_bytes"]) <= 0.1 * row["peak_bytes"]
 
 

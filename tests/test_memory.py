@@ -7,7 +7,7 @@ import sys
 import torch
 
 import densenet_efficient as de
-from densenet_efficient.tools import bench, common
+from densenet_efficient.tools import common
 from densenet_efficient.tools.memory import (
     AllocatorPeak,
     LiveTensorBytes,
@@ -15,10 +15,6 @@ from densenet_efficient.tools.memory import (
     fake_footprint,
     saved_tensor_bytes,
 )
-
-TINY = ["--model", "densenet_bc_10_k12", "--batch-size", "4", "--input-size", "16"]
-TINY_SETTING = bench.Setting(torch.device("cpu"), batch_size=4, input_size=16, repeats=1)
-
 
 # ----------------------------------------------------------------------------------------------- the counter
 

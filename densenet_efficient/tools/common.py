@@ -1,5 +1,5 @@
-"""Helpers the ``densenet-efficient`` tools share: model name and family arguments, argument types, one training step,
-its predicted memory, memory-mode and precision parsing, autocast, evaluation and progress on stderr."""
+"""What the ``densenet-efficient`` tools share: argument types, progress on stderr, one training step and its
+predicted memory, autocast and evaluation."""
 
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ from ..models import create_model
 from .memory import Footprint, fake_footprint
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Mixed-precision modes: the precisions that run under autocast.
 AMP_DTYPES: dict[str, torch.dtype] = {key: dtype for key, dtype in PRECISIONS.items() if dtype is not None}
 MODES: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
-
-
 _ITEM = TypeVar("_ITEM")
+_FAMILY = re.compile(r"densenet(_bc)?_k(\d+)")
 
 
-def duration(seconds: float) -> str:
-    """``42 s``, ``3.5 min`` or ``1.2 h``."""
+class UsageError(ValueError):
+    """The arguments cannot work as given: the CLI prints the message and exits with status 2, as argparse does."""
+
+
+def _duration(seconds: float) -> str:
     return (
         f"{seconds:.0f} s"
         if seconds < 90
@@ -41,15 +42,12 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Signs of life of a long command on stderr, whether or not it is a terminal (CI, ``nohup``, ``| tee``).
-
-    :meth:`note` prints one line: the command, what just happened, the time so far and, with a ``total`` of
-    steps, the time left at the rate so far. On a terminal a tqdm bar of the ``total`` steps runs below the notes.
-    """
+    """Signs of life of a long command on stderr, terminal or not (CI, ``nohup``, ``| tee``): :meth:`note` prints
+    the command, what happened, the time so far and, with a ``total`` of steps, the time left at the rate so far.
+    On a terminal a tqdm bar of the ``total`` steps runs below the notes."""
 
     def __init__(self, command: str, total: int = 0, unit: str = "step"):
-        self.command, self.total, self.done = command, total, 0
-        self.start = time.perf_counter()
+        self.command, self.total, self.done, self.start = command, total, 0, time.perf_counter()
         self.bar = None
         if total and sys.stderr.isatty():
             from tqdm import tqdm
@@ -62,10 +60,9 @@ class Progress:
             self.bar.update(steps)
 
     def note(self, message: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        left = self.total - self.done
-        expected = f", about {duration(elapsed * left / self.done)} left" if self.done and left > 0 else ""
-        line = f"{self.command}: {message} [{duration(elapsed)}{expected}]"
+        elapsed, left = time.perf_counter() - self.start, self.total - self.done
+        expected = f", about {_duration(elapsed * left / self.done)} left" if self.done and left > 0 else ""
+        line = f"{self.command}: {message} [{_duration(elapsed)}{expected}]"
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
@@ -85,17 +82,8 @@ class Progress:
             self.bar.close()
 
 
-class UsageError(ValueError):
-    """The command's arguments cannot work as given (a value out of range, a clash of options, an unusable output
-    folder): the CLI prints the message and exits with status 2, as argparse does for its own errors."""
-
-
-_FAMILY_NAME = re.compile(r"densenet(_bc)?_k(\d+)")
-
-
 def model_name(value: str) -> str:
-    """argparse type: a model name :func:`~densenet_efficient.core.registry.resolve_model` accepts (a registered
-    name, an alias, or any CIFAR depth), the resolver that ``create_model`` uses."""
+    """argparse type: a name ``create_model`` resolves (registered, an alias, or any CIFAR depth)."""
     try:
         resolve_model(value)
     except (ValueError, TypeError) as error:
@@ -105,7 +93,7 @@ def model_name(value: str) -> str:
 
 def family_name(value: str) -> str:
     """argparse type: a CIFAR family, ``densenet_bc_k<growth>`` (DenseNet-BC) or ``densenet_k<growth>``."""
-    if not _FAMILY_NAME.fullmatch(value):
+    if not _FAMILY.fullmatch(value):
         raise argparse.ArgumentTypeError(
             f"invalid family {value!r}: use densenet_bc_k<growth> (e.g. densenet_bc_k12) or densenet_k<growth>"
         )
@@ -113,100 +101,36 @@ def family_name(value: str) -> str:
 
 
 def family_member(family: str, depth: int) -> str:
-    """Model name of the member of CIFAR ``family`` with ``depth`` (not checked; :func:`model_name` checks)."""
-    match = _FAMILY_NAME.fullmatch(family)
+    """Model name of the member of CIFAR ``family`` with ``depth`` (checked by :func:`model_name`)."""
+    match = _FAMILY.fullmatch(family)
     assert match, family
     return cifar_name(depth, int(match[2]), bottleneck=bool(match[1]))
 
 
-def family_depth(family: str, layers_per_block: int) -> int:
-    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
-    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
+def parse_efficient(value: str) -> MemoryMode:
+    """argparse type: a memory mode, ``False``, ``True`` or ``max`` (case-insensitive)."""
+    if value.lower() not in MODES:
+        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
+    return MODES[value.lower()]
 
 
-def input_size(name: str, requested: int | None) -> int:
-    """``requested``, or the input side model ``name`` was designed for (32 for a CIFAR stem, 224 for ImageNet,
-    96 for a 3D volume: ``pretrained_cfg["input_size"]``). The side is the height and width of an image, the
-    depth, height and width of a volume, the length of a signal.
-
-    Raises ``argparse.ArgumentTypeError`` if the size is smaller than the network needs.
-    """
-    with torch.device("meta"):
-        model = create_model(name, efficient=False)
-    size = requested or model.pretrained_cfg["input_size"][-1]
-    if size < model.min_input_size:
-        raise argparse.ArgumentTypeError(
-            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
-        )
-    return size
-
-
-def train_step(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    amp_dtype: torch.dtype | None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = F.cross_entropy(model(images), labels)
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    loss.backward()
-    if optimizer is not None and scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    elif optimizer is not None:
-        optimizer.step()
-
-
-def random_batch(
-    batch_size: int,
-    input_size: int,
-    in_chans: int,
-    num_classes: int,
-    spatial_dims: int = 2,
-    device: torch.device | str = "cpu",
-) -> tuple[Tensor, Tensor]:
-    """Random inputs (N, C) + (input_size,) * spatial_dims (images (N, C, H, W) by default, volumes with
-    ``spatial_dims=3``) and class labels (N,)."""
-    images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
-    return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-
-
-def model_io(model: nn.Module) -> tuple[int, int, int]:
-    """Input channels, number of classes and spatial dimensions of a DenseNet (ours, torchvision's or MONAI's)."""
-    classifier = model.get_submodule("classifier" if hasattr(model, "classifier") else "class_layers.out")
-    conv0 = model.get_submodule("features.conv0")
-    assert isinstance(conv0, nn.modules.conv._ConvNd), conv0
-    num_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
-    return conv0.in_channels, num_classes, conv0.weight.dim() - 2
-
-
-def input_label(name: str, size: int) -> str:
-    """``size`` as the input shape of model ``name``: ``224x224``, ``96x96x96`` or ``4096``."""
-    with torch.device("meta"):
-        spatial_dims = create_model(name, efficient=False).spatial_dims
-    return "x".join([str(size)] * spatial_dims)
+def peer_keys(value: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """argparse type: a comma-separated subset of ``valid`` (for example false, true, max, checkpoint)."""
+    keys = tuple(item.strip().lower() for item in value.split(","))
+    if unknown := [key for key in keys if key not in valid]:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
+    return keys
 
 
 def device_name(value: str) -> torch.device:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
-    valid = "cpu" + (
-        ", cuda" + "".join(f", cuda:{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ""
-    )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    valid = ", ".join(["cpu"] + ["cuda"] * bool(count) + [f"cuda:{i}" for i in range(count)])
     try:
         device = torch.device(value)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid here: {valid}") from None
-    usable = device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    )
-    if not usable:
+    if device.type != "cpu" and not (device.type == "cuda" and (device.index or 0) < count):
         raise argparse.ArgumentTypeError(f"device {value!r} is not available on this machine; valid here: {valid}")
     return device
 
@@ -215,24 +139,16 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer not below ``minimum``."""
 
     def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
+        if not re.fullmatch(r"\s*[-+]?\d+\s*", value) or int(value) < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
-        return number
+        return int(value)
 
     return parse
 
 
 def positive_ints(value: str) -> list[int]:
     """argparse type: comma-separated positive integers."""
-    try:
-        numbers = [int(item) for item in value.split(",")]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", value) or 0 in (numbers := [int(item) for item in value.split(",")]):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
     return numbers
 
@@ -241,10 +157,8 @@ def output_path(value: str) -> str:
     """argparse type: a file to write, in a folder that exists (checked before any work starts)."""
     folder = os.path.dirname(os.path.abspath(value))
     if not os.path.isdir(folder) or os.path.isdir(value):
-        raise argparse.ArgumentTypeError(
-            f"cannot write {value!r}: {'it is a folder' if os.path.isdir(value) else f'no folder {folder!r}'}; "
-            "give a file path in an existing folder"
-        )
+        why = "it is a folder" if os.path.isdir(value) else f"no folder {folder!r}"
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {why}; give a file path in an existing folder")
     return value
 
 
@@ -261,13 +175,79 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-size",
         type=int_at_least(1),
-        help="side: height and width of an image, depth, height and width of a volume "
-        "(default: the model's, 32, 224 or 96 for 3D)",
+        help="side: height and width of an image, depth, height and width of a volume (default: the model's)",
     )
-    parser.add_argument(
-        "--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s)"
-    )
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
     parser.add_argument("--json", metavar="PATH", type=output_path, help="also write the results as JSON")
+
+
+def markdown_row(*cells: object) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def input_size(name: str, requested: int | None) -> int:
+    """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D).
+    Raises ``argparse.ArgumentTypeError`` if it is below the network's minimum."""
+    with torch.device("meta"):
+        model = create_model(name, efficient=False)
+    size = requested or model.pretrained_cfg["input_size"][-1]
+    if size < model.min_input_size:
+        raise argparse.ArgumentTypeError(
+            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
+        )
+    return size
+
+
+def input_label(name: str, size: int) -> str:
+    """``size`` as the input shape of model ``name``: ``224x224``, ``96x96x96`` or ``4096``."""
+    with torch.device("meta"):
+        return "x".join([str(size)] * create_model(name, efficient=False).spatial_dims)
+
+
+def model_io(model: nn.Module) -> tuple[int, int, int]:
+    """Input channels, number of classes and spatial dimensions of a DenseNet (ours, torchvision's or MONAI's)."""
+    classifier = model.get_submodule("classifier" if hasattr(model, "classifier") else "class_layers.out")
+    conv0 = model.get_submodule("features.conv0")
+    assert isinstance(conv0, nn.modules.conv._ConvNd), conv0
+    return (
+        conv0.in_channels,
+        classifier.out_features if isinstance(classifier, nn.Linear) else 1,
+        conv0.weight.dim() - 2,
+    )
+
+
+def random_batch(
+    batch_size: int,
+    input_size: int,
+    in_chans: int,
+    num_classes: int,
+    spatial_dims: int = 2,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Random inputs (N, C) + (input_size,) * spatial_dims and class labels (N,)."""
+    images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
+    return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+
+
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    amp_dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(images), labels)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if optimizer is not None and scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif optimizer is not None:
+        optimizer.step()
 
 
 def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
@@ -283,14 +263,6 @@ def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dt
 def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
     """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
     return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
-
-
-def parse_efficient(value: str) -> MemoryMode:
-    """Parse a command-line memory mode: ``False``, ``True`` or ``max`` (case-insensitive)."""
-    modes: dict[str, MemoryMode] = {"false": False, "true": True, "max": "max"}
-    if value.lower() not in modes:
-        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
-    return modes[value.lower()]
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:
@@ -331,26 +303,11 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                hits[:, 0].sum(),
-                hits.any(1).sum(),
-                torch.tensor(len(labels), device=device),
-            ]
-        ).double()
+        loss = F.cross_entropy(logits, labels, reduction="sum").double()
+        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     if all_reduce is not None:
         all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
     if count == 0:
         raise ValueError("nothing to evaluate: the dataset split is empty")
     return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
-
-
-def peer_keys(value: str, valid: tuple[str, ...]) -> tuple[str, ...]:
-    """argparse type: a comma-separated subset of ``valid`` (for example false, true, max, checkpoint)."""
-    keys = tuple(item.strip().lower() for item in value.split(","))
-    unknown = [key for key in keys if key not in valid]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
-    return keys

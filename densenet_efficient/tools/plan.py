@@ -1,25 +1,12 @@
-"""``densenet-efficient plan``: the largest batch, and the deepest network, that train within a memory budget.
+"""``densenet-efficient plan``: the largest batch, largest input and deepest network that train within a budget.
 
-Memory is modelled without the target device: :func:`densenet_efficient.tools.memory.fake_footprint` runs one training
-step (forward, cross-entropy, backward) on fake tensors, which have shapes but no data, and counts live tensor
-bytes exactly as ``bench`` does on CPU. The total is parameters, one optimizer copy of them (SGD momentum; set
-``--optimizer-copies``: 0 for plain SGD, 2 for Adam), buffers, and the step's peak. On CUDA, cuDNN workspaces
-and the caching allocator come on top: keep some headroom.
-
-* Largest batch: a step's peak is affine in the batch size (activations scale with it; parameters, gradients
-  and batch statistics do not), so two fake steps give the line and a third checks the answer.
-* Largest input (``--largest-input``): the total grows with the input side, nearly affinely in side ** spatial
-  dims (every feature map does), so fake steps at sides interpolated on that line, inside a bracket found by
-  doubling, find the largest image or volume that trains at the batch size.
-* Deepest network of a CIFAR family: with n layers per block, once n is past a dozen or so the total is a
-  quadratic polynomial in n (parameters and naive's stored concatenations grow quadratically, the efficient
-  modes' stored maps linearly). It is fitted exactly through fake steps at n = 16, 20, 24, checked against one at
-  n = 28, and solved for the budget; fake steps at the answer and its neighbour then settle the boundary exactly.
-  Where n = 28 does not fit, small depths are searched with fake steps directly.
-
-The model counts live tensors, as a dispatch mode sees them. ``--measure`` checks it on this CPU: one real step at
-the batch size per mode, its live-tensor peak beside the prediction, and the CPU allocator's peak, which adds
-the temporaries kernels allocate inside themselves (what the process needs; see ``bench``).
+Memory is modelled without the target device: one training step runs on fake tensors (shapes, no data), its live
+tensor bytes counted as ``bench`` counts them on CPU. The total is parameters, ``--optimizer-copies`` of them,
+buffers and the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top. The largest batch
+follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then probed
+where the totals, nearly affine in side ** spatial dims, meet the budget; the deepest member of a CIFAR family
+solves the quadratic in layers per block n fitted at n = 16, 20, 24 (checked at 28; below it, n is searched).
+Fake steps settle every answer at its boundary. ``--measure`` checks the model with a real step on this CPU.
 """
 
 from __future__ import annotations
@@ -38,42 +25,15 @@ from torch import nn
 
 from ..core import MemoryMode
 from ..models import create_model
-from .common import (
-    MODES,
-    PRECISIONS,
-    Progress,
-    add_common_arguments,
-    family_depth,
-    family_member,
-    family_name,
-    input_label,
-    input_size,
-    int_at_least,
-    model_io,
-    peer_keys,
-    predict,
-    random_batch,
-    total_bytes,
-    train_step,
-)
+from . import common
 from .memory import Footprint, LiveTensorBytes, allocator_peak
 
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
+_UNITS.update({u + "ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")})
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
 MAX_LAYERS = 2**20  # the search for the deepest network stops here
 MAX_SIDE = 2**16  # and the search for the largest input here
-GIB = 2**30
 
 
 def parse_memory(value: str) -> int:
@@ -87,29 +47,38 @@ def parse_memory(value: str) -> int:
     return int(float(match[1]) * _UNITS[match[2].lower()])
 
 
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def family_depth(family: str, layers_per_block: int) -> int:
+    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
+    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
+
+
 @dataclass(frozen=True)
 class Question:
-    """What the totals depend on besides the model."""
+    """What the totals depend on besides the model; ``progress`` gets a line per fake step."""
 
     batch_size: int
     input_size: int
     dtype: str = "fp32"
     optimizer_copies: int = 1
-    progress: Progress | None = field(default=None, compare=False, repr=False)  # a line per fake step
+    progress: common.Progress | None = field(default=None, compare=False, repr=False)
 
     def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None, what: str = "") -> Footprint:
         batch_size = batch_size or self.batch_size
-        footprint = predict(build, batch_size, self.input_size, self.dtype)
+        footprint = common.predict(build, batch_size, self.input_size, self.dtype)
         if self.progress is not None:
             self.progress.update()
             self.progress.note(
                 f"fake step {self.progress.done}: {what}batch {batch_size}, side {self.input_size}: total "
-                f"{_gib(total_bytes(footprint, self.optimizer_copies))}"
+                f"{_gib(common.total_bytes(footprint, self.optimizer_copies))}"
             )
         return footprint
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
-        return total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+        return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
 
     def record(self) -> dict[str, Any]:
         """The question's fields for the JSON output."""
@@ -118,13 +87,13 @@ class Question:
 
 def measure_step(build: Callable[[], nn.Module], question: Question) -> tuple[int, int]:
     """Peak bytes of one real training step of ``build()`` on this CPU at the question's batch and input: live
-    tensors (the planner's accounting, what :meth:`Question.footprint` predicts) and the allocator's."""
+    tensors (what :meth:`Question.footprint` predicts) and the allocator's."""
     torch.manual_seed(0)
     model = build()
-    images, labels = random_batch(question.batch_size, question.input_size, *model_io(model))
+    images, labels = common.random_batch(question.batch_size, question.input_size, *common.model_io(model))
 
     def step() -> None:
-        train_step(model, images, labels, PRECISIONS[question.dtype])
+        common.train_step(model, images, labels, common.PRECISIONS[question.dtype])
         for parameter in model.parameters():
             parameter.grad = None  # each step starts without gradients, as the predicted one does
 
@@ -147,15 +116,13 @@ def largest_batch(build: Callable[[], nn.Module], budget: int, question: Questio
 def largest_input(
     build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
 ) -> tuple[int, int | None]:
-    """The largest input side (at least ``smallest``, the network's minimum) whose training total at the
-    question's batch size fits in ``budget`` bytes, and that total; ``(0, None)`` if not even ``smallest`` fits.
+    """The largest input side (at least ``smallest``) whose training total at the question's batch size fits in
+    ``budget`` bytes, and that total; ``(0, None)`` if not even ``smallest`` fits.
 
-    Sides are bracketed by doubling. Inside the bracket the total is close to affine in side ** spatial dims
-    (every feature map grows so), so each probe is the side where that line through the last two probes (at
-    first the bracket's ends) meets the budget, with a second probe beside it: the answer is usually settled in
-    one or two rounds, and always by fake steps (the side fits, the next one does not)."""
+    Each probe is the side where the line in side ** spatial dims through the last two probes (at first the
+    bracket's ends) meets the budget, with a second probe beside it: usually one or two rounds."""
     with torch.device("meta"):
-        dims = model_io(build())[2]
+        dims = common.model_io(build())[2]
     totals: dict[int, int] = {}
 
     def fits(side: int) -> bool:
@@ -216,116 +183,79 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
 
     def total(layers: int) -> int:
         if layers not in footprints:
-            name = family_member(family, family_depth(family, layers))
-            footprints[layers] = question.footprint(
-                partial(create_model, name, efficient=mode), what=f"depth {family_depth(family, layers)}, "
-            )
-        return total_bytes(footprints[layers], question.optimizer_copies)
+            depth = family_depth(family, layers)
+            build = partial(create_model, common.family_member(family, depth), efficient=mode)
+            footprints[layers] = question.footprint(build, what=f"depth {depth}, ")
+        return common.total_bytes(footprints[layers], question.optimizer_copies)
+
+    def found(layers: int, fit_error: float | None) -> Deepest:
+        return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
 
     check = total(CHECK_LAYERS)
     if check > budget:
         layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
-        if not layers:
-            return None
-        return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, None)
+        return found(layers, None) if layers else None
     curve = quadratic({n: total(n) for n in FIT_LAYERS})
     high = CHECK_LAYERS
     while curve(high) <= budget and high < MAX_LAYERS:
         high *= 2
     layers = _last_true(lambda n: curve(n) <= budget, CHECK_LAYERS, high)
-    # The fit is a guess within about 1 % (where the step's peak lies can move with depth): fake steps at the
-    # guess and its neighbours settle the boundary exactly.
+    # The fit is within about 1 % (where the step's peak lies can move with depth): fake steps settle it.
     while layers > CHECK_LAYERS and total(layers) > budget:
         layers -= 1
     while layers < MAX_LAYERS and total(layers + 1) <= budget:
         layers += 1
-    fit_error = abs(curve(CHECK_LAYERS) - check) / check
-    return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
-
-
-# ----------------------------------------------------------------------------------------------- command line
+    return found(layers, abs(curve(CHECK_LAYERS) - check) / check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)"
+    add, modes = parser.add_argument, tuple(common.MODES)
+    add("--memory", type=parse_memory, required=True, help="budget, e.g. 16GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)")
+    common.add_common_arguments(parser)
+    add("--family", type=common.family_name, help="also the deepest network of this CIFAR family at --batch-size")
+    add("--largest-input", action="store_true", help="also the largest input side that trains at --batch-size")
+    copies = "parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)"
+    add("--optimizer-copies", type=common.int_at_least(0), default=1, help=copies)
+    add(
+        "--measure", action="store_true", help="also a real step per mode on this CPU: its live-tensor, allocator peaks"
     )
-    add_common_arguments(parser)
-    parser.add_argument(
-        "--family",
-        type=family_name,
-        help="also find the deepest network of this CIFAR family at --batch-size, e.g. densenet_bc_k12",
-    )
-    parser.add_argument(
-        "--largest-input",
-        action="store_true",
-        help="also find the largest input side (image height and width, volume depth, height and "
-        "width) that trains at --batch-size",
-    )
-    parser.add_argument(
-        "--optimizer-copies",
-        type=int_at_least(0),
-        default=1,
-        help="parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)",
-    )
-    parser.add_argument(
-        "--measure",
-        action="store_true",
-        help="also check the model on this CPU: one real training step per mode at --batch-size (it allocates "
-        "that memory), its live-tensor peak beside the prediction, and the CPU allocator's peak",
-    )
-    parser.add_argument(
-        "--modes",
-        type=partial(peer_keys, valid=tuple(MODES)),
-        default=tuple(MODES),
-        help=f"comma-separated subset of {','.join(MODES)} (default: all)",
-    )
-
-
-def _gib(value: float) -> str:
-    return f"{value / GIB:.2f} GiB"
+    add("--modes", type=partial(common.peer_keys, valid=modes), default=modes, help=f"subset of {','.join(modes)}")
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = {key: MODES[key] for key in args.modes}
+    modes = {key: common.MODES[key] for key in args.modes}
     family = args.family or "densenet_bc_k12"
     try:
-        sizes = [
-            input_size(name, args.input_size) for name in (args.model, family_member(family, family_depth(family, 1)))
-        ]
+        size, family_size = (
+            common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
+        )
     except argparse.ArgumentTypeError as error:
         print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
         return 2
-    # fake steps: about 4 per mode for the largest batch, 8 for --largest-input and --family each
-    steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))
-    progress = Progress("plan", steps, unit="fake step")
-    question = Question(args.batch_size, sizes[0], args.dtype, args.optimizer_copies, progress)
+    steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
+    progress = common.Progress("plan", steps, unit="fake step")
+    question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
     print(
-        f"{args.model}, {input_label(args.model, question.input_size)}, {args.dtype}: training within "
-        f"{_gib(args.memory)} ({args.memory / 1e9:.2f} GB)"
+        f"{args.model}, {common.input_label(args.model, size)}, {args.dtype}: training within {_gib(args.memory)} "
+        f"({args.memory / 1e9:.2f} GB)\nmodelled on fake tensors, no device needed: parameters "
+        f"x{1 + args.optimizer_copies} (weights and optimizer state), buffers, and the peak of one training step "
+        "as bench counts it on CPU; on CUDA, cuDNN workspaces and the caching allocator add to it.\n"
     )
-    print(
-        f"modelled on fake tensors, no device needed: parameters x{1 + args.optimizer_copies} (weights and "
-        "optimizer state), buffers, and the peak of one training step as bench counts it on CPU; on CUDA, "
-        "cuDNN workspaces and the caching allocator add to it.\n"
-    )
-    progress.note(
-        f"about {steps} fake training steps (one per line here); the time left is estimated from the first ones"
-    )
+    progress.note(f"about {steps} fake training steps (one per line here); the time left is estimated from the first")
     result: dict[str, Any] = {"memory_bytes": args.memory, **question.record(), "model": args.model, "modes": []}
     print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
     for key, mode in modes.items():
         build = partial(create_model, args.model, efficient=mode)
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
-        print(f"| efficient={mode!r} | {_gib(at_batch)} | {batch} |")
+        print(common.markdown_row(f"efficient={mode!r}", _gib(at_batch), batch))
     if args.measure:
-        result["measured"] = _print_measured(args.model, modes, question)
+        result["measured"] = _measured(args.model, modes, question)
     if args.largest_input:
-        result["largest_input"] = _print_largest_input(args.model, modes, args.memory, question)
+        result["largest_input"] = _largest_inputs(args.model, modes, args.memory, question)
     if args.family:
         result["family"] = args.family
-        result["deepest"] = _print_deepest(args.family, modes, args.memory, replace(question, input_size=sizes[1]))
+        result["deepest"] = _deepest(args.family, modes, args.memory, replace(question, input_size=family_size))
     progress.close()
     if args.json:
         with open(args.json, "w") as file:
@@ -333,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_measured(name: str, modes: dict[str, MemoryMode], question: Question) -> list[dict]:
+def _measured(name: str, modes: dict[str, MemoryMode], question: Question) -> list[dict]:
     """Print and return, per mode, the predicted step peak and one real step's peaks on this CPU."""
     print(
         f"\nChecked on this CPU, one training step at batch {question.batch_size} (step peak, above parameters and "
@@ -343,19 +273,15 @@ def _print_measured(name: str, modes: dict[str, MemoryMode], question: Question)
     rows: list[dict] = []
     for key, mode in modes.items():
         build = partial(create_model, name, efficient=mode)
-        predicted = question.footprint(build).peak
-        tensors, allocator = measure_step(build, question)
-        rows.append(
-            {"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors, "allocator_peak_bytes": allocator}
-        )
-        print(
-            f"| efficient={mode!r} | {predicted / 2**20:.1f} MiB | {tensors / 2**20:.1f} MiB | "
-            f"{allocator / 2**20:.1f} MiB | {allocator / predicted:.3f} |"
-        )
+        predicted, (tensors, allocator) = question.footprint(build).peak, measure_step(build, question)
+        rows.append({"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors})
+        rows[-1]["allocator_peak_bytes"] = allocator
+        mib = [f"{value / 2**20:.1f} MiB" for value in (predicted, tensors, allocator)]
+        print(common.markdown_row(f"efficient={mode!r}", *mib, f"{allocator / predicted:.3f}"))
     return rows
 
 
-def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
+def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the largest input side of model ``name`` per mode."""
     with torch.device("meta"):
         smallest = create_model(name, efficient=False).min_input_size
@@ -365,17 +291,16 @@ def _print_largest_input(name: str, modes: dict[str, MemoryMode], budget: int, q
     )
     rows: list[dict] = []
     for key, mode in modes.items():
-        build = partial(create_model, name, efficient=mode)
-        side, total = largest_input(build, budget, question, smallest)
+        side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
         rows.append({"mode": key, "side": side, "total_bytes": total})
         naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
+        shape = common.input_label(name, side) if side else "none fits"
         ratio = f"{side / naive:.2f}" if naive and side else "-"
-        shape = input_label(name, side) if side else "none fits"
-        print(f"| efficient={mode!r} | {side} | {shape} | {_gib(total) if total else '-'} | {ratio} |")
+        print(common.markdown_row(f"efficient={mode!r}", side, shape, _gib(total) if total else "-", ratio))
     return rows
 
 
-def _print_deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
+def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the deepest member of ``family`` per mode."""
     print(
         f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
@@ -387,14 +312,15 @@ def _print_deepest(family: str, modes: dict[str, MemoryMode], budget: int, quest
         found = deepest(family, mode, budget, question)
         rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
         if found is None:
-            print(f"| efficient={mode!r} | none fits | - | - | - | - | - |")
+            print(common.markdown_row(f"efficient={mode!r}", "none fits", *["-"] * 5))
             continue
         naive = rows[0]["depth"] if rows[0]["mode"] == "false" and rows[0]["depth"] else None
-        ratio = f"{found.depth / naive:.1f}" if naive else "-"
-        error = f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"
-        weights = found.parameter_bytes * (1 + question.optimizer_copies)
-        print(
-            f"| efficient={mode!r} | {found.depth} | {found.layers_per_block} | {_gib(found.total_bytes)} | "
-            f"{_gib(weights)} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters) | {ratio} | {error} |"
-        )
+        weights = f"{_gib(found.parameter_bytes * (1 + question.optimizer_copies))} weights+optimizer"
+        cells = [found.depth, found.layers_per_block, _gib(found.total_bytes)]
+        cells += [
+            f"{weights} ({found.parameter_bytes / 4e6:.0f}M parameters)",
+            f"{found.depth / naive:.1f}" if naive else "-",
+        ]
+        cells += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
+        print(common.markdown_row(f"efficient={mode!r}", *cells))
     return rows
