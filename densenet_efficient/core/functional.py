@@ -245,11 +245,7 @@ def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[
     """Instance norm as ``torch.instance_norm`` computes it: batch norm of ``x`` viewed (1, N * C, *spatial), with
     weight and bias repeated per sample."""
     n = x.shape[0]
-    return x.reshape(1, -1, *x.shape[2:]), _repeat(weight, n), _repeat(bias, n)
-
-
-def _repeat(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None else t.repeat(n)
+    return x.reshape(1, -1, *x.shape[2:]), *(None if t is None else t.repeat(n) for t in (weight, bias))  # type: ignore[return-value]
 
 
 def _norm(
@@ -567,13 +563,9 @@ class _BnReluConvChain(torch.autograd.Function):
         # plain autograd. Casts are explicit here so that backward can repeat them exactly.
         compute_dtype = autocast_dtype(device_type)
         with autocast_off(device_type):
+            act_weights = _act_weights(stages, tensors[end:])
             x, statistics, intermediates = _chain(
-                stages,
-                params,
-                inputs,
-                compute_dtype,
-                keep_intermediates,
-                act_weights=_act_weights(stages, tensors[end:]),
+                stages, params, inputs, compute_dtype, keep_intermediates, True, act_weights
             )
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
@@ -657,12 +649,9 @@ class _BnReluConvChain(torch.autograd.Function):
                 assert x is not None
 
                 def conv_grad(activated: Tensor, index: int = index, grad: Tensor = grad) -> Tensor:
+                    weight, stage, needed = conv_weight(index), stages[index], param_needs_grad[3 * index + 2]
                     result, param_grads[3 * index + 2] = _conv_backward(
-                        _to(grad, activated.dtype),
-                        activated,
-                        conv_weight(index),
-                        stages[index],
-                        param_needs_grad[3 * index + 2],
+                        _to(grad, activated.dtype), activated, weight, stage, needed
                     )
                     return result
 
@@ -733,13 +722,8 @@ class _BnReluConvChain(torch.autograd.Function):
         for offset, param_grad in enumerate(param_grads):
             if param_grad is not None:
                 param_grads[offset] = param_grad.to(params[offset].dtype)
-        return (
-            None,
-            None,
-            *param_grads,
-            *input_grads,
-            *(g for g, s in zip(act_grads, stages, strict=True) if s.act[0] == "prelu"),
-        )
+        act_grads = [g for g, stage in zip(act_grads, stages, strict=True) if stage.act[0] == "prelu"]
+        return (None, None, *param_grads, *input_grads, *act_grads)
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:

@@ -434,7 +434,8 @@ class DenseFeatures(nn.Sequential):
             return None
         modules = list(self._modules.values())[index:]
         names = list(self._modules)[index:]
-        if names[:4] == ["conv0", "norm0", "relu0", "pool0"] and type(modules[2]) is nn.ReLU:
+        stem = names[:4] == ["conv0", "norm0", "relu0", "pool0"] and isinstance(modules[1], _BatchNorm)
+        if stem and type(modules[2]) is nn.ReLU:
             if not any(is_customised(m) for m in modules[:4]) and index not in taps and index + 1 not in taps:
                 pooled, stem_output = conv_bn_relu_max_pool(
                     _concat(features), modules[0], modules[1], modules[3], self.efficient, index + 2 in taps, self

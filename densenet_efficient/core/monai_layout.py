@@ -100,10 +100,21 @@ def from_monai(
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
+    if isinstance(source, nn.Module):  # its norm and activation (a state dict holds batch norm and ReLU)
+        stem = source.get_submodule("features")
+        args.update(norm=_norm_spec(stem.get_submodule("norm0")), act=stem.get_submodule("relu0"))
     name = resolve_model(name or registered_name(args))
     model = DenseNet(**{**architecture(name), **args}, efficient=efficient, arch_name=name)
     model.load_state_dict(convert_state_dict(state_dict), strict=True)
     return model
+
+
+def _norm_spec(norm: nn.Module) -> Any:
+    """``DenseNet``'s ``norm`` for modules like ``norm``: its class and settings, or MONAI's group spelling."""
+    if isinstance(norm, nn.GroupNorm):
+        return "group", {"num_groups": norm.num_groups, "eps": norm.eps, "affine": norm.affine}
+    settings = ("eps", "momentum", "affine", "track_running_stats")
+    return type(norm), {key: getattr(norm, key) for key in settings if hasattr(norm, key)}
 
 
 def monai_densenet(
