@@ -140,6 +140,25 @@ def test_dense_layer_saves_what_batch_norm_saves_but_statistics(mode):
     assert saved["instance"] == bottleneck + 2 * 2 * (8 + 8) * FLOAT
 
 
+def test_autocast_runs_the_plain_modules_for_other_norms(monkeypatch):
+    """Autocast picks per-operator dtypes for group and instance norm that the function does not repeat: those
+    stages run their plain modules, with efficient=False's results; batch norm with ReLU keeps the function."""
+    counted = calls(monkeypatch)
+    x, y = batch()
+    results = []
+    for mode in (False, True):
+        model = tiny(("group", {"num_groups": 2}), "prelu").set_efficient(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in model.parameters())])
+    assert not counted
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny("batch", "relu")(x).sum().backward()
+    assert counted
+
+
 def test_spellings_classes_and_modules_build_the_same_network():
     x = batch()[0]
     reference = tiny(("group", {"num_groups": 2}), ("leakyrelu", {"negative_slope": 0.1})).eval()

@@ -640,10 +640,11 @@ class DenseNet(nn.Module):
             and batch-norm statistics; they differ in memory and time.
         arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
             weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
-        norm, act: the norms and activations, MONAI's arguments: ``"batch"`` (default), ``"instance"``,
-            ``("group", {"num_groups": G})``, or a norm class; ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``,
-            ``"elu"``, ``"swish"``/``"silu"``, optionally as ``(name, {arguments})``, an activation class or module.
-            The memory-efficient function computes all of these (see docs/efficient-path.md).
+        norm: the norms, MONAI's argument: ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``
+            (optionally ``(name, {arguments})``) or a norm class taking the channels.
+        act: the activations, MONAI's argument: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``,
+            ``"swish"``/``"silu"`` (optionally ``(name, {arguments})``), an activation class or module. The
+            memory-efficient function computes all of these (see docs/efficient-path.md).
         global_pool: pooling before the classifier, timm's values: ``"avg"`` (default), ``"max"``, ``"avgmax"``
             (their mean), ``"catavgmax"`` (both, concatenated: the classifier reads ``2 * num_features``), their
             ``"fast..."`` spellings, or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
