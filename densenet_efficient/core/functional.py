@@ -113,8 +113,8 @@ def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module |
     use_running = (not training or tracking) and kind != "group"
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
     batch_stats = training or (running_mean is None and running_var is None)
-    momentum = 0.0 if kind == "group" or not (training or kind == "instance") else norm.momentum or 0.0
-    momentum = batch_norm_momentum(norm) if training and kind == "batch" else momentum
+    momentum = batch_norm_momentum(norm) if training and kind == "batch" else 0.0
+    momentum = (norm.momentum or 0.0) if kind == "instance" else momentum
     spec = activation(act)
     assert spec is not None  # unsupported activations take the plain path (.eligibility)
     return _Stage(
@@ -277,7 +277,7 @@ def _renorm(x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: Sequen
     per-sample norms by their kernel (the same values forward computed)."""
     if stage.norm == "batch":
         shift, scale = _shift_scale(weight, bias, *_statistics(saved, stage), x)  # type: ignore[arg-type]
-        return torch.addcmul(shift, x, scale)
+        return torch.addcmul(shift, x, scale).to(x.dtype)
     if stage.norm == "group":
         return _norm(x, weight, bias, stage, False)[0]
     view, weight, bias = _per_sample(x, weight, bias)
@@ -594,12 +594,12 @@ class _BnReluConvChain(torch.autograd.Function):
         act_grads: list[Tensor | None] = [None] * num_stages
 
         def relu_output(index: int, x: Tensor) -> Tensor:
-            weight, bias, _ = params[3 * index : 3 * index + 3]
-            stage, stats = stages[index], statistics[2 * index : 2 * index + 2]
-            if not stage.default:
-                return _to(_activate(_renorm(x, weight, bias, stats, stage), stage, act_weights[index]), compute_dtype)
-            mean, invstd = _statistics(stats, stage)
-            return _to(_bn_relu_from_stats(x, weight, bias, mean, invstd), compute_dtype)
+            stage, weight, bias = stages[index], params[3 * index], params[3 * index + 1]
+            normalized = _renorm(x, weight, bias, statistics[2 * index : 2 * index + 2], stage)
+            activated = (
+                normalized.relu_() if stage.act[0] == "relu" else _activate(normalized, stage, act_weights[index])
+            )
+            return _to(activated, compute_dtype)
 
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
