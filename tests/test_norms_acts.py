@@ -98,6 +98,18 @@ def test_float64_per_tensor_gradients_and_eval_mode_instance_norm(mode):
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("norm", ["instance affine tracking", "batch"])
+def test_per_channel_prelu_weights_over_runs_of_pieces(norm, mode):
+    """A per-channel PReLU after norm1 of a layer whose input is several runs of pieces: each run's channels."""
+    base = tiny(NORMS[norm], "relu").double()
+    layer = base.features.denseblock1.denselayer2
+    layer.relu1 = nn.PReLU(layer.conv1.in_channels).double()
+    nn.init.uniform_(layer.relu1.weight, 0.1, 0.4)
+    inputs, targets = batch()
+    assert_same_training(base, inputs.double(), targets, mode, rtol=1e-9, per_tensor_gradients=True)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
 def test_double_backward_matches_plain(mode):
     base = tiny(("group", {"num_groups": 2}), "elu").double()
     x = batch()[0].double().requires_grad_()

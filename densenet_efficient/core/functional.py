@@ -42,6 +42,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -550,7 +551,8 @@ class _BnReluConvChain(torch.autograd.Function):
     every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature maps, each
     (N, C_i, *spatial) with 1 to 3 spatial dimensions, then the weight of each PReLU stage. Returns the last
     convolution's output. Stages other than batch norm and ReLU (see :attr:`_Stage.default`) recompute their
-    norm and activation over the whole concatenation in backward, at once.
+    norm and activation in backward through :func:`_norm_act_backward`, run by run of pieces (group norm, whose
+    groups span pieces: the whole concatenation at once).
     """
 
     @staticmethod
@@ -684,7 +686,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
             channels = [t.shape[1] for t in inputs]
-            one_run = first.sync is not None or first.groups != 1 or weight is None or not first.default
+            one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
             runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
             # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
             run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
@@ -709,14 +711,44 @@ class _BnReluConvChain(torch.autograd.Function):
                     None if weight is None else compute_dtype,
                     runs,
                 )
-            else:
-                x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-                grad_x = norm_act_backward(0, x, lambda a: activation_grad(a, 0))
-                del x
-                input_grads = [
-                    g.to(t.dtype) if needed else None
-                    for g, t, needed in zip(grad_x.split(channels, 1), inputs, input_needs_grad, strict=True)
-                ]
+            else:  # run by run too (group norm: one run), each run's channels of the per-channel tensors
+                input_grads, parts = [], []
+                n, act_weight, needs = inputs[0].shape[0], act_weights[0], (*param_needs_grad[:2], act_needs_grad[0])
+                for run, (a, b) in enumerate(runs):
+                    cols = slice(sum(channels[:a]), sum(channels[:b]))
+
+                    def cut(t: Tensor | None, per_sample: bool = False, cols: slice = cols) -> Tensor | None:
+                        if t is None or len(runs) == 1 or (t is act_weight and t.numel() == 1):
+                            return t
+                        return t.view(n, -1)[:, cols].reshape(-1) if per_sample else t[cols]
+
+                    x = torch.cat(list(inputs[a:b]), 1) if b - a > 1 else inputs[a]
+                    grad_x, *grads = _norm_act_backward(
+                        partial(activation_grad, run=run),
+                        x,
+                        (cut(params[0]), cut(params[1]), cut(act_weight)),
+                        [cut(t, first.norm == "instance") for t in statistics[:2]],  # type: ignore[misc]
+                        first,
+                        (needs[0], needs[1], bool(needs[2])),
+                    )
+                    del x
+                    input_grads += [
+                        g.to(t.dtype) if needed else None
+                        for g, t, needed in zip(
+                            grad_x.split(channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True
+                        )
+                    ]
+                    parts.append(grads)
+                param_grads[0], param_grads[1], act_grads[0] = (
+                    None
+                    if g[0] is None
+                    else g[0]
+                    if len(g) == 1
+                    else sum(g)
+                    if i == 2 and g[0].numel() == 1
+                    else torch.cat(g)
+                    for i, g in enumerate(zip(*parts, strict=True))
+                )
             if grad_conv_weight:
                 param_grads[2] = torch.cat(grad_conv_weight, 1)
         for offset, param_grad in enumerate(param_grads):
