@@ -71,8 +71,12 @@ def _standardised_conv(layer):
     layer.conv2 = StandardisedConv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
 
 
-def _group_norm(layer):
-    layer.norm1 = nn.GroupNorm(2, layer.norm1.num_features)
+def _response_norm(layer):  # GroupNorm and InstanceNorm are computed (tests/test_norms_acts.py)
+    layer.norm1 = nn.LocalResponseNorm(2)
+
+
+def _gelu(layer):
+    layer.relu2 = nn.GELU()
 
 
 def _non_affine_norm(layer):
@@ -114,7 +118,8 @@ FALLBACKS = {
     "reflect padding": (_reflect_conv, "padding_mode='reflect'"),
     "same padding": (_same_padding_conv, "padding='same'"),
     "own forward": (_standardised_conv, "StandardisedConv2d, not a Conv1d/2d/3d"),
-    "GroupNorm": (_group_norm, "GroupNorm, not a batch norm"),
+    "LocalResponseNorm": (_response_norm, "LocalResponseNorm, not a batch norm"),
+    "GELU": (_gelu, "GELU, not a supported activation"),
     "affine=False": (_non_affine_norm, "without affine weight"),
     "spectral_norm": (_spectral_norm, "has hooks"),
     "weight_norm": (_weight_norm, "has hooks"),

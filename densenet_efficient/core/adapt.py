@@ -3,8 +3,9 @@
 
 Modules are recognised by their shape (duck typing), not by importing those libraries:
 
-* a dense layer: ``norm1, conv1`` (and optionally ``norm2, conv2``) batch norms and convolutions, each norm
-  followed by nothing but a ReLU (a ``relu1``/``relu2`` child, or timm's ``BatchNormAct2d``); torchvision and timm
+* a dense layer: ``norm1, conv1`` (and optionally ``norm2, conv2``) norms (batch, instance or group) and
+  convolutions, each norm followed by nothing but an activation of docs/efficient-path.md's table (a
+  ``relu1``/``relu2`` child), or timm's ``BatchNormAct2d`` with a ReLU; torchvision and timm
   keep them in the layer, MONAI in a ``layers`` sequence;
 * a dense block: the dense layers ``denselayer1, denselayer2, ...``, either in a ``ModuleDict`` that passes the
   list of feature maps to each layer (torchvision, timm) or in an ``nn.Sequential``, whose layers must then each
@@ -24,18 +25,21 @@ from typing import TypeGuard
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.pooling import _AvgPoolNd
 
-from .eligibility import is_frozen_norm
+from .eligibility import activation, is_frozen_norm
 from .functional import MemoryMode, check_memory_mode
 from .model import DenseBlock, DenseFeatures, DenseLayer, Transition, _set_memory_mode
 
 _LAYER_NAME = re.compile(r"denselayer\d+")
 
 
-def _relu_norm(module: object) -> TypeGuard[_BatchNorm]:
-    """A batch norm (or a frozen one) followed by nothing but a ReLU: ``nn.BatchNormNd``, torchvision's
-    ``FrozenBatchNorm2d``, or timm's ``BatchNormAct2d`` with a ReLU activation and no dropout."""
+def _relu_norm(module: object) -> TypeGuard[nn.Module]:
+    """A norm followed by nothing but its activation: ``nn.BatchNormNd``, torchvision's ``FrozenBatchNorm2d``,
+    timm's ``BatchNormAct2d`` with a ReLU activation and no dropout, ``nn.InstanceNormNd`` or ``nn.GroupNorm``."""
+    if isinstance(module, (_InstanceNorm, nn.GroupNorm)):
+        return True
     if not (isinstance(module, _BatchNorm) or (isinstance(module, nn.Module) and is_frozen_norm(module))):
         return False
     act, drop = getattr(module, "act", nn.ReLU()), getattr(module, "drop", nn.Identity())
@@ -49,8 +53,9 @@ def _plain_conv(module: object) -> TypeGuard[_ConvNd]:
 
 
 def _relus_only(module: nn.Module, names: tuple[str, ...]) -> bool:
-    """Whether every child of ``module`` named in ``names`` is a ReLU (torchvision's ``relu1``, MONAI's ``relu``)."""
-    return all(isinstance(getattr(module, name, nn.ReLU()), nn.ReLU) for name in names)
+    """Whether every child of ``module`` named in ``names`` is an activation the function computes
+    (torchvision's ``relu1``, MONAI's ``relu``, whatever its ``act``)."""
+    return all(activation(getattr(module, name, None)) is not None for name in names)
 
 
 def _layer_modules(module: nn.Module) -> nn.Module | None:
@@ -73,7 +78,8 @@ def _as_dense_layer(module: nn.Module, efficient: MemoryMode) -> DenseLayer | No
             return None
     elif not _relus_only(module, ("relu1", "relu2")):
         return None
-    return DenseLayer.from_modules(norm1, conv1, norm2, conv2, getattr(module, "drop_rate", 0.0), efficient)
+    acts = (getattr(module, "relu1", None), getattr(module, "relu2", None))
+    return DenseLayer.from_modules(norm1, conv1, norm2, conv2, getattr(module, "drop_rate", 0.0), efficient, acts)
 
 
 class NestedDenseLayer(nn.Module):
@@ -143,7 +149,7 @@ def _as_transition(module: nn.Module, efficient: MemoryMode) -> Transition | Non
     names = [name for name, _ in module.named_children()]
     if isinstance(module, nn.Sequential) and names not in (["norm", "relu", "conv", "pool"], ["norm", "conv", "pool"]):
         return None
-    return Transition.from_modules(norm, conv, efficient)
+    return Transition.from_modules(norm, conv, efficient, getattr(module, "relu", None))
 
 
 def _convert_children(parent: nn.Module, efficient: MemoryMode) -> int:
@@ -194,7 +200,8 @@ def _ours_if_dense(module: nn.Module) -> bool:
 
 def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:
     """Convert a DenseNet of torchvision, timm, MONAI (any ``spatial_dims``) or torchxrayvision (or any model with
-    such dense layers) in place to memory mode ``efficient`` and return it.
+    such dense layers; MONAI's with any ``norm`` and ``act`` the function computes) in place to memory mode
+    ``efficient`` and return it.
 
     Each dense block, dense layer (``norm1, conv1[, norm2, conv2]``, BN-ReLU-Conv) and transition (``norm, conv,
     pool`` with 2x average pooling) is replaced by this package's module around the same submodules; a
@@ -212,7 +219,7 @@ def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:
     if not converted and not any(isinstance(m, DenseLayer) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} has no dense layer to convert: make_efficient expects modules with "
-            "norm1/conv1 (and optionally norm2/conv2) batch norms and convolutions, each norm followed by a ReLU, "
+            "norm1/conv1 (and optionally norm2/conv2) norms and convolutions, each norm followed by an activation, "
             "as torchvision's, timm's, MONAI's and torchxrayvision's DenseNets have"
         )
     return model

@@ -18,15 +18,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from . import compiled_op
-from .eligibility import efficient_obstacle, is_frozen_norm, warn_fallback
+from .eligibility import efficient_obstacle, is_customised, is_frozen_norm, norm_kind, warn_fallback
 from .functional import (
     MemoryMode,
     _avg_pool,
     _BnReluConvChain,
     _ConvBnReluMaxPool,
     _MaxPool,
+    _Stage,
     _stage,
+    autocast_dtype,
 )
+
+Stages = Sequence[tuple[nn.Module, nn.Module | None] | tuple[nn.Module, nn.Module | None, nn.Module | None]]
 
 
 def _apply(function: type[torch.autograd.Function], operator: Callable[..., Any], *args: Any) -> Any:
@@ -38,24 +42,30 @@ def _apply(function: type[torch.autograd.Function], operator: Callable[..., Any]
     return function.apply(*args)
 
 
+def _triples(stages: Stages) -> list[tuple[nn.Module, nn.Module | None, nn.Module | None]]:
+    """``(norm, act, conv)`` per stage; a ``(norm, conv)`` pair has a ReLU (``act`` ``None``)."""
+    return [stage if len(stage) == 3 else (stage[0], None, stage[1]) for stage in stages]
+
+
 def _use_function(
     features: Sequence[Tensor],
-    stages: Sequence[tuple[nn.Module, nn.Module | None]],
+    stages: Sequence[tuple[nn.Module, nn.Module | None, nn.Module | None]],
     efficient: MemoryMode,
     owner: nn.Module | None = None,
 ) -> bool:
-    """Whether the memory-efficient autograd function should run on ``features`` with the ``(norm, conv)`` pairs
-    of ``stages`` (``conv`` ``None`` for a BN-ReLU): ``efficient`` set and a backward pass to come (grad enabled
-    and something requiring it), outside ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace``, which
-    cannot run it, and batches too small for batch norm's statistics (they get plain modules), and modules that it
-    computes exactly (see :mod:`.eligibility`; otherwise a one-time warning names ``owner``, the layer they belong
-    to). Tracing a training model raises a ``RuntimeError`` that
-    names the alternatives."""
-    modules = [module for pair in stages for module in pair if module is not None]
+    """Whether the memory-efficient autograd function should run on ``features`` with the ``(norm, act, conv)``
+    of ``stages`` (``act`` ``None`` for a ReLU, ``conv`` ``None`` for a norm and activation): ``efficient`` set
+    and a backward pass to come (grad enabled and something requiring it), outside ``torch.func`` transforms,
+    forward-mode AD and ``torch.jit.trace``, which cannot run it, and batches too small for the norm's statistics
+    (they get plain modules), and modules that it computes exactly (see :mod:`.eligibility`; otherwise a one-time
+    warning names ``owner``, the layer they belong to). Norms and activations other than batch norm and ReLU run
+    the plain modules under autocast and ``torch.compile``. Tracing a training model raises a ``RuntimeError``
+    that names the alternatives."""
+    modules = [module for stage in stages for module in stage if module is not None]
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for m in modules for p in m.parameters())
     )
-    training = any(norm.training and not is_frozen_norm(norm) for norm, _ in stages)
+    training = any(norm.training and not is_frozen_norm(norm) for norm, _, _ in stages)
     if efficient and needs_grad and torch.jit.is_tracing() and training:
         raise RuntimeError(
             f"torch.jit.trace cannot record the memory-efficient autograd function (efficient={efficient!r}) "
@@ -69,7 +79,11 @@ def _use_function(
         or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0  # forward-mode AD: the function has no jvp
         or torch.jit.is_tracing()
-        or _too_few_values(features[0], training)
+        or _too_few_values(features[0], training, norm_kind(stages[0][0]) != "batch")
+    ):
+        return False
+    if (torch.compiler.is_compiling() or autocast_dtype(features[0].device.type) is not None) and any(
+        norm_kind(norm) != "batch" or not (act is None or type(act) is nn.ReLU) for norm, act, _ in stages
     ):
         return False
     obstacle = efficient_obstacle(stages)
@@ -79,19 +93,20 @@ def _use_function(
     return True
 
 
-def _too_few_values(x: Tensor, training: bool) -> bool:
-    """Whether batch norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch (batch norm
+def _too_few_values(x: Tensor, training: bool, per_sample: bool) -> bool:
+    """Whether the norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch (batch norm
     passes it through) or, in training, one value per channel (batch norm raises; the function would write NaN
-    into ``running_var``). Either way there is nothing to save."""
-    values = x.numel() // max(x.shape[1], 1)
-    return values == 0 or (training and values == 1)
+    into ``running_var``); for per-sample norms one value per sample. Either way there is nothing to save."""
+    values = x[0, 0].numel() if per_sample and x.numel() else x.numel() // max(x.shape[1], 1)
+    return values == 0 or ((training or per_sample) and values == 1)
 
 
-def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
-    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the batch-norm kernels
-    would read past or short of its parameters)."""
+def _check_channels(features: Sequence[Tensor], norm: Any) -> None:
+    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the norm kernels would read
+    past or short of its parameters)."""
     channels = [t.shape[1] for t in features]
-    expected = norm.weight.shape[0]  # FrozenBatchNorm2d has no num_features
+    # FrozenBatchNorm2d has no num_features, GroupNorm num_channels, a non-affine InstanceNorm no weight
+    expected = getattr(norm, "num_channels", None) or getattr(norm, "num_features", None) or norm.weight.shape[0]
     if sum(channels) != expected:
         raise ValueError(
             f"feature maps of {'+'.join(map(str, channels))} = {sum(channels)} channels, but "
@@ -99,13 +114,37 @@ def _check_channels(features: Sequence[Tensor], norm: _BatchNorm) -> None:
         )
 
 
-def bn_relu_conv(
+def _chain(
     features: Sequence[Tensor],
-    stages: Sequence[tuple[_BatchNorm, _ConvNd]],
+    stages: Sequence[tuple[Any, Any, Any]],
     efficient: MemoryMode,
-    owner: nn.Module | None = None,
+    pool: bool = False,
 ) -> Tensor:
-    """Apply ``conv(relu(norm(.)))`` for each ``(norm, conv)`` of ``stages`` to ``cat(features, 1)``.
+    """The memory-efficient function on ``features`` for ``(norm, act, conv)`` stages."""
+    _check_channels(features, stages[0][0])
+    chain: tuple[_Stage, ...] = tuple(_stage(norm, conv, pool, act) for norm, act, conv in stages)
+    params: list[Tensor | None] = []
+    for norm, _, conv in stages:
+        params += (norm.weight, norm.bias, None if conv is None else conv.weight)
+    act_weights = [act.weight for (_, act, _), stage in zip(stages, chain, strict=True) if stage.act[0] == "prelu"]
+    return _apply(
+        _BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features, *act_weights
+    )
+
+
+def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
+    """``act(x)`` for the plain modules (``None``: a ReLU, in place unless a backward hook made the norm's output
+    a view that autograd forbids modifying)."""
+    if act is None or (type(act) is nn.ReLU and not is_customised(act)):
+        return F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks))
+    return act(x)
+
+
+def bn_relu_conv(
+    features: Sequence[Tensor], stages: Stages, efficient: MemoryMode, owner: nn.Module | None = None
+) -> Tensor:
+    """Apply ``conv(act(norm(.)))`` for each ``(norm, act, conv)`` of ``stages`` to ``cat(features, 1)``; a
+    ``(norm, conv)`` pair has a ReLU.
 
     ``features``: feature maps (N, C_i, *spatial) whose channels add up to the first norm's ``num_features``.
     With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
@@ -116,17 +155,12 @@ def bn_relu_conv(
     an eval-mode model traces with the plain modules, and tracing a training model raises a ``RuntimeError`` that
     names the alternatives.
     """
-    if _use_function(features, stages, efficient, owner):
-        _check_channels(features, stages[0][0])
-        params: list[Tensor] = []
-        for norm, conv in stages:
-            params += (norm.weight, norm.bias, conv.weight)
-        chain = tuple(_stage(norm, conv) for norm, conv in stages)
-        return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features)
+    triples = _triples(stages)
+    if _use_function(features, triples, efficient, owner):
+        return _chain(features, triples, efficient)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
-    for norm, conv in stages:
-        # In place unless a backward hook made the norm's output a view that autograd forbids modifying.
-        x = conv(F.relu(norm(x), inplace=not (norm._backward_hooks or norm._backward_pre_hooks)))
+    for norm, act, conv in triples:
+        x = conv(_activate(act, norm(x), norm))  # type: ignore[misc]
     return x
 
 
@@ -143,10 +177,15 @@ def _pointwise(conv: _ConvNd) -> bool:
 
 
 def bn_relu_conv_pool(
-    features: Sequence[Tensor], norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode, owner: nn.Module | None = None
+    features: Sequence[Tensor],
+    norm: nn.Module,
+    conv: _ConvNd,
+    efficient: MemoryMode,
+    owner: nn.Module | None = None,
+    act: nn.Module | None = None,
 ) -> Tensor:
-    """A transition: ``avg_pool(conv(relu(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
-    *spatial / 2).
+    """A transition: ``avg_pool(conv(act(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
+    *spatial / 2); ``act`` ``None``: a ReLU.
 
     In the efficient modes (see :func:`bn_relu_conv`) with a pointwise ``conv`` nothing full-size is stored for
     backward, only the norm's per-channel statistics. Forward computes what the plain modules compute, in their
@@ -155,29 +194,28 @@ def bn_relu_conv_pool(
     order). Plain autograd stores the concatenation, the BN-ReLU output and the convolution's full-size output
     (the pooling's input).
     """
-    if _pointwise(conv) and _use_function(features, [(norm, conv)], efficient, owner):
-        _check_channels(features, norm)
-        chain = (_stage(norm, conv, pool=True),)
-        params = (norm.weight, norm.bias, conv.weight)
-        return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features)
-    return _avg_pool(bn_relu_conv(features, [(norm, conv)], efficient, owner))
+    if _pointwise(conv) and _use_function(features, [(norm, act, conv)], efficient, owner):
+        return _chain(features, [(norm, act, conv)], efficient, pool=True)
+    return _avg_pool(bn_relu_conv(features, [(norm, act, conv)], efficient, owner))
 
 
 def bn_relu(
-    features: Sequence[Tensor], norm: _BatchNorm, efficient: MemoryMode, owner: nn.Module | None = None
+    features: Sequence[Tensor],
+    norm: nn.Module,
+    efficient: MemoryMode,
+    owner: nn.Module | None = None,
+    act: nn.Module | None = None,
 ) -> Tensor:
-    """``relu(norm(cat(features, 1)))``, the final norm and ReLU of a DenseNet.
+    """``act(norm(cat(features, 1)))``, the final norm and activation of a DenseNet (``act`` ``None``: ReLU).
 
     In the efficient modes (see :func:`bn_relu_conv`) only the norm's per-channel statistics are stored for
     backward (the feature maps are the network's anyway); plain autograd stores the concatenation and the ReLU
     output.
     """
-    if _use_function(features, [(norm, None)], efficient, owner):
-        _check_channels(features, norm)
-        chain = (_stage(norm, None),)
-        params = (norm.weight, norm.bias, None)
-        return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features)
-    return F.relu(norm(torch.cat(list(features), 1) if len(features) > 1 else features[0]))
+    if _use_function(features, [(norm, act, None)], efficient, owner):
+        return _chain(features, [(norm, act, None)], efficient)
+    x = norm(torch.cat(list(features), 1) if len(features) > 1 else features[0])
+    return F.relu(x) if act is None else act(x)
 
 
 def _stem_supported(conv: _ConvNd, norm: _BatchNorm, pool: nn.Module) -> bool:
@@ -216,7 +254,7 @@ def conv_bn_relu_max_pool(
         isinstance(conv, _ConvNd)
         and isinstance(norm, _BatchNorm)
         and _stem_supported(conv, norm, pool)
-        and _use_function([x], [(norm, conv)], efficient, owner)
+        and _use_function([x], [(norm, None, conv)], efficient, owner)
     ):
         outputs = _apply(
             _ConvBnReluMaxPool,

@@ -2,9 +2,10 @@
 
 The function reads a stage's tensors and settings (``norm.weight``, ``norm.running_mean``, ``conv.weight``,
 ``conv.stride``, ...) and never calls the modules. It therefore computes a stage exactly only when the modules do
-nothing but what it computes: batch norm (training or eval mode) or a norm with fixed statistics, a ReLU, and a
-bias-free, zero-padded convolution, with no hooks that expect the modules to be called and nothing set on the
-instance that replaces what its class computes. Everything else (another norm, a convolution with a bias or its
+nothing but what it computes: batch norm (training or eval mode), a norm with fixed statistics, instance norm or
+group norm (affine or not), one of the activations of :data:`ACTIVATIONS`, and a bias-free, zero-padded
+convolution, with no hooks that expect the modules to be called and nothing set on the instance that replaces what
+its class computes. Everything else (another norm, a convolution with a bias or its
 own ``forward``, a ``forward`` set on one instance, hooks, legacy reparametrisations, quantisation-aware training)
 runs the plain modules for that layer, exactly, with a one-time warning that names the layer and says that its
 memory saving is lost. ``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor evaluates its
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
-from typing import TypeGuard
+from collections.abc import Callable, Sequence
+from typing import Any, TypeGuard
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
@@ -46,6 +47,18 @@ _BATCH_NORM_ACTS = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
 # Norms with fixed statistics and affine tensors as buffers (``weight``, ``bias``, ``running_mean``,
 # ``running_var``, ``eps``): computed as an eval-mode batch norm, whatever their training flag.
 FROZEN_NORMS = frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"})
+# Per-sample norms: InstanceNorm (tracking running statistics or not) and GroupNorm, affine or not.
+_INSTANCE_NORMS = frozenset(f"torch.nn.modules.instancenorm.InstanceNorm{d}d" for d in (1, 2, 3))
+_GROUP_NORMS = frozenset({"torch.nn.modules.normalization.GroupNorm"})
+# Activations the function recomputes in backward: class -> (name, parameter) of the stage (see functional._activate).
+ACTIVATIONS: dict[str, Callable[[Any], tuple[str, float]]] = {
+    "torch.nn.modules.activation.ReLU": lambda m: ("relu", 0.0),
+    "torch.nn.modules.activation.LeakyReLU": lambda m: ("leaky_relu", m.negative_slope),
+    "torch.nn.modules.activation.ELU": lambda m: ("elu", m.alpha),
+    "torch.nn.modules.activation.SiLU": lambda m: ("silu", 0.0),
+    "torch.nn.modules.activation.PReLU": lambda m: ("prelu", 0.0),
+    "monai.networks.blocks.activation.Swish": lambda m: ("swish", m.alpha),  # x * sigmoid(alpha * x)
+}
 _CONVOLUTIONS = frozenset(
     {"torch.nn.modules.conv.Conv1d", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.conv.Conv3d"}
 )
@@ -53,15 +66,24 @@ _KNOWN = (
     ("batch_norm", _BATCH_NORMS),
     ("batch_norm_act", _BATCH_NORM_ACTS),
     ("frozen", FROZEN_NORMS),
+    ("instance", _INSTANCE_NORMS),
+    ("group", _GROUP_NORMS),
+    ("act", frozenset(ACTIVATIONS)),
     ("conv", _CONVOLUTIONS),
 )
 SUPPORTED = (
-    "BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d or timm's BatchNormAct2d with a ReLU, then "
-    "a Conv1d/2d/3d without bias and with zero padding, no hooks"
+    "BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d, timm's BatchNormAct2d with a ReLU, "
+    "InstanceNorm1d/2d/3d or GroupNorm, then ReLU, LeakyReLU, PReLU, ELU, SiLU or MONAI's Swish, then a "
+    "Conv1d/2d/3d without bias and with zero padding, no hooks"
 )
 
 
-_kinds: dict[type, str] = {}  # class -> "batch_norm", "batch_norm_act", "frozen", "conv" or "other"
+_kinds: dict[type, str] = {}  # class -> a kind of _KNOWN or "other"
+
+
+def _name(cls: type) -> str:
+    base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
+    return f"{base.__module__}.{base.__qualname__}"
 
 
 def _kind(module: object) -> str:
@@ -70,9 +92,7 @@ def _kind(module: object) -> str:
     cls = type(module)
     kind = _kinds.get(cls)
     if kind is None:
-        base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
-        name = f"{base.__module__}.{base.__qualname__}"
-        kind = next((known for known, names in _KNOWN if name in names), "other")
+        kind = next((known for known, names in _KNOWN if _name(cls) in names), "other")
         _kinds[cls] = kind
     return kind
 
@@ -81,6 +101,19 @@ def is_frozen_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` normalises with fixed statistics whatever its training flag (torchvision's
     ``FrozenBatchNorm2d``)."""
     return _kind(norm) == "frozen"
+
+
+def norm_kind(norm: nn.Module) -> str:
+    """``"instance"``, ``"group"`` (per-sample norms), or ``"batch"`` for any other norm."""
+    kind = _kind(norm)
+    return kind if kind in ("instance", "group") else "batch"
+
+
+def activation(module: nn.Module | None) -> tuple[str, float] | None:
+    """The stage's activation (name, parameter) for ``module`` (``None``: a ReLU), or ``None`` if unsupported."""
+    if module is None:
+        return "relu", 0.0
+    return ACTIVATIONS[_name(type(module))](module) if _kind(module) == "act" else None
 
 
 # Classes (and their subclasses) whose global module hooks only observe module boundaries.
@@ -142,7 +175,7 @@ def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
 
 def _norm_obstacle(norm: nn.Module) -> str | None:
     kind = _kind(norm)
-    if kind == "frozen":
+    if kind in ("frozen", "instance", "group"):
         return None
     if kind == "batch_norm_act":
         act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
@@ -169,16 +202,20 @@ def _conv_obstacle(conv: nn.Module) -> str | None:
     return None
 
 
+def _act_obstacle(act: nn.Module) -> str | None:
+    return None if activation(act) is not None else f"is a {type(act).__name__}, not a supported activation"
+
+
 def efficient_obstacle(
-    stages: Sequence[tuple[nn.Module, nn.Module | None]],
+    stages: Sequence[tuple[nn.Module, nn.Module | None, nn.Module | None]],
 ) -> tuple[nn.Module | None, str] | None:
     """``None`` if the memory-efficient function computes ``stages`` exactly (see the module docstring), else
     the first module it would get wrong (``None`` for the whole network) and why."""
     if has_global_module_hooks():
         return None, "runs while global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
-    for norm, conv in stages:
-        for module, obstacle in ((norm, _norm_obstacle), (conv, _conv_obstacle)):
-            if module is None:  # a BN-ReLU without convolution
+    for norm, act, conv in stages:
+        for module, obstacle in ((norm, _norm_obstacle), (act, _act_obstacle), (conv, _conv_obstacle)):
+            if module is None:  # a default ReLU, or a BN-ReLU without convolution
                 continue
             reason = obstacle(module)
             override = _instance_override(module)

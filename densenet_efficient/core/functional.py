@@ -42,12 +42,12 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .batchnorm import (
@@ -58,7 +58,7 @@ from .batchnorm import (
     channel_view,
     sync_group,
 )
-from .eligibility import is_frozen_norm
+from .eligibility import activation, is_frozen_norm, norm_kind
 
 MemoryMode = Literal[False, True, "max"]
 MEMORY_MODES: tuple[MemoryMode, ...] = (False, True, "max")
@@ -90,31 +90,49 @@ class _Stage:
     batch_stats: bool = True  # normalise with the batch's statistics (training mode), else the running ones
     sync: SyncGroup | None = None  # share the batch statistics with these processes (training mode only)
     pool: bool = False  # 2x average pooling after the convolution (a transition: one stage)
+    norm: str = "batch"  # per channel; "instance": per sample and channel; "group": per sample and group
+    num_groups: int = 0  # GroupNorm's
+    act: tuple[str, float] = ("relu", 0.0)  # the activation and its parameter (see _activate)
+
+    @property
+    def default(self) -> bool:
+        """Batch norm and ReLU: the path with per-run recomputation (and the compiled operator)."""
+        return self.norm == "batch" and self.act[0] == "relu"
 
 
-def _stage(norm: _BatchNorm, conv: _ConvNd | None, pool: bool = False) -> _Stage:
-    """The stage of ``norm`` in its current mode, counting one training batch in it if it is training; ``conv``
-    ``None`` for a BN-ReLU without convolution."""
+def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module | None = None) -> _Stage:
+    """The stage of ``norm`` (then ``act``, ``None``: ReLU) in its current mode, counting one training batch in it
+    if it is training; ``conv`` ``None`` for a norm and activation without convolution."""
     # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
     # and an eval-mode norm without running statistics normalises with the batch's. A frozen norm (fixed
-    # statistics) is an eval-mode one.
+    # statistics) is an eval-mode one. InstanceNorm normalises with the sample's statistics in training or when
+    # it tracks none, and does not count batches; GroupNorm has no running statistics.
     assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
+    kind = norm_kind(norm)
     training = norm.training and not is_frozen_norm(norm)
-    use_running = not training or norm.track_running_stats
+    tracking = getattr(norm, "track_running_stats", False)
+    use_running = (not training or tracking) and kind != "group"
     running_mean, running_var = (norm.running_mean, norm.running_var) if use_running else (None, None)
     batch_stats = training or (running_mean is None and running_var is None)
+    momentum = batch_norm_momentum(norm) if training and kind == "batch" else 0.0
+    momentum = (norm.momentum or 0.0) if kind == "instance" else momentum
+    spec = activation(act)
+    assert spec is not None  # unsupported activations take the plain path (.eligibility)
     return _Stage(
         running_mean,
         running_var,
-        batch_norm_momentum(norm) if training else 0.0,
+        momentum,
         norm.eps,
         () if conv is None else conv.stride,
         () if conv is None else conv.padding,  # type: ignore[arg-type]  # numeric: checked above
         () if conv is None else conv.dilation,
         1 if conv is None else conv.groups,
         batch_stats,
-        sync_group(norm) if training else None,
+        sync_group(norm) if training and kind == "batch" else None,
         pool,
+        kind,
+        getattr(norm, "num_groups", 0),
+        spec,
     )
 
 
@@ -222,6 +240,108 @@ def _batch_norm_backward(
     return torch.ops.aten.native_batch_norm_backward(
         grad, x, weight, first, second, None, None, False, stage.eps, output_mask
     )
+
+
+def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Instance norm as ``torch.instance_norm`` computes it: batch norm of ``x`` viewed (1, N * C, *spatial), with
+    weight and bias repeated per sample."""
+    n = x.shape[0]
+    return x.reshape(1, -1, *x.shape[2:]), *(None if t is None else t.repeat(n) for t in (weight, bias))  # type: ignore[return-value]
+
+
+def _norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, stage: _Stage, update_running_stats: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: per channel for batch
+    norm (see :func:`_batch_norm`), per (sample, group) mean and rstd for group norm, per (sample, channel) for
+    instance norm (batch statistics, or the running ones repeated per sample). An instance norm's running
+    statistics become the sample average of their updated repetitions, as ``torch.instance_norm`` does."""
+    n, c = x.shape[:2]
+    if stage.norm == "group":
+        return torch.native_group_norm(x.contiguous(), weight, bias, n, c, x[0, 0].numel(), stage.num_groups, stage.eps)
+    if stage.norm == "batch":
+        return _batch_norm(x, weight, bias, stage, update_running_stats)  # type: ignore[arg-type]
+    view, weight, bias = _per_sample(x, weight, bias)
+    tracked = [t for t in (stage.running_mean, stage.running_var) if t is not None]
+    running = [t.repeat(n) for t in tracked] if update_running_stats or not stage.batch_stats else []
+    mean, var = running or (None, None)
+    out, first, second = torch.native_batch_norm(
+        view, weight, bias, mean, var, stage.batch_stats, stage.momentum, stage.eps
+    )
+    for buffer, repeated in zip(tracked, running if update_running_stats else [], strict=False):
+        buffer.copy_(repeated.view(n, c).mean(0))
+    return (out.view_as(x), first, second) if stage.batch_stats else (out.view_as(x), *running)  # type: ignore[return-value]
+
+
+def _renorm(x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: Sequence[Tensor], stage: _Stage) -> Tensor:
+    """``stage``'s norm of ``x`` again in backward, from what :func:`_norm` saved: batch norm from its statistics,
+    per-sample norms by their kernel (the same values forward computed)."""
+    if stage.norm == "batch":
+        shift, scale = _shift_scale(weight, bias, *_statistics(saved, stage), x)  # type: ignore[arg-type]
+        return torch.addcmul(shift, x, scale).to(x.dtype)
+    if stage.norm == "group":
+        return _norm(x, weight, bias, stage, False)[0]
+    view, weight, bias = _per_sample(x, weight, bias)
+    mean, var = (None, None) if stage.batch_stats else saved
+    return torch.native_batch_norm(view, weight, bias, mean, var, stage.batch_stats, 0.0, stage.eps)[0].view_as(x)
+
+
+def _norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor | None, saved: Sequence[Tensor], stage: _Stage, mask: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`_norm` of ``x`` for input, weight and bias (those of ``mask``) from ``grad``."""
+    n, c = x.shape[:2]
+    if stage.norm == "group":
+        return torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x.contiguous(), *saved, weight, n, c, x[0, 0].numel(), stage.num_groups, mask
+        )
+    if stage.norm == "batch":
+        return _batch_norm_backward(grad, x, weight, saved, stage, mask)  # type: ignore[arg-type]
+    view, repeated, _ = _per_sample(x, weight, None)
+    grads = _batch_norm_backward(grad.reshape(view.shape), view, repeated, saved, stage, mask)  # type: ignore[arg-type]
+    return grads[0].view_as(x), *(None if g is None else g.view(n, c).sum(0) for g in grads[1:])  # type: ignore[union-attr,return-value]
+
+
+def _activate(x: Tensor, stage: _Stage, weight: Tensor | None) -> Tensor:
+    """``stage``'s activation of ``x``, out of place, as its module computes it (``weight``: PReLU's)."""
+    name, value = stage.act
+    if name == "relu":
+        return x.relu()
+    if name == "leaky_relu":
+        return F.leaky_relu(x, value)
+    if name == "elu":
+        return F.elu(x, value)
+    if name == "silu":
+        return F.silu(x)
+    if name == "swish":  # MONAI's Swish
+        return x * torch.sigmoid(value * x)
+    assert weight is not None
+    return F.prelu(x, weight)
+
+
+def _norm_act_backward(
+    conv_grad: Callable[[Tensor], Tensor],
+    x: Tensor,
+    params: Sequence[Tensor | None],
+    saved: Sequence[Tensor],
+    stage: _Stage,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Backward through ``a = act(norm(x))`` of any stage: ``a`` is recomputed (with a small graph for the
+    activation's own backward kernels) and handed to ``conv_grad``, which returns the gradient for it. ``params``:
+    the norm's weight and bias and the activation's weight; ``needs``: which of them need a gradient. Returns the
+    gradients of ``x`` and of ``params``."""
+    weight, bias, act_weight = params
+    normalized = _renorm(x, weight, bias, saved, stage).requires_grad_()
+    leaves = [normalized] + ([act_weight.detach().requires_grad_()] if needs[2] and act_weight is not None else [])
+    with torch.enable_grad():
+        activated = _activate(normalized, stage, leaves[1] if len(leaves) > 1 else act_weight)
+    grad = conv_grad(activated.detach())
+    grads = torch.autograd.grad(activated, leaves, grad.to(activated.dtype))
+    del activated, normalized
+    grad_x, grad_weight, grad_bias = _norm_backward(grads[0], x, weight, saved, stage, [True, needs[0], needs[1]])
+    assert grad_x is not None
+    return grad_x, grad_weight, grad_bias, grads[1] if len(grads) > 1 else None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -375,11 +495,12 @@ def _chain(
     compute_dtype: torch.dtype | None,
     keep_intermediates: bool = False,
     update_running_stats: bool = True,
+    act_weights: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Run the stages on ``cat(inputs, 1)``, autocast disabled by the caller; casts are explicit.
 
-    Returns the last convolution's output, the two tensors of :func:`_batch_norm` per stage and, with
-    ``keep_intermediates``, the input of every stage but the first.
+    Returns the last convolution's output, the two tensors of :func:`_norm` per stage and, with
+    ``keep_intermediates``, the input of every stage but the first. ``act_weights``: PReLU's weight per stage.
     """
     statistics: list[Tensor] = []
     intermediates: list[Tensor] = []
@@ -388,10 +509,11 @@ def _chain(
         weight, bias, conv_weight = params[3 * index : 3 * index + 3]
         if index > 0 and keep_intermediates:
             intermediates.append(x)
-        normalized, first, second = _batch_norm(x, weight, bias, stage, update_running_stats)
+        normalized, first, second = _norm(x, weight, bias, stage, update_running_stats)
         statistics += (first, second)
+        activated = normalized.relu_() if stage.act[0] == "relu" else _activate(normalized, stage, act_weights[index])
         # Under autocast a convolution casts its input; a BN-ReLU without one keeps its input's dtype.
-        activated = normalized.relu_() if conv_weight is None else _to(normalized.relu_(), compute_dtype)
+        activated = activated if conv_weight is None else _to(activated, compute_dtype)
         del normalized
         x = activated if conv_weight is None else _conv(activated, _to(conv_weight, compute_dtype), stage)
         del activated
@@ -415,29 +537,43 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class _BnReluConvChain(torch.autograd.Function):
-    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(cat(inputs)))) ...)))``, each batch norm training or frozen.
+def _act_weights(stages: Sequence[_Stage], weights: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """PReLU's weight per stage (``None`` for other activations), from the weights of the PReLU stages."""
+    remaining = iter(weights)
+    return [next(remaining) if stage.act[0] == "prelu" else None for stage in stages]
 
-    Arguments of ``apply``: ``stages`` (one :class:`_Stage` per BN-ReLU-Conv), ``keep_intermediates`` (save the
-    output of every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature
-    maps, each (N, C_i, *spatial) with 1 to 3 spatial dimensions. Returns the last convolution's output.
+
+class _BnReluConvChain(torch.autograd.Function):
+    """``conv_n(act_n(norm_n(... conv_1(act_1(norm_1(cat(inputs)))) ...)))``, each norm a batch norm (training or
+    frozen), an instance norm or a group norm, each activation a ReLU or another of :data:`.eligibility.ACTIVATIONS`.
+
+    Arguments of ``apply``: ``stages`` (one :class:`_Stage` per stage), ``keep_intermediates`` (save the output of
+    every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature maps, each
+    (N, C_i, *spatial) with 1 to 3 spatial dimensions, then the weight of each PReLU stage. Returns the last
+    convolution's output. Stages other than batch norm and ReLU (see :attr:`_Stage.default`) recompute their
+    norm and activation in backward through :func:`_norm_act_backward`, run by run of pieces (group norm, whose
+    groups span pieces: the whole concatenation at once).
     """
 
     @staticmethod
     def forward(ctx, stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor) -> Tensor:
         num_params = 3 * len(stages)
-        params, inputs = tensors[:num_params], tensors[num_params:]
+        end = len(tensors) - sum(stage.act[0] == "prelu" for stage in stages)
+        params, inputs = tensors[:num_params], tensors[num_params:end]
         device_type = inputs[0].device.type
         # Under autocast, convolutions run in the autocast dtype and batch norm in its input's dtype, as in
         # plain autograd. Casts are explicit here so that backward can repeat them exactly.
         compute_dtype = autocast_dtype(device_type)
         with autocast_off(device_type):
-            x, statistics, intermediates = _chain(stages, params, inputs, compute_dtype, keep_intermediates)
+            act_weights = _act_weights(stages, tensors[end:])
+            x, statistics, intermediates = _chain(
+                stages, params, inputs, compute_dtype, keep_intermediates, True, act_weights
+            )
         ctx.stages = stages
         ctx.keep_intermediates = keep_intermediates
         ctx.compute_dtype = compute_dtype
         ctx.num_inputs = len(inputs)
-        ctx.save_for_backward(*params, *statistics, *intermediates, *inputs)
+        ctx.save_for_backward(*params, *statistics, *intermediates, *inputs, *tensors[end:])
         return x
 
     @staticmethod
@@ -447,20 +583,41 @@ class _BnReluConvChain(torch.autograd.Function):
         stages: Sequence[_Stage] = ctx.stages
         num_stages = len(stages)
         saved = ctx.saved_tensors
-        params, saved = saved[: 3 * num_stages], saved[3 * num_stages :]
+        end = len(saved) - sum(stage.act[0] == "prelu" for stage in stages)
+        act_weights = _act_weights(stages, saved[end:])
+        params, saved = saved[: 3 * num_stages], saved[3 * num_stages : end]
         statistics, saved = saved[: 2 * num_stages], saved[2 * num_stages :]
         inputs = saved[len(saved) - ctx.num_inputs :]
         compute_dtype = ctx.compute_dtype
-        param_needs_grad = ctx.needs_input_grad[2 : 2 + 3 * num_stages]
-        input_needs_grad = ctx.needs_input_grad[2 + 3 * num_stages :]
+        needs = ctx.needs_input_grad
+        param_needs_grad = needs[2 : 2 + 3 * num_stages]
+        input_needs_grad = needs[2 + 3 * num_stages : 2 + 3 * num_stages + ctx.num_inputs]
+        act_needs_grad = _act_weights(stages, needs[2 + 3 * num_stages + ctx.num_inputs :])
+        act_grads: list[Tensor | None] = [None] * num_stages
 
         def relu_output(index: int, x: Tensor) -> Tensor:
-            weight, bias, _ = params[3 * index : 3 * index + 3]
-            mean, invstd = _statistics(statistics[2 * index : 2 * index + 2], stages[index])
-            return _to(_bn_relu_from_stats(x, weight, bias, mean, invstd), compute_dtype)
+            stage, weight, bias = stages[index], params[3 * index], params[3 * index + 1]
+            normalized = _renorm(x, weight, bias, statistics[2 * index : 2 * index + 2], stage)
+            activated = (
+                normalized.relu_() if stage.act[0] == "relu" else _activate(normalized, stage, act_weights[index])
+            )
+            return _to(activated, compute_dtype)
 
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
+
+        def norm_act_backward(index: int, x: Tensor, conv_grad: Callable[[Tensor], Tensor]) -> Tensor:
+            """A stage other than batch norm and ReLU: its input's gradient; its parameters' noted."""
+            offset = 3 * index
+            grad_x, param_grads[offset], param_grads[offset + 1], act_grads[index] = _norm_act_backward(
+                conv_grad,
+                x,
+                (params[offset], params[offset + 1], act_weights[index]),
+                statistics[2 * index : 2 * index + 2],
+                stages[index],
+                (param_needs_grad[offset], param_needs_grad[offset + 1], bool(act_needs_grad[index])),
+            )
+            return grad_x
 
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
         with autocast_off(grad_output.device.type):
@@ -470,9 +627,14 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                shift, scale = _shift_scale(params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0])
-                widths = [t.shape[1] for t in inputs]
-                recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
+                if stages[0].default:
+                    shift, scale = _shift_scale(
+                        params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0]
+                    )
+                    widths = [t.shape[1] for t in inputs]
+                    recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
+                else:
+                    recomputed = relu_output(0, torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0])
                 for index in range(num_stages - 1):
                     recomputed = _conv(recomputed, conv_weight(index), stages[index])
                     if stages[index].pool:
@@ -487,11 +649,19 @@ class _BnReluConvChain(torch.autograd.Function):
                 stage, x = stages[index], stage_inputs[index]
                 stage_inputs[index] = None
                 assert x is not None
+
+                def conv_grad(activated: Tensor, index: int = index, grad: Tensor = grad) -> Tensor:
+                    weight, stage, needed = conv_weight(index), stages[index], param_needs_grad[3 * index + 2]
+                    result, param_grads[3 * index + 2] = _conv_backward(
+                        _to(grad, activated.dtype), activated, weight, stage, needed
+                    )
+                    return result
+
+                if not stage.default:
+                    grad = norm_act_backward(index, x, conv_grad)
+                    continue
                 activated = relu_output(index, x)
-                grad, param_grads[3 * index + 2] = _conv_backward(
-                    _to(grad, activated.dtype), activated, conv_weight(index), stage, param_needs_grad[3 * index + 2]
-                )
-                grad = _relu_backward_(grad, activated).to(x.dtype)
+                grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
                 grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
                     grad,
@@ -516,7 +686,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
             grad_conv_weight: list[Tensor] = []
             channels = [t.shape[1] for t in inputs]
-            one_run = first.sync is not None or first.groups != 1 or weight is None
+            one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
             runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
             # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
             run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
@@ -529,23 +699,63 @@ class _BnReluConvChain(torch.autograd.Function):
                     grad_conv_weight.append(weight_part)
                 return result
 
-            input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
-                activation_grad,
-                inputs,
-                input_needs_grad,
-                params[:2],
-                param_needs_grad[:2],
-                statistics[:2],
-                first,
-                None if weight is None else compute_dtype,
-                runs,
-            )
+            if first.default:
+                input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
+                    activation_grad,
+                    inputs,
+                    input_needs_grad,
+                    params[:2],
+                    param_needs_grad[:2],
+                    statistics[:2],
+                    first,
+                    None if weight is None else compute_dtype,
+                    runs,
+                )
+            else:  # run by run too (group norm: one run), each run's channels of the per-channel tensors
+                input_grads, parts = [], []
+                n, act_weight, needs = inputs[0].shape[0], act_weights[0], (*param_needs_grad[:2], act_needs_grad[0])
+                for run, (a, b) in enumerate(runs):
+                    cols = slice(sum(channels[:a]), sum(channels[:b]))
+
+                    def cut(t: Tensor | None, per_sample: bool = False, cols: slice = cols) -> Tensor | None:
+                        if t is None or len(runs) == 1 or (t is act_weight and t.numel() == 1):
+                            return t
+                        return t.view(n, -1)[:, cols].reshape(-1) if per_sample else t[cols]
+
+                    x = torch.cat(list(inputs[a:b]), 1) if b - a > 1 else inputs[a]
+                    grad_x, *grads = _norm_act_backward(
+                        partial(activation_grad, run=run),
+                        x,
+                        (cut(params[0]), cut(params[1]), cut(act_weight)),
+                        [cut(t, first.norm == "instance") for t in statistics[:2]],  # type: ignore[misc]
+                        first,
+                        (needs[0], needs[1], bool(needs[2])),
+                    )
+                    del x
+                    input_grads += [
+                        g.to(t.dtype) if needed else None
+                        for g, t, needed in zip(
+                            grad_x.split(channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True
+                        )
+                    ]
+                    parts.append(grads)
+                param_grads[0], param_grads[1], act_grads[0] = (
+                    None
+                    if g[0] is None
+                    else g[0]
+                    if len(g) == 1
+                    else sum(g)
+                    if i == 2 and g[0].numel() == 1
+                    else torch.cat(g)
+                    for i, g in enumerate(zip(*parts, strict=True))
+                )
             if grad_conv_weight:
                 param_grads[2] = torch.cat(grad_conv_weight, 1)
         for offset, param_grad in enumerate(param_grads):
             if param_grad is not None:
                 param_grads[offset] = param_grad.to(params[offset].dtype)
-        return (None, None, *param_grads, *input_grads)
+        act_grads = [g for g, stage in zip(act_grads, stages, strict=True) if stage.act[0] == "prelu"]
+        return (None, None, *param_grads, *input_grads, *act_grads)
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
@@ -559,16 +769,19 @@ class _BnReluConvChain(torch.autograd.Function):
             )
         saved = ctx.saved_tensors
         num_params = 3 * len(ctx.stages)
+        end = len(saved) - sum(stage.act[0] == "prelu" for stage in ctx.stages)
         needs_grad = ctx.needs_input_grad[2:]
         # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
         # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
         tensors = [
             t.view_as(t) if needed else t
-            for t, needed in zip(saved[:num_params] + saved[-ctx.num_inputs :], needs_grad, strict=True)
+            for t, needed in zip(saved[:num_params] + saved[end - ctx.num_inputs :], needs_grad, strict=True)
         ]
+        params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
+        act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
         with autocast_off(grad_output.device.type):
             output = _chain(
-                ctx.stages, tensors[:num_params], tensors[num_params:], ctx.compute_dtype, update_running_stats=False
+                ctx.stages, params, inputs, ctx.compute_dtype, update_running_stats=False, act_weights=act_weights
             )[0]
         wanted = [t for t, needed in zip(tensors, needs_grad, strict=True) if needed]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))

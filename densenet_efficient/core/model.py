@@ -14,6 +14,7 @@ block's output node is its concatenation (what ``features.denseblockN`` means in
 torchvision's do (see :class:`DenseBlock`), so torchvision's and MONAI's code can drive them.
 """
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .config import architecture_cfg, min_input_side
 from .efficient import bn_relu, bn_relu_conv, bn_relu_conv_pool, conv_bn_relu_max_pool
-from .eligibility import is_customised
+from .eligibility import activation, is_customised
 from .functional import MemoryMode, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
@@ -53,6 +55,62 @@ SPATIAL_LAYERS: dict[int, SpatialLayers] = {
     2: SpatialLayers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
     3: SpatialLayers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
 }
+# MONAI's spellings (monai.networks.layers.factories' Norm and Act, lower case) of the norms and activations the
+# memory-efficient function computes; "swish"/"silu" are torch's SiLU.
+_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+NORMS = ("batch", "instance", "group")
+ACTS: dict[str, Callable[..., nn.Module]] = {
+    "relu": nn.ReLU,
+    "leakyrelu": nn.LeakyReLU,
+    "prelu": nn.PReLU,
+    "elu": nn.ELU,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+}
+
+
+def _split(spec: Any, kind: str, valid: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """MONAI's ``name`` or ``(name, {arguments})``: the lower-case name (or class) and the arguments."""
+    name, args = spec if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict) else (spec, {})
+    if isinstance(name, str) and name.lower() in valid:
+        return name.lower(), args
+    if isinstance(name, type) and issubclass(name, nn.Module):
+        return name, args
+    raise ValueError(
+        f"{kind}={spec!r} is not a {kind} this package builds: use one of {', '.join(valid)} (MONAI's spellings, "
+        f"optionally as (name, {{arguments}})), an nn.Module class or (for act) a module"
+    )
+
+
+def norm_layer(norm: Any, spatial_dims: int) -> Callable[[int], nn.Module]:
+    """``channels -> norm module`` for MONAI's ``norm`` argument (``"batch"``, ``"instance"``,
+    ``("group", {"num_groups": 4})``, ...) or an ``nn.Module`` class taking the channels first."""
+    name, args = _split(norm, "norm", NORMS)
+    if name == "group":
+        if "num_groups" not in args:
+            raise ValueError('norm="group" needs its number of groups: ("group", {"num_groups": 4})')
+        return lambda channels: nn.GroupNorm(num_channels=channels, **args)
+    cls: Any = {"batch": SPATIAL_LAYERS[spatial_dims].norm, "instance": _INSTANCE_NORMS[spatial_dims]}.get(name, name)
+    return lambda channels: cls(channels, **args)
+
+
+def act_layer(act: Any) -> Callable[[], nn.Module]:
+    """``() -> activation module`` for MONAI's ``act`` argument (``"prelu"``, ``("leakyrelu", {"negative_slope":
+    0.1})``, ...), an ``nn.Module`` class, or a module (copied for each use)."""
+    if isinstance(act, nn.Module):
+        return lambda: copy.deepcopy(act)
+    name, args = _split(act, "act", tuple(ACTS))
+    if name == "relu" and not args:
+        args = {"inplace": True}
+    cls = ACTS.get(name, name)
+    return lambda: cls(**args)
+
+
+_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
+
+
+def _relu() -> nn.Module:
+    return nn.ReLU(inplace=True)
 
 
 class DenseLayer(nn.Module):
@@ -81,51 +139,56 @@ class DenseLayer(nn.Module):
         drop_rate: float,
         efficient: MemoryMode,
         spatial_dims: int = 2,
+        norm: Callable[[int], nn.Module] | None = None,
+        act: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
         layers = SPATIAL_LAYERS[spatial_dims]
-        self.norm1 = layers.norm(in_channels)
+        norm, act = norm or layers.norm, act or _relu
+        self.norm1, self.relu1 = norm(in_channels), act()
         if bn_size:
             width = bn_size * growth_rate
             self.conv1 = layers.conv(in_channels, width, kernel_size=1, bias=False)
-            self.norm2 = layers.norm(width)
+            self.norm2, self.relu2 = norm(width), act()
             self.conv2 = layers.conv(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
             self.conv1 = layers.conv(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.efficient = efficient
 
-    def stages(self) -> list[tuple[_BatchNorm, _ConvNd]]:
-        stages = [(self.norm1, self.conv1)]
+    def stages(self) -> list[tuple[nn.Module, nn.Module, _ConvNd]]:
+        stages = [(self.norm1, self.relu1, self.conv1)]
         if hasattr(self, "conv2"):
-            stages.append((self.norm2, self.conv2))
+            stages.append((self.norm2, self.relu2, self.conv2))
         return stages
 
     @classmethod
     def from_modules(
         cls,
-        norm1: _BatchNorm,
+        norm1: nn.Module,
         conv1: _ConvNd,
-        norm2: _BatchNorm | None,
+        norm2: nn.Module | None,
         conv2: _ConvNd | None,
         drop_rate: float,
         efficient: MemoryMode,
+        acts: Sequence[nn.Module | None] = (None, None),
     ) -> "DenseLayer":
-        """A dense layer around existing modules (the same objects: weights and buffers are shared)."""
+        """A dense layer around existing modules (the same objects: weights and buffers are shared); ``acts``: the
+        activations after ``norm1`` and ``norm2`` (``None``: a ReLU)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.norm1, layer.conv1 = norm1, conv1
+        layer.norm1, layer.relu1, layer.conv1 = norm1, acts[0] or _relu(), conv1
         if norm2 is not None and conv2 is not None:
-            layer.norm2, layer.conv2 = norm2, conv2
+            layer.norm2, layer.relu2, layer.conv2 = norm2, acts[1] or _relu(), conv2
         layer.drop_rate = float(drop_rate)
         layer.efficient = check_memory_mode(efficient)
         return layer
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
-            new_features = self.conv1(F.relu(self.norm1(_concat(_feature_list(features)))))
+            new_features = self.conv1(self.relu1(self.norm1(_concat(_feature_list(features)))))
             if hasattr(self, "conv2"):
-                new_features = self.conv2(F.relu(self.norm2(new_features)))
+                new_features = self.conv2(self.relu2(self.norm2(new_features)))
         else:
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
@@ -156,11 +219,13 @@ class DenseBlock(nn.ModuleDict):
         drop_rate: float,
         efficient: MemoryMode,
         spatial_dims: int = 2,
+        norm: Callable[[int], nn.Module] | None = None,
+        act: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
         for index in range(num_layers):
             layer = DenseLayer(
-                in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient, spatial_dims
+                in_channels + index * growth_rate, growth_rate, bn_size, drop_rate, efficient, spatial_dims, norm, act
             )
             self.add_module(f"denselayer{index + 1}", layer)
 
@@ -187,32 +252,42 @@ class Transition(nn.Module):
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
     qualified_name = ""  # where the layer is in its network (see name_layers), for messages
 
-    def __init__(self, in_channels: int, out_channels: int, efficient: MemoryMode, spatial_dims: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        efficient: MemoryMode,
+        spatial_dims: int = 2,
+        norm: Callable[[int], nn.Module] | None = None,
+        act: Callable[[], nn.Module] | None = None,
+    ):
         super().__init__()
         layers = SPATIAL_LAYERS[spatial_dims]
-        self.norm = layers.norm(in_channels)
+        self.norm, self.relu = (norm or layers.norm)(in_channels), (act or _relu)()
         self.conv = layers.conv(in_channels, out_channels, kernel_size=1, bias=False)
         self.spatial_dims = spatial_dims
         self.efficient = efficient
 
     @classmethod
-    def from_modules(cls, norm: _BatchNorm, conv: _ConvNd, efficient: MemoryMode) -> "Transition":
+    def from_modules(
+        cls, norm: nn.Module, conv: _ConvNd, efficient: MemoryMode, act: nn.Module | None = None
+    ) -> "Transition":
         """A transition around existing modules (the same objects: weights and buffers are shared)."""
         transition = cls.__new__(cls)
         nn.Module.__init__(transition)
-        transition.norm, transition.conv = norm, conv
+        transition.norm, transition.relu, transition.conv = norm, act or _relu(), conv
         transition.efficient = check_memory_mode(efficient)
         transition.spatial_dims = conv.weight.dim() - 2
         return transition
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
-            x = _avg_pool(self.conv(F.relu(self.norm(_concat(_feature_list(features))))), self.spatial_dims)
+            x = _avg_pool(self.conv(self.relu(self.norm(_concat(_feature_list(features))))), self.spatial_dims)
         else:
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            x = bn_relu_conv_pool(_feature_list(features), self.norm, self.conv, self.efficient, self)
+            x = bn_relu_conv_pool(_feature_list(features), self.norm, self.conv, self.efficient, self, self.relu)
         return x
 
 
@@ -359,15 +434,16 @@ class DenseFeatures(nn.Sequential):
             return None
         modules = list(self._modules.values())[index:]
         names = list(self._modules)[index:]
-        if names[:4] == ["conv0", "norm0", "relu0", "pool0"] and type(modules[2]) is nn.ReLU:
+        stem = names[:4] == ["conv0", "norm0", "relu0", "pool0"] and isinstance(modules[1], _BatchNorm)
+        if stem and type(modules[2]) is nn.ReLU:
             if not any(is_customised(m) for m in modules[:4]) and index not in taps and index + 1 not in taps:
-                pooled, activation = conv_bn_relu_max_pool(
+                pooled, stem_output = conv_bn_relu_max_pool(
                     _concat(features), modules[0], modules[1], modules[3], self.efficient, index + 2 in taps, self
                 )
-                return [pooled], index + 4, {} if activation is None else {index + 2: activation}
-        if len(modules) >= 2 and isinstance(modules[0], _BatchNorm) and type(modules[1]) is nn.ReLU:
+                return [pooled], index + 4, {} if stem_output is None else {index + 2: stem_output}
+        if len(modules) >= 2 and isinstance(modules[0], _NORMS) and activation(modules[1]) is not None:
             if not any(is_customised(m) for m in modules[:2]) and index not in taps:
-                return [bn_relu(features, modules[0], self.efficient, self)], index + 2, {}
+                return [bn_relu(features, modules[0], self.efficient, self, modules[1])], index + 2, {}
         return None
 
 
@@ -564,6 +640,11 @@ class DenseNet(nn.Module):
             and batch-norm statistics; they differ in memory and time.
         arch_name: the registered name this network was built as (``create_model`` sets it); saved with the
             weights so that they can be loaded by name. Not a constructor argument of the architecture itself.
+        norm: the norms, MONAI's argument: ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``
+            (optionally ``(name, {arguments})``) or a norm class taking the channels.
+        act: the activations, MONAI's argument: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``,
+            ``"swish"``/``"silu"`` (optionally ``(name, {arguments})``), an activation class or module. The
+            memory-efficient function computes all of these (see docs/efficient-path.md).
         global_pool: pooling before the classifier, timm's values: ``"avg"`` (default), ``"max"``, ``"avgmax"``
             (their mean), ``"catavgmax"`` (both, concatenated: the classifier reads ``2 * num_features``), their
             ``"fast..."`` spellings, or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
@@ -595,6 +676,8 @@ class DenseNet(nn.Module):
         arch_name: str | None = None,
         global_pool: str = "avg",
         spatial_dims: int = 2,
+        norm: Any = "batch",
+        act: Any = "relu",
     ):
         super().__init__()
         growth_rate = _check_int("growth_rate", growth_rate, 1)
@@ -616,6 +699,7 @@ class DenseNet(nn.Module):
         efficient = check_memory_mode(efficient)
         global_pool = _check_pool(global_pool, num_classes)
         layers = SPATIAL_LAYERS[spatial_dims]
+        make_norm, make_act = norm_layer(norm, spatial_dims), act_layer(act)
 
         self.config = dict(
             growth_rate=growth_rate,
@@ -638,8 +722,8 @@ class DenseNet(nn.Module):
         if stem == "imagenet":
             stem_layers = [
                 ("conv0", layers.conv(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", layers.norm(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
+                ("norm0", make_norm(num_init_features)),
+                ("relu0", make_act()),
                 ("pool0", layers.max_pool(kernel_size=3, stride=2, padding=1)),
             ]
         else:
@@ -648,7 +732,9 @@ class DenseNet(nn.Module):
 
         num_features = num_init_features
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, efficient, spatial_dims)
+            block = DenseBlock(
+                num_layers, num_features, growth_rate, bn_size, drop_rate, efficient, spatial_dims, make_norm, make_act
+            )
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
@@ -656,11 +742,12 @@ class DenseNet(nn.Module):
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
                 features.add_module(
-                    f"transition{index + 1}", Transition(num_features, out_features, efficient, spatial_dims)
+                    f"transition{index + 1}",
+                    Transition(num_features, out_features, efficient, spatial_dims, make_norm, make_act),
                 )
                 num_features = out_features
-        features.add_module("norm5", layers.norm(num_features))
-        features.add_module("relu5", nn.ReLU(inplace=True))
+        features.add_module("norm5", make_norm(num_features))
+        features.add_module("relu5", make_act())
         features.efficient = efficient
         self.features = features
         self.num_features = num_features
@@ -696,7 +783,7 @@ class DenseNet(nn.Module):
         for name, module in self.features.named_children():
             if isinstance(module, Transition):
                 block = names[names.index(name) - 1]
-                levels.append(dict(num_chs=module.norm.num_features, reduction=reduction, module=f"features.{block}"))
+                levels.append(dict(num_chs=module.conv.in_channels, reduction=reduction, module=f"features.{block}"))
                 reduction *= 2
         levels.append(dict(num_chs=self.num_features, reduction=reduction, module="features.relu5"))
         info = FeatureInfo(dict(level, index=index) for index, level in enumerate(levels))

@@ -1,8 +1,9 @@
 """MONAI's DenseNet (``monai.networks.nets.DenseNet121/169/201/264``, any ``spatial_dims``) in this project's
 layout: its state dict converted, or a model built with its weights (:func:`from_monai`).
 
-MONAI names a dense layer's modules ``denselayerM.layers.norm1`` and the classifier ``class_layers.out``; this
-project ``denselayerM.norm1`` and ``classifier`` (torchvision's names); every other key is the same. The
+MONAI names a dense layer's modules ``denselayerM.layers.norm1``, the final activation ``class_layers.relu`` and the
+classifier ``class_layers.out``; this project ``denselayerM.norm1``, ``features.relu5`` and ``classifier``
+(torchvision's names); every other key is the same. The
 architecture (spatial dimensions, input channels, classes, growth rate, blocks, bottleneck width) is read from the
 state dict's shapes. To keep MONAI's own model (and its keys) and give it the memory modes, use
 :func:`~densenet_efficient.make_efficient` instead.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,8 +26,9 @@ from .model import DenseNet
 from .registry import architecture, list_models, resolve_model
 
 DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
-_LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$")
+_LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|relu|conv)[12]\..+)$")
 _CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
+_FINAL_ACT_KEY = re.compile(r"^class_layers\.relu\.")  # a PReLU's weight
 _DENSE_LAYER = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.layers\.conv2\.weight$")
 
 
@@ -41,7 +43,7 @@ def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     converted = {}
     for key, value in state_dict.items():
         key = _LAYER_KEY.sub(r"\1.\2", key)
-        key = _CLASSIFIER_KEY.sub(r"classifier.\1", key)
+        key = _FINAL_ACT_KEY.sub("features.relu5.", _CLASSIFIER_KEY.sub(r"classifier.\1", key))
         converted[key] = value
     return converted
 
@@ -98,7 +100,54 @@ def from_monai(
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
+    if isinstance(source, nn.Module):  # its norm and activation (a state dict holds batch norm and ReLU)
+        stem = source.get_submodule("features")
+        args.update(norm=_norm_spec(stem.get_submodule("norm0")), act=stem.get_submodule("relu0"))
     name = resolve_model(name or registered_name(args))
     model = DenseNet(**{**architecture(name), **args}, efficient=efficient, arch_name=name)
     model.load_state_dict(convert_state_dict(state_dict), strict=True)
     return model
+
+
+def _norm_spec(norm: nn.Module) -> Any:
+    """``DenseNet``'s ``norm`` for modules like ``norm``: its class and settings, or MONAI's group spelling."""
+    if isinstance(norm, nn.GroupNorm):
+        return "group", {"num_groups": norm.num_groups, "eps": norm.eps, "affine": norm.affine}
+    settings = ("eps", "momentum", "affine", "track_running_stats")
+    return type(norm), {key: getattr(norm, key) for key in settings if hasattr(norm, key)}
+
+
+def monai_densenet(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    init_features: int = 64,
+    growth_rate: int = 32,
+    block_config: Sequence[int] = (6, 12, 24, 16),
+    bn_size: int = 4,
+    act: Any = ("relu", {"inplace": True}),
+    norm: Any = "batch",
+    dropout_prob: float = 0.0,
+    pretrained: bool = False,
+    efficient: MemoryMode = True,
+) -> DenseNet:
+    """This project's DenseNet from ``monai.networks.nets.DenseNet``'s arguments (MONAI's spellings of ``norm`` and
+    ``act``); MONAI's state dicts load into it after :func:`convert_state_dict`. ``pretrained=True`` is refused:
+    MONAI's pretrained 2D weights are torchvision's (``create_model("densenet121", pretrained=True)``)."""
+    if pretrained:
+        raise ValueError(
+            "pretrained=True: load torchvision's weights by name (create_model), or MONAI's with from_monai"
+        )
+    return DenseNet(
+        growth_rate=growth_rate,
+        block_config=block_config,
+        num_init_features=init_features,
+        bn_size=bn_size,
+        drop_rate=dropout_prob,
+        num_classes=out_channels,
+        in_chans=in_channels,
+        spatial_dims=spatial_dims,
+        norm=norm,
+        act=act,
+        efficient=efficient,
+    )
