@@ -92,6 +92,16 @@ def _chain_arguments(form, kinds, keep_intermediates):
     return (params, convolved, features, updated, frozen, kinds, pools, *scalars, keep_intermediates)
 
 
+def _opcheck_backward(monkeypatch, name, forward, arguments):
+    """opcheck the backward operator ``name`` of ``forward`` on what one backward of ``forward(*arguments)`` passes
+    it (the backward operator has no autograd of its own: its backward is never differentiated)."""
+    backward, calls = getattr(compiled_op, name), []
+    monkeypatch.setattr(compiled_op, name, lambda *args: calls.append(args) or backward(*args))
+    forward(*arguments)[0].sum().backward()
+    (call,) = calls
+    torch.library.opcheck(backward, call, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize(
     "form, kinds, keep_intermediates",
     # One case per form in the fast subset (opcheck takes about a second each); the other kinds with the slow tests.
@@ -107,10 +117,11 @@ def _chain_arguments(form, kinds, keep_intermediates):
         pytest.param("final norm", [2], False, marks=pytest.mark.slow),
     ],
 )
-def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates):
+def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates, monkeypatch):
     # Schema (nothing mutated), fake (shapes-only) kernel, autograd registration, and AOT dispatch.
     arguments = _chain_arguments(form, kinds, keep_intermediates) + (None,)
     torch.library.opcheck(compiled_op._chain_op, arguments)
+    _opcheck_backward(monkeypatch, "_chain_backward_op", compiled_op._chain_op, arguments)
 
 
 def _reference_stages(stages):
@@ -182,8 +193,10 @@ def _stem_arguments(kind, keep_activation):
     "kind, keep_activation",
     [(0, True), *(pytest.param(*case, marks=pytest.mark.slow) for case in [(0, False), (1, False), (2, True)])],
 )
-def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation):
-    torch.library.opcheck(compiled_op._stem_op, _stem_arguments(kind, keep_activation) + (None,))
+def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation, monkeypatch):
+    arguments = _stem_arguments(kind, keep_activation) + (None,)
+    torch.library.opcheck(compiled_op._stem_op, arguments)
+    _opcheck_backward(monkeypatch, "_stem_backward_op", compiled_op._stem_op, arguments)
 
 
 @pytest.mark.parametrize("kind", [0, 2])
