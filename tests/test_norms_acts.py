@@ -282,3 +282,14 @@ def test_monai_test_densenet_cases(args, size, blocks):
     net.eval()
     with torch.no_grad():
         assert net(torch.randn(2, 2, *size)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs", [{"norm": "instance"}, {"act": nn.SiLU}])
+def test_save_pretrained_refuses_norms_and_acts_it_cannot_reload(tmp_path, kwargs):
+    from densenet_efficient import save_pretrained
+
+    model = de.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3, stem="cifar", **kwargs)
+    assert set(kwargs) <= set(model.config)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        save_pretrained(model, tmp_path / "set", architecture="densenet_bc_100_k12")
+    assert not (tmp_path / "set").exists()

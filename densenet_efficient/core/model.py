@@ -714,6 +714,8 @@ class DenseNet(nn.Module):
             spatial_dims=spatial_dims,
             global_pool=global_pool,
         )
+        # recorded only when not the default, so the configs of batch norm + ReLU models stay timm's
+        self.config.update({k: v for k, v, default in (("norm", norm, "batch"), ("act", act, "relu")) if v != default})
         self.in_chans = in_chans
         self.spatial_dims = spatial_dims
         self.efficient = efficient

@@ -114,7 +114,13 @@ def config_json(
     the weights' sha256. ``pretrained_cfg`` is ``model.pretrained_cfg`` (without where it was loaded from) updated
     with the metadata that are timm keys (``labels="imagenet-1k"`` gives its ``label_names``); ``ValueError``
     naming the key for a value timm or this package would refuse."""
-    args = json.loads(json.dumps(getattr(model, "config", {})))
+    args = dict(getattr(model, "config", {}))
+    if custom := sorted({"norm", "act"} & set(args)):  # the loader rebuilds batch norm and ReLU only
+        raise ValueError(
+            f"save_pretrained: a model built with {'/'.join(custom)} other than batch/relu cannot be saved as a "
+            "pretrained set yet; save its state_dict with safetensors.torch.save_file"
+        )
+    args = json.loads(json.dumps(args))
     cfg = {
         k: v
         for k, v in {**dict(getattr(model, "pretrained_cfg", None) or {}), **metadata}.items()

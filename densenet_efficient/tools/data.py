@@ -59,7 +59,7 @@ class Preprocessing:
         return Preprocessing(self.mean, self.std, input_size, self.crop_pct, self.interpolation)
 
     def metadata(self) -> dict[str, Any]:
-        """The keys :func:`weights_preprocessing` reads back from exported weights."""
+        """The keys :func:`pretrained_weights` reads back from exported weights."""
         return dict(
             mean=list(self.mean),
             std=list(self.std),
@@ -119,20 +119,6 @@ class Splits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def weights_preprocessing(
-    model: str,
-    weights: str | os.PathLike | None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    endpoint: str | None = None,
-) -> Preprocessing:
-    """The preprocessing pretrained ``weights`` of ``model`` were trained with (a tag, a folder or file written
-    by ``save_pretrained``, or ``hf-hub:org/name``; ``None``: the default tag): the input configuration that
-    :func:`~densenet_efficient.pretrained.resolve_weights` reads for ``model.pretrained_cfg``."""
-    resolved = resolve_weights(model, weights, cache_dir=cache_dir, endpoint=endpoint)
-    return Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
 
 
 def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, Preprocessing]:
