@@ -701,26 +701,25 @@ def one_epoch(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:extending the run")
 def test_resume_in_another_memory_mode_warns_that_it_is_not_bit_exact(one_epoch, tmp_path):
     output = copy_run(one_epoch, tmp_path / "run")
-    execution = load_checkpoint(checkpoints(output)[-1])[1]["execution"]
-    assert execution == {"efficient": True, "world_size": 1, "sync_bn": False}
     with pytest.warns(UserWarning, match=r"\(efficient=True\) with efficient=False: .*not bit-identically"):
         train(digits_config(output, efficient=False, export=False, resume=True))
 
 
 @pytest.mark.parametrize(
     "recorded, listing",
-    [({"world_size": 2}, "another world_size (world_size: checkpoint 2, now 1)"), ({"sync_bn": True}, None)]
-    + [({"world_size": 2, "sync_bn": True}, "another world_size and sync_bn")],
+    [({"world_size": 2}, "another recipe (world_size: checkpoint 2, now 1)"), ({}, None)]
+    + [({"world_size": 2, "sync_bn": True}, "world_size: checkpoint 2, now 1; sync_bn: checkpoint True, now False")],
 )
 def test_resume_with_another_world_size_or_sync_bn_is_refused(one_epoch, tmp_path, recorded, listing):
     """Refused where it changes what is computed; one process with and without sync_bn is the same run."""
     output = copy_run(one_epoch, tmp_path / "run")
     path = checkpoints(output)[-1]
     state = torch.load(path, weights_only=True)
-    state["execution"].update(recorded)  # as a 2-process run (or one with --sync-bn) would have written it
+    assert {key: state["config"][key] for key in ("world_size", "sync_bn")} == {"world_size": 1, "sync_bn": False}
+    state["config"].update(recorded)  # as a 2-process run (with or without --sync-bn) would have written it
     torch.save(state, path)
-    if listing is None:
-        assert train(digits_config(output, epochs=1, export=False, resume=True))["epochs"] == 1
+    if listing is None:  # the checkpoint of a run without --sync-bn, resumed with it
+        assert train(digits_config(output, epochs=1, export=False, resume=True, sync_bn=True))["epochs"] == 1
         return
     with pytest.raises(CheckpointError, match=re.escape(listing) + ".*--weights .*epoch-0001.safetensors"):
         train(digits_config(output, export=False, resume=True))

@@ -1,10 +1,9 @@
 """``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP).
 
 ``train(TrainConfig(...))`` returns what ``results.json`` holds; docs/training.md lists what rank 0 writes into
-``output``. A resumed run repeats the uninterrupted one exactly on CPU: the random state is reseeded from (seed,
-epoch, rank) every epoch and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one
-step: each of ``world_size`` processes feeds ``batch_size / world_size`` images in ``accum_steps`` strided
-micro-batches, so one process with ``accum_steps=N`` sees the micro-batches of N processes.
+``output``. A resumed run repeats the uninterrupted one exactly on CPU: every epoch reseeds from (seed, epoch, rank)
+and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one step: each of
+``world_size`` processes feeds ``accum_steps`` strided micro-batches (one process with ``accum_steps=N`` sees N's).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -39,23 +39,20 @@ from torch import Tensor, nn
 
 from ..core import MemoryMode, check_memory_mode, convert_sync_batchnorm, optim_in_backward
 from ..models import create_model
-from ..pretrained.files import remove_stale_temporaries, write_atomically
+from ..pretrained.files import MAX_WEIGHTS_BYTES, read_regular_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
 from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
-RECIPE_DEFAULTS: dict[str, Any] = dict(
-    momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1
-)
+_SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1)
 # Per dataset: the paper's CIFAR recipe; a small network for the digits; fine-tuning defaults for photos.
 RECIPES: dict[str, dict[str, Any]] = {
-    "cifar10": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
-    "cifar100": dict(model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1),
-    "digits": dict(
-        model="densenet_bc_100_k12", model_args={"block_config": (2, 2, 2)}, epochs=10, batch_size=32, lr=0.1
-    ),
-    "imagefolder": dict(model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01),
+    "cifar10": dict(_SGD, model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1, workers=8),
+    "cifar100": dict(_SGD, model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1, workers=8),
+    "digits": dict(_SGD, model="densenet_bc_100_k12", epochs=10, batch_size=32, lr=0.1, workers=0)
+    | {"model_args": {"block_config": (2, 2, 2)}},  # with the recipe's model only
+    "imagefolder": dict(_SGD, model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01, workers=8),
 }
 # What a resumed run must share with the run it continues (``epochs`` may grow: the run is extended).
 RECIPE_KEYS = (
@@ -66,8 +63,7 @@ CHECKPOINT_DIR, BEST_FILENAME, LOCK_FILENAME = "checkpoints", "best.safetensors"
 # What a run writes into its output folder; ``overwrite`` deletes these (a linked folder: the link) and nothing else.
 RUN_FILES = (BEST_FILENAME, CONFIG_FILENAME, "metrics.csv", "curves.png", "results.json", "manifest_entry.json")
 RUN_FOLDERS = (CHECKPOINT_DIR, "export")
-DEFAULT_TIMEOUT_S = 600.0  # how long a process waits for the others in a collective (gloo's default: 30 min)
-# Options checked before anything is built: whole numbers (least value) and finite reals (valid range).
+# Checked before anything is built: whole numbers (least value) and finite reals (valid range).
 _WHOLE = dict(epochs=1, batch_size=1, accum_steps=1, keep_checkpoints=1, image_size=1, workers=0, seed=0, num_classes=1)
 _REAL = {
     "lr": (lambda v: v > 0, "above 0"),
@@ -84,7 +80,7 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or a metric became NaN or infinite; the run stops before anything of that epoch is saved."""
+    """The loss became NaN or infinite; the run stops before anything of that epoch is saved."""
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -99,19 +95,20 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def _arg(default: Any = None, help: str | None = None, **options: Any) -> Any:
-    """A :class:`TrainConfig` field with its command-line option (``options``: ``add_argument``'s, ``flag``)."""
+    """A :class:`TrainConfig` field and its command-line option (``options``: ``add_argument``'s, and ``flag``)."""
     return dataclasses.field(default=default, metadata={"help": help, **options})
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs, with the command-line options; ``None`` fields take the dataset's :data:`RECIPES`."""
+    """Everything a run needs, and its command-line options. The recipe's fields left ``None`` take the dataset's
+    :data:`RECIPES` in :meth:`resolved`, and are typed as it sets them."""
 
     dataset: str = _arg("digits", "default: digits (scikit-learn's, no download)", choices=DATASETS)
     data: str | None = _arg(help="dataset folder (CIFAR: where cifar-*-batches-py lives; imagefolder: the tree)")
     download: bool = _arg(False, "download CIFAR into --data if it is not there")
-    model: str | None = _arg(help="model name (see `densenet-efficient models`; any CIFAR depth too)", type=model_name)
-    model_args: dict[str, Any] | None = _arg(
+    model: str = _arg(help="model name (see `densenet-efficient models`; any CIFAR depth too)", type=model_name)
+    model_args: dict[str, Any] = _arg(
         help="e.g. block_config=2,2,2 (repeatable)", flag="--model-arg", action="append", type=_model_arg, metavar="K=V"
     )
     weights: str | None = _arg(help="fine-tune from: a tag, a .safetensors file, a folder or hf-hub:org/name[@rev]")
@@ -119,60 +116,52 @@ class TrainConfig:
     num_classes: int | None = _arg(help="classifier outputs (default: the dataset's classes)", type=int)
     freeze_backbone: bool = _arg(False, "train the classifier only")
     efficient: MemoryMode = _arg(True, "memory mode (default True)", type=parse_efficient, metavar="{False,True,max}")
-    epochs: int | None = _arg(type=int)
-    batch_size: int | None = _arg(help="global batch per optimizer step, over all processes", type=int)
+    epochs: int = _arg(type=int)
+    batch_size: int = _arg(help="global batch per optimizer step, over all processes", type=int)
     accum_steps: int = _arg(1, "micro-batches per step (gradient accumulation)", type=int)
     optimizer_in_backward: bool = _arg(False, "step each parameter inside backward (less memory, the same weights)")
-    lr: float | None = _arg(type=float)
-    momentum: float | None = _arg(type=float)
-    nesterov: bool | None = _arg(flag="--no-nesterov", action="store_false")
-    weight_decay: float | None = _arg(type=float)
-    milestones: tuple[float, ...] | None = _arg(
-        help="lr x gamma at these fractions of the epochs", type=float, nargs="+"
-    )
-    gamma: float | None = _arg(type=float)
-    val_fraction: float | None = _arg(help="training images held out for validation (0: none)", type=float)
+    lr: float = _arg(type=float)
+    momentum: float = _arg(type=float)
+    nesterov: bool = _arg(flag="--no-nesterov", action="store_false")
+    weight_decay: float = _arg(type=float)
+    milestones: tuple[float, ...] = _arg(help="lr x gamma at these fractions of the epochs", type=float, nargs="+")
+    gamma: float = _arg(type=float)
+    val_fraction: float = _arg(help="training images held out for validation (0: none)", type=float)
     image_size: int | None = _arg(help="input size (default: the dataset's or the weights')", type=int)
     amp: str | None = _arg(help="mixed precision (fp16 adds loss scaling)", choices=tuple(AMP_DTYPES))
     channels_last: bool = _arg(False)
     compile: bool = _arg(False, "torch.compile the model")
     sync_bn: bool = _arg(False, "BatchNorm statistics of all processes (any memory mode)")
-    timeout: float = _arg(DEFAULT_TIMEOUT_S, "torchrun: seconds to wait for the others", type=float)
+    timeout: float = _arg(600.0, "torchrun: seconds to wait for the others (gloo's default: 30 min)", type=float)
     seed: int = _arg(0, type=int)
-    workers: int | None = _arg(help="data-loading processes per process", type=int)
+    workers: int = _arg(help="data-loading processes per process", type=int)
     device: str | None = _arg(help="cuda, cuda:N or cpu (default: cuda if available; torchrun: LOCAL_RANK)")
     output: str = _arg("runs/train", "output folder (default runs/train)")
     resume: bool | str = _arg(
         False, "from the newest checkpoint, or this epoch-N.pt", nargs="?", const=True, metavar="PT"
     )
     overwrite: bool = _arg(False, "start afresh in a non-empty --output: delete the run's files")
-    bad_images: str = _arg(
-        "error", "imagefolder: stop at unreadable images (naming them) or skip them", choices=BAD_IMAGES
-    )
+    bad_images: str = _arg("error", "imagefolder: unreadable images stop the run, or are skipped", choices=BAD_IMAGES)
     keep_checkpoints: int = _arg(2, "newest checkpoints kept (and the best epoch's)", type=int)
     export: bool = _arg(True, flag="--no-export", action="store_false")
     progress: bool = _arg(True, "no progress bars", flag="--no-progress", action="store_false")
 
-    def resolved(self) -> ResolvedTrainConfig:
-        """A copy with the recipe filled in, every option checked (:class:`UsageError` naming it and what is
-        valid) and numpy numbers turned into Python's."""
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe filled in, every option checked (:class:`UsageError` naming it and what is valid)
+        and numpy numbers turned into Python's."""
         if self.dataset not in RECIPES:
             raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
-        recipe = {**RECIPE_DEFAULTS, **RECIPES[self.dataset], "workers": 0 if self.dataset == "digits" else 8}
-        recipe["workers"] = min(recipe["workers"], os.cpu_count() or 1)
-        recipe["model_args"] = recipe.get("model_args", {}) if self.model is None else {}  # the recipe model's
-        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        config = ResolvedTrainConfig(**{**fields, **{k: v for k, v in recipe.items() if fields[k] is None}})
+        recipe = dict(RECIPES[self.dataset], workers=min(RECIPES[self.dataset]["workers"], os.cpu_count() or 1))
+        recipe["model_args"] = recipe.get("model_args", {}) if self.model is None else {}
+        config = TrainConfig(**{**vars(self), **{k: v for k, v in recipe.items() if getattr(self, k) is None}})
         config.efficient = check_memory_mode(config.efficient)
         for name, least in _WHOLE.items():
-            value = getattr(config, name)
-            if value is not None:
+            if (value := getattr(config, name)) is not None:
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                     raise UsageError(f"{name} must be a whole number of at least {least}, got {value!r}")
                 setattr(config, name, int(value))
         for name, (valid, text) in _REAL.items():
-            value = getattr(config, name)
-            if not (_is_real(value) and math.isfinite(value) and valid(value)):
+            if not (_is_real(value := getattr(config, name)) and math.isfinite(value) and valid(value)):
                 raise UsageError(f"{name} must be a finite number {text}, got {value!r}")
             setattr(config, name, float(value))
         if not all(_is_real(m) and 0 < m <= 1 for m in config.milestones):
@@ -198,31 +187,13 @@ class TrainConfig:
         return json.loads(json.dumps({key: getattr(self, key) for key in RECIPE_KEYS}))
 
 
-@dataclass(kw_only=True)
-class ResolvedTrainConfig(TrainConfig):
-    """A checked :class:`TrainConfig` with its recipe set (``num_classes``, ``image_size``: the data's if None)."""
-
-    model: str
-    model_args: dict[str, Any]
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    milestones: tuple[float, ...]
-    gamma: float
-    val_fraction: float
-    workers: int
-
-
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
 class DistContext:
-    """This process's place in the run: rank, world size and device."""
+    """This process's place in the run; the collectives do nothing when it runs alone."""
 
     rank: int
     world_size: int
@@ -232,10 +203,9 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
-        """Sum (or max) ``tensor`` in place over all processes."""
+    def all_reduce(self, tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=op)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -243,7 +213,7 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
+def distributed(device: str | None, timeout: float = 600.0) -> Iterator[DistContext]:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on CUDA, gloo on
     CPU; a collective waiting more than ``timeout`` seconds fails. Without those variables the process runs alone."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -264,7 +234,7 @@ def distributed(device: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Itera
             dist.destroy_process_group()
 
 
-def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
+def _loaders(config: TrainConfig, splits, ctx: DistContext):
     """Train loader (DistributedSampler, per-process batches), its sampler and per-process shards of val/test."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -297,7 +267,7 @@ def _loaders(config: ResolvedTrainConfig, splits, ctx: DistContext):
 class Trainer:
     """One training run: model, optimizer, schedule and data for this process (see the module docstring)."""
 
-    def __init__(self, config: ResolvedTrainConfig, ctx: DistContext):
+    def __init__(self, config: TrainConfig, ctx: DistContext):
         self.config, self.ctx, self.output = config, ctx, Path(config.output)
         # Pretrained weights are read once, for their preprocessing and for the model.
         weights, preprocessing = (
@@ -352,54 +322,46 @@ class Trainer:
         """The epochs after which the learning rate is multiplied by ``gamma``."""
         return sorted({max(1, round(m * self.config.epochs)) for m in self.config.milestones})
 
-    def _execution(self) -> dict[str, Any]:
-        """What a checkpoint records besides the recipe: resuming with another world size or ``sync_bn`` is refused."""
-        return {"efficient": self.config.efficient, "world_size": self.ctx.world_size, "sync_bn": self.config.sync_bn}
+    def _recipe(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint: the recipe, the world size and ``sync_bn`` (with
+        several processes: it changes the batch-norm statistics; alone, it is plain batch norm)."""
+        world_size = self.ctx.world_size
+        return {**self.config.recipe(), "world_size": world_size, "sync_bn": self.config.sync_bn and world_size > 1}
 
     def _restore(self) -> None:
-        """Continue from the checkpoint to resume (the newest, or ``config.resume``): refuse another recipe, world
-        size or ``sync_bn`` (several processes); warn for another memory mode; extend to more ``epochs``."""
-        if self.config.resume is True and not checkpoints(self.output):
+        """Continue from the newest checkpoint (or ``config.resume``): refuse another :meth:`_recipe` (``epochs`` may
+        grow: the run is extended with the new length's schedule); warn for another memory mode."""
+        found = checkpoints(self.output)
+        if self.config.resume is True and not found:
             raise CheckpointError(f"nothing to resume: no checkpoint in {self.output / CHECKPOINT_DIR}")
-        path = checkpoints(self.output)[-1] if self.config.resume is True else Path(str(self.config.resume))
+        path = found[-1] if self.config.resume is True else Path(str(self.config.resume))
         model_state, state = load_checkpoint(path)
-        recipe, config = self.config.recipe(), state["config"]
+        recipe, config = self._recipe(), state["config"]
         differing = [f"{k}: checkpoint {v!r}, now {recipe[k]!r}" for k, v in config.items() if v != recipe[k]]
-        differing = [text for text in differing if not text.startswith("epochs:")]  # epochs may grow
-        if differing:
-            listing = "; ".join(differing)
+        if differing := [text for text in differing if not text.startswith("epochs:")]:
             raise CheckpointError(
-                f"{path} was written by another recipe ({listing}): resume it as it ran, or --overwrite"
+                f"{path} was written by another recipe ({'; '.join(differing)}): resume it as it ran, or start a new "
+                f"run from its weights (--weights {path.with_suffix('.safetensors')}) in another --output"
             )
         if state["epoch"] > self.config.epochs:
             raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or more")
-        recorded, now = state["execution"], self._execution()
-        changed = [key for key in ("world_size", "sync_bn") if recorded[key] != now[key]]
-        if changed and now["world_size"] > 1 or "world_size" in changed:  # one process: sync_bn is plain BN
-            listing = "; ".join(f"{key}: checkpoint {recorded[key]!r}, now {now[key]!r}" for key in changed)
-            raise CheckpointError(
-                f"{path} was written by a run with another {' and '.join(changed)} ({listing}): the batch-norm "
-                "statistics and data order would differ. Resume as it ran, or start a new run from its weights "
-                f"(--weights {path.with_suffix('.safetensors')}) in another --output"
-            )
-        if recorded["efficient"] != now["efficient"] and self.ctx.is_main:
-            modes = f"(efficient={recorded['efficient']!r}) with efficient={now['efficient']!r}"
+        if state["efficient"] != self.config.efficient and self.ctx.is_main:
+            modes = f"(efficient={state['efficient']!r}) with efficient={self.config.efficient!r}"
             warnings.warn(f"resuming {path} {modes}: the same function, but not bit-identically", stacklevel=2)
         self.model.load_state_dict(model_state)
         for key in ("optimizer", "scheduler", "scaler"):
             getattr(self, key).load_state_dict(state[key])
         self.history, self.best, self.start_epoch = state["history"], state["best"], state["epoch"]
         if config["epochs"] != self.config.epochs:  # extended: the new length's milestones from the next epoch on
-            self.scheduler.milestones = Counter(self._milestones())
-            passed = sum(n for milestone, n in self.scheduler.milestones.items() if milestone <= self.start_epoch)
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-                group["lr"] = base * self.config.gamma**passed
-            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            milestones = self._milestones()
+            self.scheduler.milestones = Counter(milestones)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * self.config.gamma ** sum(m <= self.start_epoch for m in milestones)
             if self.ctx.is_main:
                 warnings.warn(
                     f"extending the run from {config['epochs']} to {self.config.epochs} epochs: from epoch "
                     f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} epochs "
-                    f"(milestones {self._milestones()}, lr now {self.optimizer.param_groups[0]['lr']:g})",
+                    f"(milestones {milestones}, lr now {self.optimizer.param_groups[0]['lr']:g})",
                     stacklevel=2,
                 )
 
@@ -419,12 +381,16 @@ class Trainer:
                 write_atomically(folder / CONFIG_FILENAME, config)
         model_bytes = self._model_bytes()
         state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler")}
-        state.update(epoch=epoch, history=self.history, best=self.best, execution=self._execution())
-        state["config"] = self.config.recipe()
+        state.update(epoch=epoch, history=self.history, best=self.best, efficient=self.config.efficient)
+        state["config"] = self._recipe()
         save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
         if self.best["epoch"] == epoch:
             write_atomically(self.output / BEST_FILENAME, model_bytes)
-        write_atomically(self.output / "metrics.csv", _csv_bytes(self.history))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in self.history for key in row)))
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_atomically(self.output / "metrics.csv", text.getvalue().encode())
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best weights and export them. Returns the results."""
@@ -477,7 +443,7 @@ class Trainer:
         row["images_per_s"] = count / (time.perf_counter() - start)
         if device.type == "cuda":
             peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
-            self.ctx.all_reduce(peak, op="max")
+            self.ctx.all_reduce(peak, op=dist.ReduceOp.MAX)
             row["peak_memory_mb"] = peak.item() / 2**20
         return row
 
@@ -517,9 +483,15 @@ class Trainer:
         if self.ctx.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        amp, channels_last = self.config.amp, self.config.channels_last
-        device, all_reduce = self.ctx.device, self.ctx.all_reduce
-        return evaluate(self.model, loader, device, amp=amp, channels_last=channels_last, all_reduce=all_reduce)
+        config, ctx = self.config, self.ctx
+        return evaluate(
+            self.model,
+            loader,
+            ctx.device,
+            amp=config.amp,
+            channels_last=config.channels_last,
+            all_reduce=ctx.all_reduce,
+        )
 
     def _finish(self) -> dict[str, Any]:
         """Test the best epoch's weights, read from its checkpoint (kept for this: the run's own best whatever
@@ -559,27 +531,16 @@ def _epoch_line(row: dict[str, Any]) -> str:
     return "  ".join(f"{key} {value:.4g}" for key, value in row.items())
 
 
-def _csv_bytes(history: list[dict[str, Any]]) -> bytes:
-    """The per-epoch history as CSV (columns: every key any epoch has, in first-seen order)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in history for key in row)))
-    writer.writeheader()
-    writer.writerows(history)
-    return text.getvalue().encode()
-
-
 def _curves_png(history: list[dict[str, Any]]) -> bytes:
     """Loss and top-1 per epoch (train and validation) as a PNG, on matplotlib's Agg canvas (no display)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4), layout="constrained")
-    epochs = [row["epoch"] for row in history]
     for axes, metric in zip(figure.subplots(1, 2), ("loss", "top1"), strict=True):
-        for split in ("train", "val"):
-            if f"{split}_{metric}" in history[0]:
-                axes.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
+        for key in (f"train_{metric}", f"val_{metric}"):
+            if key in history[0]:
+                axes.plot([row["epoch"] for row in history], [row[key] for row in history], marker=".", label=key)
         axes.set(xlabel="epoch", ylabel=metric)
-        axes.grid(alpha=0.3)
         axes.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -610,24 +571,26 @@ def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], kee
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Checkpoint ``epoch-N.pt`` and its ``epoch-N.safetensors``: (model state dict, training state). The model file
-    is read once: the bytes hashed are the bytes deserialised. :class:`CheckpointError` (naming the previous
-    checkpoint, if any) when a file is missing, truncated or corrupt, or the model file is not the one recorded."""
+    """Checkpoint ``epoch-N.pt`` and its ``epoch-N.safetensors``: (model state dict, training state). Each file is
+    read once, so the model bytes hashed are the bytes loaded. :class:`CheckpointError` (naming the previous
+    checkpoint, if any) when a file is missing, odd, truncated or corrupt, or the model file is not the one recorded."""
     from safetensors.torch import load
 
     path = Path(path)
     model_path = path.with_suffix(".safetensors")
     older = [p for p in checkpoints(path.parent.parent) if p.name < path.name]
     hint = f"; the previous checkpoint {older[-1]} can be resumed with --resume {older[-1]}" if older else ""
-    if not path.is_file() or not model_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {path.name} and {model_path.name} are needed{hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data, model_bytes = (read_regular_file(p, MAX_WEIGHTS_BYTES, CheckpointError) for p in (path, model_path))
+    except FileNotFoundError as error:
+        needed = f"{path.name} and {model_path.name} are needed{hint}"
+        raise CheckpointError(f"checkpoint {path} is incomplete: {needed}") from error
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean "unreadable"
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}){hint}") from error
     if not isinstance(state, dict) or "model_sha256" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of densenet-efficient{hint}")
-    model_bytes = model_path.read_bytes()
     if hashlib.sha256(model_bytes).hexdigest() != state["model_sha256"]:
         raise CheckpointError(f"{model_path} is corrupt or another file: its sha256 differs from the recorded{hint}")
     return load(model_bytes), state
@@ -650,39 +613,31 @@ def output_lock(output: Path) -> Iterator[None]:
     names the holder (pid, host, start time) in the :class:`UsageError` another run gets."""
     from filelock import FileLock, Timeout
 
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as error:
-        raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
-
     def name_the_holder(handle: int) -> None:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
 
-    lock = FileLock(output / LOCK_FILENAME, blocking=False, on_acquired=name_the_holder)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder: pass a folder for the run's files")
     try:
-        lock.acquire()
+        output.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output).close()
+        held = FileLock(output / LOCK_FILENAME, blocking=False, on_acquired=name_the_holder).acquire()
     except Timeout:
         holder = (output / LOCK_FILENAME).read_text(errors="replace").strip() or "holder unknown"
         raise UsageError(
             f"--output {output} is in use by another train run ({holder}): wait for it to end, or pass another --output"
         ) from None
-    try:
+    except OSError as error:
+        raise UsageError(f"--output {output} cannot be written to: {error.strerror or error}") from error
+    with held:
         yield
-    finally:
-        lock.release()
 
 
 def prepare_output(config: TrainConfig) -> None:
     """Before anything is built, in the folder :func:`output_lock` holds: refuse files unless the run resumes or
     ``overwrite`` deletes the run's own (:data:`RUN_FILES`, :data:`RUN_FOLDERS`); remove what killed writes left."""
-    import shutil
-
     output = Path(config.output)
     if not config.resume and any(p.name != LOCK_FILENAME for p in output.iterdir()):
         if not config.overwrite:
@@ -702,9 +657,7 @@ def prepare_output(config: TrainConfig) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    recipes = "; ".join(
-        f"{name}: {r['model']} {r.get('model_args', '')} {r['epochs']} epochs" for name, r in RECIPES.items()
-    )
+    recipes = "; ".join(f"{k}: {r['model']} {r.get('model_args', '')} {r['epochs']} epochs" for k, r in RECIPES.items())
     parser.epilog = f"Defaults per dataset ({recipes}); see RECIPES in densenet_efficient/tools/train.py."
     for field in dataclasses.fields(TrainConfig):
         options = dict(field.metadata)
