@@ -1,8 +1,6 @@
 """The ``densenet-efficient`` command (also ``python -m densenet_efficient``): each subcommand's module provides
-``add_arguments(parser)`` and ``run(args) -> int``.
-
-Errors: one line ``densenet-efficient COMMAND: error: MESSAGE`` on stderr, exit status 2 for usage errors (argparse's
-own and :class:`~.common.UsageError`), 1 for any other failure and 130 for Ctrl-C; ``--debug`` or
+``add_arguments(parser)`` and ``run(args) -> int``. An error is one line on stderr and exit status 2 (usage: argparse's
+and :class:`~.common.UsageError`), 1 (any other failure) or 130 (Ctrl-C); ``--debug`` or
 ``DENSENET_EFFICIENT_DEBUG=1`` shows the traceback instead.
 """
 
@@ -20,19 +18,13 @@ from ..pretrained.files import env_flag
 from .common import UsageError
 
 DEBUG_ENV = "DENSENET_EFFICIENT_DEBUG"
-EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-_TRAIN = ("tqdm", "matplotlib", "sklearn")
-# name -> (module, one-line help, what it needs beyond the base install: the "tools" extra)
+# name -> (module in densenet_efficient.tools, one-line help, what it needs beyond the base install: the "tools" extra)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "models": ("densenet_efficient.tools.cli", "list the model names", ()),
-    "bench": (
-        "densenet_efficient.tools.bench",
-        "peak memory and step time of each memory mode",
-        ("tqdm", "matplotlib"),
-    ),
-    "plan": ("densenet_efficient.tools.plan", "largest batch and deepest network within a memory budget", ()),
-    "train": ("densenet_efficient.tools.train", "train or fine-tune (digits, CIFAR, ImageFolder; torchrun)", _TRAIN),
-    "eval": ("densenet_efficient.tools.evaluate", "top-1/top-5 of a model's weights on a dataset", ("tqdm", "sklearn")),
+    "models": ("cli", "list the model names", ()),
+    "bench": ("bench", "peak memory and step time of each memory mode", ("tqdm", "matplotlib")),
+    "plan": ("plan", "largest batch and deepest network within a memory budget", ()),
+    "train": ("train", "train or fine-tune (digits, CIFAR, ImageFolder; torchrun)", ("tqdm", "matplotlib", "sklearn")),
+    "eval": ("evaluate", "top-1/top-5 of a model's weights on a dataset", ("tqdm", "sklearn")),
 }
 
 
@@ -49,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one line on errors, as every other error of the command (subcommands' parsers too)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (--help shows the usage)\n")
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, text, _) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f".{module_name}", __package__)
         subparser = subparsers.add_parser(name, help=text, description=text)
         module.add_arguments(subparser)
         subparser.set_defaults(run=module.run)
@@ -79,28 +71,25 @@ def missing_requirements(command: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns its exit status (see the module docstring for errors)."""
     args = build_parser().parse_args(argv)
-    prefix = f"densenet-efficient {args.command}: error:"
-    missing = missing_requirements(args.command)
-    if missing:
-        print(
-            f"{prefix} needs {', '.join(missing)}, which is not installed: pip install 'densenet-efficient[tools]'",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+    prefix = f"densenet-efficient {args.command}:"
+    if missing := missing_requirements(args.command):
+        extra = "pip install 'densenet-efficient[tools]'"
+        print(f"{prefix} error: needs {', '.join(missing)}, which is not installed: {extra}", file=sys.stderr)
+        return 1
     try:
         debug = getattr(args, "debug", False) or env_flag(DEBUG_ENV)
     except ValueError as error:
-        print(f"{prefix} {error}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{prefix} error: {error}", file=sys.stderr)
+        return 2
     if debug:
         return args.run(args)
     try:
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
         kept = " (checkpoints written so far are kept: --resume continues the run)" if args.command == "train" else ""
-        print(f"densenet-efficient {args.command}: interrupted{kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # every failure becomes one line and an exit status; --debug shows the traceback
+        print(f"{prefix} interrupted{kept}", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line and an exit status; --debug shows the traceback
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-        print(f"{prefix} {message} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
+        print(f"{prefix} error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1

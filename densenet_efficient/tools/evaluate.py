@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models import create_model
-from .common import AMP_DTYPES, Progress, UsageError, evaluate, model_name
+from .common import AMP_DTYPES, Progress, UsageError, evaluate, int_at_least, model_name
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
 
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--split", choices=("test", "val"), default="test")
     add("--val-fraction", type=float, default=0.1, help="training images held out for validation, as in train")
     add("--bad-images", choices=BAD_IMAGES, default="error", help="imagefolder: stop at unreadable images, or skip")
-    add("--batch-size", type=int, default=256)
-    add("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    add("--batch-size", type=int_at_least(1), default=256)
+    add("--workers", type=int_at_least(0), default=0, help="data-loading processes (default 0)")
     add("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     add("--amp", choices=tuple(AMP_DTYPES), help="mixed precision")
     add("--channels-last", action="store_true")
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     weights, preprocessing = pretrained_weights(args.model, args.weights)  # read once
     options = dict(download=args.download, val_fraction=args.val_fraction, bad_images=args.bad_images)
     splits = build_splits(args.dataset, args.data, preprocessing=preprocessing, augment=False, **options)
-    dataset = splits.test if args.split == "test" else splits.val
-    if dataset is None:
+    if (dataset := splits.test if args.split == "test" else splits.val) is None:
         raise UsageError("--split val needs a validation set: pass --val-fraction above 0")
     model = weights.load_into(create_model(args.model, **{**weights.model_args, "efficient": False}))
     if model.num_classes != splits.num_classes:
@@ -54,15 +53,13 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("eval", len(loader), unit="batch")
     progress.note(f"{args.dataset} ({args.split}): {len(loader)} batches of up to {args.batch_size} on {device}")
     try:
-        batches = progress.each(loader, "batch")
-        metrics = evaluate(model, batches, device, amp=args.amp, channels_last=args.channels_last)
+        metrics = evaluate(
+            model, progress.each(loader, "batch"), device, amp=args.amp, channels_last=args.channels_last
+        )
     finally:
         progress.close()
-    text = json.dumps(
-        {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics},
-        indent=2,
-    )
-    print(text)
+    result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics}
+    print(text := json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
     return 0

@@ -51,7 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cifar10": dict(_SGD, model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1, workers=8),
     "cifar100": dict(_SGD, model="densenet_bc_100_k12", epochs=300, batch_size=64, lr=0.1, workers=8),
     "digits": dict(_SGD, model="densenet_bc_100_k12", epochs=10, batch_size=32, lr=0.1, workers=0)
-    | {"model_args": {"block_config": (2, 2, 2)}},  # with the recipe's model only
+    | {"model_args": {"block_config": (2, 2, 2)}},  # used with the recipe's model only
     "imagefolder": dict(_SGD, model="densenet121_efficient", epochs=30, batch_size=64, lr=0.01, workers=8),
 }
 # What a resumed run must share with the run it continues (``epochs`` may grow: the run is extended).
