@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models import create_model
-from .common import AMP_DTYPES, Progress, UsageError, evaluate, int_at_least, model_name
+from .common import AMP_DTYPES, Progress, UsageError, device_name, evaluate, int_at_least, model_name
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--bad-images", choices=BAD_IMAGES, default="error", help="imagefolder: stop at unreadable images, or skip")
     add("--batch-size", type=int_at_least(1), default=256)
     add("--workers", type=int_at_least(0), default=0, help="data-loading processes (default 0)")
-    add("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    add("--device", type=device_name, help="cuda, cuda:N or cpu (default: cuda if available)")
     add("--amp", choices=tuple(AMP_DTYPES), help="mixed precision")
     add("--channels-last", action="store_true")
     add("--json", type=Path, help="also write the result to this JSON file")

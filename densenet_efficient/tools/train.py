@@ -42,7 +42,7 @@ from ..models import create_model
 from ..pretrained.files import MAX_WEIGHTS_BYTES, read_regular_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
-from .common import AMP_DTYPES, UsageError, autocast, evaluate, model_name, parse_efficient, to_device
+from .common import AMP_DTYPES, UsageError, autocast, device_name, evaluate, model_name, parse_efficient, to_device
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
 _SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1)
@@ -135,7 +135,7 @@ class TrainConfig:
     timeout: float = _arg(600.0, "torchrun: seconds to wait for the others (gloo's default: 30 min)", type=float)
     seed: int = _arg(0, type=int)
     workers: int = _arg(help="data-loading processes per process", type=int)
-    device: str | None = _arg(help="cuda, cuda:N or cpu (default: cuda if available; torchrun: LOCAL_RANK)")
+    device: str | torch.device | None = _arg(help="cuda, cuda:N or cpu (default: cuda if available)", type=device_name)
     output: str = _arg("runs/train", "output folder (default runs/train)")
     resume: bool | str = _arg(
         False, "from the newest checkpoint, or this epoch-N.pt", nargs="?", const=True, metavar="PT"
@@ -213,9 +213,10 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def distributed(device: str | None, timeout: float = 600.0) -> Iterator[DistContext]:
+def distributed(device: str | torch.device | None, timeout: float = 600.0) -> Iterator[DistContext]:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): NCCL on CUDA, gloo on
-    CPU; a collective waiting more than ``timeout`` seconds fails. Without those variables the process runs alone."""
+    CPU; a collective waiting more than ``timeout`` seconds fails. Without those variables the process runs alone.
+    On CUDA, ``device`` without an index is ``LOCAL_RANK``'s GPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda":
@@ -273,12 +274,11 @@ class Trainer:
         weights, preprocessing = (
             pretrained_weights(config.model, config.weights) if config.weights or config.pretrained else (None, None)
         )
-        download_first = config.download and ctx.world_size > 1  # rank 0 downloads, the others wait for it
-        if download_first and not ctx.is_main:
+        if config.download and not ctx.is_main:  # rank 0 downloads, the others wait for it
             ctx.barrier()
         options = {key: getattr(config, key) for key in ("download", "image_size", "val_fraction", "bad_images")}
         self.splits = build_splits(config.dataset, config.data, preprocessing=preprocessing, **options)
-        if download_first and ctx.is_main:
+        if config.download and ctx.is_main:
             ctx.barrier()
         classes = self.splits.num_classes
         if classes < 2:
