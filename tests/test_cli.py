@@ -64,6 +64,8 @@ def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, opt
         (["plan", "--batch-size", "0"], "densenet-efficient plan: error: argument --batch-size: expected an integer"),
         (["eval", "--no-such-option"], "densenet-efficient eval: error: the following arguments are required"),
         (["nope"], "densenet-efficient: error: argument COMMAND: invalid choice: 'nope'"),
+        (["train", "--device", "cuda:7"], "densenet-efficient train: error: argument --device: device 'cuda:7' is not"),
+        (["eval", "densenet_bc_100_k12", "--batch-size", "0"], "densenet-efficient eval: error: argument --batch-size"),
         # Output paths are checked before the benchmark runs, not when its results are written.
         (
             ["bench", "--json", "/no/such/folder/r.json"],

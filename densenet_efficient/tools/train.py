@@ -483,15 +483,8 @@ class Trainer:
         if self.ctx.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        config, ctx = self.config, self.ctx
-        return evaluate(
-            self.model,
-            loader,
-            ctx.device,
-            amp=config.amp,
-            channels_last=config.channels_last,
-            all_reduce=ctx.all_reduce,
-        )
+        options: dict[str, Any] = dict(amp=self.config.amp, channels_last=self.config.channels_last)
+        return evaluate(self.model, loader, self.ctx.device, all_reduce=self.ctx.all_reduce, **options)
 
     def _finish(self) -> dict[str, Any]:
         """Test the best epoch's weights, read from its checkpoint (kept for this: the run's own best whatever
