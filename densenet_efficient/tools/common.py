@@ -199,11 +199,8 @@ def model_io(model: nn.Module) -> tuple[int, int, int]:
     classifier = model.get_submodule("classifier" if hasattr(model, "classifier") else "class_layers.out")
     conv0 = model.get_submodule("features.conv0")
     assert isinstance(conv0, nn.modules.conv._ConvNd), conv0
-    return (
-        conv0.in_channels,
-        classifier.out_features if isinstance(classifier, nn.Linear) else 1,
-        conv0.weight.dim() - 2,
-    )
+    classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
+    return conv0.in_channels, classes, conv0.weight.dim() - 2
 
 
 def random_batch(

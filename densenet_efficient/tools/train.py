@@ -546,9 +546,9 @@ def checkpoints(output: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem[6:]))
 
 
-def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], keep: int) -> None:
     """Write ``epoch-N.safetensors`` (``model_bytes``) then ``epoch-N.pt`` (``state`` and the model file's
-    sha256); then delete all but the newest ``keep`` checkpoints and the best epoch's. Returns the ``.pt`` path."""
+    sha256); then delete all but the newest ``keep`` checkpoints and the best epoch's."""
     folder = output / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch-{state['epoch']:04d}.pt"
@@ -560,7 +560,6 @@ def save_checkpoint(output: Path, model_bytes: bytes, state: dict[str, Any], kee
     for old in [path for path in checkpoints(output)[:-keep] if path != best]:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
         old.unlink()
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
