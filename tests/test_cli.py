@@ -44,7 +44,8 @@ def one_line(capsys) -> str:
 def test_invalid_numbers_exit_2_with_one_line(tmp_path, capsys, monkeypatch, option, value, message):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert main([*TINY_TRAIN, "--output", str(tmp_path / "run"), option, value]) == 2
-    assert one_line(capsys) == f"densenet-efficient train: error: {message} (--debug shows the traceback)\n"
+    line = one_line(capsys)
+    assert line.startswith("densenet-efficient train: error:") and message in line and "--debug" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -142,12 +143,8 @@ def test_the_installed_entry_point_returns_the_exit_status(tmp_path):
         env={**os.environ, DEBUG_ENV: ""},
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        (
-            "densenet-efficient train: error: gamma must be a finite number in (0, 1], got -5.0 (--debug shows the "
-            "traceback)"
-        )
-    ]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("densenet-efficient train: error: gamma must be a finite number in (0, 1]")
 
 
 def test_models_lists_matching_names(capsys):
@@ -161,11 +158,8 @@ def test_missing_tools_extra_names_the_extra_to_install(command, missing, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
     argv = [command] if command != "eval" else [command, "densenet_bc_100_k12"]
     assert cli.main(argv) == 1
-    err = capsys.readouterr().err
-    assert err == (
-        f"densenet-efficient {command}: error: needs {missing}, which is not installed: "
-        "pip install 'densenet-efficient[tools]'\n"
-    )
+    line = one_line(capsys)
+    assert line.startswith(f"densenet-efficient {command}: error: needs {missing}") and "[tools]" in line
 
 
 def test_plan_needs_only_the_base_install():
