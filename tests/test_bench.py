@@ -26,12 +26,13 @@ LABELS = [
 # ----------------------------------------------------------------------------------------------- peers
 
 
-def test_checkpoint_baseline_computes_what_the_naive_model_computes():
+@pytest.mark.parametrize("layers", [{}, {"norm": "instance", "act": "prelu"}])
+def test_checkpoint_baseline_computes_what_the_naive_model_computes(layers):
     images, labels = common.random_batch(3, 16, 3, 10)
     grads = []
     for build in (
-        lambda: de.create_model("densenet_bc_10_k12", efficient=False),
-        lambda: bench.checkpointed_densenet("densenet_bc_10_k12"),
+        lambda: de.create_model("densenet_bc_10_k12", efficient=False, **layers),
+        lambda: bench.checkpointed_densenet("densenet_bc_10_k12", **layers),
     ):
         torch.manual_seed(0)
         model = build()

@@ -49,14 +49,14 @@ class _CheckpointedLayer(nn.Module):
         self.layer = layer
 
     def _bottleneck(self, *features: Tensor) -> Tensor:
-        return self.layer.conv1(F.relu(self.layer.norm1(torch.cat(features, 1))))
+        return self.layer.conv1(self.layer.relu1(self.layer.norm1(torch.cat(features, 1))))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         from torch.utils.checkpoint import checkpoint
 
         layer, out = self.layer, checkpoint(self._bottleneck, *features, use_reentrant=False)
         if hasattr(layer, "conv2"):
-            out = layer.conv2(F.relu(layer.norm2(out)))
+            out = layer.conv2(layer.relu2(layer.norm2(out)))
         return F.dropout(out, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else out
 
 

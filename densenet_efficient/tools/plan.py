@@ -80,10 +80,6 @@ class Question:
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
         return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
 
-    def record(self) -> dict[str, Any]:
-        """The question's fields for the JSON output."""
-        return {key: value for key, value in asdict(replace(self, progress=None)).items() if key != "progress"}
-
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
     """The largest batch size whose training total fits in ``budget`` bytes (0 if not even one image fits)."""
@@ -180,9 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--largest-input", action="store_true", help="also the largest input side that trains at --batch-size")
     copies = "parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)"
     add("--optimizer-copies", type=common.int_at_least(0), default=1, help=copies)
-    add(
-        "--measure", action="store_true", help="also a real step per mode on this CPU: its live-tensor, allocator peaks"
-    )
+    add("--measure", action="store_true", help="also a real step per mode on this CPU (bench's memory pass)")
     add("--modes", type=partial(common.peer_keys, valid=modes), default=modes, help=f"subset of {','.join(modes)}")
 
 
@@ -205,15 +199,15 @@ def run(args: argparse.Namespace) -> int:
         "as bench counts it on CPU; on CUDA, cuDNN workspaces and the caching allocator add to it.\n"
     )
     progress.note(f"about {steps} fake training steps (one per line here); the time left is estimated from the first")
-    result: dict[str, Any] = {"memory_bytes": args.memory, **question.record(), "model": args.model, "modes": []}
+    record = {key: value for key, value in vars(question).items() if key != "progress"}
+    result: dict[str, Any] = {"memory_bytes": args.memory, **record, "model": args.model, "modes": []}
+    table: list[list[object]] = []
     for key, mode in modes.items():
         build = partial(create_model, args.model, efficient=mode)
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
-        result["modes"].append(
-            {"mode": key, "label": f"efficient={mode!r}", "total_bytes": at_batch, "largest_batch": batch}
-        )
-    header = ["mode", f"memory at batch {args.batch_size}", "largest batch"]
-    print(markdown(header, ([row["label"], _gib(row["total_bytes"]), row["largest_batch"]] for row in result["modes"])))
+        result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
+        table.append([f"efficient={mode!r}", _gib(at_batch), batch])
+    print(markdown(["mode", f"memory at batch {args.batch_size}", "largest batch"], table))
     if args.measure:
         result["measured"] = _measured(args.model, tuple(modes), question)
     if args.largest_input:
@@ -230,10 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _measured(name: str, keys: tuple[str, ...], question: Question) -> list[dict]:
     """Per mode, the predicted step peak and a real step's peaks on this CPU (``bench``'s memory pass)."""
-    rows = measure(
-        name, Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0), keys
-    )
-    table = []
+    setting = Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0)
+    rows, table = measure(name, setting, keys), []
     for row in rows:
         row["predicted_bytes"] = predicted = question.footprint(make_peers(name, (row["mode"],))[0].build).peak
         mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
@@ -249,20 +241,15 @@ def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, questi
     with torch.device("meta"):
         smallest = create_model(name, efficient=False).min_input_size
     rows: list[dict] = []
+    table: list[list[object]] = []
     for key, mode in modes.items():
         side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
         rows.append({"mode": key, "side": side, "total_bytes": total})
         naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
         shape, memory = (common.input_label(name, side), _gib(total)) if side and total else ("none fits", "-")
-        rows[-1]["cells"] = [
-            f"efficient={mode!r}",
-            side,
-            shape,
-            memory,
-            f"{side / naive:.2f}" if naive and side else "-",
-        ]
+        table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
     print(f"\nLargest input of {name} at batch {question.batch_size}:")
-    print(markdown(["mode", "side", "input", "memory", "side x naive"], (row.pop("cells") for row in rows)))
+    print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
     return rows
 
 
