@@ -1,10 +1,5 @@
-"""``densenet-efficient bench``: peak memory, aten operators and step time of every memory mode and its peers.
-
-Beside the memory modes runs the DenseNet people use today (:func:`baseline`). Memory is measured in a pass of its
-own (on CPU twice: live tensors, what ``plan`` models, and the allocator's peak, kernels' temporaries and compiled
-graphs included); then the timed steps are interleaved, the order reversed every round. A peer whose predicted
-memory (:func:`.common.predict`) exceeds what the device has free is skipped, its prediction shown instead.
-"""
+"""``densenet-efficient bench``: peak memory, aten operators and step time of every memory mode and its peers
+(:func:`make_peers`): memory in a pass of its own, then the timed steps interleaved (see :func:`measure`)."""
 
 from __future__ import annotations
 
@@ -83,9 +78,7 @@ def monai_densenet(config: dict[str, Any]) -> nn.Module:
 
     names = dict(spatial_dims="spatial_dims", in_channels="in_chans", out_channels="num_classes", bn_size="bn_size")
     names.update(init_features="num_init_features", growth_rate="growth_rate", dropout_prob="drop_rate")
-    kwargs = {key: config[value] for key, value in names.items()} | {
-        k: config[k] for k in ("norm", "act") if k in config
-    }
+    kwargs = {key: config[value] for key, value in {**names, "norm": "norm", "act": "act"}.items() if value in config}
     return MonaiDenseNet(**kwargs, block_config=tuple(config["block_config"]))
 
 
@@ -156,19 +149,16 @@ def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | No
     ``compile_budget`` (naive compiled under each activation memory budget), ``features_only``, ``norm``, ``act``."""
     setting = setting or Setting(torch.device("cpu"))
     layers = {key: value for key in ("norm", "act") if (value := getattr(setting, key))}
-    table = [
-        (key, f"efficient={mode!r}", partial(create_model, name, efficient=mode, **layers))
-        for key, mode in common.MODES.items()
-    ]
-    modes = [Peer(*row) for row in table if row[0] in keys]
+    build = partial(create_model, name, **layers)
+    modes = [Peer(key, f"efficient={mode!r}", partial(build, efficient=mode)) for key, mode in common.MODES.items()]
+    modes = [peer for peer in modes if peer.key in keys]
     peers = [*modes, *[Peer(BASELINE, *baseline(name, **layers))] * (BASELINE in keys)]
     peers += [Peer(f"{p.key}+compile", f"torch.compile, {p.label}", p.build, 1.0) for p in modes if setting.compile]
-    label = "torch.compile, efficient=False, activation_memory_budget="
-    peers += [Peer(f"false+budget{b:g}", f"{label}{b:g}", table[0][2], b) for b in setting.compile_budget]
+    label, naive = "torch.compile, efficient=False, activation_memory_budget=", partial(build, efficient=False)
+    peers += [Peer(f"false+budget{b:g}", f"{label}{b:g}", naive, b) for b in setting.compile_budget]
     if setting.features_only:
-        peers = [
-            replace(p, label=f"{p.label}, features_only", build=partial(features_only_peer, p.build)) for p in peers
-        ]
+        builds = [partial(features_only_peer, p.build) for p in peers]
+        peers = [replace(p, label=f"{p.label}, features_only", build=b) for p, b in zip(peers, builds, strict=True)]
     return peers
 
 
@@ -280,8 +270,9 @@ def interleaved(timers: dict[Any, Callable[[], float]], repeats: int, progress=N
 
 
 def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progress | None = None) -> list[dict]:
-    """Rows of memory, operators and step times of each peer of model ``name`` (see the module docstring). Peers
-    are predicted until naive fits (every other peer needs less)."""
+    """Rows of memory (on CPU twice: live tensors, what ``plan`` models, and the allocator's peak, kernels'
+    temporaries and compiled graphs included), operators and interleaved step times of each peer of model ``name``.
+    A peer whose prediction exceeds the device's free memory is skipped (predicted until naive fits)."""
     rows: list[dict[str, Any]] = []
     runners: dict[str, Runner] = {}
     all_fit = False
@@ -455,12 +446,6 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     return markdown([*lead, "mode", *(title for title, _, _ in columns.values())], lines)
 
 
-CSV_FIELDS = (
-    "model depth batch_size input_size device dtype mode label skipped peak_bytes predicted_bytes memory_ratio "
-    "allocator_peak_bytes allocator_memory_ratio step_s time_ratio images_per_s step_spread operators operator_ratio"
-).split()
-
-
 def _axes(size: tuple[float, float]) -> tuple[Any, Any, Any]:
     import matplotlib
 
@@ -630,7 +615,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\naten operators per training step (x naive): {counts}")
     if args.csv:
         with open(args.csv, "w", newline="") as file:
-            writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
+            fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
+            writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
