@@ -415,15 +415,11 @@ def method_note(setting: Setting) -> str:
         "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
         "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
     )
-    timing = (
-        f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
-        f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; step "
-        "spread: (max - min) / median"
-    )
-    return (
-        f"memory: {memory}, above what was allocated before it (parameters, optimizer state, input batch).\ntime: "
-        f"{timing if setting.repeats else 'not measured (--repeats 0)'}."
-    )
+    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
+    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
+    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
+    before = "above what was allocated before it (parameters, optimizer state, input batch)"
+    return f"memory: {memory}, {before}.\ntime: {timing}."
 
 
 def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
@@ -563,28 +559,25 @@ def run(args: argparse.Namespace) -> int:
             create_model(args.model, norm=args.norm or "batch", act=args.act or "relu")
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
         raise common.UsageError(str(error)) from None
-    if args.optimizer_in_backward and (args.dtype == "fp16" or args.sync_bn_processes):
+    processes, devices = args.sync_bn_processes, torch.cuda.device_count()
+    if args.optimizer_in_backward and (args.dtype == "fp16" or processes):
         raise common.UsageError(
             "--optimizer-in-backward steps each parameter as its gradient is accumulated: not with --dtype fp16 (the "
             "GradScaler checks every gradient first) nor --sync-bn-processes (DDP averages gradients after that)"
         )
-    processes, devices = args.sync_bn_processes, torch.cuda.device_count()
     if processes and (args.sweep or args.repeats < 1 or (args.device.type == "cuda" and processes > devices)):
-        raise common.UsageError(
-            f"--sync-bn-processes needs --repeats >= 1, no --sweep, and a device per process ({devices} here)"
-        )
-    base = Setting(
-        **{**{field.name: getattr(args, field.name) for field in fields(Setting)}, "input_size": configs[0][2]}
-    )
+        why = f"--sync-bn-processes needs --repeats >= 1, no --sweep, and a device per process ({devices} here)"
+        raise common.UsageError(why)
+    options = {field.name: getattr(args, field.name) for field in fields(Setting)}
+    base = Setting(**{**options, "input_size": configs[0][2]})
     summary = _summary(args, base, configs[0][1])
     if processes:
         synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
         threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
         summary = (
             f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
-            f"median of {base.repeats} data-parallel training steps (DistributedDataParallel, SGD momentum) after "
-            f"{base.warmup} warm-up step(s), the slowest process's time from a barrier; BatchNorm and SyncBatchNorm "
-            "interleaved, order reversed each round."
+            f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "
+            "process's from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed each round."
         )
         header = ["mode", "step (s), BatchNorm", "step (s), SyncBatchNorm", "time x BatchNorm"]
         table = (
