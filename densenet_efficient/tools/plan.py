@@ -227,7 +227,8 @@ def _measured(name: str, keys: tuple[str, ...], question: Question) -> list[dict
     setting = Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0)
     rows, table = measure(name, setting, keys), []
     for row in rows:
-        row["predicted_bytes"] = predicted = question.footprint(make_peers(name, (row["mode"],))[0].build).peak
+        predicted = row["predicted_bytes"] or question.footprint(make_peers(name, (row["mode"],))[0].build).peak
+        row["predicted_bytes"] = predicted  # bench predicts until naive fits
         mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
         table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
     print(f"\nChecked on this CPU, one training step at batch {question.batch_size} (peak above parameters and input):")
