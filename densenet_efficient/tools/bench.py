@@ -370,6 +370,8 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
     cuda = setting.device.type == "cuda"
     setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
     torch.set_num_threads(_threads_per_process(processes))
+    if cuda:
+        torch.cuda.set_device(setting.device)  # NCCL's barrier and communicators use the current device
     init = f"tcp://127.0.0.1:{port}"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=processes)
 
