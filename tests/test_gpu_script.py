@@ -14,7 +14,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_script_runs_every_step_on_cpu_and_writes_results(tmp_path):
-    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    environment = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (folder,) = tmp_path.iterdir()

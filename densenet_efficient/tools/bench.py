@@ -1,17 +1,10 @@
-"""``densenet-efficient bench``: peak memory and training-step time of every memory mode, side by side.
-
-Beside the memory modes runs the DenseNet people use today (:func:`baseline_peer`). Memory is measured in a pass
-of its own (on CPU twice: live tensors as a dispatch mode counts them, what ``plan`` models, and the allocator's
-peak, kernels' temporaries and compiled graphs included); then the peers' timed steps are interleaved, the order
-reversed every round. A peer whose predicted memory (:func:`.common.predict`) exceeds what the device has free is
-skipped, its prediction shown instead.
-"""
+"""``densenet-efficient bench``: peak memory, aten operators and step time of every memory mode and its peers
+(:func:`make_peers`): memory in a pass of its own, then the timed steps interleaved (see :func:`measure`)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import gc
 import json
 import os
@@ -19,8 +12,8 @@ import statistics
 import sys
 import textwrap
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
 
@@ -39,9 +32,8 @@ PEER_KEYS = (*common.MODES, BASELINE)
 MIB = 2**20
 SPREAD_LIMIT = 0.1  # (max - min) / median of a peer's step times above which its time is not comparable
 BUSY_LOAD = 0.5  # load average of other work (runnable threads) above which the machine counts as busy
-# Each measured value: its ratio to eager naive's.
 RATIOS = dict(peak_bytes="memory_ratio", allocator_peak_bytes="allocator_memory_ratio", step_s="time_ratio")
-RATIOS.update(operators="operator_ratio")
+RATIOS.update(operators="operator_ratio")  # each measured value's ratio to eager naive's
 
 
 class _CheckpointedLayer(nn.Module):
@@ -52,24 +44,23 @@ class _CheckpointedLayer(nn.Module):
         self.layer = layer
 
     def _bottleneck(self, *features: Tensor) -> Tensor:
-        return self.layer.conv1(F.relu(self.layer.norm1(torch.cat(features, 1))))
+        return self.layer.conv1(self.layer.relu1(self.layer.norm1(torch.cat(features, 1))))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         from torch.utils.checkpoint import checkpoint
 
         layer, out = self.layer, checkpoint(self._bottleneck, *features, use_reentrant=False)
         if hasattr(layer, "conv2"):
-            out = layer.conv2(F.relu(layer.norm2(out)))
+            out = layer.conv2(layer.relu2(layer.norm2(out)))
         return F.dropout(out, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else out
 
 
-def checkpointed_densenet(name: str) -> DenseNet:
+def checkpointed_densenet(name: str, **layers: Any) -> DenseNet:
     """The naive model with every dense layer checkpointed as in gpleiss/efficient_densenet_pytorch."""
-    model = create_model(name, efficient=False)
+    model = create_model(name, efficient=False, **layers)
     for block in [module for module in model.modules() if isinstance(module, DenseBlock)]:
         for layer_name, layer in list(block.items()):
-            assert isinstance(layer, DenseLayer)
-            block[layer_name] = _CheckpointedLayer(layer)
+            block[layer_name] = _CheckpointedLayer(layer)  # type: ignore[arg-type]
     return model
 
 
@@ -87,15 +78,28 @@ def monai_densenet(config: dict[str, Any]) -> nn.Module:
 
     names = dict(spatial_dims="spatial_dims", in_channels="in_chans", out_channels="num_classes", bn_size="bn_size")
     names.update(init_features="num_init_features", growth_rate="growth_rate", dropout_prob="drop_rate")
-    return MonaiDenseNet(
-        **{key: config[value] for key, value in names.items()}, block_config=tuple(config["block_config"])
-    )
+    kwargs = {key: config[value] for key, value in {**names, "norm": "norm", "act": "act"}.items() if value in config}
+    return MonaiDenseNet(**kwargs, block_config=tuple(config["block_config"]))
+
+
+def baseline(name: str, **layers: Any) -> tuple[str, Callable[[], nn.Module]]:
+    """Label and builder of the DenseNet people use today for model ``name`` (``layers``: MONAI's ``norm``, ``act``):
+    MONAI's for 1D and 3D networks, torchvision's checkpointed one for the 2D networks it has (batch norm and ReLU
+    only), else gpleiss/efficient_densenet_pytorch's."""
+    with torch.device("meta"):
+        config: dict[str, Any] = create_model(name, efficient=False, **layers).config
+    monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0
+    if config["spatial_dims"] != 2 and monai_layout:
+        return "MONAI DenseNet (plain autograd)", partial(monai_densenet, config)
+    if monai_layout and config["in_chans"] == 3 and not layers:
+        return "torchvision memory_efficient=True", partial(torchvision_densenet, config)
+    return "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name, **layers)
 
 
 class MultiScaleProbe(nn.Module):
     """``backbone``'s maps (a list or dict of (N, C_i, ...) with ``channels`` C_i), each averaged, concatenated
     and classified, (N, num_classes): a stand-in for a detection head, a gradient to every level. ``features`` is
-    the module whose ``conv0`` reads the images."""
+    the module whose ``conv0`` reads the images (not a submodule: part of the backbone)."""
 
     def __init__(self, backbone: nn.Module, features: nn.Module, channels: list[int], num_classes: int):
         super().__init__()
@@ -103,7 +107,7 @@ class MultiScaleProbe(nn.Module):
 
     @property
     def features(self) -> nn.Module:
-        return self._features[0]  # not a submodule: part of the backbone
+        return self._features[0]
 
     def forward(self, x: Tensor) -> Tensor:
         maps = self.backbone(x)
@@ -122,9 +126,9 @@ def features_only_peer(build: Callable[[], nn.Module]) -> nn.Module:
 
     features = model.features
     blocks = sum(name.startswith("denseblock") for name, _ in features.named_children())
-    levels = {"relu0": features.norm0.num_features, "norm5": features.norm5.num_features}
+    levels = {"relu0": features.norm0.num_features}
     levels |= {f"denseblock{i}": features.get_submodule(f"transition{i}.norm").num_features for i in range(1, blocks)}
-    levels = {name: levels[name] for name in ["relu0", *[f"denseblock{i}" for i in range(1, blocks)], "norm5"]}
+    levels["norm5"] = features.norm5.num_features
     getter = IntermediateLayerGetter(features, {name: name for name in levels})
     return MultiScaleProbe(getter, getter, list(levels.values()), model.classifier.out_features)
 
@@ -140,48 +144,22 @@ class Peer:
     compile_budget: float | None = None
 
 
-def baseline_peer(name: str) -> Peer:
-    """The DenseNet people use today: MONAI's for 1D and 3D networks, torchvision's checkpointed one for the 2D
-    networks it has, else gpleiss/efficient_densenet_pytorch's checkpointing."""
-    with torch.device("meta"):
-        config: dict[str, Any] = create_model(name, efficient=False).config
-    monai_layout = config["stem"] == "imagenet" and config["compression"] == 0.5 and config["bn_size"] > 0
-    if config["spatial_dims"] != 2 and monai_layout:
-        return Peer(BASELINE, "MONAI DenseNet (plain autograd)", partial(monai_densenet, config))
-    if monai_layout and config["in_chans"] == 3:
-        return Peer(BASELINE, "torchvision memory_efficient=True", partial(torchvision_densenet, config))
-    return Peer(
-        BASELINE, "torch.utils.checkpoint (gpleiss/efficient_densenet_pytorch)", partial(checkpointed_densenet, name)
-    )
-
-
-def make_peers(name: str, keys: tuple[str, ...] = PEER_KEYS, features_only: bool = False) -> list[Peer]:
-    """The peers of ``keys`` for model ``name``, in :data:`PEER_KEYS` order; with ``features_only`` as backbones."""
-    peers = [
-        Peer(key, f"efficient={mode!r}", partial(create_model, name, efficient=mode))
-        for key, mode in common.MODES.items()
-    ]
-    peers.append(baseline_peer(name))
-    if features_only:
-        peers = [
-            replace(p, label=f"{p.label}, features_only", build=partial(features_only_peer, p.build)) for p in peers
-        ]
-    return [peer for peer in peers if peer.key in keys]
-
-
-def compiled_peers(name: str, keys: tuple[str, ...], budgets: tuple[float, ...], every_mode: bool) -> list[Peer]:
-    """``torch.compile``d peers: with ``every_mode`` each mode of ``keys``, then the plain model under each
-    ``activation_memory_budget`` of ``budgets`` (the compiler's own rematerialisation)."""
-    modes = [
-        (f"{key}+compile", f"efficient={mode!r}", mode, 1.0)
-        for key, mode in common.MODES.items()
-        if every_mode and key in keys
-    ]
-    modes += [(f"false+budget{b:g}", f"efficient=False, activation_memory_budget={b:g}", False, b) for b in budgets]
-    return [
-        Peer(key, f"torch.compile, {label}", partial(create_model, name, efficient=mode), b)
-        for key, label, mode, b in modes
-    ]
+def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | None = None) -> list[Peer]:
+    """The peers of ``keys`` (in :data:`PEER_KEYS` order) for model ``name`` and ``setting``'s options: ``compile``,
+    ``compile_budget`` (naive compiled under each activation memory budget), ``features_only``, ``norm``, ``act``."""
+    setting = setting or Setting(torch.device("cpu"))
+    layers = {key: value for key in ("norm", "act") if (value := getattr(setting, key))}
+    build = partial(create_model, name, **layers)
+    modes = [Peer(key, f"efficient={mode!r}", partial(build, efficient=mode)) for key, mode in common.MODES.items()]
+    modes = [peer for peer in modes if peer.key in keys]
+    peers = [*modes, *[Peer(BASELINE, *baseline(name, **layers))] * (BASELINE in keys)]
+    peers += [Peer(f"{p.key}+compile", f"torch.compile, {p.label}", p.build, 1.0) for p in modes if setting.compile]
+    label, naive = "torch.compile, efficient=False, activation_memory_budget=", partial(build, efficient=False)
+    peers += [Peer(f"false+budget{b:g}", f"{label}{b:g}", naive, b) for b in setting.compile_budget]
+    if setting.features_only:
+        builds = [partial(features_only_peer, p.build) for p in peers]
+        peers = [replace(p, label=f"{p.label}, features_only", build=b) for p, b in zip(peers, builds, strict=True)]
+    return peers
 
 
 def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
@@ -216,6 +194,8 @@ class Setting:
     compile_budget: tuple[float, ...] = ()  # also the plain model compiled with these activation memory budgets
     compile_backend: str = "inductor"
     optimizer_in_backward: bool = False  # each parameter's SGD step inside backward (optim_in_backward)
+    norm: str | None = None  # MONAI's norm and act spellings for every peer (None: batch norm, ReLU)
+    act: str | None = None
 
 
 class Runner:
@@ -225,8 +205,9 @@ class Runner:
         torch.manual_seed(0)
         memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
         model = peer.build().to(setting.device).to(memory_format=memory_format)
-        if setting.frozen_bn:
-            freeze_batch_norms(model)
+        for module in model.modules() if setting.frozen_bn else ():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # running statistics used, not updated; gradients kept
         images, self.labels = common.random_batch(
             setting.batch_size, setting.input_size, *common.model_io(model), setting.device
         )
@@ -246,15 +227,12 @@ class Runner:
 
     def timed_step(self) -> float:
         """Seconds of one training step, the device synchronised before and after."""
-        self._synchronize()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
         start = time.perf_counter()
         self.step()
-        self._synchronize()
+        sync(self.device)
         return time.perf_counter() - start
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def peak_bytes(self) -> int:
         """Peak memory of one step above what was allocated before it (:func:`.memory.peak_memory`)."""
@@ -263,22 +241,12 @@ class Runner:
         return stats["peak"]
 
 
-def freeze_batch_norms(model: nn.Module) -> None:
-    """Every batch norm of ``model`` in eval mode (running statistics used, not updated), gradients kept."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
 def available_bytes(device: torch.device) -> int:
     """Memory free on ``device`` now: CUDA's free memory, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
 
 
 def _advance(progress: common.Progress | None, steps: int = 1, note: str | None = None) -> None:
@@ -301,17 +269,14 @@ def interleaved(timers: dict[Any, Callable[[], float]], repeats: int, progress=N
     return times
 
 
-def measure(
-    name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progress | None = None
-) -> list[dict[str, Any]]:
-    """Rows of memory, operators and step times of each peer of model ``name`` (see the module docstring). Peers
-    are predicted until naive fits (every other peer needs less)."""
+def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progress | None = None) -> list[dict]:
+    """Rows of memory (on CPU twice: live tensors, what ``plan`` models, and the allocator's peak, kernels'
+    temporaries and compiled graphs included), operators and interleaved step times of each peer of model ``name``.
+    A peer whose prediction exceeds the device's free memory is skipped (predicted until naive fits)."""
     rows: list[dict[str, Any]] = []
     runners: dict[str, Runner] = {}
     all_fit = False
-    peers = make_peers(name, keys, setting.features_only)
-    peers += compiled_peers(name, keys, setting.compile_budget, setting.compile)
-    for peer in peers:
+    for peer in make_peers(name, keys, setting):
         row: dict[str, Any] = {"mode": peer.key, "label": peer.label, "predicted_bytes": None, "skipped": False}
         rows.append(row)
         if not all_fit:
@@ -379,85 +344,84 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     """Step times of data-parallel training of ``name`` in ``processes`` processes (gloo on CPU, NCCL on CUDA) with
     and without SyncBatchNorm, per memory mode of ``keys``: a batch per process, the slowest process's time from a
     barrier, both variants interleaved."""
-    import tempfile
-
     import torch.multiprocessing as mp
     from torch.distributed.elastic.utils.distributed import get_free_port
 
-    with tempfile.TemporaryDirectory() as folder:
-        modes, path = tuple(key for key in keys if key in common.MODES), os.path.join(folder, "rows.json")
-        mp.spawn(_sync_worker, (processes, get_free_port(), name, setting, modes, path), nprocs=processes)
-        with open(path) as file:
-            return json.load(file)
+    modes, queue = [key for key in keys if key in common.MODES], mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_sync_worker, (processes, get_free_port(), name, setting, modes, queue), nprocs=processes)
+    rows = []
+    for key, (plain, synced) in zip(modes, queue.get(), strict=True):
+        step_s, sync_step_s = statistics.median(plain), statistics.median(synced)
+        rows.append(dict(mode=key, label=f"efficient={common.MODES[key]!r}", processes=processes, step_s=step_s))
+        rows[-1].update(sync_step_s=sync_step_s, sync_time_ratio=sync_step_s / step_s)
+        rows[-1].update(step_times=plain, sync_step_times=synced)
+    return rows
 
 
 def _threads_per_process(processes: int) -> int:
     return max(1, torch.get_num_threads() // processes)
 
 
-def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: tuple, path: str) -> None:
-    """One process of :func:`measure_sync_cost`, in train's process group; rank 0 writes the rows to ``path``."""
+def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: list, queue) -> None:
+    """One process of :func:`measure_sync_cost`; rank 0 puts each mode's [plain, synced] step times in ``queue``."""
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .train import distributed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(processes))
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    cuda = setting.device.type == "cuda"
+    setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
     torch.set_num_threads(_threads_per_process(processes))
-    with distributed(setting.device.type) as ctx:
-        setting, timers = replace(setting, device=ctx.device), dict[Any, Callable[[], float]]()
-        for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
-            build = partial(create_model, name, efficient=common.MODES[key])
-            runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
-            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            runner.model = DistributedDataParallel(runner.model, device_ids=device_ids)
-            for _ in range(setting.warmup):
-                runner.step()
-            timers[key, sync] = partial(_slowest_step, runner)
-        times = interleaved(timers, setting.repeats)
-        rows = []
-        for key in modes:
-            plain, synced = statistics.median(times[key, False]), statistics.median(times[key, True])
-            rows.append({"mode": key, "label": f"efficient={common.MODES[key]!r}", "processes": processes})
-            rows[-1].update(step_times=times[key, False], sync_step_times=times[key, True], step_s=plain)
-            rows[-1].update(sync_step_s=synced, sync_time_ratio=synced / plain)
-        if ctx.is_main:
-            with open(path, "w") as file:
-                json.dump(rows, file)
-        ctx.barrier()  # one process destroying its gloo group while another's threads still run aborts that one
+    if cuda:
+        torch.cuda.set_device(setting.device)  # NCCL's barrier and communicators use the current device
+    init = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=processes)
+
+    def slowest_step(runner: Runner) -> float:
+        dist.barrier()
+        elapsed = torch.tensor(runner.timed_step(), device=setting.device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed)
+
+    timers: dict[Any, Callable[[], float]] = {}
+    for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
+        build = partial(create_model, name, efficient=common.MODES[key])
+        runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
+        runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
+        for _ in range(setting.warmup):
+            runner.step()
+        timers[key, sync] = partial(slowest_step, runner)
+    times = interleaved(timers, setting.repeats)
+    if rank == 0:
+        queue.put([[times[key, False], times[key, True]] for key in modes])
+    dist.barrier()  # one process destroying its gloo group while another's threads still run aborts that one
+    del timers, runner
+    gc.collect()  # DDP sits in a reference cycle: left to the interpreter's exit, gloo can abort
+    dist.destroy_process_group()
 
 
 def _synchronized(build: Callable[[], nn.Module]) -> nn.Module:
     return convert_sync_batchnorm(build())
 
 
-def _slowest_step(runner: Runner) -> float:
-    import torch.distributed as dist
-
-    dist.barrier()
-    elapsed = torch.tensor(runner.timed_step(), device=runner.device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+def markdown(header: list[str], rows: Iterable[Iterable[object]]) -> str:
+    """A Markdown table: ``header`` and a line per row of cells."""
+    return "\n".join(common.markdown_row(*cells) for cells in [header, ["---"] * len(header), *rows])
 
 
 def method_note(setting: Setting) -> str:
     """How memory and time were measured, for the output."""
     memory = (
-        "torch.cuda.max_memory_allocated during one training step above what was allocated before it (parameters, "
-        "optimizer state, input batch)"
+        "torch.cuda.max_memory_allocated during one training step"
         if setting.device.type == "cuda"
-        else "two peaks of a training step, each above what was allocated before it (parameters, optimizer state, "
-        "input batch): 'live tensors', tensor storage allocated during the step and still alive, counted in-process "
-        "by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled models, whose graphs "
-        "bypass the mode); 'allocator', the running sum of the CPU allocator's events during another step "
-        "(torch.profiler profile_memory), kernels' temporaries and compiled graphs included: what the process needs"
+        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
+        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
+        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
+        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
     )
-    timing = (
-        f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
-        f"{setting.warmup} warm-up step(s) and the memory step; peers interleaved, order reversed every round; step "
-        "spread: (max - min) / median of those steps"
-    )
-    return f"memory: {memory}.\ntime: {timing if setting.repeats else 'not measured (--repeats 0)'}."
+    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
+    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
+    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
+    before = "above what was allocated before it (parameters, optimizer state, input batch)"
+    return f"memory: {memory}, {before}.\ntime: {timing}."
 
 
 def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
@@ -469,76 +433,59 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
         columns["allocator_memory_ratio"] = ("memory x naive, allocator", ".3f", 1)
     columns.update(step_s=("step (s)", ".3f", 1), time_ratio=("time x naive", ".2f", 1))
     columns.update(images_per_s=("images/s", ".1f", 1), step_spread=("step spread", ".0%", 1))
-    header = [first] * bool(first) + ["mode"] + [title for title, _, _ in columns.values()]
-    lines = [common.markdown_row(*header), common.markdown_row(*["---"] * len(header))]
+    lines, lead = [], [first] if first else []
     for row in rows:
         cells = [
             format(row[key] / unit, f) if row.get(key) is not None else "-" for key, (_, f, unit) in columns.items()
         ]
         if row["skipped"]:
-            skipped = f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit"
-            cells = [skipped] + ["-"] * (len(cells) - 1)
-        lines.append(common.markdown_row(*([row[first]] if first else []), row["label"], *cells))
-    return "\n".join(lines)
+            cells = [f"skipped: needs ~{row['predicted_bytes'] / MIB:.0f} (predicted), does not fit"] + cells[1:]
+        lines.append([*(row[key] for key in lead), row["label"], *cells])
+    return markdown([*lead, "mode", *(title for title, _, _ in columns.values())], lines)
 
 
-CSV_FIELDS = (
-    "model depth batch_size input_size device dtype mode label skipped peak_bytes predicted_bytes memory_ratio "
-    "allocator_peak_bytes allocator_memory_ratio step_s time_ratio images_per_s step_spread operators operator_ratio"
-).split()
-
-
-def _pyplot() -> Any:
+def _axes(size: tuple[float, float]) -> tuple[Any, Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt, *plt.subplots(figsize=size)
 
 
 def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
-    """PNG of peak memory against ``x_key`` per mode; predictions (for skipped peers) hollow and dashed."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for mine in filter(None, ([row for row in rows if row["mode"] == key] for key in PEER_KEYS)):
-        label = mine[0]["label"]
+    """PNG of peak memory against ``x_key`` per peer; predictions (for skipped peers) hollow and dashed."""
+    plt, figure, axes = _axes((7, 4.5))
+    for key in dict.fromkeys(row["mode"] for row in rows):
+        mine = [row for row in rows if row["mode"] == key]
         measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if row.get("peak_bytes") is not None]
-        line = axes.plot(*zip(*measured, strict=True), marker="o", label=label)[0] if measured else None
+        line = axes.plot(*zip(*measured, strict=True), "o-", label=mine[0]["label"]) if measured else [None]
         if predicted := [(row[x_key], row["predicted_bytes"] / MIB) for row in mine if row["skipped"]]:
-            style = dict(linestyle="--", marker="o", markerfacecolor="none", color=line.get_color() if line else None)
-            axes.plot(
-                *zip(*(measured[-1:] + predicted), strict=True), **style, label=f"{label} (predicted, does not fit)"
-            )
+            xy, label = zip(*(measured[-1:] + predicted), strict=True), f"{mine[0]['label']} (predicted, does not fit)"
+            axes.plot(*xy, "o--", mfc="none", color=line[0] and line[0].get_color(), label=label)
     axes.set(xlabel=x_key.replace("_", " "), ylabel="peak memory of a training step (MiB)")
     axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
 def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, Any]]:
     """The rows with ``memory_key`` and ``time_ratio`` that no other beats: none needs no more of either and less
     of one."""
-    points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
-
-    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        return (a[memory_key], a["time_ratio"]) != (b[memory_key], b["time_ratio"]) and all(
-            a[key] <= b[key] for key in (memory_key, "time_ratio")
-        )
-
-    return [row for row in points if not any(beats(other, row) for other in points)]
+    points = [(row[memory_key], row["time_ratio"], row) for row in rows]
+    points = [(m, t, row) for m, t, row in points if m is not None and t is not None]
+    return [row for m, t, row in points if not any(a <= m and b <= t and (a, b) != (m, t) for a, b, _ in points)]
 
 
-def pareto_figure(rows: list[dict[str, Any]], title: str) -> Any:
+def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = None) -> Any:
     """Each peer's memory x naive (on CPU the allocator's, the figure compiled models have) against its time x
-    eager naive, the Pareto front joined; points numbered, named in a legend beside the axes."""
-    plt = _pyplot()
+    eager naive, the Pareto front joined; points numbered, named in a legend beside the axes. With ``path``, saved
+    there as a PNG cropped to what it draws, and closed."""
     memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
     points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
-    figure, axes = plt.subplots(figsize=(7.5, 5))
+    plt, figure, axes = _axes((7.5, 5))
     for number, row in enumerate(points, 1):
         xy = (row["time_ratio"], row[memory_key])
         axes.scatter(*xy, marker="s" if "compile" in row["label"] else "o", s=40, label=f"{number}: {row['label']}")
@@ -552,14 +499,10 @@ def pareto_figure(rows: list[dict[str, Any]], title: str) -> Any:
     axes.set_title(textwrap.fill(title, 80), fontsize=8)
     axes.margins(0.1)
     axes.grid(alpha=0.3)
+    if path:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
     return figure
-
-
-def pareto_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
-    """PNG of :func:`pareto_figure`, cropped to what it draws (legend and title included)."""
-    figure = pareto_figure(rows, title)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
 
 
 def _budgets(value: str) -> tuple[float, ...]:
@@ -586,6 +529,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile-backend", default="inductor", help="torch.compile backend (default: %(default)s; aot_eager: faster)")
     add("--frozen-bn", action="store_true", help="fine-tuning with frozen BatchNorm: batch norms in eval mode")
     add("--features-only", action="store_true", help="multi-scale backbones (features_only=True) under a probe head")
+    add("--norm", help="MONAI's norm spelling for every peer, e.g. instance (default: batch norm)")
+    add("--act", help="MONAI's act spelling for every peer, e.g. prelu (default: ReLU)")
     add("--repeats", type=common.int_at_least(0), default=3, help="timed steps per mode; 0: memory only (default: 3)")
     add("--warmup", type=common.int_at_least(0), default=1, help="untimed steps per mode first (default: 1)")
     modes = partial(common.peer_keys, valid=PEER_KEYS)
@@ -603,43 +548,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sync-bn-processes", type=common.int_at_least(2), metavar="N", help=sync)
 
 
-def _error(message: str) -> int:
-    print(f"densenet-efficient bench: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     start_load = os.getloadavg()[0]
+    names: list[tuple[dict[str, int], str]] = [({}, args.model)]
+    if args.sweep == "batch":
+        names = [({"batch_size": batch}, args.model) for batch in args.batch_sizes]
     try:
-        names: list[tuple[dict[str, int], str]] = [({}, args.model)]
         if args.sweep == "depth":
             names = [({"depth": d}, common.model_name(common.family_member(args.family, d))) for d in args.depths]
-        elif args.sweep == "batch":
-            names = [({"batch_size": batch}, args.model) for batch in args.batch_sizes]
-        configs = [(fields, name, common.input_size(name, args.input_size)) for fields, name in names]
-    except argparse.ArgumentTypeError as error:
-        return _error(str(error))
-    if args.optimizer_in_backward and (args.dtype == "fp16" or args.sync_bn_processes):
-        return _error(
+        configs = [(extra, name, common.input_size(name, args.input_size)) for extra, name in names]
+        with torch.device("meta"):
+            create_model(args.model, norm=args.norm or "batch", act=args.act or "relu")
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise common.UsageError(str(error)) from None
+    processes, devices = args.sync_bn_processes, torch.cuda.device_count()
+    if args.optimizer_in_backward and (args.dtype == "fp16" or processes):
+        raise common.UsageError(
             "--optimizer-in-backward steps each parameter as its gradient is accumulated: not with --dtype fp16 (the "
             "GradScaler checks every gradient first) nor --sync-bn-processes (DDP averages gradients after that)"
         )
-    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(Setting)}
+    if processes and (args.sweep or args.repeats < 1 or (args.device.type == "cuda" and processes > devices)):
+        why = f"--sync-bn-processes needs --repeats >= 1, no --sweep, and a device per process ({devices} here)"
+        raise common.UsageError(why)
+    options = {field.name: getattr(args, field.name) for field in fields(Setting)}
     base = Setting(**{**options, "input_size": configs[0][2]})
     summary = _summary(args, base, configs[0][1])
-    if args.sync_bn_processes:
-        return _run_sync_cost(args, base, configs[0][1], summary.splitlines()[0])
-    compiled = len(set(args.modes) & set(common.MODES)) if args.compile else 0
-    peers = len(args.modes) + len(args.compile_budget) + compiled
+    if processes:
+        synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
+        threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
+        summary = (
+            f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
+            f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "
+            "process's from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed each round."
+        )
+        header = ["mode", "step (s), BatchNorm", "step (s), SyncBatchNorm", "time x BatchNorm"]
+        table = (
+            [r["label"], f"{r['step_s']:.4f}", f"{r['sync_step_s']:.4f}", f"{r['sync_time_ratio']:.2f}"] for r in synced
+        )
+        print(f"{summary}\n\n{markdown(header, table)}")
+        return _write(args, summary, synced, [])
+    peers = len(make_peers(args.model, args.modes, base))
     progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
     what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
     progress.note(f"{what}; the time left is estimated from the first ones")
     rows: list[dict[str, Any]] = []
     try:
-        for fields, name, size in configs:
-            setting = replace(base, input_size=size, batch_size=fields.get("batch_size", base.batch_size))
+        for extra, name, size in configs:
+            setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
             fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
-            fixed.update(device=str(args.device), dtype=args.dtype, **fields)
+            fixed.update(device=str(args.device), dtype=args.dtype, **extra)
             rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
     finally:
         progress.close()
@@ -651,47 +608,26 @@ def run(args: argparse.Namespace) -> int:
     if counted := [row for row in rows if row.get("operator_ratio") is not None]:
         counts = ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
         print(f"\naten operators per training step (x naive): {counts}")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
     if args.csv:
         with open(args.csv, "w", newline="") as file:
-            writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
+            fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
+            writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
         if args.sweep:
             plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
         else:
-            pareto_plot(path, rows, summary.splitlines()[0])
+            pareto_figure(rows, summary.splitlines()[0], path)
         print(f"\nplot: {path}")
-    return 0
+    return _write(args, summary, rows, warnings)
 
 
-def _run_sync_cost(args: argparse.Namespace, base: Setting, name: str, head: str) -> int:
-    """``bench --sync-bn-processes N``: the table of :func:`measure_sync_cost`, printed and saved."""
-    processes = args.sync_bn_processes
-    if args.sweep or args.repeats < 1 or (args.device.type == "cuda" and processes > torch.cuda.device_count()):
-        devices = torch.cuda.device_count()
-        return _error(
-            f"--sync-bn-processes needs --repeats >= 1, no --sweep, and a device per process ({devices} here)"
-        )
-    rows = measure_sync_cost(name, base, args.modes, processes)
-    threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
-    summary = (
-        f"{head}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: median of {base.repeats} "
-        f"data-parallel training steps (DistributedDataParallel, SGD momentum) after {base.warmup} warm-up step(s), "
-        "the slowest process's time from a barrier; BatchNorm and SyncBatchNorm interleaved, order reversed each round."
-    )
-    table = ["mode", "step (s), BatchNorm", "step (s), SyncBatchNorm", "time x BatchNorm"], ["---"] * 4
-    table += tuple(
-        [row["label"], *(f"{row[key]:.4f}" for key in ("step_s", "sync_step_s")), f"{row['sync_time_ratio']:.2f}"]
-        for row in rows
-    )
-    print(summary + "\n\n" + "\n".join(common.markdown_row(*cells) for cells in table))
+def _write(args: argparse.Namespace, summary: str, rows: list[dict[str, Any]], warnings: list[str]) -> int:
+    """The JSON output, if asked; exit status 0."""
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"summary": summary, "rows": rows}, file, indent=2)
+            json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
     return 0
 
 
@@ -702,10 +638,10 @@ def _summary(args: argparse.Namespace, setting: Setting, name: str) -> str:
     budgets = f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}"
     flags = [("channels_last", args.channels_last), ("compiled peers", args.compile), (budgets, args.compile_budget)]
     flags += [("frozen BatchNorm (eval mode)", args.frozen_bn), ("features_only", args.features_only)]
-    flags += [("optimizer step in backward", args.optimizer_in_backward)]
+    flags += [("optimizer step in backward", args.optimizer_in_backward), (f"norm={args.norm}", args.norm)]
+    flags += [(f"act={args.act}", args.act)]
     what = args.family if args.sweep == "depth" else args.model
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
     flagged = "".join(f", {flag}" for flag, on in flags if on)
-    shape = common.input_label(name, setting.input_size)
-    head = f"{what}{batch}, {shape}, {setting.dtype}{flagged} on {where}, torch {torch.__version__}"
-    return f"{head}\n{method_note(setting)}"
+    head = f"{what}{batch}, {common.input_label(name, setting.input_size)}, {setting.dtype}{flagged} on {where}"
+    return f"{head}, torch {torch.__version__}\n{method_note(setting)}"

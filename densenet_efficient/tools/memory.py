@@ -1,10 +1,9 @@
 """Measuring memory on any device: peak live tensor bytes, the CPU allocator's peak, bytes saved for backward.
 
 On CPU there is no allocator statistic: :class:`LiveTensorBytes` counts, in a ``TorchDispatchMode``, the storage
-of every tensor an operator creates inside it until that storage is freed (tensors that existed before are not
-counted). It misses temporaries inside CPU kernels and compiled graphs (which bypass the mode); :class:`AllocatorPeak`
-sees them, from the profiler's allocator events. :func:`fake_footprint` runs the same count on fake tensors
-(shapes, no data): a step larger than any device is measured on any machine.
+of every tensor an operator creates inside it until that storage is freed. It misses temporaries inside CPU kernels
+and compiled graphs (which bypass the mode); :class:`AllocatorPeak` sees them, from the profiler's allocator
+events. :func:`fake_footprint` runs the same count on fake tensors: a step larger than any device, on any machine.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, redirect_stderr
 from dataclasses import dataclass
+from itertools import accumulate
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,9 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Context manager: ``current`` and ``peak`` bytes of tensor storage allocated inside it and still alive.
-
-    A storage is counted once, at its size when an operator first returns it; one first seen as an input was
+    """Context manager: ``current`` and ``peak`` bytes of tensor storage allocated inside it and still alive. A
+    storage is counted once, at its size when an operator first returns it; one first seen as an input was
     allocated before and is never counted."""
 
     def __init__(self) -> None:
@@ -58,8 +57,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 class OperatorCount(TorchDispatchMode):
     """Context manager: ``by_name``, the count of each aten operator dispatched inside it (views and in-place ones
-    included), and their ``total``: deterministic for a model, input shape and dtype, the kernels a launch-bound
-    device would run."""
+    included), and their ``total``: deterministic, the kernels a launch-bound device would run."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,21 +84,20 @@ def _native_stderr_silenced() -> Iterator[None]:
     """Discard what native code writes to file descriptor 2 inside (the profiler's C++ libraries log their start,
     stop and every freed block allocated before); Python's ``sys.stderr`` still reaches the terminal."""
     sys.stderr.flush()
-    saved, python_stderr = os.dup(2), sys.stderr
+    saved = os.dup(2)
     try:
-        on_fd_2 = python_stderr.fileno() == 2
+        on_fd_2 = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):  # replaced by a capture (pytest) or an in-memory stream
         on_fd_2 = False
-    replacement = open(saved, "w", closefd=False, errors="backslashreplace") if on_fd_2 else None
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        sys.stderr = replacement or python_stderr
-        yield
+        with (
+            open(saved, "w", closefd=False, errors="backslashreplace") as python,
+            redirect_stderr(python if on_fd_2 else sys.stderr),
+        ):
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
     finally:
-        if replacement is not None:
-            replacement.close()
-        sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
 
@@ -115,29 +112,20 @@ class AllocatorPeak:
     def __enter__(self) -> AllocatorPeak:
         from torch.profiler import ProfilerActivity, profile
 
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._silenced = _native_stderr_silenced()
-        self._silenced.__enter__()
-        self._profile.__enter__()
+        self._stack = ExitStack()
+        self._stack.enter_context(_native_stderr_silenced())
+        self._profile = self._stack.enter_context(profile(activities=[ProfilerActivity.CPU], profile_memory=True))
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self._profile.__exit__(*exc)
-        finally:
-            self._silenced.__exit__(None, None, None)
+        self._stack.__exit__(*exc)
         assert self._profile.profiler is not None and self._profile.profiler.kineto_results is not None
         events: list[Any] = self._profile.profiler.kineto_results.events()  # stubs lack _KinetoEvent.nbytes
+        cpu = torch.autograd.DeviceType.CPU
         changes = sorted(
-            (event.start_ns(), event.nbytes())
-            for event in events
-            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu
         )
-        current = 0
-        for _, nbytes in changes:  # allocations positive, frees negative
-            current += nbytes
-            self.peak = max(self.peak, current)
-        self.events = len(changes)
+        self.peak, self.events = max(accumulate([0] + [nbytes for _, nbytes in changes])), len(changes)
 
 
 def allocator_peak(step: Callable[[], object]) -> int:
@@ -170,18 +158,18 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
     """The peak bytes allocated inside the block on ``device``, in ``stats["peak"]``: on CUDA
     ``max_memory_allocated`` above what was allocated on entry, elsewhere :class:`LiveTensorBytes`."""
     stats = {"peak": 0}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        yield stats
-        torch.cuda.synchronize(device)
-        stats["peak"] = torch.cuda.max_memory_allocated(device) - start
-    else:
+    if device.type != "cuda":
         with LiveTensorBytes() as counter:
             yield stats
         stats["peak"] = counter.peak
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    yield stats
+    torch.cuda.synchronize(device)
+    stats["peak"] = torch.cuda.max_memory_allocated(device) - start
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 Memory is modelled without the target device: one training step runs on fake tensors (shapes, no data), its live
 tensor bytes counted as ``bench`` counts them on CPU. The total is parameters, ``--optimizer-copies`` of them,
 buffers and the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top. The largest batch
-follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then probed
-where the totals, nearly affine in side ** spatial dims, meet the budget; the deepest member of a CIFAR family
-solves the quadratic in layers per block n fitted at n = 16, 20, 24 (checked at 28; below it, n is searched).
-Fake steps settle every answer at its boundary. ``--measure`` checks the model with a real step on this CPU.
+follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then
+bisected; the deepest member of a CIFAR family solves the quadratic in layers per block n fitted at n = 16, 20, 24
+(checked at 28; below it, n is searched). Fake steps settle every answer at its boundary. ``--measure`` checks the
+model with a real step on this CPU (``bench``'s memory pass).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -26,7 +25,8 @@ from torch import nn
 from ..core import MemoryMode
 from ..models import create_model
 from . import common
-from .memory import Footprint, LiveTensorBytes, allocator_peak
+from .bench import Setting, make_peers, markdown, measure
+from .memory import Footprint
 
 _UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
 _UNITS.update({u + "ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")})
@@ -80,28 +80,6 @@ class Question:
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
         return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
 
-    def record(self) -> dict[str, Any]:
-        """The question's fields for the JSON output."""
-        return {key: value for key, value in asdict(replace(self, progress=None)).items() if key != "progress"}
-
-
-def measure_step(build: Callable[[], nn.Module], question: Question) -> tuple[int, int]:
-    """Peak bytes of one real training step of ``build()`` on this CPU at the question's batch and input: live
-    tensors (what :meth:`Question.footprint` predicts) and the allocator's."""
-    torch.manual_seed(0)
-    model = build()
-    images, labels = common.random_batch(question.batch_size, question.input_size, *common.model_io(model))
-
-    def step() -> None:
-        common.train_step(model, images, labels, common.PRECISIONS[question.dtype])
-        for parameter in model.parameters():
-            parameter.grad = None  # each step starts without gradients, as the predicted one does
-
-    step()  # lazily allocated state
-    with LiveTensorBytes() as tensors:
-        step()
-    return tensors.peak, allocator_peak(step)
-
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
     """The largest batch size whose training total fits in ``budget`` bytes (0 if not even one image fits)."""
@@ -117,37 +95,19 @@ def largest_input(
     build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
 ) -> tuple[int, int | None]:
     """The largest input side (at least ``smallest``) whose training total at the question's batch size fits in
-    ``budget`` bytes, and that total; ``(0, None)`` if not even ``smallest`` fits.
-
-    Each probe is the side where the line in side ** spatial dims through the last two probes (at first the
-    bracket's ends) meets the budget, with a second probe beside it: usually one or two rounds."""
-    with torch.device("meta"):
-        dims = common.model_io(build())[2]
+    ``budget`` bytes, and that total (``(0, None)`` if not even ``smallest`` fits): bracketed by doubling, then
+    bisected."""
     totals: dict[int, int] = {}
 
     def fits(side: int) -> bool:
-        if side not in totals:
-            totals[side] = replace(question, input_size=side).total(build)
+        totals[side] = totals.get(side) or replace(question, input_size=side).total(build)
         return totals[side] <= budget
 
-    if not fits(smallest):
-        return 0, None
-    low, high = smallest, max(smallest, question.input_size)
-    while fits(high):  # low fits, high is probed next
-        if high >= MAX_SIDE:
-            return high, totals[high]
-        low, high = high, 2 * high
-    probed = [low, high]
-    while high - low > 1:  # low fits, high does not
-        a, b = probed[-2:] if totals[probed[-2]] != totals[probed[-1]] else (low, high)
-        volume = a**dims + (budget - totals[a]) * (b**dims - a**dims) / (totals[b] - totals[a])
-        side = min(max(int(max(volume, 0.0) ** (1 / dims)), low + 1), high - 1)
-        low, high, beside = (side, high, side + 1) if fits(side) else (low, side, side - 1)
-        probed.append(side)
-        if low < beside < high:
-            low, high = (beside, high) if fits(beside) else (low, beside)
-            probed.append(beside)
-    return low, totals[low]
+    high = max(smallest, question.input_size)
+    while high < MAX_SIDE and fits(high):
+        high *= 2
+    side = _last_true(lambda n: n == smallest - 1 or fits(n), smallest - 1, min(high, MAX_SIDE))
+    return (side, totals[side]) if side >= smallest else (0, None)
 
 
 @dataclass(frozen=True)
@@ -216,9 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--largest-input", action="store_true", help="also the largest input side that trains at --batch-size")
     copies = "parameter-sized buffers the optimizer keeps: 0 SGD, 1 SGD momentum, 2 Adam (default: 1)"
     add("--optimizer-copies", type=common.int_at_least(0), default=1, help=copies)
-    add(
-        "--measure", action="store_true", help="also a real step per mode on this CPU: its live-tensor, allocator peaks"
-    )
+    add("--measure", action="store_true", help="also a real step per mode on this CPU (bench's memory pass)")
     add("--modes", type=partial(common.peer_keys, valid=modes), default=modes, help=f"subset of {','.join(modes)}")
 
 
@@ -230,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
             common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
         )
     except argparse.ArgumentTypeError as error:
-        print(f"densenet-efficient plan: error: {error}", file=sys.stderr)
-        return 2
+        raise common.UsageError(str(error)) from None
     steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
     progress = common.Progress("plan", steps, unit="fake step")
     question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
@@ -242,15 +199,17 @@ def run(args: argparse.Namespace) -> int:
         "as bench counts it on CPU; on CUDA, cuDNN workspaces and the caching allocator add to it.\n"
     )
     progress.note(f"about {steps} fake training steps (one per line here); the time left is estimated from the first")
-    result: dict[str, Any] = {"memory_bytes": args.memory, **question.record(), "model": args.model, "modes": []}
-    print(f"| mode | memory at batch {args.batch_size} | largest batch |\n| --- | --- | --- |")
+    record = {key: value for key, value in vars(question).items() if key != "progress"}
+    result: dict[str, Any] = {"memory_bytes": args.memory, **record, "model": args.model, "modes": []}
+    table: list[list[object]] = []
     for key, mode in modes.items():
         build = partial(create_model, args.model, efficient=mode)
         at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
-        print(common.markdown_row(f"efficient={mode!r}", _gib(at_batch), batch))
+        table.append([f"efficient={mode!r}", _gib(at_batch), batch])
+    print(markdown(["mode", f"memory at batch {args.batch_size}", "largest batch"], table))
     if args.measure:
-        result["measured"] = _measured(args.model, modes, question)
+        result["measured"] = _measured(args.model, tuple(modes), question)
     if args.largest_input:
         result["largest_input"] = _largest_inputs(args.model, modes, args.memory, question)
     if args.family:
@@ -263,21 +222,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measured(name: str, modes: dict[str, MemoryMode], question: Question) -> list[dict]:
-    """Print and return, per mode, the predicted step peak and one real step's peaks on this CPU."""
-    print(
-        f"\nChecked on this CPU, one training step at batch {question.batch_size} (step peak, above parameters and "
-        "input):\n| mode | predicted, live tensors | measured, live tensors | measured, allocator | "
-        "allocator x predicted |\n| --- | --- | --- | --- | --- |"
-    )
-    rows: list[dict] = []
-    for key, mode in modes.items():
-        build = partial(create_model, name, efficient=mode)
-        predicted, (tensors, allocator) = question.footprint(build).peak, measure_step(build, question)
-        rows.append({"mode": key, "predicted_bytes": predicted, "peak_bytes": tensors})
-        rows[-1]["allocator_peak_bytes"] = allocator
-        mib = [f"{value / 2**20:.1f} MiB" for value in (predicted, tensors, allocator)]
-        print(common.markdown_row(f"efficient={mode!r}", *mib, f"{allocator / predicted:.3f}"))
+def _measured(name: str, keys: tuple[str, ...], question: Question) -> list[dict]:
+    """Per mode, the predicted step peak and a real step's peaks on this CPU (``bench``'s memory pass)."""
+    setting = Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0)
+    rows, table = measure(name, setting, keys), []
+    for row in rows:
+        predicted = row["predicted_bytes"] or question.footprint(make_peers(name, (row["mode"],))[0].build).peak
+        row["predicted_bytes"] = predicted  # bench predicts until naive fits
+        mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
+        table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
+    print(f"\nChecked on this CPU, one training step at batch {question.batch_size} (peak above parameters and input):")
+    header = ["mode", "predicted, live tensors", "measured, live tensors", "measured, allocator"]
+    print(markdown([*header, "allocator x predicted"], table))
     return rows
 
 
@@ -285,42 +241,36 @@ def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, questi
     """Print and return the largest input side of model ``name`` per mode."""
     with torch.device("meta"):
         smallest = create_model(name, efficient=False).min_input_size
-    print(
-        f"\nLargest input of {name} at batch {question.batch_size}:\n| mode | side | input | memory | side x naive |\n"
-        "| --- | --- | --- | --- | --- |"
-    )
     rows: list[dict] = []
+    table: list[list[object]] = []
     for key, mode in modes.items():
         side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
         rows.append({"mode": key, "side": side, "total_bytes": total})
         naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
-        shape = common.input_label(name, side) if side else "none fits"
-        ratio = f"{side / naive:.2f}" if naive and side else "-"
-        print(common.markdown_row(f"efficient={mode!r}", side, shape, _gib(total) if total else "-", ratio))
+        shape, memory = (common.input_label(name, side), _gib(total)) if side and total else ("none fits", "-")
+        table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
+    print(f"\nLargest input of {name} at batch {question.batch_size}:")
+    print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
     return rows
 
 
 def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
     """Print and return the deepest member of ``family`` per mode."""
-    print(
-        f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:\n"
-        "| mode | depth | layers per block | memory | of which parameters | depth x naive | quadratic fit error "
-        f"at n={CHECK_LAYERS} |\n| --- | --- | --- | --- | --- | --- | --- |"
-    )
-    rows = []
+    rows: list[dict] = []
+    table: list[list[object]] = []
     for key, mode in modes.items():
         found = deepest(family, mode, budget, question)
         rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
+        naive = rows[0]["depth"] if rows[0]["mode"] == "false" else 0
         if found is None:
-            print(common.markdown_row(f"efficient={mode!r}", "none fits", *["-"] * 5))
+            table.append([f"efficient={mode!r}", "none fits", *["-"] * 5])
             continue
-        naive = rows[0]["depth"] if rows[0]["mode"] == "false" and rows[0]["depth"] else None
-        weights = f"{_gib(found.parameter_bytes * (1 + question.optimizer_copies))} weights+optimizer"
-        cells = [found.depth, found.layers_per_block, _gib(found.total_bytes)]
-        cells += [
-            f"{weights} ({found.parameter_bytes / 4e6:.0f}M parameters)",
-            f"{found.depth / naive:.1f}" if naive else "-",
-        ]
-        cells += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
-        print(common.markdown_row(f"efficient={mode!r}", *cells))
+        weights = _gib(found.parameter_bytes * (1 + question.optimizer_copies))
+        table.append([f"efficient={mode!r}", found.depth, found.layers_per_block, _gib(found.total_bytes)])
+        table[-1] += [f"{weights} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)"]
+        table[-1] += [f"{found.depth / naive:.1f}" if naive else "-"]
+        table[-1] += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
+    print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:")
+    header = ["mode", "depth", "layers per block", "memory", "of which parameters", "depth x naive"]
+    print(markdown([*header, f"quadratic fit error at n={CHECK_LAYERS}"], table))
     return rows
