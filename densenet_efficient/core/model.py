@@ -12,6 +12,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional, Tuple, TypeVar, Union
 
@@ -30,16 +31,8 @@ from .functional import MemoryMode, check_memory_mode
 STEMS = ("imagenet", "cifar")
 # timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
-# MONAI's spellings (monai.networks.layers.factories, lower case) of the norms and activations the function computes.
-NORMS = ("batch", "instance", "group")
-ACTS: dict[str, Callable[..., nn.Module]] = {
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "elu": nn.ELU,
-    "swish": nn.SiLU,
-    "silu": nn.SiLU,
-}
+# MONAI's spellings (monai.networks.layers.factories, lower case) of the activations the function computes.
+ACTS = dict(relu=nn.ReLU, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
 
 
@@ -48,41 +41,29 @@ def _layer(kind: str, spatial_dims: int) -> Any:
     return getattr(nn, f"{kind}{spatial_dims}d")
 
 
-def _split(spec: Any, kind: str, valid: Sequence[str]) -> tuple[Any, dict[str, Any]]:
-    """MONAI's ``name`` or ``(name, {arguments})``: the lower-case name (or class) and the arguments."""
+def layer_factory(spec: Any, kind: str, spatial_dims: int = 2) -> Callable[..., nn.Module]:
+    """A factory of the norms (``kind="norm"``, called with the channels) or activations (``"act"``) that ``spec``
+    names: MONAI's ``name`` or ``(name, {arguments})`` (``"batch"``, ``("group", {"num_groups": 4})``,
+    ``("leakyrelu", {"negative_slope": 0.1})``, ...), an ``nn.Module`` class, or an activation module (copied)."""
+    if kind == "act" and isinstance(spec, nn.Module):
+        return lambda: copy.deepcopy(spec)
     name, args = spec if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict) else (spec, {})
-    if isinstance(name, str) and name.lower() in valid:
-        return name.lower(), args
+    names: dict[str, Any] = ACTS if kind == "act" else {}
+    if kind == "norm":
+        names = dict(batch=_layer("BatchNorm", spatial_dims), instance=_layer("InstanceNorm", spatial_dims))
+        names["group"] = lambda channels, **args: nn.GroupNorm(num_channels=channels, **args)
+    if isinstance(name, str) and name.lower() in names:
+        if name.lower() == "group" and "num_groups" not in args:
+            raise ValueError('norm="group" needs its number of groups: ("group", {"num_groups": 4})')
+        if name.lower() == "relu" and not args:
+            args = {"inplace": True}
+        return partial(names[name.lower()], **args)
     if isinstance(name, type) and issubclass(name, nn.Module):
-        return name, args
+        return partial(name, **args)
     raise ValueError(
-        f"{kind}={spec!r} is not a {kind} this package builds: use one of {', '.join(valid)} (MONAI's spellings, "
+        f"{kind}={spec!r} is not a {kind} this package builds: use one of {', '.join(names)} (MONAI's spellings, "
         f"optionally as (name, {{arguments}})), an nn.Module class or (for act) a module"
     )
-
-
-def norm_layer(norm: Any, spatial_dims: int) -> Callable[[int], nn.Module]:
-    """``channels -> norm module`` for MONAI's ``norm`` (``"batch"``, ``("group", {"num_groups": 4})``, ...) or an
-    ``nn.Module`` class taking the channels first."""
-    name, args = _split(norm, "norm", NORMS)
-    if name == "group":
-        if "num_groups" not in args:
-            raise ValueError('norm="group" needs its number of groups: ("group", {"num_groups": 4})')
-        return lambda channels: nn.GroupNorm(num_channels=channels, **args)
-    cls = {"batch": _layer("BatchNorm", spatial_dims), "instance": _layer("InstanceNorm", spatial_dims)}.get(name, name)
-    return lambda channels: cls(channels, **args)
-
-
-def act_layer(act: Any) -> Callable[[], nn.Module]:
-    """``() -> activation module`` for MONAI's ``act`` (``"prelu"``, ``("leakyrelu", {"negative_slope": 0.1})``,
-    ...), an ``nn.Module`` class, or a module (copied for each use)."""
-    if isinstance(act, nn.Module):
-        return lambda: copy.deepcopy(act)
-    name, args = _split(act, "act", tuple(ACTS))
-    if name == "relu" and not args:
-        args = {"inplace": True}
-    cls = ACTS.get(name, name)
-    return lambda: cls(**args)
 
 
 class DenseLayer(nn.Module):
@@ -96,7 +77,7 @@ class DenseLayer(nn.Module):
     """
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
-    qualified_name = ""  # where the layer is in its network (see name_layers), for messages
+    qualified_name = ""  # where the layer is in its network (see _set_memory_mode), for messages
 
     def __init__(
         self,
@@ -178,7 +159,7 @@ class Transition(nn.Module):
     *spatial) -> (N, out_channels, *spatial / 2). The efficient modes store only the norm's statistics."""
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
-    qualified_name = ""  # where the layer is in its network (see name_layers), for messages
+    qualified_name = ""  # where the layer is in its network (see _set_memory_mode), for messages
 
     def __init__(
         self,
@@ -278,7 +259,7 @@ class DenseFeatures(nn.Sequential):
     (:func:`~.efficient.bn_relu`); under ``torch.fx``, TorchScript, or with hooks, the modules run one by one.
     """
 
-    __jit_ignored_attributes__ = ["efficient"]  # the scripted path runs the modules one by one
+    __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs the modules one by one
     efficient: MemoryMode = False
 
     @torch.jit.unused
@@ -388,17 +369,11 @@ def take_indices(num_levels: int, indices: Union[int, List[int], None]) -> tuple
 
 
 def _set_memory_mode(root: nn.Module, efficient: MemoryMode) -> None:
-    for module in root.modules():
-        if isinstance(module, (DenseLayer, Transition, DenseFeatures)):
-            module.efficient = efficient
-    name_layers(root)
-
-
-def name_layers(root: nn.Module) -> None:
-    """Record in each dense layer and transition its name in ``root`` (``features.denseblock1.denselayer1``)."""
+    """Set ``efficient`` in the dense layers, transitions and DenseFeatures of ``root``, and their names there
+    (``features.denseblock1.denselayer1``, for messages)."""
     for name, module in root.named_modules():
-        if isinstance(module, (DenseLayer, Transition)):
-            module.qualified_name = name
+        if isinstance(module, (DenseLayer, Transition, DenseFeatures)):
+            module.efficient, module.qualified_name = efficient, name
 
 
 def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: int = 2) -> Tensor:
@@ -579,7 +554,7 @@ class DenseNet(_Backbone):
             raise ValueError(f"spatial_dims must be 1, 2 or 3 (signals, images, volumes), got {spatial_dims!r}")
         self.efficient = efficient = check_memory_mode(efficient)
         global_pool = _check_pool(global_pool, num_classes)
-        make_norm, make_act = norm_layer(norm, spatial_dims), act_layer(act)
+        make_norm, make_act = layer_factory(norm, "norm", spatial_dims), layer_factory(act, "act")
         self.config = dict(
             growth_rate=growth_rate,
             block_config=block_config,
@@ -624,13 +599,12 @@ class DenseNet(_Backbone):
                 num_features = out_features
         features.add_module("norm5", make_norm(num_features))
         features.add_module("relu5", make_act())
-        features.efficient = efficient
         self.features = features
         self.num_features = num_features
         self.num_classes, self.global_pool = num_classes, global_pool
         self.head_hidden_size = _pooled_width(num_features, global_pool)
         self.classifier: nn.Module = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
-        name_layers(self)
+        _set_memory_mode(self, efficient)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = min_input_side(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
