@@ -12,7 +12,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import partial, partialmethod
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional, Tuple, TypeVar, Union
 
@@ -103,12 +103,6 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.efficient = efficient
 
-    def stages(self) -> list[tuple[nn.Module, nn.Module, _ConvNd]]:
-        stages = [(self.norm1, self.relu1, self.conv1)]
-        if hasattr(self, "conv2"):
-            stages.append((self.norm2, self.relu2, self.conv2))
-        return stages
-
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
             new_features = self.conv1(self.relu1(self.norm1(_concat(_feature_list(features)))))
@@ -118,7 +112,10 @@ class DenseLayer(nn.Module):
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            new_features = bn_relu_conv(_feature_list(features), self.stages(), self.efficient, self)
+            stages = [(self.norm1, self.relu1, self.conv1)]
+            if hasattr(self, "conv2"):
+                stages.append((self.norm2, self.relu2, self.conv2))
+            new_features = bn_relu_conv(_feature_list(features), stages, self.efficient, self)
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
@@ -333,14 +330,9 @@ class FeatureInfo(list):
         rows = self.get_dicts([key], idx)
         return rows[key] if isinstance(idx, int) else [row[key] for row in rows]
 
-    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("reduction", idx)
-
-    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("module", idx)
+    channels = partialmethod(get, "num_chs")
+    reduction = partialmethod(get, "reduction")
+    module_name = partialmethod(get, "module")
 
     def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None) -> Any:
         rows = self if idx is None else [self[idx]] if isinstance(idx, int) else [self[i] for i in idx]

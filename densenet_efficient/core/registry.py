@@ -34,17 +34,14 @@ CIFAR_NAME_PATTERNS = "densenet_bc_<depth>_k<growth>, densenet_<depth>_k<growth>
 _FACTORY_ARGS = """
 
     Args:
-        pretrained: load the default pretrained weights for this model (see ``weights_manifest.json``).
-        weights: a weights tag of this model (e.g. ``"tv_in1k"``), a path to a ``.safetensors`` file, or
-            ``"hf-hub:org/name[@revision]"``. Overrides ``pretrained``.
-        efficient: memory mode. ``False``: plain autograd. ``True`` (default): keep only batch statistics and
-            bottleneck outputs, recompute concatenation, BN and ReLU in backward (same results, a fraction of
-            the memory). ``"max"``: also recompute the bottleneck convolution, the lowest memory.
-        features_only: return a multi-scale backbone (``DenseNetFeatures``: a list of feature maps) instead;
-            ``out_indices`` picks its levels of ``feature_info`` (default all).
-        **kwargs: any other ``DenseNet`` argument (``num_classes``, ``in_chans``, ``drop_rate``, ...), and
-            ``cache_dir``, ``endpoint``: the Hugging Face cache folder and Hub address for the download
-            (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
+        pretrained: load this model's default weights (``weights_manifest.json``).
+        weights: a weights tag of this model (``"tv_in1k"``), a ``.safetensors`` path, or
+            ``"hf-hub:org/name[@revision]"``; overrides ``pretrained``.
+        efficient: memory mode: ``False`` plain autograd; ``True`` (default) recompute concatenation, BN and ReLU
+            in backward (same results, a fraction of the memory); ``"max"`` also the bottleneck convolution.
+        features_only: return a ``DenseNetFeatures`` backbone (a list of feature maps, the levels ``out_indices``).
+        **kwargs: other ``DenseNet`` arguments (``num_classes``, ``in_chans``, ...), and ``cache_dir``, ``endpoint``
+            for the download (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
 """
 
 
