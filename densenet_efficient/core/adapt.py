@@ -123,12 +123,8 @@ def _as_transition(module: nn.Module) -> Transition | None:
     if not isinstance(pool, _AvgPoolNd) or not _acts_computed(module, "relu"):
         return None
     dims = conv.weight.dim() - 2
-    if not (
-        pool.kernel_size in (2, (2,) * dims)
-        and pool.stride in (2, (2,) * dims)
-        and pool.padding in (0, (0,) * dims)
-        and not pool.ceil_mode
-    ):
+    pooling = ((pool.kernel_size, 2), (pool.stride, 2), (pool.padding, 0))
+    if pool.ceil_mode or not all(value in (size, (size,) * dims) for value, size in pooling):  # 2x, no padding
         return None
     if isinstance(module, nn.Sequential) and list(module._modules) not in (
         ["norm", "relu", "conv", "pool"],

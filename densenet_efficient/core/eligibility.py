@@ -1,17 +1,12 @@
 """Which BN-activation-Conv stages the memory-efficient function computes exactly, and the warning when it does not.
 
-The function reads a stage's tensors and settings (``norm.weight``, ``norm.running_mean``, ``conv.stride``, ...)
-and never calls the modules, so it computes a stage only when they do nothing else: batch norm (training or eval),
-a norm with fixed statistics, instance or group norm (affine or not), an activation of :data:`ACTIVATIONS`, a
-bias-free zero-padded convolution; no hooks, no method replaced on the instance. Anything else (another norm, a
-bias, a ``forward`` set on one instance, hooks, legacy weight_norm/spectral_norm/prune reparametrisations,
-quantisation-aware training) runs the layer's plain modules, exactly, with a one-time warning naming the layer.
-``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor evaluates it, differentiably.
-
-A global module hook may look at any module, so it sends every layer to its plain modules, except the hooks of
-torch's module trackers (``ModTracker``: ``MemTracker``, ``CommDebugMode``; ``ModuleTracker``:
-``FlopCounterMode``), which only observe where modules begin and end. The checks run on every call (a few
-dictionary look-ups per stage), so hooks and modules added at any time are seen.
+The function reads a stage's tensors and settings and never calls its modules, so it computes a stage only when
+they do nothing else: batch norm (training or eval), a norm with fixed statistics, instance or group norm, an
+activation of :data:`ACTIVATIONS`, a bias-free zero-padded convolution (``torch.nn.utils.parametrize`` included);
+no hooks, no method replaced on the instance. Anything else (another norm, a bias, hooks, legacy weight_norm or
+spectral_norm, quantisation-aware training) runs the layer's plain modules, exactly, with a one-time warning. A
+global module hook sends every layer to its plain modules, except torch's module trackers' (``ModTracker``,
+``ModuleTracker``: they only observe module boundaries). Checked on every call, so later hooks are seen.
 """
 
 from __future__ import annotations

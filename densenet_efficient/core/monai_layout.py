@@ -10,7 +10,7 @@ whole channels, this project's ``drop_rate`` single values: the same weights and
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -105,37 +105,19 @@ def _norm_spec(norm: nn.Module) -> Any:
     return type(norm), {key: getattr(norm, key) for key in settings if hasattr(norm, key)}
 
 
+_MONAI_ARGS = dict(init_features="num_init_features", dropout_prob="drop_rate")  # MONAI's name -> DenseNet's
+
+
 def monai_densenet(
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    init_features: int = 64,
-    growth_rate: int = 32,
-    block_config: Sequence[int] = (6, 12, 24, 16),
-    bn_size: int = 4,
-    act: Any = ("relu", {"inplace": True}),
-    norm: Any = "batch",
-    dropout_prob: float = 0.0,
-    pretrained: bool = False,
-    efficient: MemoryMode = True,
+    spatial_dims: int, in_channels: int, out_channels: int, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
-    """This project's DenseNet from ``monai.networks.nets.DenseNet``'s arguments (MONAI's spellings of ``norm`` and
-    ``act``); MONAI's state dicts load into it after :func:`convert_state_dict`. ``pretrained=True`` is refused:
-    MONAI's pretrained 2D weights are torchvision's (``create_model("densenet121", pretrained=True)``)."""
+    """This project's DenseNet from ``monai.networks.nets.DenseNet``'s arguments: ``init_features``,
+    ``growth_rate``, ``block_config``, ``bn_size``, ``act``, ``norm`` and ``dropout_prob`` in MONAI's spellings
+    (and ``efficient``); MONAI's state dicts load into it after :func:`convert_state_dict`. ``pretrained=True`` is
+    refused: MONAI's pretrained 2D weights are torchvision's (``create_model("densenet121", pretrained=True)``)."""
     if pretrained:
         raise ValueError(
             "pretrained=True: load torchvision's weights by name (create_model), or MONAI's with from_monai"
         )
-    return DenseNet(
-        growth_rate=growth_rate,
-        block_config=block_config,
-        num_init_features=init_features,
-        bn_size=bn_size,
-        drop_rate=dropout_prob,
-        num_classes=out_channels,
-        in_chans=in_channels,
-        spatial_dims=spatial_dims,
-        norm=norm,
-        act=act,
-        efficient=efficient,
-    )
+    args = {_MONAI_ARGS.get(key, key): value for key, value in kwargs.items()}
+    return DenseNet(spatial_dims=spatial_dims, in_chans=in_channels, num_classes=out_channels, **args)

@@ -50,8 +50,7 @@ class OptimizerInBackward:
             "optimizer for those"
         )
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.step()
+    zero_grad = step
 
     def remove(self) -> None:
         for handle in self._handles:
