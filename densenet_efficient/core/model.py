@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial, partialmethod
 from numbers import Integral, Real
-from typing import Any, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, List, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -275,17 +275,13 @@ class DenseFeatures(nn.Sequential):
         features = [x]
         outputs: List[Tensor] = []
         index = 0  # a counter, not enumerate(): TorchScript cannot enumerate a Sequential of modules
-        fused_until = 0  # the modules before this position ran fused with an earlier one
-        fused_taps: Dict[int, Tensor] = {}
+        fused = 0  # how many modules from this one on ran fused with an earlier one
         for module in self:
             if not torch.jit.is_scripting():
-                if index >= fused_until:
-                    fused = self._run_fused(index, features, taps)
-                    if fused is not None:
-                        features, fused_until, fused_taps = fused
-            if index < fused_until:  # no `continue`: TorchScript unrolls this loop
-                if index + 1 < fused_until and index in taps:
-                    outputs.append(fused_taps[index])
+                if fused == 0:
+                    features, fused = self._run_fused(index, features, taps, outputs)
+            if fused > 0:  # no `continue`: TorchScript unrolls this loop
+                fused -= 1
             # Dispatch on submodule names: TorchScript resolves hasattr on modules statically.
             elif hasattr(module, "denselayer1"):  # a DenseBlock: list in, list out
                 if torch.jit.is_scripting():
@@ -296,19 +292,19 @@ class DenseFeatures(nn.Sequential):
                 features = [module(features)]
             else:
                 features = [module(_concat(features))]
-            if index in taps and (index >= fused_until or index + 1 == fused_until):
+            if index in taps and fused == 0:
                 outputs.append(_concat(features))
             index += 1
         return _concat(features), outputs
 
     def _run_fused(
-        self, index: int, features: List[Tensor], taps: List[int]
-    ) -> Optional[Tuple[List[Tensor], int, Dict[int, Tensor]]]:
-        """Run the stem or a norm-activation pair from position ``index`` as one efficient function, if it applies:
-        the features after them, the position after them, the outputs of the tapped positions among them but the
-        last. ``None``: run the module at ``index`` by itself."""
+        self, index: int, features: List[Tensor], taps: List[int], outputs: List[Tensor]
+    ) -> Tuple[List[Tensor], int]:
+        """Run the stem or a norm-activation pair from position ``index`` as one efficient function, if it applies,
+        appending to ``outputs`` those of tapped positions among them but the last: the features after them and how
+        many modules ran (0: none)."""
         if not self.efficient or any(isinstance(t, torch.fx.Proxy) for t in features):
-            return None
+            return features, 0
         modules = list(self._modules.values())[index:]
         stem = list(self._modules)[index : index + 4] == ["conv0", "norm0", "relu0", "pool0"]
         if stem and isinstance(modules[1], _BatchNorm) and type(modules[2]) is nn.ReLU:
@@ -316,11 +312,12 @@ class DenseFeatures(nn.Sequential):
                 pooled, stem_output = conv_bn_relu_max_pool(
                     _concat(features), modules[0], modules[1], modules[3], self.efficient, index + 2 in taps, self
                 )
-                return [pooled], index + 4, {} if stem_output is None else {index + 2: stem_output}
+                outputs.extend([] if stem_output is None else [stem_output])
+                return [pooled], 4
         if len(modules) >= 2 and isinstance(modules[0], _NORMS) and activation(modules[1]) is not None:
             if not any(is_customised(m) for m in modules[:2]) and index not in taps:
-                return [bn_relu(features, modules[0], self.efficient, self, modules[1])], index + 2, {}
-        return None
+                return [bn_relu(features, modules[0], self.efficient, self, modules[1])], 2
+        return features, 0
 
 
 class FeatureInfo(list):
