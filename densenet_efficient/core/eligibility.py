@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
@@ -126,41 +126,32 @@ def is_customised(module: nn.Module) -> bool:
     return _own_hooks(module) or _instance_override(module) is not None or _global_hooks()
 
 
-def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
-    return type(module) in classes
-
-
-def _norm_obstacle(norm: nn.Module) -> str | None:
-    kind = _kind(norm)
+def _obstacle(module: nn.Module, role: str) -> str | None:
+    """Why the function would not compute ``module`` as its stage's ``role`` (norm, act, conv), or ``None``."""
+    kind, name = _kind(module), type(module).__name__
+    if role == "act":
+        return None if kind == "act" else f"is a {name}, not a supported activation"
+    if role == "conv":
+        if kind != "conv":
+            return f"is a {name}, not a Conv1d/2d/3d"
+        if module.bias is not None:
+            return "has a bias"
+        if module.padding_mode != "zeros":
+            return f"pads with padding_mode={module.padding_mode!r}, not zeros"
+        return f"has padding={module.padding!r}, not numeric padding" if isinstance(module.padding, str) else None
     if kind in ("frozen", "instance", "group"):
         return None
     if kind == "batch_norm_act":
-        act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
-        if not _is_exactly(act, nn.ReLU, nn.Identity) or not _is_exactly(drop, nn.Identity):
-            return f"is a {type(norm).__name__} with activation {type(act).__name__} and dropout {type(drop).__name__}"
-        if is_customised(act) or is_customised(drop):
+        act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+        if type(act) not in (nn.ReLU, nn.Identity) or type(drop) is not nn.Identity:
+            return f"is a {name} with activation {type(act).__name__} and dropout {type(drop).__name__}"
+        if is_customised(act) or is_customised(drop):  # type: ignore[arg-type]
             return "has hooks or a replaced method on its activation or dropout"
     elif kind != "batch_norm":
-        return f"is a {type(norm).__name__}, not a batch norm"
-    if norm.weight is None or norm.bias is None:
+        return f"is a {name}, not a batch norm"
+    if module.weight is None or module.bias is None:
         return "is a batch norm without affine weight and bias (affine=False or bias=False)"
     return None
-
-
-def _conv_obstacle(conv: nn.Module) -> str | None:
-    if _kind(conv) != "conv":
-        return f"is a {type(conv).__name__}, not a Conv1d/2d/3d"
-    if conv.bias is not None:
-        return "has a bias"
-    if conv.padding_mode != "zeros":
-        return f"pads with padding_mode={conv.padding_mode!r}, not zeros"
-    if isinstance(conv.padding, str):
-        return f"has padding={conv.padding!r}, not numeric padding"
-    return None
-
-
-def _act_obstacle(act: nn.Module) -> str | None:
-    return None if activation(act) is not None else f"is a {type(act).__name__}, not a supported activation"
 
 
 def efficient_obstacle(
@@ -171,10 +162,10 @@ def efficient_obstacle(
     if _global_hooks():
         return None, "runs while global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     for norm, act, conv in stages:
-        for module, obstacle in ((norm, _norm_obstacle), (act, _act_obstacle), (conv, _conv_obstacle)):
+        for module, role in ((norm, "norm"), (act, "act"), (conv, "conv")):
             if module is None:  # a default ReLU, or a BN-ReLU without convolution
                 continue
-            reason = obstacle(module)
+            reason = _obstacle(module, role)
             override = _instance_override(module)
             if reason is None and override is not None:
                 reason = f"has its own {override} set on the instance (not its class's)"
