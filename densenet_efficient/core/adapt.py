@@ -1,15 +1,10 @@
 """Give an existing DenseNet (torchvision's, timm's, MONAI's, torchxrayvision's) the memory modes:
-:func:`make_efficient`. Modules are recognised by their layout, not by importing those libraries:
-
-* a dense layer: norms (batch, instance or group) and bias-free convolutions ``norm1, conv1[, norm2, conv2]``,
-  each norm followed by nothing but an activation of docs/efficient-path.md's table (a ``relu1``/``relu2`` child)
-  or timm's ``BatchNormAct2d`` with a ReLU; in the layer (torchvision, timm) or its ``layers`` sequence (MONAI);
-* a dense block: ``denselayer1, denselayer2, ...`` in a ``ModuleDict`` that passes the list of maps (torchvision,
-  timm) or in an ``nn.Sequential`` of layers that return their input and new features concatenated (MONAI,
-  torchxrayvision);
-* a transition: ``norm`` (then an activation), ``conv`` and a 2x average ``pool``.
-
-Any spatial dimensions. A layer laid out otherwise (a bias, MONAI's channel dropout) is left as it is.
+:func:`make_efficient`. Modules are recognised by their layout, not by importing those libraries: a dense layer has
+norms and bias-free convolutions ``norm1, conv1[, norm2, conv2]``, each norm followed by nothing but an activation
+the function computes (a ``relu1``/``relu2`` child, or timm's ``BatchNormAct2d`` with a ReLU), in the layer or in
+its ``layers`` sequence (MONAI); a dense block holds ``denselayer1, ...`` in a ``ModuleDict`` passing the list of
+maps (torchvision, timm) or in an ``nn.Sequential`` of concatenating layers (MONAI, torchxrayvision); a transition
+has ``norm`` (then an activation), ``conv`` and a 2x average ``pool``. Other layouts are left as they are.
 """
 
 from __future__ import annotations
@@ -177,16 +172,12 @@ def _ours_if_dense(module: nn.Module) -> bool:
 
 
 def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:
-    """Convert a DenseNet of torchvision, timm, MONAI (any ``spatial_dims``, ``norm`` and ``act`` the function
-    computes) or torchxrayvision, or any model with such dense layers, in place to memory mode ``efficient``.
-
-    Each dense block, dense layer and transition becomes this package's module around the same submodules, and a
-    ``Sequential`` of blocks and transitions (``model.features``) a :class:`DenseFeatures`. Parameters, buffers
-    and state-dict keys stay; outputs, gradients and batch-norm statistics equal the original's; converted blocks
-    take and return what the originals did. Call it again to switch modes (foreign models get no
-    ``set_efficient``); timm's ``set_grad_checkpointing`` and torchvision's ``memory_efficient`` no longer apply.
-    Returns ``model``; raises ``ValueError`` if it has no dense layer to convert.
-    """
+    """Convert ``model``'s dense blocks, layers and transitions (see the module docstring; MONAI's with any
+    ``spatial_dims``, ``norm`` and ``act`` the function computes) in place to this package's modules around the same
+    submodules, in memory mode ``efficient``, and a ``Sequential`` of them (``model.features``) to a
+    :class:`DenseFeatures`. Parameters, buffers, state-dict keys, outputs, gradients and batch-norm statistics stay
+    the original's. Call it again to switch modes; timm's ``set_grad_checkpointing`` and torchvision's
+    ``memory_efficient`` no longer apply. Returns ``model``; ``ValueError`` if it has no dense layer to convert."""
     efficient = check_memory_mode(efficient)
     converted = _convert_children(model)
     _pass_lists(model)

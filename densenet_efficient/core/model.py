@@ -126,13 +126,10 @@ def _relu() -> nn.Module:
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers, each reading every feature map before it.
-
-    ``forward``, as torchvision's and MONAI's: (N, C, *spatial) (or a list of maps of C channels in all) -> the
-    concatenation of the input and each layer's new features (N, C + num_layers * growth_rate, *spatial).
-    :meth:`extend` returns the maps as a list: :class:`DenseFeatures` hands that to the transition, so that no
-    concatenation of the block is stored for backward.
-    """
+    """``num_layers`` dense layers, each reading every feature map before it. ``forward``, as torchvision's and
+    MONAI's: (N, C, *spatial) (or a list of maps of C channels) -> (N, C + num_layers * growth_rate, *spatial), the
+    input and each layer's new features concatenated; :meth:`extend` returns them as a list (what
+    :class:`DenseFeatures` hands to the transition, so that no concatenation is stored for backward)."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, *args: Any):
         super().__init__()
@@ -214,12 +211,9 @@ def _feature_list(features: Union[Tensor, List[Tensor]]) -> List[Tensor]:
 
 
 def _block_features(block: nn.Module, features: List[Tensor]) -> List[Tensor]:
-    """``block.extend(features)``, calling the block as a module where something observes the call.
-
-    Under ``torch.fx`` the block is called, so that its concatenation is its node, and the maps it concatenated go
-    on to the transition as a list: a traced training model stores no concatenation for backward either. A block
-    with hooks is called too, so that they see what torchvision's block gives them.
-    """
+    """``block.extend(features)``, or the block called where something observes the call: under ``torch.fx`` (its
+    node is then the concatenation, and its maps go on to the transition as a list: a traced training model stores
+    no concatenation either) and with hooks (they see what torchvision's block gives them)."""
     if any(isinstance(feature, torch.fx.Proxy) for feature in features):
         output: Any = block(features)
         node = output.node
@@ -248,13 +242,10 @@ def _record_as_fx_leaf(module: nn.Module, features: Union[Tensor, List[Tensor]])
 
 
 class DenseFeatures(nn.Sequential):
-    """The stem, dense blocks, transitions, final norm and ReLU; passes feature lists between blocks.
-
-    Input (N, in_chans, *spatial); output the last module's output. In the efficient modes (``efficient``, set by
-    the network) the ImageNet stem runs as one function that stores only statistics and one byte per pooled value
-    (:func:`~.efficient.conv_bn_relu_max_pool`), and the final norm and ReLU as one storing only statistics
-    (:func:`~.efficient.bn_relu`); under ``torch.fx``, TorchScript, or with hooks, the modules run one by one.
-    """
+    """The stem, dense blocks, transitions, final norm and ReLU, passing feature lists between blocks: (N,
+    in_chans, *spatial) -> the last module's output. In the efficient modes the ImageNet stem runs as one function
+    storing statistics and one byte per pooled value (:func:`~.efficient.conv_bn_relu_max_pool`), the final norm
+    and ReLU as one storing statistics (:func:`~.efficient.bn_relu`); under fx, TorchScript or hooks, one by one."""
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs the modules one by one
     efficient: MemoryMode = False
