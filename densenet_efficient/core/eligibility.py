@@ -94,12 +94,8 @@ def _is_observer(cls: type) -> bool:
 
 def _global_hooks() -> bool:
     """Whether hooks for every module (``register_module_*_hook``) other than the module trackers' are set."""
-    hook_dicts = (
-        module_hooks._global_forward_hooks,
-        module_hooks._global_forward_pre_hooks,
-        module_hooks._global_backward_hooks,
-        module_hooks._global_backward_pre_hooks,
-    )
+    kinds = ("forward", "forward_pre", "backward", "backward_pre")
+    hook_dicts = [getattr(module_hooks, f"_global_{kind}_hooks") for kind in kinds]
     return any(not _is_observer(type(getattr(h, "__self__", None))) for hooks in hook_dicts for h in hooks.values())
 
 
