@@ -40,6 +40,19 @@ def test_fx_symbolic_trace_and_torchscript(name, mode):
         traced(torch.randn(2, 1, 32, 32))  # the input check survives tracing
 
 
+def test_scripting_works_after_timms_methods_were_scripted_or_called():
+    """TorchScript skips prune_intermediate_layers and forward_intermediates (torch.jit.unused, as timm does): a
+    failed compile of them once broke every later torch.jit.script of a DenseNet in the same process."""
+    model = small("densenet121_efficient", True)
+    torch.jit.script(model.prune_intermediate_layers)
+    torch.jit.script(model.forward_intermediates)
+    model.prune_intermediate_layers(2)
+    torch.jit.script(model)
+    fresh = small("densenet121_efficient", True)
+    x = image(fresh)
+    torch.testing.assert_close(torch.jit.script(fresh)(x), fresh(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_real_imagenet_architecture_traces_and_scripts():
     model = de.densenet121_efficient().eval()

@@ -34,7 +34,7 @@ def test_wrong_input_channels_and_size_fail_before_compute(monkeypatch):
         model(torch.zeros(2, 3, 64, 64))
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, H, W\), got \(1, 64, 64\)"):
         model(torch.zeros(1, 64, 64))
-    with pytest.raises(ValueError, match="too small: this network needs height and width of at least 29"):
+    with pytest.raises(ValueError, match=r"too small: this network needs every side \(H, W\) of at least 29"):
         model(torch.zeros(1, 1, 28, 28))
 
 

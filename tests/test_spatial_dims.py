@@ -68,10 +68,8 @@ def test_default_is_2d_and_spatial_dims_is_checked():
             tiny(bad)
 
 
-@pytest.mark.parametrize(
-    ("spatial_dims", "axes", "sides"), [(1, "L", "length"), (3, "D, H, W", "depth, height and width")]
-)
-def test_input_checks_name_the_axes(spatial_dims, axes, sides):
+@pytest.mark.parametrize(("spatial_dims", "axes"), [(1, "L"), (3, "D, H, W")])
+def test_input_checks_name_the_axes(spatial_dims, axes):
     model = tiny(spatial_dims, stem="imagenet")
     assert model.min_input_size == 5
     with pytest.raises(ValueError, match=rf"expected input of shape \(N, 1, {axes}\), got \(2, 1, 8, 8\)"):
@@ -79,7 +77,7 @@ def test_input_checks_name_the_axes(spatial_dims, axes, sides):
     with pytest.raises(TypeError, match=rf"expected a Tensor of shape \(N, 1, {axes}\), got list"):
         model([1.0])
     small = (2, 1) + (8,) * (spatial_dims - 1) + (4,)
-    with pytest.raises(ValueError, match=rf"too small: this network needs {sides} of at least 5"):
+    with pytest.raises(ValueError, match=rf"too small: this network needs every side \({axes}\) of at least 5"):
         model(torch.randn(small))
     model(torch.randn((2, 1) + (5,) * spatial_dims))
 

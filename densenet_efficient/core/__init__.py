@@ -1,7 +1,5 @@
-"""The model core: the memory-efficient autograd function, the DenseNet model and the named architectures.
-
-It imports nothing else of the project. The model factories (``densenet121_efficient``, ...) and ``create_model``
-are :mod:`densenet_efficient.models`', which registers them in :mod:`.registry`.
+"""The model core: the memory-efficient autograd function, the DenseNet model and the named architectures. It
+imports nothing else of the project; :mod:`densenet_efficient.models` registers the factories in :mod:`.registry`.
 """
 
 from . import registry as registry
@@ -14,20 +12,6 @@ from .optim import OptimizerInBackward, optim_in_backward
 from .registry import is_model, list_models, register_model
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = [
-    "MEMORY_MODES",
-    "DenseNet",
-    "DenseNetFeatures",
-    "MemoryMode",
-    "SyncBatchNorm",
-    "bn_relu_conv",
-    "check_memory_mode",
-    "convert_sync_batchnorm",
-    "is_model",
-    "from_monai",
-    "list_models",
-    "make_efficient",
-    "optim_in_backward",
-    "OptimizerInBackward",
-    "register_model",
-]
+__all__ = ["MEMORY_MODES", "DenseNet", "DenseNetFeatures", "MemoryMode", "SyncBatchNorm", "bn_relu_conv"]
+__all__ += ["check_memory_mode", "convert_sync_batchnorm", "is_model", "from_monai", "list_models", "make_efficient"]
+__all__ += ["optim_in_backward", "OptimizerInBackward", "register_model"]

@@ -1,8 +1,5 @@
-"""Batch-norm kernels shared by the memory-efficient layers and :class:`~densenet_efficient.SyncBatchNorm`.
-
-Training-mode batch norm and its backward, per process or with statistics shared by a process group (one
-collective in forward, one in backward), on (N, C, *spatial) inputs with 1 to 3 spatial dimensions.
-"""
+"""Training-mode batch norm and its backward on (N, C, *spatial), per process or with statistics shared by a
+process group (one collective each way): the kernels of the memory-efficient layers and of ``SyncBatchNorm``."""
 
 from __future__ import annotations
 
@@ -24,12 +21,8 @@ class SyncGroup:
 
 
 def sync_group(norm: nn.Module) -> SyncGroup | None:
-    """Where ``norm``'s training statistics are shared, or ``None`` to normalise per process.
-
-    A batch norm with a ``process_group`` attribute (:class:`~densenet_efficient.SyncBatchNorm`,
-    ``nn.SyncBatchNorm``) synchronises in training when a process group of more than one process is initialised,
-    as ``nn.SyncBatchNorm`` does; otherwise it is a plain batch norm.
-    """
+    """Where ``norm``'s training statistics are shared (a norm with a ``process_group``, as ``nn.SyncBatchNorm``,
+    with more than one process initialised), or ``None`` to normalise per process."""
     if not hasattr(norm, "process_group") or not dist.is_available() or not dist.is_initialized():
         return None
     group: Any = norm.process_group or dist.group.WORLD

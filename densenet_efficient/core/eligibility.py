@@ -1,23 +1,12 @@
-"""Which BN-ReLU-Conv stages the memory-efficient function may compute, and the warning when it may not.
+"""Which BN-activation-Conv stages the memory-efficient function computes exactly, and the warning when it does not.
 
-The function reads a stage's tensors and settings (``norm.weight``, ``norm.running_mean``, ``conv.weight``,
-``conv.stride``, ...) and never calls the modules. It therefore computes a stage exactly only when the modules do
-nothing but what it computes: batch norm (training or eval mode), a norm with fixed statistics, instance norm or
-group norm (affine or not), one of the activations of :data:`ACTIVATIONS`, and a bias-free, zero-padded
-convolution, with no hooks that expect the modules to be called and nothing set on the instance that replaces what
-its class computes. Everything else (another norm, a convolution with a bias or its
-own ``forward``, a ``forward`` set on one instance, hooks, legacy reparametrisations, quantisation-aware training)
-runs the plain modules for that layer, exactly, with a one-time warning that names the layer and says that its
-memory saving is lost. ``torch.nn.utils.parametrize`` is computed: reading a parametrised tensor evaluates its
-parametrisation, differentiably.
-
-The hook rule: a hook on a module inside a layer (its own, or a global hook, which may look at any module's
-class) sends the layer to its plain modules. The global hooks of torch's module trackers (``ModTracker``:
-``MemTracker``, ``CommDebugMode``; ``ModuleTracker``: ``FlopCounterMode``) only observe where modules begin and
-end: they see the dense layers, transitions and everything above them, and the efficient path and its saving.
-
-The checks read types, attributes and hook dictionaries on every call (a few dictionary look-ups per stage), so
-hooks or modules added at any time are seen.
+The function reads a stage's tensors and settings and never calls its modules, so it computes a stage only when
+they do nothing else: batch norm (training or eval), a norm with fixed statistics, instance or group norm, an
+activation of :data:`ACTIVATIONS`, a bias-free zero-padded convolution (``torch.nn.utils.parametrize`` included);
+no hooks, no method replaced on the instance. Anything else (another norm, a bias, hooks, legacy weight_norm or
+spectral_norm, quantisation-aware training) runs the layer's plain modules, exactly, with a one-time warning. A
+global module hook sends every layer to its plain modules, except torch's module trackers' (``ModTracker``,
+``ModuleTracker``: they only observe module boundaries). Checked on every call, so later hooks are seen.
 """
 
 from __future__ import annotations
@@ -25,31 +14,12 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeGuard
+from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.utils import parametrize
 
-# Batch norms the function computes as they are: (N, C, *spatial) batch norm, statistics from the batch in
-# training mode (shared across processes where ``process_group`` says so) and the running ones in eval mode.
-_BATCH_NORMS = frozenset(
-    {
-        "torch.nn.modules.batchnorm.BatchNorm1d",
-        "torch.nn.modules.batchnorm.BatchNorm2d",
-        "torch.nn.modules.batchnorm.BatchNorm3d",
-        "torch.nn.modules.batchnorm.SyncBatchNorm",
-        "densenet_efficient.core.sync_batchnorm.SyncBatchNorm",
-    }
-)
-# Batch norm followed by its own activation and dropout: computed when those are a ReLU (or nothing) and nothing.
-_BATCH_NORM_ACTS = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
-# Norms with fixed statistics and affine tensors as buffers (``weight``, ``bias``, ``running_mean``,
-# ``running_var``, ``eps``): computed as an eval-mode batch norm, whatever their training flag.
-FROZEN_NORMS = frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"})
-# Per-sample norms: InstanceNorm (tracking running statistics or not) and GroupNorm, affine or not.
-_INSTANCE_NORMS = frozenset(f"torch.nn.modules.instancenorm.InstanceNorm{d}d" for d in (1, 2, 3))
-_GROUP_NORMS = frozenset({"torch.nn.modules.normalization.GroupNorm"})
 # Activations the function recomputes in backward: class -> (name, parameter) of the stage (see functional._activate).
 ACTIVATIONS: dict[str, Callable[[Any], tuple[str, float]]] = {
     "torch.nn.modules.activation.ReLU": lambda m: ("relu", 0.0),
@@ -59,47 +29,48 @@ ACTIVATIONS: dict[str, Callable[[Any], tuple[str, float]]] = {
     "torch.nn.modules.activation.PReLU": lambda m: ("prelu", 0.0),
     "monai.networks.blocks.activation.Swish": lambda m: ("swish", m.alpha),  # x * sigmoid(alpha * x)
 }
-_CONVOLUTIONS = frozenset(
-    {"torch.nn.modules.conv.Conv1d", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.conv.Conv3d"}
-)
-_KNOWN = (
-    ("batch_norm", _BATCH_NORMS),
-    ("batch_norm_act", _BATCH_NORM_ACTS),
-    ("frozen", FROZEN_NORMS),
-    ("instance", _INSTANCE_NORMS),
-    ("group", _GROUP_NORMS),
-    ("act", frozenset(ACTIVATIONS)),
-    ("conv", _CONVOLUTIONS),
-)
+_DIMS = (1, 2, 3)
+_KINDS = {  # class -> what the function knows it as
+    **{f"torch.nn.modules.batchnorm.BatchNorm{d}d": "batch_norm" for d in _DIMS},
+    "torch.nn.modules.batchnorm.SyncBatchNorm": "batch_norm",  # statistics shared where process_group says so
+    "densenet_efficient.core.sync_batchnorm.SyncBatchNorm": "batch_norm",
+    "timm.layers.norm_act.BatchNormAct2d": "batch_norm_act",  # computed with a ReLU (or none) and no dropout
+    "torchvision.ops.misc.FrozenBatchNorm2d": "frozen",  # fixed statistics: an eval-mode batch norm, always
+    **{f"torch.nn.modules.instancenorm.InstanceNorm{d}d": "instance" for d in _DIMS},
+    "torch.nn.modules.normalization.GroupNorm": "group",
+    **{f"torch.nn.modules.conv.Conv{d}d": "conv" for d in _DIMS},
+    **dict.fromkeys(ACTIVATIONS, "act"),
+}
 SUPPORTED = (
     "BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d, timm's BatchNormAct2d with a ReLU, "
     "InstanceNorm1d/2d/3d or GroupNorm, then ReLU, LeakyReLU, PReLU, ELU, SiLU or MONAI's Swish, then a "
     "Conv1d/2d/3d without bias and with zero padding, no hooks"
 )
+# Classes (and their subclasses) whose global module hooks only observe module boundaries.
+_OBSERVERS = frozenset({"torch.utils.module_tracker.ModuleTracker", "torch.distributed._tools.mod_tracker.ModTracker"})
+
+_T = TypeVar("_T")
 
 
-_kinds: dict[type, str] = {}  # class -> a kind of _KNOWN or "other"
+def _per_class(compute: Callable[[type], _T]) -> Callable[[type], _T]:
+    """``compute``, cached per class (a class does not change)."""
+    cache: dict[type, _T] = {}
+    return lambda cls: cache[cls] if cls in cache else cache.setdefault(cls, compute(cls))
 
 
+@_per_class
 def _name(cls: type) -> str:
+    """The qualified name of ``cls``; of the class it parametrises for a class made by ``parametrize``."""
     base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
     return f"{base.__module__}.{base.__qualname__}"
 
 
 def _kind(module: object) -> str:
-    """What the function knows ``module``'s class as (cached per class: a class does not change). A class made by
-    ``parametrize`` counts as the class it parametrises (parametrize computes its tensors on access)."""
-    cls = type(module)
-    kind = _kinds.get(cls)
-    if kind is None:
-        kind = next((known for known, names in _KNOWN if _name(cls) in names), "other")
-        _kinds[cls] = kind
-    return kind
+    return _KINDS.get(_name(type(module)), "other")
 
 
 def is_frozen_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` normalises with fixed statistics whatever its training flag (torchvision's
-    ``FrozenBatchNorm2d``)."""
+    """Whether ``norm`` normalises with fixed statistics whatever its training flag (``FrozenBatchNorm2d``)."""
     return _kind(norm) == "frozen"
 
 
@@ -116,30 +87,16 @@ def activation(module: nn.Module | None) -> tuple[str, float] | None:
     return ACTIVATIONS[_name(type(module))](module) if _kind(module) == "act" else None
 
 
-# Classes (and their subclasses) whose global module hooks only observe module boundaries.
-_OBSERVERS = frozenset({"torch.utils.module_tracker.ModuleTracker", "torch.distributed._tools.mod_tracker.ModTracker"})
-_observer_types: dict[type, bool] = {}
+@_per_class
+def _is_observer(cls: type) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in _OBSERVERS for c in cls.__mro__)
 
 
-def _is_observer(hook: object) -> bool:
-    """Whether ``hook`` is a method of one of torch's module trackers (see :data:`_OBSERVERS`)."""
-    cls = type(getattr(hook, "__self__", None))
-    observer = _observer_types.get(cls)
-    if observer is None:
-        observer = _observer_types[cls] = any(f"{c.__module__}.{c.__qualname__}" in _OBSERVERS for c in cls.__mro__)
-    return observer
-
-
-def has_global_module_hooks() -> bool:
-    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_*_hook``) other
-    than torch's module trackers' (they only observe module boundaries)."""
-    hook_dicts = (
-        module_hooks._global_forward_hooks,
-        module_hooks._global_forward_pre_hooks,
-        module_hooks._global_backward_hooks,
-        module_hooks._global_backward_pre_hooks,
-    )
-    return any(not _is_observer(hook) for hooks in hook_dicts for hook in hooks.values())
+def _global_hooks() -> bool:
+    """Whether hooks for every module (``register_module_*_hook``) other than the module trackers' are set."""
+    kinds = ("forward", "forward_pre", "backward", "backward_pre")
+    hook_dicts = [getattr(module_hooks, f"_global_{kind}_hooks") for kind in kinds]
+    return any(not _is_observer(type(getattr(h, "__self__", None))) for hooks in hook_dicts for h in hooks.values())
 
 
 def _own_hooks(module: nn.Module) -> bool:
@@ -148,62 +105,49 @@ def _own_hooks(module: nn.Module) -> bool:
     )
 
 
-_methods: dict[type, frozenset[str]] = {}  # class -> names of its methods (cached: a class does not change)
+@_per_class
+def _methods(cls: type) -> frozenset[str]:
+    return frozenset(name for name in dir(cls) if not name.startswith("__") and callable(getattr(cls, name, None)))
 
 
 def _instance_override(module: nn.Module) -> str | None:
     """The name of a method of ``module``'s class that the instance replaces (``module.forward = ...``:
     ``types.MethodType``, ``functools.partial``, accelerate's hooks), or ``None``."""
-    cls = type(module)
-    methods = _methods.get(cls)
-    if methods is None:
-        methods = _methods[cls] = frozenset(
-            name for name in dir(cls) if not name.startswith("__") and callable(getattr(cls, name, None))
-        )
-    return next((name for name in module.__dict__ if name in methods), None)
+    return next((name for name in module.__dict__ if name in _methods(type(module))), None)
 
 
 def is_customised(module: nn.Module) -> bool:
     """Whether calling ``module`` may do other than its class's ``forward``: hooks (its own, or global ones other
-    than torch's module trackers'), or a method replaced on the instance."""
-    return _own_hooks(module) or _instance_override(module) is not None or has_global_module_hooks()
+    than the module trackers'), or a method replaced on the instance."""
+    return _own_hooks(module) or _instance_override(module) is not None or _global_hooks()
 
 
-def _is_exactly(module: object, *classes: type) -> TypeGuard[nn.Module]:
-    return type(module) in classes
-
-
-def _norm_obstacle(norm: nn.Module) -> str | None:
-    kind = _kind(norm)
+def _obstacle(module: nn.Module, role: str) -> str | None:
+    """Why the function would not compute ``module`` as its stage's ``role`` (norm, act, conv), or ``None``."""
+    kind, name = _kind(module), type(module).__name__
+    if role == "act":
+        return None if kind == "act" else f"is a {name}, not a supported activation"
+    if role == "conv":
+        if kind != "conv":
+            return f"is a {name}, not a Conv1d/2d/3d"
+        if module.bias is not None:
+            return "has a bias"
+        if module.padding_mode != "zeros":
+            return f"pads with padding_mode={module.padding_mode!r}, not zeros"
+        return f"has padding={module.padding!r}, not numeric padding" if isinstance(module.padding, str) else None
     if kind in ("frozen", "instance", "group"):
         return None
     if kind == "batch_norm_act":
-        act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
-        if not _is_exactly(act, nn.ReLU, nn.Identity) or not _is_exactly(drop, nn.Identity):
-            return f"is a {type(norm).__name__} with activation {type(act).__name__} and dropout {type(drop).__name__}"
-        if is_customised(act) or is_customised(drop):
+        act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+        if type(act) not in (nn.ReLU, nn.Identity) or type(drop) is not nn.Identity:
+            return f"is a {name} with activation {type(act).__name__} and dropout {type(drop).__name__}"
+        if is_customised(act) or is_customised(drop):  # type: ignore[arg-type]
             return "has hooks or a replaced method on its activation or dropout"
     elif kind != "batch_norm":
-        return f"is a {type(norm).__name__}, not a batch norm"
-    if norm.weight is None or norm.bias is None:
+        return f"is a {name}, not a batch norm"
+    if module.weight is None or module.bias is None:
         return "is a batch norm without affine weight and bias (affine=False or bias=False)"
     return None
-
-
-def _conv_obstacle(conv: nn.Module) -> str | None:
-    if _kind(conv) != "conv":
-        return f"is a {type(conv).__name__}, not a Conv1d/2d/3d"
-    if conv.bias is not None:
-        return "has a bias"
-    if conv.padding_mode != "zeros":
-        return f"pads with padding_mode={conv.padding_mode!r}, not zeros"
-    if isinstance(conv.padding, str):
-        return f"has padding={conv.padding!r}, not numeric padding"
-    return None
-
-
-def _act_obstacle(act: nn.Module) -> str | None:
-    return None if activation(act) is not None else f"is a {type(act).__name__}, not a supported activation"
 
 
 def efficient_obstacle(
@@ -211,13 +155,13 @@ def efficient_obstacle(
 ) -> tuple[nn.Module | None, str] | None:
     """``None`` if the memory-efficient function computes ``stages`` exactly (see the module docstring), else
     the first module it would get wrong (``None`` for the whole network) and why."""
-    if has_global_module_hooks():
+    if _global_hooks():
         return None, "runs while global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     for norm, act, conv in stages:
-        for module, obstacle in ((norm, _norm_obstacle), (act, _act_obstacle), (conv, _conv_obstacle)):
+        for module, role in ((norm, "norm"), (act, "act"), (conv, "conv")):
             if module is None:  # a default ReLU, or a BN-ReLU without convolution
                 continue
-            reason = obstacle(module)
+            reason = _obstacle(module, role)
             override = _instance_override(module)
             if reason is None and override is not None:
                 reason = f"has its own {override} set on the instance (not its class's)"

@@ -1,22 +1,16 @@
 """MONAI's DenseNet (``monai.networks.nets.DenseNet121/169/201/264``, any ``spatial_dims``) in this project's
 layout: its state dict converted, or a model built with its weights (:func:`from_monai`).
 
-MONAI names a dense layer's modules ``denselayerM.layers.norm1``, the final activation ``class_layers.relu`` and the
-classifier ``class_layers.out``; this project ``denselayerM.norm1``, ``features.relu5`` and ``classifier``
-(torchvision's names); every other key is the same. The
-architecture (spatial dimensions, input channels, classes, growth rate, blocks, bottleneck width) is read from the
-state dict's shapes. To keep MONAI's own model (and its keys) and give it the memory modes, use
-:func:`~densenet_efficient.make_efficient` instead.
-
-MONAI's ``dropout_prob`` drops whole channels in 2D and 3D (``nn.Dropout2d/3d``), this project's ``drop_rate``
-single activations: weights and inference are the same, training with dropout is not.
+MONAI's keys ``denselayerM.layers.norm1``, ``class_layers.relu`` and ``class_layers.out`` are this project's (and
+torchvision's) ``denselayerM.norm1``, ``features.relu5`` and ``classifier``; the architecture is read from the
+shapes. :func:`~densenet_efficient.make_efficient` keeps MONAI's own model instead. MONAI's ``dropout_prob`` drops
+whole channels, this project's ``drop_rate`` single values: the same weights and inference, not the same training.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,7 +19,6 @@ from .functional import MemoryMode
 from .model import DenseNet
 from .registry import architecture, list_models, resolve_model
 
-DENSENET_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DenseNet).parameters.items()}
 _LAYER_KEY = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|relu|conv)[12]\..+)$")
 _CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
 _FINAL_ACT_KEY = re.compile(r"^class_layers\.relu\.")  # a PReLU's weight
@@ -33,8 +26,7 @@ _DENSE_LAYER = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.layers\
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """MONAI DenseNet keys -> this project's (``...denselayerM.layers.norm1`` -> ``...denselayerM.norm1``,
-    ``class_layers.out`` -> ``classifier``); raises ``ValueError`` for a state dict that is not a MONAI DenseNet."""
+    """MONAI DenseNet keys -> this project's; ``ValueError`` for a state dict that is not a MONAI DenseNet."""
     if "features.conv0.weight" not in state_dict or "class_layers.out.weight" not in state_dict:
         raise ValueError(
             "not a MONAI DenseNet state dict: expected keys features.conv0.weight and "
@@ -76,12 +68,11 @@ def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def registered_name(args: Mapping[str, Any]) -> str:
-    """The registered 3D architecture with ``args``' layout (``densenet121_3d`` for MONAI's
-    DenseNet121...); ``ValueError`` if none has it."""
+    """The registered 3D architecture with ``args``' layout (MONAI's DenseNet121: ``densenet121_3d``)."""
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
     names = list_models("densenet*_3d")
     for name in names:
-        if all(architecture(name).get(key, DENSENET_DEFAULTS[key]) == args[key] for key in keys):
+        if all(architecture(name)[key] == args[key] for key in keys):
             return name
     layout = ", ".join(f"{key}={args[key]}" for key in keys)
     raise ValueError(
@@ -93,11 +84,8 @@ def registered_name(args: Mapping[str, Any]) -> str:
 def from_monai(
     source: nn.Module | Mapping[str, Tensor], name: str | None = None, efficient: MemoryMode = True
 ) -> DenseNet:
-    """This project's DenseNet with the weights and buffers of a MONAI DenseNet (a module or its state dict).
-
-    ``name``: the registered model to build (default: the 3D architecture with the same blocks, e.g.
-    ``densenet121_3d``); its spatial dimensions, channels and classes are taken from the weights.
-    """
+    """This project's DenseNet with the weights and buffers of a MONAI DenseNet (a module or its state dict), as
+    registered model ``name`` (default: the 3D one with the same blocks) with the weights' dimensions and sizes."""
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
     if isinstance(source, nn.Module):  # its norm and activation (a state dict holds batch norm and ReLU)
@@ -117,37 +105,19 @@ def _norm_spec(norm: nn.Module) -> Any:
     return type(norm), {key: getattr(norm, key) for key in settings if hasattr(norm, key)}
 
 
+_MONAI_ARGS = dict(init_features="num_init_features", dropout_prob="drop_rate")  # MONAI's name -> DenseNet's
+
+
 def monai_densenet(
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    init_features: int = 64,
-    growth_rate: int = 32,
-    block_config: Sequence[int] = (6, 12, 24, 16),
-    bn_size: int = 4,
-    act: Any = ("relu", {"inplace": True}),
-    norm: Any = "batch",
-    dropout_prob: float = 0.0,
-    pretrained: bool = False,
-    efficient: MemoryMode = True,
+    spatial_dims: int, in_channels: int, out_channels: int, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
-    """This project's DenseNet from ``monai.networks.nets.DenseNet``'s arguments (MONAI's spellings of ``norm`` and
-    ``act``); MONAI's state dicts load into it after :func:`convert_state_dict`. ``pretrained=True`` is refused:
-    MONAI's pretrained 2D weights are torchvision's (``create_model("densenet121", pretrained=True)``)."""
+    """This project's DenseNet from ``monai.networks.nets.DenseNet``'s arguments: ``init_features``,
+    ``growth_rate``, ``block_config``, ``bn_size``, ``act``, ``norm`` and ``dropout_prob`` in MONAI's spellings
+    (and ``efficient``); MONAI's state dicts load into it after :func:`convert_state_dict`. ``pretrained=True`` is
+    refused: MONAI's pretrained 2D weights are torchvision's (``create_model("densenet121", pretrained=True)``)."""
     if pretrained:
         raise ValueError(
             "pretrained=True: load torchvision's weights by name (create_model), or MONAI's with from_monai"
         )
-    return DenseNet(
-        growth_rate=growth_rate,
-        block_config=block_config,
-        num_init_features=init_features,
-        bn_size=bn_size,
-        drop_rate=dropout_prob,
-        num_classes=out_channels,
-        in_chans=in_channels,
-        spatial_dims=spatial_dims,
-        norm=norm,
-        act=act,
-        efficient=efficient,
-    )
+    args = {_MONAI_ARGS.get(key, key): value for key, value in kwargs.items()}
+    return DenseNet(spatial_dims=spatial_dims, in_chans=in_channels, num_classes=out_channels, **args)

@@ -1,11 +1,10 @@
-"""The optimizer step inside backward: each parameter updated, and its gradient freed, as soon as it is accumulated
-(``Tensor.register_post_accumulate_grad_hook``, as in PyTorch's "optimizer step in backward" tutorial), so at most
-the gradients of the parameters whose backward is running are alive at once.
+"""The optimizer step inside backward (PyTorch's "optimizer step in backward" tutorial): each parameter updated,
+and its gradient freed, as soon as the gradient is accumulated (``Tensor.register_post_accumulate_grad_hook``).
 
-It computes exactly what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer
-that steps each parameter from its own gradient and state (SGD with momentum, Nesterov and weight decay; Adam,
-AdamW; ...). It refuses, where it can see them, what needs every gradient at once or several backward passes per
-step: clipping by the global norm, a gradient scaler (fp16), gradient accumulation and DistributedDataParallel.
+It computes what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer that
+steps each parameter from its own gradient and state (SGD with momentum, Nesterov and weight decay; Adam, AdamW;
+...), and refuses where it can what needs every gradient at once or several backward passes per step: clipping by
+the global norm, a gradient scaler (fp16), gradient accumulation, DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ from torch import nn
 
 
 class OptimizerInBackward:
-    """The hooks of :func:`optim_in_backward`. ``optimizer`` (over every trained parameter) holds the state and the
-    hyperparameters, so a ``torch.optim.lr_scheduler``, ``state_dict`` and ``load_state_dict`` work as usual; each
-    hook steps its parameter with a one-parameter optimizer of the same class sharing them. :meth:`step` and
-    :meth:`zero_grad` refuse, saying why (a loop written for an ordinary optimizer fails loudly instead of clipping
-    or scaling gradients that no longer exist); :meth:`remove` detaches the hooks.
-    """
+    """The hooks of :func:`optim_in_backward`: each steps its parameter with a one-parameter optimizer sharing
+    ``optimizer``'s state and hyperparameters (so lr schedulers, ``state_dict`` and ``load_state_dict`` work).
+    :meth:`step` and :meth:`zero_grad` refuse, saying why (no gradient is left to clip or scale); :meth:`remove`
+    detaches the hooks."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -53,8 +50,7 @@ class OptimizerInBackward:
             "optimizer for those"
         )
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.step()
+    zero_grad = step
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -66,14 +62,10 @@ def optim_in_backward(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer],
 ) -> OptimizerInBackward:
-    """Step every trained parameter of ``model`` inside backward, with ``optimizer`` (an optimizer over the model's
-    parameters, or a factory called with them, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``).
-
-    Each training step is then ``loss.backward()``: every parameter is updated as its gradient is accumulated, and
-    the gradient freed (see the module's docstring for what this computes exactly, and what it refuses). Raises
-    ``ValueError`` for a DistributedDataParallel model and for parameters that already hold a gradient
-    (accumulated gradients would be applied, and stepped again, in the next backward).
-    """
+    """Step every trained parameter of ``model`` inside backward with ``optimizer`` (over the model's parameters,
+    or a factory of them, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``): a training step is then
+    ``loss.backward()``. Raises ``ValueError`` for DistributedDataParallel and for parameters already holding a
+    gradient (it would be applied, and stepped again, in the next backward)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
             "optim_in_backward cannot wrap DistributedDataParallel: its bucketed all-reduce averages gradients "

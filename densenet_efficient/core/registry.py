@@ -1,18 +1,11 @@
-"""Named architectures: the table of ``@register_model`` factories, ``list_models``, ``architecture`` and the name
-resolver.
+"""Named architectures: the ``@register_model`` table, ``list_models``, ``architecture`` and the name resolver.
 
-The factories themselves (``densenet121_efficient``, ...) and ``create_model`` live in :mod:`densenet_efficient.models`,
-the family file that knows both the core and the weights layer; each is a plain function decorated with
-:func:`register_model`, in the manner of timm, so IDEs and type checkers see its signature and docstring. This
-module knows nothing of weights: :func:`build` makes the network, the factories load the weights into it.
-
-Names follow the published architecture names. Only names that torchvision or timm also use for a 2D ImageNet
-DenseNet carry the ``_efficient`` suffix (``densenet121_efficient`` ... ``densenet264_efficient``), so that
-registering these models with timm never shadows timm's own ``densenet121``. Names unique to this project have
-no suffix: the CIFAR networks (``densenet_bc_100_k12``, and any depth as ``densenet_bc_<depth>_k<growth>`` or
-``densenet_<depth>_k<growth>``, see :func:`cifar_architecture`) and the volumetric ones (``densenet121_3d`` ...
-``densenet264_3d``). The earlier 3D names (``densenet121_3d_efficient``, ...) are aliases: they build the same
-models, and ``list_models(include_aliases=True)`` lists them.
+The factories (``densenet121_efficient``, ...) and ``create_model`` live in :mod:`densenet_efficient.models`, which
+also knows the weights; this module only builds networks. Only names that torchvision or timm also use for a 2D
+ImageNet DenseNet carry the ``_efficient`` suffix, so that registering with timm never shadows timm's own
+``densenet121``. Names of this project only have none: the CIFAR networks (``densenet_bc_100_k12``, any depth as
+``densenet_bc_<depth>_k<growth>`` or ``densenet_<depth>_k<growth>``) and the volumetric ones (``densenet121_3d``
+...). The earlier 3D names (``densenet121_3d_efficient``, ...) are aliases: ``list_models(include_aliases=True)``.
 """
 
 from __future__ import annotations
@@ -41,23 +34,19 @@ CIFAR_NAME_PATTERNS = "densenet_bc_<depth>_k<growth>, densenet_<depth>_k<growth>
 _FACTORY_ARGS = """
 
     Args:
-        pretrained: load the default pretrained weights for this model (see ``weights_manifest.json``).
-        weights: a weights tag of this model (e.g. ``"tv_in1k"``), a path to a ``.safetensors`` file, or
-            ``"hf-hub:org/name[@revision]"``. Overrides ``pretrained``.
-        efficient: memory mode. ``False``: plain autograd. ``True`` (default): keep only batch statistics and
-            bottleneck outputs, recompute concatenation, BN and ReLU in backward (same results, a fraction of
-            the memory). ``"max"``: also recompute the bottleneck convolution, the lowest memory.
-        features_only: return a multi-scale backbone (``DenseNetFeatures``: a list of feature maps) instead;
-            ``out_indices`` picks its levels of ``feature_info`` (default all).
-        **kwargs: any other ``DenseNet`` argument (``num_classes``, ``in_chans``, ``drop_rate``, ...), and
-            ``cache_dir``, ``endpoint``: the Hugging Face cache folder and Hub address for the download
-            (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
+        pretrained: load this model's default weights (``weights_manifest.json``).
+        weights: a weights tag of this model (``"tv_in1k"``), a ``.safetensors`` path, or
+            ``"hf-hub:org/name[@revision]"``; overrides ``pretrained``.
+        efficient: memory mode: ``False`` plain autograd; ``True`` (default) recompute concatenation, BN and ReLU
+            in backward (same results, a fraction of the memory); ``"max"`` also the bottleneck convolution.
+        features_only: return a ``DenseNetFeatures`` backbone (a list of feature maps, the levels ``out_indices``).
+        **kwargs: other ``DenseNet`` arguments (``num_classes``, ``in_chans``, ...), and ``cache_dir``, ``endpoint``
+            for the download (default: ``HF_HUB_CACHE``, ``HF_ENDPOINT``).
 """
 
 
 def register_model(factory: _FACTORY) -> _FACTORY:
-    """Register ``factory`` under its function name and append the factories' common arguments to its
-    docstring. A name is registered once: a second registration raises ``ValueError``."""
+    """Register ``factory`` under its name (once: again raises ``ValueError``), its docstring completed."""
     name = factory.__name__
     if name in _ENTRYPOINTS or name in _ALIASES:
         raise ValueError(f"model {name!r} is already registered: pick another function name")
@@ -74,9 +63,8 @@ def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
 
 
 def resolve_model(name: str) -> str:
-    """The canonical name of a registered name, an alias, or a CIFAR network of any depth
-    (``densenet_bc_<depth>_k<growth>``, ``densenet_<depth>_k<growth>``). The one name resolver: everything that
-    takes a model name goes through it. Raises ``TypeError``/``ValueError`` naming the valid names."""
+    """The canonical name of a registered name, an alias, or a CIFAR network of any depth: the one name resolver.
+    Raises ``TypeError``/``ValueError`` naming the valid names."""
     if not isinstance(name, str):
         raise TypeError(
             f"model name must be a str such as 'densenet121_efficient', got {type(name).__name__} "
@@ -113,16 +101,13 @@ def is_model(name: str) -> bool:
 
 @functools.cache
 def _architecture(name: str) -> dict[str, Any]:
-    """The constructor arguments of registered name ``name``, read from the network its factory builds on the
-    ``meta`` device (nothing is allocated)."""
+    """The constructor arguments of registered ``name``, from its network built on the ``meta`` device."""
     with torch.device("meta"):
         return dict(_ENTRYPOINTS[name](efficient=False).config)
 
 
 def architecture(name: str) -> dict[str, Any]:
-    """Constructor arguments of the named architecture (for a registered name its ``DenseNet.config``; for a
-    CIFAR depth :func:`cifar_architecture`); raises ``ValueError`` for an unknown name (see
-    :func:`resolve_model`)."""
+    """Constructor arguments of the named architecture (its ``DenseNet.config``); ``ValueError`` if unknown."""
     name = resolve_model(name)
     match = _CIFAR_NAME.fullmatch(name)
     if name not in _ENTRYPOINTS and match:
@@ -131,8 +116,7 @@ def architecture(name: str) -> dict[str, Any]:
 
 
 def cifar_architecture(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> dict[str, Any]:
-    """Constructor arguments of a CIFAR DenseNet of ``depth`` (see :func:`cifar_densenet`); raises for a depth
-    that no network of the family has."""
+    """Constructor arguments of a CIFAR DenseNet of ``depth``; raises for a depth no network of the family has."""
     if isinstance(depth, bool) or not isinstance(depth, int):
         raise TypeError(f"depth must be an int, got {type(depth).__name__} {depth!r}")
     convs_per_layer = 2 if bottleneck else 1
@@ -158,7 +142,6 @@ def cifar_name(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> st
 
 
 def entrypoints() -> dict[str, Callable[..., DenseNet]]:
-    """``{name: factory}`` of every registered model and alias (an alias maps to the factory of the name it
-    stands for): what the package and ``hubconf.py`` export."""
+    """``{name: factory}`` of every registered model and alias: what the package and ``hubconf.py`` export."""
     names = {**{name: name for name in _ENTRYPOINTS}, **_ALIASES}
     return {name: _ENTRYPOINTS[target] for name, target in sorted(names.items())}

@@ -1,12 +1,9 @@
 """Synchronized batch norm that works on every device and stays memory-efficient.
 
-``convert_sync_batchnorm(model)`` replaces every batch norm by :class:`SyncBatchNorm`. In training, with a process
-group of more than one process initialised, each then normalises with the statistics of the batch of every
-process (as one process on the concatenated batch would), on CPU (gloo) as on CUDA (NCCL). Inside dense layers
-and transitions the memory-efficient autograd function computes them itself: one collective per batch norm in
-forward (the statistics), one in backward (two per-channel gradient sums), none when it recomputes batch norm in
-backward, and the running statistics are updated once. Otherwise (evaluation, no process group, one process)
-:class:`SyncBatchNorm` is exactly ``nn.BatchNorm2d``.
+``convert_sync_batchnorm(model)`` replaces every batch norm by :class:`SyncBatchNorm`: in training, with a process
+group of more than one process, each normalises with the statistics of every process's batch, on CPU (gloo) as on
+CUDA (NCCL). Inside dense layers and transitions the memory-efficient function computes them itself (one collective
+per batch norm each way, none when backward recomputes the norm; running statistics updated once).
 """
 
 from __future__ import annotations
@@ -18,29 +15,18 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batchnorm import SyncGroup, batch_norm_momentum, batch_norm_train, batch_norm_train_backward, sync_group
+from .batchnorm import batch_norm_momentum, batch_norm_train, batch_norm_train_backward, sync_group
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm with statistics shared across ``sync``'s processes.
-
-    Stored for backward: the input, weight, and the global per-channel mean and inverse standard deviation.
-    """
+    """Training-mode batch norm with statistics shared across ``sync``'s processes; stores the input, weight and
+    the global per-channel mean and inverse standard deviation."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        sync: SyncGroup,
-    ) -> Tensor:
-        output, mean, invstd = batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, sync)
-        ctx.eps, ctx.sync = eps, sync
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, *args: Any) -> Tensor:
+        """``args``: bias, running_mean, running_var, momentum, eps, sync, as :func:`.batchnorm.batch_norm_train`."""
+        output, mean, invstd = batch_norm_train(x, weight, *args)
+        ctx.eps, ctx.sync = args[-2:]
         ctx.save_for_backward(x, weight, mean, invstd)
         return output
 
@@ -55,14 +41,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 class SyncBatchNorm(_BatchNorm):
-    """Batch norm over (N, C, *spatial) inputs whose training statistics are shared by a process group.
-
-    Same arguments, parameters and buffers as ``nn.SyncBatchNorm`` (so state dicts are interchangeable with
-    ``nn.BatchNorm2d``'s), but it works on any device and backend, gloo on CPU included, and the memory-efficient
-    DenseNet layers compute its synchronized statistics inside their own autograd function. It synchronises only
-    in training mode with an initialised process group (``process_group``, default: the whole world) of more than
-    one process; otherwise it is ``nn.BatchNorm2d``. Processes may hold different batch sizes.
-    """
+    """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
+    process). ``nn.SyncBatchNorm``'s arguments, parameters and buffers, on any device and backend (gloo on CPU
+    too); processes may hold different batch sizes. Without a group of several processes, or in eval mode, it is
+    ``nn.BatchNorm2d``."""
 
     def __init__(
         self,
@@ -104,13 +86,10 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every batch norm in ``module`` (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) by
-    :class:`SyncBatchNorm` sharing statistics over ``process_group`` (default: every process).
-
-    Parameters and buffers are the same tensors, not copies. Returns the converted module (a new object if
-    ``module`` itself is a batch norm), like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Call it before wrapping
-    the model in ``DistributedDataParallel``.
-    """
+    """``module`` with every batch norm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) replaced by a
+    :class:`SyncBatchNorm` over ``process_group`` holding the same tensors, as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does (a new object if ``module`` is a batch norm). Call it before
+    wrapping the model in ``DistributedDataParallel``."""
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         output = SyncBatchNorm(
