@@ -21,27 +21,18 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from densenet_efficient import create_model
-from densenet_efficient.core.config import IMAGENET_MEAN, IMAGENET_STD
+from densenet_efficient.core.config import IMAGENET
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.pretrained.download import fetch_url_bytes
 from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5  # largest absolute logit difference a converted model may have (also export.monai's)
-# How torchvision's DenseNets are fed (its ImageClassification transform: resize 256 bilinear, centre crop 224,
-# ImageNet mean/std); its ImageNet weights also follow the ImageNet label list (TORCHVISION_LABELS).
-TORCHVISION_PREPROCESSING: dict[str, Any] = {
-    "input_size": [3, 224, 224],
-    "interpolation": "bilinear",
-    "crop_pct": 0.875,
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-}
+TORCHVISION_PREPROCESSING = IMAGENET.to_dict()  # torchvision's: bilinear resize to 256, centre crop 224
 TORCHVISION_LABELS = "imagenet-1k"
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 

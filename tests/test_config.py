@@ -95,18 +95,18 @@ def test_transforms_of_a_signal_model_crop_the_centre():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"mean": [float("nan"), 0.5, 0.5]}, r"mean must be a list of finite numbers \(no NaN or inf\)"),
+        ({"mean": [float("nan"), 0.5, 0.5]}, "mean must be a list of finite numbers"),
         ({"std": [0.5, float("inf"), 0.5]}, "std must be a list of finite numbers"),
-        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, "mean has 2 values for 3 input channels"),
-        ({"input_size": [3, 2, 2, 2, 2]}, r"\[channels, \*sizes\] with 1 to 3 spatial sizes"),
-        ({"input_size": [3, 10**6, 32]}, "and 65536 per side"),
-        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "has 2 spatial sizes, input_size has 3"),
-        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "one of .*trilinear.* for 3 spatial"),
+        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, "mean must be one value per input channel"),
+        ({"input_size": [3, 2, 2, 2, 2]}, r"input_size must be \[channels, \*sizes\]"),
+        ({"input_size": [3, 10**6, 32]}, r"input_size must be \[channels"),
+        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "has 2 spatial sizes, not 3"),
+        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "interpolation must be one of .*trilinear"),
         ({"input_size": [3, 32, 32], "pool_size": [8]}, "pool_size must be 2 positive sizes"),
         ({"crop_pct": float("nan")}, r"crop_pct must be a number in \(0, 1\]"),
         ({"color": "red"}, r"unknown pretrained_cfg keys \['color'\]; valid \(timm's\): url, file"),
         ({"label_names": ["cat", 3]}, "label_names must be a list of strings"),
-        ({"num_classes": -1}, "num_classes must be an integer from 0"),
+        ({"num_classes": -1}, "num_classes must be an integer"),
     ],
 )
 def test_check_pretrained_cfg_refuses_with_the_key_and_what_is_valid(cfg, message):
@@ -127,7 +127,7 @@ def saved(tmp_path):
 def test_nan_mean_in_a_config_is_refused(saved):
     """json.loads reads NaN; it used to become model.pretrained_cfg['mean'] and NaN inputs."""
     edit_config(saved, lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0.5, 0.5]))
-    with pytest.raises(de.InvalidConfigError, match=f"{saved}: pretrained_cfg.mean must be .*no NaN"):
+    with pytest.raises(de.InvalidConfigError, match=f"{saved}: pretrained_cfg.mean must be a list of finite numbers"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -204,7 +204,7 @@ def test_save_pretrained_writes_the_full_configuration_of_a_cifar_model(tmp_path
     assert cfg["license"] == "mit" and cfg["architecture"] == "densenet_40_k12" and cfg["num_classes"] == 10
     loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
     assert loaded.pretrained_cfg["label_names"][9] == "c9" and loaded.pretrained_cfg["input_size"] == (3, 32, 32)
-    with pytest.raises(ValueError, match="save_pretrained: 3 label_names for a model of 10 classes"):
+    with pytest.raises(ValueError, match="save_pretrained: .*3 label_names do not fit .* 10 classes"):
         de.save_pretrained(model, tmp_path / "bad", label_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="save_pretrained: pretrained_cfg.mean has 1 values for 3 input channels"):
+    with pytest.raises(ValueError, match="save_pretrained: pretrained_cfg.mean must be one value per input channel"):
         de.save_pretrained(model, tmp_path / "bad", mean=[0.5])

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
+from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, InputCfg, check_pretrained_cfg, with_pool_sizes
 from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, WEIGHTS_FILENAME, check_state_values
 from .manifest import label_names
 
@@ -136,14 +136,14 @@ def config_json(
         cfg = with_pool_sizes(cfg, args.get("stem", "imagenet"), len(args["block_config"]))
     try:
         cfg = check_pretrained_cfg(cfg)
+        inputs = InputCfg.from_dict(cfg)
     except ValueError as error:
         raise ValueError(f"save_pretrained: {error}") from None
-    in_chans = args.get("in_chans", cfg.get("input_size", (None,))[0])
-    if "input_size" in cfg and cfg["input_size"][0] != in_chans:
-        raise ValueError(f"save_pretrained: input_size {cfg['input_size']} for a model of {in_chans} input channels")
-    if cfg.get("label_names") is not None and len(cfg["label_names"]) != cfg["num_classes"]:
+    in_chans = args.get("in_chans", inputs.channels)
+    if inputs.adapt(in_chans, cfg["num_classes"]) != inputs:
         raise ValueError(
-            f"save_pretrained: {len(cfg['label_names'])} label_names for a model of {cfg['num_classes']} classes"
+            f"save_pretrained: input_size {inputs.input_size} and {len(inputs.label_names or ())} label_names do not "
+            f"fit a model of {in_chans} input channels and {cfg['num_classes']} classes"
         )
     config = {
         FORMAT_KEY: CONFIG_FORMAT,
