@@ -145,12 +145,11 @@ def test_config_naming_a_foreign_architecture_is_refused(saved):
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(architecture="resnet50")))
     with pytest.raises(
         de.InvalidConfigError,
-        match=r"describes a 'resnet50', which is not an architecture of this package nor one of timm DenseNets "
-        r"it reads; valid: .*densenet_40_k12.*densenet121\b",
+        match=r"describes a 'resnet50', not an architecture; valid: .*densenet_40_k12.*densenet121\b",
     ):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
     edit_config(saved, lambda c: c.update(format="densenet_efficient", architecture="densenet121"))
-    with pytest.raises(de.InvalidConfigError, match="'densenet121', which is not an architecture of this package;"):
+    with pytest.raises(de.InvalidConfigError, match="'densenet121', not an architecture; valid: (?!.*densenet121\\b)"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -164,7 +163,7 @@ def test_a_config_without_the_marker_is_timms_even_with_weights_sha256(saved):
 
 def test_unknown_format_marker_is_refused(saved):
     edit_config(saved, lambda c: c.update(format="keras"))
-    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras': 'format' is 'densenet_efficient'"):
+    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras'"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 

@@ -201,7 +201,7 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     pairs = descriptions.items() if isinstance(descriptions, Mapping) else [(None, None)]
     check("label_descriptions", all(isinstance(k, str) and isinstance(v, str) for k, v in pairs), "names to strings")
     for key in ("num_classes", "label_offset"):
-        check(key, _is_int(checked.get(key)) and 0 <= checked[key] <= MAX_CLASSES, f"an integer up to {MAX_CLASSES}")
+        check(key, is_int(checked.get(key)) and 0 <= checked[key] <= MAX_CLASSES, f"an integer up to {MAX_CLASSES}")
     for key in ("fixed_input_size", "custom_load"):
         check(key, isinstance(checked.get(key), bool), "true or false")
     for key in _TEXT_KEYS:
@@ -212,7 +212,7 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -226,4 +226,4 @@ def _sizes(value: Any, shortest: int, longest: int, kind: type = int) -> bool:
         return False
     if kind is str:
         return all(isinstance(v, str) for v in value)
-    return all(_is_int(n) and 0 < n <= MAX_SIDE for n in value)
+    return all(is_int(n) and 0 < n <= MAX_SIDE for n in value)
