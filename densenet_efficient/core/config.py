@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypeGuard
 
 # timm's PretrainedCfg fields (timm/models/_pretrained.py); tests compare them with the installed timm.
 WEIGHT_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
@@ -212,7 +212,7 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 

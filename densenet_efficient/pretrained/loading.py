@@ -46,7 +46,12 @@ _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
 # timm's DenseNets of this layout; timm arguments accepted only at timm's default (memory_efficient at any value).
 TIMM_DENSENETS = {f"densenet{n}": f"densenet{n}_efficient" for n in (121, 169, 201, 161)}
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
-_TIMM_DEFAULT_ONLY = {"global_pool": "avg", "stem_type": "", "act_layer": "relu", "norm_layer": "batchnorm2d"}
+_TIMM_DEFAULT_ONLY: dict[str, Any] = {
+    "global_pool": "avg",
+    "stem_type": "",
+    "act_layer": "relu",
+    "norm_layer": "batchnorm2d",
+}
 _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
