@@ -1,13 +1,8 @@
-"""Fetching weights files: from the Hugging Face Hub (``hf_hub_download``: revisions, cache, locks,
-``HF_HUB_OFFLINE``) or a plain URL (torchvision's ``.pth``), each checked on the very bytes that are returned.
-
-A file is checked against the sha256 the manifest pins, else the hash its Hub cache blob is named by (an LFS
-file's sha256, a small file's git blob id); a mismatch removes the cache's copy (never through a link) and
-raises :class:`~.errors.ChecksumMismatchError` with both hashes. Every transfer is bounded by one meter, the
-progress bar of both paths (:func:`_meter`, shown on a terminal only): at most :data:`TIMEOUT_S` s for a
-connection and each read (Hub transfers: ``HF_HUB_DOWNLOAD_TIMEOUT``), at least :data:`MIN_RATE_BYTES_S` bytes/s
-on average after :data:`GRACE_S` s, and never more bytes than the file's pinned size (else
-:data:`.files.MAX_WEIGHTS_BYTES`), whatever the server announces or its encoding.
+"""Fetching weights files from the Hugging Face Hub (``hf_hub_download``: revisions, cache, locks,
+``HF_HUB_OFFLINE``) or a URL (torchvision's ``.pth``), checked on the very bytes returned: against the pinned
+sha256, else the hash the Hub cache blob is named by; a mismatch removes the cache's copy (never through a link).
+Every transfer is bounded by :func:`_meter` (also the progress bar): :data:`TIMEOUT_S` per connection and read, at
+least :data:`MIN_RATE_BYTES_S` after :data:`GRACE_S` s, never more than the pinned size (else 4 GiB).
 """
 
 from __future__ import annotations
@@ -51,9 +46,8 @@ _FLOATING = (
 
 
 def _meter(name: str, limit: int) -> type[tqdm]:
-    """A progress bar (terminal only) that stops a transfer of at most ``limit`` bytes with
-    :class:`~.errors.WeightsNotAvailableError` before more is written, or when it averages under the minimum
-    rate after the grace period. One class per transfer: the deadline spans the Hub client's resumes."""
+    """A progress bar (terminal only) that stops a transfer (:class:`~.errors.WeightsNotAvailableError`) past
+    ``limit`` bytes or under the minimum rate; one class per transfer: the deadline spans the client's resumes."""
     started, received = time.monotonic(), 0
 
     class Meter(tqdm):
@@ -115,10 +109,9 @@ def fetch_hub_bytes(
     cache_dir: str | os.PathLike | None = None,
     endpoint: str | None = None,
 ) -> tuple[str, bytes]:
-    """Path of ``filename`` of Hub repo ``repo_id`` in the Hugging Face cache (downloaded if needed) and its bytes,
-    read once and verified: against ``sha256``, else the hash its cache blob is named by. ``size``: the most bytes
-    it may hold. A file no hash can verify raises :class:`~.errors.UnverifiedWeightsError` unless
-    ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
+    """Path of Hub file ``repo_id/filename`` in the HF cache (downloaded if needed) and its bytes (at most ``size``),
+    read once and verified against ``sha256``, else its cache blob's name; unverifiable:
+    :class:`~.errors.UnverifiedWeightsError` unless ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -163,9 +156,8 @@ def fetch_hub_bytes(
             raise
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _reason(error)
         raise WeightsNotAvailableError(
-            f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}): {reason}. It is not in the "
-            f"Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} either: download it once online, point "
-            f"HF_HUB_CACHE (or cache_dir=) at a cache that holds it, or pass weights='path/to/model.safetensors'."
+            f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}): {reason}; not in the cache "
+            f"{cache_dir or constants.HF_HUB_CACHE} either: set HF_HUB_CACHE (cache_dir=) or weights='path/to/{filename}'"
         ) from error
     blob = Path(os.path.normpath(path.parent / os.readlink(path))) if path.is_symlink() else path
     data = read_regular_file(path, limit, InvalidWeightsFileError)
@@ -173,8 +165,8 @@ def fetch_hub_bytes(
     if expected is None:
         if not env_flag(ALLOW_UNVERIFIED_ENV):
             raise UnverifiedWeightsError(
-                f"{name}: {path} is no cache blob named by its hash and no sha256 is pinned, so it was not loaded. "
-                f"Pin its sha256, delete the cache entry, or set {ALLOW_UNVERIFIED_ENV}=1 to load it unverified."
+                f"{name}: {path} is no cache blob named by its hash and no sha256 is pinned: pin one, or set "
+                f"{ALLOW_UNVERIFIED_ENV}=1 to load it unverified"
             )
         warnings.warn(f"{name}: loading it unverified because {ALLOW_UNVERIFIED_ENV} is set", stacklevel=2)
         return str(path), data
@@ -192,9 +184,8 @@ def fetch_hub_bytes(
 def fetch_url_bytes(
     url: str, sha256: str, directory: str | os.PathLike | None = None, size: int | None = None
 ) -> tuple[str, bytes]:
-    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints``), downloaded if needed
-    (bounded; renamed into place only complete and matching), and its bytes, read once: their sha256 must start
-    with ``sha256`` (a prefix, as in torchvision's names, or the whole hash)."""
+    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints``), downloaded if needed,
+    and its bytes, read once: their sha256 must start with ``sha256`` (torchvision's name prefix, or all of it)."""
     path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
     limit = size or MAX_WEIGHTS_BYTES
     if not path.is_file():
@@ -205,10 +196,7 @@ def fetch_url_bytes(
         except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, IncompleteRead
             if isinstance(error, WeightsNotAvailableError):
                 raise
-            raise WeightsNotAvailableError(
-                f"Cannot download {url}: {_reason(error)}. It is not at {path} either: download it once online, "
-                f"copy it there (TORCH_HOME moves the folder), or pass weights='path/to/{path.name}'."
-            ) from error
+            raise WeightsNotAvailableError(f"Cannot download {url}: {_reason(error)}; not at {path} either") from error
     data = read_regular_file(path, limit, InvalidWeightsFileError)
     actual = hashlib.sha256(data).hexdigest()
     if not actual.startswith(sha256):
@@ -219,8 +207,8 @@ def fetch_url_bytes(
 
 
 def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None = None) -> None:
-    """GET ``url`` into a temporary file beside ``path`` (at most ``limit`` bytes, :func:`_meter`'s rate), renamed
-    to ``path`` only when complete; nothing is left on failure."""
+    """GET ``url`` into a temporary file beside ``path``, bounded by :func:`_meter`, renamed to ``path`` only when
+    complete; nothing is left on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -245,9 +233,8 @@ def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None =
 def fetch_manifest_weights(
     key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
 ) -> tuple[str, bytes]:
-    """Path and verified bytes of manifest entry ``key``'s weights: its Hub file, else its URL (a torchvision
-    ``.pth``). A checksum mismatch is raised, except at a branch (which may have moved on since the sha256 was
-    pinned): then the URL is loaded, with a warning."""
+    """Path and verified bytes of manifest entry ``key``'s weights: its Hub file, else its URL. A checksum mismatch
+    is raised, except at a branch (it may have moved since the pin): then the URL is loaded, with a warning."""
     hub, source, failures = entry.get("hub"), entry.get("url"), []
     if hub:
         if not hub["sha256"]:
