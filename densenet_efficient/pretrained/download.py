@@ -157,7 +157,7 @@ def fetch_hub_bytes(
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _reason(error)
         raise WeightsNotAvailableError(
             f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}): {reason}; not in the cache "
-            f"{cache_dir or constants.HF_HUB_CACHE} either: set HF_HUB_CACHE (cache_dir=) or weights='path/to/{filename}'"
+            f"{cache_dir or constants.HF_HUB_CACHE} either: set HF_HUB_CACHE, or weights='path/to/{filename}'"
         ) from error
     blob = Path(os.path.normpath(path.parent / os.readlink(path))) if path.is_symlink() else path
     data = read_regular_file(path, limit, InvalidWeightsFileError)
