@@ -3,14 +3,10 @@
     python -m export.convert --torchvision densenet121 --output out/densenet121_efficient.tv_in1k
     python path/to/export/convert.py --checkpoint mine.pth --model densenet121_efficient --tag pets --output out/x
 
-Run it as a module from the repository root or as a file from any folder (with the package installed). Only
-``--torchvision`` asserts that the weights are torchvision's ImageNet ones (tag ``tv_in1k``, ImageNet labels);
-a ``--checkpoint`` of your own is recorded as that file, with the tag you give, its number of classes, and
-labels only with ``--labels``. The checkpoint may use torchvision's legacy key names (``norm.1``) or the current
-ones. The converted model and
-torchvision's own ``DenseNet`` load the same tensors and must give the same logits on a random image (max
-absolute difference printed, below 1e-5), otherwise nothing is written. The output folder gets the files of
-``save_pretrained`` (byte-identical on every run) and the manifest entry is printed as JSON.
+Only ``--torchvision`` records torchvision's ImageNet weights (tag ``tv_in1k``, ImageNet labels); a
+``--checkpoint`` (legacy ``norm.1`` key names or current ones) is recorded with your tag, and labels only with
+``--labels``. The converted model must give torchvision's ``DenseNet``'s logits on a random image (max difference
+printed, below 1e-5), else nothing is written; the folder gets ``save_pretrained``'s files, the entry is printed.
 """
 
 from __future__ import annotations
@@ -65,10 +61,7 @@ def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: i
     """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
     config = model.config
     if config["stem"] != "imagenet" or config["compression"] != 0.5 or config["in_chans"] != 3:
-        raise SystemExit(
-            "torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
-            "this model cannot be compared with it"
-        )
+        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 channels: not this model")
     reference = torchvision_densenet(config)
     reference.load_state_dict(state_dict, strict=True)
     image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -82,17 +75,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--torchvision", metavar="NAME", help="a torchvision model name, e.g. densenet121 (online)")
     source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="a .pth file or URL (legacy or new key names)")
     parser.add_argument("--model", help="this project's model name (default for --torchvision: NAME_efficient)")
-    parser.add_argument(
-        "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
-    )
-    parser.add_argument(
-        "--tag", help="weights tag recorded in config.json (default for --torchvision: tv_in1k; --checkpoint needs one)"
-    )
-    parser.add_argument(
-        "--labels",
-        help=f"the label list the classifier follows, e.g. {TORCHVISION_LABELS} (default for --torchvision: "
-        f"{TORCHVISION_LABELS}; for --checkpoint: none recorded)",
-    )
+    parser.add_argument("--output", required=True, type=Path, help="folder for the saved set")
+    parser.add_argument("--tag", help="weights tag (--torchvision: tv_in1k; --checkpoint needs one)")
+    parser.add_argument("--labels", help=f"the classifier's label list (--torchvision: {TORCHVISION_LABELS})")
     parser.add_argument("--image-size", type=int, default=224, help="side of the random test image (default 224)")
     parser.add_argument("--endpoint", help=f"a mirror of {TORCHVISION_URL_BASE} for --torchvision")
     args = parser.parse_args(argv)
