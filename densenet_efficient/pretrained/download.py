@@ -39,10 +39,7 @@ MIN_RATE_BYTES_S = 10_000  # a transfer slower than this on average, after GRACE
 GRACE_S = 30.0
 ALLOW_UNVERIFIED_ENV = "DENSENET_EFFICIENT_ALLOW_UNVERIFIED"  # on: load a Hub file that no hash can verify
 _HASH = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")  # a sha256, or a git blob id / commit
-_FLOATING = (
-    " {!r} is a branch, not a commit: the Hub's file may have changed since its sha256 was pinned; pin the commit "
-    "that holds the expected file, or load another source"
-)
+_FLOATING = " {!r} is a branch, not a commit: the Hub's file may have changed since the pin; pin the commit"
 
 
 def _meter(name: str, limit: int) -> type[tqdm]:
@@ -82,11 +79,9 @@ def _reason(error: BaseException) -> str:
 
 def _hash(data: bytes, like: str) -> str:
     """sha256 of ``data``, or its git blob id (the Hub's hash of a small file) when ``like`` has 40 digits."""
-    return (
-        hashlib.sha256(data).hexdigest()
-        if len(like) == 64
-        else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    )
+    if len(like) == 64:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _discard(paths: list[Path]) -> str:

@@ -1,8 +1,6 @@
-"""The weights manifest (``weights_manifest.json``, the one table of weights): which weights exist for which model,
-where they live, how they were measured. ``DENSENET_EFFICIENT_MANIFEST`` names another manifest file.
-
-Its JSON Schema (``weights_manifest.schema.json``) is checked by the tests and ``python -m export.manifest``, not on
-every read; each entry is handed out as a frozen :class:`PretrainedCfg`.
+"""The weights manifest (``weights_manifest.json``, the one table of weights: which weights exist, where they live,
+how they were measured; ``DENSENET_EFFICIENT_MANIFEST`` names another). Its JSON Schema is checked by the tests and
+``python -m export.manifest``, not on every read; each entry is handed out as a frozen :class:`PretrainedCfg`.
 """
 
 from __future__ import annotations
@@ -124,8 +122,7 @@ class PretrainedCfg:
 
 
 def label_names(labels: str | None) -> tuple[str, ...] | None:
-    """The names of a standard label list (``"imagenet-1k"``: torchvision's); ``None`` otherwise or without
-    torchvision."""
+    """The names of a standard label list (``"imagenet-1k"``: torchvision's); else, or without torchvision, None."""
     if labels != "imagenet-1k":
         return None
     try:
@@ -174,8 +171,8 @@ def weights_entry(name: str, tag: str | None = None) -> PretrainedCfg:
     if not tags:
         with_weights = sorted({key.split(".", 1)[0] for key in manifest["weights"]})
         raise UnknownWeightsError(
-            f"No pretrained weights are published for {name!r}. Models with weights: {', '.join(with_weights)}. "
-            f"Pass weights='path/to/model.safetensors' or 'hf-hub:org/name' to load your own."
+            f"No pretrained weights are published for {name!r}; models with weights: {', '.join(with_weights)}; "
+            "or pass weights='path/to/model.safetensors' or 'hf-hub:org/name'"
         )
     if tag is None or tag == DEFAULT_TAG:
         tag = manifest["default_tags"].get(name)
