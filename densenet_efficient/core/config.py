@@ -1,10 +1,6 @@
 """What a network expects as input: :class:`InputCfg`, the one type, and the ``pretrained_cfg`` dict (timm's keys)
-derived from it.
-
-An :class:`InputCfg` holds ``input_size`` ``(channels, *spatial)`` with 1, 2 or 3 spatial sizes (signals, images,
-volumes), ``mean``/``std`` one per channel, ``crop_pct``, ``interpolation`` and ``label_names``. The dict adds what
-the network and the weights' location determine (``pool_size``, ``num_classes``, ``first_conv``, ``hf_hub_id``,
-...); it is ``model.pretrained_cfg``, a ``config.json``'s ``pretrained_cfg`` and a manifest entry's
+derived from it, which adds what the network and the weights' location determine (``pool_size``, ``num_classes``,
+``first_conv``, ``hf_hub_id``, ...): ``model.pretrained_cfg``, a ``config.json``'s, a manifest entry's
 :meth:`~densenet_efficient.pretrained.PretrainedCfg.model_cfg`. :func:`check_pretrained_cfg` validates one.
 """
 
@@ -122,7 +118,12 @@ def architecture_input(stem: str, in_chans: int, spatial_dims: int = 2) -> Input
 
 
 def architecture_cfg(
-    stem: str, in_chans: int, num_classes: int, spatial_dims: int = 2, num_blocks: int = 4, architecture: Any = None
+    stem: str,
+    in_chans: int,
+    num_classes: int,
+    spatial_dims: int = 2,
+    num_blocks: int = 4,
+    architecture: str | None = None,
 ) -> dict[str, Any]:
     """``model.pretrained_cfg`` of a network without weights: :func:`architecture_input` and what the network
     determines (``pool_size``, ``min_input_size``, ``num_classes``, ``first_conv``, ``classifier``)."""
