@@ -35,15 +35,9 @@ def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
         for tag in sorted(tags, key=lambda tag: tag != default):
             cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
         if not tags:
-            arch = {
-                "stem": "imagenet",
-                "in_chans": 3,
-                "num_classes": 1000,
-                "spatial_dims": 2,
-                **registry.architecture(name),
-            }
-            keys = ("stem", "in_chans", "num_classes", "spatial_dims")
-            cfgs[name] = architecture_cfg(*(arch[key] for key in keys), len(arch["block_config"]), name)
+            a: dict[str, Any] = {"stem": "imagenet", "in_chans": 3, "num_classes": 1000, "spatial_dims": 2}
+            a, n = a | registry.architecture(name), len(registry.architecture(name)["block_config"])
+            cfgs[name] = architecture_cfg(a["stem"], a["in_chans"], a["num_classes"], a["spatial_dims"], n, name)
     return generate_default_cfgs(cfgs)
 
 
