@@ -33,6 +33,7 @@ from .errors import (
     WeightsNotAvailableError,
 )
 from .files import MAX_WEIGHTS_BYTES, env_flag, read_regular_file
+from .manifest import PretrainedCfg
 
 TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes
 MIN_RATE_BYTES_S = 10_000  # a transfer slower than this on average, after GRACE_S seconds, is cut off
@@ -135,17 +136,10 @@ def fetch_hub_bytes(
                 folder = Path(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
                 on_hub = served.location.startswith((endpoint or constants.ENDPOINT).rstrip("/") + "/")
                 _download(served.location, folder / "blobs" / etag, limit, build_hf_headers() if on_hub else {})
-        path = Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                etag_timeout=TIMEOUT_S,
-                tqdm_class=_meter(name, limit),
-            )
+        options: dict[str, Any] = dict(
+            revision=revision, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=TIMEOUT_S
         )
+        path = Path(hf_hub_download(repo_id, filename, tqdm_class=_meter(name, limit), **options))
     except Exception as error:  # HTTP, connection, offline without a copy, a transfer the meter stopped
         if isinstance(error, (WeightsNotAvailableError, ChecksumMismatchError)):
             raise
@@ -226,41 +220,34 @@ def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None =
 
 
 def fetch_manifest_weights(
-    key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
+    entry: PretrainedCfg, *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
 ) -> tuple[str, bytes]:
-    """Path and verified bytes of manifest entry ``key``'s weights: its Hub file, else its URL. A checksum mismatch
-    is raised, except at a branch (it may have moved since the pin): then the URL is loaded, with a warning."""
-    hub, source, failures = entry.get("hub"), entry.get("url"), []
+    """Path and verified bytes of a manifest entry's weights: its Hub file, else its URL. A checksum mismatch is
+    raised, except at a branch (it may have moved since the pin): then the URL is loaded, with a warning."""
+    key, hub, source, failures = entry.key, entry.hub, entry.url, []
     if hub:
-        if not hub["sha256"]:
+        if not hub.sha256:
             warnings.warn(f"{key} is not pinned: checked against the Hub's own LFS sha256 only", stacklevel=2)
         try:
-            return fetch_hub_bytes(
-                hub["repo_id"],
-                hub["filename"],
-                revision=hub["revision"],
-                sha256=hub["sha256"],
-                size=hub.get("size"),
-                cache_dir=cache_dir,
-                endpoint=endpoint,
+            options: dict[str, Any] = dict(
+                revision=hub.revision, sha256=hub.sha256, cache_dir=cache_dir, endpoint=endpoint
             )
+            return fetch_hub_bytes(hub.repo_id, hub.filename, size=hub.size, **options)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
             why = "the Hub copy is not available"
         except ChecksumMismatchError as error:
-            if not source or _HASH.fullmatch(hub["revision"] or ""):
+            if not source or _HASH.fullmatch(hub.revision or ""):
                 raise
             failures.append(str(error))
             why = f"the Hub copy does not match the pinned sha256 ({error})"
     if source:
         try:
-            path, data = fetch_url_bytes(
-                source["url"], source["sha256"] or source["sha256_prefix"], size=source.get("size")
-            )
+            path, data = fetch_url_bytes(source.url, source.sha256 or source.sha256_prefix, size=source.size)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         else:
             if failures:
-                warnings.warn(f"{key}: {why}, loaded {source['url']} instead.", stacklevel=2)
+                warnings.warn(f"{key}: {why}, loaded {source.url} instead.", stacklevel=2)
             return path, data
     raise WeightsNotAvailableError(f"No source of {key} is available:\n- " + "\n- ".join(failures))

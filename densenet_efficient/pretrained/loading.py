@@ -46,12 +46,7 @@ _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
 # timm's DenseNets of this layout; timm arguments accepted only at timm's default (memory_efficient at any value).
 TIMM_DENSENETS = {f"densenet{n}": f"densenet{n}_efficient" for n in (121, 169, 201, 161)}
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
-_TIMM_DEFAULT_ONLY: dict[str, Any] = {
-    "global_pool": "avg",
-    "stem_type": "",
-    "act_layer": "relu",
-    "norm_layer": "batchnorm2d",
-}
+_TIMM_DEFAULT_ONLY: dict[str, Any] = dict(global_pool="avg", stem_type="", act_layer="relu", norm_layer="batchnorm2d")
 _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
@@ -126,7 +121,7 @@ def _manifest_weights(name: str, tag: str | None, cache_dir: Any, endpoint: str 
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(*fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint))
+        return read_state_dict(*fetch_manifest_weights(cfg, cache_dir=cache_dir, endpoint=endpoint))
 
     return PretrainedWeights(cfg.key, dict(cfg.model_args), read, cfg.model_cfg(), vouched=True)
 
@@ -405,15 +400,11 @@ def load_state_dict_into(
     if conv is not None and target is not None and conv.dim() == target.dim() and conv.shape[0] == target.shape[0]:
         state_dict[_FIRST_CONV] = adapt_input_conv(target.shape[1], conv)
     skipped = _skip_other_classifier(expected, state_dict, source)
-    missing = [
-        k for k in expected if k not in state_dict and k not in skipped and not k.endswith("num_batches_tracked")
-    ]
+    present = {*state_dict, *skipped}
+    missing = [k for k in expected if k not in present and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if k in expected]
+    misshapen = [f"{k} {theirs} vs {ours}" for k, theirs, ours in shapes if theirs != ours]
     if missing or unexpected or misshapen:
         raise IncompatibleWeightsError(
             f"The weights from {source} do not fit this {type(model).__name__} (another architecture?): "
