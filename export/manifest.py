@@ -69,19 +69,6 @@ def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | 
     return {"sha256": lfs.sha256 if lfs else None, "size": infos[0].size, "revision": revision}
 
 
-def compare(hub: dict[str, Any], facts: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """``(verified, mismatched)`` field descriptions; fields the manifest leaves empty are in neither."""
-    verified, mismatched = [], []
-    for field in FIELDS:
-        if hub[field] is None:
-            continue
-        if hub[field] == facts[field]:
-            verified.append(field)
-        else:
-            mismatched.append(f"{field}: manifest {hub[field]}, Hub {facts[field]}")
-    return verified, mismatched
-
-
 def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **hub_options: Any) -> bool:
     """Print one line per entry; with ``fill``, put the Hub's values into empty fields. True if all agree."""
     agree = True
@@ -96,8 +83,9 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
             print(f"{key}: FAILED {type(error).__name__}: {str(error).splitlines()[0]}")
             agree = False
             continue
-        verified, mismatched = compare(hub, facts)
         empty = [field for field in FIELDS if hub[field] is None]
+        verified = [field for field in FIELDS if hub[field] is not None and hub[field] == facts[field]]
+        mismatched = [f"{f}: manifest {hub[f]}, Hub {facts[f]}" for f in FIELDS if f not in {*empty, *verified}]
         print(
             f"{key}: verified {', '.join(verified) or 'nothing'}"
             + (f"; MISMATCH {'; '.join(mismatched)}" if mismatched else "")
@@ -111,13 +99,8 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
 
 def table(manifest: dict[str, Any]) -> str:
     """Markdown table of the weights: top-1/top-5 (who measured, size, crop), license, how each source is pinned."""
-    rows = [
-        (
-            "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
-            "| torchvision fallback |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
+    rows = [header + "| torchvision fallback |", "|---|---|---|---|---|---|---|---|"]
     for key, entry in manifest["weights"].items():
         default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
         results = "<br>".join(
@@ -170,14 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: no entries {unknown}; entries: {', '.join(manifest['weights'])}", file=sys.stderr)
         return 2
-    agree = check_and_fill(
-        manifest,
-        args.keys or list(manifest["weights"]),
-        args.action == "fill",
-        endpoint=args.endpoint,
-        token=args.token,
-    )
-    if args.action == "fill" and agree:
+    keys, fill = args.keys or list(manifest["weights"]), args.action == "fill"
+    agree = check_and_fill(manifest, keys, fill, endpoint=args.endpoint, token=args.token)
+    if fill and agree:
         # The packaged manifest and its root copy (not a link: torch.hub's GitHub zips turn links into text files).
         copies = [path] + ([ROOT_COPY] if path == PACKAGED.resolve() and ROOT_COPY.is_file() else [])
         for copy in copies:
