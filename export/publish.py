@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
-from densenet_efficient.pretrained.saving import CARD_FILENAME, card_files
+from densenet_efficient.pretrained.saving import CARD_FILENAME
 
 
 def upload_files(folder: Path) -> list[str]:
@@ -26,7 +26,9 @@ def upload_files(folder: Path) -> list[str]:
     card = folder / CARD_FILENAME
     if not card.is_file():
         raise SystemExit(f"{folder} has no {CARD_FILENAME}: write the folder with save_pretrained or export.convert")
-    listed = card_files(card.read_text(encoding="utf-8"))
+    from huggingface_hub import ModelCard
+
+    listed = list(ModelCard(card.read_text(encoding="utf-8")).data.to_dict().get("files", []))
     if not listed:
         raise SystemExit(f"{card} lists no files: write the folder with save_pretrained or export.convert")
     present = {path.name for path in folder.iterdir()}

@@ -136,13 +136,6 @@ def config_json(
     return config | ({"weights_sha256": weights_sha256} if weights_sha256 else {})
 
 
-def card_files(card: str) -> list[str]:
-    """The files a card written by :func:`model_card` lists (``files`` in its metadata)."""
-    from huggingface_hub import ModelCard
-
-    return list(ModelCard(card).data.to_dict().get("files", []))
-
-
 def model_card(entry: Mapping[str, Any]) -> str:
     """A Hub model card (``huggingface_hub.ModelCard``) for a manifest entry: metadata (license, datasets, base
     model, ``model-index`` results, the files), how to load it, its sha256 and fields; the same for the same entry."""
