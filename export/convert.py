@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +70,17 @@ def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: i
         return (model.eval()(image) - reference.eval()(image)).abs().max().item()
 
 
+def save_if_equal(model: torch.nn.Module, difference: float, against: str, output: Path, **metadata: Any) -> int:
+    """Print ``difference``; below :data:`TOLERANCE`, ``save_pretrained`` into ``output`` and print the entry (0),
+    else write nothing (1)."""
+    print(f"max abs logit difference vs {against}: {difference:.3e}")
+    if not difference < TOLERANCE:
+        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
+        return 1
+    print(json.dumps(save_pretrained(model, output, **metadata), indent=2))
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.convert", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -97,22 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = create_model(name, **({} if classifier is None else {"num_classes": classifier.shape[0]}))
     model.load_state_dict(state_dict, strict=True)
     difference = max_logit_difference(state_dict, model, args.image_size)
-    print(f"max abs logit difference vs torchvision: {difference:.3e}")
-    if not difference < TOLERANCE:
-        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
-        return 1
     source = "torchvision's ImageNet weights" if args.torchvision else "a checkpoint in torchvision's layout"
-    labels = {"labels": args.labels} if args.labels else {}
-    entry = save_pretrained(
-        model,
-        args.output,
-        tag=args.tag,
-        source=f"converted from {source} ({location})",
-        **TORCHVISION_PREPROCESSING,
-        **labels,
-    )
-    print(json.dumps(entry, indent=2))
-    return 0
+    metadata = dict(tag=args.tag, source=f"converted from {source} ({location})", **TORCHVISION_PREPROCESSING)
+    metadata |= {"labels": args.labels} if args.labels else {}
+    return save_if_equal(model, difference, "torchvision", args.output, **metadata)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ The converted model and MONAI's ``DenseNet`` with the same tensors must give the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +20,9 @@ from torch import Tensor
 
 from densenet_efficient import DenseNet
 from densenet_efficient.core.monai_layout import convert_state_dict, from_monai, model_args, registered_name
-from densenet_efficient.pretrained import read_state_dict, save_pretrained
+from densenet_efficient.pretrained import read_state_dict
 from densenet_efficient.tools.bench import monai_densenet
-from export.convert import TOLERANCE
+from export.convert import save_if_equal
 
 __all__ = ["convert_state_dict", "from_monai", "main", "max_logit_difference", "model_args", "registered_name"]
 
@@ -65,13 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.checkpoint}: {error}", file=sys.stderr)
         return 2
     difference = max_logit_difference(state_dict, model, args.size)
-    print(f"max abs logit difference vs MONAI: {difference:.3e}")
-    if not difference < TOLERANCE:
-        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
-        return 1
-    entry = save_pretrained(model, args.output, tag=args.tag, source=f"converted from MONAI ({args.checkpoint.name})")
-    print(json.dumps(entry, indent=2))
-    return 0
+    source = f"converted from MONAI ({args.checkpoint.name})"
+    return save_if_equal(model, difference, "MONAI", args.output, tag=args.tag, source=source)
 
 
 if __name__ == "__main__":
