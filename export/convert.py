@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from densenet_efficient import create_model
+from densenet_efficient import DenseNet, create_model
 from densenet_efficient.core.config import IMAGENET
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.pretrained.download import fetch_url_bytes
@@ -58,26 +59,23 @@ def read_checkpoint(location: str) -> dict[str, torch.Tensor]:
     return read_state_dict(*fetch_url_bytes(location, prefix.group(1)))
 
 
-def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
-    """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
-    config = model.config
-    if config["stem"] != "imagenet" or config["compression"] != 0.5 or config["in_chans"] != 3:
-        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 channels: not this model")
-    reference = torchvision_densenet(config)
-    reference.load_state_dict(state_dict, strict=True)
-    image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+def save_if_equal(
+    model: DenseNet, reference: tuple[str, nn.Module], state: dict, size: int, out: Path, **meta: Any
+) -> int:
+    """Print the largest logit difference of ``model`` and the ``(name, reference)`` holding ``state`` on one random
+    input of side ``size``; below :data:`TOLERANCE`, ``save_pretrained`` into ``out`` and print the entry (0), else
+    write nothing (1)."""
+    name, network = reference
+    network.load_state_dict(state, strict=True)
+    shape = (1, model.in_chans) + (size,) * model.config["spatial_dims"]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (model.eval()(image) - reference.eval()(image)).abs().max().item()
-
-
-def save_if_equal(model: torch.nn.Module, difference: float, against: str, output: Path, **metadata: Any) -> int:
-    """Print ``difference``; below :data:`TOLERANCE`, ``save_pretrained`` into ``output`` and print the entry (0),
-    else write nothing (1)."""
-    print(f"max abs logit difference vs {against}: {difference:.3e}")
+        difference = (model.eval()(x) - network.eval()(x)).abs().max().item()
+    print(f"max abs logit difference vs {name}: {difference:.3e}")
     if not difference < TOLERANCE:
         print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
         return 1
-    print(json.dumps(save_pretrained(model, output, **metadata), indent=2))
+    print(json.dumps(save_pretrained(model, out, **meta), indent=2))
     return 0
 
 
@@ -108,11 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = state_dict.get("classifier.weight")
     model = create_model(name, **({} if classifier is None else {"num_classes": classifier.shape[0]}))
     model.load_state_dict(state_dict, strict=True)
-    difference = max_logit_difference(state_dict, model, args.image_size)
+    if model.config["stem"] != "imagenet" or model.config["compression"] != 0.5 or model.in_chans != 3:
+        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 channels: not this model")
     source = "torchvision's ImageNet weights" if args.torchvision else "a checkpoint in torchvision's layout"
     metadata = dict(tag=args.tag, source=f"converted from {source} ({location})", **TORCHVISION_PREPROCESSING)
     metadata |= {"labels": args.labels} if args.labels else {}
-    return save_if_equal(model, difference, "torchvision", args.output, **metadata)
+    reference = ("torchvision", torchvision_densenet(model.config))
+    return save_if_equal(model, reference, state_dict, args.image_size, args.output, **metadata)
 
 
 if __name__ == "__main__":
