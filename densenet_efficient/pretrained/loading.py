@@ -228,7 +228,16 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
         raise InvalidConfigError(
             f"{where}: num_classes {config['num_classes']} and model_args.num_classes {args['num_classes']} differ"
         )
-    return check_model_args(name, args, where), config_pretrained_cfg(config, name, where)
+    cfg = config.get("pretrained_cfg", {})  # with timm's top-level label names; without where it was exported from
+    if not isinstance(cfg, dict):
+        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
+    labels = {key: config.get(key) for key in ("label_names", "label_descriptions")}
+    try:
+        cfg = check_pretrained_cfg({key: value for key, value in (labels | cfg).items() if value is not None})
+    except ValueError as error:
+        raise InvalidConfigError(f"{where}: {error}") from None
+    cfg = {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCE_KEYS} | {"architecture": name}
+    return check_model_args(name, args, where), cfg
 
 
 def _timm_model_args(name: str, settings: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -274,18 +283,14 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
     return args
 
 
-def _layers(args: Mapping[str, Any]) -> int:
-    blocks = args.get("block_config")
-    return sum(blocks) if isinstance(blocks, tuple) and all(isinstance(n, int) for n in blocks) else 0
-
-
 def _check_bounds(args: Mapping[str, Any]) -> None:
     """``ValueError`` for a network too big to be a DenseNet anyone trains, before anything is built."""
     blocks = args.get("block_config")
     if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
         raise ValueError(f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS})")
-    if _layers(args) > _MAX_LAYERS:
-        raise ValueError(f"block_config {blocks} asks for {_layers(args)} layers (at most {_MAX_LAYERS})")
+    layers = sum(blocks) if isinstance(blocks, tuple) and all(isinstance(n, int) for n in blocks) else 0
+    if layers > _MAX_LAYERS:
+        raise ValueError(f"block_config {blocks} asks for {layers} layers (at most {_MAX_LAYERS})")
     bounds = {"growth_rate": _MAX_WIDTH, "num_init_features": _MAX_WIDTH, "in_chans": MAX_CHANNELS}
     for key, bound in (bounds | {"num_classes": MAX_CLASSES}).items():
         value = args.get(key)
@@ -316,21 +321,6 @@ def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
             norms, convs, channels = norms + channels, convs + channels * out, out
     parameters = convs + 2 * (norms + channels) + args.get("num_classes", 1000) * (channels + 1)
     return parameters, parameters + 2 * (norms + channels)
-
-
-def config_pretrained_cfg(config: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
-    """A ``config.json``'s checked ``pretrained_cfg`` (with timm's top-level ``label_names``/``label_descriptions``),
-    without where it was exported from."""
-    cfg = config.get("pretrained_cfg", {})
-    if not isinstance(cfg, dict):
-        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
-    labels = {key: config.get(key) for key in ("label_names", "label_descriptions")}
-    cfg = {key: value for key, value in (labels | cfg).items() if value is not None}
-    try:
-        cfg = check_pretrained_cfg(cfg)
-    except ValueError as error:
-        raise InvalidConfigError(f"{where}: {error}") from None
-    return {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCE_KEYS} | {"architecture": name}
 
 
 def check_shapes(name: str, model_args: Mapping[str, Any], state_dict: Mapping[str, Tensor], where: str) -> None:
