@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import densenet_efficient as de
-from densenet_efficient.core.config import PRETRAINED_CFG_KEYS, check_pretrained_cfg, min_input_side
+from densenet_efficient.core.config import CIFAR10, PRETRAINED_CFG_KEYS, InputCfg, check_pretrained_cfg, min_input_side
 from tests.weights_helpers import randomise_batch_norm, small_model
 
 SMALL = dict(block_config=(1, 1, 1), growth_rate=4, num_init_features=8)
@@ -28,6 +28,24 @@ def edit_config(path, change):
 def test_keys_are_timms():
     timm = pytest.importorskip("timm")
     assert set(PRETRAINED_CFG_KEYS) == {field.name for field in dataclasses.fields(timm.models.PretrainedCfg)}
+
+
+def test_one_input_type_behind_the_model_the_manifest_and_config_json(tmp_path):
+    """Issue 22: InputCfg is what a model expects; model.pretrained_cfg, manifest entries and config.json hold it."""
+    model = small_model()
+    inputs = InputCfg.from_dict(model.pretrained_cfg)
+    assert inputs == dataclasses.replace(CIFAR10, interpolation="bicubic")
+    assert model.pretrained_cfg.items() >= inputs.to_dict().items()
+    names = tuple(f"c{i}" for i in range(10))
+    de.save_pretrained(model, tmp_path, label_names=list(names), crop_pct=0.9)
+    loaded = InputCfg.from_dict(de.create_model("densenet_40_k12", weights=str(tmp_path)).pretrained_cfg)
+    assert loaded == dataclasses.replace(inputs, label_names=names, crop_pct=0.9)
+    gray = loaded.adapt(1, 5)  # one channel (the channel average), other classes (no names)
+    assert gray.input_size == (1, 32, 32) and gray.mean == (sum(CIFAR10.mean) / 3,) and gray.label_names is None
+    entry = de.get_pretrained_cfg("densenet121_efficient.ra_in1k")
+    assert InputCfg.from_dict(entry.model_cfg()) == entry.input and entry.input.test_input_size == (3, 288, 288)
+    with pytest.raises(ValueError, match="no input_size"):
+        InputCfg.from_dict({"mean": (0.5,)})
 
 
 @pytest.mark.parametrize("name", ["densenet_40_k12", "densenet121_efficient", "densenet121_3d"])
