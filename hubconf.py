@@ -1,12 +1,8 @@
 """torch.hub entrypoints: ``torch.hub.load('<owner>/<repo>', 'densenet_bc_100_k12', efficient=True)``.
 
-The entrypoints are the registry's models (``densenet_efficient.list_models()``), the earlier names that still
-build them (``list_models(include_aliases=True)``), and ``cifar_densenet`` for a CIFAR DenseNet of any depth
-(``torch.hub.load(repo, 'cifar_densenet', depth=190, growth_rate=12)``, ``bottleneck=False`` for plain DenseNet).
-Every entrypoint takes ``pretrained``, ``weights`` and ``efficient`` (``False``, ``True`` or ``"max"``) plus any
-``DenseNet`` argument; ``torch.hub.help(repo, name)`` prints the details. Other names here are private:
-``torch.hub.list`` lists every public callable. Offline, load from a checkout or unpacked archive with
-``source="local"`` (docs/getting-started.md).
+The registry's models (``densenet_efficient.list_models(include_aliases=True)``) and ``cifar_densenet`` (any
+depth: ``depth=190, growth_rate=12``); each takes ``pretrained``, ``weights``, ``efficient`` and ``DenseNet``'s
+arguments (``torch.hub.help``). Offline: ``source="local"`` on a checkout (docs/getting-started.md).
 """
 
 dependencies = ["torch", "safetensors", "huggingface_hub"]
@@ -17,8 +13,7 @@ import warnings as _warnings  # noqa: E402
 
 
 def _warn_if_another_copy_is_imported() -> None:
-    """torch.hub imports this file with its folder on ``sys.path``, but Python reuses a ``densenet_efficient``
-    already imported from elsewhere (an installed release, another checkout): say so, naming both folders."""
+    """Python reuses a ``densenet_efficient`` already imported from elsewhere: say so, naming both folders."""
     imported = _sys.modules.get("densenet_efficient")
     if imported is None:
         return
@@ -26,8 +21,7 @@ def _warn_if_another_copy_is_imported() -> None:
     there = _os.path.dirname(_os.path.abspath(getattr(imported, "__file__", None) or "?"))
     if _os.path.realpath(there) != _os.path.realpath(here):
         _warnings.warn(
-            f"densenet_efficient is already imported from {there}, so torch.hub builds that copy's models, not "
-            f"those of {here}: load from a fresh Python process to use this checkout",
+            f"densenet_efficient is already imported from {there}, not {here}: load from a fresh Python process",
             stacklevel=3,
         )
 

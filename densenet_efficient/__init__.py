@@ -1,9 +1,8 @@
 """Memory-efficient DenseNets for PyTorch: same outputs, gradients and BatchNorm statistics, a fraction of the memory.
 
-Layers (imports only go down): :mod:`.core` (autograd function, model, the registry of named architectures),
-:mod:`.pretrained` (manifest, downloads, loading, saving), :mod:`.models` (``create_model`` and the factories
-``densenet121_efficient``, ...: the one layer that knows both), :mod:`.tools` (the ``densenet-efficient``
-commands, imported only by the command line). :mod:`.interop` registers the architectures with timm on request.
+Layers (imports only go down): :mod:`.core` (the autograd chain, model, registry), :mod:`.pretrained` (manifest,
+downloads, loading, saving), :mod:`.models` (``create_model``, the factories), :mod:`.tools` (the commands);
+:mod:`.interop` registers the architectures with timm on request.
 """
 
 from importlib import metadata as _metadata

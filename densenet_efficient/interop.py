@@ -1,8 +1,5 @@
 """timm integration: :func:`register_with_timm` puts this package's architectures and their pretrained
-configurations in timm's model registry.
-
-timm is imported only when the function is called, so ``import densenet_efficient`` stays light.
-"""
+configurations in timm's registry (timm is imported only then)."""
 
 from __future__ import annotations
 
@@ -22,15 +19,12 @@ from .pretrained.errors import UnknownWeightsError
 from .pretrained.loading import WEIGHTS_FILENAME, check_model_args
 from .pretrained.manifest import load_manifest, weights_entry
 
-# timm reads an entrypoint's module to list it (``timm.list_modules``), appends the name to that module's
-# ``__all__`` (the package's already names every architecture) and registers the pretrained configurations in
-# that module's ``default_cfgs``, which register_with_timm sets.
+# timm lists an entrypoint under its module, appends it to that module's __all__ and reads its default_cfgs.
 _ENTRYPOINT_MODULE = "densenet_efficient"
 
 
 def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
-    """timm's ``default_cfgs`` for the architectures ``names``: per architecture a ``DefaultCfg`` of its manifest
-    tags (the default tag first), or of its architecture's configuration (no weights) when it has none."""
+    """timm's ``default_cfgs`` for ``names``: each one's manifest tags (default first), else its architecture's."""
     from timm.models import generate_default_cfgs
 
     manifest = load_manifest()
@@ -41,22 +35,15 @@ def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
         for tag in sorted(tags, key=lambda tag: tag != default):
             cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
         if not tags:
-            args = registry.architecture(name)
-            cfgs[name] = architecture_cfg(
-                args.get("stem", "imagenet"),
-                args.get("in_chans", 3),
-                args.get("num_classes", 1000),
-                args.get("spatial_dims", 2),
-                len(args["block_config"]),
-                architecture=name,
-            )
+            a: dict[str, Any] = {"stem": "imagenet", "in_chans": 3, "num_classes": 1000, "spatial_dims": 2}
+            a, n = a | registry.architecture(name), len(registry.architecture(name)["block_config"])
+            cfgs[name] = architecture_cfg(a["stem"], a["in_chans"], a["num_classes"], a["spatial_dims"], n, name)
     return generate_default_cfgs(cfgs)
 
 
 def _weights_reference(name: str, cfg: Mapping[str, Any]) -> str | None:
-    """What this package's loader reads for timm's resolved ``pretrained_cfg``, in timm's order of sources
-    (``source``, then ``file``, then a manifest tag whose location is unchanged, then ``hf_hub_id``); ``None``:
-    timm's own ``load_pretrained`` reads it (``state_dict``, ``url``, another Hub file name)."""
+    """What this package's loader reads for timm's resolved ``pretrained_cfg``, in timm's order of sources; ``None``:
+    timm's ``load_pretrained`` reads it (``state_dict``, ``url``, another Hub file name)."""
     if cfg.get("source") == "local-dir":
         return str(cfg["file"])
     if cfg.get("source") == "hf-hub":
@@ -85,9 +72,8 @@ _STRUCTURE_KEYS = ("pool_size", "test_pool_size", "min_input_size", "num_classes
 def _model_cfg(
     model: DenseNet, timm_cfg: Mapping[str, Any], overlay: Mapping[str, Any], weights_loaded: bool
 ) -> dict[str, Any]:
-    """``model.pretrained_cfg`` as timm sets it: timm's resolved configuration, except what this package's loader
-    read with the weights (which it keeps) and what the built network determines; the overlay over all; then
-    adapted to the model's channels, classes and pool sizes."""
+    """``model.pretrained_cfg`` as timm sets it: timm's resolved one below what the loader read with the weights
+    (or above the network's structure), the overlay over all, adapted to the model."""
     timm_keys = {key: value for key, value in timm_cfg.items() if value is not None and key != "state_dict"}
     if weights_loaded:
         cfg = {**timm_keys, **model.pretrained_cfg}
@@ -116,8 +102,7 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
 
         if feature_cls not in (None, "getter"):
             raise ValueError(
-                f"feature_cls={feature_cls!r} is not supported: features_only=True returns this package's "
-                "DenseNetFeatures backbone (timm's 'getter' semantics: forward_intermediates)"
+                f"feature_cls={feature_cls!r} is not supported: features_only gives DenseNetFeatures ('getter')"
             )
         if pretrained_model_args:  # a config.json's model_args, which timm also passed on in kwargs
             check_model_args(name, {k: v for k, v in pretrained_model_args.items() if k != "efficient"}, "config.json")
@@ -143,19 +128,11 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
 
 
 def register_with_timm(pattern: str = "*") -> list[str]:
-    """Register the architectures matching ``pattern`` and their pretrained configurations in timm's registry;
-    returns their names.
-
-    Afterwards ``timm.create_model("densenet121_efficient.ra_in1k", pretrained=True, num_classes=...,
-    efficient=..., features_only=..., out_indices=...)`` builds this package's models and loads the weights of
-    that tag (from this package's manifest, checksums checked); ``timm.create_model("local-dir:FOLDER")`` and
-    ``"hf-hub:org/name"`` read a folder or repo written by ``save_pretrained`` (or timm's ``save_for_hf``);
-    ``pretrained_cfg`` (a tag, or a dict naming ``file``/``hf_hub_id``/``url``), ``pretrained_cfg_overlay`` and
-    ``pretrained_model_args`` act as on timm's own models. ``timm.list_pretrained``,
-    ``timm.list_models(pretrained=True)`` and ``timm.get_pretrained_cfg_value`` include the manifest's tags, and
-    ``timm.data.resolve_data_config({}, model=model)`` reads ``model.pretrained_cfg`` (32 px for CIFAR models).
-    timm's ``drop_rate`` is this package's dropout after each dense layer. Calling it again re-registers.
-    """
+    """Register the architectures matching ``pattern`` and their pretrained configurations with timm; returns
+    their names. Then ``timm.create_model("densenet121_efficient.ra_in1k", pretrained=True, ...)`` loads the
+    manifest's weights (checksums checked), ``"local-dir:FOLDER"``/``"hf-hub:org/name"`` a ``save_pretrained`` (or
+    ``save_for_hf``) set; ``pretrained_cfg``, ``pretrained_cfg_overlay`` and ``pretrained_model_args`` act as on
+    timm's models, and ``timm.list_pretrained``/``get_pretrained_cfg_value``/``resolve_data_config`` see them."""
     from timm.models import register_model
 
     names = registry.list_models(pattern)

@@ -1,7 +1,6 @@
-"""The model family, in timm's shape: ``create_model`` and the ``@register_model`` factories, each a few lines that
-name an architecture and call :func:`_create`, which builds the network (:func:`.core.registry.build`) and loads
-the weights ``pretrained=``/``weights=`` refer to (:func:`.pretrained.loading.resolve_weights`). This is the layer
-that knows both the core and the weights; the core knows nothing of weights.
+"""The model family, in timm's shape: ``create_model`` and the ``@register_model`` factories, each naming an
+architecture for :func:`_create`, which builds it and loads the weights ``pretrained=``/``weights=`` refer to
+(:func:`.pretrained.loading.resolve_weights`): the one layer that knows both the core and the weights.
 """
 
 from __future__ import annotations
@@ -13,14 +12,7 @@ from typing import Any, Literal, overload
 
 from .core.functional import MemoryMode
 from .core.model import DenseNet, DenseNetFeatures
-from .core.registry import (
-    architecture,
-    cifar_architecture,
-    cifar_name,
-    entrypoints,
-    register_model,
-    resolve_model,
-)
+from .core.registry import architecture, cifar_architecture, cifar_name, entrypoints, register_model, resolve_model
 from .pretrained.loading import resolve_weights
 
 
@@ -35,35 +27,20 @@ def create_model(
 def create_model(
     name: str, pretrained: bool = False, weights: Any = None, **kwargs: Any
 ) -> DenseNet | DenseNetFeatures:
-    """Build the named architecture (see :func:`resolve_model` for the names) by its factory; ``kwargs`` are its
-    arguments (``efficient``, ``cache_dir``, ``endpoint``, ``features_only``, ``out_indices``) and ``DenseNet``'s,
-    applied after the weights' own.
-
-    ``pretrained=True`` loads the default weights, or those of the tag in ``"NAME.TAG"``; ``weights`` names a tag
-    (``"DEFAULT"``), a file, a folder or an ``hf-hub:`` repo. Another ``num_classes`` loads all but the
-    classifier (fine-tuning). ``features_only=True`` returns a :class:`DenseNetFeatures` backbone (timm's): the
-    levels ``out_indices`` of ``feature_info`` (default all).
+    """Build the named architecture (:func:`resolve_model`) by its factory; ``kwargs`` are its arguments
+    (``efficient``, ``cache_dir``, ``endpoint``, ``features_only``, ``out_indices``) and ``DenseNet``'s, applied
+    after the weights' own. ``pretrained=True`` loads the default weights, or the tag of ``"NAME.TAG"``;
+    ``weights`` names a tag (``"DEFAULT"``), a file, a folder or an ``hf-hub:`` repo. Another ``num_classes``
+    loads all but the classifier. ``features_only=True``: a :class:`DenseNetFeatures` of levels ``out_indices``.
     """
-    name, tag = _split_tag(name, weights)
-    if tag is not None and pretrained:
-        weights = tag
+    if isinstance(name, str) and "." in name:  # timm's "NAME.TAG", loaded with pretrained=True
+        name, tag = name.split(".", 1)
+        if weights is not None and weights != tag:
+            raise ValueError(f"create_model({name + '.' + tag!r}, weights={weights!r}) names two different weights")
+        weights = tag if pretrained else weights
     name = resolve_model(name)
     factory = entrypoints().get(name) or functools.partial(_create, name, architecture(name))  # a CIFAR depth
     return factory(pretrained=pretrained, weights=weights, **kwargs)
-
-
-def _split_tag(name: str, weights: str | os.PathLike | None) -> tuple[str, str | None]:
-    """``"NAME.TAG"`` (timm's spelling) -> ``("NAME", "TAG")``, ``"NAME"`` -> ``("NAME", None)``; a tag also
-    given as ``weights`` must agree. As in timm, the tag is loaded with ``pretrained=True``."""
-    if not isinstance(name, str) or "." not in name:
-        return name, None
-    name, tag = name.split(".", 1)
-    if weights is not None and weights != tag:
-        raise ValueError(
-            f"create_model({name + '.' + tag!r}, weights={weights!r}) names two different weights: "
-            f"pass the tag in one place"
-        )
-    return name, tag
 
 
 def _create(
@@ -78,9 +55,8 @@ def _create(
     out_indices: int | Sequence[int] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """The builder every factory calls: ``DenseNet(**arch, **kwargs)`` named ``name``, built once, with the weights
-    ``pretrained``/``weights`` refer to (:func:`~densenet_efficient.pretrained.loading.resolve_weights`: their
-    constructor arguments apply before ``kwargs``); a :class:`DenseNetFeatures` backbone with ``features_only``."""
+    """``DenseNet(**arch, **kwargs)`` named ``name``, built once, with the weights ``pretrained``/``weights`` refer
+    to (their constructor arguments apply before ``kwargs``); a :class:`DenseNetFeatures` with ``features_only``."""
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects the levels of a features_only backbone: pass features_only=True")
     resolved = None
@@ -101,13 +77,9 @@ def cifar_densenet(
     weights: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> DenseNet:
-    """A CIFAR DenseNet of any valid depth: DenseNet-BC (``bottleneck=True``) or plain DenseNet, for 32x32 inputs.
-
-    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block, a stem of 2k channels and compression 0.5;
-    plain DenseNet has (depth - 4) / 3 layers per block, a stem of 16 channels and no compression. Its
-    ``arch_name`` is :func:`cifar_name`, a name :func:`create_model` builds again. ``pretrained``, ``weights``
-    and ``kwargs`` are the factories' (see :func:`densenet_bc_100_k12`).
-    """
+    """A CIFAR DenseNet of any valid depth for 32x32 inputs: DenseNet-BC (``bottleneck``: (depth - 4) / 6
+    bottleneck layers a block, a 2k stem, compression 0.5) or plain ((depth - 4) / 3 layers, a 16 stem, none).
+    Its ``arch_name`` (:func:`cifar_name`) builds it again with :func:`create_model`; the rest: the factories'."""
     arch = cifar_architecture(depth, growth_rate, bottleneck)
     name = cifar_name(depth, growth_rate, bottleneck)
     return _create(name, arch, pretrained, weights, **kwargs)

@@ -3,14 +3,10 @@
     python -m export.convert --torchvision densenet121 --output out/densenet121_efficient.tv_in1k
     python path/to/export/convert.py --checkpoint mine.pth --model densenet121_efficient --tag pets --output out/x
 
-Run it as a module from the repository root or as a file from any folder (with the package installed). Only
-``--torchvision`` asserts that the weights are torchvision's ImageNet ones (tag ``tv_in1k``, ImageNet labels);
-a ``--checkpoint`` of your own is recorded as that file, with the tag you give, its number of classes, and
-labels only with ``--labels``. The checkpoint may use torchvision's legacy key names (``norm.1``) or the current
-ones. The converted model and
-torchvision's own ``DenseNet`` load the same tensors and must give the same logits on a random image (max
-absolute difference printed, below 1e-5), otherwise nothing is written. The output folder gets the files of
-``save_pretrained`` (byte-identical on every run) and the manifest entry is printed as JSON.
+Only ``--torchvision`` records torchvision's ImageNet weights (tag ``tv_in1k``, ImageNet labels); a
+``--checkpoint`` (legacy ``norm.1`` key names or current ones) is recorded with your tag, and labels only with
+``--labels``. The converted model must give torchvision's ``DenseNet``'s logits on a random image (max difference
+printed, below 1e-5), else nothing is written; the folder gets ``save_pretrained``'s files, the entry is printed.
 """
 
 from __future__ import annotations
@@ -24,24 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from densenet_efficient import create_model
-from densenet_efficient.core.config import IMAGENET_MEAN, IMAGENET_STD
+from densenet_efficient import DenseNet, create_model
+from densenet_efficient.core.config import IMAGENET
 from densenet_efficient.pretrained import read_state_dict, save_pretrained
 from densenet_efficient.pretrained.download import fetch_url_bytes
 from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5  # largest absolute logit difference a converted model may have (also export.monai's)
-# How torchvision's DenseNets are fed (its ImageClassification transform: resize 256 bilinear, centre crop 224,
-# ImageNet mean/std); its ImageNet weights also follow the ImageNet label list (TORCHVISION_LABELS).
-TORCHVISION_PREPROCESSING: dict[str, Any] = {
-    "input_size": [3, 224, 224],
-    "interpolation": "bilinear",
-    "crop_pct": 0.875,
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-}
+TORCHVISION_PREPROCESSING = IMAGENET.to_dict()  # torchvision's: bilinear resize to 256, centre crop 224
 TORCHVISION_LABELS = "imagenet-1k"
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
@@ -70,19 +59,24 @@ def read_checkpoint(location: str) -> dict[str, torch.Tensor]:
     return read_state_dict(*fetch_url_bytes(location, prefix.group(1)))
 
 
-def max_logit_difference(state_dict: dict, model: torch.nn.Module, image_size: int) -> float:
-    """Largest absolute difference of logits between ``model`` and torchvision's DenseNet on one random image."""
-    config = model.config
-    if config["stem"] != "imagenet" or config["compression"] != 0.5 or config["in_chans"] != 3:
-        raise SystemExit(
-            "torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 input channels: "
-            "this model cannot be compared with it"
-        )
-    reference = torchvision_densenet(config)
-    reference.load_state_dict(state_dict, strict=True)
-    image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+def save_if_equal(
+    model: DenseNet, reference: tuple[str, nn.Module], state: dict, size: int, out: Path, **meta: Any
+) -> int:
+    """Print the largest logit difference of ``model`` and the ``(name, reference)`` holding ``state`` on one random
+    input of side ``size``; below :data:`TOLERANCE`, ``save_pretrained`` into ``out`` and print the entry (0), else
+    write nothing (1)."""
+    name, network = reference
+    network.load_state_dict(state, strict=True)
+    shape = (1, model.in_chans) + (size,) * model.config["spatial_dims"]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (model.eval()(image) - reference.eval()(image)).abs().max().item()
+        difference = (model.eval()(x) - network.eval()(x)).abs().max().item()
+    print(f"max abs logit difference vs {name}: {difference:.3e}")
+    if not difference < TOLERANCE:
+        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
+        return 1
+    print(json.dumps(save_pretrained(model, out, **meta), indent=2))
+    return 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,17 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--torchvision", metavar="NAME", help="a torchvision model name, e.g. densenet121 (online)")
     source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="a .pth file or URL (legacy or new key names)")
     parser.add_argument("--model", help="this project's model name (default for --torchvision: NAME_efficient)")
-    parser.add_argument(
-        "--output", required=True, type=Path, help="folder for model.safetensors, config.json, README.md"
-    )
-    parser.add_argument(
-        "--tag", help="weights tag recorded in config.json (default for --torchvision: tv_in1k; --checkpoint needs one)"
-    )
-    parser.add_argument(
-        "--labels",
-        help=f"the label list the classifier follows, e.g. {TORCHVISION_LABELS} (default for --torchvision: "
-        f"{TORCHVISION_LABELS}; for --checkpoint: none recorded)",
-    )
+    parser.add_argument("--output", required=True, type=Path, help="folder for the saved set")
+    parser.add_argument("--tag", help="weights tag (--torchvision: tv_in1k; --checkpoint needs one)")
+    parser.add_argument("--labels", help=f"the classifier's label list (--torchvision: {TORCHVISION_LABELS})")
     parser.add_argument("--image-size", type=int, default=224, help="side of the random test image (default 224)")
     parser.add_argument("--endpoint", help=f"a mirror of {TORCHVISION_URL_BASE} for --torchvision")
     args = parser.parse_args(argv)
@@ -120,23 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = state_dict.get("classifier.weight")
     model = create_model(name, **({} if classifier is None else {"num_classes": classifier.shape[0]}))
     model.load_state_dict(state_dict, strict=True)
-    difference = max_logit_difference(state_dict, model, args.image_size)
-    print(f"max abs logit difference vs torchvision: {difference:.3e}")
-    if not difference < TOLERANCE:
-        print(f"error: difference {difference:.3e} is not below {TOLERANCE}; nothing written", file=sys.stderr)
-        return 1
+    if model.config["stem"] != "imagenet" or model.config["compression"] != 0.5 or model.in_chans != 3:
+        raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 channels: not this model")
     source = "torchvision's ImageNet weights" if args.torchvision else "a checkpoint in torchvision's layout"
-    labels = {"labels": args.labels} if args.labels else {}
-    entry = save_pretrained(
-        model,
-        args.output,
-        tag=args.tag,
-        source=f"converted from {source} ({location})",
-        **TORCHVISION_PREPROCESSING,
-        **labels,
-    )
-    print(json.dumps(entry, indent=2))
-    return 0
+    metadata = dict(tag=args.tag, source=f"converted from {source} ({location})", **TORCHVISION_PREPROCESSING)
+    metadata |= {"labels": args.labels} if args.labels else {}
+    reference = ("torchvision", torchvision_densenet(model.config))
+    return save_if_equal(model, reference, state_dict, args.image_size, args.output, **metadata)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,9 @@
     python -m export.manifest fill densenet121_efficient.ra_in1k   # write the Hub's values into empty fields
     python -m export.manifest table                  # the Markdown table of README.md
 
-Every action first checks the manifest against its JSON Schema (every result must say the image size and crop it
-was measured at) and exits 1 naming the field that breaks it. ``check`` exits 1 if a recorded value differs from
-the Hub's or a file is missing. ``fill`` only fills empty
-(null) fields, with the LFS sha256 and size from ``HfApi.get_paths_info`` and the commit the revision resolves to
-now; it refuses to write anything if a recorded value differs.
+Every action first checks the manifest against its JSON Schema (exit 1 naming the field). ``check`` exits 1 if a
+recorded value differs from the Hub's or a file is missing; ``fill`` fills only empty fields (LFS sha256 and size,
+the commit the revision resolves to now) and writes nothing if a recorded value differs.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from densenet_efficient.core.config import check_pretrained_cfg
+from densenet_efficient.core.config import InputCfg
 from densenet_efficient.pretrained import manifest as _manifest
 from densenet_efficient.pretrained.errors import ManifestError
 from densenet_efficient.pretrained.files import write_atomically
@@ -35,9 +33,8 @@ _INPUT_FIELDS = ("input_size", "test_input_size", "mean", "std", "interpolation"
 
 
 def validate_manifest(manifest: Any, where: str | Path) -> None:
-    """:class:`ManifestError` naming ``where``, the field and the rule it breaks, unless ``manifest`` satisfies its
-    JSON Schema, each key is ``model.tag``, inputs pass ``check_pretrained_cfg``, url hashes agree and every default
-    tag has an entry."""
+    """:class:`ManifestError` naming ``where`` and the field unless ``manifest`` satisfies its JSON Schema, keys are
+    ``model.tag``, inputs make an :class:`InputCfg`, url hashes agree and every default tag has an entry."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
@@ -48,7 +45,7 @@ def validate_manifest(manifest: Any, where: str | Path) -> None:
         if key != f"{entry['model']}.{entry['tag']}":
             raise ManifestError(f"{where}: entry {key!r} is for {entry['model']}.{entry['tag']}; keys are model.tag")
         try:
-            check_pretrained_cfg({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
+            InputCfg.from_dict({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
         except ValueError as error:
             raise ManifestError(f"{where}: entry {key!r}: {error}") from None
         url = entry["url"]
@@ -60,8 +57,7 @@ def validate_manifest(manifest: Any, where: str | Path) -> None:
 
 
 def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
-    """What the Hub says about an entry's file: its LFS ``sha256`` and ``size``, and the ``revision`` (full
-    commit) that the entry's revision (or ``main``) resolves to. Raises if the repo, revision or file is missing."""
+    """The Hub's LFS ``sha256``, ``size`` and full-commit ``revision`` of an entry's file (its revision or main)."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -71,19 +67,6 @@ def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | 
         raise FileNotFoundError(f"{hub['repo_id']} has no {hub['filename']} at {revision}")
     lfs = infos[0].lfs
     return {"sha256": lfs.sha256 if lfs else None, "size": infos[0].size, "revision": revision}
-
-
-def compare(hub: dict[str, Any], facts: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """``(verified, mismatched)`` field descriptions; fields the manifest leaves empty are in neither."""
-    verified, mismatched = [], []
-    for field in FIELDS:
-        if hub[field] is None:
-            continue
-        if hub[field] == facts[field]:
-            verified.append(field)
-        else:
-            mismatched.append(f"{field}: manifest {hub[field]}, Hub {facts[field]}")
-    return verified, mismatched
 
 
 def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **hub_options: Any) -> bool:
@@ -100,8 +83,9 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
             print(f"{key}: FAILED {type(error).__name__}: {str(error).splitlines()[0]}")
             agree = False
             continue
-        verified, mismatched = compare(hub, facts)
         empty = [field for field in FIELDS if hub[field] is None]
+        verified = [field for field in FIELDS if hub[field] is not None and hub[field] == facts[field]]
+        mismatched = [f"{f}: manifest {hub[f]}, Hub {facts[f]}" for f in FIELDS if f not in {*empty, *verified}]
         print(
             f"{key}: verified {', '.join(verified) or 'nothing'}"
             + (f"; MISMATCH {'; '.join(mismatched)}" if mismatched else "")
@@ -114,16 +98,9 @@ def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **
 
 
 def table(manifest: dict[str, Any]) -> str:
-    """Markdown table of the manifest's weights: top-1/top-5 with the protocol (who measured, size, crop), the
-    license, and how each source is pinned (a torchvision fallback pinned only by the prefix in its name says
-    so)."""
-    rows = [
-        (
-            "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
-            "| torchvision fallback |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """Markdown table of the weights: top-1/top-5 (who measured, size, crop), license, how each source is pinned."""
+    header = "| weights | default | top-1 / top-5 (reported by, size, crop) | license | source | Hub file | pinned "
+    rows = [header + "| torchvision fallback |", "|---|---|---|---|---|---|---|---|"]
     for key, entry in manifest["weights"].items():
         default = "yes" if manifest["default_tags"].get(entry["model"]) == entry["tag"] else ""
         results = "<br>".join(
@@ -144,8 +121,7 @@ def table(manifest: dict[str, Any]) -> str:
 
 
 def url_pinning(url: dict[str, Any]) -> str:
-    """How a URL source is pinned: by its whole sha256, or only by the hash prefix in its name (torchvision's
-    own check: a file that shares those hex digits would pass)."""
+    """How a URL source is pinned: its whole sha256, or only the hash prefix in its name (torchvision's check)."""
     if url["sha256"]:
         return "sha256"
     return f"only the {len(url['sha256_prefix'])}-hex-digit sha256 prefix in its name"
@@ -177,16 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: no entries {unknown}; entries: {', '.join(manifest['weights'])}", file=sys.stderr)
         return 2
-    agree = check_and_fill(
-        manifest,
-        args.keys or list(manifest["weights"]),
-        args.action == "fill",
-        endpoint=args.endpoint,
-        token=args.token,
-    )
-    if args.action == "fill" and agree:
-        # The packaged manifest, and its copy at the top of the repository with it (a copy, not a link: torch.hub's
-        # GitHub zips turn links into text files).
+    keys, fill = args.keys or list(manifest["weights"]), args.action == "fill"
+    agree = check_and_fill(manifest, keys, fill, endpoint=args.endpoint, token=args.token)
+    if fill and agree:
+        # The packaged manifest and its root copy (not a link: torch.hub's GitHub zips turn links into text files).
         copies = [path] + ([ROOT_COPY] if path == PACKAGED.resolve() and ROOT_COPY.is_file() else [])
         for copy in copies:
             write_atomically(copy, (json.dumps(manifest, indent=2) + "\n").encode())

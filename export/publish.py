@@ -18,32 +18,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
-from densenet_efficient.pretrained.saving import CARD_FILENAME, card_files
+from densenet_efficient.pretrained.saving import CARD_FILENAME
 
 
 def upload_files(folder: Path) -> list[str]:
-    """The files of ``folder`` to upload: those its ``README.md`` card lists. Raises ``SystemExit`` naming what is
-    missing or what else the folder holds."""
+    """The files ``folder``'s card lists; ``SystemExit`` naming what is missing or what else the folder holds."""
     card = folder / CARD_FILENAME
     if not card.is_file():
         raise SystemExit(f"{folder} has no {CARD_FILENAME}: write the folder with save_pretrained or export.convert")
-    listed = card_files(card.read_text(encoding="utf-8"))
+    from huggingface_hub import ModelCard
+
+    listed = list(ModelCard(card.read_text(encoding="utf-8")).data.to_dict().get("files", []))
     if not listed:
         raise SystemExit(f"{card} lists no files: write the folder with save_pretrained or export.convert")
-    present = sorted(path.name for path in folder.iterdir())
-    missing = sorted(set(listed) - set(present))
-    extra = sorted(set(present) - set(listed))
+    present = {path.name for path in folder.iterdir()}
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
     if missing or extra:
         raise SystemExit(
-            f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing {missing}" if missing else "",
-                    f"not listed {extra} (move them out)" if extra else "",
-                )
-                if part
-            )
+            f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): missing {missing}, "
+            f"not listed {extra} (move them out)"
         )
     return listed
 
@@ -57,20 +50,15 @@ def publish(
     private: bool = False,
     message: str | None = None,
 ) -> str:
-    """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns the
-    commit's full hash."""
+    """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns it."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     files = upload_files(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    commit = api.create_commit(
-        repo_id=repo_id,
-        operations=operations,
-        commit_message=message or f"Upload {folder.name} with densenet_efficient",
-    )
-    return commit.oid
+    message = message or f"Upload {folder.name} with densenet_efficient"
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message).oid
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -82,8 +70,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--message", help="commit message")
     args = parser.parse_args(argv)
-    if not (args.folder / WEIGHTS_FILENAME).is_file():
-        parser.error(f"{args.folder} has no {WEIGHTS_FILENAME}: write it with save_pretrained or export.convert")
     try:
         upload_files(args.folder)
     except SystemExit as error:
@@ -98,20 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     weights = args.folder / WEIGHTS_FILENAME
     print(f"commit: {commit}")
-    print(
-        json.dumps(
-            {
-                "hub": {
-                    "repo_id": args.repo_id,
-                    "revision": commit,
-                    "filename": WEIGHTS_FILENAME,
-                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                    "size": weights.stat().st_size,
-                }
-            },
-            indent=2,
-        )
-    )
+    sha256, size = hashlib.sha256(weights.read_bytes()).hexdigest(), weights.stat().st_size
+    hub = {"repo_id": args.repo_id, "revision": commit, "filename": WEIGHTS_FILENAME, "sha256": sha256, "size": size}
+    print(json.dumps({"hub": hub}, indent=2))
     return 0
 
 

@@ -44,7 +44,7 @@ def test_config_that_is_not_a_json_object_names_the_file(tmp_path, text, message
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(model_args=None), "'model_args' must be an object of constructor arguments, got null"),
+        (lambda c: c.update(model_args=None), "'model_args' must be an object, got null"),
         (lambda c: c.update(surprise=1), r"unknown keys \['surprise'\]"),
         (lambda c: c["model_args"].update(depth=100), r"model_args \['depth'\] are not arguments of densenet_40_k12"),
         (lambda c: c["model_args"].update(growth_rate=-3), "invalid model_args: growth_rate must be >= 1, got -3"),

@@ -137,7 +137,7 @@ def test_a_float_count_is_not_cast_into_num_batches_tracked():
 def test_non_finite_weights_are_refused(value):
     state = small_model().state_dict()
     state["features.denseblock2.denselayer1.norm1.weight"][3] = value
-    _refused(state, W.InvalidWeightsFileError, "norm1.weight holds 1 NaN or infinite values of 40: weights must be")
+    _refused(state, W.InvalidWeightsFileError, "norm1.weight holds 1 NaN or infinite values of 40")
 
 
 def test_a_negative_running_variance_is_refused():
@@ -152,7 +152,7 @@ def test_a_transposed_classifier_is_refused_not_dropped_as_another_number_of_cla
     state = small_model().state_dict()
     state["classifier.weight"] = state["classifier.weight"].t().contiguous()  # (features, 10) for (10, features)
     features = state["classifier.weight"].shape[0]
-    _refused(state, W.IncompatibleWeightsError, rf"classifier.weight is \({features}, 10\).*transposed")
+    _refused(state, W.IncompatibleWeightsError, rf"classifier.weight \({features}, 10\).*transposed")
     save_file(state, tmp_path / "transposed.safetensors")
     with pytest.raises(W.IncompatibleWeightsError, match="transposed"):
         de.create_model("densenet_40_k12", weights=str(tmp_path / "transposed.safetensors"), **SMALL)

@@ -161,7 +161,7 @@ def test_entries_are_frozen_and_typed():
     cfg = W.get_pretrained_cfg("densenet121_efficient.ra_in1k")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tag = "other"  # type: ignore[misc]
-    assert cfg.input_size == (3, 224, 224) and cfg.model_args["block_config"] == (6, 12, 24, 16)
+    assert cfg.input.input_size == (3, 224, 224) and cfg.model_args["block_config"] == (6, 12, 24, 16)
     assert cfg.hub.revision == "e65bed9f92a2e438879b179438d22ed719be26d6" and cfg.url is None
     assert cfg.to_dict() == W.load_manifest()["weights"][cfg.key]  # round trip, nothing lost
 
@@ -186,7 +186,8 @@ def test_published_results_are_on_record():
         ("densenet161_efficient.tv_in1k", "torchvision", 224): (77.138, 93.56, 0.875),
     }
     ra = W.get_pretrained_cfg("densenet121_efficient.ra_in1k")
-    assert (ra.test_input_size, ra.test_crop_pct) == ((3, 288, 288), 0.95)
+    assert (ra.input.test_input_size, ra.input.test_crop_pct) == ((3, 288, 288), 0.95)
+    assert ra.input.label_names[281] == "tabby"
     for key in W.list_pretrained():
         cfg = W.get_pretrained_cfg(key)
         assert cfg.license == "apache-2.0" and "timm's models/densenet.py" in cfg.license_source

@@ -1,13 +1,8 @@
-"""Fetching weights files: from the Hugging Face Hub (``hf_hub_download``: revisions, cache, locks,
-``HF_HUB_OFFLINE``) or a plain URL (torchvision's ``.pth``), each checked on the very bytes that are returned.
-
-A file is checked against the sha256 the manifest pins, else the hash its Hub cache blob is named by (an LFS
-file's sha256, a small file's git blob id); a mismatch removes the cache's copy (never through a link) and
-raises :class:`~.errors.ChecksumMismatchError` with both hashes. Every transfer is bounded by one meter, the
-progress bar of both paths (:func:`_meter`, shown on a terminal only): at most :data:`TIMEOUT_S` s for a
-connection and each read (Hub transfers: ``HF_HUB_DOWNLOAD_TIMEOUT``), at least :data:`MIN_RATE_BYTES_S` bytes/s
-on average after :data:`GRACE_S` s, and never more bytes than the file's pinned size (else
-:data:`.files.MAX_WEIGHTS_BYTES`), whatever the server announces or its encoding.
+"""Fetching weights files from the Hugging Face Hub (``hf_hub_download``: revisions, cache, locks,
+``HF_HUB_OFFLINE``) or a URL (torchvision's ``.pth``), checked on the very bytes returned: against the pinned
+sha256, else the hash the Hub cache blob is named by; a mismatch removes the cache's copy (never through a link).
+Every transfer is bounded by :func:`_meter` (also the progress bar): :data:`TIMEOUT_S` per connection and read, at
+least :data:`MIN_RATE_BYTES_S` after :data:`GRACE_S` s, never more than the pinned size (else 4 GiB).
 """
 
 from __future__ import annotations
@@ -38,22 +33,19 @@ from .errors import (
     WeightsNotAvailableError,
 )
 from .files import MAX_WEIGHTS_BYTES, env_flag, read_regular_file
+from .manifest import PretrainedCfg
 
 TIMEOUT_S = 10.0  # seconds a request waits for a connection or for the next bytes
 MIN_RATE_BYTES_S = 10_000  # a transfer slower than this on average, after GRACE_S seconds, is cut off
 GRACE_S = 30.0
 ALLOW_UNVERIFIED_ENV = "DENSENET_EFFICIENT_ALLOW_UNVERIFIED"  # on: load a Hub file that no hash can verify
 _HASH = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")  # a sha256, or a git blob id / commit
-_FLOATING = (
-    " {!r} is a branch, not a commit: the Hub's file may have changed since its sha256 was pinned; pin the commit "
-    "that holds the expected file, or load another source"
-)
+_FLOATING = " {!r} is a branch, not a commit: the Hub's file may have changed since the pin; pin the commit"
 
 
 def _meter(name: str, limit: int) -> type[tqdm]:
-    """A progress bar (terminal only) that stops a transfer of at most ``limit`` bytes with
-    :class:`~.errors.WeightsNotAvailableError` before more is written, or when it averages under the minimum
-    rate after the grace period. One class per transfer: the deadline spans the Hub client's resumes."""
+    """A progress bar (terminal only) that stops a transfer (:class:`~.errors.WeightsNotAvailableError`) past
+    ``limit`` bytes or under the minimum rate; one class per transfer: the deadline spans the client's resumes."""
     started, received = time.monotonic(), 0
 
     class Meter(tqdm):
@@ -88,11 +80,9 @@ def _reason(error: BaseException) -> str:
 
 def _hash(data: bytes, like: str) -> str:
     """sha256 of ``data``, or its git blob id (the Hub's hash of a small file) when ``like`` has 40 digits."""
-    return (
-        hashlib.sha256(data).hexdigest()
-        if len(like) == 64
-        else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    )
+    if len(like) == 64:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _discard(paths: list[Path]) -> str:
@@ -115,10 +105,9 @@ def fetch_hub_bytes(
     cache_dir: str | os.PathLike | None = None,
     endpoint: str | None = None,
 ) -> tuple[str, bytes]:
-    """Path of ``filename`` of Hub repo ``repo_id`` in the Hugging Face cache (downloaded if needed) and its bytes,
-    read once and verified: against ``sha256``, else the hash its cache blob is named by. ``size``: the most bytes
-    it may hold. A file no hash can verify raises :class:`~.errors.UnverifiedWeightsError` unless
-    ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
+    """Path of Hub file ``repo_id/filename`` in the HF cache (downloaded if needed) and its bytes (at most ``size``),
+    read once and verified against ``sha256``, else its cache blob's name; unverifiable:
+    :class:`~.errors.UnverifiedWeightsError` unless ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -147,25 +136,17 @@ def fetch_hub_bytes(
                 folder = Path(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
                 on_hub = served.location.startswith((endpoint or constants.ENDPOINT).rstrip("/") + "/")
                 _download(served.location, folder / "blobs" / etag, limit, build_hf_headers() if on_hub else {})
-        path = Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                etag_timeout=TIMEOUT_S,
-                tqdm_class=_meter(name, limit),
-            )
+        options: dict[str, Any] = dict(
+            revision=revision, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=TIMEOUT_S
         )
+        path = Path(hf_hub_download(repo_id, filename, tqdm_class=_meter(name, limit), **options))
     except Exception as error:  # HTTP, connection, offline without a copy, a transfer the meter stopped
         if isinstance(error, (WeightsNotAvailableError, ChecksumMismatchError)):
             raise
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _reason(error)
         raise WeightsNotAvailableError(
-            f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}): {reason}. It is not in the "
-            f"Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} either: download it once online, point "
-            f"HF_HUB_CACHE (or cache_dir=) at a cache that holds it, or pass weights='path/to/model.safetensors'."
+            f"Cannot get {filename} of Hub repo {repo_id} (revision {revision}): {reason}; not in the cache "
+            f"{cache_dir or constants.HF_HUB_CACHE} either: set HF_HUB_CACHE, or weights='path/to/{filename}'"
         ) from error
     blob = Path(os.path.normpath(path.parent / os.readlink(path))) if path.is_symlink() else path
     data = read_regular_file(path, limit, InvalidWeightsFileError)
@@ -173,8 +154,8 @@ def fetch_hub_bytes(
     if expected is None:
         if not env_flag(ALLOW_UNVERIFIED_ENV):
             raise UnverifiedWeightsError(
-                f"{name}: {path} is no cache blob named by its hash and no sha256 is pinned, so it was not loaded. "
-                f"Pin its sha256, delete the cache entry, or set {ALLOW_UNVERIFIED_ENV}=1 to load it unverified."
+                f"{name}: {path} is no cache blob named by its hash and no sha256 is pinned: pin one, or set "
+                f"{ALLOW_UNVERIFIED_ENV}=1 to load it unverified"
             )
         warnings.warn(f"{name}: loading it unverified because {ALLOW_UNVERIFIED_ENV} is set", stacklevel=2)
         return str(path), data
@@ -192,9 +173,8 @@ def fetch_hub_bytes(
 def fetch_url_bytes(
     url: str, sha256: str, directory: str | os.PathLike | None = None, size: int | None = None
 ) -> tuple[str, bytes]:
-    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints``), downloaded if needed
-    (bounded; renamed into place only complete and matching), and its bytes, read once: their sha256 must start
-    with ``sha256`` (a prefix, as in torchvision's names, or the whole hash)."""
+    """Path of the file at ``url`` in ``directory`` (default: torch.hub's ``checkpoints``), downloaded if needed,
+    and its bytes, read once: their sha256 must start with ``sha256`` (torchvision's name prefix, or all of it)."""
     path = Path(directory or Path(torch.hub.get_dir(), "checkpoints")) / Path(urlparse(url).path).name
     limit = size or MAX_WEIGHTS_BYTES
     if not path.is_file():
@@ -205,10 +185,7 @@ def fetch_url_bytes(
         except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, IncompleteRead
             if isinstance(error, WeightsNotAvailableError):
                 raise
-            raise WeightsNotAvailableError(
-                f"Cannot download {url}: {_reason(error)}. It is not at {path} either: download it once online, "
-                f"copy it there (TORCH_HOME moves the folder), or pass weights='path/to/{path.name}'."
-            ) from error
+            raise WeightsNotAvailableError(f"Cannot download {url}: {_reason(error)}; not at {path} either") from error
     data = read_regular_file(path, limit, InvalidWeightsFileError)
     actual = hashlib.sha256(data).hexdigest()
     if not actual.startswith(sha256):
@@ -219,8 +196,8 @@ def fetch_url_bytes(
 
 
 def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None = None) -> None:
-    """GET ``url`` into a temporary file beside ``path`` (at most ``limit`` bytes, :func:`_meter`'s rate), renamed
-    to ``path`` only when complete; nothing is left on failure."""
+    """GET ``url`` into a temporary file beside ``path``, bounded by :func:`_meter`, renamed to ``path`` only when
+    complete; nothing is left on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -243,42 +220,34 @@ def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None =
 
 
 def fetch_manifest_weights(
-    key: str, entry: dict[str, Any], *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
+    entry: PretrainedCfg, *, cache_dir: str | os.PathLike | None = None, endpoint: str | None = None
 ) -> tuple[str, bytes]:
-    """Path and verified bytes of manifest entry ``key``'s weights: its Hub file, else its URL (a torchvision
-    ``.pth``). A checksum mismatch is raised, except at a branch (which may have moved on since the sha256 was
-    pinned): then the URL is loaded, with a warning."""
-    hub, source, failures = entry.get("hub"), entry.get("url"), []
+    """Path and verified bytes of a manifest entry's weights: its Hub file, else its URL. A checksum mismatch is
+    raised, except at a branch (it may have moved since the pin): then the URL is loaded, with a warning."""
+    key, hub, source, failures = entry.key, entry.hub, entry.url, []
     if hub:
-        if not hub["sha256"]:
+        if not hub.sha256:
             warnings.warn(f"{key} is not pinned: checked against the Hub's own LFS sha256 only", stacklevel=2)
         try:
-            return fetch_hub_bytes(
-                hub["repo_id"],
-                hub["filename"],
-                revision=hub["revision"],
-                sha256=hub["sha256"],
-                size=hub.get("size"),
-                cache_dir=cache_dir,
-                endpoint=endpoint,
+            options: dict[str, Any] = dict(
+                revision=hub.revision, sha256=hub.sha256, cache_dir=cache_dir, endpoint=endpoint
             )
+            return fetch_hub_bytes(hub.repo_id, hub.filename, size=hub.size, **options)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
             why = "the Hub copy is not available"
         except ChecksumMismatchError as error:
-            if not source or _HASH.fullmatch(hub["revision"] or ""):
+            if not source or _HASH.fullmatch(hub.revision or ""):
                 raise
             failures.append(str(error))
             why = f"the Hub copy does not match the pinned sha256 ({error})"
     if source:
         try:
-            path, data = fetch_url_bytes(
-                source["url"], source["sha256"] or source["sha256_prefix"], size=source.get("size")
-            )
+            path, data = fetch_url_bytes(source.url, source.sha256 or source.sha256_prefix, size=source.size)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
         else:
             if failures:
-                warnings.warn(f"{key}: {why}, loaded {source['url']} instead.", stacklevel=2)
+                warnings.warn(f"{key}: {why}, loaded {source.url} instead.", stacklevel=2)
             return path, data
     raise WeightsNotAvailableError(f"No source of {key} is available:\n- " + "\n- ".join(failures))

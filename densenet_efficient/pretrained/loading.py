@@ -1,11 +1,10 @@
-"""Resolving a ``weights=`` reference and loading the tensors it names into a model (timm's ``load_pretrained``).
+"""Resolving a ``weights=`` reference and loading its tensors into a model (timm's ``load_pretrained``).
 
-A reference is a tag of the model in ``weights_manifest.json`` (``"DEFAULT"``/``pretrained=True``: its default
-tag); a ``.safetensors`` file (or ``.pth``/``.bin``, read with ``weights_only=True``) or a folder written by
-:func:`save_pretrained` or timm's ``save_for_hf``, with the ``config.json`` beside it; or
-``"hf-hub:org/name[@revision]"``. Every file is read once: the bytes hashed are the bytes deserialised. A
-``config.json`` is checked before anything is built: known arguments in bounds, accepted by the constructor (on a
-one-layer network on the ``meta`` device), and describing as many values as the weights hold (:func:`state_size`).
+A reference is a manifest tag (``"DEFAULT"``/``pretrained=True``: the default one); a ``.safetensors`` (or
+``.pth``/``.bin``, read with ``weights_only=True``) file or a folder of :func:`save_pretrained` or timm's
+``save_for_hf``; or ``"hf-hub:org/name[@revision]"``. Each file is read once: the bytes hashed are the bytes
+deserialised. A ``config.json`` is checked before anything is built (arguments in bounds, accepted by the
+constructor on the ``meta`` device, as many values as the weights hold: :func:`state_size`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.config import MAX_CHANNELS, MAX_CLASSES, WEIGHT_SOURCE_KEYS, adapt_cfg, check_pretrained_cfg
+from ..core.config import MAX_CHANNELS, MAX_CLASSES, WEIGHT_SOURCE_KEYS, adapt_cfg, check_pretrained_cfg, is_int
 from ..core.model import DenseNet
 from ..core.registry import architecture, is_model, list_models, resolve_model
 from .errors import IncompatibleWeightsError, InvalidConfigError, InvalidWeightsFileError, UnknownWeightsError
@@ -44,16 +43,10 @@ MODEL_ARGS = (
 _TIMM_KEYS = {"architecture", "model_args", "num_classes", "num_features", "global_pool", "pretrained_cfg"}
 _TIMM_KEYS |= {"label_names", "label_descriptions"}
 _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
-# timm's DenseNets of this package's layout, and timm arguments accepted only at timm's default (memory_efficient,
-# timm's memory mode, at any value: it changes no weight).
+# timm's DenseNets of this layout; timm arguments accepted only at timm's default (memory_efficient at any value).
 TIMM_DENSENETS = {f"densenet{n}": f"densenet{n}_efficient" for n in (121, 169, 201, 161)}
 _TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
-_TIMM_DEFAULT_ONLY: dict[str, Any] = {
-    "global_pool": "avg",
-    "stem_type": "",
-    "act_layer": "relu",
-    "norm_layer": "batchnorm2d",
-}
+_TIMM_DEFAULT_ONLY: dict[str, Any] = dict(global_pool="avg", stem_type="", act_layer="relu", norm_layer="batchnorm2d")
 _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
@@ -65,9 +58,8 @@ _MAX_BLOCKS, _MAX_LAYERS, _MAX_WIDTH, _MAX_PARAMETERS = 16, 10_000, 4096, 2**32
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """Weights a reference resolved to: their source, constructor arguments, input configuration (timm's
-    ``pretrained_cfg`` keys) and ``read``, which fetches, verifies and reads the tensors. ``vouched``: the bytes
-    are those a pin or a save's seal records, so their values are not checked again."""
+    """Weights a reference resolved to: source, constructor arguments, ``pretrained_cfg`` and ``read`` (fetches,
+    verifies, reads the tensors). ``vouched``: a pin or a save's seal records the bytes: values not checked again."""
 
     source: str
     model_args: dict[str, Any]
@@ -98,7 +90,13 @@ def resolve_weights(
 ) -> PretrainedWeights:
     """Resolve ``weights`` (a tag, ``"DEFAULT"``, a path, ``hf-hub:org/name[@revision]``, or ``None``: the default
     tag) for model ``name``. ``cache_dir``/``endpoint`` override ``HF_HUB_CACHE``/``HF_ENDPOINT``."""
-    reference = check_reference(weights)
+    reference = os.fspath(weights) if isinstance(weights, str | os.PathLike) else weights
+    if reference is not None and not isinstance(reference, str):
+        raise TypeError(
+            f"weights must be a tag, a path or 'hf-hub:org/name' (str or os.PathLike), got {type(weights).__name__}"
+        )
+    if reference is not None and not reference.strip():
+        raise UnknownWeightsError(f"weights={reference!r} is empty: pass a tag, a path or 'hf-hub:org/name'")
     if reference is not None and reference.startswith(HF_HUB_PREFIX):
         return _hub_weights(name, reference, cache_dir, endpoint)
     if reference is None or not (
@@ -112,38 +110,6 @@ def resolve_weights(
     return _local_weights(name, Path(reference).expanduser())
 
 
-def check_reference(weights: object) -> str | None:
-    """``weights`` as a str (``None`` stays): ``TypeError`` for other types, :class:`UnknownWeightsError` if empty."""
-    if weights is None:
-        return None
-    reference = (
-        weights if isinstance(weights, str) else os.fspath(weights) if isinstance(weights, os.PathLike) else None
-    )
-    if not isinstance(reference, str):
-        raise TypeError(
-            f"weights must be a tag, a path or 'hf-hub:org/name' (str or os.PathLike), got "
-            f"{type(weights).__name__} {weights!r}; use pretrained=True for the default weights"
-        )
-    if not reference.strip():
-        raise UnknownWeightsError(
-            f"weights={reference!r} is empty: pass a tag (e.g. 'DEFAULT'), a path or 'hf-hub:org/name'"
-        )
-    return reference
-
-
-def load_pretrained(
-    model: nn.Module,
-    name: str,
-    weights: str | os.PathLike | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    endpoint: str | None = None,
-) -> nn.Module:
-    """Load the weights ``weights`` refers to into ``model`` (their constructor arguments are not applied: use
-    ``create_model(name, weights=...)``); another ``num_classes`` keeps the model's classifier, with a warning."""
-    return resolve_weights(name, weights, cache_dir=cache_dir, endpoint=endpoint).load_into(model)
-
-
 def _manifest_weights(name: str, tag: str | None, cache_dir: Any, endpoint: str | None) -> PretrainedWeights:
     try:
         cfg = weights_entry(name, tag)
@@ -155,7 +121,7 @@ def _manifest_weights(name: str, tag: str | None, cache_dir: Any, endpoint: str 
     def read() -> dict[str, Tensor]:
         from .download import fetch_manifest_weights
 
-        return read_state_dict(*fetch_manifest_weights(cfg.key, cfg.to_dict(), cache_dir=cache_dir, endpoint=endpoint))
+        return read_state_dict(*fetch_manifest_weights(cfg, cache_dir=cache_dir, endpoint=endpoint))
 
     return PretrainedWeights(cfg.key, dict(cfg.model_args), read, cfg.model_cfg(), vouched=True)
 
@@ -180,25 +146,25 @@ def _hub_weights(name: str, reference: str, cache_dir: Any, endpoint: str | None
 
 
 def _local_weights(name: str, path: Path) -> PretrainedWeights:
-    """The one local reader: a file, or a folder's ``model.safetensors``/``pytorch_model.bin``, and the
-    ``config.json`` beside it, each read once. A ``weights_sha256`` in the config seals the set: a file that is
-    not the one it records (a save in progress or interrupted) is refused."""
+    """A file, or a folder's ``model.safetensors``/``pytorch_model.bin``, and the ``config.json`` beside it, each
+    read once. A ``weights_sha256`` in the config seals the set: another file (a save running or cut) is refused."""
     folder, file = (path, None) if path.is_dir() else (path.parent, path)
     if file is None:
         file = next((f for f in (folder / WEIGHTS_FILENAME, folder / TORCH_WEIGHTS_FILENAME) if f.exists()), None)
     if file is None or not file.exists():
         raise FileNotFoundError(
-            f"file not found: {file or folder / WEIGHTS_FILENAME}. Pass a weights tag of {name!r} (or 'DEFAULT'), a "
-            f".safetensors file, a folder written by save_pretrained, or 'hf-hub:org/name[@revision]'."
+            f"file not found: {file or folder / WEIGHTS_FILENAME}; pass a tag of {name!r}, a file, a saved folder or "
+            "'hf-hub:org/name'"
         )
     config_file = folder / CONFIG_FILENAME
-    config = read_config(config_file, str(config_file)) if os.path.lexists(config_file) else {}
+    config = {}
+    if os.path.lexists(config_file):
+        config = _config_of(read_regular_file(config_file, _MAX_CONFIG_BYTES, InvalidConfigError), str(config_file))
     data = read_regular_file(file, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
     recorded = config.get("weights_sha256") if file.name == WEIGHTS_FILENAME else None
     if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
         raise InvalidWeightsFileError(
-            f"{file} is not the file {config_file} was saved with (weights_sha256 {recorded}): a save into "
-            f"{folder} is running or was interrupted; load again once it ends, or save again"
+            f"{file} is not the file {config_file} records: a save is running or was cut; save again"
         )
     model_args, input_cfg = parse_config(name, config, str(config_file))
     state_dict = read_state_dict(file, data)
@@ -208,28 +174,24 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
     return PretrainedWeights(str(file), model_args, lambda: state_dict, input_cfg, vouched=recorded is not None)
 
 
-def read_config(path: Path, where: str) -> dict[str, Any]:
-    """A ``config.json``: a regular file (not a folder or FIFO) of a JSON object, at most 16 MiB and 8 deep."""
-    return _config_of(read_regular_file(path, _MAX_CONFIG_BYTES, InvalidConfigError), where)
-
-
 def _config_of(data: bytes, where: str) -> dict[str, Any]:
+    """A ``config.json``'s object (at most 8 deep), or :class:`InvalidConfigError` naming ``where``."""
+    deep = InvalidConfigError(f"{where} is nested too deeply: a config.json nests at most {_MAX_CONFIG_DEPTH} deep")
     try:
         config = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidConfigError(f"{where} is not valid JSON: {error}") from error
     except RecursionError:
-        config = None
+        raise deep from None
     if not isinstance(config, dict):
-        kind = "nested too deeply" if config is None else f"must hold a JSON object, got {type(config).__name__}"
-        raise InvalidConfigError(f"{where} {kind}" + (": a config.json nests at most 8 deep" if config is None else ""))
+        raise InvalidConfigError(f"{where} must hold a JSON object, got {type(config).__name__}")
 
     def depth(value: Any, limit: int) -> int:
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         return 0 if not children or limit == 0 else 1 + max(depth(child, limit - 1) for child in children)
 
     if depth(config, _MAX_CONFIG_DEPTH + 1) > _MAX_CONFIG_DEPTH:
-        raise InvalidConfigError(f"{where} is nested too deeply: a config.json nests at most 8 deep")
+        raise deep
     return config
 
 
@@ -241,9 +203,7 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
         return {}, {}
     marker = config.get(FORMAT_KEY)
     if marker not in (None, CONFIG_FORMAT):
-        raise InvalidConfigError(
-            f"{where}: unknown format {marker!r}: {FORMAT_KEY!r} is {CONFIG_FORMAT!r} or absent (timm's)"
-        )
+        raise InvalidConfigError(f"{where}: unknown format {marker!r}: {CONFIG_FORMAT!r} or absent (timm's)")
     known = _TIMM_KEYS if marker is None else _OWN_KEYS
     if unknown := sorted(set(config) - known):
         kind = "timm's (no 'format' marker)" if marker is None else f"format {CONFIG_FORMAT!r}"
@@ -252,33 +212,32 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
     ours = isinstance(saved_for, str) and is_model(saved_for)
     if not ours and (marker is not None or saved_for not in TIMM_DENSENETS):
         valid = [*list_models(), *(TIMM_DENSENETS if marker is None else ())]
-        raise InvalidConfigError(
-            f"{where} describes a {saved_for!r}, which is not an architecture of this package"
-            f"{'' if marker is not None else ' nor one of timm DenseNets it reads'}; valid: {', '.join(valid)}"
-        )
+        raise InvalidConfigError(f"{where} describes a {saved_for!r}, not an architecture; valid: {', '.join(valid)}")
     wanted = resolve_model(saved_for) if ours else TIMM_DENSENETS[saved_for]
     if wanted != name:
         described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
-        raise UnknownWeightsError(
-            f"{where} describes {described}, not {name!r}: use create_model({wanted!r}, weights=...)."
-        )
+        raise UnknownWeightsError(f"{where} describes {described}, not {name!r}: use create_model({wanted!r}, ...)")
     raw = config.get("model_args", {})
     if not isinstance(raw, dict):
-        raise InvalidConfigError(
-            f"{where}: 'model_args' must be an object of constructor arguments, got {json.dumps(raw)}"
-        )
-    args = (
-        dict(raw)
-        if ours
-        else _timm_model_args(name, {**{k: config[k] for k in ("global_pool",) if k in config}, **raw}, where)
-    )
+        raise InvalidConfigError(f"{where}: 'model_args' must be an object, got {json.dumps(raw)}")
+    pool = {"global_pool": config["global_pool"]} if "global_pool" in config else {}
+    args = dict(raw) if ours else _timm_model_args(name, pool | raw, where)
     if marker is None:
         args.pop("efficient", None)  # timm records every create_model argument; the memory mode is no weight
     if "num_classes" in config and config["num_classes"] != args.setdefault("num_classes", config["num_classes"]):
         raise InvalidConfigError(
             f"{where}: num_classes {config['num_classes']} and model_args.num_classes {args['num_classes']} differ"
         )
-    return check_model_args(name, args, where), config_pretrained_cfg(config, name, where)
+    cfg = config.get("pretrained_cfg", {})  # with timm's top-level label names; without where it was exported from
+    if not isinstance(cfg, dict):
+        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
+    labels = {key: config.get(key) for key in ("label_names", "label_descriptions")}
+    try:
+        cfg = check_pretrained_cfg({key: value for key, value in (labels | cfg).items() if value is not None})
+    except ValueError as error:
+        raise InvalidConfigError(f"{where}: {error}") from None
+    cfg = {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCE_KEYS} | {"architecture": name}
+    return check_model_args(name, args, where), cfg
 
 
 def _timm_model_args(name: str, settings: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -293,10 +252,7 @@ def _timm_model_args(name: str, settings: Mapping[str, Any], where: str) -> dict
         if key not in _TIMM_DEFAULT_ONLY:
             raise InvalidConfigError(f"{where}: timm argument {key}={value!r} has no counterpart in {name}")
         if value != _TIMM_DEFAULT_ONLY[key]:
-            raise InvalidConfigError(
-                f"{where}: timm argument {key}={value!r} is not supported by {name}, which is built as timm's "
-                f"{key}={_TIMM_DEFAULT_ONLY[key]!r}"
-            )
+            raise InvalidConfigError(f"{where}: timm argument {key}={value!r} is not supported by {name}")
     growth_rate = args.get("growth_rate", architecture(name).get("growth_rate", 32))
     if isinstance(growth_rate, int) and not isinstance(growth_rate, bool):
         args["num_init_features"] = 2 * growth_rate
@@ -307,21 +263,14 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
     """``model_args`` as constructor arguments of ``name`` (lists as tuples), or :class:`InvalidConfigError` naming
     ``where``: known names, within the bounds, accepted by the constructor, at most 2**32 parameters."""
     if unknown := sorted(set(model_args) - set(MODEL_ARGS)):
-        raise InvalidConfigError(
-            f"{where}: model_args {unknown} are not arguments of {name}; valid: {', '.join(MODEL_ARGS)}"
-        )
+        raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: {MODEL_ARGS}")
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
-    arch = architecture(name)
-    full = {**arch, **args}
+    full = {**architecture(name), **args}
     try:
         _check_bounds(full)
-        if full != arch:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
+        if args:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
             blocks = full["block_config"]
-            bad = (
-                tuple(n for n in blocks if isinstance(n, bool) or not isinstance(n, int) or n < 1)
-                if isinstance(blocks, tuple)
-                else blocks
-            )
+            bad = tuple(n for n in blocks if not is_int(n) or n < 1) if isinstance(blocks, tuple) else blocks
             with torch.device("meta"):
                 DenseNet(**{**full, "block_config": bad or (1,)}, efficient=False)
         parameters, _ = state_size(full)
@@ -329,34 +278,23 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
         raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
     if parameters > _MAX_PARAMETERS:
         raise InvalidConfigError(
-            f"{where}: invalid model_args: they ask for {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
+            f"{where}: invalid model_args: {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
         )
     return args
-
-
-def _layers(args: Mapping[str, Any]) -> int:
-    blocks = args.get("block_config")
-    return sum(blocks) if isinstance(blocks, tuple) and all(isinstance(n, int) for n in blocks) else 0
 
 
 def _check_bounds(args: Mapping[str, Any]) -> None:
     """``ValueError`` for a network too big to be a DenseNet anyone trains, before anything is built."""
     blocks = args.get("block_config")
     if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
-        raise ValueError(
-            f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS}): inputs of 2**{len(blocks) - 1} px"
-        )
-    if _layers(args) > _MAX_LAYERS:
-        raise ValueError(f"block_config {blocks} asks for {_layers(args)} layers (at most {_MAX_LAYERS})")
-    bounds = {
-        "growth_rate": _MAX_WIDTH,
-        "num_init_features": _MAX_WIDTH,
-        "in_chans": MAX_CHANNELS,
-        "num_classes": MAX_CLASSES,
-    }
-    for key, bound in bounds.items():
+        raise ValueError(f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS})")
+    layers = sum(blocks) if isinstance(blocks, tuple) and all(isinstance(n, int) for n in blocks) else 0
+    if layers > _MAX_LAYERS:
+        raise ValueError(f"block_config {blocks} asks for {layers} layers (at most {_MAX_LAYERS})")
+    bounds = {"growth_rate": _MAX_WIDTH, "num_init_features": _MAX_WIDTH, "in_chans": MAX_CHANNELS}
+    for key, bound in (bounds | {"num_classes": MAX_CLASSES}).items():
         value = args.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+        if is_int(value) and value > bound:
             raise ValueError(f"{key}={value} is beyond the bound of {bound}")
     growth, bn_size = args.get("growth_rate"), args.get("bn_size")
     if isinstance(growth, int) and isinstance(bn_size, int) and bn_size * growth > _MAX_WIDTH:
@@ -385,41 +323,14 @@ def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
     return parameters, parameters + 2 * (norms + channels)
 
 
-def config_pretrained_cfg(config: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
-    """A ``config.json``'s checked ``pretrained_cfg`` (with timm's top-level ``label_names``/``label_descriptions``),
-    without where it was exported from."""
-    cfg = config.get("pretrained_cfg", {})
-    if not isinstance(cfg, dict):
-        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
-    cfg = {key: value for key, value in cfg.items() if value is not None}
-    cfg.update(
-        {
-            key: config[key]
-            for key in ("label_names", "label_descriptions")
-            if config.get(key) is not None and key not in cfg
-        }
-    )
-    try:
-        cfg = check_pretrained_cfg(cfg)
-    except ValueError as error:
-        raise InvalidConfigError(f"{where}: {error}") from None
-    return {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCE_KEYS} | {"architecture": name}
-
-
 def check_shapes(name: str, model_args: Mapping[str, Any], state_dict: Mapping[str, Tensor], where: str) -> None:
     """Refuse arguments whose network does not hold as many values as the weights, before it is built."""
-    args = {**architecture(name), **model_args}
-    if _layers(args) * (10 if args.get("bn_size", 4) else 5) > len(state_dict):
-        raise InvalidConfigError(
-            f"{where} asks for {_layers(args)} dense layers, but the weights hold only {len(state_dict)} tensors: "
-            f"the config does not describe these weights"
-        )
-    parameters, values = state_size(args)
+    parameters, values = state_size({**architecture(name), **model_args})
     stored = sum(value.numel() for key, value in state_dict.items() if not key.endswith("num_batches_tracked"))
     if values != stored:
         raise InvalidConfigError(
-            f"{where} describes a {name} with {parameters:,} parameters whose tensors are not the weights': its "
-            f"state holds {values:,} values, the weights {stored:,}."
+            f"{where} describes a {name} with {parameters:,} parameters whose tensors are not the weights': "
+            f"{values:,} values, the weights {stored:,}"
         )
 
 
@@ -479,15 +390,11 @@ def load_state_dict_into(
     if conv is not None and target is not None and conv.dim() == target.dim() and conv.shape[0] == target.shape[0]:
         state_dict[_FIRST_CONV] = adapt_input_conv(target.shape[1], conv)
     skipped = _skip_other_classifier(expected, state_dict, source)
-    missing = [
-        k for k in expected if k not in state_dict and k not in skipped and not k.endswith("num_batches_tracked")
-    ]
+    present = {*state_dict, *skipped}
+    missing = [k for k in expected if k not in present and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if k in expected]
+    misshapen = [f"{k} {theirs} vs {ours}" for k, theirs, ours in shapes if theirs != ours]
     if missing or unexpected or misshapen:
         raise IncompatibleWeightsError(
             f"The weights from {source} do not fit this {type(model).__name__} (another architecture?): "
@@ -516,14 +423,10 @@ def check_state_values(state_dict: Mapping[str, Tensor], source: str) -> None:
     finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
     for (key, value), is_finite, smallest in zip(floats, finite, low.tolist(), strict=True):
         if not is_finite:
-            raise InvalidWeightsFileError(
-                f"{source}: {key} holds {int((~torch.isfinite(value)).sum())} NaN or infinite values of "
-                f"{value.numel()}: weights must be finite (diverged training or a damaged file)"
-            )
+            bad = int((~torch.isfinite(value)).sum())
+            raise InvalidWeightsFileError(f"{source}: {key} holds {bad} NaN or infinite values of {value.numel()}")
         if smallest < 0 and key.endswith("running_var"):
-            raise InvalidWeightsFileError(
-                f"{source}: {key} holds negative variances (smallest {smallest:g}): a running_var is at least 0"
-            )
+            raise InvalidWeightsFileError(f"{source}: {key} holds negative variances (smallest {smallest:g})")
 
 
 def _listing(what: str, keys: list[str], shown: int = 5) -> str:
@@ -542,22 +445,16 @@ def _skip_other_classifier(
     if classes[0] == classes[1]:
         return ()
     bias = state_dict.get("classifier.bias")
-    if (
-        ours is not None
-        and theirs is not None
-        and (
-            theirs.dim() != 2
-            or theirs.shape[1] != ours.shape[1]
-            or (bias is not None and bias.shape != theirs.shape[:1])
-        )
-    ):
-        raise IncompatibleWeightsError(
-            f"{source}: classifier.weight is {tuple(theirs.shape)}, the model's {tuple(ours.shape)}: only a "
-            f"(classes, {ours.shape[1]}) classifier with a (classes,) bias is replaced; this one is transposed or other"
-        )
+    if ours is not None and theirs is not None:
+        bad_bias = bias is not None and bias.shape != theirs.shape[:1]
+        if theirs.dim() != 2 or theirs.shape[1] != ours.shape[1] or bad_bias:
+            raise IncompatibleWeightsError(
+                f"{source}: classifier.weight {tuple(theirs.shape)} (model: {tuple(ours.shape)}) is transposed or "
+                "for other features: only a (classes, features) classifier is replaced"
+            )
     warnings.warn(
         f"{source}: the weights have {classes[1]} classes, the model {classes[0]}: loaded everything but the "
-        f"classifier, which keeps its fresh initialisation (fine-tuning).",
+        "classifier (fine-tuning)",
         stacklevel=4,
     )
     for key in _CLASSIFIER_KEYS:

@@ -1,8 +1,6 @@
-"""The weights manifest (``weights_manifest.json``, the one table of weights): which weights exist for which model,
-where they live, how they were measured. ``DENSENET_EFFICIENT_MANIFEST`` names another manifest file.
-
-Its JSON Schema (``weights_manifest.schema.json``) is checked by the tests and ``python -m export.manifest``, not on
-every read; each entry is handed out as a frozen :class:`PretrainedCfg`.
+"""The weights manifest (``weights_manifest.json``, the one table of weights: which weights exist, where they live,
+how they were measured; ``DENSENET_EFFICIENT_MANIFEST`` names another). Its JSON Schema is checked by the tests and
+``python -m export.manifest``, not on every read; each entry is handed out as a frozen :class:`PretrainedCfg`.
 """
 
 from __future__ import annotations
@@ -17,13 +15,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..core.config import architecture_cfg, check_pretrained_cfg, with_pool_sizes
+from ..core.config import InputCfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
 from .errors import ManifestError, UnknownWeightsError
 from .files import read_regular_file
 
 MANIFEST_FILENAME = "weights_manifest.json"
 MANIFEST_ENV = "DENSENET_EFFICIENT_MANIFEST"
 DEFAULT_TAG = "DEFAULT"  # torchvision's spelling of "the model's default weights"
+_INPUT_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "test_input_size", "test_crop_pct")
 
 
 @dataclass(frozen=True)
@@ -63,19 +62,15 @@ class UrlFile:
 @dataclass(frozen=True)
 class PretrainedCfg:
     """One manifest entry (``model.tag``), frozen (sequences are tuples); :meth:`to_dict` gives its JSON back.
-    ``input_size`` is ``(channels, *spatial)``; ``test_input_size``/``test_crop_pct`` are where the best result
-    was measured; ``labels`` names a standard label list (``"imagenet-1k"``)."""
+    ``input`` is what the weights expect (``labels``, a standard label list such as ``"imagenet-1k"``, gives its
+    ``label_names``)."""
 
     model: str
     tag: str
     model_args: Mapping[str, Any]
     num_classes: int
     label_source: str | None
-    input_size: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str | None
-    crop_pct: float | None
+    input: InputCfg
     metrics: tuple[Metric, ...]
     license: str | None
     source: str
@@ -83,8 +78,6 @@ class PretrainedCfg:
     url: UrlFile | None
     license_source: str | None = None
     labels: str | None = None
-    test_input_size: tuple[int, ...] | None = None
-    test_crop_pct: float | None = None
 
     @property
     def key(self) -> str:
@@ -94,46 +87,42 @@ class PretrainedCfg:
     def from_dict(cls, entry: Mapping[str, Any]) -> PretrainedCfg:
         """From a manifest entry; :class:`ManifestError` naming what is missing or wrong."""
         try:
-            values: dict[str, Any] = {key: tuple(v) if isinstance(v, list) else v for key, v in entry.items()}
-            values["model_args"] = MappingProxyType(
-                {key: tuple(v) if isinstance(v, list) else v for key, v in entry["model_args"].items()}
-            )
+            values: dict[str, Any] = {key: v for key, v in entry.items() if key not in _INPUT_KEYS}
+            model_args = {key: tuple(v) if isinstance(v, list) else v for key, v in entry["model_args"].items()}
+            inputs = {key: entry.get(key) for key in _INPUT_KEYS} | {"label_names": label_names(entry.get("labels"))}
+            values.update(model_args=MappingProxyType(model_args), input=InputCfg.from_dict(inputs))
             values["metrics"] = tuple(Metric(**metric) for metric in entry["metrics"])
             values["hub"] = HubFile(**entry["hub"]) if entry.get("hub") else None
             values["url"] = UrlFile(**entry["url"]) if entry.get("url") else None
             return cls(**values)
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ManifestError(f"{manifest_path()}: entry {entry.get('model')}.{entry.get('tag')}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest entry as JSON (optional fields left out when unset)."""
-        entry = {f.name: getattr(self, f.name) for f in fields(self)}
+        entry = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "input"}
         entry.update(model_args=dict(self.model_args), metrics=[asdict(m) for m in self.metrics])
         entry.update(hub=self.hub and asdict(self.hub), url=self.url and asdict(self.url))
+        entry.update({key: getattr(self.input, key) for key in _INPUT_KEYS})
         optional = ("license_source", "labels", "test_input_size", "test_crop_pct")
         return json.loads(json.dumps({k: v for k, v in entry.items() if v is not None or k not in optional}))
 
     def model_cfg(self) -> dict[str, Any]:
-        """The weights' timm ``pretrained_cfg`` (what ``model.pretrained_cfg`` holds once they are loaded): the
-        architecture's defaults updated with this entry's input, labels and location."""
+        """The weights' timm ``pretrained_cfg`` (``model.pretrained_cfg`` once they are loaded): the architecture's,
+        with this entry's input, labels and location."""
         stem, blocks = self.model_args.get("stem", "imagenet"), len(self.model_args["block_config"])
-        in_chans = self.model_args.get("in_chans", 3)
-        cfg = architecture_cfg(stem, in_chans, self.num_classes, len(self.input_size) - 1, blocks)
-        cfg.update(architecture=self.model, tag=self.tag, license=self.license, description=self.source)
-        optional = ("input_size", "mean", "std", "interpolation", "crop_pct", "test_input_size", "test_crop_pct")
-        cfg.update({key: getattr(self, key) for key in optional if getattr(self, key) is not None})
+        in_chans, dims = self.model_args.get("in_chans", 3), len(self.input.input_size) - 1
+        cfg = architecture_cfg(stem, in_chans, self.num_classes, dims, blocks, self.model) | self.input.to_dict()
+        cfg.update(tag=self.tag, license=self.license, description=self.source)
         if self.hub is not None:
             cfg.update(hf_hub_id=self.hub.repo_id, hf_hub_filename=self.hub.filename)
         if self.url is not None:
             cfg["url"] = self.url.url
-        if (names := label_names(self.labels)) is not None:
-            cfg["label_names"] = names
         return check_pretrained_cfg(with_pool_sizes(cfg, stem, blocks))
 
 
 def label_names(labels: str | None) -> tuple[str, ...] | None:
-    """The names of a standard label list (``"imagenet-1k"``: torchvision's); ``None`` otherwise or without
-    torchvision."""
+    """The names of a standard label list (``"imagenet-1k"``: torchvision's); else, or without torchvision, None."""
     if labels != "imagenet-1k":
         return None
     try:
@@ -182,8 +171,8 @@ def weights_entry(name: str, tag: str | None = None) -> PretrainedCfg:
     if not tags:
         with_weights = sorted({key.split(".", 1)[0] for key in manifest["weights"]})
         raise UnknownWeightsError(
-            f"No pretrained weights are published for {name!r}. Models with weights: {', '.join(with_weights)}. "
-            f"Pass weights='path/to/model.safetensors' or 'hf-hub:org/name' to load your own."
+            f"No pretrained weights are published for {name!r}; models with weights: {', '.join(with_weights)}; "
+            "or pass weights='path/to/model.safetensors' or 'hf-hub:org/name'"
         )
     if tag is None or tag == DEFAULT_TAG:
         tag = manifest["default_tags"].get(name)

@@ -1,10 +1,6 @@
-"""Saving weights as this project's Hub repos hold them: ``model.safetensors``, ``config.json`` (timm's layout, so
-timm and transformers read it) and a model card, written as one set.
-
-The three files are written into a temporary folder inside the target, then renamed into place, ``config.json``
-last: it records the sha256 of ``model.safetensors`` and so seals the set. A reader never loads a half-written
-file, and a weights file that is not the one its ``config.json`` records (a save running or killed between its
-renames) is refused by :mod:`.loading` with a message to save again.
+"""Saving weights as this project's Hub repos hold them: ``model.safetensors``, ``config.json`` (timm's layout,
+read by timm and transformers) and a model card, written into a temporary folder and renamed into place,
+``config.json`` last: it records the weights' sha256 and so seals the set (:mod:`.loading` refuses another file).
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, check_pretrained_cfg, with_pool_sizes
+from ..core.config import PRETRAINED_CFG_KEYS, WEIGHT_SOURCE_KEYS, InputCfg, check_pretrained_cfg, with_pool_sizes
 from .loading import CONFIG_FILENAME, CONFIG_FORMAT, FORMAT_KEY, WEIGHTS_FILENAME, check_state_values
 from .manifest import label_names
 
@@ -39,22 +35,14 @@ def save_pretrained(
     overwrite: bool = False,
     **metadata: Any,
 ) -> dict[str, Any]:
-    """Write ``model``'s weights into ``directory`` (created if needed; other files are left alone) and return
-    their manifest entry.
+    """Write ``model``'s weights into ``directory`` (other files are left alone); return their manifest entry.
 
-    - ``model.safetensors``: the CPU state dict with one metadata key (``format: pt``): byte-reproducible;
-    - ``config.json`` (:func:`config_json`): ``create_model(name, weights=directory)``, timm's
-      ``"local-dir:"`` after :func:`~densenet_efficient.register_with_timm` and transformers'
-      ``AutoImageProcessor`` read it;
-    - ``README.md``: a model card (:func:`model_card`); one this function did not write is replaced only with
-      ``overwrite``.
-
-    The values are checked here, once (NaN, infinities, negative variances: :class:`InvalidWeightsFileError`);
-    loading the sealed set does not check them again. ``architecture`` defaults to ``model.arch_name``;
-    ``metadata`` are JSON facts for the entry and the card (``tag``, ``dataset``, ``metrics``, ``license``,
-    ``base_model``, ``source``) and ``pretrained_cfg`` keys (``input_size``, ``mean``, ``std``, ``label_names``,
-    ...). Returns ``{"model", "model_args", "num_classes", "hub": {"repo_id": None, "revision": None, "filename",
-    "sha256", "size"}, "url": None, **metadata}``: fill in ``repo_id`` and ``revision`` once published.
+    ``model.safetensors`` (byte-reproducible), ``config.json`` (:func:`config_json`: read by ``create_model(name,
+    weights=directory)``, timm's ``"local-dir:"`` and transformers) and ``README.md`` (:func:`model_card`; one not
+    written here is replaced only with ``overwrite``). Values are checked here, once (NaN, inf, negative variances:
+    :class:`InvalidWeightsFileError`). ``architecture`` defaults to ``model.arch_name``; ``metadata``: JSON facts
+    (``tag``, ``dataset``, ``metrics``, ``license``, ``base_model``, ``source``) and ``pretrained_cfg`` keys.
+    Returns ``{"model", "model_args", "num_classes", "hub": {..., "sha256", "size"}, "url": None, **metadata}``.
     """
     from safetensors.torch import save
 
@@ -70,9 +58,7 @@ def save_pretrained(
     directory = Path(directory)
     card = directory / CARD_FILENAME
     if card.is_file() and not overwrite and f"library_name: {LIBRARY_NAME}\n" not in card.read_text(errors="replace"):
-        raise FileExistsError(
-            f"{card} exists and was not written by save_pretrained: pass overwrite=True to replace it"
-        )
+        raise FileExistsError(f"{card} exists and was not written by save_pretrained: pass overwrite=True")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     check_state_values(tensors, f"save_pretrained({directory})")
     weights = save(tensors, metadata={"format": "pt"})
@@ -109,24 +95,18 @@ def save_pretrained(
 def config_json(
     model: nn.Module, name: str, metadata: Mapping[str, Any], weights_sha256: str | None = None
 ) -> dict[str, Any]:
-    """``config.json`` for ``model`` saved as ``name``: timm's keys (``architecture``, ``num_classes``,
-    ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``), the format marker and, for a saved set,
-    the weights' sha256. ``pretrained_cfg`` is ``model.pretrained_cfg`` (without where it was loaded from) updated
-    with the metadata that are timm keys (``labels="imagenet-1k"`` gives its ``label_names``); ``ValueError``
-    naming the key for a value timm or this package would refuse."""
+    """``config.json`` for ``model`` saved as ``name``: timm's keys, the format marker and the weights' sha256.
+    Its ``pretrained_cfg`` is ``model.pretrained_cfg`` (no location) updated with the metadata's timm keys
+    (``labels="imagenet-1k"`` gives its ``label_names``), checked: ``ValueError`` naming the key."""
     args = dict(getattr(model, "config", {}))
     if custom := sorted({"norm", "act"} & set(args)):  # the loader rebuilds batch norm and ReLU only
         raise ValueError(
             f"save_pretrained: a model built with {'/'.join(custom)} other than batch/relu cannot be saved as a "
-            "pretrained set yet; save its state_dict with safetensors.torch.save_file"
+            "pretrained set; use safetensors.torch.save_file"
         )
     args = json.loads(json.dumps(args))
-    cfg = {
-        k: v
-        for k, v in {**dict(getattr(model, "pretrained_cfg", None) or {}), **metadata}.items()
-        if k in PRETRAINED_CFG_KEYS
-    }
-    cfg = {k: v for k, v in cfg.items() if k not in WEIGHT_SOURCE_KEYS}
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **metadata}
+    cfg = {k: v for k, v in cfg.items() if k in PRETRAINED_CFG_KEYS and k not in WEIGHT_SOURCE_KEYS}
     if (names := label_names(metadata.get("labels"))) is not None and "label_names" not in metadata:
         cfg["label_names"] = names
     if "input_size" in metadata and "test_input_size" not in metadata:
@@ -136,14 +116,14 @@ def config_json(
         cfg = with_pool_sizes(cfg, args.get("stem", "imagenet"), len(args["block_config"]))
     try:
         cfg = check_pretrained_cfg(cfg)
+        inputs = InputCfg.from_dict(cfg)
     except ValueError as error:
         raise ValueError(f"save_pretrained: {error}") from None
-    in_chans = args.get("in_chans", cfg.get("input_size", (None,))[0])
-    if "input_size" in cfg and cfg["input_size"][0] != in_chans:
-        raise ValueError(f"save_pretrained: input_size {cfg['input_size']} for a model of {in_chans} input channels")
-    if cfg.get("label_names") is not None and len(cfg["label_names"]) != cfg["num_classes"]:
+    in_chans = args.get("in_chans", inputs.channels)
+    if inputs.adapt(in_chans, cfg["num_classes"]) != inputs:
         raise ValueError(
-            f"save_pretrained: {len(cfg['label_names'])} label_names for a model of {cfg['num_classes']} classes"
+            f"save_pretrained: input_size {inputs.input_size} and {len(inputs.label_names or ())} label_names do not "
+            f"fit a model of {in_chans} input channels and {cfg['num_classes']} classes"
         )
     config = {
         FORMAT_KEY: CONFIG_FORMAT,
@@ -156,17 +136,9 @@ def config_json(
     return config | ({"weights_sha256": weights_sha256} if weights_sha256 else {})
 
 
-def card_files(card: str) -> list[str]:
-    """The files a card written by :func:`model_card` lists (``files`` in its metadata)."""
-    from huggingface_hub import ModelCard
-
-    return list(ModelCard(card).data.to_dict().get("files", []))
-
-
 def model_card(entry: Mapping[str, Any]) -> str:
-    """A Hub model card (``huggingface_hub.ModelCard``) for a manifest entry: metadata (library, pipeline tag,
-    license, datasets, base model, ``model-index`` results, the files), how to load it, its sha256 and fields.
-    The same entry gives the same text."""
+    """A Hub model card (``huggingface_hub.ModelCard``) for a manifest entry: metadata (license, datasets, base
+    model, ``model-index`` results, the files), how to load it, its sha256 and fields; the same for the same entry."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     name, hub = entry["model"], entry["hub"]

@@ -1,24 +1,23 @@
 """Datasets split into train, validation (``val_fraction`` of the training images, fixed seed) and test sets:
 ``digits`` (scikit-learn's 8x8 digits, upsampled; 20% test), ``cifar10``/``cifar100`` (torchvision's, in ``--data``)
 and ``imagefolder`` (``DIR/train`` with ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR``: 20% test), each image
-decoded once first (``bad_images``: name the unreadable ones, or skip them). Images are normalised with a
-:class:`Preprocessing`: the dataset's own, or the pretrained weights' when fine-tuning.
+decoded once first (``bad_images``: name the unreadable ones, or skip them). Images are prepared as an
+:class:`~..core.config.InputCfg` says: the dataset's own, or the pretrained weights' when fine-tuning.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..core.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
+from ..core.config import CIFAR10, CIFAR100, IMAGENET, InputCfg
 from ..pretrained.loading import PretrainedWeights, resolve_weights
 from ..pretrained.preprocessing import transforms
 
@@ -35,75 +34,7 @@ class UnreadableImagesError(ValueError):
     """Images of an ImageFolder tree that cannot be decoded (truncated, corrupt, not an image)."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images are turned into network inputs: per-channel ``mean``/``std`` (the number of channels), square
-    ``input_size``, and for photos the evaluation resize (``input_size / crop_pct``, then a centre crop)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: int
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
-
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    def with_size(self, input_size: int | None) -> Preprocessing:
-        """The same preprocessing at another input size (``None``: unchanged)."""
-        if input_size is None:
-            return self
-        if input_size < 1:
-            raise ValueError(f"image size must be a positive number of pixels, got {input_size}")
-        return Preprocessing(self.mean, self.std, input_size, self.crop_pct, self.interpolation)
-
-    def metadata(self) -> dict[str, Any]:
-        """The keys :func:`pretrained_weights` reads back from exported weights."""
-        return dict(
-            mean=list(self.mean),
-            std=list(self.std),
-            input_size=[self.channels, self.input_size, self.input_size],
-            crop_pct=self.crop_pct,
-            interpolation=self.interpolation,
-        )
-
-    def pretrained_cfg(self, photos: bool = True) -> dict[str, Any]:
-        """This preprocessing in timm's ``pretrained_cfg`` keys, for :func:`~densenet_efficient.transforms`
-        (non-photos, e.g. CIFAR: no crop)."""
-        return {
-            "input_size": (self.channels, self.input_size, self.input_size),
-            "mean": self.mean,
-            "std": self.std,
-            "crop_pct": self.crop_pct if photos else 1.0,
-            "interpolation": self.interpolation,
-        }
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> Preprocessing:
-        """Read ``mean``, ``std``, ``input_size`` (and optional ``crop_pct``, ``interpolation``) from weights
-        metadata; raise ``ValueError`` naming ``where`` if they are missing or inconsistent."""
-        missing = [key for key in ("mean", "std", "input_size") if key not in metadata]
-        if missing:
-            raise ValueError(f"{where} gives no {', '.join(missing)}: cannot tell how its images were normalised")
-        mean, std, input_size = tuple(metadata["mean"]), tuple(metadata["std"]), metadata["input_size"]
-        size = input_size[-1] if isinstance(input_size, Sequence) else input_size
-        if len(mean) != len(std) or not isinstance(size, int):
-            raise ValueError(f"{where}: mean {mean}, std {std} and input_size {input_size} do not fit together")
-        return cls(
-            tuple(map(float, mean)),
-            tuple(map(float, std)),
-            size,
-            float(metadata.get("crop_pct", 0.875)),
-            str(metadata.get("interpolation", "bilinear")),
-        )
-
-
-DEFAULT_PREPROCESSING = {
-    "cifar10": Preprocessing(CIFAR10_MEAN, CIFAR10_STD, 32),
-    "cifar100": Preprocessing(CIFAR100_MEAN, CIFAR100_STD, 32),
-    "imagefolder": Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 224),
-}
+DEFAULT_INPUT = {"cifar10": CIFAR10, "cifar100": CIFAR100, "imagefolder": IMAGENET}
 
 
 @dataclass
@@ -114,18 +45,21 @@ class Splits:
     val: Dataset | None
     test: Dataset
     classes: list[str]
-    preprocessing: Preprocessing
+    preprocessing: InputCfg
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, Preprocessing]:
+def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, InputCfg]:
     """``weights`` of ``model`` (a tag, ``None`` for the default one, a saved file or folder, ``hf-hub:org/name``)
-    resolved, read and checked once, and the preprocessing they were trained with."""
+    resolved, read and checked once, and the input they were trained with (without their label names)."""
     resolved = resolve_weights(model, weights)
-    return resolved, Preprocessing.from_metadata(resolved.pretrained_cfg, f"weights {resolved.source}")
+    try:
+        return resolved, replace(InputCfg.from_dict(resolved.pretrained_cfg), label_names=None)
+    except ValueError as error:
+        raise ValueError(f"weights {resolved.source}: {error}") from None
 
 
 def build_splits(
@@ -133,7 +67,7 @@ def build_splits(
     root: str | os.PathLike | None = None,
     *,
     download: bool = False,
-    preprocessing: Preprocessing | None = None,
+    preprocessing: InputCfg | None = None,
     image_size: int | None = None,
     val_fraction: float = 0.1,
     augment: bool = True,
@@ -148,7 +82,7 @@ def build_splits(
         return _digits_splits(preprocessing, image_size, val_fraction)
     if root is None:
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
-    preprocessing = (preprocessing or DEFAULT_PREPROCESSING[dataset]).with_size(image_size)
+    preprocessing = (preprocessing or DEFAULT_INPUT[dataset]).with_size(image_size)
     photos = dataset == "imagefolder"
     train_tf = _transforms(preprocessing, augment, photos)
     eval_tf = _transforms(preprocessing, False, photos)
@@ -178,7 +112,7 @@ def _split(indices: Sequence[int], fraction: float) -> tuple[list[int], list[int
     return [indices[i] for i in sorted(order[held_out:])], [indices[i] for i in sorted(order[:held_out])]
 
 
-def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, val_fraction: float) -> Splits:
+def _digits_splits(preprocessing: InputCfg | None, image_size: int | None, val_fraction: float) -> Splits:
     """scikit-learn's digits as tensors: values 0..16 scaled to [0, 1], resized bilinearly, normalised."""
     try:
         from sklearn.datasets import load_digits
@@ -192,10 +126,10 @@ def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, 
     rest, test = _split(range(len(labels)), TEST_FRACTION)
     train, val = _split(rest, val_fraction)
     if preprocessing is None:
-        preprocessing = Preprocessing((images[train].mean().item(),), (images[train].std().item(),), 32)
+        preprocessing = InputCfg((1, 32, 32), (images[train].mean().item(),), (images[train].std().item(),), 1.0)
     preprocessing = preprocessing.with_size(image_size)
-    size = preprocessing.input_size
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    size = preprocessing.input_size[1:]
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
     images = images.expand(-1, preprocessing.channels, -1, -1)
     mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
     images = ((images - mean) / std).contiguous()
@@ -207,21 +141,21 @@ def _digits_splits(preprocessing: Preprocessing | None, image_size: int | None, 
     return Splits(subset(train), subset(val) if val else None, subset(test), classes, preprocessing)
 
 
-def _transforms(preprocessing: Preprocessing, train: bool, photos: bool):
-    """:func:`~densenet_efficient.transforms` for evaluation and for training on photos; CIFAR-style training
-    augmentation (random crop with padding, flip) otherwise."""
+def _transforms(preprocessing: InputCfg, train: bool, photos: bool):
+    """:func:`~densenet_efficient.transforms` for evaluation (CIFAR: no crop) and for training on photos;
+    CIFAR-style training augmentation (random crop with padding, flip) otherwise."""
     if photos or not train:
-        return transforms(preprocessing.pretrained_cfg(photos), training=train)
+        return transforms(preprocessing if photos else replace(preprocessing, crop_pct=1.0), training=train)
     from torchvision import transforms as T
 
-    size = preprocessing.input_size
+    size = preprocessing.input_size[-1]
     steps = [T.Resize(size, interpolation=T.InterpolationMode(preprocessing.interpolation))] if size != 32 else []
     steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
     steps += [T.Grayscale()] if preprocessing.channels == 1 else []
     return T.Compose([*steps, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
 
 
-def _imagefolder_splits(root: Path, preprocessing: Preprocessing, val_fraction: float, tfs, bad_images: str) -> Splits:
+def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float, tfs, bad_images: str) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension

@@ -375,7 +375,7 @@ class Trainer:
     def _save(self, epoch: int) -> None:
         """Rank 0, after ``epoch`` (1-based): the checkpoint, then the best weights and the metrics."""
         if epoch == self.start_epoch + 1:  # with the run's first files: a run that fails before leaves none
-            config = _json_bytes(config_json(self.model, self.config.model, self.splits.preprocessing.metadata()))
+            config = _json_bytes(config_json(self.model, self.config.model, self.splits.preprocessing.to_dict()))
             for folder in (self.output, self.output / CHECKPOINT_DIR):
                 folder.mkdir(parents=True, exist_ok=True)
                 write_atomically(folder / CONFIG_FILENAME, config)
@@ -507,9 +507,11 @@ class Trainer:
         """The best weights as save_pretrained writes them, in ``output/export``, and their manifest entry."""
         config, preprocessing, export = self.config, self.splits.preprocessing, self.output / "export"
         metric = dict(dataset=config.dataset, split="test", top1=round(test["top1"], 3), top5=round(test["top5"], 3))
-        metric["protocol"] = f"densenet-efficient eval --dataset {config.dataset} (input {preprocessing.input_size} px)"
+        metric["protocol"] = (
+            f"densenet-efficient eval --dataset {config.dataset} (input {preprocessing.input_size[-1]} px)"
+        )
         metadata: dict[str, Any] = dict(dataset=config.dataset, label_names=self.splits.classes, metrics=[metric])
-        metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.metadata())
+        metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.to_dict())
         entry = save_pretrained(self.model, export, architecture=config.model, **metadata)
         write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
         return export
