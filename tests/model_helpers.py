@@ -122,3 +122,10 @@ def gradient_penalty_step(model, real, fake, weight=10.0):
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return loss.detach(), grads, {name: b.clone() for name, b in model.named_buffers()}
+
+
+def freeze_batch_norms(model: nn.Module) -> None:
+    """Batch norms in eval mode (running statistics used, not updated), gradients kept: fine-tuning."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

@@ -13,8 +13,8 @@ from densenet_efficient import DenseNet, create_model
 from densenet_efficient.core import compiled_op
 from densenet_efficient.core.functional import _BnReluConvChain, _ConvBnReluMaxPool, _Stage
 from densenet_efficient.core.model import DenseLayer, Transition
-from densenet_efficient.tools.bench import freeze_batch_norms
 from densenet_efficient.tools.memory import allocator_peak, saved_tensor_bytes
+from tests.model_helpers import freeze_batch_norms
 
 NAME = "densenet_bc_16_k12"  # two dense layers per block: layers read one and several feature maps
 # A tiny ImageNet-stem model (conv0-norm0-relu0-pool0), two dense layers per block.
