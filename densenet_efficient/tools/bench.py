@@ -103,11 +103,8 @@ class MultiScaleProbe(nn.Module):
 
     def __init__(self, backbone: nn.Module, features: nn.Module, channels: list[int], num_classes: int):
         super().__init__()
-        self.backbone, self.classifier, self._features = backbone, nn.Linear(sum(channels), num_classes), [features]
-
-    @property
-    def features(self) -> nn.Module:
-        return self._features[0]
+        self.backbone, self.classifier = backbone, nn.Linear(sum(channels), num_classes)
+        object.__setattr__(self, "features", features)  # not a submodule: no second copy in the state dict
 
     def forward(self, x: Tensor) -> Tensor:
         maps = self.backbone(x)
@@ -384,7 +381,7 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
     timers: dict[Any, Callable[[], float]] = {}
     for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
         build = partial(create_model, name, efficient=common.MODES[key])
-        runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
+        runner = Runner(Peer(key, key, (lambda b=build: convert_sync_batchnorm(b())) if sync else build), setting)
         runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
         for _ in range(setting.warmup):
             runner.step()
@@ -398,30 +395,9 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
     dist.destroy_process_group()
 
 
-def _synchronized(build: Callable[[], nn.Module]) -> nn.Module:
-    return convert_sync_batchnorm(build())
-
-
 def markdown(header: list[str], rows: Iterable[Iterable[object]]) -> str:
     """A Markdown table: ``header`` and a line per row of cells."""
-    return "\n".join(common.markdown_row(*cells) for cells in [header, ["---"] * len(header), *rows])
-
-
-def method_note(setting: Setting) -> str:
-    """How memory and time were measured, for the output."""
-    memory = (
-        "torch.cuda.max_memory_allocated during one training step"
-        if setting.device.type == "cuda"
-        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
-        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
-        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
-        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
-    )
-    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
-    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
-    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
-    before = "above what was allocated before it (parameters, optimizer state, input batch)"
-    return f"memory: {memory}, {before}.\ntime: {timing}."
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
 def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
@@ -644,4 +620,16 @@ def _summary(args: argparse.Namespace, setting: Setting, name: str) -> str:
     batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
     flagged = "".join(f", {flag}" for flag, on in flags if on)
     head = f"{what}{batch}, {common.input_label(name, setting.input_size)}, {setting.dtype}{flagged} on {where}"
-    return f"{head}, torch {torch.__version__}\n{method_note(setting)}"
+    memory = (
+        "torch.cuda.max_memory_allocated during one training step"
+        if cuda
+        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
+        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
+        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
+        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
+    )
+    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
+    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
+    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
+    before = "above what was allocated before it (parameters, optimizer state, input batch)"
+    return f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."

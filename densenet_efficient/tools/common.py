@@ -171,10 +171,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", metavar="PATH", type=output_path, help="also write the results as JSON")
 
 
-def markdown_row(*cells: object) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
-
-
 def input_size(name: str, requested: int | None) -> int:
     """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D).
     Raises ``argparse.ArgumentTypeError`` if it is below the network's minimum."""

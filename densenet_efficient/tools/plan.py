@@ -51,11 +51,6 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
-def family_depth(family: str, layers_per_block: int) -> int:
-    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
-    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
-
-
 @dataclass(frozen=True)
 class Question:
     """What the totals depend on besides the model; ``progress`` gets a line per fake step."""
@@ -140,16 +135,17 @@ def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
 def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> Deepest | None:
     """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
     footprints: dict[int, Footprint] = {}
+    per_layer = 6 if family.startswith("densenet_bc_") else 3  # depth = 3 dense blocks of layers (BC: 2 convs) + 4
 
     def total(layers: int) -> int:
         if layers not in footprints:
-            depth = family_depth(family, layers)
+            depth = per_layer * layers + 4
             build = partial(create_model, common.family_member(family, depth), efficient=mode)
             footprints[layers] = question.footprint(build, what=f"depth {depth}, ")
         return common.total_bytes(footprints[layers], question.optimizer_copies)
 
     def found(layers: int, fit_error: float | None) -> Deepest:
-        return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
+        return Deepest(per_layer * layers + 4, layers, total(layers), footprints[layers].parameters, fit_error)
 
     check = total(CHECK_LAYERS)
     if check > budget:
@@ -208,69 +204,52 @@ def run(args: argparse.Namespace) -> int:
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         table.append([f"efficient={mode!r}", _gib(at_batch), batch])
     print(markdown(["mode", f"memory at batch {args.batch_size}", "largest batch"], table))
-    if args.measure:
-        result["measured"] = _measured(args.model, tuple(modes), question)
+    if args.measure:  # the predicted step peak and a real step's peaks on this CPU (bench's memory pass)
+        setting = Setting(torch.device("cpu"), args.dtype, args.batch_size, size, repeats=0)
+        result["measured"], table = measure(args.model, setting, tuple(modes)), []
+        for row in result["measured"]:  # bench predicts until naive fits
+            build = make_peers(args.model, (row["mode"],))[0].build
+            predicted = row["predicted_bytes"] = row["predicted_bytes"] or question.footprint(build).peak
+            mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
+            table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
+        print(f"\nChecked on this CPU, one training step at batch {args.batch_size} (peak above parameters and input):")
+        header = ["mode", "predicted, live tensors", "measured, live tensors", "measured, allocator"]
+        print(markdown([*header, "allocator x predicted"], table))
     if args.largest_input:
-        result["largest_input"] = _largest_inputs(args.model, modes, args.memory, question)
+        with torch.device("meta"):
+            smallest = create_model(args.model, efficient=False).min_input_size
+        result["largest_input"], table = [], []
+        for key, mode in modes.items():
+            build = partial(create_model, args.model, efficient=mode)
+            side, total = largest_input(build, args.memory, question, smallest)
+            result["largest_input"].append({"mode": key, "side": side, "total_bytes": total})
+            naive = result["largest_input"][0]["side"] if next(iter(modes)) == "false" else None
+            shape, memory = (
+                (common.input_label(args.model, side), _gib(total)) if side and total else ("none fits", "-")
+            )
+            table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
+        print(f"\nLargest input of {args.model} at batch {args.batch_size}:")
+        print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
     if args.family:
-        result["family"] = args.family
-        result["deepest"] = _deepest(args.family, modes, args.memory, replace(question, input_size=family_size))
+        result["family"], result["deepest"], table = args.family, [], []
+        family_question = replace(question, input_size=family_size)
+        for key, mode in modes.items():
+            found = deepest(args.family, mode, args.memory, family_question)
+            result["deepest"].append({"mode": key, **(asdict(found) if found else {"depth": 0})})
+            naive_depth = result["deepest"][0]["depth"] if next(iter(modes)) == "false" else 0
+            if found is None:
+                table.append([f"efficient={mode!r}", "none fits", *["-"] * 5])
+                continue
+            weights = _gib(found.parameter_bytes * (1 + args.optimizer_copies))
+            table.append([f"efficient={mode!r}", found.depth, found.layers_per_block, _gib(found.total_bytes)])
+            table[-1] += [f"{weights} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)"]
+            table[-1] += [f"{found.depth / naive_depth:.1f}" if naive_depth else "-"]
+            table[-1] += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
+        print(f"\nDeepest {args.family} at batch {args.batch_size}, {family_size}x{family_size}:")
+        header = ["mode", "depth", "layers per block", "memory", "of which parameters", "depth x naive"]
+        print(markdown([*header, f"quadratic fit error at n={CHECK_LAYERS}"], table))
     progress.close()
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return 0
-
-
-def _measured(name: str, keys: tuple[str, ...], question: Question) -> list[dict]:
-    """Per mode, the predicted step peak and a real step's peaks on this CPU (``bench``'s memory pass)."""
-    setting = Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0)
-    rows, table = measure(name, setting, keys), []
-    for row in rows:
-        predicted = row["predicted_bytes"] or question.footprint(make_peers(name, (row["mode"],))[0].build).peak
-        row["predicted_bytes"] = predicted  # bench predicts until naive fits
-        mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
-        table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
-    print(f"\nChecked on this CPU, one training step at batch {question.batch_size} (peak above parameters and input):")
-    header = ["mode", "predicted, live tensors", "measured, live tensors", "measured, allocator"]
-    print(markdown([*header, "allocator x predicted"], table))
-    return rows
-
-
-def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
-    """Print and return the largest input side of model ``name`` per mode."""
-    with torch.device("meta"):
-        smallest = create_model(name, efficient=False).min_input_size
-    rows: list[dict] = []
-    table: list[list[object]] = []
-    for key, mode in modes.items():
-        side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
-        rows.append({"mode": key, "side": side, "total_bytes": total})
-        naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
-        shape, memory = (common.input_label(name, side), _gib(total)) if side and total else ("none fits", "-")
-        table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
-    print(f"\nLargest input of {name} at batch {question.batch_size}:")
-    print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
-    return rows
-
-
-def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
-    """Print and return the deepest member of ``family`` per mode."""
-    rows: list[dict] = []
-    table: list[list[object]] = []
-    for key, mode in modes.items():
-        found = deepest(family, mode, budget, question)
-        rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
-        naive = rows[0]["depth"] if rows[0]["mode"] == "false" else 0
-        if found is None:
-            table.append([f"efficient={mode!r}", "none fits", *["-"] * 5])
-            continue
-        weights = _gib(found.parameter_bytes * (1 + question.optimizer_copies))
-        table.append([f"efficient={mode!r}", found.depth, found.layers_per_block, _gib(found.total_bytes)])
-        table[-1] += [f"{weights} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)"]
-        table[-1] += [f"{found.depth / naive:.1f}" if naive else "-"]
-        table[-1] += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
-    print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:")
-    header = ["mode", "depth", "layers per block", "memory", "of which parameters", "depth x naive"]
-    print(markdown([*header, f"quadratic fit error at n={CHECK_LAYERS}"], table))
-    return rows
