@@ -165,13 +165,8 @@ def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
     from torch._dynamo import lookup_backend
     from torch._functorch import config as functorch_config
 
-    compiler = lookup_backend(backend)
-
-    def compile_with_budget(graph: Any, example_inputs: Any) -> Any:
-        with functorch_config.patch(activation_memory_budget=budget):
-            return compiler(graph, example_inputs)
-
-    return torch.compile(model, backend=compile_with_budget)  # type: ignore[return-value]  # a module, in fact
+    with_budget = functorch_config.patch(activation_memory_budget=budget)(lookup_backend(backend))
+    return torch.compile(model, backend=with_budget)  # type: ignore[return-value]  # a module, in fact
 
 
 @dataclass(frozen=True)
@@ -380,9 +375,9 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
 
     timers: dict[Any, Callable[[], float]] = {}
     for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
-        build = partial(create_model, name, efficient=common.MODES[key])
-        runner = Runner(Peer(key, key, (lambda b=build: convert_sync_batchnorm(b())) if sync else build), setting)
-        runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
+        runner = Runner(Peer(key, key, partial(create_model, name, efficient=common.MODES[key])), setting)
+        network = convert_sync_batchnorm(runner.model) if sync else runner.model  # the same parameters
+        runner.model = DistributedDataParallel(network, device_ids=[rank] if cuda else None)
         for _ in range(setting.warmup):
             runner.step()
         timers[key, sync] = partial(slowest_step, runner)
@@ -548,10 +543,33 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(why)
     options = {field.name: getattr(args, field.name) for field in fields(Setting)}
     base = Setting(**{**options, "input_size": configs[0][2]})
-    summary = _summary(args, base, configs[0][1])
+    cuda = base.device.type == "cuda"
+    where = torch.cuda.get_device_name(base.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    budgets = f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}"
+    flags = [("channels_last", args.channels_last), ("compiled peers", args.compile), (budgets, args.compile_budget)]
+    flags += [("frozen BatchNorm (eval mode)", args.frozen_bn), ("features_only", args.features_only)]
+    flags += [("optimizer step in backward", args.optimizer_in_backward), (f"norm={args.norm}", args.norm)]
+    flags += [(f"act={args.act}", args.act)]
+    what = args.family if args.sweep == "depth" else args.model
+    batch = "" if args.sweep == "batch" else f", batch {base.batch_size}"
+    flagged = "".join(f", {flag}" for flag, on in flags if on)
+    head = f"{what}{batch}, {common.input_label(configs[0][1], base.input_size)}, {base.dtype}{flagged} on {where}"
+    memory = (
+        "torch.cuda.max_memory_allocated during one training step"
+        if cuda
+        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
+        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
+        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
+        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
+    )
+    timing = f"median of {base.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
+    timing += f"{base.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
+    timing = f"{timing}step spread: (max - min) / median" if base.repeats else "not measured (--repeats 0)"
+    before = "above what was allocated before it (parameters, optimizer state, input batch)"
+    summary = f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."
     if processes:
         synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
-        threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
+        threads = "" if cuda else f" of {_threads_per_process(processes)} thread(s)"
         summary = (
             f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
             f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "
@@ -562,74 +580,42 @@ def run(args: argparse.Namespace) -> int:
             [r["label"], f"{r['step_s']:.4f}", f"{r['sync_step_s']:.4f}", f"{r['sync_time_ratio']:.2f}"] for r in synced
         )
         print(f"{summary}\n\n{markdown(header, table)}")
-        return _write(args, summary, synced, [])
-    peers = len(make_peers(args.model, args.modes, base))
-    progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
-    what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
-    progress.note(f"{what}; the time left is estimated from the first ones")
-    rows: list[dict[str, Any]] = []
-    try:
-        for extra, name, size in configs:
-            setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
-            fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
-            fixed.update(device=str(args.device), dtype=args.dtype, **extra)
-            rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
-    finally:
-        progress.close()
-    others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
-    warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
-    for warning in warnings:
-        print(f"densenet-efficient bench: warning: {warning}", file=sys.stderr)
-    print(f"{summary}\n\n{format_table(rows, {'depth': 'depth', 'batch': 'batch_size'}.get(args.sweep))}")
-    if counted := [row for row in rows if row.get("operator_ratio") is not None]:
-        counts = ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
-        print(f"\naten operators per training step (x naive): {counts}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as file:
-            fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
-            writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
-        if args.sweep:
-            plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
-        else:
-            pareto_figure(rows, summary.splitlines()[0], path)
-        print(f"\nplot: {path}")
-    return _write(args, summary, rows, warnings)
-
-
-def _write(args: argparse.Namespace, summary: str, rows: list[dict[str, Any]], warnings: list[str]) -> int:
-    """The JSON output, if asked; exit status 0."""
+        rows, warnings = synced, []
+    else:
+        peers = len(make_peers(args.model, args.modes, base))
+        progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
+        what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
+        progress.note(f"{what}; the time left is estimated from the first ones")
+        rows = []
+        try:
+            for extra, name, size in configs:
+                setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
+                fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
+                fixed.update(device=str(args.device), dtype=args.dtype, **extra)
+                rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
+        finally:
+            progress.close()
+        others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
+        warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
+        for warning in warnings:
+            print(f"densenet-efficient bench: warning: {warning}", file=sys.stderr)
+        print(f"{summary}\n\n{format_table(rows, {'depth': 'depth', 'batch': 'batch_size'}.get(args.sweep))}")
+        if counted := [row for row in rows if row.get("operator_ratio") is not None]:
+            counts = ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
+            print(f"\naten operators per training step (x naive): {counts}")
+        if args.csv:
+            with open(args.csv, "w", newline="") as file:
+                fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
+                writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+        if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
+            if args.sweep:
+                plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
+            else:
+                pareto_figure(rows, summary.splitlines()[0], path)
+            print(f"\nplot: {path}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
     return 0
-
-
-def _summary(args: argparse.Namespace, setting: Setting, name: str) -> str:
-    """First lines of the output: what ran where, and how it was measured."""
-    cuda = setting.device.type == "cuda"
-    where = torch.cuda.get_device_name(setting.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    budgets = f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}"
-    flags = [("channels_last", args.channels_last), ("compiled peers", args.compile), (budgets, args.compile_budget)]
-    flags += [("frozen BatchNorm (eval mode)", args.frozen_bn), ("features_only", args.features_only)]
-    flags += [("optimizer step in backward", args.optimizer_in_backward), (f"norm={args.norm}", args.norm)]
-    flags += [(f"act={args.act}", args.act)]
-    what = args.family if args.sweep == "depth" else args.model
-    batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
-    flagged = "".join(f", {flag}" for flag, on in flags if on)
-    head = f"{what}{batch}, {common.input_label(name, setting.input_size)}, {setting.dtype}{flagged} on {where}"
-    memory = (
-        "torch.cuda.max_memory_allocated during one training step"
-        if cuda
-        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
-        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
-        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
-        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
-    )
-    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
-    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
-    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
-    before = "above what was allocated before it (parameters, optimizer state, input batch)"
-    return f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."

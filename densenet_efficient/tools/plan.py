@@ -12,6 +12,7 @@ model with a real step on this CPU (``bench``'s memory pass).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 from collections.abc import Callable
@@ -19,13 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core import MemoryMode
 from ..models import create_model
 from . import common
-from .bench import Setting, make_peers, markdown, measure
+from .bench import Setting, markdown, measure
 from .memory import Footprint
 
 _UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
@@ -117,19 +119,9 @@ class Deepest:
     fit_error: float | None
 
 
-def quadratic(points: dict[int, int]) -> Callable[[int], float]:
-    """The quadratic through three points at equally spaced x (Newton's forward differences)."""
-    (x0, y0), (x1, y1), (_, y2) = sorted(points.items())
-    step, first, second = x1 - x0, y1 - y0, y2 - 2 * y1 + y0
-    return lambda x: y0 + first * (x - x0) / step + second * (x - x0) * (x - x0 - step) / (2 * step * step)
-
-
 def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
     """The largest n in [low, high] with ``predicate(n)``, for a predicate true up to some n then false."""
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if predicate(middle) else (low, middle - 1)
-    return low
+    return low + bisect.bisect_left(range(low + 1, high + 1), True, key=lambda n: not predicate(n))
 
 
 def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> Deepest | None:
@@ -151,7 +143,7 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
     if check > budget:
         layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
         return found(layers, None) if layers else None
-    curve = quadratic({n: total(n) for n in FIT_LAYERS})
+    curve = np.poly1d(np.polyfit(FIT_LAYERS, [total(n) for n in FIT_LAYERS], 2))  # through the three points
     high = CHECK_LAYERS
     while curve(high) <= budget and high < MAX_LAYERS:
         high *= 2
@@ -179,12 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     modes = {key: common.MODES[key] for key in args.modes}
     family = args.family or "densenet_bc_k12"
-    try:
-        size, family_size = (
-            common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
-        )
-    except argparse.ArgumentTypeError as error:
-        raise common.UsageError(str(error)) from None
+    size, family_size = (
+        common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
+    )
     steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
     progress = common.Progress("plan", steps, unit="fake step")
     question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
@@ -208,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         setting = Setting(torch.device("cpu"), args.dtype, args.batch_size, size, repeats=0)
         result["measured"], table = measure(args.model, setting, tuple(modes)), []
         for row in result["measured"]:  # bench predicts until naive fits
-            build = make_peers(args.model, (row["mode"],))[0].build
+            build = partial(create_model, args.model, efficient=modes[row["mode"]])
             predicted = row["predicted_bytes"] = row["predicted_bytes"] or question.footprint(build).peak
             mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
             table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])

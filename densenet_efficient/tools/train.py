@@ -9,6 +9,7 @@ and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global b
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import dataclasses
@@ -42,7 +43,7 @@ from ..models import create_model
 from ..pretrained.files import MAX_WEIGHTS_BYTES, read_regular_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
-from .common import AMP_DTYPES, UsageError, autocast, device_name, evaluate, model_name, parse_efficient, to_device
+from .common import AMP_DTYPES, MODES, UsageError, autocast, device_name, evaluate, model_name, to_device
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
 _SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1)
@@ -85,8 +86,6 @@ class TrainingDivergedError(RuntimeError):
 
 def _model_arg(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` (VALUE: a Python literal; ``2,2,2`` is a tuple)."""
-    import ast
-
     key, _, value = text.partition("=")
     with contextlib.suppress(ValueError, SyntaxError):
         if key.isidentifier():
@@ -115,7 +114,9 @@ class TrainConfig:
     pretrained: bool = _arg(False, "fine-tune from the model's default weights")
     num_classes: int | None = _arg(help="classifier outputs (default: the dataset's classes)", type=int)
     freeze_backbone: bool = _arg(False, "train the classifier only")
-    efficient: MemoryMode = _arg(True, "memory mode (default True)", type=parse_efficient, metavar="{False,True,max}")
+    efficient: MemoryMode = _arg(
+        True, "memory mode (default True)", type=lambda v: MODES.get(v.lower(), v), choices=list(MODES.values())
+    )
     epochs: int = _arg(type=int)
     batch_size: int = _arg(help="global batch per optimizer step, over all processes", type=int)
     accum_steps: int = _arg(1, "micro-batches per step (gradient accumulation)", type=int)
@@ -149,8 +150,9 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the recipe filled in, every option checked (:class:`UsageError` naming it and what is valid)
         and numpy numbers turned into Python's."""
-        if self.dataset not in RECIPES:
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
+        for name, choices in (("dataset", tuple(RECIPES)), ("amp", (None, *AMP_DTYPES)), ("bad_images", BAD_IMAGES)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
         recipe = dict(RECIPES[self.dataset], workers=min(RECIPES[self.dataset]["workers"], os.cpu_count() or 1))
         recipe["model_args"] = recipe.get("model_args", {}) if self.model is None else {}
         config = TrainConfig(**{**vars(self), **{k: v for k, v in recipe.items() if getattr(self, k) is None}})
@@ -167,9 +169,6 @@ class TrainConfig:
         if not all(_is_real(m) and 0 < m <= 1 for m in config.milestones):
             raise UsageError(f"milestones are fractions of the epochs in (0, 1], got {tuple(config.milestones)}")
         config.milestones = tuple(float(m) for m in config.milestones)
-        for name, choices in (("amp", (None, *AMP_DTYPES)), ("bad_images", BAD_IMAGES)):
-            if getattr(config, name) not in choices:
-                raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
         if config.nesterov and config.momentum == 0:
             raise UsageError("Nesterov momentum needs a momentum above 0: pass --no-nesterov, or --momentum above 0")
         if config.resume and config.overwrite:
@@ -497,22 +496,21 @@ class Trainer:
         if self.ctx.is_main:
             write_atomically(self.output / BEST_FILENAME, self._model_bytes())
             write_atomically(self.output / "curves.png", _curves_png(self.history))
-            if self.config.export:
-                results["export"] = str(self._export(test))
+            if self.config.export:  # the best weights as save_pretrained writes them, and their manifest entry
+                config, preprocessing = self.config, self.splits.preprocessing
+                protocol = f"densenet-efficient eval --dataset {config.dataset} (input {preprocessing.input_size} px)"
+                top = {key: round(test[key], 3) for key in ("top1", "top5")}
+                metric = dict(dataset=config.dataset, split="test", **top, protocol=protocol)
+                metadata: dict[str, Any] = dict(
+                    dataset=config.dataset, label_names=self.splits.classes, metrics=[metric]
+                )
+                metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.metadata())
+                entry = save_pretrained(self.model, self.output / "export", architecture=config.model, **metadata)
+                write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
+                results["export"] = str(self.output / "export")
             write_atomically(self.output / "results.json", _json_bytes(results))
             print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% (best epoch {epoch}): {self.output}")
         return results
-
-    def _export(self, test: dict[str, float]) -> Path:
-        """The best weights as save_pretrained writes them, in ``output/export``, and their manifest entry."""
-        config, preprocessing, export = self.config, self.splits.preprocessing, self.output / "export"
-        metric = dict(dataset=config.dataset, split="test", top1=round(test["top1"], 3), top5=round(test["top5"], 3))
-        metric["protocol"] = f"densenet-efficient eval --dataset {config.dataset} (input {preprocessing.input_size} px)"
-        metadata: dict[str, Any] = dict(dataset=config.dataset, label_names=self.splits.classes, metrics=[metric])
-        metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.metadata())
-        entry = save_pretrained(self.model, export, architecture=config.model, **metadata)
-        write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
-        return export
 
 
 def _json_bytes(value: Any) -> bytes:
