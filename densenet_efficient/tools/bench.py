@@ -160,8 +160,7 @@ def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | No
 
 
 def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
-    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget``, set while the graphs
-    are split; a backend of its own per budget, so that no graph is reused under another budget."""
+    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget`` (a backend each)."""
     from torch._dynamo import lookup_backend
     from torch._functorch import config as functorch_config
 
@@ -315,8 +314,7 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
 
 
 def timing_warnings(rows: list[dict[str, Any]], others_load: float, cores: int) -> list[str]:
-    """Why the step times of ``rows`` should not be compared: other work's load average above :data:`BUSY_LOAD`,
-    or step times spread wider than :data:`SPREAD_LIMIT` of their median."""
+    """Why the step times of ``rows`` should not be compared (:data:`BUSY_LOAD`, :data:`SPREAD_LIMIT`)."""
     warnings = []
     if others_load > BUSY_LOAD:
         warnings.append(
@@ -391,7 +389,6 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
 
 
 def markdown(header: list[str], rows: Iterable[Iterable[object]]) -> str:
-    """A Markdown table: ``header`` and a line per row of cells."""
     return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
@@ -415,18 +412,18 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     return markdown([*lead, "mode", *(title for title, _, _ in columns.values())], lines)
 
 
-def _axes(size: tuple[float, float]) -> tuple[Any, Any, Any]:
-    import matplotlib
+def _axes(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure on matplotlib's Agg canvas (no display, nothing for pyplot to close) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(figsize=size)
+    figure = FigureCanvasAgg(Figure(figsize=size)).figure
+    return figure, figure.subplots()
 
 
 def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
     """PNG of peak memory against ``x_key`` per peer; predictions (for skipped peers) hollow and dashed."""
-    plt, figure, axes = _axes((7, 4.5))
+    figure, axes = _axes((7, 4.5))
     for key in dict.fromkeys(row["mode"] for row in rows):
         mine = [row for row in rows if row["mode"] == key]
         measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if row.get("peak_bytes") is not None]
@@ -439,12 +436,10 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
 
 
 def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, Any]]:
-    """The rows with ``memory_key`` and ``time_ratio`` that no other beats: none needs no more of either and less
-    of one."""
+    """The rows with ``memory_key`` and ``time_ratio`` that no other row beats in both."""
     points = [(row[memory_key], row["time_ratio"], row) for row in rows]
     points = [(m, t, row) for m, t, row in points if m is not None and t is not None]
     return [row for m, t, row in points if not any(a <= m and b <= t and (a, b) != (m, t) for a, b, _ in points)]
@@ -453,10 +448,10 @@ def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, 
 def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = None) -> Any:
     """Each peer's memory x naive (on CPU the allocator's, the figure compiled models have) against its time x
     eager naive, the Pareto front joined; points numbered, named in a legend beside the axes. With ``path``, saved
-    there as a PNG cropped to what it draws, and closed."""
+    there as a PNG cropped to what it draws."""
     memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
     points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
-    plt, figure, axes = _axes((7.5, 5))
+    figure, axes = _axes((7.5, 5))
     for number, row in enumerate(points, 1):
         xy = (row["time_ratio"], row[memory_key])
         axes.scatter(*xy, marker="s" if "compile" in row["label"] else "o", s=40, label=f"{number}: {row['label']}")
@@ -472,7 +467,6 @@ def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = Non
     axes.grid(alpha=0.3)
     if path:
         figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
     return figure
 
 

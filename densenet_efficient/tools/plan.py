@@ -1,12 +1,8 @@
 """``densenet-efficient plan``: the largest batch, largest input and deepest network that train within a budget.
 
-Memory is modelled without the target device: one training step runs on fake tensors (shapes, no data), its live
-tensor bytes counted as ``bench`` counts them on CPU. The total is parameters, ``--optimizer-copies`` of them,
-buffers and the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top. The largest batch
-follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then
-bisected; the deepest member of a CIFAR family solves the quadratic in layers per block n fitted at n = 16, 20, 24
-(checked at 28; below it, n is searched). Fake steps settle every answer at its boundary. ``--measure`` checks the
-model with a real step on this CPU (``bench``'s memory pass).
+One training step runs on fake tensors (no device needed), its live tensor bytes counted as ``bench`` counts them on
+CPU; the total is parameters, ``--optimizer-copies`` of them, buffers and the step's peak (on CUDA, cuDNN workspaces
+and the caching allocator come on top). Fake steps settle every answer at its boundary (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -79,7 +75,7 @@ class Question:
 
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
-    """The largest batch size whose training total fits in ``budget`` bytes (0 if not even one image fits)."""
+    """The largest batch whose training total fits in ``budget`` bytes (0: none), from the line through 8 and 16."""
     at_8, at_16 = question.total(build, 8), question.total(build, 16)
     per_image = max((at_16 - at_8) / 8, 1.0)
     batch = int((budget - (at_8 - 8 * per_image)) // per_image)
@@ -125,7 +121,8 @@ def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
 
 
 def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> Deepest | None:
-    """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
+    """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes: the
+    quadratic in layers per block through :data:`FIT_LAYERS`, checked at :data:`CHECK_LAYERS` (below it, searched)."""
     footprints: dict[int, Footprint] = {}
     per_layer = 6 if family.startswith("densenet_bc_") else 3  # depth = 3 dense blocks of layers (BC: 2 convs) + 4
 
