@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -272,7 +273,7 @@ def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progre
         rows.append(row)
         if not all_fit:
             predicted = common.predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
-            fits = common.total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
+            fits = predicted.total() <= 0.9 * available_bytes(setting.device)
             row.update(predicted_bytes=predicted.peak, skipped=not fits)
             all_fit = fits and peer.key == "false"
         if row["skipped"]:
@@ -472,14 +473,11 @@ def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = Non
 
 def _budgets(value: str) -> tuple[float, ...]:
     """argparse type: activation memory budgets such as ``0.5,0.1``, each in (0, 1]."""
-    try:
-        budgets = tuple(float(part) for part in value.split(","))
-    except ValueError:
-        budgets = ()
-    if not budgets or not all(0 < budget <= 1 for budget in budgets):
-        message = f"invalid activation memory budgets {value!r}: give comma-separated numbers in (0, 1], e.g. 0.5,0.1"
-        raise argparse.ArgumentTypeError(message)
-    return budgets
+    with contextlib.suppress(ValueError):  # float() of a part that is not a number
+        if all(0 < budget <= 1 for budget in map(float, value.split(","))):
+            return tuple(map(float, value.split(",")))
+    message = f"invalid activation memory budgets {value!r}: give comma-separated numbers in (0, 1], e.g. 0.5,0.1"
+    raise argparse.ArgumentTypeError(message)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -232,11 +232,6 @@ def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dt
     return fake_footprint(setup, lambda model, batch: train_step(model, batch[0], batch[1], PRECISIONS[dtype]))
 
 
-def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
-    """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
-    return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
-
-
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:
     """``torch.autocast`` for ``amp`` (``"bf16"``, ``"fp16"`` or ``None`` for full precision) on ``device``."""
     return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or "bf16"), enabled=amp is not None)

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -66,12 +66,12 @@ class Question:
             self.progress.update()
             self.progress.note(
                 f"fake step {self.progress.done}: {what}batch {batch_size}, side {self.input_size}: total "
-                f"{_gib(common.total_bytes(footprint, self.optimizer_copies))}"
+                f"{_gib(footprint.total(self.optimizer_copies))}"
             )
         return footprint
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
-        return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+        return self.footprint(build, batch_size).total(self.optimizer_copies)
 
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
@@ -88,19 +88,13 @@ def largest_input(
     build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
 ) -> tuple[int, int | None]:
     """The largest input side (at least ``smallest``) whose training total at the question's batch size fits in
-    ``budget`` bytes, and that total (``(0, None)`` if not even ``smallest`` fits): bracketed by doubling, then
-    bisected."""
-    totals: dict[int, int] = {}
-
-    def fits(side: int) -> bool:
-        totals[side] = totals.get(side) or replace(question, input_size=side).total(build)
-        return totals[side] <= budget
-
+    ``budget`` bytes, and that total (``(0, None)``: none), bracketed by doubling, then bisected."""
+    total = cache(lambda side: replace(question, input_size=side).total(build))
     high = max(smallest, question.input_size)
-    while high < MAX_SIDE and fits(high):
+    while high < MAX_SIDE and total(high) <= budget:
         high *= 2
-    side = _last_true(lambda n: n == smallest - 1 or fits(n), smallest - 1, min(high, MAX_SIDE))
-    return (side, totals[side]) if side >= smallest else (0, None)
+    side = _last_true(lambda n: total(n) <= budget, smallest - 1, min(high, MAX_SIDE))
+    return (side, total(side)) if side >= smallest else (0, None)
 
 
 @dataclass(frozen=True)
@@ -131,14 +125,14 @@ def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> D
             depth = per_layer * layers + 4
             build = partial(create_model, common.family_member(family, depth), efficient=mode)
             footprints[layers] = question.footprint(build, what=f"depth {depth}, ")
-        return common.total_bytes(footprints[layers], question.optimizer_copies)
+        return footprints[layers].total(question.optimizer_copies)
 
     def found(layers: int, fit_error: float | None) -> Deepest:
         return Deepest(per_layer * layers + 4, layers, total(layers), footprints[layers].parameters, fit_error)
 
     check = total(CHECK_LAYERS)
     if check > budget:
-        layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
+        layers = _last_true(lambda n: total(n) <= budget, 0, CHECK_LAYERS - 1)
         return found(layers, None) if layers else None
     curve = np.poly1d(np.polyfit(FIT_LAYERS, [total(n) for n in FIT_LAYERS], 2))  # through the three points
     high = CHECK_LAYERS

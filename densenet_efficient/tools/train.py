@@ -1,10 +1,7 @@
-"""``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP).
-
-``train(TrainConfig(...))`` returns what ``results.json`` holds; docs/training.md lists what rank 0 writes into
-``output``. A resumed run repeats the uninterrupted one exactly on CPU: every epoch reseeds from (seed, epoch, rank)
-and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one step: each of
-``world_size`` processes feeds ``accum_steps`` strided micro-batches (one process with ``accum_steps=N`` sees N's).
-"""
+"""``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP); what a run
+writes is in docs/training.md. A resumed run repeats the uninterrupted one exactly on CPU: every epoch reseeds from
+(seed, epoch, rank) and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of a step:
+each of ``world_size`` processes feeds ``accum_steps`` strided micro-batches."""
 
 from __future__ import annotations
 
@@ -192,15 +189,11 @@ def _is_real(value: Any) -> bool:
 
 @dataclass
 class DistContext:
-    """This process's place in the run; the collectives do nothing when it runs alone."""
+    """This process's place in the run (rank 0 writes the files); the collectives do nothing when it runs alone."""
 
     rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def all_reduce(self, tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         if self.world_size > 1:
@@ -251,7 +244,7 @@ def _loaders(config: TrainConfig, splits, ctx: DistContext):
     )
     train = DataLoader(splits.train, per_process * config.accum_steps, sampler=sampler, drop_last=True, **options)
     trained = len(train) * config.batch_size
-    if trained < images and ctx.is_main:
+    if trained < images and ctx.rank == 0:
         left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
         print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
 
@@ -273,11 +266,11 @@ class Trainer:
         weights, preprocessing = (
             pretrained_weights(config.model, config.weights) if config.weights or config.pretrained else (None, None)
         )
-        if config.download and not ctx.is_main:  # rank 0 downloads, the others wait for it
+        if config.download and ctx.rank != 0:  # rank 0 downloads, the others wait for it
             ctx.barrier()
         options = {key: getattr(config, key) for key in ("download", "image_size", "val_fraction", "bad_images")}
         self.splits = build_splits(config.dataset, config.data, preprocessing=preprocessing, **options)
-        if config.download and ctx.is_main:
+        if config.download and ctx.rank == 0:
             ctx.barrier()
         classes = self.splits.num_classes
         if classes < 2:
@@ -344,7 +337,7 @@ class Trainer:
             )
         if state["epoch"] > self.config.epochs:
             raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or more")
-        if state["efficient"] != self.config.efficient and self.ctx.is_main:
+        if state["efficient"] != self.config.efficient and self.ctx.rank == 0:
             modes = f"(efficient={state['efficient']!r}) with efficient={self.config.efficient!r}"
             warnings.warn(f"resuming {path} {modes}: the same function, but not bit-identically", stacklevel=2)
         self.model.load_state_dict(model_state)
@@ -356,7 +349,7 @@ class Trainer:
             self.scheduler.milestones = Counter(milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * self.config.gamma ** sum(m <= self.start_epoch for m in milestones)
-            if self.ctx.is_main:
+            if self.ctx.rank == 0:
                 warnings.warn(
                     f"extending the run from {config['epochs']} to {self.config.epochs} epochs: from epoch "
                     f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} epochs "
@@ -408,7 +401,7 @@ class Trainer:
             score = row.get("val_top1", row["train_top1"])
             if not self.best or score > self.best["score"]:
                 self.best = {"epoch": epoch + 1, "score": score}
-            if self.ctx.is_main:
+            if self.ctx.rank == 0:
                 self._save(epoch + 1)
                 print(_epoch_line(row), flush=True)
             self.ctx.barrier()
@@ -426,7 +419,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
         start = time.perf_counter()
-        show = config.progress and self.ctx.is_main
+        show = config.progress and self.ctx.rank == 0
         bar = tqdm(self.train_loader, f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
         for step, (images, labels) in enumerate(bar):
             totals += self._step(*to_device(images, labels, device, config.channels_last))
@@ -493,7 +486,7 @@ class Trainer:
         test = self._evaluate(self.test_loader)
         self._check_finite(epoch - 1, "test loss of its weights", test["loss"])
         results = {"best_epoch": epoch, "best_score": self.best["score"], "test": test, "epochs": len(self.history)}
-        if self.ctx.is_main:
+        if self.ctx.rank == 0:
             write_atomically(self.output / BEST_FILENAME, self._model_bytes())
             write_atomically(self.output / "curves.png", _curves_png(self.history))
             if self.config.export:  # the best weights as save_pretrained writes them, and their manifest entry
