@@ -262,10 +262,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, ctx: DistContext):
         self.config, self.ctx, self.output = config, ctx, Path(config.output)
-        # Pretrained weights are read once, for their preprocessing and for the model.
         weights, preprocessing = (
             pretrained_weights(config.model, config.weights) if config.weights or config.pretrained else (None, None)
-        )
+        )  # read once: preprocessing and weights
         if config.download and ctx.rank != 0:  # rank 0 downloads, the others wait for it
             ctx.barrier()
         options = {key: getattr(config, key) for key in ("download", "image_size", "val_fraction", "bad_images")}
@@ -387,7 +386,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best weights and export them. Returns the results."""
         for epoch in range(self.start_epoch, self.config.epochs):
-            # torch (CPU and CUDA) seeded from (seed, epoch, rank): each epoch's randomness depends on nothing else
             seed = np.random.SeedSequence([self.config.seed, epoch, self.ctx.rank]).generate_state(1, np.uint64)[0]
             torch.manual_seed(int(seed))
             self.sampler.set_epoch(epoch)
