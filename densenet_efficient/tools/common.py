@@ -153,10 +153,7 @@ def output_path(value: str) -> str:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``plan`` share."""
     add = parser.add_argument
-    model = (
-        "see `densenet-efficient models`; any CIFAR depth: densenet_bc_<depth>_k<growth>, densenet_<depth>_k<growth>"
-    )
-    add("--model", type=model_name, default="densenet_bc_100_k12", help=model)
+    add("--model", type=model_name, default="densenet_bc_100_k12", help="`densenet-efficient models`, any CIFAR depth")
     add("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
     add("--input-size", type=int_at_least(1), help="the side of an image or volume (default: the model's)")
     add("--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
