@@ -109,7 +109,7 @@ def test_plan_deepest_by_quadratic_fit_matches_a_direct_prediction(short_fit):
     assert found is not None and found.layers_per_block == 12 > plan.CHECK_LAYERS and found.depth == 76
     assert found.fit_error < 1e-3
     direct = question.footprint(bc_k4(12, False))
-    assert common.total_bytes(direct) == found.total_bytes <= budget < question.total(bc_k4(13, False))
+    assert direct.total() == found.total_bytes <= budget < question.total(bc_k4(13, False))
     assert direct.parameters == found.parameter_bytes
 
 

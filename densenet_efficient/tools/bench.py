@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -103,11 +104,8 @@ class MultiScaleProbe(nn.Module):
 
     def __init__(self, backbone: nn.Module, features: nn.Module, channels: list[int], num_classes: int):
         super().__init__()
-        self.backbone, self.classifier, self._features = backbone, nn.Linear(sum(channels), num_classes), [features]
-
-    @property
-    def features(self) -> nn.Module:
-        return self._features[0]
+        self.backbone, self.classifier = backbone, nn.Linear(sum(channels), num_classes)
+        object.__setattr__(self, "features", features)  # not a submodule: no second copy in the state dict
 
     def forward(self, x: Tensor) -> Tensor:
         maps = self.backbone(x)
@@ -163,18 +161,12 @@ def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | No
 
 
 def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
-    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget``, set while the graphs
-    are split; a backend of its own per budget, so that no graph is reused under another budget."""
+    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget`` (a backend each)."""
     from torch._dynamo import lookup_backend
     from torch._functorch import config as functorch_config
 
-    compiler = lookup_backend(backend)
-
-    def compile_with_budget(graph: Any, example_inputs: Any) -> Any:
-        with functorch_config.patch(activation_memory_budget=budget):
-            return compiler(graph, example_inputs)
-
-    return torch.compile(model, backend=compile_with_budget)  # type: ignore[return-value]  # a module, in fact
+    with_budget = functorch_config.patch(activation_memory_budget=budget)(lookup_backend(backend))
+    return torch.compile(model, backend=with_budget)  # type: ignore[return-value]  # a module, in fact
 
 
 @dataclass(frozen=True)
@@ -281,7 +273,7 @@ def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progre
         rows.append(row)
         if not all_fit:
             predicted = common.predict(peer.build, setting.batch_size, setting.input_size, setting.dtype)
-            fits = common.total_bytes(predicted) <= 0.9 * available_bytes(setting.device)
+            fits = predicted.total() <= 0.9 * available_bytes(setting.device)
             row.update(predicted_bytes=predicted.peak, skipped=not fits)
             all_fit = fits and peer.key == "false"
         if row["skipped"]:
@@ -323,8 +315,7 @@ def _with_ratios(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
 
 
 def timing_warnings(rows: list[dict[str, Any]], others_load: float, cores: int) -> list[str]:
-    """Why the step times of ``rows`` should not be compared: other work's load average above :data:`BUSY_LOAD`,
-    or step times spread wider than :data:`SPREAD_LIMIT` of their median."""
+    """Why the step times of ``rows`` should not be compared (:data:`BUSY_LOAD`, :data:`SPREAD_LIMIT`)."""
     warnings = []
     if others_load > BUSY_LOAD:
         warnings.append(
@@ -383,9 +374,9 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
 
     timers: dict[Any, Callable[[], float]] = {}
     for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
-        build = partial(create_model, name, efficient=common.MODES[key])
-        runner = Runner(Peer(key, key, partial(_synchronized, build) if sync else build), setting)
-        runner.model = DistributedDataParallel(runner.model, device_ids=[rank] if cuda else None)
+        runner = Runner(Peer(key, key, partial(create_model, name, efficient=common.MODES[key])), setting)
+        network = convert_sync_batchnorm(runner.model) if sync else runner.model  # the same parameters
+        runner.model = DistributedDataParallel(network, device_ids=[rank] if cuda else None)
         for _ in range(setting.warmup):
             runner.step()
         timers[key, sync] = partial(slowest_step, runner)
@@ -398,30 +389,8 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
     dist.destroy_process_group()
 
 
-def _synchronized(build: Callable[[], nn.Module]) -> nn.Module:
-    return convert_sync_batchnorm(build())
-
-
 def markdown(header: list[str], rows: Iterable[Iterable[object]]) -> str:
-    """A Markdown table: ``header`` and a line per row of cells."""
-    return "\n".join(common.markdown_row(*cells) for cells in [header, ["---"] * len(header), *rows])
-
-
-def method_note(setting: Setting) -> str:
-    """How memory and time were measured, for the output."""
-    memory = (
-        "torch.cuda.max_memory_allocated during one training step"
-        if setting.device.type == "cuda"
-        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
-        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
-        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
-        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
-    )
-    timing = f"median of {setting.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
-    timing += f"{setting.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
-    timing = f"{timing}step spread: (max - min) / median" if setting.repeats else "not measured (--repeats 0)"
-    before = "above what was allocated before it (parameters, optimizer state, input batch)"
-    return f"memory: {memory}, {before}.\ntime: {timing}."
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
 def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
@@ -444,18 +413,18 @@ def format_table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     return markdown([*lead, "mode", *(title for title, _, _ in columns.values())], lines)
 
 
-def _axes(size: tuple[float, float]) -> tuple[Any, Any, Any]:
-    import matplotlib
+def _axes(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure on matplotlib's Agg canvas (no display, nothing for pyplot to close) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(figsize=size)
+    figure = FigureCanvasAgg(Figure(figsize=size)).figure
+    return figure, figure.subplots()
 
 
 def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
     """PNG of peak memory against ``x_key`` per peer; predictions (for skipped peers) hollow and dashed."""
-    plt, figure, axes = _axes((7, 4.5))
+    figure, axes = _axes((7, 4.5))
     for key in dict.fromkeys(row["mode"] for row in rows):
         mine = [row for row in rows if row["mode"] == key]
         measured = [(row[x_key], row["peak_bytes"] / MIB) for row in mine if row.get("peak_bytes") is not None]
@@ -468,12 +437,10 @@ def plot(path: str, rows: list[dict[str, Any]], x_key: str, title: str) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
 
 
 def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, Any]]:
-    """The rows with ``memory_key`` and ``time_ratio`` that no other beats: none needs no more of either and less
-    of one."""
+    """The rows with ``memory_key`` and ``time_ratio`` that no other row beats in both."""
     points = [(row[memory_key], row["time_ratio"], row) for row in rows]
     points = [(m, t, row) for m, t, row in points if m is not None and t is not None]
     return [row for m, t, row in points if not any(a <= m and b <= t and (a, b) != (m, t) for a, b, _ in points)]
@@ -482,10 +449,10 @@ def pareto_front(rows: list[dict[str, Any]], memory_key: str) -> list[dict[str, 
 def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = None) -> Any:
     """Each peer's memory x naive (on CPU the allocator's, the figure compiled models have) against its time x
     eager naive, the Pareto front joined; points numbered, named in a legend beside the axes. With ``path``, saved
-    there as a PNG cropped to what it draws, and closed."""
+    there as a PNG cropped to what it draws."""
     memory_key = "allocator_memory_ratio" if any("allocator_memory_ratio" in row for row in rows) else "memory_ratio"
     points = [row for row in rows if row.get(memory_key) is not None and row.get("time_ratio") is not None]
-    plt, figure, axes = _axes((7.5, 5))
+    figure, axes = _axes((7.5, 5))
     for number, row in enumerate(points, 1):
         xy = (row["time_ratio"], row[memory_key])
         axes.scatter(*xy, marker="s" if "compile" in row["label"] else "o", s=40, label=f"{number}: {row['label']}")
@@ -501,20 +468,16 @@ def pareto_figure(rows: list[dict[str, Any]], title: str, path: str | None = Non
     axes.grid(alpha=0.3)
     if path:
         figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
     return figure
 
 
 def _budgets(value: str) -> tuple[float, ...]:
     """argparse type: activation memory budgets such as ``0.5,0.1``, each in (0, 1]."""
-    try:
-        budgets = tuple(float(part) for part in value.split(","))
-    except ValueError:
-        budgets = ()
-    if not budgets or not all(0 < budget <= 1 for budget in budgets):
-        message = f"invalid activation memory budgets {value!r}: give comma-separated numbers in (0, 1], e.g. 0.5,0.1"
-        raise argparse.ArgumentTypeError(message)
-    return budgets
+    with contextlib.suppress(ValueError):  # float() of a part that is not a number
+        if all(0 < budget <= 1 for budget in map(float, value.split(","))):
+            return tuple(map(float, value.split(",")))
+    message = f"invalid activation memory budgets {value!r}: give comma-separated numbers in (0, 1], e.g. 0.5,0.1"
+    raise argparse.ArgumentTypeError(message)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -572,10 +535,33 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(why)
     options = {field.name: getattr(args, field.name) for field in fields(Setting)}
     base = Setting(**{**options, "input_size": configs[0][2]})
-    summary = _summary(args, base, configs[0][1])
+    cuda = base.device.type == "cuda"
+    where = torch.cuda.get_device_name(base.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    budgets = f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}"
+    flags = [("channels_last", args.channels_last), ("compiled peers", args.compile), (budgets, args.compile_budget)]
+    flags += [("frozen BatchNorm (eval mode)", args.frozen_bn), ("features_only", args.features_only)]
+    flags += [("optimizer step in backward", args.optimizer_in_backward), (f"norm={args.norm}", args.norm)]
+    flags += [(f"act={args.act}", args.act)]
+    what = args.family if args.sweep == "depth" else args.model
+    batch = "" if args.sweep == "batch" else f", batch {base.batch_size}"
+    flagged = "".join(f", {flag}" for flag, on in flags if on)
+    head = f"{what}{batch}, {common.input_label(configs[0][1], base.input_size)}, {base.dtype}{flagged} on {where}"
+    memory = (
+        "torch.cuda.max_memory_allocated during one training step"
+        if cuda
+        else "two peaks of a training step: 'live tensors', tensor storage allocated during the step and still "
+        "alive, counted in-process by a TorchDispatchMode (deterministic, the planner's accounting; not for compiled "
+        "models, whose graphs bypass the mode); 'allocator', the running sum of the CPU allocator's events during "
+        "another step (torch.profiler profile_memory), kernels' temporaries and compiled graphs included"
+    )
+    timing = f"median of {base.repeats} training steps (forward, cross-entropy, backward, SGD momentum step) after "
+    timing += f"{base.warmup} warm-up step(s) and the memory steps, peers interleaved, order reversed every round; "
+    timing = f"{timing}step spread: (max - min) / median" if base.repeats else "not measured (--repeats 0)"
+    before = "above what was allocated before it (parameters, optimizer state, input batch)"
+    summary = f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."
     if processes:
         synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
-        threads = "" if args.device.type == "cuda" else f" of {_threads_per_process(processes)} thread(s)"
+        threads = "" if cuda else f" of {_threads_per_process(processes)} thread(s)"
         summary = (
             f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
             f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "
@@ -586,62 +572,42 @@ def run(args: argparse.Namespace) -> int:
             [r["label"], f"{r['step_s']:.4f}", f"{r['sync_step_s']:.4f}", f"{r['sync_time_ratio']:.2f}"] for r in synced
         )
         print(f"{summary}\n\n{markdown(header, table)}")
-        return _write(args, summary, synced, [])
-    peers = len(make_peers(args.model, args.modes, base))
-    progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
-    what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
-    progress.note(f"{what}; the time left is estimated from the first ones")
-    rows: list[dict[str, Any]] = []
-    try:
-        for extra, name, size in configs:
-            setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
-            fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
-            fixed.update(device=str(args.device), dtype=args.dtype, **extra)
-            rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
-    finally:
-        progress.close()
-    others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
-    warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
-    for warning in warnings:
-        print(f"densenet-efficient bench: warning: {warning}", file=sys.stderr)
-    print(f"{summary}\n\n{format_table(rows, {'depth': 'depth', 'batch': 'batch_size'}.get(args.sweep))}")
-    if counted := [row for row in rows if row.get("operator_ratio") is not None]:
-        counts = ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
-        print(f"\naten operators per training step (x naive): {counts}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as file:
-            fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
-            writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
-        if args.sweep:
-            plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
-        else:
-            pareto_figure(rows, summary.splitlines()[0], path)
-        print(f"\nplot: {path}")
-    return _write(args, summary, rows, warnings)
-
-
-def _write(args: argparse.Namespace, summary: str, rows: list[dict[str, Any]], warnings: list[str]) -> int:
-    """The JSON output, if asked; exit status 0."""
+        rows, warnings = synced, []
+    else:
+        peers = len(make_peers(args.model, args.modes, base))
+        progress = common.Progress("bench", steps := len(configs) * peers * (args.warmup + 1 + args.repeats))
+        what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
+        progress.note(f"{what}; the time left is estimated from the first ones")
+        rows = []
+        try:
+            for extra, name, size in configs:
+                setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
+                fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
+                fixed.update(device=str(args.device), dtype=args.dtype, **extra)
+                rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
+        finally:
+            progress.close()
+        others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
+        warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
+        for warning in warnings:
+            print(f"densenet-efficient bench: warning: {warning}", file=sys.stderr)
+        print(f"{summary}\n\n{format_table(rows, {'depth': 'depth', 'batch': 'batch_size'}.get(args.sweep))}")
+        if counted := [row for row in rows if row.get("operator_ratio") is not None]:
+            counts = ", ".join(f"{row['label']} {row['operators']} ({row['operator_ratio']:.2f})" for row in counted)
+            print(f"\naten operators per training step (x naive): {counts}")
+        if args.csv:
+            with open(args.csv, "w", newline="") as file:
+                fieldnames = dict.fromkeys(key for row in rows for key in row if key != "step_times")
+                writer = csv.DictWriter(file, list(fieldnames), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+        if path := args.plot or (args.sweep and f"bench-{args.sweep}.png"):
+            if args.sweep:
+                plot(path, rows, "depth" if args.sweep == "depth" else "batch_size", summary.splitlines()[0])
+            else:
+                pareto_figure(rows, summary.splitlines()[0], path)
+            print(f"\nplot: {path}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"summary": summary, "warnings": warnings, "rows": rows}, file, indent=2)
     return 0
-
-
-def _summary(args: argparse.Namespace, setting: Setting, name: str) -> str:
-    """First lines of the output: what ran where, and how it was measured."""
-    cuda = setting.device.type == "cuda"
-    where = torch.cuda.get_device_name(setting.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    budgets = f"compile budgets {','.join(f'{b:g}' for b in args.compile_budget)}"
-    flags = [("channels_last", args.channels_last), ("compiled peers", args.compile), (budgets, args.compile_budget)]
-    flags += [("frozen BatchNorm (eval mode)", args.frozen_bn), ("features_only", args.features_only)]
-    flags += [("optimizer step in backward", args.optimizer_in_backward), (f"norm={args.norm}", args.norm)]
-    flags += [(f"act={args.act}", args.act)]
-    what = args.family if args.sweep == "depth" else args.model
-    batch = "" if args.sweep == "batch" else f", batch {setting.batch_size}"
-    flagged = "".join(f", {flag}" for flag, on in flags if on)
-    head = f"{what}{batch}, {common.input_label(name, setting.input_size)}, {setting.dtype}{flagged} on {where}"
-    return f"{head}, torch {torch.__version__}\n{method_note(setting)}"

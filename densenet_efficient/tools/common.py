@@ -1,5 +1,4 @@
-"""What the ``densenet-efficient`` tools share: argument types, progress on stderr, one training step and its
-predicted memory, autocast and evaluation."""
+"""What the ``densenet-efficient`` tools share: argument types, progress, a training step, its memory, evaluation."""
 
 from __future__ import annotations
 
@@ -103,13 +102,6 @@ def family_member(family: str, depth: int) -> str:
     return cifar_name(depth, int(match[2]), bottleneck=bool(match[1]))
 
 
-def parse_efficient(value: str) -> MemoryMode:
-    """argparse type: a memory mode, ``False``, ``True`` or ``max`` (case-insensitive)."""
-    if value.lower() not in MODES:
-        raise argparse.ArgumentTypeError(f"invalid memory mode {value!r}: choose False, True or max")
-    return MODES[value.lower()]
-
-
 def peer_keys(value: str, valid: tuple[str, ...]) -> tuple[str, ...]:
     """argparse type: a comma-separated subset of ``valid`` (for example false, true, max, checkpoint)."""
     keys = tuple(item.strip().lower() for item in value.split(","))
@@ -161,30 +153,21 @@ def output_path(value: str) -> str:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``plan`` share."""
     add = parser.add_argument
-    model = (
-        "see `densenet-efficient models`; any CIFAR depth: densenet_bc_<depth>_k<growth>, densenet_<depth>_k<growth>"
-    )
-    add("--model", type=model_name, default="densenet_bc_100_k12", help=model)
+    add("--model", type=model_name, default="densenet_bc_100_k12", help="`densenet-efficient models`, any CIFAR depth")
     add("--batch-size", type=int_at_least(1), default=64, help="default: %(default)s")
     add("--input-size", type=int_at_least(1), help="the side of an image or volume (default: the model's)")
     add("--dtype", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
     add("--json", metavar="PATH", type=output_path, help="also write the results as JSON")
 
 
-def markdown_row(*cells: object) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
-
-
 def input_size(name: str, requested: int | None) -> int:
-    """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D).
-    Raises ``argparse.ArgumentTypeError`` if it is below the network's minimum."""
+    """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D);
+    :class:`UsageError` if it is below the network's minimum."""
     with torch.device("meta"):
         model = create_model(name, efficient=False)
     size = requested or model.pretrained_cfg["input_size"][-1]
     if size < model.min_input_size:
-        raise argparse.ArgumentTypeError(
-            f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}"
-        )
+        raise UsageError(f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}")
     return size
 
 
@@ -225,16 +208,15 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Forward, cross-entropy, backward and (with ``optimizer``) an optimizer step, under autocast if asked."""
+    scaler = scaler or torch.amp.GradScaler(images.device.type, enabled=False)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = F.cross_entropy(model(images), labels)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    if optimizer is not None and scaler is not None:
+    scaler.scale(loss).backward()
+    if optimizer is not None:
         scaler.step(optimizer)
         scaler.update()
-    elif optimizer is not None:
-        optimizer.step()
 
 
 def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
@@ -245,11 +227,6 @@ def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dt
         return model, random_batch(batch_size, input_size, *model_io(model))
 
     return fake_footprint(setup, lambda model, batch: train_step(model, batch[0], batch[1], PRECISIONS[dtype]))
-
-
-def total_bytes(footprint: Footprint, optimizer_copies: int = 1) -> int:
-    """Memory training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
-    return footprint.parameters * (1 + optimizer_copies) + footprint.buffers + footprint.peak
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:
@@ -275,11 +252,8 @@ def evaluate(
     channels_last: bool = False,
     all_reduce: Callable[[Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy ``loss``, ``top1`` and ``top5`` accuracy (%) and the number of ``images``.
-
-    ``all_reduce`` sums the per-process totals in place (distributed evaluation on disjoint shards). With fewer
-    than five classes, ``top5`` counts the top ``num_classes``.
-    """
+    """Mean cross-entropy ``loss``, ``top1`` and ``top5`` (of at most ``num_classes``) accuracy (%) and ``images``;
+    ``all_reduce`` sums the per-process totals in place (distributed evaluation on disjoint shards)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for images, labels in batches:

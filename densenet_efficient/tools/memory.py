@@ -1,10 +1,5 @@
-"""Measuring memory on any device: peak live tensor bytes, the CPU allocator's peak, bytes saved for backward.
-
-On CPU there is no allocator statistic: :class:`LiveTensorBytes` counts, in a ``TorchDispatchMode``, the storage
-of every tensor an operator creates inside it until that storage is freed. It misses temporaries inside CPU kernels
-and compiled graphs (which bypass the mode); :class:`AllocatorPeak` sees them, from the profiler's allocator
-events. :func:`fake_footprint` runs the same count on fake tensors: a step larger than any device, on any machine.
-"""
+"""Measuring memory on any device (CPU has no allocator statistic): peak live tensor bytes, the CPU allocator's
+peak, bytes saved for backward, and the live tensor bytes of a step on fake tensors, larger than any device."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, redirect_stderr
+from contextlib import ExitStack, contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
 from itertools import accumulate
 from types import SimpleNamespace
@@ -26,9 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Context manager: ``current`` and ``peak`` bytes of tensor storage allocated inside it and still alive. A
-    storage is counted once, at its size when an operator first returns it; one first seen as an input was
-    allocated before and is never counted."""
+    """Context manager: ``current`` and ``peak`` bytes of tensor storage an operator returned inside it (counted
+    once, at that size) and still alive; it misses temporaries inside CPU kernels and compiled graphs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,10 +79,9 @@ def _native_stderr_silenced() -> Iterator[None]:
     stop and every freed block allocated before); Python's ``sys.stderr`` still reaches the terminal."""
     sys.stderr.flush()
     saved = os.dup(2)
-    try:
+    on_fd_2 = False
+    with suppress(AttributeError, OSError, ValueError):  # replaced by a capture (pytest) or an in-memory stream
         on_fd_2 = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # replaced by a capture (pytest) or an in-memory stream
-        on_fd_2 = False
     try:
         with (
             open(saved, "w", closefd=False, errors="backslashreplace") as python,
@@ -179,6 +172,10 @@ class Footprint:
     parameters: int
     buffers: int
     peak: int
+
+    def total(self, optimizer_copies: int = 1) -> int:
+        """Bytes training needs: parameters, ``optimizer_copies`` of them, buffers and a step's peak."""
+        return self.parameters * (1 + optimizer_copies) + self.buffers + self.peak
 
 
 def fake_footprint(setup: Callable[[], tuple[nn.Module, Any]], step: Callable[[nn.Module, Any], object]) -> Footprint:

@@ -1,31 +1,29 @@
 """``densenet-efficient plan``: the largest batch, largest input and deepest network that train within a budget.
 
-Memory is modelled without the target device: one training step runs on fake tensors (shapes, no data), its live
-tensor bytes counted as ``bench`` counts them on CPU. The total is parameters, ``--optimizer-copies`` of them,
-buffers and the step's peak; on CUDA, cuDNN workspaces and the caching allocator come on top. The largest batch
-follows the line of the (affine) totals at batch 8 and 16; the largest input is bracketed by doubling, then
-bisected; the deepest member of a CIFAR family solves the quadratic in layers per block n fitted at n = 16, 20, 24
-(checked at 28; below it, n is searched). Fake steps settle every answer at its boundary. ``--measure`` checks the
-model with a real step on this CPU (``bench``'s memory pass).
+One training step runs on fake tensors (no device needed), its live tensor bytes counted as ``bench`` counts them on
+CPU; the total is parameters, ``--optimizer-copies`` of them, buffers and the step's peak (on CUDA, cuDNN workspaces
+and the caching allocator come on top). Fake steps settle every answer at its boundary (docs/memory.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core import MemoryMode
 from ..models import create_model
 from . import common
-from .bench import Setting, make_peers, markdown, measure
+from .bench import Setting, markdown, measure
 from .memory import Footprint
 
 _UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
@@ -51,11 +49,6 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
-def family_depth(family: str, layers_per_block: int) -> int:
-    """Depth of the member of ``family`` with ``layers_per_block`` layers in each of its 3 dense blocks."""
-    return (6 if family.startswith("densenet_bc_") else 3) * layers_per_block + 4
-
-
 @dataclass(frozen=True)
 class Question:
     """What the totals depend on besides the model; ``progress`` gets a line per fake step."""
@@ -73,16 +66,16 @@ class Question:
             self.progress.update()
             self.progress.note(
                 f"fake step {self.progress.done}: {what}batch {batch_size}, side {self.input_size}: total "
-                f"{_gib(common.total_bytes(footprint, self.optimizer_copies))}"
+                f"{_gib(footprint.total(self.optimizer_copies))}"
             )
         return footprint
 
     def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
-        return common.total_bytes(self.footprint(build, batch_size), self.optimizer_copies)
+        return self.footprint(build, batch_size).total(self.optimizer_copies)
 
 
 def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
-    """The largest batch size whose training total fits in ``budget`` bytes (0 if not even one image fits)."""
+    """The largest batch whose training total fits in ``budget`` bytes (0: none), from the line through 8 and 16."""
     at_8, at_16 = question.total(build, 8), question.total(build, 16)
     per_image = max((at_16 - at_8) / 8, 1.0)
     batch = int((budget - (at_8 - 8 * per_image)) // per_image)
@@ -95,19 +88,13 @@ def largest_input(
     build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
 ) -> tuple[int, int | None]:
     """The largest input side (at least ``smallest``) whose training total at the question's batch size fits in
-    ``budget`` bytes, and that total (``(0, None)`` if not even ``smallest`` fits): bracketed by doubling, then
-    bisected."""
-    totals: dict[int, int] = {}
-
-    def fits(side: int) -> bool:
-        totals[side] = totals.get(side) or replace(question, input_size=side).total(build)
-        return totals[side] <= budget
-
+    ``budget`` bytes, and that total (``(0, None)``: none), bracketed by doubling, then bisected."""
+    total = cache(lambda side: replace(question, input_size=side).total(build))
     high = max(smallest, question.input_size)
-    while high < MAX_SIDE and fits(high):
+    while high < MAX_SIDE and total(high) <= budget:
         high *= 2
-    side = _last_true(lambda n: n == smallest - 1 or fits(n), smallest - 1, min(high, MAX_SIDE))
-    return (side, totals[side]) if side >= smallest else (0, None)
+    side = _last_true(lambda n: total(n) <= budget, smallest - 1, min(high, MAX_SIDE))
+    return (side, total(side)) if side >= smallest else (0, None)
 
 
 @dataclass(frozen=True)
@@ -122,40 +109,32 @@ class Deepest:
     fit_error: float | None
 
 
-def quadratic(points: dict[int, int]) -> Callable[[int], float]:
-    """The quadratic through three points at equally spaced x (Newton's forward differences)."""
-    (x0, y0), (x1, y1), (_, y2) = sorted(points.items())
-    step, first, second = x1 - x0, y1 - y0, y2 - 2 * y1 + y0
-    return lambda x: y0 + first * (x - x0) / step + second * (x - x0) * (x - x0 - step) / (2 * step * step)
-
-
 def _last_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
     """The largest n in [low, high] with ``predicate(n)``, for a predicate true up to some n then false."""
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if predicate(middle) else (low, middle - 1)
-    return low
+    return low + bisect.bisect_left(range(low + 1, high + 1), True, key=lambda n: not predicate(n))
 
 
 def deepest(family: str, mode: MemoryMode, budget: int, question: Question) -> Deepest | None:
-    """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes."""
+    """The deepest member of CIFAR ``family`` whose training total at ``question`` fits in ``budget`` bytes: the
+    quadratic in layers per block through :data:`FIT_LAYERS`, checked at :data:`CHECK_LAYERS` (below it, searched)."""
     footprints: dict[int, Footprint] = {}
+    per_layer = 6 if family.startswith("densenet_bc_") else 3  # depth = 3 dense blocks of layers (BC: 2 convs) + 4
 
     def total(layers: int) -> int:
         if layers not in footprints:
-            depth = family_depth(family, layers)
+            depth = per_layer * layers + 4
             build = partial(create_model, common.family_member(family, depth), efficient=mode)
             footprints[layers] = question.footprint(build, what=f"depth {depth}, ")
-        return common.total_bytes(footprints[layers], question.optimizer_copies)
+        return footprints[layers].total(question.optimizer_copies)
 
     def found(layers: int, fit_error: float | None) -> Deepest:
-        return Deepest(family_depth(family, layers), layers, total(layers), footprints[layers].parameters, fit_error)
+        return Deepest(per_layer * layers + 4, layers, total(layers), footprints[layers].parameters, fit_error)
 
     check = total(CHECK_LAYERS)
     if check > budget:
-        layers = _last_true(lambda n: n == 0 or total(n) <= budget, 0, CHECK_LAYERS - 1)
+        layers = _last_true(lambda n: total(n) <= budget, 0, CHECK_LAYERS - 1)
         return found(layers, None) if layers else None
-    curve = quadratic({n: total(n) for n in FIT_LAYERS})
+    curve = np.poly1d(np.polyfit(FIT_LAYERS, [total(n) for n in FIT_LAYERS], 2))  # through the three points
     high = CHECK_LAYERS
     while curve(high) <= budget and high < MAX_LAYERS:
         high *= 2
@@ -183,12 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     modes = {key: common.MODES[key] for key in args.modes}
     family = args.family or "densenet_bc_k12"
-    try:
-        size, family_size = (
-            common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
-        )
-    except argparse.ArgumentTypeError as error:
-        raise common.UsageError(str(error)) from None
+    size, family_size = (
+        common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
+    )
     steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
     progress = common.Progress("plan", steps, unit="fake step")
     question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
@@ -208,69 +184,52 @@ def run(args: argparse.Namespace) -> int:
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         table.append([f"efficient={mode!r}", _gib(at_batch), batch])
     print(markdown(["mode", f"memory at batch {args.batch_size}", "largest batch"], table))
-    if args.measure:
-        result["measured"] = _measured(args.model, tuple(modes), question)
+    if args.measure:  # the predicted step peak and a real step's peaks on this CPU (bench's memory pass)
+        setting = Setting(torch.device("cpu"), args.dtype, args.batch_size, size, repeats=0)
+        result["measured"], table = measure(args.model, setting, tuple(modes)), []
+        for row in result["measured"]:  # bench predicts until naive fits
+            build = partial(create_model, args.model, efficient=modes[row["mode"]])
+            predicted = row["predicted_bytes"] = row["predicted_bytes"] or question.footprint(build).peak
+            mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
+            table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
+        print(f"\nChecked on this CPU, one training step at batch {args.batch_size} (peak above parameters and input):")
+        header = ["mode", "predicted, live tensors", "measured, live tensors", "measured, allocator"]
+        print(markdown([*header, "allocator x predicted"], table))
     if args.largest_input:
-        result["largest_input"] = _largest_inputs(args.model, modes, args.memory, question)
+        with torch.device("meta"):
+            smallest = create_model(args.model, efficient=False).min_input_size
+        result["largest_input"], table = [], []
+        for key, mode in modes.items():
+            build = partial(create_model, args.model, efficient=mode)
+            side, total = largest_input(build, args.memory, question, smallest)
+            result["largest_input"].append({"mode": key, "side": side, "total_bytes": total})
+            naive = result["largest_input"][0]["side"] if next(iter(modes)) == "false" else None
+            shape, memory = (
+                (common.input_label(args.model, side), _gib(total)) if side and total else ("none fits", "-")
+            )
+            table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
+        print(f"\nLargest input of {args.model} at batch {args.batch_size}:")
+        print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
     if args.family:
-        result["family"] = args.family
-        result["deepest"] = _deepest(args.family, modes, args.memory, replace(question, input_size=family_size))
+        result["family"], result["deepest"], table = args.family, [], []
+        family_question = replace(question, input_size=family_size)
+        for key, mode in modes.items():
+            found = deepest(args.family, mode, args.memory, family_question)
+            result["deepest"].append({"mode": key, **(asdict(found) if found else {"depth": 0})})
+            naive_depth = result["deepest"][0]["depth"] if next(iter(modes)) == "false" else 0
+            if found is None:
+                table.append([f"efficient={mode!r}", "none fits", *["-"] * 5])
+                continue
+            weights = _gib(found.parameter_bytes * (1 + args.optimizer_copies))
+            table.append([f"efficient={mode!r}", found.depth, found.layers_per_block, _gib(found.total_bytes)])
+            table[-1] += [f"{weights} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)"]
+            table[-1] += [f"{found.depth / naive_depth:.1f}" if naive_depth else "-"]
+            table[-1] += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
+        print(f"\nDeepest {args.family} at batch {args.batch_size}, {family_size}x{family_size}:")
+        header = ["mode", "depth", "layers per block", "memory", "of which parameters", "depth x naive"]
+        print(markdown([*header, f"quadratic fit error at n={CHECK_LAYERS}"], table))
     progress.close()
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return 0
-
-
-def _measured(name: str, keys: tuple[str, ...], question: Question) -> list[dict]:
-    """Per mode, the predicted step peak and a real step's peaks on this CPU (``bench``'s memory pass)."""
-    setting = Setting(torch.device("cpu"), question.dtype, question.batch_size, question.input_size, repeats=0)
-    rows, table = measure(name, setting, keys), []
-    for row in rows:
-        predicted = row["predicted_bytes"] or question.footprint(make_peers(name, (row["mode"],))[0].build).peak
-        row["predicted_bytes"] = predicted  # bench predicts until naive fits
-        mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
-        table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
-    print(f"\nChecked on this CPU, one training step at batch {question.batch_size} (peak above parameters and input):")
-    header = ["mode", "predicted, live tensors", "measured, live tensors", "measured, allocator"]
-    print(markdown([*header, "allocator x predicted"], table))
-    return rows
-
-
-def _largest_inputs(name: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
-    """Print and return the largest input side of model ``name`` per mode."""
-    with torch.device("meta"):
-        smallest = create_model(name, efficient=False).min_input_size
-    rows: list[dict] = []
-    table: list[list[object]] = []
-    for key, mode in modes.items():
-        side, total = largest_input(partial(create_model, name, efficient=mode), budget, question, smallest)
-        rows.append({"mode": key, "side": side, "total_bytes": total})
-        naive = rows[0]["side"] if rows[0]["mode"] == "false" else None
-        shape, memory = (common.input_label(name, side), _gib(total)) if side and total else ("none fits", "-")
-        table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
-    print(f"\nLargest input of {name} at batch {question.batch_size}:")
-    print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
-    return rows
-
-
-def _deepest(family: str, modes: dict[str, MemoryMode], budget: int, question: Question) -> list[dict]:
-    """Print and return the deepest member of ``family`` per mode."""
-    rows: list[dict] = []
-    table: list[list[object]] = []
-    for key, mode in modes.items():
-        found = deepest(family, mode, budget, question)
-        rows.append({"mode": key, **(asdict(found) if found else {"depth": 0})})
-        naive = rows[0]["depth"] if rows[0]["mode"] == "false" else 0
-        if found is None:
-            table.append([f"efficient={mode!r}", "none fits", *["-"] * 5])
-            continue
-        weights = _gib(found.parameter_bytes * (1 + question.optimizer_copies))
-        table.append([f"efficient={mode!r}", found.depth, found.layers_per_block, _gib(found.total_bytes)])
-        table[-1] += [f"{weights} weights+optimizer ({found.parameter_bytes / 4e6:.0f}M parameters)"]
-        table[-1] += [f"{found.depth / naive:.1f}" if naive else "-"]
-        table[-1] += [f"{found.fit_error:.2e}" if found.fit_error is not None else "exact (searched)"]
-    print(f"\nDeepest {family} at batch {question.batch_size}, {question.input_size}x{question.input_size}:")
-    header = ["mode", "depth", "layers per block", "memory", "of which parameters", "depth x naive"]
-    print(markdown([*header, f"quadratic fit error at n={CHECK_LAYERS}"], table))
-    return rows

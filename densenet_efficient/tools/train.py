@@ -1,14 +1,12 @@
-"""``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP).
-
-``train(TrainConfig(...))`` returns what ``results.json`` holds; docs/training.md lists what rank 0 writes into
-``output``. A resumed run repeats the uninterrupted one exactly on CPU: every epoch reseeds from (seed, epoch, rank)
-and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of one step: each of
-``world_size`` processes feeds ``accum_steps`` strided micro-batches (one process with ``accum_steps=N`` sees N's).
-"""
+"""``densenet-efficient train``: train or fine-tune a DenseNet on one device or many (torchrun, DDP); what a run
+writes is in docs/training.md. A resumed run repeats the uninterrupted one exactly on CPU: every epoch reseeds from
+(seed, epoch, rank) and ``DistributedSampler(seed)`` orders the data. ``batch_size`` is the global batch of a step:
+each of ``world_size`` processes feeds ``accum_steps`` strided micro-batches."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import dataclasses
@@ -42,7 +40,7 @@ from ..models import create_model
 from ..pretrained.files import MAX_WEIGHTS_BYTES, read_regular_file, remove_stale_temporaries, write_atomically
 from ..pretrained.loading import CONFIG_FILENAME
 from ..pretrained.saving import config_json, save_pretrained
-from .common import AMP_DTYPES, UsageError, autocast, device_name, evaluate, model_name, parse_efficient, to_device
+from .common import AMP_DTYPES, MODES, UsageError, autocast, device_name, evaluate, model_name, to_device
 from .data import BAD_IMAGES, DATASETS, build_splits, pretrained_weights
 
 _SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1, val_fraction=0.1)
@@ -85,8 +83,6 @@ class TrainingDivergedError(RuntimeError):
 
 def _model_arg(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` (VALUE: a Python literal; ``2,2,2`` is a tuple)."""
-    import ast
-
     key, _, value = text.partition("=")
     with contextlib.suppress(ValueError, SyntaxError):
         if key.isidentifier():
@@ -115,7 +111,9 @@ class TrainConfig:
     pretrained: bool = _arg(False, "fine-tune from the model's default weights")
     num_classes: int | None = _arg(help="classifier outputs (default: the dataset's classes)", type=int)
     freeze_backbone: bool = _arg(False, "train the classifier only")
-    efficient: MemoryMode = _arg(True, "memory mode (default True)", type=parse_efficient, metavar="{False,True,max}")
+    efficient: MemoryMode = _arg(
+        True, "memory mode (default True)", type=lambda v: MODES.get(v.lower(), v), choices=list(MODES.values())
+    )
     epochs: int = _arg(type=int)
     batch_size: int = _arg(help="global batch per optimizer step, over all processes", type=int)
     accum_steps: int = _arg(1, "micro-batches per step (gradient accumulation)", type=int)
@@ -149,8 +147,9 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the recipe filled in, every option checked (:class:`UsageError` naming it and what is valid)
         and numpy numbers turned into Python's."""
-        if self.dataset not in RECIPES:
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(RECIPES)}")
+        for name, choices in (("dataset", tuple(RECIPES)), ("amp", (None, *AMP_DTYPES)), ("bad_images", BAD_IMAGES)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
         recipe = dict(RECIPES[self.dataset], workers=min(RECIPES[self.dataset]["workers"], os.cpu_count() or 1))
         recipe["model_args"] = recipe.get("model_args", {}) if self.model is None else {}
         config = TrainConfig(**{**vars(self), **{k: v for k, v in recipe.items() if getattr(self, k) is None}})
@@ -167,9 +166,6 @@ class TrainConfig:
         if not all(_is_real(m) and 0 < m <= 1 for m in config.milestones):
             raise UsageError(f"milestones are fractions of the epochs in (0, 1], got {tuple(config.milestones)}")
         config.milestones = tuple(float(m) for m in config.milestones)
-        for name, choices in (("amp", (None, *AMP_DTYPES)), ("bad_images", BAD_IMAGES)):
-            if getattr(config, name) not in choices:
-                raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
         if config.nesterov and config.momentum == 0:
             raise UsageError("Nesterov momentum needs a momentum above 0: pass --no-nesterov, or --momentum above 0")
         if config.resume and config.overwrite:
@@ -193,15 +189,11 @@ def _is_real(value: Any) -> bool:
 
 @dataclass
 class DistContext:
-    """This process's place in the run; the collectives do nothing when it runs alone."""
+    """This process's place in the run (rank 0 writes the files); the collectives do nothing when it runs alone."""
 
     rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def all_reduce(self, tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         if self.world_size > 1:
@@ -252,7 +244,7 @@ def _loaders(config: TrainConfig, splits, ctx: DistContext):
     )
     train = DataLoader(splits.train, per_process * config.accum_steps, sampler=sampler, drop_last=True, **options)
     trained = len(train) * config.batch_size
-    if trained < images and ctx.is_main:
+    if trained < images and ctx.rank == 0:
         left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
         print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
 
@@ -270,15 +262,14 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, ctx: DistContext):
         self.config, self.ctx, self.output = config, ctx, Path(config.output)
-        # Pretrained weights are read once, for their preprocessing and for the model.
         weights, preprocessing = (
             pretrained_weights(config.model, config.weights) if config.weights or config.pretrained else (None, None)
-        )
-        if config.download and not ctx.is_main:  # rank 0 downloads, the others wait for it
+        )  # read once: preprocessing and weights
+        if config.download and ctx.rank != 0:  # rank 0 downloads, the others wait for it
             ctx.barrier()
         options = {key: getattr(config, key) for key in ("download", "image_size", "val_fraction", "bad_images")}
         self.splits = build_splits(config.dataset, config.data, preprocessing=preprocessing, **options)
-        if config.download and ctx.is_main:
+        if config.download and ctx.rank == 0:
             ctx.barrier()
         classes = self.splits.num_classes
         if classes < 2:
@@ -345,7 +336,7 @@ class Trainer:
             )
         if state["epoch"] > self.config.epochs:
             raise UsageError(f"{path} is at epoch {state['epoch']}: resume it with --epochs {state['epoch']} or more")
-        if state["efficient"] != self.config.efficient and self.ctx.is_main:
+        if state["efficient"] != self.config.efficient and self.ctx.rank == 0:
             modes = f"(efficient={state['efficient']!r}) with efficient={self.config.efficient!r}"
             warnings.warn(f"resuming {path} {modes}: the same function, but not bit-identically", stacklevel=2)
         self.model.load_state_dict(model_state)
@@ -357,7 +348,7 @@ class Trainer:
             self.scheduler.milestones = Counter(milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * self.config.gamma ** sum(m <= self.start_epoch for m in milestones)
-            if self.ctx.is_main:
+            if self.ctx.rank == 0:
                 warnings.warn(
                     f"extending the run from {config['epochs']} to {self.config.epochs} epochs: from epoch "
                     f"{self.start_epoch + 1} on the learning rate follows the schedule of {self.config.epochs} epochs "
@@ -395,7 +386,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best weights and export them. Returns the results."""
         for epoch in range(self.start_epoch, self.config.epochs):
-            # torch (CPU and CUDA) seeded from (seed, epoch, rank): each epoch's randomness depends on nothing else
             seed = np.random.SeedSequence([self.config.seed, epoch, self.ctx.rank]).generate_state(1, np.uint64)[0]
             torch.manual_seed(int(seed))
             self.sampler.set_epoch(epoch)
@@ -409,7 +399,7 @@ class Trainer:
             score = row.get("val_top1", row["train_top1"])
             if not self.best or score > self.best["score"]:
                 self.best = {"epoch": epoch + 1, "score": score}
-            if self.ctx.is_main:
+            if self.ctx.rank == 0:
                 self._save(epoch + 1)
                 print(_epoch_line(row), flush=True)
             self.ctx.barrier()
@@ -427,7 +417,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
         start = time.perf_counter()
-        show = config.progress and self.ctx.is_main
+        show = config.progress and self.ctx.rank == 0
         bar = tqdm(self.train_loader, f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
         for step, (images, labels) in enumerate(bar):
             totals += self._step(*to_device(images, labels, device, config.channels_last))
@@ -494,27 +484,25 @@ class Trainer:
         test = self._evaluate(self.test_loader)
         self._check_finite(epoch - 1, "test loss of its weights", test["loss"])
         results = {"best_epoch": epoch, "best_score": self.best["score"], "test": test, "epochs": len(self.history)}
-        if self.ctx.is_main:
+        if self.ctx.rank == 0:
             write_atomically(self.output / BEST_FILENAME, self._model_bytes())
             write_atomically(self.output / "curves.png", _curves_png(self.history))
-            if self.config.export:
-                results["export"] = str(self._export(test))
+            if self.config.export:  # the best weights as save_pretrained writes them, and their manifest entry
+                config, preprocessing = self.config, self.splits.preprocessing
+                side = preprocessing.input_size[-1]
+                protocol = f"densenet-efficient eval --dataset {config.dataset} (input {side} px)"
+                top = {key: round(test[key], 3) for key in ("top1", "top5")}
+                metric = dict(dataset=config.dataset, split="test", **top, protocol=protocol)
+                metadata: dict[str, Any] = dict(
+                    dataset=config.dataset, label_names=self.splits.classes, metrics=[metric]
+                )
+                metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.to_dict())
+                entry = save_pretrained(self.model, self.output / "export", architecture=config.model, **metadata)
+                write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
+                results["export"] = str(self.output / "export")
             write_atomically(self.output / "results.json", _json_bytes(results))
             print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% (best epoch {epoch}): {self.output}")
         return results
-
-    def _export(self, test: dict[str, float]) -> Path:
-        """The best weights as save_pretrained writes them, in ``output/export``, and their manifest entry."""
-        config, preprocessing, export = self.config, self.splits.preprocessing, self.output / "export"
-        metric = dict(dataset=config.dataset, split="test", top1=round(test["top1"], 3), top5=round(test["top5"], 3))
-        metric["protocol"] = (
-            f"densenet-efficient eval --dataset {config.dataset} (input {preprocessing.input_size[-1]} px)"
-        )
-        metadata: dict[str, Any] = dict(dataset=config.dataset, label_names=self.splits.classes, metrics=[metric])
-        metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.to_dict())
-        entry = save_pretrained(self.model, export, architecture=config.model, **metadata)
-        write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
-        return export
 
 
 def _json_bytes(value: Any) -> bytes:
