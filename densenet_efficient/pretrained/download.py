@@ -21,14 +21,12 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import build_hf_headers, tqdm, validate_repo_id
+from huggingface_hub.utils import build_hf_headers, tqdm
 
 from .errors import (
     ChecksumMismatchError,
     InvalidWeightsFileError,
-    UnknownWeightsError,
     UnverifiedWeightsError,
     WeightsNotAvailableError,
 )
@@ -108,10 +106,6 @@ def fetch_hub_bytes(
     """Path of Hub file ``repo_id/filename`` in the HF cache (downloaded if needed) and its bytes (at most ``size``),
     read once and verified against ``sha256``, else its cache blob's name; unverifiable:
     :class:`~.errors.UnverifiedWeightsError` unless ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise UnknownWeightsError(f"Invalid Hub repo id {repo_id!r}: {error}; expected 'org/name'") from None
     revision = revision or constants.DEFAULT_REVISION
     name, limit = f"{repo_id}/{filename}@{revision}", size or MAX_WEIGHTS_BYTES
     cache_dir = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path

@@ -127,11 +127,18 @@ def _manifest_weights(name: str, tag: str | None, cache_dir: Any, endpoint: str 
 
 
 def _hub_weights(name: str, reference: str, cache_dir: Any, endpoint: str | None) -> PretrainedWeights:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     from .download import fetch_hub_bytes
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
+    try:
+        validate_repo_id(repo_id if repo_id.count("/") == 1 else "")
+    except HFValidationError:
+        raise UnknownWeightsError(
+            f"Invalid Hub repo id {repo_id!r} (not 'org/name'): expected 'hf-hub:org/name[@revision]'"
+        ) from None
     options: dict[str, Any] = dict(cache_dir=cache_dir, endpoint=endpoint)
     config_path, config = fetch_hub_bytes(
         repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options
