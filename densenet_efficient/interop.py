@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .core import registry
-from .core.config import adapt_cfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
+from .core.config import adapt_cfg, check_pretrained_cfg, with_pool_sizes
 from .core.model import DenseNet, DenseNetFeatures
 from .models import create_model
 from .pretrained.errors import UnknownWeightsError
@@ -34,10 +34,9 @@ def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
         default = manifest["default_tags"].get(name)
         for tag in sorted(tags, key=lambda tag: tag != default):
             cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
-        if not tags:
-            a: dict[str, Any] = {"stem": "imagenet", "in_chans": 3, "num_classes": 1000, "spatial_dims": 2}
-            a, n = a | registry.architecture(name), len(registry.architecture(name)["block_config"])
-            cfgs[name] = architecture_cfg(a["stem"], a["in_chans"], a["num_classes"], a["spatial_dims"], n, name)
+        if not tags:  # the architecture's own, from its network on the meta device
+            with torch.device("meta"):
+                cfgs[name] = create_model(name, efficient=False).pretrained_cfg
     return generate_default_cfgs(cfgs)
 
 

@@ -108,6 +108,7 @@ def fetch_hub_bytes(
     :class:`~.errors.UnverifiedWeightsError` unless ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
     revision = revision or constants.DEFAULT_REVISION
     name, limit = f"{repo_id}/{filename}@{revision}", size or MAX_WEIGHTS_BYTES
+    floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
     cache_dir = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
     try:
         if not constants.HF_HUB_OFFLINE and not isinstance(
@@ -124,7 +125,6 @@ def fetch_hub_bytes(
                     if mismatch
                     else f"{served_size:,} bytes, more than the {limit:,}"
                 )
-                floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
                 raise ChecksumMismatchError(f"{name}: the Hub serves {problem}; nothing was downloaded.{floating}")
             if etag:  # the transfer, bounded, into the blob the client then links (its own has no deadline)
                 folder = Path(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
@@ -156,7 +156,6 @@ def fetch_hub_bytes(
     actual = _hash(data, expected)
     if actual != expected:
         in_cache = [path] + [blob] * (blob != path and blob.parent.name == "blobs")
-        floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
         raise ChecksumMismatchError(
             f"{name}: the file's hash is {actual}, expected {expected}.{floating} {_discard(in_cache)} "
             f"(the cache's own copy; nothing outside it)"

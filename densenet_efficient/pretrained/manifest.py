@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..core.config import InputCfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
+from ..core.config import InputCfg, architecture_cfg, with_pool_sizes
 from .errors import ManifestError, UnknownWeightsError
 from .files import read_regular_file
 
@@ -108,7 +108,7 @@ class PretrainedCfg:
             cfg.update(hf_hub_id=self.hub.repo_id, hf_hub_filename=self.hub.filename)
         if self.url is not None:
             cfg["url"] = self.url.url
-        return check_pretrained_cfg(with_pool_sizes(cfg, stem, blocks))
+        return with_pool_sizes(cfg, stem, blocks)  # of checked values: the entry's input, the architecture's
 
 
 def label_names(labels: str | None) -> tuple[str, ...] | None:
