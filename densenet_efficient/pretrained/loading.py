@@ -3,8 +3,7 @@
 A reference is a manifest tag (``"DEFAULT"``/``pretrained=True``: the default one); a ``.safetensors`` (or
 ``.pth``/``.bin``, read with ``weights_only=True``) file or a folder of :func:`save_pretrained` or timm's
 ``save_for_hf``; or ``"hf-hub:org/name[@revision]"``. Each file is read once: the bytes hashed are the bytes
-deserialised. A ``config.json`` is checked before anything is built (arguments in bounds, accepted by the
-constructor on the ``meta`` device, as many values as the weights hold: :func:`state_size`).
+deserialised; a ``config.json`` is checked before anything is built (:func:`parse_config`).
 """
 
 from __future__ import annotations
