@@ -76,13 +76,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}"
 
 
-def _hash(data: bytes, like: str) -> str:
-    """sha256 of ``data``, or its git blob id (the Hub's hash of a small file) when ``like`` has 40 digits."""
-    if len(like) == 64:
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def _discard(paths: list[Path]) -> str:
     """Unlink ``paths`` (links, never their targets); what was done, for the checksum error."""
     try:
@@ -153,7 +146,8 @@ def fetch_hub_bytes(
             )
         warnings.warn(f"{name}: loading it unverified because {ALLOW_UNVERIFIED_ENV} is set", stacklevel=2)
         return str(path), data
-    actual = _hash(data, expected)
+    digest = hashlib.sha256(data) if len(expected) == 64 else hashlib.sha1(b"blob %d\0" % len(data) + data)
+    actual = digest.hexdigest()  # a sha256, or the git blob id the Hub names a small file by
     if actual != expected:
         in_cache = [path] + [blob] * (blob != path and blob.parent.name == "blobs")
         raise ChecksumMismatchError(
