@@ -160,12 +160,8 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` with its lists as tuples, or ``ValueError`` naming the key, what it holds and what is valid: timm's
     keys only; sizes ``[channels, *spatial]`` of 1 to 3 spatial sizes, all of one rank; ``mean``/``std`` finite,
     one per channel, ``std > 0``; crop fractions in (0, 1]; an ``interpolation`` of that rank; bounded sizes."""
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"a pretrained_cfg must be an object of timm's keys, got {type(cfg).__name__}")
     if unknown := sorted(str(key) for key in cfg if key not in PRETRAINED_CFG_KEYS):
         raise ValueError(f"unknown pretrained_cfg keys {unknown}; valid (timm's): {', '.join(PRETRAINED_CFG_KEYS)}")
-    if cfg.get("state_dict") is not None:
-        raise ValueError("pretrained_cfg.state_dict: tensors do not belong in a configuration")
     value: Any
     checked: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
 
