@@ -35,6 +35,10 @@ HF_HUB_PREFIX = "hf-hub:"
 # config.json: save_pretrained's carries FORMAT_KEY: CONFIG_FORMAT and weights_sha256 beside timm's keys, so that timm
 # and transformers read it too; one without the marker is timm's (save_for_hf).
 FORMAT_KEY, CONFIG_FORMAT = "format", "densenet_efficient"
+MODEL_ARGS = (
+    *("growth_rate", "block_config", "num_init_features", "bn_size", "compression", "drop_rate"),
+    *("num_classes", "in_chans", "stem", "global_pool", "spatial_dims"),
+)
 _TIMM_KEYS = {"architecture", "model_args", "num_classes", "num_features", "global_pool", "pretrained_cfg"}
 _TIMM_KEYS |= {"label_names", "label_descriptions"}
 _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
@@ -264,11 +268,10 @@ def _timm_model_args(name: str, settings: Mapping[str, Any], where: str) -> dict
 def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``model_args`` as constructor arguments of ``name`` (lists as tuples), or :class:`InvalidConfigError` naming
     ``where``: known names, within the bounds, accepted by the constructor, at most 2**32 parameters."""
+    if unknown := sorted(set(model_args) - set(MODEL_ARGS)):
+        raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: {MODEL_ARGS}")
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
-    full = architecture(name)  # its config: every argument a saved set records
-    if unknown := sorted(set(args) - set(full)):
-        raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: {tuple(full)}")
-    full |= args
+    full = {**architecture(name), **args}
     try:
         _check_bounds(full)
         if args:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
