@@ -49,36 +49,10 @@ try:
 except _metadata.PackageNotFoundError:  # run from a source tree (torch.hub) without installing
     __version__ = "0+unknown"
 
-__all__ = [
-    "MEMORY_MODES",
-    "ChecksumMismatchError",
-    "DenseNet",
-    "DenseNetFeatures",
-    "IncompatibleWeightsError",
-    "InvalidConfigError",
-    "InvalidWeightsFileError",
-    "ManifestError",
-    "MemoryMode",
-    "PretrainedCfg",
-    "SyncBatchNorm",
-    "UnknownWeightsError",
-    "UnverifiedWeightsError",
-    "WeightsNotAvailableError",
-    "check_memory_mode",
-    "cifar_densenet",
-    "convert_sync_batchnorm",
-    "create_model",
-    "get_pretrained_cfg",
-    "is_model",
-    "list_models",
-    "list_pretrained",
-    "make_efficient",
-    "optim_in_backward",
-    "OptimizerInBackward",
-    "pretrained",
-    "register_model",
-    "register_with_timm",
-    "save_pretrained",
-    "transforms",
-    *registry.entrypoints(),
-]
+__all__ = ["MEMORY_MODES", "ChecksumMismatchError", "DenseNet", "DenseNetFeatures", "IncompatibleWeightsError"]
+__all__ += ["InvalidConfigError", "InvalidWeightsFileError", "ManifestError", "MemoryMode", "PretrainedCfg"]
+__all__ += ["SyncBatchNorm", "UnknownWeightsError", "UnverifiedWeightsError", "WeightsNotAvailableError"]
+__all__ += ["check_memory_mode", "cifar_densenet", "convert_sync_batchnorm", "create_model", "get_pretrained_cfg"]
+__all__ += ["is_model", "list_models", "list_pretrained", "make_efficient", "optim_in_backward", "OptimizerInBackward"]
+__all__ += ["pretrained", "register_model", "register_with_timm", "save_pretrained", "transforms"]
+__all__ += [*registry.entrypoints()]

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 
 from .core import registry
-from .core.config import adapt_cfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
+from .core.config import adapt_cfg, check_pretrained_cfg, with_pool_sizes
 from .core.model import DenseNet, DenseNetFeatures
 from .models import create_model
-from .pretrained.errors import UnknownWeightsError
 from .pretrained.loading import WEIGHTS_FILENAME, check_model_args
 from .pretrained.manifest import load_manifest, weights_entry
 
@@ -34,32 +33,25 @@ def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
         default = manifest["default_tags"].get(name)
         for tag in sorted(tags, key=lambda tag: tag != default):
             cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
-        if not tags:
-            a: dict[str, Any] = {"stem": "imagenet", "in_chans": 3, "num_classes": 1000, "spatial_dims": 2}
-            a, n = a | registry.architecture(name), len(registry.architecture(name)["block_config"])
-            cfgs[name] = architecture_cfg(a["stem"], a["in_chans"], a["num_classes"], a["spatial_dims"], n, name)
+        if not tags:  # the architecture's own, from its network on the meta device
+            with torch.device("meta"):
+                cfgs[name] = create_model(name, efficient=False).pretrained_cfg
     return generate_default_cfgs(cfgs)
 
 
 def _weights_reference(name: str, cfg: Mapping[str, Any]) -> str | None:
     """What this package's loader reads for timm's resolved ``pretrained_cfg``, in timm's order of sources; ``None``:
     timm's ``load_pretrained`` reads it (``state_dict``, ``url``, another Hub file name)."""
-    if cfg.get("source") == "local-dir":
-        return str(cfg["file"])
     if cfg.get("source") == "hf-hub":
         return f"hf-hub:{cfg['hf_hub_id']}"
+    if cfg.get("source") == "local-dir" or (cfg.get("file") and cfg.get("state_dict") is None):
+        return str(cfg["file"])
     if cfg.get("state_dict") is not None:
         return None
-    if cfg.get("file"):
-        return str(cfg["file"])
-    tag = cfg.get("tag")
-    if tag:
-        try:
-            entry = weights_entry(name, tag).model_cfg()
-        except UnknownWeightsError:
-            entry = None
-        if entry is not None and all(cfg.get(key) == entry.get(key) for key in ("hf_hub_id", "url")):
-            return str(tag)
+    if cfg.get("tag") and f"{name}.{cfg['tag']}" in load_manifest()["weights"]:
+        entry = weights_entry(name, cfg["tag"]).model_cfg()  # the manifest's weights, if they are those asked for
+        if all(cfg.get(key) == entry.get(key) for key in ("hf_hub_id", "url")):
+            return str(cfg["tag"])
     if cfg.get("hf_hub_id") and cfg.get("hf_hub_filename") in (None, WEIGHTS_FILENAME):
         return f"hf-hub:{cfg['hf_hub_id']}"
     return None

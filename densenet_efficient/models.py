@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 from .core.functional import MemoryMode
@@ -85,102 +85,35 @@ def cifar_densenet(
     return _create(name, arch, pretrained, weights, **kwargs)
 
 
-def _imagenet(block_config: tuple[int, ...], growth_rate: int = 32, **arch: Any) -> dict[str, Any]:
-    """An ImageNet-stem DenseNet's arguments (bottleneck 4k, compression 0.5, a stem of 2k channels)."""
-    return dict(growth_rate=growth_rate, block_config=block_config, num_init_features=2 * growth_rate, **arch)
+def _factory(name: str, arch: dict[str, Any], doc: str) -> Callable[..., DenseNet]:
+    """The registered factory ``name`` (a real function: torch.hub and timm read its name, signature and doc)."""
+
+    def factory(pretrained: bool = False, weights: Any = None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
+        return _create(name, arch, pretrained, weights, efficient=efficient, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    return register_model(factory)
 
 
-def _volumetric(block_config: tuple[int, ...]) -> dict[str, Any]:
-    """MONAI's 3D DenseNets: the ImageNet stem in 3D, single-channel volumes, two classes (its examples')."""
-    return _imagenet(block_config, spatial_dims=3, in_chans=1, num_classes=2)
+def _family() -> dict[str, Callable[..., DenseNet]]:
+    """The factories of the family: four CIFAR networks, the ImageNet DenseNets and MONAI's 3D ones."""
+    family = {}
+    for depth, k, bc in ((40, 12, False), (100, 12, True), (250, 24, True), (190, 40, True)):
+        arch, kind = cifar_architecture(depth, k, bc), "bottleneck layers, compression 0.5" if bc else "layers"
+        about = f"DenseNet{'-BC' if bc else ''} L={depth}, k={k} for 32x32 inputs (CIFAR): 3 blocks of "
+        family[cifar_name(depth, k, bc)] = (arch, about + f"{arch['block_config'][0]} {kind}.")
+    blocks = {121: (6, 12, 24, 16), 161: (6, 12, 36, 24), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32)}
+    for depth, layers in (blocks | {264: (6, 12, 64, 48)}).items():
+        k = 48 if depth == 161 else 32
+        arch = dict(growth_rate=k, block_config=layers, num_init_features=2 * k)
+        about = f"for ImageNet (224x224): blocks of {', '.join(map(str, layers))} layers, k={k}."
+        family[f"densenet{depth}_efficient"] = (arch, f"DenseNet-{depth} {about}")
+        if depth != 161:  # MONAI's: the ImageNet stem in 3D, single-channel volumes, two classes (its examples')
+            about = f"for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet{depth}(spatial_dims=3)``."
+            volumes = arch | dict(spatial_dims=3, in_chans=1, num_classes=2)
+            family[f"densenet{depth}_3d"] = (volumes, f"DenseNet-{depth} {about}")
+    return {name: _factory(name, arch, about) for name, (arch, about) in family.items()}
 
 
-@register_model
-def densenet_40_k12(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet L=40, k=12 for 32x32 inputs (CIFAR): 3 blocks of 12 layers, no bottleneck, no compression."""
-    arch = cifar_architecture(40, 12, bottleneck=False)
-    return _create("densenet_40_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet_bc_100_k12(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC L=100, k=12 for 32x32 inputs (CIFAR): 3 blocks of 16 bottleneck layers, compression 0.5."""
-    arch = cifar_architecture(100, 12, bottleneck=True)
-    return _create("densenet_bc_100_k12", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet_bc_250_k24(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC L=250, k=24 for 32x32 inputs (CIFAR): 3 blocks of 41 bottleneck layers, compression 0.5."""
-    arch = cifar_architecture(250, 24, bottleneck=True)
-    return _create("densenet_bc_250_k24", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet_bc_190_k40(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-BC L=190, k=40 for 32x32 inputs (CIFAR): 3 blocks of 31 bottleneck layers, compression 0.5."""
-    arch = cifar_architecture(190, 40, bottleneck=True)
-    return _create("densenet_bc_190_k40", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet121_efficient(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-121 for ImageNet (224x224): blocks of 6, 12, 24, 16 layers, k=32."""
-    arch = _imagenet((6, 12, 24, 16))
-    return _create("densenet121_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet169_efficient(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-169 for ImageNet (224x224): blocks of 6, 12, 32, 32 layers, k=32."""
-    arch = _imagenet((6, 12, 32, 32))
-    return _create("densenet169_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet201_efficient(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-201 for ImageNet (224x224): blocks of 6, 12, 48, 32 layers, k=32."""
-    arch = _imagenet((6, 12, 48, 32))
-    return _create("densenet201_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet161_efficient(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-161 for ImageNet (224x224): blocks of 6, 12, 36, 24 layers, k=48."""
-    arch = _imagenet((6, 12, 36, 24), growth_rate=48)
-    return _create("densenet161_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet264_efficient(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-264 for ImageNet (224x224): blocks of 6, 12, 64, 48 layers, k=32 (tech report; no weights)."""
-    arch = _imagenet((6, 12, 64, 48))
-    return _create("densenet264_efficient", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet121_3d(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-121 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet121(spatial_dims=3)``."""
-    arch = _volumetric((6, 12, 24, 16))
-    return _create("densenet121_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet169_3d(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-169 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet169(spatial_dims=3)``."""
-    arch = _volumetric((6, 12, 32, 32))
-    return _create("densenet169_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet201_3d(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-201 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet201(spatial_dims=3)``."""
-    arch = _volumetric((6, 12, 48, 32))
-    return _create("densenet201_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
-
-
-@register_model
-def densenet264_3d(pretrained=False, weights=None, efficient: MemoryMode = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-264 for volumes (N, 1, D, H, W), 96^3 by default: MONAI's ``DenseNet264(spatial_dims=3)``."""
-    arch = _volumetric((6, 12, 64, 48))
-    return _create("densenet264_3d", arch, pretrained, weights, efficient=efficient, **kwargs)
+globals().update(_family())  # densenet121_efficient, ...: module attributes, as torch.hub and timm expect

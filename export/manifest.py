@@ -18,23 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from densenet_efficient.core.config import InputCfg
 from densenet_efficient.pretrained import manifest as _manifest
 from densenet_efficient.pretrained.errors import ManifestError
 from densenet_efficient.pretrained.files import write_atomically
-from densenet_efficient.pretrained.manifest import MANIFEST_FILENAME, manifest_path
+from densenet_efficient.pretrained.manifest import MANIFEST_FILENAME, PretrainedCfg, manifest_path
 
 PACKAGED = Path(_manifest.__file__).parent / MANIFEST_FILENAME
 SCHEMA = PACKAGED.with_name("weights_manifest.schema.json")
 ROOT_COPY = Path(__file__).resolve().parents[1] / MANIFEST_FILENAME
 
 FIELDS = ("sha256", "size", "revision")
-_INPUT_FIELDS = ("input_size", "test_input_size", "mean", "std", "interpolation", "crop_pct", "test_crop_pct")
 
 
 def validate_manifest(manifest: Any, where: str | Path) -> None:
     """:class:`ManifestError` naming ``where`` and the field unless ``manifest`` satisfies its JSON Schema, keys are
-    ``model.tag``, inputs make an :class:`InputCfg`, url hashes agree and every default tag has an entry."""
+    ``model.tag``, entries make a :class:`PretrainedCfg`, url hashes agree and every default tag has an entry."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
@@ -44,10 +42,7 @@ def validate_manifest(manifest: Any, where: str | Path) -> None:
     for key, entry in manifest["weights"].items():
         if key != f"{entry['model']}.{entry['tag']}":
             raise ManifestError(f"{where}: entry {key!r} is for {entry['model']}.{entry['tag']}; keys are model.tag")
-        try:
-            InputCfg.from_dict({name: entry[name] for name in _INPUT_FIELDS if entry.get(name) is not None})
-        except ValueError as error:
-            raise ManifestError(f"{where}: entry {key!r}: {error}") from None
+        PretrainedCfg.from_dict(entry)  # ManifestError naming the entry: its input, metrics, files
         url = entry["url"]
         if url and url["sha256"] and not url["sha256"].startswith(url["sha256_prefix"]):
             raise ManifestError(f"{where}: {key!r}: url.sha256 {url['sha256']} does not start with url.sha256_prefix")

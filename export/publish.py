@@ -51,14 +51,13 @@ def publish(
     message: str | None = None,
 ) -> str:
     """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns it."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     files = upload_files(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     message = message or f"Upload {folder.name} with densenet_efficient"
-    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message).oid
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=files, commit_message=message).oid
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -69,12 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", help="Hub token (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--message", help="commit message")
-    args = parser.parse_args(argv)
-    try:
-        upload_files(args.folder)
-    except SystemExit as error:
-        parser.error(str(error))
-    return args
+    return parser.parse_args(argv)  # publish checks the folder before any request
 
 
 def main(argv: Sequence[str] | None = None) -> int:

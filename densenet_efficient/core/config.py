@@ -105,18 +105,6 @@ def min_input_side(stem: str, num_blocks: int) -> int:
     return 4 * reduction - 3 if stem == "imagenet" else reduction
 
 
-def architecture_input(stem: str, in_chans: int, spatial_dims: int = 2) -> InputCfg:
-    """The input a network of this stem was designed for: CIFAR's 32 px images or ImageNet's 224 px crops, with
-    their statistics (other channel counts: the channel average); signals (224 or 32 long) and volumes (side
-    :data:`VOLUME_SIZE` or 32) already normalised (mean 0, std 1, as MONAI's intensity transforms leave them)."""
-    cfg = CIFAR10 if stem == "cifar" else IMAGENET
-    if spatial_dims != 2:
-        side = VOLUME_SIZE if spatial_dims == 3 and stem == "imagenet" else cfg.input_size[-1]
-        size, interpolation = (in_chans,) + (side,) * spatial_dims, INTERPOLATIONS[spatial_dims][-1]
-        return InputCfg(size, (0.0,) * in_chans, (1.0,) * in_chans, 1.0, interpolation)
-    return dataclasses.replace(cfg, interpolation="bicubic").adapt(in_chans, 0)
-
-
 def architecture_cfg(
     stem: str,
     in_chans: int,
@@ -125,10 +113,19 @@ def architecture_cfg(
     num_blocks: int = 4,
     architecture: str | None = None,
 ) -> dict[str, Any]:
-    """``model.pretrained_cfg`` of a network without weights: :func:`architecture_input` and what the network
-    determines (``pool_size``, ``min_input_size``, ``num_classes``, ``first_conv``, ``classifier``)."""
+    """``model.pretrained_cfg`` of a network without weights: the input its stem was designed for (CIFAR's 32 px
+    images or ImageNet's 224 px crops with their statistics, the channel average for other channel counts; signals
+    (224 or 32 long) and volumes (side :data:`VOLUME_SIZE` or 32) normalised: mean 0, std 1, as MONAI's intensity
+    transforms leave them) and what the network determines (``pool_size``, ``min_input_size``, ``first_conv``...)."""
+    inputs = CIFAR10 if stem == "cifar" else IMAGENET
+    if spatial_dims != 2:
+        side = VOLUME_SIZE if spatial_dims == 3 and stem == "imagenet" else inputs.input_size[-1]
+        size, interpolation = (in_chans,) + (side,) * spatial_dims, INTERPOLATIONS[spatial_dims][-1]
+        inputs = InputCfg(size, (0.0,) * in_chans, (1.0,) * in_chans, 1.0, interpolation)
+    else:
+        inputs = dataclasses.replace(inputs, interpolation="bicubic").adapt(in_chans, 0)
     cfg = {
-        **architecture_input(stem, in_chans, spatial_dims).to_dict(),
+        **inputs.to_dict(),
         "min_input_size": (in_chans,) + (min_input_side(stem, num_blocks),) * spatial_dims,
         "crop_mode": "center",
         "num_classes": num_classes,
@@ -163,12 +160,8 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` with its lists as tuples, or ``ValueError`` naming the key, what it holds and what is valid: timm's
     keys only; sizes ``[channels, *spatial]`` of 1 to 3 spatial sizes, all of one rank; ``mean``/``std`` finite,
     one per channel, ``std > 0``; crop fractions in (0, 1]; an ``interpolation`` of that rank; bounded sizes."""
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"a pretrained_cfg must be an object of timm's keys, got {type(cfg).__name__}")
     if unknown := sorted(str(key) for key in cfg if key not in PRETRAINED_CFG_KEYS):
         raise ValueError(f"unknown pretrained_cfg keys {unknown}; valid (timm's): {', '.join(PRETRAINED_CFG_KEYS)}")
-    if cfg.get("state_dict") is not None:
-        raise ValueError("pretrained_cfg.state_dict: tensors do not belong in a configuration")
     value: Any
     checked: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
 

@@ -17,22 +17,7 @@ from .manifest import PretrainedCfg, get_pretrained_cfg, list_pretrained, load_m
 from .preprocessing import transforms
 from .saving import save_pretrained
 
-__all__ = [
-    "ChecksumMismatchError",
-    "IncompatibleWeightsError",
-    "InvalidConfigError",
-    "InvalidWeightsFileError",
-    "ManifestError",
-    "PretrainedCfg",
-    "UnknownWeightsError",
-    "UnverifiedWeightsError",
-    "WeightsNotAvailableError",
-    "get_pretrained_cfg",
-    "list_pretrained",
-    "load_manifest",
-    "load_state_dict_into",
-    "read_state_dict",
-    "resolve_weights",
-    "save_pretrained",
-    "transforms",
-]
+__all__ = ["ChecksumMismatchError", "IncompatibleWeightsError", "InvalidConfigError", "InvalidWeightsFileError"]
+__all__ += ["ManifestError", "PretrainedCfg", "UnknownWeightsError", "UnverifiedWeightsError"]
+__all__ += ["WeightsNotAvailableError", "get_pretrained_cfg", "list_pretrained", "load_manifest"]
+__all__ += ["load_state_dict_into", "read_state_dict", "resolve_weights", "save_pretrained", "transforms"]

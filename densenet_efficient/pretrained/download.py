@@ -21,14 +21,12 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import build_hf_headers, tqdm, validate_repo_id
+from huggingface_hub.utils import build_hf_headers, tqdm
 
 from .errors import (
     ChecksumMismatchError,
     InvalidWeightsFileError,
-    UnknownWeightsError,
     UnverifiedWeightsError,
     WeightsNotAvailableError,
 )
@@ -78,13 +76,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}"
 
 
-def _hash(data: bytes, like: str) -> str:
-    """sha256 of ``data``, or its git blob id (the Hub's hash of a small file) when ``like`` has 40 digits."""
-    if len(like) == 64:
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def _discard(paths: list[Path]) -> str:
     """Unlink ``paths`` (links, never their targets); what was done, for the checksum error."""
     try:
@@ -108,12 +99,9 @@ def fetch_hub_bytes(
     """Path of Hub file ``repo_id/filename`` in the HF cache (downloaded if needed) and its bytes (at most ``size``),
     read once and verified against ``sha256``, else its cache blob's name; unverifiable:
     :class:`~.errors.UnverifiedWeightsError` unless ``$DENSENET_EFFICIENT_ALLOW_UNVERIFIED`` is on."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise UnknownWeightsError(f"Invalid Hub repo id {repo_id!r}: {error}; expected 'org/name'") from None
     revision = revision or constants.DEFAULT_REVISION
     name, limit = f"{repo_id}/{filename}@{revision}", size or MAX_WEIGHTS_BYTES
+    floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
     cache_dir = None if cache_dir is None else Path(cache_dir)  # huggingface_hub is typed for str | Path
     try:
         if not constants.HF_HUB_OFFLINE and not isinstance(
@@ -130,7 +118,6 @@ def fetch_hub_bytes(
                     if mismatch
                     else f"{served_size:,} bytes, more than the {limit:,}"
                 )
-                floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
                 raise ChecksumMismatchError(f"{name}: the Hub serves {problem}; nothing was downloaded.{floating}")
             if etag:  # the transfer, bounded, into the blob the client then links (its own has no deadline)
                 folder = Path(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
@@ -159,10 +146,10 @@ def fetch_hub_bytes(
             )
         warnings.warn(f"{name}: loading it unverified because {ALLOW_UNVERIFIED_ENV} is set", stacklevel=2)
         return str(path), data
-    actual = _hash(data, expected)
+    digest = hashlib.sha256(data) if len(expected) == 64 else hashlib.sha1(b"blob %d\0" % len(data) + data)
+    actual = digest.hexdigest()  # a sha256, or the git blob id the Hub names a small file by
     if actual != expected:
         in_cache = [path] + [blob] * (blob != path and blob.parent.name == "blobs")
-        floating = "" if _HASH.fullmatch(revision) else _FLOATING.format(revision)
         raise ChecksumMismatchError(
             f"{name}: the file's hash is {actual}, expected {expected}.{floating} {_discard(in_cache)} "
             f"(the cache's own copy; nothing outside it)"

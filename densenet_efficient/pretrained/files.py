@@ -1,8 +1,5 @@
-"""File helpers of the weights layer and the tools: the strict on/off switch, bounded reads, atomic writes.
-
-``lock_file``/``remove_stale_temporaries`` serve ``tools/train.py``'s run folder (a ``fcntl.flock`` held by a
-writer marks its temporary file as live; nothing on Windows).
-"""
+"""File helpers of the weights layer and the tools: the strict on/off switch, bounded reads, atomic writes (a
+``fcntl.flock`` held by a writer marks its temporary file as live for ``remove_stale_temporaries``)."""
 
 from __future__ import annotations
 

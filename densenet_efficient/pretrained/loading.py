@@ -3,8 +3,7 @@
 A reference is a manifest tag (``"DEFAULT"``/``pretrained=True``: the default one); a ``.safetensors`` (or
 ``.pth``/``.bin``, read with ``weights_only=True``) file or a folder of :func:`save_pretrained` or timm's
 ``save_for_hf``; or ``"hf-hub:org/name[@revision]"``. Each file is read once: the bytes hashed are the bytes
-deserialised. A ``config.json`` is checked before anything is built (arguments in bounds, accepted by the
-constructor on the ``meta`` device, as many values as the weights hold: :func:`state_size`).
+deserialised; a ``config.json`` is checked before anything is built (:func:`parse_config`).
 """
 
 from __future__ import annotations
@@ -127,11 +126,18 @@ def _manifest_weights(name: str, tag: str | None, cache_dir: Any, endpoint: str 
 
 
 def _hub_weights(name: str, reference: str, cache_dir: Any, endpoint: str | None) -> PretrainedWeights:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     from .download import fetch_hub_bytes
 
     repo_id, _, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise UnknownWeightsError(f"Invalid Hub reference {reference!r}: expected 'hf-hub:org/name[@revision]'.")
+    try:
+        validate_repo_id(repo_id if repo_id.count("/") == 1 else "")
+    except HFValidationError:
+        raise UnknownWeightsError(
+            f"Invalid Hub repo id {repo_id!r} (not 'org/name'): expected 'hf-hub:org/name[@revision]'"
+        ) from None
     options: dict[str, Any] = dict(cache_dir=cache_dir, endpoint=endpoint)
     config_path, config = fetch_hub_bytes(
         repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options

@@ -9,13 +9,13 @@ import fnmatch
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..core.config import InputCfg, architecture_cfg, check_pretrained_cfg, with_pool_sizes
+from ..core.config import InputCfg, architecture_cfg, with_pool_sizes
 from .errors import ManifestError, UnknownWeightsError
 from .files import read_regular_file
 
@@ -61,9 +61,8 @@ class UrlFile:
 
 @dataclass(frozen=True)
 class PretrainedCfg:
-    """One manifest entry (``model.tag``), frozen (sequences are tuples); :meth:`to_dict` gives its JSON back.
-    ``input`` is what the weights expect (``labels``, a standard label list such as ``"imagenet-1k"``, gives its
-    ``label_names``)."""
+    """One manifest entry (``model.tag``), frozen (sequences are tuples). ``input`` is what the weights expect
+    (``labels``, a standard label list such as ``"imagenet-1k"``, gives its ``label_names``)."""
 
     model: str
     tag: str
@@ -98,15 +97,6 @@ class PretrainedCfg:
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ManifestError(f"{manifest_path()}: entry {entry.get('model')}.{entry.get('tag')}: {error}") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest entry as JSON (optional fields left out when unset)."""
-        entry = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "input"}
-        entry.update(model_args=dict(self.model_args), metrics=[asdict(m) for m in self.metrics])
-        entry.update(hub=self.hub and asdict(self.hub), url=self.url and asdict(self.url))
-        entry.update({key: getattr(self.input, key) for key in _INPUT_KEYS})
-        optional = ("license_source", "labels", "test_input_size", "test_crop_pct")
-        return json.loads(json.dumps({k: v for k, v in entry.items() if v is not None or k not in optional}))
-
     def model_cfg(self) -> dict[str, Any]:
         """The weights' timm ``pretrained_cfg`` (``model.pretrained_cfg`` once they are loaded): the architecture's,
         with this entry's input, labels and location."""
@@ -118,7 +108,7 @@ class PretrainedCfg:
             cfg.update(hf_hub_id=self.hub.repo_id, hf_hub_filename=self.hub.filename)
         if self.url is not None:
             cfg["url"] = self.url.url
-        return check_pretrained_cfg(with_pool_sizes(cfg, stem, blocks))
+        return with_pool_sizes(cfg, stem, blocks)  # of checked values: the entry's input, the architecture's
 
 
 def label_names(labels: str | None) -> tuple[str, ...] | None:

@@ -1,9 +1,5 @@
-"""The preprocessing that travels with the weights: transforms built from a model's :class:`~.core.config.InputCfg`.
-
-Images: for evaluation timm's pipeline (``timm.data.create_transform`` for the same configuration): resize the
-shorter side to ``floor(size / crop_pct)``, centre-crop ``size``, convert to [0, 1] and normalise (torchvision is
-imported only then). Volumes and signals: :class:`ResizeNormalize` on tensors (their augmentation is MONAI's job).
-"""
+"""The preprocessing that travels with the weights: transforms built from a model's :class:`~.core.config.InputCfg`
+(images: timm's ``create_transform``, torchvision imported only then; volumes and signals: :class:`ResizeNormalize`)."""
 
 from __future__ import annotations
 

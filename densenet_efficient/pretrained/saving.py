@@ -144,9 +144,7 @@ def model_card(entry: Mapping[str, Any]) -> str:
     name, hub = entry["model"], entry["hub"]
     title = name + ("." + entry["tag"] if entry.get("tag") else "")
     metrics = [m for m in entry.get("metrics") or [] if isinstance(m, Mapping) and m.get("dataset")]
-    datasets = sorted(
-        {str(m["dataset"]) for m in metrics} | ({str(entry["dataset"])} if entry.get("dataset") else set())
-    )
+    datasets = sorted({str(d) for d in [*(m["dataset"] for m in metrics), entry.get("dataset")] if d})
     results = [
         EvalResult(
             task_type="image-classification",

@@ -84,8 +84,7 @@ def build_splits(
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
     preprocessing = (preprocessing or DEFAULT_INPUT[dataset]).with_size(image_size)
     photos = dataset == "imagefolder"
-    train_tf = _transforms(preprocessing, augment, photos)
-    eval_tf = _transforms(preprocessing, False, photos)
+    train_tf, eval_tf = _transforms(preprocessing, augment, photos), _transforms(preprocessing, False, photos)
     if photos:
         return _imagefolder_splits(Path(root), preprocessing, val_fraction, (train_tf, eval_tf), bad_images)
     from torchvision import datasets
