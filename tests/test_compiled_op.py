@@ -355,3 +355,20 @@ def test_inductor_keeps_the_eager_allocator_peak(mode):
     compiled = torch.compile(model)
     _step(compiled, images, labels)
     assert allocator_peak(lambda: _step(compiled, images, labels)) <= 1.05 * eager
+
+
+@pytest.mark.slow
+def test_inductor_under_cpu_bf16_autocast_matches_plain_autograd():
+    # The fake batch-norm kernel gives bf16 statistics where the CPU kernel gives fp32: inductor's check of the
+    # stem operator's outputs failed before the efficient functions cast their statistics to fp32.
+    naive = DenseNet(**IMAGENET, efficient=False)
+    model = copy.deepcopy(naive).set_efficient(True)
+    images, labels = _batch(side=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(
+            _step(torch.compile(model), images, labels), _step(naive, images, labels), rtol=2e-2, atol=2e-2
+        )
+    got, expected = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (model, naive))
+    assert (got - expected).norm() <= 2e-2 * expected.norm()
+    for got, expected in zip(model.buffers(), naive.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

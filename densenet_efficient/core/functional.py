@@ -213,12 +213,17 @@ def _batch_norm(
     Batch statistics: the running statistics are updated unless ``update_running_stats`` is False (recomputation).
     Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
     """
-    if stage.batch_stats and update_running_stats:
-        return batch_norm_train(
-            x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
+    if stage.batch_stats:  # not updating the running statistics: double backward's recomputation
+        out, mean, invstd = (
+            batch_norm_train(
+                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
+            )
+            if update_running_stats
+            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
         )
-    if stage.batch_stats:  # recomputation (double backward): batch statistics of x, running ones untouched
-        return torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
+        # fp32 for reduced-precision x, as the kernels give them; the fake kernel gives x's dtype (torch.compile)
+        reduced = mean.dtype in (torch.float16, torch.bfloat16)
+        return (out, mean.float(), invstd.float()) if reduced else (out, mean, invstd)
     mean, var = stage.running_mean, stage.running_var
     assert mean is not None and var is not None
     return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, stage.eps)[0], mean, var
