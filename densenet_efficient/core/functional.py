@@ -357,40 +357,30 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat``, or the one tensor itself (no copy, no operator)."""
+    return torch.cat(list(tensors), dim) if len(tensors) > 1 else tensors[0]
+
+
+def _split(tensor: Tensor, sizes: Sequence[int], dim: int = 0) -> Sequence[Tensor]:
+    """``tensor.split(sizes, dim)``, or ``[tensor]`` for one size (no operator)."""
+    return tensor.split(list(sizes), dim) if len(sizes) > 1 else [tensor]
+
+
 def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     """``relu(batch_norm(x))`` is ``relu(shift + x * scale)``: the two per-channel tensors, shaped to broadcast over
-    maps like ``like``, as :func:`_bn_relu_from_stats` computes them."""
+    maps like ``like``, as the batch-norm kernels compute them."""
     scale = weight * invstd
-    shift = bias - mean * scale
     shape = channel_view(like)
-    return shift.view(shape), scale.view(shape)
+    return torch.addcmul(bias, mean, scale, value=-1).view(shape), scale.view(shape)
 
 
-def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, like: Tensor) -> Tensor:
-    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s), laid out as a
-    concatenation of maps like ``like`` is (``x`` itself may be such a concatenation)."""
-    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=_memory_format(like))
+def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, owned: bool) -> Tensor:
+    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s): written over ``x``
+    if it is ``owned`` (a concatenation built for this) and of that dtype, else into a new tensor laid out as ``x``."""
+    dtype = dtype or x.dtype
+    out = x if owned and x.dtype == dtype else torch.empty_like(x, dtype=dtype)
     return torch.addcmul(shift, x, scale, out=out).relu_()
-
-
-def _concat_bn_relu(
-    pieces: Sequence[Tensor], shifts: Sequence[Tensor], scales: Sequence[Tensor], dtype: torch.dtype | None
-) -> Tensor:
-    """``relu(shift + cat(pieces, 1) * scale)``, each piece with its channels' ``shifts`` and ``scales`` (see
-    :func:`_shift_scale`), as :func:`_bn_relu_from_stats` computes it, in ``dtype`` (default: the pieces'). Written
-    piece by piece: the concatenation itself is never built."""
-    first = pieces[0]
-    widths = [piece.shape[1] for piece in pieces]
-    result = torch.empty(
-        (first.shape[0], sum(widths), *first.shape[2:]),
-        dtype=dtype or first.dtype,
-        device=first.device,
-        memory_format=_memory_format(first),
-    )
-    outs = [result] if len(pieces) == 1 else result.split(widths, 1)
-    for piece, shift, scale, out in zip(pieces, shifts, scales, outs, strict=True):
-        torch.addcmul(shift, piece, scale, out=out)
-    return result.relu_()
 
 
 def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
@@ -422,75 +412,56 @@ def _concat_bn_relu_backward(
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`; one for synchronized batch norms)
-    are processed one after the other: ``a`` of the ``index``-th run's channels is recomputed and handed to
+    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`) are processed one after the other:
+    ``a`` of the ``index``-th run's channels is recomputed (over the run's concatenation) and handed to
     ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
-    the gradient for ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the
-    rest into each piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
-    transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
+    the gradient for ``a``; ReLU's backward is written over it, and batch norm's backward turns it into each
+    piece's gradient, a tensor of its own. So the transients are two runs wide, never the concatenation's width.
+    Synchronized batch norms (one run) take the backward of the whole concatenation at once: one collective.
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
-    mean, invstd = _statistics(saved, stage)
     widths = [sum(channels[first:last]) for first, last in runs]
-    shifts, scales = (t.split(widths, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
+    shifts, scales = (_split(t, widths, 1) for t in _shift_scale(weight, bias, *_statistics(saved, stage), inputs[0]))
     norm_mask = list(norm_params_need_grad)
-    if stage.sync is not None:  # one run
-        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-        activated = _bn_relu_into(x, shifts[0], scales[0], compute_dtype, inputs[0])
-        grad = _relu_backward_(activation_grad(activated, 0), activated)
-        del activated
-        grad = grad.to(x.dtype)
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
-        assert grad_x is not None
-        grads = [g.to(t.dtype) for g, t in zip(grad_x.split(channels, 1), inputs, strict=True)]
-        return (
-            [g if needed else None for g, needed in zip(grads, inputs_need_grad, strict=True)],
-            grad_weight,
-            grad_bias,
-        )
+    # Per-piece views taken once (one operator each, not one per piece: the number of operators is what a
+    # launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
+    piece_weights = _split(weight, channels)
+    piece_saved = list(zip(*(_split(t, channels) for t in saved), strict=True))
     input_grads: list[Tensor | None] = []
     weight_grads: list[Tensor] = []
     bias_grads: list[Tensor] = []
-    # Per-piece and per-run views, taken once (one operator each, not one per piece or run: the number of operators
-    # is what a launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
-    piece_weights = weight.split(channels)
-    piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
     for run, (first, last) in enumerate(runs):
-        # The run's concatenation, a transient freed before the convolution's backward allocates its gradient.
-        x = torch.cat(list(inputs[first:last]), 1) if last - first > 1 else inputs[first]
-        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, inputs[first])
+        x = _cat(inputs[first:last], 1)
+        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, last - first > 1 and stage.sync is None)
+        x_kept = x if stage.sync is not None else None
         del x
         grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
-        piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
-        for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
+        if x_kept is not None:
+            grads = _batch_norm_backward(grad.to(x_kept.dtype), x_kept, weight, saved, stage, [True, *norm_mask])
+            assert grads[0] is not None
+            pieces = [g.to(t.dtype) for g, t in zip(_split(grads[0], channels, 1), inputs, strict=True)]
+            return [g if needed else None for g, needed in zip(pieces, inputs_need_grad, strict=True)], *grads[1:]
+        for index, piece_grad in zip(range(first, last), _split(grad, channels[first:last], 1), strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
             if not any(mask):
                 input_grads.append(None)
                 continue
+            piece, layout = inputs[index], _memory_format(inputs[index])
+            piece_grad = piece_grad.to(piece.dtype)
+            # On CPU the reduced-precision kernel accumulates a strided gradient in that precision, and the
+            # channels-last one takes a slow path: those get a dense copy.
+            if piece.dtype in (torch.float16, torch.bfloat16) or layout != torch.contiguous_format:
+                piece_grad = piece_grad.contiguous(memory_format=layout)
             grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                # Dense in the piece's own layout: on CPU the reduced-precision kernel accumulates strided input in
-                # that precision, and the full-precision one sums strided input, or a gradient laid out otherwise
-                # than its input (channels-last maps), in another order than plain autograd's.
-                piece_grad.to(inputs[index].dtype).contiguous(memory_format=_memory_format(inputs[index])),
-                inputs[index],
-                piece_weights[index],
-                piece_saved[index],
-                stage,
-                mask,
+                piece_grad, piece, piece_weights[index], piece_saved[index], stage, mask
             )
             input_grads.append(grad_input)
-            if grad_weight is not None:
-                weight_grads.append(grad_weight)
-            if grad_bias is not None:
-                bias_grads.append(grad_bias)
-        del grad, piece_grads, piece_grad
-    return (
-        input_grads,
-        torch.cat(weight_grads) if weight_grads else None,
-        torch.cat(bias_grads) if bias_grads else None,
-    )
+            weight_grads += [] if grad_weight is None else [grad_weight]
+            bias_grads += [] if grad_bias is None else [grad_bias]
+        del grad, piece_grad
+    return input_grads, _cat(weight_grads) if weight_grads else None, _cat(bias_grads) if bias_grads else None
 
 
 def _chain(
@@ -509,7 +480,7 @@ def _chain(
     """
     statistics: list[Tensor] = []
     intermediates: list[Tensor] = []
-    x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+    x = _cat(inputs, 1)
     for index, stage in enumerate(stages):
         weight, bias, conv_weight = params[3 * index : 3 * index + 3]
         if index > 0 and keep_intermediates:
@@ -632,14 +603,12 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                if stages[0].default:
-                    shift, scale = _shift_scale(
-                        params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0]
-                    )
-                    widths = [t.shape[1] for t in inputs]
-                    recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
+                recomputed = _cat(inputs, 1)
+                if stages[0].default:  # written over the concatenation
+                    shift_scale = _shift_scale(params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0])
+                    recomputed = _bn_relu_into(recomputed, *shift_scale, compute_dtype, len(inputs) > 1)
                 else:
-                    recomputed = relu_output(0, torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0])
+                    recomputed = relu_output(0, recomputed)
                 for index in range(num_stages - 1):
                     recomputed = _conv(recomputed, conv_weight(index), stages[index])
                     if stages[index].pool:
@@ -694,7 +663,7 @@ class _BnReluConvChain(torch.autograd.Function):
             one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
             runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
             # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
-            run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
+            run_slices = _split(grad if weight is None else weight, [sum(channels[a:b]) for a, b in runs], 1)
 
             def activation_grad(activated: Tensor, run: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
@@ -727,7 +696,7 @@ class _BnReluConvChain(torch.autograd.Function):
                             return t
                         return t.view(n, -1)[:, cols].reshape(-1) if per_sample else t[cols]
 
-                    x = torch.cat(list(inputs[a:b]), 1) if b - a > 1 else inputs[a]
+                    x = _cat(inputs[a:b], 1)
                     grad_x, *grads = _norm_act_backward(
                         partial(activation_grad, run=run),
                         x,
@@ -755,7 +724,7 @@ class _BnReluConvChain(torch.autograd.Function):
                     for i, g in enumerate(zip(*parts, strict=True))
                 )
             if grad_conv_weight:
-                param_grads[2] = torch.cat(grad_conv_weight, 1)
+                param_grads[2] = _cat(grad_conv_weight, 1)
         for offset, param_grad in enumerate(param_grads):
             if param_grad is not None:
                 param_grads[offset] = param_grad.to(params[offset].dtype)
