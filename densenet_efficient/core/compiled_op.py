@@ -1,44 +1,31 @@
 """The memory-efficient autograd functions as opaque operators for ``torch.compile``.
 
-``torch.compile`` traces through a plain ``torch.autograd.Function``: its saved-tensor contract is then gone, and
-what is kept for backward becomes the compiler's choice (densenet121 at batch 8, 224 px: 0.70 x naive compiled
-against 0.31 x eager for ``efficient=True``). Under compilation :mod:`.efficient` calls two
-``torch.library.custom_op`` operators instead, each with its autograd registered:
+``torch.compile`` traces through a plain ``torch.autograd.Function`` and then chooses itself what to keep for
+backward (densenet121 at batch 8, 224 px, ``efficient=True``: 0.70 x naive compiled, 0.31 x eager). Under
+compilation :mod:`.efficient` calls ``torch.library.custom_op`` operators instead:
+``densenet_efficient::bn_relu_conv_chain`` for ``_BnReluConvChain`` (dense layers, transitions, the final norm)
+and ``densenet_efficient::conv_bn_relu_max_pool`` for ``_ConvBnReluMaxPool`` (the ImageNet stem). The compiler
+fuses around them but cannot see inside, and saves what ``setup_context`` saves: what the eager function saves.
+Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Forward and
+backward run the eager functions' own code on a stand-in context, so both paths compute the same values. All take
+their tensors in the layout inductor gives them (``flexible_layout``: no copy of a channels-last map per operator).
 
-* :func:`bn_relu_conv_chain` (``densenet_efficient::bn_relu_conv_chain``) for ``_BnReluConvChain``: every dense
-  layer (:func:`.efficient.bn_relu_conv`), every transition (:func:`.efficient.bn_relu_conv_pool`, a stage
-  with 2x average pooling) and the final norm and ReLU (:func:`.efficient.bn_relu`, a stage without
-  convolution);
-* :func:`conv_bn_relu_max_pool` (``densenet_efficient::conv_bn_relu_max_pool``) for ``_ConvBnReluMaxPool``, the
-  ImageNet stem (:func:`.efficient.conv_bn_relu_max_pool`).
+Arguments are tensors and plain values: parameters, feature maps, running statistics (those a training norm
+updates, returned updated as copies, and those an eval-mode norm reads), and per stage its kind, pooling,
+momentum, eps, convolution geometry and groups. Each returns its output(s), the updated running statistics, then
+the tensors its forward saved that are not inputs (batch statistics, kept bottlenecks, window positions).
 
-The compiler fuses around them but cannot see inside, and saves for backward exactly what ``setup_context``
-saves, which is what the eager function saves. Each one's backward is an operator too (``..._backward``): traced
-into the backward graph, the eager backward's operators were fused and scheduled by inductor, which kept more
-alive than eager (DenseNet-BC-16 ``"max"``: 1.37 x its eager allocator peak, 0.94 x as operators). Forward and
-backward are the eager functions' own, run on a stand-in for their autograd context, so both paths compute the
-same values. All four take their tensors in the layout inductor gives them (``flexible_layout``): under the
-default constraint inductor copied a channels-last feature map (the CIFAR stem convolution's) to contiguous once
-per operator that reads it, forward and backward.
-
-Operator arguments are tensors and plain values only: the parameters (a stage without convolution has ``None``
-for its convolution's weight), the feature maps, the running statistics (those a training norm updates, declared
-mutated, and those an eval-mode norm reads), and per stage its kind, pooling, momentum, eps, convolution geometry
-and groups; the stem also its max pooling's geometry. Each returns its output(s), the updated running statistics,
-then the tensors forward computed for backward (batch statistics, kept bottlenecks, window positions); the
-parameters, feature maps and running statistics it saves are its inputs, saved as such.
-
-Not covered, each said where it happens: synchronized batch norms (their collectives cannot run inside an opaque
-operator) fall back to the traced function, with a warning; so does ``torch.export`` (exported programs hold
-standard operators only); double backward (``create_graph=True``) of a compiled model is refused by
-``torch.compile`` itself.
+Synchronized batch norms (their collectives cannot run inside an opaque operator) fall back to the traced
+function with a warning, ``torch.export`` without one (exported programs hold standard operators only); double
+backward of a compiled model is refused by ``torch.compile`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -119,20 +106,8 @@ def _stages(
         dims = 0 if conv_weight is None else conv_weight.dim() - 2
         stride, padding, dilation = (tuple(geometry[start + k * dims : start + (k + 1) * dims]) for k in range(3))
         start += 3 * dims
-        stages.append(
-            _Stage(
-                mean,
-                var,
-                momentum[index],
-                eps[index],
-                stride,
-                padding,
-                dilation,
-                groups[index],
-                kind != _FROZEN,
-                pool=pools[index],
-            )
-        )
+        stages.append(_Stage(mean, var, momentum[index], eps[index], stride, padding, dilation, groups[index]))
+        stages[-1] = replace(stages[-1], batch_stats=kind != _FROZEN, pool=pools[index])
     return tuple(stages)
 
 
@@ -152,14 +127,9 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
     return False
 
 
-def _compute_dtype(tensor: Tensor) -> torch.dtype | None:
-    """The caller's autocast dtype for ``tensor``'s device (``None``: autocast off); the eager functions read the
-    autocast state to choose their compute dtype, and the operators re-enter it (see :func:`_caller_autocast`)."""
-    return autocast_dtype(tensor.device.type)
-
-
 def _caller_autocast(device_type: str, compute_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """The caller's autocast state again, inside an operator: on in ``compute_dtype``, or off (``None``)."""
+    """The caller's autocast state (:func:`.functional.autocast_dtype`) again inside an operator: the eager
+    functions read it to choose their compute dtype."""
     if compute_dtype is None:
         return autocast_off(device_type)
     return torch.autocast(device_type, dtype=compute_dtype)
@@ -194,6 +164,16 @@ def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
     result against: a list of ``None`` for a list of tensors (an empty list too, whatever it would hold), else
     ``None``."""
     return [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None for a in inputs]
+
+
+def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
+    """``impl`` as the operator ``densenet_efficient::name``; on fake tensors (shapes only) ``impl`` itself, whose
+    every operator runs on fake tensors."""
+    operator = torch.library.custom_op(
+        f"densenet_efficient::{name}", impl, mutates_args=(), tags=torch.Tag.flexible_layout
+    )
+    operator.register_fake(impl)
+    return operator
 
 
 def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
@@ -251,11 +231,7 @@ def _chain_impl(
     return [output, *updated, *extras]
 
 
-_chain_op = torch.library.custom_op(
-    "densenet_efficient::bn_relu_conv_chain", _chain_impl, mutates_args=(), tags=torch.Tag.flexible_layout
-)
-# Shapes only (fake tensors): the same computation, which every operator it calls can run on fake tensors.
-_chain_op.register_fake(_chain_impl)
+_chain_op = _operator("bn_relu_conv_chain", _chain_impl)
 
 
 def _chain_backward_impl(
@@ -289,13 +265,7 @@ def _chain_backward_impl(
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
 
 
-_chain_backward_op = torch.library.custom_op(
-    "densenet_efficient::bn_relu_conv_chain_backward",
-    _chain_backward_impl,
-    mutates_args=(),
-    tags=torch.Tag.flexible_layout,
-)
-_chain_backward_op.register_fake(_chain_backward_impl)
+_chain_backward_op = _operator("bn_relu_conv_chain_backward", _chain_backward_impl)
 
 
 def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
@@ -338,7 +308,9 @@ def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tens
     params = [t for t in tensors[:num_params] if t is not None]
     features = cast(list[Tensor], list(tensors[num_params:]))
     arguments = _stage_arguments(stages)
-    outputs = _chain_op(params, convolved, features, *arguments, keep_intermediates, _compute_dtype(features[0]))
+    outputs = _chain_op(
+        params, convolved, features, *arguments, keep_intermediates, autocast_dtype(features[0].device.type)
+    )
     updated = arguments[0]
     _copy_back(updated, outputs[1 : 1 + len(updated)])
     return outputs[0]
@@ -396,10 +368,7 @@ def _stem_impl(
     return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
 
 
-_stem_op = torch.library.custom_op(
-    "densenet_efficient::conv_bn_relu_max_pool", _stem_impl, mutates_args=(), tags=torch.Tag.flexible_layout
-)
-_stem_op.register_fake(_stem_impl)
+_stem_op = _operator("conv_bn_relu_max_pool", _stem_impl)
 
 
 def _stem_backward_impl(
@@ -429,13 +398,7 @@ def _stem_backward_impl(
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
 
 
-_stem_backward_op = torch.library.custom_op(
-    "densenet_efficient::conv_bn_relu_max_pool_backward",
-    _stem_backward_impl,
-    mutates_args=(),
-    tags=torch.Tag.flexible_layout,
-)
-_stem_backward_op.register_fake(_stem_backward_impl)
+_stem_backward_op = _operator("conv_bn_relu_max_pool_backward", _stem_backward_impl)
 
 
 def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
@@ -469,7 +432,13 @@ def conv_bn_relu_max_pool(
         return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
     arguments = _stage_arguments([stage])
     outputs = _stem_op(
-        x, *params, *arguments, _max_pool_arguments(pool), pool.ceil_mode, keep_activation, _compute_dtype(x)
+        x,
+        *params,
+        *arguments,
+        _max_pool_arguments(pool),
+        pool.ceil_mode,
+        keep_activation,
+        autocast_dtype(x.device.type),
     )
     num_outputs = 2 if keep_activation else 1
     updated = arguments[0]
