@@ -6,34 +6,19 @@ A dense layer reads the concatenation of every feature map produced so far in it
     b   = conv1(relu(norm1(x)))     # bottleneck: bn_size * k channels
     out = conv2(relu(norm2(b)))     # k new channels
 
-Plain autograd keeps ``x`` and ``relu(norm1(x))`` alive for every layer until backward, so feature-map memory
-grows quadratically with depth. :class:`_BnReluConvChain` runs the same computation but keeps only
+Plain autograd keeps ``x`` and ``relu(norm1(x))`` of every layer until backward: memory quadratic in depth.
+:class:`_BnReluConvChain` computes the same but keeps only references to the input feature maps (the network
+holds them anyway), per batch norm two per-channel tensors (training: batch mean and inverse std; eval mode: the
+running statistics themselves, not copied) and, with ``efficient=True``, the bottleneck ``b``. Backward recomputes
+the concatenation, batch norm and ReLU from these (elementwise: the batch is never reduced again) and runs the
+convolution and batch-norm backward kernels; only ``efficient="max"`` re-runs a convolution forward (``b``'s 1x1).
+Each norm follows its own mode; running statistics are updated once, in forward, as ``nn.BatchNorm2d`` does.
 
-* references to the input feature maps (the network holds them anyway: later layers read them),
-* per batch norm, two per-channel tensors: in training mode the batch mean and inverse standard deviation; in
-  eval mode (frozen batch norm, input gradients) the running mean and variance themselves, not copied, exactly
-  what plain autograd keeps of them,
-* with ``efficient=True``: the output of every stage but the last (the bottleneck ``b``, linear in depth).
-
-Backward recomputes the concatenation, batch norm and ReLU from these (elementwise, cheap: the normalisation
-uses the saved batch statistics in training mode and the running statistics in eval mode, so the batch is never
-reduced again) and calls the convolution and batch norm backward kernels; it never re-runs a convolution forward,
-except ``efficient="max"``, which also drops ``b`` and recomputes it with one 1x1 convolution. Each batch norm
-follows its own mode, so a chain may mix training and frozen norms. Running statistics are updated exactly once,
-in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
-
-Double backward (gradient penalties, ``create_graph=True``): backward then recomputes the whole chain from the
-saved inputs and parameters with differentiable operations, batch statistics again a function of the input
-(running statistics read in eval mode, never updated), and differentiates it. That recomputation is kept for the
-second backward: it costs what plain autograd costs. Under ``torch.func`` transforms (``grad``, ``vmap``, ...)
-:func:`.efficient.bn_relu_conv` runs the plain modules, which behave there exactly as in ``efficient=False``.
-
-Synchronized batch norms (see :mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one
-collective per batch norm in forward, one in backward, none in the recomputation, which reuses the saved global
-statistics.
-
-Feature maps may have 1, 2 or 3 spatial dimensions, (N, C, L), (N, C, H, W) or (N, C, D, H, W), with the
-matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
+Double backward (``create_graph=True``) recomputes the chain with differentiable operations (batch statistics a
+function of the input, running statistics never updated) and differentiates that, at plain autograd's cost.
+Under ``torch.func`` transforms :func:`.efficient.bn_relu_conv` runs the plain modules. Synchronized batch norms
+(:mod:`.sync_batchnorm`) take one collective in forward and one in backward; the recomputation reuses the saved
+global statistics. Feature maps are (N, C, *spatial) with 1 to 3 spatial dimensions.
 """
 
 from __future__ import annotations
@@ -118,22 +103,10 @@ def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module |
     momentum = (norm.momentum or 0.0) if kind == "instance" else momentum
     spec = activation(act)
     assert spec is not None  # unsupported activations take the plain path (.eligibility)
-    return _Stage(
-        running_mean,
-        running_var,
-        momentum,
-        norm.eps,
-        () if conv is None else conv.stride,
-        () if conv is None else conv.padding,  # type: ignore[arg-type]  # numeric: checked above
-        () if conv is None else conv.dilation,
-        1 if conv is None else conv.groups,
-        batch_stats,
-        sync_group(norm) if training and kind == "batch" else None,
-        pool,
-        kind,
-        getattr(norm, "num_groups", 0),
-        spec,
-    )
+    geometry = ((), (), (), 1) if conv is None else (conv.stride, conv.padding, conv.dilation, conv.groups)
+    sync = sync_group(norm) if training and kind == "batch" else None
+    stats = (running_mean, running_var, momentum, norm.eps)
+    return _Stage(*stats, *geometry, batch_stats, sync, pool, kind, getattr(norm, "num_groups", 0), spec)  # type: ignore[arg-type]
 
 
 def _to(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -197,54 +170,10 @@ def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
     return result
 
 
-def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    """relu(batch_norm(x)) from saved per-channel statistics; the same values forward computed."""
-    scale = weight * invstd
-    shift = bias - mean * scale
-    shape = channel_view(x)
-    return torch.addcmul(shift.view(shape), x, scale.view(shape)).relu_().to(x.dtype)
-
-
-def _batch_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, stage: _Stage, update_running_stats: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_norm(x)`` (N, C, *spatial) and the two per-channel tensors its backward needs (see :func:`_statistics`).
-
-    Batch statistics: the running statistics are updated unless ``update_running_stats`` is False (recomputation).
-    Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
-    """
-    if stage.batch_stats:  # not updating the running statistics: double backward's recomputation
-        out, mean, invstd = (
-            batch_norm_train(
-                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
-            )
-            if update_running_stats
-            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
-        )
-        # fp32 for reduced-precision x, as the kernels give them; the fake kernel gives x's dtype (torch.compile)
-        reduced = mean.dtype in (torch.float16, torch.bfloat16)
-        return (out, mean.float(), invstd.float()) if reduced else (out, mean, invstd)
-    mean, var = stage.running_mean, stage.running_var
-    assert mean is not None and var is not None
-    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, stage.eps)[0], mean, var
-
-
 def _statistics(saved: Sequence[Tensor], stage: _Stage) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and inverse standard deviation from what :func:`_batch_norm` returned for ``stage``."""
+    """Per-channel mean and inverse standard deviation from what :func:`_norm` returned for a batch norm."""
     mean, second = saved
     return (mean, second) if stage.batch_stats else (mean, torch.rsqrt(second + stage.eps))
-
-
-def _batch_norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, saved: Sequence[Tensor], stage: _Stage, output_mask: list[bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``batch_norm(x)`` for input, weight and bias (those of ``output_mask``) from ``grad``."""
-    first, second = saved
-    if stage.batch_stats:
-        return batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, output_mask)
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, x, weight, first, second, None, None, False, stage.eps, output_mask
-    )
 
 
 def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -257,15 +186,29 @@ def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[
 def _norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, stage: _Stage, update_running_stats: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: per channel for batch
-    norm (see :func:`_batch_norm`), per (sample, group) mean and rstd for group norm, per (sample, channel) for
-    instance norm (batch statistics, or the running ones repeated per sample). An instance norm's running
-    statistics become the sample average of their updated repetitions, as ``torch.instance_norm`` does."""
+    """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: for batch norm per
+    channel, the batch mean and inverse std (fp32 for reduced-precision ``x``), or the running statistics
+    themselves (eval mode: not modified, as plain autograd saves them); per (sample, group) mean and rstd for group
+    norm; per (sample, channel) for instance norm (the running ones repeated per sample, whose running statistics
+    become the sample average of their updated repetitions, as ``torch.instance_norm`` does). Running statistics
+    are updated unless ``update_running_stats`` is False (double backward's recomputation)."""
     n, c = x.shape[:2]
     if stage.norm == "group":
         return torch.native_group_norm(x.contiguous(), weight, bias, n, c, x[0, 0].numel(), stage.num_groups, stage.eps)
+    if stage.norm == "batch" and stage.batch_stats:
+        out, first, second = (
+            batch_norm_train(
+                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
+            )
+            if update_running_stats
+            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
+        )
+        # The kernels give fp32 statistics for reduced-precision x, the fake kernel x's dtype (torch.compile)
+        reduced = first.dtype in (torch.float16, torch.bfloat16)
+        return (out, first.float(), second.float()) if reduced else (out, first, second)
     if stage.norm == "batch":
-        return _batch_norm(x, weight, bias, stage, update_running_stats)  # type: ignore[arg-type]
+        stats = stage.running_mean, stage.running_var
+        return torch.native_batch_norm(x, weight, bias, *stats, False, 0.0, stage.eps)[0], *stats  # type: ignore[return-value]
     view, weight, bias = _per_sample(x, weight, bias)
     tracked = [t for t in (stage.running_mean, stage.running_var) if t is not None]
     running = [t.repeat(n) for t in tracked] if update_running_stats or not stage.batch_stats else []
@@ -300,11 +243,14 @@ def _norm_backward(
         return torch.ops.aten.native_group_norm_backward(
             grad.contiguous(), x.contiguous(), *saved, weight, n, c, x[0, 0].numel(), stage.num_groups, mask
         )
-    if stage.norm == "batch":
-        return _batch_norm_backward(grad, x, weight, saved, stage, mask)  # type: ignore[arg-type]
-    view, repeated, _ = _per_sample(x, weight, None)
-    grads = _batch_norm_backward(grad.reshape(view.shape), view, repeated, saved, stage, mask)  # type: ignore[arg-type]
-    return grads[0].view_as(x), *(None if g is None else g.view(n, c).sum(0) for g in grads[1:])  # type: ignore[union-attr,return-value]
+    if stage.norm == "instance":
+        view, repeated, _ = _per_sample(x, weight, None)
+        grads = _norm_backward(grad.reshape(view.shape), view, repeated, saved, replace(stage, norm="batch"), mask)
+        return grads[0].view_as(x), *(None if g is None else g.view(n, c).sum(0) for g in grads[1:])  # type: ignore[union-attr,return-value]
+    first, second = saved
+    if stage.batch_stats:
+        return batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, mask)
+    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, first, second, None, None, False, stage.eps, mask)
 
 
 def _activate(x: Tensor, stage: _Stage, weight: Tensor | None) -> Tensor:
@@ -439,7 +385,7 @@ def _concat_bn_relu_backward(
         grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
         if x_kept is not None:
-            grads = _batch_norm_backward(grad.to(x_kept.dtype), x_kept, weight, saved, stage, [True, *norm_mask])
+            grads = _norm_backward(grad.to(x_kept.dtype), x_kept, weight, saved, stage, [True, *norm_mask])
             assert grads[0] is not None
             pieces = [g.to(t.dtype) for g, t in zip(_split(grads[0], channels, 1), inputs, strict=True)]
             return [g if needed else None for g, needed in zip(pieces, inputs_need_grad, strict=True)], *grads[1:]
@@ -454,7 +400,7 @@ def _concat_bn_relu_backward(
             # channels-last one takes a slow path: those get a dense copy.
             if piece.dtype in (torch.float16, torch.bfloat16) or layout != torch.contiguous_format:
                 piece_grad = piece_grad.contiguous(memory_format=layout)
-            grad_input, grad_weight, grad_bias = _batch_norm_backward(
+            grad_input, grad_weight, grad_bias = _norm_backward(
                 piece_grad, piece, piece_weights[index], piece_saved[index], stage, mask
             )
             input_grads.append(grad_input)
@@ -637,7 +583,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 activated = relu_output(index, x)
                 grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
-                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
+                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(
                     grad,
                     x,
                     params[3 * index],
@@ -914,7 +860,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated, first, second = _batch_norm(
+                activated, first, second = _norm(
                     conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
                 )
                 activated = activated.relu_()
@@ -958,9 +904,8 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for index, part in enumerate(_channel_runs(channels, stage)):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated = _bn_relu_from_stats(
-                    conv_output, norm_weight[part], norm_bias[part], mean[part], invstd[part]
-                )
+                shift_scale = _shift_scale(norm_weight[part], norm_bias[part], mean[part], invstd[part], conv_output)
+                activated = _bn_relu_into(conv_output, *shift_scale, None, False)
                 pooled_input = _as_pooled(activated)
                 indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
                 pool = ctx.pool
@@ -979,7 +924,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                     grad += grad_activation[:, part]
                 grad = _relu_backward_(grad, activated)
                 del activated
-                grad_conv, grad_norm_weight, grad_norm_bias = _batch_norm_backward(
+                grad_conv, grad_norm_weight, grad_norm_bias = _norm_backward(
                     grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
                 )
                 del grad, conv_output
@@ -1027,7 +972,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         pool = ctx.pool
         with autocast_off(grad_output.device.type):
             conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
-            activated = _batch_norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+            activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
             pooled = _MAX_POOLS[_as_pooled(activated).dim()](
                 _as_pooled(activated), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
             )[0].view_as(grad_output)
