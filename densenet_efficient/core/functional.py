@@ -679,33 +679,44 @@ class _BnReluConvChain(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again: recompute the chain from the saved parameters and
-        inputs with differentiable operations (batch statistics a function of the input, running statistics
-        never updated) and differentiate it, keeping the graph."""
-        if any(stage.sync is not None for stage in ctx.stages):
-            raise RuntimeError(
-                "double backward (create_graph=True) through synchronized batch norms is not supported in the "
-                "memory-efficient modes: use efficient=False, or plain BatchNorm"
-            )
-        saved = ctx.saved_tensors
-        num_params = 3 * len(ctx.stages)
+        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
+        saved, num_params = ctx.saved_tensors, 3 * len(ctx.stages)
         end = len(saved) - sum(stage.act[0] == "prelu" for stage in ctx.stages)
-        needs_grad = ctx.needs_input_grad[2:]
-        # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
-        # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
-        tensors = [
-            t.view_as(t) if needed else t
-            for t, needed in zip(saved[:num_params] + saved[end - ctx.num_inputs :], needs_grad, strict=True)
-        ]
-        params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
-        act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
-        with autocast_off(grad_output.device.type):
-            output = _chain(
-                ctx.stages, params, inputs, ctx.compute_dtype, update_running_stats=False, act_weights=act_weights
-            )[0]
-        wanted = [t for t, needed in zip(tensors, needs_grad, strict=True) if needed]
-        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
-        return (None, None, *(next(grads) if needed else None for needed in needs_grad))
+
+        def recompute(*tensors: Tensor) -> list[Tensor]:
+            params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
+            act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
+            return [_chain(ctx.stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
+
+        tensors = saved[:num_params] + saved[end - ctx.num_inputs :]
+        return None, None, *_differentiate(ctx, ctx.stages, tensors, 2, recompute, [grad_output])
+
+
+def _differentiate(
+    ctx: Any,
+    stages: Sequence[_Stage],
+    tensors: Sequence[Tensor],
+    skip: int,
+    recompute: Callable[..., list[Tensor]],
+    grads: list[Tensor],
+) -> list[Tensor | None]:
+    """A backward that autograd can differentiate again (``create_graph=True``): ``recompute`` of the saved
+    ``tensors`` (the function's inputs after ``skip`` non-tensor ones) with differentiable operations (batch
+    statistics a function of the input, running statistics never updated), differentiated keeping the graph."""
+    if any(stage.sync is not None for stage in stages):
+        raise RuntimeError(
+            "double backward (create_graph=True) through synchronized batch norms is not supported in the "
+            "memory-efficient modes: use efficient=False, or plain BatchNorm"
+        )
+    needs = ctx.needs_input_grad[skip:]
+    # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
+    # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
+    tensors = [t.view_as(t) if needed else t for t, needed in zip(tensors, needs, strict=True)]
+    with autocast_off(grads[0].device.type):
+        outputs = recompute(*tensors)
+    wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
+    results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return [next(results) if needed else None for needed in needs]
 
 
 # ----------------------------------------------------------------------------------------------- the stem
@@ -755,8 +766,7 @@ def _as_pooled(x: Tensor) -> Tensor:
 
 def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
     """Max pooling of ``x`` (N, C, *spatial, 2 or 3 spatial dimensions): output and flat int64 input indices."""
-    output, indices = _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-    return output, indices
+    return _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
 
 
 def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
@@ -958,28 +968,14 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again: the stem recomputed with differentiable operations
-        (batch statistics a function of the input, running statistics never updated), then differentiated."""
-        stage: _Stage = ctx.stage
-        if stage.sync is not None:
-            raise RuntimeError(
-                "double backward (create_graph=True) through a synchronized batch norm is not supported in the "
-                "memory-efficient modes: use efficient=False, or plain BatchNorm"
-            )
-        needs = ctx.needs_input_grad[3:]
-        tensors = [t.view_as(t) if needed else t for t, needed in zip(ctx.saved_tensors[:4], needs, strict=True)]
-        x, conv_weight, norm_weight, norm_bias = tensors
-        pool = ctx.pool
-        with autocast_off(grad_output.device.type):
-            conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
+        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
+        stage, dtype = ctx.stage, ctx.compute_dtype
+
+        def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
+            conv_output = _conv(_to(x, dtype), _to(conv_weight, dtype), stage)
             activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
-            pooled = _MAX_POOLS[_as_pooled(activated).dim()](
-                _as_pooled(activated), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-            )[0].view_as(grad_output)
-        outputs, grads = [pooled], [grad_output]
-        if grad_activation is not None:
-            outputs.append(activated)
-            grads.append(grad_activation)
-        wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
-        results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
-        return (None, None, None, *(next(results) if needed else None for needed in needs))
+            pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
+            return [pooled] if grad_activation is None else [pooled, activated]
+
+        grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
+        return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, grads)
