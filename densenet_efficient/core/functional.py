@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -734,29 +734,13 @@ class _MaxPool:
 
     @classmethod
     def of(cls, pool: nn.Module, spatial_dims: int) -> _MaxPool:
-        def sizes(value: Any) -> tuple[int, ...]:
+        def sizes(value: Any, first: int = 1) -> tuple[int, ...]:
             values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial_dims
-            return (1, *values) if spatial_dims == 1 else values
+            return (first, *values) if spatial_dims == 1 else values
 
-        pad = 0 if spatial_dims == 1 else None
-        padding = sizes(pool.padding)
-        return cls(
-            sizes(pool.kernel_size),
-            sizes(pool.stride or pool.kernel_size),
-            padding if pad is None else (0, *padding[1:]),
-            sizes(pool.dilation),
-            bool(pool.ceil_mode),
-        )
-
-    def window(self) -> int:
-        return math.prod(self.kernel_size)
-
-
-_MAX_POOLS = {4: torch.ops.aten.max_pool2d_with_indices, 5: torch.ops.aten.max_pool3d_with_indices}
-_MAX_POOL_BACKWARDS = {
-    4: torch.ops.aten.max_pool2d_with_indices_backward,
-    5: torch.ops.aten.max_pool3d_with_indices_backward,
-}
+        kernel_size = sizes(pool.kernel_size)
+        stride = sizes(pool.stride) if pool.stride else kernel_size
+        return cls(kernel_size, stride, sizes(pool.padding, 0), sizes(pool.dilation), bool(pool.ceil_mode))
 
 
 def _as_pooled(x: Tensor) -> Tensor:
@@ -766,26 +750,26 @@ def _as_pooled(x: Tensor) -> Tensor:
 
 def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
     """Max pooling of ``x`` (N, C, *spatial, 2 or 3 spatial dimensions): output and flat int64 input indices."""
-    return _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    max_pool = torch.ops.aten.max_pool2d_with_indices if x.dim() == 4 else torch.ops.aten.max_pool3d_with_indices
+    return max_pool(x, *astuple(pool))
+
+
+def _max_pool_backward(grad: Tensor, x: Tensor, pool: _MaxPool, indices: Tensor) -> Tensor:
+    """Gradient of :func:`_max_pool` of ``x`` from the output's ``grad`` and the flat ``indices``."""
+    dims = {4: torch.ops.aten.max_pool2d_with_indices_backward, 5: torch.ops.aten.max_pool3d_with_indices_backward}
+    return dims[x.dim()](grad, x, *astuple(pool), indices)
 
 
 def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
     """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
-    size = indices.shape[2 + dim]
     shape = [1] * indices.dim()
-    shape[2 + dim] = size
-    starts = torch.arange(size, device=indices.device) * pool.stride[dim] - pool.padding[dim]
-    return starts.view(shape)
-
-
-def _position_dtype(window: int) -> torch.dtype:
-    """The narrowest integer type that holds a position in a window of ``window`` elements."""
-    return torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32
+    shape[2 + dim] = indices.shape[2 + dim]
+    return (torch.arange(shape[2 + dim], device=indices.device) * pool.stride[dim] - pool.padding[dim]).view(shape)
 
 
 def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
-    """Flat input indices of a max pooling -> each maximum's position inside its window (uint8 for 3x3 or
-    3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
+    """Flat input indices of a max pooling -> each maximum's position inside its window, in the narrowest integer
+    type (uint8 for 3x3 or 3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
     coordinates: list[Tensor] = []
     remaining = indices
     for size in reversed(input_sizes):
@@ -795,7 +779,8 @@ def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPoo
     for dim, coordinate in enumerate(coordinates):
         offset = (coordinate - _window_starts(pool, dim, indices)) // pool.dilation[dim]
         position = position * pool.kernel_size[dim] + offset
-    return position.to(_position_dtype(pool.window()))
+    window = math.prod(pool.kernel_size)
+    return position.to(torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32)
 
 
 def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
@@ -807,8 +792,7 @@ def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool)
         remaining = remaining // kernel
     indices = torch.zeros_like(remaining)
     for dim, (offset, size) in enumerate(zip(offsets, input_sizes, strict=True)):
-        coordinate = _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
-        indices = indices * size + coordinate
+        indices = indices * size + _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
     return indices
 
 
@@ -817,9 +801,7 @@ _STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are 
 
 def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
     """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
-    if stage.sync is not None:
-        return [slice(0, channels)]
-    width = -(-channels // _STEM_CHUNKS)
+    width = channels if stage.sync is not None else -(-channels // _STEM_CHUNKS)
     return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
 
 
@@ -836,37 +818,25 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
     instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
-    recomputes the convolution from it: with 1 or 3 input channels that costs a few percent of a step, and
-    storing the convolution's output instead would cost the stem's full size. Plain autograd stores the
-    convolution's output, the BN-ReLU output and int64 indices: two and a half times the convolution's output.
-    Forward and backward run in channel runs (see :data:`_STEM_CHUNKS`), so the full-size transients are a
-    run's, not the stem's; except that an input which needs a gradient gets it from one convolution backward over
-    all channels (summed in plain autograd's order), for which the convolution output's gradient is held whole.
+    recomputes the convolution from it (with 1 or 3 input channels, a few percent of a step). Plain autograd stores
+    the convolution's output, the BN-ReLU output and int64 indices: 2.5 times the convolution's output. Forward
+    and backward run in channel runs (:data:`_STEM_CHUNKS`), so the transients are a run's, except that an input
+    which needs a gradient gets it from one convolution backward over all channels (plain autograd's order), for
+    which the convolution output's gradient is held whole.
 
     Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
-    return the BN-ReLU output), then ``x``, the convolution's weight, and the norm's weight and bias. Returns the
-    pooled output, or ``(pooled, activation)``.
+    return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
+    output, or ``(pooled, activation)``.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        stage: _Stage,
-        pool: _MaxPool,
-        keep_activation: bool,
-        x: Tensor,
-        conv_weight: Tensor,
-        norm_weight: Tensor,
-        norm_bias: Tensor,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        device_type = x.device.type
-        compute_dtype = autocast_dtype(device_type)
-        pooled_parts: list[Tensor] = []
-        positions: list[Tensor] = []
-        statistics: list[tuple[Tensor, Tensor]] = []
+    def forward(ctx, stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor) -> Any:
+        conv_weight, norm_weight, norm_bias = params
+        compute_dtype = autocast_dtype(x.device.type)
+        pooled_parts, positions, means, seconds = [], [], [], []
         activation: Tensor | None = None
         channels = conv_weight.shape[0]
-        with autocast_off(device_type):
+        with autocast_off(x.device.type):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
@@ -876,25 +846,21 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 activated = activated.relu_()
                 pooled, indices = _max_pool(_as_pooled(activated), pool)
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
-                del indices
+                del indices, conv_output
                 pooled_parts.append(pooled)
-                statistics.append((first, second))
+                means.append(first)
+                seconds.append(second)
                 if keep_activation:
                     if activation is None:
                         activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
                     activation[:, part] = activated
-                del conv_output, activated
+                del activated
             output = torch.cat(pooled_parts, 1)
         del pooled_parts
-        ctx.stage, ctx.pool, ctx.compute_dtype, ctx.keep_activation = stage, pool, compute_dtype, keep_activation
-        first = torch.cat([s[0] for s in statistics])
-        second = torch.cat([s[1] for s in statistics])
-        ctx.save_for_backward(x, conv_weight, norm_weight, norm_bias, first, second, *positions)
-        if x.dim() == 3:
-            output = output.squeeze(2)
-        if activation is not None:
-            return output, activation
-        return output
+        ctx.stage, ctx.pool, ctx.compute_dtype = stage, pool, compute_dtype
+        ctx.save_for_backward(x, *params, torch.cat(means), torch.cat(seconds), *positions)
+        output = output.squeeze(2) if x.dim() == 3 else output
+        return output if activation is None else (output, activation)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
@@ -904,48 +870,33 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
         channels = conv_weight.shape[0]
         needs = ctx.needs_input_grad[3:]
-        compute_dtype = ctx.compute_dtype
         mean, invstd = _statistics((first, second), stage)
         grad_conv_output: Tensor | None = None  # kept whole only for the input's gradient (see below)
-        grad_weights: list[Tensor] = []
-        norm_weight_grads: list[Tensor] = []
-        norm_bias_grads: list[Tensor] = []
+        grad_weights, norm_weight_grads, norm_bias_grads = [], [], []
         with autocast_off(x.device.type):
-            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            inputs, weight = _to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype)
             for index, part in enumerate(_channel_runs(channels, stage)):
                 conv_output = _conv(inputs, weight[part], stage)
                 shift_scale = _shift_scale(norm_weight[part], norm_bias[part], mean[part], invstd[part], conv_output)
                 activated = _bn_relu_into(conv_output, *shift_scale, None, False)
                 pooled_input = _as_pooled(activated)
                 indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
-                pool = ctx.pool
-                grad = _MAX_POOL_BACKWARDS[pooled_input.dim()](
-                    _as_pooled(grad_output[:, part]).to(activated.dtype),
-                    pooled_input,
-                    pool.kernel_size,
-                    pool.stride,
-                    pool.padding,
-                    pool.dilation,
-                    pool.ceil_mode,
-                    indices,
-                ).view_as(activated)
+                grad_part = _as_pooled(grad_output[:, part]).to(activated.dtype)
+                grad = _max_pool_backward(grad_part, pooled_input, ctx.pool, indices).view_as(activated)
                 del indices, pooled_input
                 if grad_activation is not None:
                     grad += grad_activation[:, part]
                 grad = _relu_backward_(grad, activated)
                 del activated
-                grad_conv, grad_norm_weight, grad_norm_bias = _norm_backward(
-                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
+                mask = [True, needs[2], needs[3]]
+                grad_conv, *norm_grads = _norm_backward(
+                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, mask
                 )
                 del grad, conv_output
                 assert grad_conv is not None
-                if grad_norm_weight is not None:
-                    norm_weight_grads.append(grad_norm_weight)
-                if grad_norm_bias is not None:
-                    norm_bias_grads.append(grad_norm_bias)
-                grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], False)[1]
-                if grad_weight_part is not None:
-                    grad_weights.append(grad_weight_part)
+                norm_weight_grads += norm_grads[:1] if needs[2] else []
+                norm_bias_grads += norm_grads[1:] if needs[3] else []
+                grad_weights += [_conv_backward(grad_conv, inputs, weight[part], stage, needs[1], False)[1]]
                 if needs[0]:
                     if grad_conv_output is None:
                         grad_conv_output = grad_conv.new_empty((grad_conv.shape[0], channels, *grad_conv.shape[2:]))
@@ -954,17 +905,14 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             # The input's gradient sums over every output channel: one convolution backward over all of them sums
             # in plain autograd's order (per run, the partial sums would round differently). Only when the input
             # needs a gradient (gradient penalties, attributions) is the convolution output's gradient held whole.
-            grad_x = None
-            if grad_conv_output is not None:
-                grad_x = _conv_backward(grad_conv_output, inputs, weight, stage, False)[0]
-                del grad_conv_output
-        grads = (
-            None if grad_x is None else grad_x.to(x.dtype),
-            torch.cat(grad_weights).to(conv_weight.dtype) if needs[1] else None,
-            torch.cat(norm_weight_grads).to(norm_weight.dtype) if norm_weight_grads else None,
-            torch.cat(norm_bias_grads).to(norm_bias.dtype) if norm_bias_grads else None,
-        )
-        return (None, None, None, *grads)
+            grad_x = (
+                None if grad_conv_output is None else _conv_backward(grad_conv_output, inputs, weight, stage, False)[0]
+            )
+            del grad_conv_output
+        grads: list[list[Any]] = [[] if grad_x is None else [grad_x], grad_weights if needs[1] else []]
+        grads += [norm_weight_grads, norm_bias_grads]
+        wanted = (x, conv_weight, norm_weight, norm_bias)
+        return None, None, None, *(_cat(g).to(t.dtype) if g else None for g, t in zip(grads, wanted, strict=True))
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
