@@ -125,20 +125,9 @@ def _conv_backward(
     grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage, weight_needs_grad: bool, input_needs_grad: bool = True
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients of :func:`_conv` of ``x`` for ``x`` and ``weight`` (each if it needs one), from ``grad``."""
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        None,
-        stage.stride,
-        stage.padding,
-        stage.dilation,
-        False,
-        [0] * len(stage.stride),
-        stage.groups,
-        [input_needs_grad, weight_needs_grad, False],
-    )
-    return grad_input, grad_weight
+    geometry = (stage.stride, stage.padding, stage.dilation, False, [0] * len(stage.stride), stage.groups)
+    mask = [input_needs_grad, weight_needs_grad, False]
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, mask)[:2]
 
 
 def _relu_backward_(grad: Tensor, activated: Tensor) -> Tensor:
@@ -256,18 +245,11 @@ def _norm_backward(
 def _activate(x: Tensor, stage: _Stage, weight: Tensor | None) -> Tensor:
     """``stage``'s activation of ``x``, out of place, as its module computes it (``weight``: PReLU's)."""
     name, value = stage.act
-    if name == "relu":
-        return x.relu()
-    if name == "leaky_relu":
-        return F.leaky_relu(x, value)
-    if name == "elu":
-        return F.elu(x, value)
-    if name == "silu":
-        return F.silu(x)
     if name == "swish":  # MONAI's Swish
         return x * torch.sigmoid(value * x)
-    assert weight is not None
-    return F.prelu(x, weight)
+    if name == "prelu":
+        return F.prelu(x, weight)  # type: ignore[arg-type]
+    return getattr(F, name)(x, value) if name in ("leaky_relu", "elu") else getattr(F, name)(x)  # relu, silu
 
 
 def _norm_act_backward(
@@ -583,16 +565,11 @@ class _BnReluConvChain(torch.autograd.Function):
                 activated = relu_output(index, x)
                 grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
-                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(
-                    grad,
-                    x,
-                    params[3 * index],
-                    statistics[2 * index : 2 * index + 2],
-                    stage,
-                    [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
+                mask = [True, *param_needs_grad[3 * index : 3 * index + 2]]
+                saved_stats = statistics[2 * index : 2 * index + 2]
+                grad, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(  # type: ignore[assignment]
+                    grad, x, params[3 * index], saved_stats, stage, mask
                 )
-                assert grad_input is not None  # requested: the first entry of the output mask is True
-                grad = grad_input
                 del x
 
             first = stages[0]
@@ -620,6 +597,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 return result
 
             if first.default:
+                dtype = None if weight is None else compute_dtype
                 input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
                     activation_grad,
                     inputs,
@@ -628,7 +606,7 @@ class _BnReluConvChain(torch.autograd.Function):
                     param_needs_grad[:2],
                     statistics[:2],
                     first,
-                    None if weight is None else compute_dtype,
+                    dtype,
                     runs,
                 )
             else:  # run by run too (group norm: one run), each run's channels of the per-channel tensors
