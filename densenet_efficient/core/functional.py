@@ -307,6 +307,8 @@ def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | 
     """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s): written over ``x``
     if it is ``owned`` (a concatenation built for this) and of that dtype, else into a new tensor laid out as ``x``."""
     dtype = dtype or x.dtype
+    if not owned and x.dtype == dtype == shift.dtype:
+        return torch.addcmul(shift, x, scale).relu_()  # a new tensor, laid out as x
     out = x if owned and x.dtype == dtype else torch.empty_like(x, dtype=dtype)
     return torch.addcmul(shift, x, scale, out=out).relu_()
 
@@ -590,7 +592,7 @@ class _BnReluConvChain(torch.autograd.Function):
 
             def activation_grad(activated: Tensor, run: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
-                    return torch.empty_like(activated).copy_(run_slices[run])  # in the output's layout
+                    return run_slices[run].clone(memory_format=_memory_format(activated))
                 result, weight_part = _conv_backward(grad, activated, run_slices[run], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
