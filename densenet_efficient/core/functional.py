@@ -622,31 +622,16 @@ class _BnReluConvChain(torch.autograd.Function):
                             return t
                         return t.view(n, -1)[:, cols].reshape(-1) if per_sample else t[cols]
 
-                    x = _cat(inputs[a:b], 1)
-                    grad_x, *grads = _norm_act_backward(
-                        partial(activation_grad, run=run),
-                        x,
-                        (cut(params[0]), cut(params[1]), cut(act_weight)),
-                        [cut(t, first.norm == "instance") for t in statistics[:2]],  # type: ignore[misc]
-                        first,
-                        (needs[0], needs[1], bool(needs[2])),
-                    )
+                    run_params = (cut(params[0]), cut(params[1]), cut(act_weight))
+                    run_stats: Any = [cut(t, first.norm == "instance") for t in statistics[:2]]
+                    x, conv_grad = _cat(inputs[a:b], 1), partial(activation_grad, run=run)
+                    grad_x, *grads = _norm_act_backward(conv_grad, x, run_params, run_stats, first, needs)
                     del x
-                    input_grads += [
-                        g.to(t.dtype) if needed else None
-                        for g, t, needed in zip(
-                            grad_x.split(channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True
-                        )
-                    ]
+                    pieces = zip(_split(grad_x, channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True)
+                    input_grads += [g.to(t.dtype) if needed else None for g, t, needed in pieces]
                     parts.append(grads)
-                param_grads[0], param_grads[1], act_grads[0] = (
-                    None
-                    if g[0] is None
-                    else g[0]
-                    if len(g) == 1
-                    else sum(g)
-                    if i == 2 and g[0].numel() == 1
-                    else torch.cat(g)
+                param_grads[0], param_grads[1], act_grads[0] = (  # PReLU's one weight: its gradient summed
+                    None if g[0] is None else sum(g[1:], g[0]) if i == 2 and g[0].numel() == 1 else _cat(g)
                     for i, g in enumerate(zip(*parts, strict=True))
                 )
             if grad_conv_weight:
