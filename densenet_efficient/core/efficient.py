@@ -222,23 +222,11 @@ def conv_bn_relu_max_pool(
     ``x`` (N, C_in, *spatial), ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only the
     batch norm's statistics and one byte per pooled value are stored for backward (see
     :class:`_ConvBnReluMaxPool`); plain modules run otherwise and for modules the function does not reproduce."""
-    if (
-        isinstance(conv, _ConvNd)
-        and isinstance(norm, _BatchNorm)
-        and _stem_supported(conv, norm, pool)
-        and _use_function([x], [(norm, None, conv)], efficient, owner)
-    ):
-        outputs = _apply(
-            _ConvBnReluMaxPool,
-            compiled_op.conv_bn_relu_max_pool,
-            _stage(norm, conv),
-            _MaxPool.of(pool, x.dim() - 2),
-            keep_activation,
-            x,
-            conv.weight,
-            norm.weight,
-            norm.bias,
-        )
+    supported = isinstance(conv, _ConvNd) and isinstance(norm, _BatchNorm) and _stem_supported(conv, norm, pool)
+    if supported and _use_function([x], [(norm, None, conv)], efficient, owner):
+        stage, max_pool = _stage(norm, conv), _MaxPool.of(pool, x.dim() - 2)  # type: ignore[arg-type]  # checked
+        stem = (stage, max_pool, keep_activation, x, conv.weight, norm.weight, norm.bias)
+        outputs = _apply(_ConvBnReluMaxPool, compiled_op.conv_bn_relu_max_pool, *stem)
         return (outputs[0], outputs[1]) if keep_activation else (outputs, None)
     activation = F.relu(norm(conv(x)))
     return pool(activation), activation if keep_activation else None
