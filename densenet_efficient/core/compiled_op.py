@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -63,51 +62,50 @@ class _BackwardContext:
         self.needs_input_grad = needs_input_grad
 
 
-def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Any], ...]:
-    """The operator arguments that describe ``stages``: updated and frozen running statistics, kinds, pooling,
-    momentum, eps, geometry (stride, padding, dilation per stage, flat; none for a stage without convolution) and
-    groups."""
+def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tensor], list[int], list[float]]:
+    """The operator arguments that describe ``stages``: updated and frozen running statistics, ints (per stage its
+    kind, pooling and groups, then each stage's stride, padding and dilation: none without convolution) and floats
+    (each stage's momentum, then each one's eps)."""
     updated: list[Tensor] = []
     frozen: list[Tensor] = []
-    kinds: list[int] = []
+    ints: list[int] = []
     geometry: list[int] = []
     for stage in stages:
         if stage.running_mean is not None and stage.running_var is not None:
             (updated if stage.batch_stats else frozen).extend((stage.running_mean, stage.running_var))
-            kinds.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
+            ints.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
         else:
-            kinds.append(_TRAIN_UNTRACKED)
+            ints.append(_TRAIN_UNTRACKED)
+        ints += (int(stage.pool), stage.groups)
         geometry += (*stage.stride, *stage.padding, *stage.dilation)
-    pools = [stage.pool for stage in stages]
-    momentum, eps, groups = ([getattr(stage, name) for stage in stages] for name in ("momentum", "eps", "groups"))
-    return updated, frozen, kinds, pools, momentum, eps, geometry, groups
+    return updated, frozen, ints + geometry, [s.momentum for s in stages] + [s.eps for s in stages]
 
 
 def _stages(
     params: Sequence[Tensor | None],
     updated: Sequence[Tensor],
     frozen: Sequence[Tensor],
-    kinds: Sequence[int],
-    pools: Sequence[bool],
-    momentum: Sequence[float],
-    eps: Sequence[float],
-    geometry: Sequence[int],
-    groups: Sequence[int],
+    ints: list[int],
+    floats: list[float],
 ) -> tuple[_Stage, ...]:
     """The stages the operator's arguments describe (see :func:`_stage_arguments`); ``params``: norm weight, norm
     bias and convolution weight per stage, whose convolution weights give the geometry's dimensions. Empty
     ``updated`` and ``frozen``: stages without running statistics, for backward (it reads the saved ones)."""
     stages = []
     running = {_TRAIN_UPDATING: iter(updated), _FROZEN: iter(frozen)}
-    start = 0
-    for index, kind in enumerate(kinds):
+    num_stages = len(floats) // 2
+    start = 3 * num_stages
+    for index in range(num_stages):
+        kind, pool, groups = ints[3 * index : 3 * index + 3]
         mean, var = (next(running[kind], None), next(running[kind], None)) if kind in running else (None, None)
         conv_weight = params[3 * index + 2]
         dims = 0 if conv_weight is None else conv_weight.dim() - 2
-        stride, padding, dilation = (tuple(geometry[start + k * dims : start + (k + 1) * dims]) for k in range(3))
+        stride, padding, dilation = (tuple(ints[start + k * dims : start + (k + 1) * dims]) for k in range(3))
         start += 3 * dims
-        stages.append(_Stage(mean, var, momentum[index], eps[index], stride, padding, dilation, groups[index]))
-        stages[-1] = replace(stages[-1], batch_stats=kind != _FROZEN, pool=pools[index])
+        momentum, eps = floats[index], floats[num_stages + index]
+        stages.append(
+            _Stage(mean, var, momentum, eps, stride, padding, dilation, groups, kind != _FROZEN, pool=bool(pool))
+        )
     return tuple(stages)
 
 
@@ -186,10 +184,8 @@ def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
 # --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
 
 
-def _chain_layout_key(
-    convolved: Sequence[bool], num_features: int, kinds: Sequence[int], keep_intermediates: bool
-) -> tuple:
-    return "chain", tuple(convolved), num_features, tuple(kinds), keep_intermediates
+def _chain_layout_key(convolved: Sequence[bool], num_features: int, ints: Sequence[int], keep: bool) -> tuple:
+    return "chain", tuple(convolved), num_features, tuple(ints), keep
 
 
 def _chain_params(params: Sequence[Tensor], convolved: Sequence[bool]) -> list[Tensor | None]:
@@ -206,12 +202,8 @@ def _chain_impl(
     features: list[Tensor],
     updated: list[Tensor],
     frozen: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     keep_intermediates: bool,
     compute_dtype: torch.dtype | None,
 ) -> list[Tensor]:
@@ -221,12 +213,12 @@ def _chain_impl(
     # their running statistics, returned for the caller to copy back once.
     updated = [t.clone() for t in updated]
     chain_params = _chain_params(params, convolved)
-    stages = _stages(chain_params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
+    stages = _stages(chain_params, updated, frozen, ints, floats)
     context = _ForwardContext()
     with _caller_autocast(features[0].device.type, compute_dtype):
         # A None parameter: the convolution weight of a stage without convolution.
         output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
-    key = _chain_layout_key(convolved, len(features), kinds, keep_intermediates)
+    key = _chain_layout_key(convolved, len(features), ints, keep_intermediates)
     extras = _save_layout(key, context.saved, (*chain_params, *features, *frozen))
     return [output, *updated, *extras]
 
@@ -237,12 +229,8 @@ _chain_op = _operator("bn_relu_conv_chain", _chain_impl)
 def _chain_backward_impl(
     grad_output: Tensor,
     saved: list[Tensor | None],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     keep_intermediates: bool,
     compute_dtype: torch.dtype | None,
     num_inputs: int,
@@ -250,15 +238,10 @@ def _chain_backward_impl(
 ) -> list[Tensor]:
     """The gradients ``needs_input_grad`` asks for, of the eager function's parameters then feature maps, by its
     backward from the tensors its forward saved (``saved``: parameters first)."""
-    stages = _stages(saved[: 3 * len(kinds)], [], [], kinds, pools, momentum, eps, geometry, groups)
-    context = _BackwardContext(
-        saved,
-        (False, False, *needs_input_grad),
-        stages=stages,
-        keep_intermediates=keep_intermediates,
-        compute_dtype=compute_dtype,
-        num_inputs=num_inputs,
-    )
+    stages = _stages(saved[: 3 * (len(floats) // 2)], [], [], ints, floats)
+    needs = (False, False, *needs_input_grad)
+    attributes = dict(stages=stages, keep_intermediates=keep_intermediates, compute_dtype=compute_dtype)
+    context = _BackwardContext(saved, needs, num_inputs=num_inputs, **attributes)
     # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grad_output)[2:]
@@ -271,7 +254,7 @@ _chain_backward_op = _operator("bn_relu_conv_chain_backward", _chain_backward_im
 def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
     params, convolved, features, updated, frozen, *arguments = inputs
     ctx.mark_non_differentiable(*output[1:])  # running statistics and saved tensors: no gradient flows back
-    key = _chain_layout_key(convolved, len(features), arguments[0], arguments[6])
+    key = _chain_layout_key(convolved, len(features), arguments[0], arguments[2])
     chain_params = _chain_params(params, convolved)
     ctx.save_for_backward(*_saved(key, (*chain_params, *features, *frozen), output[1 + len(updated) :]))
     ctx.arguments = (*arguments, len(features))
@@ -331,8 +314,8 @@ def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
     return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _stem_layout_key(kinds: Sequence[int], keep_activation: bool) -> tuple:
-    return "stem", tuple(kinds), keep_activation
+def _stem_layout_key(ints: Sequence[int], keep_activation: bool) -> tuple:
+    return "stem", tuple(ints), keep_activation
 
 
 def _stem_impl(
@@ -342,12 +325,8 @@ def _stem_impl(
     norm_bias: Tensor,
     updated: list[Tensor],
     frozen: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     max_pool: list[int],
     ceil_mode: bool,
     keep_activation: bool,
@@ -357,13 +336,13 @@ def _stem_impl(
     ``updated``), then the tensors saved for backward that are not inputs (see the module's docstring)."""
     updated = [t.clone() for t in updated]  # functional, as the chain's operator
     params = (norm_weight, norm_bias, conv_weight)
-    (stage,) = _stages(params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
+    (stage,) = _stages(params, updated, frozen, ints, floats)
     context = _ForwardContext()
     with _caller_autocast(x.device.type, compute_dtype):
         outputs = _ConvBnReluMaxPool.forward(
             context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
         )
-    key = _stem_layout_key(kinds, keep_activation)
+    key = _stem_layout_key(ints, keep_activation)
     extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
     return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
 
@@ -375,12 +354,8 @@ def _stem_backward_impl(
     grad_output: Tensor,
     grad_activation: Tensor | None,
     saved: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     max_pool: list[int],
     ceil_mode: bool,
     keep_activation: bool,
@@ -389,7 +364,7 @@ def _stem_backward_impl(
 ) -> list[Tensor]:
     """The gradients ``needs_input_grad`` asks for, of the input, convolution weight, norm weight and norm bias,
     by the eager function's backward from the tensors its forward saved (``saved``), as the chain's."""
-    (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], kinds, pools, momentum, eps, geometry, groups)
+    (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], ints, floats)
     pool = _max_pool(max_pool, ceil_mode)
     needs = (False, False, False, *needs_input_grad)
     context = _BackwardContext(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
@@ -431,15 +406,8 @@ def conv_bn_relu_max_pool(
     if _falls_back([stage]):
         return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
     arguments = _stage_arguments([stage])
-    outputs = _stem_op(
-        x,
-        *params,
-        *arguments,
-        _max_pool_arguments(pool),
-        pool.ceil_mode,
-        keep_activation,
-        autocast_dtype(x.device.type),
-    )
+    pooling = (_max_pool_arguments(pool), pool.ceil_mode)
+    outputs = _stem_op(x, *params, *arguments, *pooling, keep_activation, autocast_dtype(x.device.type))
     num_outputs = 2 if keep_activation else 1
     updated = arguments[0]
     _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])
