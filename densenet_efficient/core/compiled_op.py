@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
@@ -37,29 +38,22 @@ _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, t
 _TRAIN_UNTRACKED = 1  # batch statistics, no running statistics (training without tracking; eval without them)
 _FROZEN = 2  # running statistics read (eval mode)
 
-# Where each tensor an eager function's forward saves comes from, by the operator's structure: ("input", i) for
-# the i-th of the operator inputs it may save (see ``_save_layout``), ("extra", j) for the j-th extra output.
-# Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the function
-# saving by the structure only (the key, and the number of extra outputs), not by values.
+# Where each tensor an eager function's forward saves comes from, by the operator's structure (the key): ("input",
+# i), the i-th operator input it may save (``_save_layout``), or ("extra", j), the j-th extra output. Recorded by
+# the forward (real or fake, which runs first) for setup_context: the functions save by structure, not values.
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 
 class _ForwardContext:
     """What an eager function's forward records on its context: attributes, and the tensors it saves."""
 
-    saved: tuple[Tensor | None, ...] = ()
-
     def save_for_backward(self, *tensors: Tensor | None) -> None:
         self.saved = tensors
 
 
-class _BackwardContext:
+def _backward_context(saved: Sequence[Tensor | None], needs: tuple[bool, ...], **attributes: Any) -> Any:
     """The context an eager function's backward reads: the forward's attributes and saved tensors."""
-
-    def __init__(self, saved: Sequence[Tensor | None], needs_input_grad: tuple[bool, ...], **attributes: Any):
-        self.__dict__.update(attributes)
-        self.saved_tensors = tuple(saved)
-        self.needs_input_grad = needs_input_grad
+    return SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, **attributes)
 
 
 def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tensor], list[int], list[float]]:
@@ -241,7 +235,7 @@ def _chain_backward_impl(
     stages = _stages(saved[: 3 * (len(floats) // 2)], [], [], ints, floats)
     needs = (False, False, *needs_input_grad)
     attributes = dict(stages=stages, keep_intermediates=keep_intermediates, compute_dtype=compute_dtype)
-    context = _BackwardContext(saved, needs, num_inputs=num_inputs, **attributes)
+    context = _backward_context(saved, needs, num_inputs=num_inputs, **attributes)
     # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grad_output)[2:]
@@ -278,12 +272,8 @@ _chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
 
 
 def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor | None) -> Tensor:
-    """``_BnReluConvChain.apply(stages, keep_intermediates, *tensors)`` as one opaque operator.
-
-    Synchronized batch norms fall back to the function itself (traced through by the compiler, which then
-    chooses what to save), with a warning that says so. So does ``torch.export``, without one: an exported
-    program holds standard operators only (ONNX, other runtimes), and is rarely trained.
-    """
+    """``_BnReluConvChain.apply(stages, keep_intermediates, *tensors)`` as one opaque operator (see
+    :func:`_falls_back` for when the function itself runs, traced through by the compiler)."""
     if _falls_back(stages):
         return _BnReluConvChain.apply(stages, keep_intermediates, *tensors)
     num_params = 3 * len(stages)
@@ -367,7 +357,7 @@ def _stem_backward_impl(
     (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], ints, floats)
     pool = _max_pool(max_pool, ceil_mode)
     needs = (False, False, False, *needs_input_grad)
-    context = _BackwardContext(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
+    context = _backward_context(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
     with torch.no_grad():
         gradients = _ConvBnReluMaxPool.backward(context, grad_output, grad_activation)[3:]
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]

@@ -88,10 +88,9 @@ class _Stage:
 def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module | None = None) -> _Stage:
     """The stage of ``norm`` (then ``act``, ``None``: ReLU) in its current mode, counting one training batch in it
     if it is training; ``conv`` ``None`` for a norm and activation without convolution."""
-    # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
-    # and an eval-mode norm without running statistics normalises with the batch's. A frozen norm (fixed
-    # statistics) is an eval-mode one. InstanceNorm normalises with the sample's statistics in training or when
-    # it tracks none, and does not count batches; GroupNorm has no running statistics.
+    # As nn.BatchNormNd: a training norm that tracks no running statistics neither uses nor updates them, an
+    # eval-mode (or frozen) norm without them uses the batch's. InstanceNorm uses the sample's in training or when
+    # it tracks none, and counts no batches; GroupNorm has none.
     assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
     kind = norm_kind(norm)
     training = norm.training and not is_frozen_norm(norm)
@@ -296,8 +295,8 @@ def _split(tensor: Tensor, sizes: Sequence[int], dim: int = 0) -> Sequence[Tenso
 
 
 def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``relu(batch_norm(x))`` is ``relu(shift + x * scale)``: the two per-channel tensors, shaped to broadcast over
-    maps like ``like``, as the batch-norm kernels compute them."""
+    """``batch_norm(x)`` is ``shift + x * scale``: the two per-channel tensors as the kernels compute them, shaped
+    to broadcast over maps like ``like``."""
     scale = weight * invstd
     shape = channel_view(like)
     return torch.addcmul(bias, mean, scale, value=-1).view(shape), scale.view(shape)
@@ -403,11 +402,9 @@ def _chain(
     update_running_stats: bool = True,
     act_weights: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Run the stages on ``cat(inputs, 1)``, autocast disabled by the caller; casts are explicit.
-
-    Returns the last convolution's output, the two tensors of :func:`_norm` per stage and, with
-    ``keep_intermediates``, the input of every stage but the first. ``act_weights``: PReLU's weight per stage.
-    """
+    """Run the stages on ``cat(inputs, 1)`` (autocast disabled by the caller; casts are explicit): the last
+    output, the two tensors of :func:`_norm` per stage and, with ``keep_intermediates``, the input of every stage
+    but the first. ``act_weights``: PReLU's weight per stage."""
     statistics: list[Tensor] = []
     intermediates: list[Tensor] = []
     x = _cat(inputs, 1)
@@ -475,10 +472,12 @@ class _BnReluConvChain(torch.autograd.Function):
             x, statistics, intermediates = _chain(
                 stages, params, inputs, compute_dtype, keep_intermediates, True, act_weights
             )
-        ctx.stages = stages
-        ctx.keep_intermediates = keep_intermediates
-        ctx.compute_dtype = compute_dtype
-        ctx.num_inputs = len(inputs)
+        ctx.stages, ctx.keep_intermediates, ctx.compute_dtype, ctx.num_inputs = (
+            stages,
+            keep_intermediates,
+            compute_dtype,
+            len(inputs),
+        )
         ctx.save_for_backward(*params, *statistics, *intermediates, *inputs, *tensors[end:])
         return x
 
