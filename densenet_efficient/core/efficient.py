@@ -33,9 +33,7 @@ Stages = Sequence[tuple[nn.Module, nn.Module | None] | tuple[nn.Module, nn.Modul
 
 def _apply(function: type[torch.autograd.Function], operator: Callable[..., Any], *args: Any) -> Any:
     """``function.apply(*args)`` or, under ``torch.compile``, ``operator(*args)``, its opaque operator."""
-    if torch.compiler.is_compiling():
-        return operator(*args)
-    return function.apply(*args)
+    return operator(*args) if torch.compiler.is_compiling() else function.apply(*args)
 
 
 def _triples(stages: Stages) -> list[tuple[nn.Module, nn.Module | None, nn.Module | None]]:
@@ -107,21 +105,15 @@ def _check_channels(features: Sequence[Tensor], norm: Any) -> None:
 
 
 def _chain(
-    features: Sequence[Tensor],
-    stages: Sequence[tuple[Any, Any, Any]],
-    efficient: MemoryMode,
-    pool: bool = False,
+    features: Sequence[Tensor], stages: Sequence[tuple[Any, Any, Any]], efficient: MemoryMode, pool: bool = False
 ) -> Tensor:
     """The memory-efficient function on ``features`` for ``(norm, act, conv)`` stages."""
     _check_channels(features, stages[0][0])
     chain: tuple[_Stage, ...] = tuple(_stage(norm, conv, pool, act) for norm, act, conv in stages)
-    params: list[Tensor | None] = []
-    for norm, _, conv in stages:
-        params += (norm.weight, norm.bias, None if conv is None else conv.weight)
+    params = [t for norm, _, conv in stages for t in (norm.weight, norm.bias, None if conv is None else conv.weight)]
     act_weights = [act.weight for (_, act, _), stage in zip(stages, chain, strict=True) if stage.act[0] == "prelu"]
-    return _apply(
-        _BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features, *act_weights
-    )
+    arguments = (chain, efficient is True, *params, *features, *act_weights)
+    return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, *arguments)
 
 
 def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
@@ -152,13 +144,8 @@ def bn_relu_conv(
 def _pointwise(conv: _ConvNd) -> bool:
     """Whether ``conv`` is a 1x1 convolution without bias, stride or padding (a transition's backward spreads the
     pooling's gradient at its input's size)."""
-    return (
-        conv.bias is None
-        and all(k == 1 for k in conv.kernel_size)
-        and all(s == 1 for s in conv.stride)
-        and not isinstance(conv.padding, str)
-        and all(p == 0 for p in conv.padding)
-    )
+    ones = all(v == 1 for v in (*conv.kernel_size, *conv.stride))
+    return conv.bias is None and ones and not isinstance(conv.padding, str) and not any(conv.padding)
 
 
 def bn_relu_conv_pool(

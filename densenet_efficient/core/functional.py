@@ -472,12 +472,8 @@ class _BnReluConvChain(torch.autograd.Function):
             x, statistics, intermediates = _chain(
                 stages, params, inputs, compute_dtype, keep_intermediates, True, act_weights
             )
-        ctx.stages, ctx.keep_intermediates, ctx.compute_dtype, ctx.num_inputs = (
-            stages,
-            keep_intermediates,
-            compute_dtype,
-            len(inputs),
-        )
+        ctx.stages, ctx.keep_intermediates, ctx.compute_dtype = stages, keep_intermediates, compute_dtype
+        ctx.num_inputs = len(inputs)
         ctx.save_for_backward(*params, *statistics, *intermediates, *inputs, *tensors[end:])
         return x
 
