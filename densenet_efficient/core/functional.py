@@ -595,16 +595,9 @@ class _BnReluConvChain(torch.autograd.Function):
 
             if first.default:
                 dtype = None if weight is None else compute_dtype
+                norm = (params[:2], param_needs_grad[:2], statistics[:2], first, dtype)
                 input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
-                    activation_grad,
-                    inputs,
-                    input_needs_grad,
-                    params[:2],
-                    param_needs_grad[:2],
-                    statistics[:2],
-                    first,
-                    dtype,
-                    runs,
+                    activation_grad, inputs, input_needs_grad, *norm, runs
                 )
             else:  # run by run too (group norm: one run), each run's channels of the per-channel tensors
                 input_grads, parts = [], []
