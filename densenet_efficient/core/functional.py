@@ -373,9 +373,11 @@ def _concat_bn_relu_backward(
             pieces = [g.to(t.dtype) for g, t in zip(_split(grads[0], channels, 1), inputs, strict=True)]
             return [g if needed else None for g, needed in zip(pieces, inputs_need_grad, strict=True)], *grads[1:]
         piece_grads = _split(grad, channels[first:last], 1)
-        # Dense copies (one operator for the run): on CPU the kernel sums a strided gradient less accurately (in
+        # Dense copies in each piece's layout: on CPU the kernel sums a strided gradient less accurately (in
         # reduced precision, in that precision; 3D fp32 maps lost a digit), and channels-last ones 8 x slower.
-        piece_grads = torch._foreach_clone(list(piece_grads)) if last - first > 1 else piece_grads
+        # One operator for a run of contiguous pieces (clone's layout of a channels-last slice is ambiguous).
+        contiguous = all(_memory_format(t) == torch.contiguous_format for t in inputs[first:last])
+        piece_grads = torch._foreach_clone(list(piece_grads)) if last - first > 1 and contiguous else piece_grads
         del grad
         for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
@@ -383,8 +385,9 @@ def _concat_bn_relu_backward(
                 input_grads.append(None)
                 continue
             piece = inputs[index]
+            piece_grad = piece_grad.to(piece.dtype).contiguous(memory_format=_memory_format(piece))
             grad_input, grad_weight, grad_bias = _norm_backward(
-                piece_grad.to(piece.dtype), piece, piece_weights[index], piece_saved[index], stage, mask
+                piece_grad, piece, piece_weights[index], piece_saved[index], stage, mask
             )
             input_grads.append(grad_input)
             weight_grads += [] if grad_weight is None else [grad_weight]
