@@ -1,44 +1,31 @@
 """The memory-efficient autograd functions as opaque operators for ``torch.compile``.
 
-``torch.compile`` traces through a plain ``torch.autograd.Function``: its saved-tensor contract is then gone, and
-what is kept for backward becomes the compiler's choice (densenet121 at batch 8, 224 px: 0.70 x naive compiled
-against 0.31 x eager for ``efficient=True``). Under compilation :mod:`.efficient` calls two
-``torch.library.custom_op`` operators instead, each with its autograd registered:
+``torch.compile`` traces through a plain ``torch.autograd.Function`` and then chooses itself what to keep for
+backward (densenet121 at batch 8, 224 px, ``efficient=True``: 0.70 x naive compiled, 0.31 x eager). Under
+compilation :mod:`.efficient` calls ``torch.library.custom_op`` operators instead:
+``densenet_efficient::bn_relu_conv_chain`` for ``_BnReluConvChain`` (dense layers, transitions, the final norm)
+and ``densenet_efficient::conv_bn_relu_max_pool`` for ``_ConvBnReluMaxPool`` (the ImageNet stem). The compiler
+fuses around them but cannot see inside, and saves what ``setup_context`` saves: what the eager function saves.
+Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Forward and
+backward run the eager functions' own code on a stand-in context, so both paths compute the same values. All take
+their tensors in the layout inductor gives them (``flexible_layout``: no copy of a channels-last map per operator).
 
-* :func:`bn_relu_conv_chain` (``densenet_efficient::bn_relu_conv_chain``) for ``_BnReluConvChain``: every dense
-  layer (:func:`.efficient.bn_relu_conv`), every transition (:func:`.efficient.bn_relu_conv_pool`, a stage
-  with 2x average pooling) and the final norm and ReLU (:func:`.efficient.bn_relu`, a stage without
-  convolution);
-* :func:`conv_bn_relu_max_pool` (``densenet_efficient::conv_bn_relu_max_pool``) for ``_ConvBnReluMaxPool``, the
-  ImageNet stem (:func:`.efficient.conv_bn_relu_max_pool`).
+Arguments are tensors and plain values: parameters, feature maps, running statistics (those a training norm
+updates, returned updated as copies, and those an eval-mode norm reads), and per stage its kind, pooling,
+momentum, eps, convolution geometry and groups. Each returns its output(s), the updated running statistics, then
+the tensors its forward saved that are not inputs (batch statistics, kept bottlenecks, window positions).
 
-The compiler fuses around them but cannot see inside, and saves for backward exactly what ``setup_context``
-saves, which is what the eager function saves. Each one's backward is an operator too (``..._backward``): traced
-into the backward graph, the eager backward's operators were fused and scheduled by inductor, which kept more
-alive than eager (DenseNet-BC-16 ``"max"``: 1.37 x its eager allocator peak, 0.94 x as operators). Forward and
-backward are the eager functions' own, run on a stand-in for their autograd context, so both paths compute the
-same values. All four take their tensors in the layout inductor gives them (``flexible_layout``): under the
-default constraint inductor copied a channels-last feature map (the CIFAR stem convolution's) to contiguous once
-per operator that reads it, forward and backward.
-
-Operator arguments are tensors and plain values only: the parameters (a stage without convolution has ``None``
-for its convolution's weight), the feature maps, the running statistics (those a training norm updates, declared
-mutated, and those an eval-mode norm reads), and per stage its kind, pooling, momentum, eps, convolution geometry
-and groups; the stem also its max pooling's geometry. Each returns its output(s), the updated running statistics,
-then the tensors forward computed for backward (batch statistics, kept bottlenecks, window positions); the
-parameters, feature maps and running statistics it saves are its inputs, saved as such.
-
-Not covered, each said where it happens: synchronized batch norms (their collectives cannot run inside an opaque
-operator) fall back to the traced function, with a warning; so does ``torch.export`` (exported programs hold
-standard operators only); double backward (``create_graph=True``) of a compiled model is refused by
-``torch.compile`` itself.
+Synchronized batch norms (their collectives cannot run inside an opaque operator) fall back to the traced
+function with a warning, ``torch.export`` without one (exported programs hold standard operators only); double
+backward of a compiled model is refused by ``torch.compile`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
@@ -51,87 +38,67 @@ _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, t
 _TRAIN_UNTRACKED = 1  # batch statistics, no running statistics (training without tracking; eval without them)
 _FROZEN = 2  # running statistics read (eval mode)
 
-# Where each tensor an eager function's forward saves comes from, by the operator's structure: ("input", i) for
-# the i-th of the operator inputs it may save (see ``_save_layout``), ("extra", j) for the j-th extra output.
-# Recorded by the forward (real or fake, which always runs first) for setup_context; it rests on the function
-# saving by the structure only (the key, and the number of extra outputs), not by values.
+# Where each tensor an eager function's forward saves comes from, by the operator's structure (the key): ("input",
+# i), the i-th operator input it may save (``_save_layout``), or ("extra", j), the j-th extra output. Recorded by
+# the forward (real or fake, which runs first) for setup_context: the functions save by structure, not values.
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 
 class _ForwardContext:
     """What an eager function's forward records on its context: attributes, and the tensors it saves."""
 
-    saved: tuple[Tensor | None, ...] = ()
-
     def save_for_backward(self, *tensors: Tensor | None) -> None:
         self.saved = tensors
 
 
-class _BackwardContext:
+def _backward_context(saved: Sequence[Tensor | None], needs: tuple[bool, ...], **attributes: Any) -> Any:
     """The context an eager function's backward reads: the forward's attributes and saved tensors."""
-
-    def __init__(self, saved: Sequence[Tensor | None], needs_input_grad: tuple[bool, ...], **attributes: Any):
-        self.__dict__.update(attributes)
-        self.saved_tensors = tuple(saved)
-        self.needs_input_grad = needs_input_grad
+    return SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, **attributes)
 
 
-def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Any], ...]:
-    """The operator arguments that describe ``stages``: updated and frozen running statistics, kinds, pooling,
-    momentum, eps, geometry (stride, padding, dilation per stage, flat; none for a stage without convolution) and
-    groups."""
+def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tensor], list[int], list[float]]:
+    """The operator arguments that describe ``stages``: updated and frozen running statistics, ints (per stage its
+    kind, pooling and groups, then each stage's stride, padding and dilation: none without convolution) and floats
+    (each stage's momentum, then each one's eps)."""
     updated: list[Tensor] = []
     frozen: list[Tensor] = []
-    kinds: list[int] = []
+    ints: list[int] = []
     geometry: list[int] = []
     for stage in stages:
         if stage.running_mean is not None and stage.running_var is not None:
             (updated if stage.batch_stats else frozen).extend((stage.running_mean, stage.running_var))
-            kinds.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
+            ints.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
         else:
-            kinds.append(_TRAIN_UNTRACKED)
+            ints.append(_TRAIN_UNTRACKED)
+        ints += (int(stage.pool), stage.groups)
         geometry += (*stage.stride, *stage.padding, *stage.dilation)
-    pools = [stage.pool for stage in stages]
-    momentum, eps, groups = ([getattr(stage, name) for stage in stages] for name in ("momentum", "eps", "groups"))
-    return updated, frozen, kinds, pools, momentum, eps, geometry, groups
+    return updated, frozen, ints + geometry, [s.momentum for s in stages] + [s.eps for s in stages]
 
 
 def _stages(
     params: Sequence[Tensor | None],
     updated: Sequence[Tensor],
     frozen: Sequence[Tensor],
-    kinds: Sequence[int],
-    pools: Sequence[bool],
-    momentum: Sequence[float],
-    eps: Sequence[float],
-    geometry: Sequence[int],
-    groups: Sequence[int],
+    ints: list[int],
+    floats: list[float],
 ) -> tuple[_Stage, ...]:
     """The stages the operator's arguments describe (see :func:`_stage_arguments`); ``params``: norm weight, norm
     bias and convolution weight per stage, whose convolution weights give the geometry's dimensions. Empty
     ``updated`` and ``frozen``: stages without running statistics, for backward (it reads the saved ones)."""
     stages = []
     running = {_TRAIN_UPDATING: iter(updated), _FROZEN: iter(frozen)}
-    start = 0
-    for index, kind in enumerate(kinds):
+    num_stages = len(floats) // 2
+    start = 3 * num_stages
+    for index in range(num_stages):
+        kind, pool, groups = ints[3 * index : 3 * index + 3]
         mean, var = (next(running[kind], None), next(running[kind], None)) if kind in running else (None, None)
         conv_weight = params[3 * index + 2]
         dims = 0 if conv_weight is None else conv_weight.dim() - 2
-        stride, padding, dilation = (tuple(geometry[start + k * dims : start + (k + 1) * dims]) for k in range(3))
+        stride, padding, dilation = (tuple(ints[start + k * dims : start + (k + 1) * dims]) for k in range(3))
         start += 3 * dims
+        momentum, eps = floats[index], floats[num_stages + index]
         stages.append(
-            _Stage(
-                mean,
-                var,
-                momentum[index],
-                eps[index],
-                stride,
-                padding,
-                dilation,
-                groups[index],
-                kind != _FROZEN,
-                pool=pools[index],
-            )
+            _Stage(mean, var, momentum, eps, stride, padding, dilation, groups, kind != _FROZEN, pool=bool(pool))
         )
     return tuple(stages)
 
@@ -152,14 +119,9 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
     return False
 
 
-def _compute_dtype(tensor: Tensor) -> torch.dtype | None:
-    """The caller's autocast dtype for ``tensor``'s device (``None``: autocast off); the eager functions read the
-    autocast state to choose their compute dtype, and the operators re-enter it (see :func:`_caller_autocast`)."""
-    return autocast_dtype(tensor.device.type)
-
-
 def _caller_autocast(device_type: str, compute_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """The caller's autocast state again, inside an operator: on in ``compute_dtype``, or off (``None``)."""
+    """The caller's autocast state (:func:`.functional.autocast_dtype`) again inside an operator: the eager
+    functions read it to choose their compute dtype."""
     if compute_dtype is None:
         return autocast_off(device_type)
     return torch.autocast(device_type, dtype=compute_dtype)
@@ -196,6 +158,16 @@ def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
     return [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None for a in inputs]
 
 
+def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
+    """``impl`` as the operator ``densenet_efficient::name``; on fake tensors (shapes only) ``impl`` itself, whose
+    every operator runs on fake tensors."""
+    operator = torch.library.custom_op(
+        f"densenet_efficient::{name}", impl, mutates_args=(), tags=torch.Tag.flexible_layout
+    )
+    operator.register_fake(impl)
+    return operator
+
+
 def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
     """Copy the operator's updated running statistics into the buffers (once per forward, as in eager)."""
     with torch.no_grad():
@@ -206,10 +178,8 @@ def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
 # --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
 
 
-def _chain_layout_key(
-    convolved: Sequence[bool], num_features: int, kinds: Sequence[int], keep_intermediates: bool
-) -> tuple:
-    return "chain", tuple(convolved), num_features, tuple(kinds), keep_intermediates
+def _chain_layout_key(convolved: Sequence[bool], num_features: int, ints: Sequence[int], keep: bool) -> tuple:
+    return "chain", tuple(convolved), num_features, tuple(ints), keep
 
 
 def _chain_params(params: Sequence[Tensor], convolved: Sequence[bool]) -> list[Tensor | None]:
@@ -226,12 +196,8 @@ def _chain_impl(
     features: list[Tensor],
     updated: list[Tensor],
     frozen: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     keep_intermediates: bool,
     compute_dtype: torch.dtype | None,
 ) -> list[Tensor]:
@@ -241,32 +207,24 @@ def _chain_impl(
     # their running statistics, returned for the caller to copy back once.
     updated = [t.clone() for t in updated]
     chain_params = _chain_params(params, convolved)
-    stages = _stages(chain_params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
+    stages = _stages(chain_params, updated, frozen, ints, floats)
     context = _ForwardContext()
     with _caller_autocast(features[0].device.type, compute_dtype):
         # A None parameter: the convolution weight of a stage without convolution.
         output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
-    key = _chain_layout_key(convolved, len(features), kinds, keep_intermediates)
+    key = _chain_layout_key(convolved, len(features), ints, keep_intermediates)
     extras = _save_layout(key, context.saved, (*chain_params, *features, *frozen))
     return [output, *updated, *extras]
 
 
-_chain_op = torch.library.custom_op(
-    "densenet_efficient::bn_relu_conv_chain", _chain_impl, mutates_args=(), tags=torch.Tag.flexible_layout
-)
-# Shapes only (fake tensors): the same computation, which every operator it calls can run on fake tensors.
-_chain_op.register_fake(_chain_impl)
+_chain_op = _operator("bn_relu_conv_chain", _chain_impl)
 
 
 def _chain_backward_impl(
     grad_output: Tensor,
     saved: list[Tensor | None],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     keep_intermediates: bool,
     compute_dtype: torch.dtype | None,
     num_inputs: int,
@@ -274,34 +232,23 @@ def _chain_backward_impl(
 ) -> list[Tensor]:
     """The gradients ``needs_input_grad`` asks for, of the eager function's parameters then feature maps, by its
     backward from the tensors its forward saved (``saved``: parameters first)."""
-    stages = _stages(saved[: 3 * len(kinds)], [], [], kinds, pools, momentum, eps, geometry, groups)
-    context = _BackwardContext(
-        saved,
-        (False, False, *needs_input_grad),
-        stages=stages,
-        keep_intermediates=keep_intermediates,
-        compute_dtype=compute_dtype,
-        num_inputs=num_inputs,
-    )
+    stages = _stages(saved[: 3 * (len(floats) // 2)], [], [], ints, floats)
+    needs = (False, False, *needs_input_grad)
+    attributes = dict(stages=stages, keep_intermediates=keep_intermediates, compute_dtype=compute_dtype)
+    context = _backward_context(saved, needs, num_inputs=num_inputs, **attributes)
     # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grad_output)[2:]
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
 
 
-_chain_backward_op = torch.library.custom_op(
-    "densenet_efficient::bn_relu_conv_chain_backward",
-    _chain_backward_impl,
-    mutates_args=(),
-    tags=torch.Tag.flexible_layout,
-)
-_chain_backward_op.register_fake(_chain_backward_impl)
+_chain_backward_op = _operator("bn_relu_conv_chain_backward", _chain_backward_impl)
 
 
 def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
     params, convolved, features, updated, frozen, *arguments = inputs
     ctx.mark_non_differentiable(*output[1:])  # running statistics and saved tensors: no gradient flows back
-    key = _chain_layout_key(convolved, len(features), arguments[0], arguments[6])
+    key = _chain_layout_key(convolved, len(features), arguments[0], arguments[2])
     chain_params = _chain_params(params, convolved)
     ctx.save_for_backward(*_saved(key, (*chain_params, *features, *frozen), output[1 + len(updated) :]))
     ctx.arguments = (*arguments, len(features))
@@ -325,12 +272,8 @@ _chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
 
 
 def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor | None) -> Tensor:
-    """``_BnReluConvChain.apply(stages, keep_intermediates, *tensors)`` as one opaque operator.
-
-    Synchronized batch norms fall back to the function itself (traced through by the compiler, which then
-    chooses what to save), with a warning that says so. So does ``torch.export``, without one: an exported
-    program holds standard operators only (ONNX, other runtimes), and is rarely trained.
-    """
+    """``_BnReluConvChain.apply(stages, keep_intermediates, *tensors)`` as one opaque operator (see
+    :func:`_falls_back` for when the function itself runs, traced through by the compiler)."""
     if _falls_back(stages):
         return _BnReluConvChain.apply(stages, keep_intermediates, *tensors)
     num_params = 3 * len(stages)
@@ -338,7 +281,9 @@ def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tens
     params = [t for t in tensors[:num_params] if t is not None]
     features = cast(list[Tensor], list(tensors[num_params:]))
     arguments = _stage_arguments(stages)
-    outputs = _chain_op(params, convolved, features, *arguments, keep_intermediates, _compute_dtype(features[0]))
+    outputs = _chain_op(
+        params, convolved, features, *arguments, keep_intermediates, autocast_dtype(features[0].device.type)
+    )
     updated = arguments[0]
     _copy_back(updated, outputs[1 : 1 + len(updated)])
     return outputs[0]
@@ -359,8 +304,8 @@ def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
     return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _stem_layout_key(kinds: Sequence[int], keep_activation: bool) -> tuple:
-    return "stem", tuple(kinds), keep_activation
+def _stem_layout_key(ints: Sequence[int], keep_activation: bool) -> tuple:
+    return "stem", tuple(ints), keep_activation
 
 
 def _stem_impl(
@@ -370,12 +315,8 @@ def _stem_impl(
     norm_bias: Tensor,
     updated: list[Tensor],
     frozen: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     max_pool: list[int],
     ceil_mode: bool,
     keep_activation: bool,
@@ -385,33 +326,26 @@ def _stem_impl(
     ``updated``), then the tensors saved for backward that are not inputs (see the module's docstring)."""
     updated = [t.clone() for t in updated]  # functional, as the chain's operator
     params = (norm_weight, norm_bias, conv_weight)
-    (stage,) = _stages(params, updated, frozen, kinds, pools, momentum, eps, geometry, groups)
+    (stage,) = _stages(params, updated, frozen, ints, floats)
     context = _ForwardContext()
     with _caller_autocast(x.device.type, compute_dtype):
         outputs = _ConvBnReluMaxPool.forward(
             context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
         )
-    key = _stem_layout_key(kinds, keep_activation)
+    key = _stem_layout_key(ints, keep_activation)
     extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
     return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
 
 
-_stem_op = torch.library.custom_op(
-    "densenet_efficient::conv_bn_relu_max_pool", _stem_impl, mutates_args=(), tags=torch.Tag.flexible_layout
-)
-_stem_op.register_fake(_stem_impl)
+_stem_op = _operator("conv_bn_relu_max_pool", _stem_impl)
 
 
 def _stem_backward_impl(
     grad_output: Tensor,
     grad_activation: Tensor | None,
     saved: list[Tensor],
-    kinds: list[int],
-    pools: list[bool],
-    momentum: list[float],
-    eps: list[float],
-    geometry: list[int],
-    groups: list[int],
+    ints: list[int],
+    floats: list[float],
     max_pool: list[int],
     ceil_mode: bool,
     keep_activation: bool,
@@ -420,22 +354,16 @@ def _stem_backward_impl(
 ) -> list[Tensor]:
     """The gradients ``needs_input_grad`` asks for, of the input, convolution weight, norm weight and norm bias,
     by the eager function's backward from the tensors its forward saved (``saved``), as the chain's."""
-    (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], kinds, pools, momentum, eps, geometry, groups)
+    (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], ints, floats)
     pool = _max_pool(max_pool, ceil_mode)
     needs = (False, False, False, *needs_input_grad)
-    context = _BackwardContext(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
+    context = _backward_context(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
     with torch.no_grad():
         gradients = _ConvBnReluMaxPool.backward(context, grad_output, grad_activation)[3:]
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
 
 
-_stem_backward_op = torch.library.custom_op(
-    "densenet_efficient::conv_bn_relu_max_pool_backward",
-    _stem_backward_impl,
-    mutates_args=(),
-    tags=torch.Tag.flexible_layout,
-)
-_stem_backward_op.register_fake(_stem_backward_impl)
+_stem_backward_op = _operator("conv_bn_relu_max_pool_backward", _stem_backward_impl)
 
 
 def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
@@ -468,9 +396,8 @@ def conv_bn_relu_max_pool(
     if _falls_back([stage]):
         return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
     arguments = _stage_arguments([stage])
-    outputs = _stem_op(
-        x, *params, *arguments, _max_pool_arguments(pool), pool.ceil_mode, keep_activation, _compute_dtype(x)
-    )
+    pooling = (_max_pool_arguments(pool), pool.ceil_mode)
+    outputs = _stem_op(x, *params, *arguments, *pooling, keep_activation, autocast_dtype(x.device.type))
     num_outputs = 2 if keep_activation else 1
     updated = arguments[0]
     _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])

@@ -1,8 +1,6 @@
-"""The entry points of the memory-efficient layers: each runs a BN-ReLU-Conv chain, a transition, the final norm
-and ReLU, or the ImageNet stem as the memory-efficient autograd function of :mod:`.functional`, as that function's
-opaque operator of :mod:`.compiled_op` under ``torch.compile``, or as the plain modules, which compute what a naive
-DenseNet computes (see :func:`bn_relu_conv` for when each runs, and :mod:`.eligibility` for which modules the
-function computes exactly).
+"""The memory-efficient layers' entry points: a BN-ReLU-Conv chain, a transition, the final norm and ReLU, or the
+ImageNet stem, run as the autograd function of :mod:`.functional`, as its opaque operator of :mod:`.compiled_op`
+under ``torch.compile``, or as the plain modules (see :func:`bn_relu_conv` and :mod:`.eligibility`).
 """
 
 from __future__ import annotations
@@ -34,12 +32,8 @@ Stages = Sequence[tuple[nn.Module, nn.Module | None] | tuple[nn.Module, nn.Modul
 
 
 def _apply(function: type[torch.autograd.Function], operator: Callable[..., Any], *args: Any) -> Any:
-    """``function.apply(*args)`` or, under ``torch.compile``, ``operator(*args)``: the function as one opaque
-    operator of :mod:`.compiled_op` (torch.compile traces through an autograd function and then chooses what to
-    save itself)."""
-    if torch.compiler.is_compiling():
-        return operator(*args)
-    return function.apply(*args)
+    """``function.apply(*args)`` or, under ``torch.compile``, ``operator(*args)``, its opaque operator."""
+    return operator(*args) if torch.compiler.is_compiling() else function.apply(*args)
 
 
 def _triples(stages: Stages) -> list[tuple[nn.Module, nn.Module | None, nn.Module | None]]:
@@ -53,14 +47,11 @@ def _use_function(
     efficient: MemoryMode,
     owner: nn.Module | None = None,
 ) -> bool:
-    """Whether the memory-efficient autograd function should run on ``features`` with the ``(norm, act, conv)``
-    of ``stages`` (``act`` ``None`` for a ReLU, ``conv`` ``None`` for a norm and activation): ``efficient`` set
-    and a backward pass to come (grad enabled and something requiring it), outside ``torch.func`` transforms,
-    forward-mode AD and ``torch.jit.trace``, which cannot run it, and batches too small for the norm's statistics
-    (they get plain modules), and modules that it computes exactly (see :mod:`.eligibility`; otherwise a one-time
-    warning names ``owner``, the layer they belong to). Norms and activations other than batch norm and ReLU run
-    the plain modules under autocast and ``torch.compile``. Tracing a training model raises a ``RuntimeError``
-    that names the alternatives."""
+    """Whether the memory-efficient function runs on ``features`` for ``(norm, act, conv)`` ``stages``: with
+    ``efficient`` set and a backward pass to come, outside ``torch.func``, forward-mode AD and ``torch.jit.trace``
+    (a training trace raises), for batches with enough values for the norm's statistics and modules it computes
+    exactly (:mod:`.eligibility`; else a one-time warning names ``owner``). Norms and activations other than batch
+    norm and ReLU run the plain modules under autocast and ``torch.compile``."""
     modules = [module for stage in stages for module in stage if module is not None]
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in features) or any(p.requires_grad for m in modules for p in m.parameters())
@@ -94,16 +85,15 @@ def _use_function(
 
 
 def _too_few_values(x: Tensor, training: bool, per_sample: bool) -> bool:
-    """Whether the norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch (batch norm
-    passes it through) or, in training, one value per channel (batch norm raises; the function would write NaN
-    into ``running_var``); for per-sample norms one value per sample. Either way there is nothing to save."""
+    """Whether the norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch or, in training,
+    one value per channel (batch norm raises; the function would write NaN into ``running_var``); for per-sample
+    norms one value per sample."""
     values = x[0, 0].numel() if per_sample and x.numel() else x.numel() // max(x.shape[1], 1)
     return values == 0 or ((training or per_sample) and values == 1)
 
 
 def _check_channels(features: Sequence[Tensor], norm: Any) -> None:
-    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the norm kernels would read
-    past or short of its parameters)."""
+    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the kernels do not check)."""
     channels = [t.shape[1] for t in features]
     # FrozenBatchNorm2d has no num_features, GroupNorm num_channels, a non-affine InstanceNorm no weight
     expected = getattr(norm, "num_channels", None) or getattr(norm, "num_features", None) or norm.weight.shape[0]
@@ -115,21 +105,15 @@ def _check_channels(features: Sequence[Tensor], norm: Any) -> None:
 
 
 def _chain(
-    features: Sequence[Tensor],
-    stages: Sequence[tuple[Any, Any, Any]],
-    efficient: MemoryMode,
-    pool: bool = False,
+    features: Sequence[Tensor], stages: Sequence[tuple[Any, Any, Any]], efficient: MemoryMode, pool: bool = False
 ) -> Tensor:
     """The memory-efficient function on ``features`` for ``(norm, act, conv)`` stages."""
     _check_channels(features, stages[0][0])
     chain: tuple[_Stage, ...] = tuple(_stage(norm, conv, pool, act) for norm, act, conv in stages)
-    params: list[Tensor | None] = []
-    for norm, _, conv in stages:
-        params += (norm.weight, norm.bias, None if conv is None else conv.weight)
+    params = [t for norm, _, conv in stages for t in (norm.weight, norm.bias, None if conv is None else conv.weight)]
     act_weights = [act.weight for (_, act, _), stage in zip(stages, chain, strict=True) if stage.act[0] == "prelu"]
-    return _apply(
-        _BnReluConvChain, compiled_op.bn_relu_conv_chain, chain, efficient is True, *params, *features, *act_weights
-    )
+    arguments = (chain, efficient is True, *params, *features, *act_weights)
+    return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, *arguments)
 
 
 def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
@@ -143,17 +127,10 @@ def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
 def bn_relu_conv(
     features: Sequence[Tensor], stages: Stages, efficient: MemoryMode, owner: nn.Module | None = None
 ) -> Tensor:
-    """Apply ``conv(act(norm(.)))`` for each ``(norm, act, conv)`` of ``stages`` to ``cat(features, 1)``; a
-    ``(norm, conv)`` pair has a ReLU.
-
-    ``features``: feature maps (N, C_i, *spatial) whose channels add up to the first norm's ``num_features``.
-    With ``efficient`` set and a backward pass to come (grad enabled and something requiring it; batch norms
-    training, frozen in eval mode, or a mix), the memory-efficient autograd function runs; otherwise, and under
-    ``torch.func`` transforms, plain modules, which cost what a naive DenseNet costs. So do stages the function
-    would not compute exactly (see :mod:`.eligibility`: another norm, a convolution bias, hooks, ...), with a
-    one-time warning naming ``owner``, the layer they belong to. ``torch.jit.trace`` cannot record the function:
-    an eval-mode model traces with the plain modules, and tracing a training model raises a ``RuntimeError`` that
-    names the alternatives.
+    """Apply ``conv(act(norm(.)))`` for each ``(norm, act, conv)`` of ``stages`` to ``cat(features, 1)``, feature
+    maps (N, C_i, *spatial); a ``(norm, conv)`` pair has a ReLU. The memory-efficient function runs where
+    :func:`_use_function` says (training, frozen or mixed batch norms), otherwise the plain modules, at a naive
+    DenseNet's cost; stages it would not compute exactly (:mod:`.eligibility`) warn once, naming ``owner``.
     """
     triples = _triples(stages)
     if _use_function(features, triples, efficient, owner):
@@ -165,15 +142,10 @@ def bn_relu_conv(
 
 
 def _pointwise(conv: _ConvNd) -> bool:
-    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding: its output has its input's spatial
-    size, which is where a transition's backward spreads the pooling's gradient."""
-    return (
-        conv.bias is None
-        and all(k == 1 for k in conv.kernel_size)
-        and all(s == 1 for s in conv.stride)
-        and not isinstance(conv.padding, str)
-        and all(p == 0 for p in conv.padding)
-    )
+    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding (a transition's backward spreads the
+    pooling's gradient at its input's size)."""
+    ones = all(v == 1 for v in (*conv.kernel_size, *conv.stride))
+    return conv.bias is None and ones and not isinstance(conv.padding, str) and not any(conv.padding)
 
 
 def bn_relu_conv_pool(
@@ -185,15 +157,9 @@ def bn_relu_conv_pool(
     act: nn.Module | None = None,
 ) -> Tensor:
     """A transition: ``avg_pool(conv(act(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
-    *spatial / 2); ``act`` ``None``: a ReLU.
-
-    In the efficient modes (see :func:`bn_relu_conv`) with a pointwise ``conv`` nothing full-size is stored for
-    backward, only the norm's per-channel statistics. Forward computes what the plain modules compute, in their
-    order (the same output, to the bit on CPU); backward recomputes the BN-ReLU output from the feature maps, piece
-    by piece, and takes the convolution's gradients as plain autograd does (the same values, summed in the same
-    order). Plain autograd stores the concatenation, the BN-ReLU output and the convolution's full-size output
-    (the pooling's input).
-    """
+    *spatial / 2); ``act`` ``None``: a ReLU. In the efficient modes (see :func:`bn_relu_conv`) with a pointwise
+    ``conv`` only the norm's statistics are stored for backward (plain autograd: the concatenation, the BN-ReLU
+    output and the pooling's input); backward recomputes the BN-ReLU output from the feature maps."""
     if _pointwise(conv) and _use_function(features, [(norm, act, conv)], efficient, owner):
         return _chain(features, [(norm, act, conv)], efficient, pool=True)
     return _avg_pool(bn_relu_conv(features, [(norm, act, conv)], efficient, owner))
@@ -206,12 +172,9 @@ def bn_relu(
     owner: nn.Module | None = None,
     act: nn.Module | None = None,
 ) -> Tensor:
-    """``act(norm(cat(features, 1)))``, the final norm and activation of a DenseNet (``act`` ``None``: ReLU).
-
-    In the efficient modes (see :func:`bn_relu_conv`) only the norm's per-channel statistics are stored for
-    backward (the feature maps are the network's anyway); plain autograd stores the concatenation and the ReLU
-    output.
-    """
+    """``act(norm(cat(features, 1)))``, a DenseNet's final norm and activation (``act`` ``None``: ReLU). In the
+    efficient modes (see :func:`bn_relu_conv`) only the norm's statistics are stored for backward (plain
+    autograd: the concatenation and the ReLU output)."""
     if _use_function(features, [(norm, act, None)], efficient, owner):
         return _chain(features, [(norm, act, None)], efficient)
     x = norm(torch.cat(list(features), 1) if len(features) > 1 else features[0])
@@ -242,31 +205,15 @@ def conv_bn_relu_max_pool(
     keep_activation: bool = False,
     owner: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """An ImageNet stem: ``pool(relu(norm(conv(x))))`` and, with ``keep_activation``, ``relu(norm(conv(x)))``.
-
-    ``x`` (N, C_in, *spatial); ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only
-    the batch norm's statistics and one byte per pooled value (each maximum's place in its window) are stored for
-    backward; the convolution is recomputed from ``x`` in backward (see :class:`_ConvBnReluMaxPool`).
-    Batch-norm statistics are updated once, in forward. Plain modules run otherwise, and when the modules are of
-    kinds the function does not reproduce.
-    """
-    if (
-        isinstance(conv, _ConvNd)
-        and isinstance(norm, _BatchNorm)
-        and _stem_supported(conv, norm, pool)
-        and _use_function([x], [(norm, None, conv)], efficient, owner)
-    ):
-        outputs = _apply(
-            _ConvBnReluMaxPool,
-            compiled_op.conv_bn_relu_max_pool,
-            _stage(norm, conv),
-            _MaxPool.of(pool, x.dim() - 2),
-            keep_activation,
-            x,
-            conv.weight,
-            norm.weight,
-            norm.bias,
-        )
+    """An ImageNet stem: ``pool(relu(norm(conv(x))))`` and, with ``keep_activation``, ``relu(norm(conv(x)))``;
+    ``x`` (N, C_in, *spatial), ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only the
+    batch norm's statistics and one byte per pooled value are stored for backward (see
+    :class:`_ConvBnReluMaxPool`); plain modules run otherwise and for modules the function does not reproduce."""
+    supported = isinstance(conv, _ConvNd) and isinstance(norm, _BatchNorm) and _stem_supported(conv, norm, pool)
+    if supported and _use_function([x], [(norm, None, conv)], efficient, owner):
+        stage, max_pool = _stage(norm, conv), _MaxPool.of(pool, x.dim() - 2)  # type: ignore[arg-type]  # checked
+        stem = (stage, max_pool, keep_activation, x, conv.weight, norm.weight, norm.bias)
+        outputs = _apply(_ConvBnReluMaxPool, compiled_op.conv_bn_relu_max_pool, *stem)
         return (outputs[0], outputs[1]) if keep_activation else (outputs, None)
     activation = F.relu(norm(conv(x)))
     return pool(activation), activation if keep_activation else None

@@ -6,34 +6,19 @@ A dense layer reads the concatenation of every feature map produced so far in it
     b   = conv1(relu(norm1(x)))     # bottleneck: bn_size * k channels
     out = conv2(relu(norm2(b)))     # k new channels
 
-Plain autograd keeps ``x`` and ``relu(norm1(x))`` alive for every layer until backward, so feature-map memory
-grows quadratically with depth. :class:`_BnReluConvChain` runs the same computation but keeps only
+Plain autograd keeps ``x`` and ``relu(norm1(x))`` of every layer until backward: memory quadratic in depth.
+:class:`_BnReluConvChain` computes the same but keeps only references to the input feature maps (the network
+holds them anyway), per batch norm two per-channel tensors (training: batch mean and inverse std; eval mode: the
+running statistics themselves, not copied) and, with ``efficient=True``, the bottleneck ``b``. Backward recomputes
+the concatenation, batch norm and ReLU from these (elementwise: the batch is never reduced again) and runs the
+convolution and batch-norm backward kernels; only ``efficient="max"`` re-runs a convolution forward (``b``'s 1x1).
+Each norm follows its own mode; running statistics are updated once, in forward, as ``nn.BatchNorm2d`` does.
 
-* references to the input feature maps (the network holds them anyway: later layers read them),
-* per batch norm, two per-channel tensors: in training mode the batch mean and inverse standard deviation; in
-  eval mode (frozen batch norm, input gradients) the running mean and variance themselves, not copied, exactly
-  what plain autograd keeps of them,
-* with ``efficient=True``: the output of every stage but the last (the bottleneck ``b``, linear in depth).
-
-Backward recomputes the concatenation, batch norm and ReLU from these (elementwise, cheap: the normalisation
-uses the saved batch statistics in training mode and the running statistics in eval mode, so the batch is never
-reduced again) and calls the convolution and batch norm backward kernels; it never re-runs a convolution forward,
-except ``efficient="max"``, which also drops ``b`` and recomputes it with one 1x1 convolution. Each batch norm
-follows its own mode, so a chain may mix training and frozen norms. Running statistics are updated exactly once,
-in forward, as ``nn.BatchNorm2d`` does: nothing in backward touches them.
-
-Double backward (gradient penalties, ``create_graph=True``): backward then recomputes the whole chain from the
-saved inputs and parameters with differentiable operations, batch statistics again a function of the input
-(running statistics read in eval mode, never updated), and differentiates it. That recomputation is kept for the
-second backward: it costs what plain autograd costs. Under ``torch.func`` transforms (``grad``, ``vmap``, ...)
-:func:`.efficient.bn_relu_conv` runs the plain modules, which behave there exactly as in ``efficient=False``.
-
-Synchronized batch norms (see :mod:`.sync_batchnorm`) normalise with the statistics of every process's batch: one
-collective per batch norm in forward, one in backward, none in the recomputation, which reuses the saved global
-statistics.
-
-Feature maps may have 1, 2 or 3 spatial dimensions, (N, C, L), (N, C, H, W) or (N, C, D, H, W), with the
-matching ``nn.BatchNormNd`` and ``nn.ConvNd`` modules.
+Double backward (``create_graph=True``) recomputes the chain with differentiable operations (batch statistics a
+function of the input, running statistics never updated) and differentiates that, at plain autograd's cost.
+Under ``torch.func`` transforms :func:`.efficient.bn_relu_conv` runs the plain modules. Synchronized batch norms
+(:mod:`.sync_batchnorm`) take one collective in forward and one in backward; the recomputation reuses the saved
+global statistics. Feature maps are (N, C, *spatial) with 1 to 3 spatial dimensions.
 """
 
 from __future__ import annotations
@@ -41,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -103,10 +88,9 @@ class _Stage:
 def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module | None = None) -> _Stage:
     """The stage of ``norm`` (then ``act``, ``None``: ReLU) in its current mode, counting one training batch in it
     if it is training; ``conv`` ``None`` for a norm and activation without convolution."""
-    # As nn.BatchNormNd: a training norm that does not track running statistics neither uses nor updates them,
-    # and an eval-mode norm without running statistics normalises with the batch's. A frozen norm (fixed
-    # statistics) is an eval-mode one. InstanceNorm normalises with the sample's statistics in training or when
-    # it tracks none, and does not count batches; GroupNorm has no running statistics.
+    # As nn.BatchNormNd: a training norm that tracks no running statistics neither uses nor updates them, an
+    # eval-mode (or frozen) norm without them uses the batch's. InstanceNorm uses the sample's in training or when
+    # it tracks none, and counts no batches; GroupNorm has none.
     assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
     kind = norm_kind(norm)
     training = norm.training and not is_frozen_norm(norm)
@@ -118,22 +102,10 @@ def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module |
     momentum = (norm.momentum or 0.0) if kind == "instance" else momentum
     spec = activation(act)
     assert spec is not None  # unsupported activations take the plain path (.eligibility)
-    return _Stage(
-        running_mean,
-        running_var,
-        momentum,
-        norm.eps,
-        () if conv is None else conv.stride,
-        () if conv is None else conv.padding,  # type: ignore[arg-type]  # numeric: checked above
-        () if conv is None else conv.dilation,
-        1 if conv is None else conv.groups,
-        batch_stats,
-        sync_group(norm) if training and kind == "batch" else None,
-        pool,
-        kind,
-        getattr(norm, "num_groups", 0),
-        spec,
-    )
+    geometry = ((), (), (), 1) if conv is None else (conv.stride, conv.padding, conv.dilation, conv.groups)
+    sync = sync_group(norm) if training and kind == "batch" else None
+    stats = (running_mean, running_var, momentum, norm.eps)
+    return _Stage(*stats, *geometry, batch_stats, sync, pool, kind, getattr(norm, "num_groups", 0), spec)  # type: ignore[arg-type]
 
 
 def _to(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -152,20 +124,9 @@ def _conv_backward(
     grad: Tensor, x: Tensor, weight: Tensor, stage: _Stage, weight_needs_grad: bool, input_needs_grad: bool = True
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients of :func:`_conv` of ``x`` for ``x`` and ``weight`` (each if it needs one), from ``grad``."""
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        None,
-        stage.stride,
-        stage.padding,
-        stage.dilation,
-        False,
-        [0] * len(stage.stride),
-        stage.groups,
-        [input_needs_grad, weight_needs_grad, False],
-    )
-    return grad_input, grad_weight
+    geometry = (stage.stride, stage.padding, stage.dilation, False, [0] * len(stage.stride), stage.groups)
+    mask = [input_needs_grad, weight_needs_grad, False]
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, mask)[:2]
 
 
 def _relu_backward_(grad: Tensor, activated: Tensor) -> Tensor:
@@ -197,49 +158,10 @@ def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
     return result
 
 
-def _bn_relu_from_stats(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    """relu(batch_norm(x)) from saved per-channel statistics; the same values forward computed."""
-    scale = weight * invstd
-    shift = bias - mean * scale
-    shape = channel_view(x)
-    return torch.addcmul(shift.view(shape), x, scale.view(shape)).relu_().to(x.dtype)
-
-
-def _batch_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, stage: _Stage, update_running_stats: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_norm(x)`` (N, C, *spatial) and the two per-channel tensors its backward needs (see :func:`_statistics`).
-
-    Batch statistics: the running statistics are updated unless ``update_running_stats`` is False (recomputation).
-    Running statistics: returned as they are (plain autograd saves them too; they are not modified in eval mode).
-    """
-    if stage.batch_stats and update_running_stats:
-        return batch_norm_train(
-            x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
-        )
-    if stage.batch_stats:  # recomputation (double backward): batch statistics of x, running ones untouched
-        return torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
-    mean, var = stage.running_mean, stage.running_var
-    assert mean is not None and var is not None
-    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, stage.eps)[0], mean, var
-
-
 def _statistics(saved: Sequence[Tensor], stage: _Stage) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and inverse standard deviation from what :func:`_batch_norm` returned for ``stage``."""
+    """Per-channel mean and inverse standard deviation from what :func:`_norm` returned for a batch norm."""
     mean, second = saved
     return (mean, second) if stage.batch_stats else (mean, torch.rsqrt(second + stage.eps))
-
-
-def _batch_norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, saved: Sequence[Tensor], stage: _Stage, output_mask: list[bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``batch_norm(x)`` for input, weight and bias (those of ``output_mask``) from ``grad``."""
-    first, second = saved
-    if stage.batch_stats:
-        return batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, output_mask)
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, x, weight, first, second, None, None, False, stage.eps, output_mask
-    )
 
 
 def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -252,15 +174,29 @@ def _per_sample(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[
 def _norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, stage: _Stage, update_running_stats: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: per channel for batch
-    norm (see :func:`_batch_norm`), per (sample, group) mean and rstd for group norm, per (sample, channel) for
-    instance norm (batch statistics, or the running ones repeated per sample). An instance norm's running
-    statistics become the sample average of their updated repetitions, as ``torch.instance_norm`` does."""
+    """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: for batch norm per
+    channel, the batch mean and inverse std (fp32 for reduced-precision ``x``), or the running statistics
+    themselves (eval mode: not modified, as plain autograd saves them); per (sample, group) mean and rstd for group
+    norm; per (sample, channel) for instance norm (the running ones repeated per sample, whose running statistics
+    become the sample average of their updated repetitions, as ``torch.instance_norm`` does). Running statistics
+    are updated unless ``update_running_stats`` is False (double backward's recomputation)."""
     n, c = x.shape[:2]
     if stage.norm == "group":
         return torch.native_group_norm(x.contiguous(), weight, bias, n, c, x[0, 0].numel(), stage.num_groups, stage.eps)
+    if stage.norm == "batch" and stage.batch_stats:
+        out, first, second = (
+            batch_norm_train(
+                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
+            )
+            if update_running_stats
+            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
+        )
+        # The kernels give fp32 statistics for reduced-precision x, the fake kernel x's dtype (torch.compile)
+        reduced = first.dtype in (torch.float16, torch.bfloat16)
+        return (out, first.float(), second.float()) if reduced else (out, first, second)
     if stage.norm == "batch":
-        return _batch_norm(x, weight, bias, stage, update_running_stats)  # type: ignore[arg-type]
+        stats = stage.running_mean, stage.running_var
+        return torch.native_batch_norm(x, weight, bias, *stats, False, 0.0, stage.eps)[0], *stats  # type: ignore[return-value]
     view, weight, bias = _per_sample(x, weight, bias)
     tracked = [t for t in (stage.running_mean, stage.running_var) if t is not None]
     running = [t.repeat(n) for t in tracked] if update_running_stats or not stage.batch_stats else []
@@ -295,28 +231,24 @@ def _norm_backward(
         return torch.ops.aten.native_group_norm_backward(
             grad.contiguous(), x.contiguous(), *saved, weight, n, c, x[0, 0].numel(), stage.num_groups, mask
         )
-    if stage.norm == "batch":
-        return _batch_norm_backward(grad, x, weight, saved, stage, mask)  # type: ignore[arg-type]
-    view, repeated, _ = _per_sample(x, weight, None)
-    grads = _batch_norm_backward(grad.reshape(view.shape), view, repeated, saved, stage, mask)  # type: ignore[arg-type]
-    return grads[0].view_as(x), *(None if g is None else g.view(n, c).sum(0) for g in grads[1:])  # type: ignore[union-attr,return-value]
+    if stage.norm == "instance":
+        view, repeated, _ = _per_sample(x, weight, None)
+        grads = _norm_backward(grad.reshape(view.shape), view, repeated, saved, replace(stage, norm="batch"), mask)
+        return grads[0].view_as(x), *(None if g is None else g.view(n, c).sum(0) for g in grads[1:])  # type: ignore[union-attr,return-value]
+    first, second = saved
+    if stage.batch_stats:
+        return batch_norm_train_backward(grad, x, weight, first, second, stage.eps, stage.sync, mask)
+    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, first, second, None, None, False, stage.eps, mask)
 
 
 def _activate(x: Tensor, stage: _Stage, weight: Tensor | None) -> Tensor:
     """``stage``'s activation of ``x``, out of place, as its module computes it (``weight``: PReLU's)."""
     name, value = stage.act
-    if name == "relu":
-        return x.relu()
-    if name == "leaky_relu":
-        return F.leaky_relu(x, value)
-    if name == "elu":
-        return F.elu(x, value)
-    if name == "silu":
-        return F.silu(x)
     if name == "swish":  # MONAI's Swish
         return x * torch.sigmoid(value * x)
-    assert weight is not None
-    return F.prelu(x, weight)
+    if name == "prelu":
+        return F.prelu(x, weight)  # type: ignore[arg-type]
+    return getattr(F, name)(x, value) if name in ("leaky_relu", "elu") else getattr(F, name)(x)  # relu, silu
 
 
 def _norm_act_backward(
@@ -352,40 +284,32 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat``, or the one tensor itself (no copy, no operator)."""
+    return torch.cat(list(tensors), dim) if len(tensors) > 1 else tensors[0]
+
+
+def _split(tensor: Tensor, sizes: Sequence[int], dim: int = 0) -> Sequence[Tensor]:
+    """``tensor.split(sizes, dim)``, or ``[tensor]`` for one size (no operator)."""
+    return tensor.split(list(sizes), dim) if len(sizes) > 1 else [tensor]
+
+
 def _shift_scale(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``relu(batch_norm(x))`` is ``relu(shift + x * scale)``: the two per-channel tensors, shaped to broadcast over
-    maps like ``like``, as :func:`_bn_relu_from_stats` computes them."""
+    """``batch_norm(x)`` is ``shift + x * scale``: the two per-channel tensors as the kernels compute them, shaped
+    to broadcast over maps like ``like``."""
     scale = weight * invstd
-    shift = bias - mean * scale
     shape = channel_view(like)
-    return shift.view(shape), scale.view(shape)
+    return torch.addcmul(bias, mean, scale, value=-1).view(shape), scale.view(shape)
 
 
-def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, like: Tensor) -> Tensor:
-    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s), laid out as a
-    concatenation of maps like ``like`` is (``x`` itself may be such a concatenation)."""
-    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=_memory_format(like))
+def _bn_relu_into(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None, owned: bool) -> Tensor:
+    """``relu(shift + x * scale)`` (see :func:`_shift_scale`) in ``dtype`` (default: ``x``'s): written over ``x``
+    if it is ``owned`` (a concatenation built for this) and of that dtype, else into a new tensor laid out as ``x``."""
+    dtype = dtype or x.dtype
+    if not owned and x.dtype == dtype == shift.dtype:
+        return torch.addcmul(shift, x, scale).relu_()  # a new tensor, laid out as x
+    out = x if owned and x.dtype == dtype else torch.empty_like(x, dtype=dtype)
     return torch.addcmul(shift, x, scale, out=out).relu_()
-
-
-def _concat_bn_relu(
-    pieces: Sequence[Tensor], shifts: Sequence[Tensor], scales: Sequence[Tensor], dtype: torch.dtype | None
-) -> Tensor:
-    """``relu(shift + cat(pieces, 1) * scale)``, each piece with its channels' ``shifts`` and ``scales`` (see
-    :func:`_shift_scale`), as :func:`_bn_relu_from_stats` computes it, in ``dtype`` (default: the pieces'). Written
-    piece by piece: the concatenation itself is never built."""
-    first = pieces[0]
-    widths = [piece.shape[1] for piece in pieces]
-    result = torch.empty(
-        (first.shape[0], sum(widths), *first.shape[2:]),
-        dtype=dtype or first.dtype,
-        device=first.device,
-        memory_format=_memory_format(first),
-    )
-    outs = [result] if len(pieces) == 1 else result.split(widths, 1)
-    for piece, shift, scale, out in zip(pieces, shifts, scales, outs, strict=True):
-        torch.addcmul(shift, piece, scale, out=out)
-    return result.relu_()
 
 
 def _chunks(channels: Sequence[int], limit: int | None) -> list[tuple[int, int]]:
@@ -417,75 +341,59 @@ def _concat_bn_relu_backward(
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`; one for synchronized batch norms)
-    are processed one after the other: ``a`` of the ``index``-th run's channels is recomputed and handed to
+    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`) are processed one after the other:
+    ``a`` of the ``index``-th run's channels is recomputed (over the run's concatenation) and handed to
     ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
-    the gradient for ``a``; ReLU's backward is written over it, ``a`` is freed, and batch norm's backward turns the
-    rest into each piece's gradient, a tensor of its own. So nothing as wide as the concatenation is ever built, and the
-    transient is a run's width. Synchronized batch norms take the whole concatenation at once (one collective).
+    the gradient for ``a``; ReLU's backward is written over it, and batch norm's backward turns it into each
+    piece's gradient, a tensor of its own. So the transients are two runs wide, never the concatenation's width.
+    Synchronized batch norms (one run) take the backward of the whole concatenation at once: one collective.
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
-    mean, invstd = _statistics(saved, stage)
     widths = [sum(channels[first:last]) for first, last in runs]
-    shifts, scales = (t.split(widths, 1) for t in _shift_scale(weight, bias, mean, invstd, inputs[0]))
+    shifts, scales = (_split(t, widths, 1) for t in _shift_scale(weight, bias, *_statistics(saved, stage), inputs[0]))
     norm_mask = list(norm_params_need_grad)
-    if stage.sync is not None:  # one run
-        x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-        activated = _bn_relu_into(x, shifts[0], scales[0], compute_dtype, inputs[0])
-        grad = _relu_backward_(activation_grad(activated, 0), activated)
-        del activated
-        grad = grad.to(x.dtype)
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad, x, weight, saved, stage, [True, *norm_mask])
-        assert grad_x is not None
-        grads = [g.to(t.dtype) for g, t in zip(grad_x.split(channels, 1), inputs, strict=True)]
-        return (
-            [g if needed else None for g, needed in zip(grads, inputs_need_grad, strict=True)],
-            grad_weight,
-            grad_bias,
-        )
+    # Per-piece views taken once (one operator each, not one per piece: the number of operators is what a
+    # launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
+    piece_weights = _split(weight, channels)
+    piece_saved = list(zip(*(_split(t, channels) for t in saved), strict=True))
     input_grads: list[Tensor | None] = []
     weight_grads: list[Tensor] = []
     bias_grads: list[Tensor] = []
-    # Per-piece and per-run views, taken once (one operator each, not one per piece or run: the number of operators
-    # is what a launch-bound GPU step and a fake-tensor step, plan's model, spend their time on).
-    piece_weights = weight.split(channels)
-    piece_saved = list(zip(*(t.split(channels) for t in saved), strict=True))
     for run, (first, last) in enumerate(runs):
-        # The run's concatenation, a transient freed before the convolution's backward allocates its gradient.
-        x = torch.cat(list(inputs[first:last]), 1) if last - first > 1 else inputs[first]
-        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, inputs[first])
+        x = _cat(inputs[first:last], 1)
+        activated = _bn_relu_into(x, shifts[run], scales[run], compute_dtype, last - first > 1 and stage.sync is None)
+        x_kept = x if stage.sync is not None else None
         del x
         grad = _relu_backward_(activation_grad(activated, run), activated)
         del activated
-        piece_grads = [grad] if last - first == 1 else grad.split(channels[first:last], 1)
+        if x_kept is not None:
+            grads = _norm_backward(grad.to(x_kept.dtype), x_kept, weight, saved, stage, [True, *norm_mask])
+            assert grads[0] is not None
+            pieces = [g.to(t.dtype) for g, t in zip(_split(grads[0], channels, 1), inputs, strict=True)]
+            return [g if needed else None for g, needed in zip(pieces, inputs_need_grad, strict=True)], *grads[1:]
+        piece_grads = _split(grad, channels[first:last], 1)
+        # Dense copies in each piece's layout: on CPU the kernel sums a strided gradient less accurately (in
+        # reduced precision, in that precision; 3D fp32 maps lost a digit), and channels-last ones 8 x slower.
+        # One operator for a run of contiguous pieces (clone's layout of a channels-last slice is ambiguous).
+        contiguous = all(_memory_format(t) == torch.contiguous_format for t in inputs[first:last])
+        piece_grads = torch._foreach_clone(list(piece_grads)) if last - first > 1 and contiguous else piece_grads
+        del grad
         for index, piece_grad in zip(range(first, last), piece_grads, strict=True):
             mask = [inputs_need_grad[index], *norm_mask]
             if not any(mask):
                 input_grads.append(None)
                 continue
-            grad_input, grad_weight, grad_bias = _batch_norm_backward(
-                # Dense in the piece's own layout: on CPU the reduced-precision kernel accumulates strided input in
-                # that precision, and the full-precision one sums strided input, or a gradient laid out otherwise
-                # than its input (channels-last maps), in another order than plain autograd's.
-                piece_grad.to(inputs[index].dtype).contiguous(memory_format=_memory_format(inputs[index])),
-                inputs[index],
-                piece_weights[index],
-                piece_saved[index],
-                stage,
-                mask,
+            piece = inputs[index]
+            piece_grad = piece_grad.to(piece.dtype).contiguous(memory_format=_memory_format(piece))
+            grad_input, grad_weight, grad_bias = _norm_backward(
+                piece_grad, piece, piece_weights[index], piece_saved[index], stage, mask
             )
             input_grads.append(grad_input)
-            if grad_weight is not None:
-                weight_grads.append(grad_weight)
-            if grad_bias is not None:
-                bias_grads.append(grad_bias)
-        del grad, piece_grads, piece_grad
-    return (
-        input_grads,
-        torch.cat(weight_grads) if weight_grads else None,
-        torch.cat(bias_grads) if bias_grads else None,
-    )
+            weight_grads += [] if grad_weight is None else [grad_weight]
+            bias_grads += [] if grad_bias is None else [grad_bias]
+        del piece_grads, piece_grad
+    return input_grads, _cat(weight_grads) if weight_grads else None, _cat(bias_grads) if bias_grads else None
 
 
 def _chain(
@@ -497,14 +405,12 @@ def _chain(
     update_running_stats: bool = True,
     act_weights: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Run the stages on ``cat(inputs, 1)``, autocast disabled by the caller; casts are explicit.
-
-    Returns the last convolution's output, the two tensors of :func:`_norm` per stage and, with
-    ``keep_intermediates``, the input of every stage but the first. ``act_weights``: PReLU's weight per stage.
-    """
+    """Run the stages on ``cat(inputs, 1)`` (autocast disabled by the caller; casts are explicit): the last
+    output, the two tensors of :func:`_norm` per stage and, with ``keep_intermediates``, the input of every stage
+    but the first. ``act_weights``: PReLU's weight per stage."""
     statistics: list[Tensor] = []
     intermediates: list[Tensor] = []
-    x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+    x = _cat(inputs, 1)
     for index, stage in enumerate(stages):
         weight, bias, conv_weight = params[3 * index : 3 * index + 3]
         if index > 0 and keep_intermediates:
@@ -569,9 +475,7 @@ class _BnReluConvChain(torch.autograd.Function):
             x, statistics, intermediates = _chain(
                 stages, params, inputs, compute_dtype, keep_intermediates, True, act_weights
             )
-        ctx.stages = stages
-        ctx.keep_intermediates = keep_intermediates
-        ctx.compute_dtype = compute_dtype
+        ctx.stages, ctx.keep_intermediates, ctx.compute_dtype = stages, keep_intermediates, compute_dtype
         ctx.num_inputs = len(inputs)
         ctx.save_for_backward(*params, *statistics, *intermediates, *inputs, *tensors[end:])
         return x
@@ -627,14 +531,12 @@ class _BnReluConvChain(torch.autograd.Function):
             if ctx.keep_intermediates:
                 stage_inputs += saved[: num_stages - 1]
             elif num_stages > 1:
-                if stages[0].default:
-                    shift, scale = _shift_scale(
-                        params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0]
-                    )
-                    widths = [t.shape[1] for t in inputs]
-                    recomputed = _concat_bn_relu(inputs, shift.split(widths, 1), scale.split(widths, 1), compute_dtype)
+                recomputed = _cat(inputs, 1)
+                if stages[0].default:  # written over the concatenation
+                    shift_scale = _shift_scale(params[0], params[1], *_statistics(statistics[:2], stages[0]), inputs[0])
+                    recomputed = _bn_relu_into(recomputed, *shift_scale, compute_dtype, len(inputs) > 1)
                 else:
-                    recomputed = relu_output(0, torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0])
+                    recomputed = relu_output(0, recomputed)
                 for index in range(num_stages - 1):
                     recomputed = _conv(recomputed, conv_weight(index), stages[index])
                     if stages[index].pool:
@@ -663,16 +565,11 @@ class _BnReluConvChain(torch.autograd.Function):
                 activated = relu_output(index, x)
                 grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
-                grad_input, param_grads[3 * index], param_grads[3 * index + 1] = _batch_norm_backward(
-                    grad,
-                    x,
-                    params[3 * index],
-                    statistics[2 * index : 2 * index + 2],
-                    stage,
-                    [True, param_needs_grad[3 * index], param_needs_grad[3 * index + 1]],
+                mask = [True, *param_needs_grad[3 * index : 3 * index + 2]]
+                saved_stats = statistics[2 * index : 2 * index + 2]
+                grad, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(  # type: ignore[assignment]
+                    grad, x, params[3 * index], saved_stats, stage, mask
                 )
-                assert grad_input is not None  # requested: the first entry of the output mask is True
-                grad = grad_input
                 del x
 
             first = stages[0]
@@ -689,27 +586,21 @@ class _BnReluConvChain(torch.autograd.Function):
             one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
             runs = _chunks(channels, None if one_run else weight.shape[0])  # type: ignore[union-attr]
             # Each run's columns of the convolution's weight, or of the output's gradient for a BN-ReLU.
-            run_slices = (grad if weight is None else weight).split([sum(channels[a:b]) for a, b in runs], 1)
+            run_slices = _split(grad if weight is None else weight, [sum(channels[a:b]) for a, b in runs], 1)
 
             def activation_grad(activated: Tensor, run: int) -> Tensor:
                 if weight is None:  # a BN-ReLU: the gradient is the output's, copied (it is modified in place)
-                    return torch.empty_like(activated).copy_(run_slices[run])  # in the output's layout
+                    return run_slices[run].clone(memory_format=_memory_format(activated))
                 result, weight_part = _conv_backward(grad, activated, run_slices[run], first, param_needs_grad[2])
                 if weight_part is not None:
                     grad_conv_weight.append(weight_part)
                 return result
 
             if first.default:
+                dtype = None if weight is None else compute_dtype
+                norm = (params[:2], param_needs_grad[:2], statistics[:2], first, dtype)
                 input_grads, param_grads[0], param_grads[1] = _concat_bn_relu_backward(
-                    activation_grad,
-                    inputs,
-                    input_needs_grad,
-                    params[:2],
-                    param_needs_grad[:2],
-                    statistics[:2],
-                    first,
-                    None if weight is None else compute_dtype,
-                    runs,
+                    activation_grad, inputs, input_needs_grad, *norm, runs
                 )
             else:  # run by run too (group norm: one run), each run's channels of the per-channel tensors
                 input_grads, parts = [], []
@@ -722,35 +613,20 @@ class _BnReluConvChain(torch.autograd.Function):
                             return t
                         return t.view(n, -1)[:, cols].reshape(-1) if per_sample else t[cols]
 
-                    x = torch.cat(list(inputs[a:b]), 1) if b - a > 1 else inputs[a]
-                    grad_x, *grads = _norm_act_backward(
-                        partial(activation_grad, run=run),
-                        x,
-                        (cut(params[0]), cut(params[1]), cut(act_weight)),
-                        [cut(t, first.norm == "instance") for t in statistics[:2]],  # type: ignore[misc]
-                        first,
-                        (needs[0], needs[1], bool(needs[2])),
-                    )
+                    run_params = (cut(params[0]), cut(params[1]), cut(act_weight))
+                    run_stats: Any = [cut(t, first.norm == "instance") for t in statistics[:2]]
+                    x, conv_grad = _cat(inputs[a:b], 1), partial(activation_grad, run=run)
+                    grad_x, *grads = _norm_act_backward(conv_grad, x, run_params, run_stats, first, needs)
                     del x
-                    input_grads += [
-                        g.to(t.dtype) if needed else None
-                        for g, t, needed in zip(
-                            grad_x.split(channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True
-                        )
-                    ]
+                    pieces = zip(_split(grad_x, channels[a:b], 1), inputs[a:b], input_needs_grad[a:b], strict=True)
+                    input_grads += [g.to(t.dtype) if needed else None for g, t, needed in pieces]
                     parts.append(grads)
-                param_grads[0], param_grads[1], act_grads[0] = (
-                    None
-                    if g[0] is None
-                    else g[0]
-                    if len(g) == 1
-                    else sum(g)
-                    if i == 2 and g[0].numel() == 1
-                    else torch.cat(g)
+                param_grads[0], param_grads[1], act_grads[0] = (  # PReLU's one weight: its gradient summed
+                    None if g[0] is None else sum(g[1:], g[0]) if i == 2 and g[0].numel() == 1 else _cat(g)
                     for i, g in enumerate(zip(*parts, strict=True))
                 )
             if grad_conv_weight:
-                param_grads[2] = torch.cat(grad_conv_weight, 1)
+                param_grads[2] = _cat(grad_conv_weight, 1)
         for offset, param_grad in enumerate(param_grads):
             if param_grad is not None:
                 param_grads[offset] = param_grad.to(params[offset].dtype)
@@ -759,33 +635,44 @@ class _BnReluConvChain(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again: recompute the chain from the saved parameters and
-        inputs with differentiable operations (batch statistics a function of the input, running statistics
-        never updated) and differentiate it, keeping the graph."""
-        if any(stage.sync is not None for stage in ctx.stages):
-            raise RuntimeError(
-                "double backward (create_graph=True) through synchronized batch norms is not supported in the "
-                "memory-efficient modes: use efficient=False, or plain BatchNorm"
-            )
-        saved = ctx.saved_tensors
-        num_params = 3 * len(ctx.stages)
+        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
+        saved, num_params = ctx.saved_tensors, 3 * len(ctx.stages)
         end = len(saved) - sum(stage.act[0] == "prelu" for stage in ctx.stages)
-        needs_grad = ctx.needs_input_grad[2:]
-        # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
-        # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
-        tensors = [
-            t.view_as(t) if needed else t
-            for t, needed in zip(saved[:num_params] + saved[end - ctx.num_inputs :], needs_grad, strict=True)
-        ]
-        params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
-        act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
-        with autocast_off(grad_output.device.type):
-            output = _chain(
-                ctx.stages, params, inputs, ctx.compute_dtype, update_running_stats=False, act_weights=act_weights
-            )[0]
-        wanted = [t for t, needed in zip(tensors, needs_grad, strict=True) if needed]
-        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
-        return (None, None, *(next(grads) if needed else None for needed in needs_grad))
+
+        def recompute(*tensors: Tensor) -> list[Tensor]:
+            params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
+            act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
+            return [_chain(ctx.stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
+
+        tensors = saved[:num_params] + saved[end - ctx.num_inputs :]
+        return None, None, *_differentiate(ctx, ctx.stages, tensors, 2, recompute, [grad_output])
+
+
+def _differentiate(
+    ctx: Any,
+    stages: Sequence[_Stage],
+    tensors: Sequence[Tensor],
+    skip: int,
+    recompute: Callable[..., list[Tensor]],
+    grads: list[Tensor],
+) -> list[Tensor | None]:
+    """A backward that autograd can differentiate again (``create_graph=True``): ``recompute`` of the saved
+    ``tensors`` (the function's inputs after ``skip`` non-tensor ones) with differentiable operations (batch
+    statistics a function of the input, running statistics never updated), differentiated keeping the graph."""
+    if any(stage.sync is not None for stage in stages):
+        raise RuntimeError(
+            "double backward (create_graph=True) through synchronized batch norms is not supported in the "
+            "memory-efficient modes: use efficient=False, or plain BatchNorm"
+        )
+    needs = ctx.needs_input_grad[skip:]
+    # Aliases, so that the gradients are partial derivatives: differentiating with respect to the saved
+    # tensors themselves would add the paths between them (a later feature map computed from an earlier one).
+    tensors = [t.view_as(t) if needed else t for t, needed in zip(tensors, needs, strict=True)]
+    with autocast_off(grads[0].device.type):
+        outputs = recompute(*tensors)
+    wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
+    results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return [next(results) if needed else None for needed in needs]
 
 
 # ----------------------------------------------------------------------------------------------- the stem
@@ -803,29 +690,13 @@ class _MaxPool:
 
     @classmethod
     def of(cls, pool: nn.Module, spatial_dims: int) -> _MaxPool:
-        def sizes(value: Any) -> tuple[int, ...]:
+        def sizes(value: Any, first: int = 1) -> tuple[int, ...]:
             values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial_dims
-            return (1, *values) if spatial_dims == 1 else values
+            return (first, *values) if spatial_dims == 1 else values
 
-        pad = 0 if spatial_dims == 1 else None
-        padding = sizes(pool.padding)
-        return cls(
-            sizes(pool.kernel_size),
-            sizes(pool.stride or pool.kernel_size),
-            padding if pad is None else (0, *padding[1:]),
-            sizes(pool.dilation),
-            bool(pool.ceil_mode),
-        )
-
-    def window(self) -> int:
-        return math.prod(self.kernel_size)
-
-
-_MAX_POOLS = {4: torch.ops.aten.max_pool2d_with_indices, 5: torch.ops.aten.max_pool3d_with_indices}
-_MAX_POOL_BACKWARDS = {
-    4: torch.ops.aten.max_pool2d_with_indices_backward,
-    5: torch.ops.aten.max_pool3d_with_indices_backward,
-}
+        kernel_size = sizes(pool.kernel_size)
+        stride = sizes(pool.stride) if pool.stride else kernel_size
+        return cls(kernel_size, stride, sizes(pool.padding, 0), sizes(pool.dilation), bool(pool.ceil_mode))
 
 
 def _as_pooled(x: Tensor) -> Tensor:
@@ -835,27 +706,26 @@ def _as_pooled(x: Tensor) -> Tensor:
 
 def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
     """Max pooling of ``x`` (N, C, *spatial, 2 or 3 spatial dimensions): output and flat int64 input indices."""
-    output, indices = _MAX_POOLS[x.dim()](x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-    return output, indices
+    max_pool = torch.ops.aten.max_pool2d_with_indices if x.dim() == 4 else torch.ops.aten.max_pool3d_with_indices
+    return max_pool(x, *astuple(pool))
+
+
+def _max_pool_backward(grad: Tensor, x: Tensor, pool: _MaxPool, indices: Tensor) -> Tensor:
+    """Gradient of :func:`_max_pool` of ``x`` from the output's ``grad`` and the flat ``indices``."""
+    dims = {4: torch.ops.aten.max_pool2d_with_indices_backward, 5: torch.ops.aten.max_pool3d_with_indices_backward}
+    return dims[x.dim()](grad, x, *astuple(pool), indices)
 
 
 def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
     """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
-    size = indices.shape[2 + dim]
     shape = [1] * indices.dim()
-    shape[2 + dim] = size
-    starts = torch.arange(size, device=indices.device) * pool.stride[dim] - pool.padding[dim]
-    return starts.view(shape)
-
-
-def _position_dtype(window: int) -> torch.dtype:
-    """The narrowest integer type that holds a position in a window of ``window`` elements."""
-    return torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32
+    shape[2 + dim] = indices.shape[2 + dim]
+    return (torch.arange(shape[2 + dim], device=indices.device) * pool.stride[dim] - pool.padding[dim]).view(shape)
 
 
 def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
-    """Flat input indices of a max pooling -> each maximum's position inside its window (uint8 for 3x3 or
-    3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
+    """Flat input indices of a max pooling -> each maximum's position inside its window, in the narrowest integer
+    type (uint8 for 3x3 or 3x3x3 windows: a sixteenth of the int64 indices' bytes)."""
     coordinates: list[Tensor] = []
     remaining = indices
     for size in reversed(input_sizes):
@@ -865,7 +735,8 @@ def _window_positions(indices: Tensor, input_sizes: Sequence[int], pool: _MaxPoo
     for dim, coordinate in enumerate(coordinates):
         offset = (coordinate - _window_starts(pool, dim, indices)) // pool.dilation[dim]
         position = position * pool.kernel_size[dim] + offset
-    return position.to(_position_dtype(pool.window()))
+    window = math.prod(pool.kernel_size)
+    return position.to(torch.uint8 if window <= 256 else torch.int16 if window <= 2**15 else torch.int32)
 
 
 def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool) -> Tensor:
@@ -877,8 +748,7 @@ def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool)
         remaining = remaining // kernel
     indices = torch.zeros_like(remaining)
     for dim, (offset, size) in enumerate(zip(offsets, input_sizes, strict=True)):
-        coordinate = _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
-        indices = indices * size + coordinate
+        indices = indices * size + _window_starts(pool, dim, positions) + offset * pool.dilation[dim]
     return indices
 
 
@@ -887,9 +757,7 @@ _STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are 
 
 def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
     """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
-    if stage.sync is not None:
-        return [slice(0, channels)]
-    width = -(-channels // _STEM_CHUNKS)
+    width = channels if stage.sync is not None else -(-channels // _STEM_CHUNKS)
     return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
 
 
@@ -906,65 +774,49 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
     instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
-    recomputes the convolution from it: with 1 or 3 input channels that costs a few percent of a step, and
-    storing the convolution's output instead would cost the stem's full size. Plain autograd stores the
-    convolution's output, the BN-ReLU output and int64 indices: two and a half times the convolution's output.
-    Forward and backward run in channel runs (see :data:`_STEM_CHUNKS`), so the full-size transients are a
-    run's, not the stem's; except that an input which needs a gradient gets it from one convolution backward over
-    all channels (summed in plain autograd's order), for which the convolution output's gradient is held whole.
+    recomputes the convolution from it (with 1 or 3 input channels, a few percent of a step). Plain autograd stores
+    the convolution's output, the BN-ReLU output and int64 indices: 2.5 times the convolution's output. Forward
+    and backward run in channel runs (:data:`_STEM_CHUNKS`), so the transients are a run's, except that an input
+    which needs a gradient gets it from one convolution backward over all channels (plain autograd's order), for
+    which the convolution output's gradient is held whole.
 
     Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
-    return the BN-ReLU output), then ``x``, the convolution's weight, and the norm's weight and bias. Returns the
-    pooled output, or ``(pooled, activation)``.
+    return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
+    output, or ``(pooled, activation)``.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        stage: _Stage,
-        pool: _MaxPool,
-        keep_activation: bool,
-        x: Tensor,
-        conv_weight: Tensor,
-        norm_weight: Tensor,
-        norm_bias: Tensor,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        device_type = x.device.type
-        compute_dtype = autocast_dtype(device_type)
-        pooled_parts: list[Tensor] = []
-        positions: list[Tensor] = []
-        statistics: list[tuple[Tensor, Tensor]] = []
+    def forward(ctx, stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor) -> Any:
+        conv_weight, norm_weight, norm_bias = params
+        compute_dtype = autocast_dtype(x.device.type)
+        pooled_parts, positions, means, seconds = [], [], [], []
         activation: Tensor | None = None
         channels = conv_weight.shape[0]
-        with autocast_off(device_type):
+        with autocast_off(x.device.type):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated, first, second = _batch_norm(
+                activated, first, second = _norm(
                     conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
                 )
                 activated = activated.relu_()
                 pooled, indices = _max_pool(_as_pooled(activated), pool)
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
-                del indices
+                del indices, conv_output
                 pooled_parts.append(pooled)
-                statistics.append((first, second))
+                means.append(first)
+                seconds.append(second)
                 if keep_activation:
                     if activation is None:
                         activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
                     activation[:, part] = activated
-                del conv_output, activated
+                del activated
             output = torch.cat(pooled_parts, 1)
         del pooled_parts
-        ctx.stage, ctx.pool, ctx.compute_dtype, ctx.keep_activation = stage, pool, compute_dtype, keep_activation
-        first = torch.cat([s[0] for s in statistics])
-        second = torch.cat([s[1] for s in statistics])
-        ctx.save_for_backward(x, conv_weight, norm_weight, norm_bias, first, second, *positions)
-        if x.dim() == 3:
-            output = output.squeeze(2)
-        if activation is not None:
-            return output, activation
-        return output
+        ctx.stage, ctx.pool, ctx.compute_dtype = stage, pool, compute_dtype
+        ctx.save_for_backward(x, *params, torch.cat(means), torch.cat(seconds), *positions)
+        output = output.squeeze(2) if x.dim() == 3 else output
+        return output if activation is None else (output, activation)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
@@ -974,49 +826,33 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
         channels = conv_weight.shape[0]
         needs = ctx.needs_input_grad[3:]
-        compute_dtype = ctx.compute_dtype
         mean, invstd = _statistics((first, second), stage)
         grad_conv_output: Tensor | None = None  # kept whole only for the input's gradient (see below)
-        grad_weights: list[Tensor] = []
-        norm_weight_grads: list[Tensor] = []
-        norm_bias_grads: list[Tensor] = []
+        grad_weights, norm_weight_grads, norm_bias_grads = [], [], []
         with autocast_off(x.device.type):
-            inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
+            inputs, weight = _to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype)
             for index, part in enumerate(_channel_runs(channels, stage)):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated = _bn_relu_from_stats(
-                    conv_output, norm_weight[part], norm_bias[part], mean[part], invstd[part]
-                )
+                shift_scale = _shift_scale(norm_weight[part], norm_bias[part], mean[part], invstd[part], conv_output)
+                activated = _bn_relu_into(conv_output, *shift_scale, None, False)
                 pooled_input = _as_pooled(activated)
                 indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
-                pool = ctx.pool
-                grad = _MAX_POOL_BACKWARDS[pooled_input.dim()](
-                    _as_pooled(grad_output[:, part]).to(activated.dtype),
-                    pooled_input,
-                    pool.kernel_size,
-                    pool.stride,
-                    pool.padding,
-                    pool.dilation,
-                    pool.ceil_mode,
-                    indices,
-                ).view_as(activated)
+                grad_part = _as_pooled(grad_output[:, part]).to(activated.dtype)
+                grad = _max_pool_backward(grad_part, pooled_input, ctx.pool, indices).view_as(activated)
                 del indices, pooled_input
                 if grad_activation is not None:
                     grad += grad_activation[:, part]
                 grad = _relu_backward_(grad, activated)
                 del activated
-                grad_conv, grad_norm_weight, grad_norm_bias = _batch_norm_backward(
-                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, [True, needs[2], needs[3]]
+                mask = [True, needs[2], needs[3]]
+                grad_conv, *norm_grads = _norm_backward(
+                    grad, conv_output, norm_weight[part], (first[part], second[part]), stage, mask
                 )
                 del grad, conv_output
                 assert grad_conv is not None
-                if grad_norm_weight is not None:
-                    norm_weight_grads.append(grad_norm_weight)
-                if grad_norm_bias is not None:
-                    norm_bias_grads.append(grad_norm_bias)
-                grad_weight_part = _conv_backward(grad_conv, inputs, weight[part], stage, needs[1], False)[1]
-                if grad_weight_part is not None:
-                    grad_weights.append(grad_weight_part)
+                norm_weight_grads += norm_grads[:1] if needs[2] else []
+                norm_bias_grads += norm_grads[1:] if needs[3] else []
+                grad_weights += [_conv_backward(grad_conv, inputs, weight[part], stage, needs[1], False)[1]]
                 if needs[0]:
                     if grad_conv_output is None:
                         grad_conv_output = grad_conv.new_empty((grad_conv.shape[0], channels, *grad_conv.shape[2:]))
@@ -1025,42 +861,25 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             # The input's gradient sums over every output channel: one convolution backward over all of them sums
             # in plain autograd's order (per run, the partial sums would round differently). Only when the input
             # needs a gradient (gradient penalties, attributions) is the convolution output's gradient held whole.
-            grad_x = None
-            if grad_conv_output is not None:
-                grad_x = _conv_backward(grad_conv_output, inputs, weight, stage, False)[0]
-                del grad_conv_output
-        grads = (
-            None if grad_x is None else grad_x.to(x.dtype),
-            torch.cat(grad_weights).to(conv_weight.dtype) if needs[1] else None,
-            torch.cat(norm_weight_grads).to(norm_weight.dtype) if norm_weight_grads else None,
-            torch.cat(norm_bias_grads).to(norm_bias.dtype) if norm_bias_grads else None,
-        )
-        return (None, None, None, *grads)
+            grad_x = (
+                None if grad_conv_output is None else _conv_backward(grad_conv_output, inputs, weight, stage, False)[0]
+            )
+            del grad_conv_output
+        grads: list[list[Any]] = [[] if grad_x is None else [grad_x], grad_weights if needs[1] else []]
+        grads += [norm_weight_grads, norm_bias_grads]
+        wanted = (x, conv_weight, norm_weight, norm_bias)
+        return None, None, None, *(_cat(g).to(t.dtype) if g else None for g, t in zip(grads, wanted, strict=True))
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again: the stem recomputed with differentiable operations
-        (batch statistics a function of the input, running statistics never updated), then differentiated."""
-        stage: _Stage = ctx.stage
-        if stage.sync is not None:
-            raise RuntimeError(
-                "double backward (create_graph=True) through a synchronized batch norm is not supported in the "
-                "memory-efficient modes: use efficient=False, or plain BatchNorm"
-            )
-        needs = ctx.needs_input_grad[3:]
-        tensors = [t.view_as(t) if needed else t for t, needed in zip(ctx.saved_tensors[:4], needs, strict=True)]
-        x, conv_weight, norm_weight, norm_bias = tensors
-        pool = ctx.pool
-        with autocast_off(grad_output.device.type):
-            conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
-            activated = _batch_norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
-            pooled = _MAX_POOLS[_as_pooled(activated).dim()](
-                _as_pooled(activated), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-            )[0].view_as(grad_output)
-        outputs, grads = [pooled], [grad_output]
-        if grad_activation is not None:
-            outputs.append(activated)
-            grads.append(grad_activation)
-        wanted = [t for t, needed in zip(tensors, needs, strict=True) if needed]
-        results = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
-        return (None, None, None, *(next(results) if needed else None for needed in needs))
+        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
+        stage, dtype = ctx.stage, ctx.compute_dtype
+
+        def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
+            conv_output = _conv(_to(x, dtype), _to(conv_weight, dtype), stage)
+            activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+            pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
+            return [pooled] if grad_activation is None else [pooled, activated]
+
+        grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
+        return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, grads)
