@@ -77,9 +77,9 @@ def test_transforms_of_a_3d_model_resize_and_normalise_volumes():
     resized = torch.nn.functional.interpolate(volume[None], size=(16, 20, 24), mode="trilinear")[0]
     torch.testing.assert_close(out, (resized - 0.5) / 2.0)
     assert model.eval()(out[None]).shape == (1, 2)
-    with pytest.raises(ValueError, match=r"expected a \(1, D, H, W\) tensor, got \(3, 8, 10, 12\)"):
+    with pytest.raises(ValueError, match=r"\(1, D, H, W\).*\(3, 8, 10, 12\)"):
         preprocess(torch.rand(3, 8, 10, 12))
-    with pytest.raises(ValueError, match="training=True. builds image augmentation.*3 spatial dimensions.* MONAI"):
+    with pytest.raises(ValueError, match="training=True.*3 spatial.*MONAI"):
         de.transforms(model, training=True)
 
 
@@ -95,18 +95,18 @@ def test_transforms_of_a_signal_model_crop_the_centre():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"mean": [float("nan"), 0.5, 0.5]}, r"mean must be a list of finite numbers \(no NaN or inf\)"),
-        ({"std": [0.5, float("inf"), 0.5]}, "std must be a list of finite numbers"),
-        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, "mean has 2 values for 3 input channels"),
-        ({"input_size": [3, 2, 2, 2, 2]}, r"\[channels, \*sizes\] with 1 to 3 spatial sizes"),
-        ({"input_size": [3, 10**6, 32]}, "and 65536 per side"),
-        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "has 2 spatial sizes, input_size has 3"),
-        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "one of .*trilinear.* for 3 spatial"),
-        ({"input_size": [3, 32, 32], "pool_size": [8]}, "pool_size must be 2 positive sizes"),
-        ({"crop_pct": float("nan")}, r"crop_pct must be a number in \(0, 1\]"),
-        ({"color": "red"}, r"unknown pretrained_cfg keys \['color'\]; valid \(timm's\): url, file"),
-        ({"label_names": ["cat", 3]}, "label_names must be a list of strings"),
-        ({"num_classes": -1}, "num_classes must be an integer from 0"),
+        ({"mean": [float("nan"), 0.5, 0.5]}, "mean.*finite.*NaN"),
+        ({"std": [0.5, float("inf"), 0.5]}, "std.*finite.*inf"),
+        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, "mean.*2 values.*3 input channels"),
+        ({"input_size": [3, 2, 2, 2, 2]}, r"input_size.*1 to 3 spatial.*\(3, 2, 2, 2, 2\)"),
+        ({"input_size": [3, 10**6, 32]}, "input_size.*65536 per side"),
+        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "test_input_size.*2 spatial.*input_size.*3"),
+        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "interpolation.*trilinear.*3 spatial.*bicubic"),
+        ({"input_size": [3, 32, 32], "pool_size": [8]}, r"pool_size.*2 positive.*\(8,\)"),
+        ({"crop_pct": float("nan")}, r"crop_pct.*\(0, 1\].*nan"),
+        ({"color": "red"}, r"unknown.*'color'.*valid.*\burl\b.*\bmean\b"),
+        ({"label_names": ["cat", 3]}, "label_names.*list of strings"),
+        ({"num_classes": -1}, "num_classes.*integer.*0 to.*-1"),
     ],
 )
 def test_check_pretrained_cfg_refuses_with_the_key_and_what_is_valid(cfg, message):
@@ -127,7 +127,7 @@ def saved(tmp_path):
 def test_nan_mean_in_a_config_is_refused(saved):
     """json.loads reads NaN; it used to become model.pretrained_cfg['mean'] and NaN inputs."""
     edit_config(saved, lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0.5, 0.5]))
-    with pytest.raises(de.InvalidConfigError, match=f"{saved}: pretrained_cfg.mean must be .*no NaN"):
+    with pytest.raises(de.InvalidConfigError, match=f"{saved}.*mean.*NaN"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -136,7 +136,7 @@ def test_deeply_nested_config_is_refused(saved, depth):
     """100000 levels raised a raw RecursionError from json."""
     config = json.loads(saved.read_text())
     saved.write_text(json.dumps(config)[:-1] + ', "model_args_extra": ' + "[" * depth + "]" * depth + "}")
-    with pytest.raises(de.InvalidConfigError, match="nested too deeply: a config.json nests at most 8 deep"):
+    with pytest.raises(de.InvalidConfigError, match="nested too deeply.*at most 8"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -145,12 +145,11 @@ def test_config_naming_a_foreign_architecture_is_refused(saved):
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(architecture="resnet50")))
     with pytest.raises(
         de.InvalidConfigError,
-        match=r"describes a 'resnet50', which is not an architecture of this package nor one of timm DenseNets "
-        r"it reads; valid: .*densenet_40_k12.*densenet121\b",
+        match=r"'resnet50'.*not an architecture.*timm.*valid: .*densenet_40_k12.*densenet121\b",
     ):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
     edit_config(saved, lambda c: c.update(format="densenet_efficient", architecture="densenet121"))
-    with pytest.raises(de.InvalidConfigError, match="'densenet121', which is not an architecture of this package;"):
+    with pytest.raises(de.InvalidConfigError, match="'densenet121'.*not an architecture of this package;"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -158,38 +157,38 @@ def test_a_config_without_the_marker_is_timms_even_with_weights_sha256(saved):
     """No format marker: timm's format, whatever else it holds (the never-released 0.1, which wrote none, is not
     read as this package's)."""
     edit_config(saved, lambda c: c.pop("format"))
-    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['weights_sha256'\]; a config.json of timm's"):
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys.*'weights_sha256'.*timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 def test_unknown_format_marker_is_refused(saved):
     edit_config(saved, lambda c: c.update(format="keras"))
-    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras': 'format' is 'densenet_efficient'"):
+    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras'.*'densenet_efficient'"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 def test_config_without_the_marker_is_read_as_timms(saved):
     """No marker: timm's format, whose keys are timm's."""
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(labels=["a"])))
-    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['labels'\]; a config.json of timm's"):
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys.*'labels'.*timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"block_config": [1] * 40}, "block_config has 40 dense blocks \\(at most 16\\)"),
-        ({"num_classes": 10**9}, "num_classes=1000000000 is beyond the bound of 1000000"),
-        ({"growth_rate": 5000}, "growth_rate=5000 is beyond the bound of 4096"),
-        ({"in_chans": 10**6}, "in_chans=1000000 is beyond the bound of 4096"),
-        ({"bn_size": 1000, "growth_rate": 12}, "bn_size \\* growth_rate = 12000 is beyond the bound"),
+        ({"block_config": [1] * 40}, "block_config.*40 dense blocks.*at most 16"),
+        ({"num_classes": 10**9}, "num_classes=1000000000.*bound of 1000000"),
+        ({"growth_rate": 5000}, "growth_rate=5000.*bound of 4096"),
+        ({"in_chans": 10**6}, "in_chans=1000000.*bound of 4096"),
+        ({"bn_size": 1000, "growth_rate": 12}, r"bn_size \* growth_rate = 12000.*bound"),
     ],
 )
 def test_sizes_beyond_the_bounds_are_refused_before_building(saved, args, message):
     """40 one-layer blocks hung the constructor (issue 17); the bounds refuse before anything is built."""
     edit_config(saved, lambda c: (c["model_args"].update(args), c.update(num_classes=c["model_args"]["num_classes"])))
     start = time.perf_counter()
-    with pytest.raises(de.InvalidConfigError, match=f"invalid model_args: {message}"):
+    with pytest.raises(de.InvalidConfigError, match=f"invalid model_args.*{message}"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
     assert time.perf_counter() - start < 30  # not a timing assertion of speed: a hang would never get here
 
@@ -204,7 +203,7 @@ def test_save_pretrained_writes_the_full_configuration_of_a_cifar_model(tmp_path
     assert cfg["license"] == "mit" and cfg["architecture"] == "densenet_40_k12" and cfg["num_classes"] == 10
     loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
     assert loaded.pretrained_cfg["label_names"][9] == "c9" and loaded.pretrained_cfg["input_size"] == (3, 32, 32)
-    with pytest.raises(ValueError, match="save_pretrained: 3 label_names for a model of 10 classes"):
+    with pytest.raises(ValueError, match="save_pretrained.*3 label_names.*10 classes"):
         de.save_pretrained(model, tmp_path / "bad", label_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="save_pretrained: pretrained_cfg.mean has 1 values for 3 input channels"):
+    with pytest.raises(ValueError, match="save_pretrained.*mean.*1 values.*3 input channels"):
         de.save_pretrained(model, tmp_path / "bad", mean=[0.5])
