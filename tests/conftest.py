@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Read by huggingface_hub at import time: no telemetry side requests, loopback never through a proxy.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -29,3 +30,20 @@ def loopback_hub():
     yield hub
     close_session()
     hub.close()
+
+
+# TorchScript and inspect read a function's source from disk when they need it: a source file edited during the run
+# (a merge, a formatter) makes them read the wrong lines ("Unknown type constructor", "Can't redefine method").
+def _source_mtimes() -> dict[Path, int]:
+    package = Path(__file__).resolve().parents[1] / "densenet_efficient"
+    return {path: path.stat().st_mtime_ns for path in package.rglob("*.py")}
+
+
+_SOURCES_AT_START = _source_mtimes()
+
+
+def pytest_terminal_summary(terminalreporter):
+    now = _source_mtimes()
+    changed = sorted(str(p) for p in _SOURCES_AT_START.keys() | now.keys() if _SOURCES_AT_START.get(p) != now.get(p))
+    if changed:
+        terminalreporter.write_line(f"WARNING: sources changed during the run, failures may come from it: {changed}")

@@ -95,9 +95,9 @@ def test_transforms_of_a_3d_model_resize_and_normalise_volumes():
     resized = torch.nn.functional.interpolate(volume[None], size=(16, 20, 24), mode="trilinear")[0]
     torch.testing.assert_close(out, (resized - 0.5) / 2.0)
     assert model.eval()(out[None]).shape == (1, 2)
-    with pytest.raises(ValueError, match=r"expected a \(1, D, H, W\) tensor, got \(3, 8, 10, 12\)"):
+    with pytest.raises(ValueError, match=r"\(1, D, H, W\).*\(3, 8, 10, 12\)"):
         preprocess(torch.rand(3, 8, 10, 12))
-    with pytest.raises(ValueError, match="training=True. builds image augmentation.*3 spatial dimensions.* MONAI"):
+    with pytest.raises(ValueError, match="training=True.*3 spatial.*MONAI"):
         de.transforms(model, training=True)
 
 
@@ -113,18 +113,18 @@ def test_transforms_of_a_signal_model_crop_the_centre():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"mean": [float("nan"), 0.5, 0.5]}, "mean must be a list of finite numbers"),
-        ({"std": [0.5, float("inf"), 0.5]}, "std must be a list of finite numbers"),
-        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, "mean must be one value per input channel"),
-        ({"input_size": [3, 2, 2, 2, 2]}, r"input_size must be \[channels, \*sizes\]"),
-        ({"input_size": [3, 10**6, 32]}, r"input_size must be \[channels"),
-        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "has 2 spatial sizes, not 3"),
-        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "interpolation must be one of .*trilinear"),
-        ({"input_size": [3, 32, 32], "pool_size": [8]}, "pool_size must be 2 positive sizes"),
-        ({"crop_pct": float("nan")}, r"crop_pct must be a number in \(0, 1\]"),
-        ({"color": "red"}, r"unknown pretrained_cfg keys \['color'\]; valid \(timm's\): url, file"),
-        ({"label_names": ["cat", 3]}, "label_names must be a list of strings"),
-        ({"num_classes": -1}, "num_classes must be an integer"),
+        ({"mean": [float("nan"), 0.5, 0.5]}, "mean.*finite.*nan"),
+        ({"std": [0.5, float("inf"), 0.5]}, "std.*finite.*inf"),
+        ({"input_size": [3, 32, 32], "mean": [0.5, 0.5]}, r"mean.*one value per input channel \(3\).*\(0.5, 0.5\)"),
+        ({"input_size": [3, 2, 2, 2, 2]}, r"input_size.*1 to 3 sizes.*\(3, 2, 2, 2, 2\)"),
+        ({"input_size": [3, 10**6, 32]}, r"input_size.*65536 per side.*\(3, 1000000, 32\)"),
+        ({"input_size": [1, 96, 96, 96], "test_input_size": [1, 96, 96]}, "test_input_size.*2 spatial sizes, not 3"),
+        ({"input_size": [1, 96, 96, 96], "interpolation": "bicubic"}, "interpolation.*'trilinear'.*'bicubic'"),
+        ({"input_size": [3, 32, 32], "pool_size": [8]}, r"pool_size.*2 positive.*\(8,\)"),
+        ({"crop_pct": float("nan")}, r"crop_pct.*\(0, 1\].*nan"),
+        ({"color": "red"}, r"unknown.*'color'.*valid.*\burl\b.*\bmean\b"),
+        ({"label_names": ["cat", 3]}, "label_names.*list of strings"),
+        ({"num_classes": -1}, "num_classes.*integer up to 1000000.*-1"),
     ],
 )
 def test_check_pretrained_cfg_refuses_with_the_key_and_what_is_valid(cfg, message):
@@ -145,7 +145,7 @@ def saved(tmp_path):
 def test_nan_mean_in_a_config_is_refused(saved):
     """json.loads reads NaN; it used to become model.pretrained_cfg['mean'] and NaN inputs."""
     edit_config(saved, lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0.5, 0.5]))
-    with pytest.raises(de.InvalidConfigError, match=f"{saved}: pretrained_cfg.mean must be a list of finite numbers"):
+    with pytest.raises(de.InvalidConfigError, match=f"{saved}.*mean.*finite.*nan"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -154,7 +154,7 @@ def test_deeply_nested_config_is_refused(saved, depth):
     """100000 levels raised a raw RecursionError from json."""
     config = json.loads(saved.read_text())
     saved.write_text(json.dumps(config)[:-1] + ', "model_args_extra": ' + "[" * depth + "]" * depth + "}")
-    with pytest.raises(de.InvalidConfigError, match="nested too deeply: a config.json nests at most 8 deep"):
+    with pytest.raises(de.InvalidConfigError, match="nested too deeply.*at most 8"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -163,11 +163,11 @@ def test_config_naming_a_foreign_architecture_is_refused(saved):
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(architecture="resnet50")))
     with pytest.raises(
         de.InvalidConfigError,
-        match=r"describes a 'resnet50', not an architecture; valid: .*densenet_40_k12.*densenet121\b",
+        match=r"'resnet50'.*not an architecture.*valid: .*densenet_40_k12.*densenet121\b",
     ):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
     edit_config(saved, lambda c: c.update(format="densenet_efficient", architecture="densenet121"))
-    with pytest.raises(de.InvalidConfigError, match="'densenet121', not an architecture; valid: (?!.*densenet121\\b)"):
+    with pytest.raises(de.InvalidConfigError, match="'densenet121'.*not an architecture.*valid: (?!.*densenet121\\b)"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
@@ -175,38 +175,38 @@ def test_a_config_without_the_marker_is_timms_even_with_weights_sha256(saved):
     """No format marker: timm's format, whatever else it holds (the never-released 0.1, which wrote none, is not
     read as this package's)."""
     edit_config(saved, lambda c: c.pop("format"))
-    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['weights_sha256'\]; a config.json of timm's"):
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys.*'weights_sha256'.*timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 def test_unknown_format_marker_is_refused(saved):
     edit_config(saved, lambda c: c.update(format="keras"))
-    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras'"):
+    with pytest.raises(de.InvalidConfigError, match="unknown format 'keras'.*'densenet_efficient'"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 def test_config_without_the_marker_is_read_as_timms(saved):
     """No marker: timm's format, whose keys are timm's."""
     edit_config(saved, lambda c: (c.pop("format"), c.pop("weights_sha256"), c.update(labels=["a"])))
-    with pytest.raises(de.InvalidConfigError, match=r"unknown keys \['labels'\]; a config.json of timm's"):
+    with pytest.raises(de.InvalidConfigError, match=r"unknown keys.*'labels'.*timm's"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"block_config": [1] * 40}, "block_config has 40 dense blocks \\(at most 16\\)"),
-        ({"num_classes": 10**9}, "num_classes=1000000000 is beyond the bound of 1000000"),
-        ({"growth_rate": 5000}, "growth_rate=5000 is beyond the bound of 4096"),
-        ({"in_chans": 10**6}, "in_chans=1000000 is beyond the bound of 4096"),
-        ({"bn_size": 1000, "growth_rate": 12}, "bn_size \\* growth_rate = 12000 is beyond the bound"),
+        ({"block_config": [1] * 40}, "block_config.*40 dense blocks.*at most 16"),
+        ({"num_classes": 10**9}, "num_classes=1000000000.*bound of 1000000"),
+        ({"growth_rate": 5000}, "growth_rate=5000.*bound of 4096"),
+        ({"in_chans": 10**6}, "in_chans=1000000.*bound of 4096"),
+        ({"bn_size": 1000, "growth_rate": 12}, r"bn_size \* growth_rate = 12000.*bound"),
     ],
 )
 def test_sizes_beyond_the_bounds_are_refused_before_building(saved, args, message):
     """40 one-layer blocks hung the constructor (issue 17); the bounds refuse before anything is built."""
     edit_config(saved, lambda c: (c["model_args"].update(args), c.update(num_classes=c["model_args"]["num_classes"])))
     start = time.perf_counter()
-    with pytest.raises(de.InvalidConfigError, match=f"invalid model_args: {message}"):
+    with pytest.raises(de.InvalidConfigError, match=f"invalid model_args.*{message}"):
         de.create_model("densenet_40_k12", weights=str(saved.parent))
     assert time.perf_counter() - start < 30  # not a timing assertion of speed: a hang would never get here
 
@@ -221,7 +221,7 @@ def test_save_pretrained_writes_the_full_configuration_of_a_cifar_model(tmp_path
     assert cfg["license"] == "mit" and cfg["architecture"] == "densenet_40_k12" and cfg["num_classes"] == 10
     loaded = de.create_model("densenet_40_k12", weights=str(tmp_path))
     assert loaded.pretrained_cfg["label_names"][9] == "c9" and loaded.pretrained_cfg["input_size"] == (3, 32, 32)
-    with pytest.raises(ValueError, match="save_pretrained: .*3 label_names do not fit .* 10 classes"):
+    with pytest.raises(ValueError, match="save_pretrained.*3 label_names.*10 classes"):
         de.save_pretrained(model, tmp_path / "bad", label_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="save_pretrained: pretrained_cfg.mean must be one value per input channel"):
+    with pytest.raises(ValueError, match=r"save_pretrained.*mean.*one value per input channel \(3\).*\(0.5,\)"):
         de.save_pretrained(model, tmp_path / "bad", mean=[0.5])

@@ -29,8 +29,8 @@ def edit_config(path, change):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[1, 2]", "must hold a JSON object, got list"),
-        ('"densenet"', "must hold a JSON object, got str"),
+        ("[1, 2]", "JSON object.*list"),
+        ('"densenet"', "JSON object.*str"),
         ("{not json", "is not valid JSON"),
     ],
 )
@@ -44,20 +44,23 @@ def test_config_that_is_not_a_json_object_names_the_file(tmp_path, text, message
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(model_args=None), "'model_args' must be an object, got null"),
+        (lambda c: c.update(model_args=None), "'model_args'.*object.*null"),
         (lambda c: c.update(surprise=1), r"unknown keys \['surprise'\]"),
-        (lambda c: c["model_args"].update(depth=100), r"model_args \['depth'\] are not arguments of densenet_40_k12"),
-        (lambda c: c["model_args"].update(growth_rate=-3), "invalid model_args: growth_rate must be >= 1, got -3"),
-        (lambda c: c["model_args"].update(growth_rate="12"), "invalid model_args: growth_rate must be an int, got str"),
-        (lambda c: c["model_args"].update(stem="tiny"), "invalid model_args: stem must be one of"),
-        (lambda c: c["model_args"].update(block_config=[10**6]), r"asks for 1000000 layers \(at most 10000\)"),
-        (lambda c: c.update(num_classes=4), "num_classes 4 and model_args.num_classes 10 differ"),
-        (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "pretrained_cfg.mean must be a list of finite numbers"),
+        (
+            lambda c: c["model_args"].update(depth=100),
+            r"'depth'.*not arguments of densenet_40_k12.*valid: .*growth_rate",
+        ),
+        (lambda c: c["model_args"].update(growth_rate=-3), "growth_rate.*>= 1.*-3"),
+        (lambda c: c["model_args"].update(growth_rate="12"), "growth_rate.*int.*str"),
+        (lambda c: c["model_args"].update(stem="tiny"), "stem.*one of.*'cifar'.*'tiny'"),
+        (lambda c: c["model_args"].update(block_config=[10**6]), "1000000 layers.*at most 10000"),
+        (lambda c: c.update(num_classes=4), "num_classes 4.*num_classes 10.*differ"),
+        (lambda c: c.update(pretrained_cfg={"mean": "0.5"}), "mean.*finite"),
         (
             lambda c: c.update(pretrained_cfg={"input_size": [3, 0, 32]}),
-            r"pretrained_cfg.input_size must be \[channels",
+            r"input_size.*\[channels.*\(3, 0, 32\)",
         ),
-        (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"pretrained_cfg.crop_pct must be a number in \(0, 1\]"),
+        (lambda c: c.update(pretrained_cfg={"crop_pct": 2}), r"crop_pct.*\(0, 1\].*\b2\b"),
     ],
 )
 def test_invalid_config_is_refused_with_the_reason(tmp_path, change, message):
@@ -105,7 +108,7 @@ def test_state_size_counts_what_the_model_holds(name, args):
 def test_config_that_does_not_match_its_weights_is_refused(tmp_path):
     _, config = saved(tmp_path)
     edit_config(config, lambda c: c["model_args"].update(block_config=[3, 2, 2]))
-    with pytest.raises(de.InvalidConfigError, match=r"config.json describes a densenet_40_k12 .*not the weights'"):
+    with pytest.raises(de.InvalidConfigError, match=r"config.json.*densenet_40_k12.*not the weights'"):
         de.create_model("densenet_40_k12", weights=str(tmp_path))
 
 
@@ -114,8 +117,7 @@ def test_invalid_config_on_the_hub_names_the_repo(loopback_hub, tmp_path):
     commit = loopback_hub.commit("org/bad", {**files, "config.json": b'{"model_args": null}'})
     with pytest.raises(
         de.InvalidConfigError,
-        match=r"hf-hub:org/bad@\w+ \(config.json\): 'model_args' must be an "
-        "object",
+        match=r"hf-hub:org/bad@\w+.*config.json.*'model_args'.*object",
     ):
         de.create_model(
             "densenet_40_k12",
@@ -182,9 +184,7 @@ def test_timm_argument_off_its_default_is_refused(timm_small, tmp_path, key, val
     for path in folder.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
     edit_config(tmp_path / "config.json", lambda c: c["model_args"].update({key: value}))
-    with pytest.raises(
-        de.InvalidConfigError, match=f"timm argument {key}={value!r} is not supported by densenet121_efficient"
-    ):
+    with pytest.raises(de.InvalidConfigError, match=f"{key}={value!r}.*not supported.*densenet121_efficient"):
         de.create_model("densenet121_efficient", weights=str(tmp_path))
 
 
@@ -192,7 +192,7 @@ def test_timm_config_for_another_depth_points_at_the_right_model(timm_small):
     _, folder = timm_small
     with pytest.raises(
         de.UnknownWeightsError,
-        match="describes timm's 'densenet121', not 'densenet169_efficient': use create_model\\('densenet121_efficient'",
+        match=r"timm's 'densenet121'.*'densenet169_efficient'.*create_model\('densenet121_efficient'",
     ):
         de.create_model("densenet169_efficient", weights=str(folder))
 

@@ -245,6 +245,7 @@ _SAVE_LOOP = (
     "import densenet_efficient as de",
     "from densenet_efficient import pretrained as W",
     "models = [de.create_model('densenet_40_k12', weights=path) for path in sys.argv[2:]]",
+    "print('saving', flush=True)",
     "for step in range(6):",
     "    W.save_pretrained(models[step % len(models)], sys.argv[1])",
 )
@@ -261,8 +262,12 @@ def test_a_reader_during_saves_gets_one_whole_set_or_a_clear_error(tmp_path):
     code = "\n".join(("import sys", *_SAVE_LOOP))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     writer = subprocess.Popen(
-        [sys.executable, "-c", code, str(target), str(tmp_path / "a"), str(tmp_path / "b")], env=env
+        [sys.executable, "-c", code, str(target), str(tmp_path / "a"), str(tmp_path / "b")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    assert writer.stdout.readline() == "saving\n"  # read while it saves, not while it imports torch
     loads = 0
     while writer.poll() is None or loads == 0:
         try:

@@ -54,9 +54,9 @@ def test_global_pool_values_and_errors():
     expected = 0.5 * (features.mean((2, 3)) + features.amax((2, 3)))
     torch.testing.assert_close(model(x), expected)
     assert small("densenet_40_k12", num_classes=0, global_pool="").eval()(x).shape == features.shape
-    with pytest.raises(ValueError, match=r"global_pool must be one of \('avg', 'max', 'avgmax', 'catavgmax', ''"):
+    with pytest.raises(ValueError, match=r"global_pool.*one of.*'avgmax'.*'mean'"):
         small("densenet_40_k12", global_pool="mean")
-    with pytest.raises(ValueError, match="global_pool='' .* needs num_classes=0, got num_classes=10"):
+    with pytest.raises(ValueError, match="global_pool=''.*num_classes=0.*num_classes=10"):
         small("densenet_40_k12", global_pool="")
     assert small("densenet_40_k12").config["global_pool"] == "avg"
 
@@ -101,11 +101,9 @@ def test_forward_intermediates_follow_feature_info(name, reductions):
     torch.testing.assert_close(only, [levels[0], levels[-2]])
     _, last_two = model.forward_intermediates(x, indices=2, stop_early=True)
     torch.testing.assert_close(last_two, levels[-2:])
-    with pytest.raises(
-        ValueError, match=f"feature index 9 is out of range: this network has levels 0 to {len(reductions) - 1}"
-    ):
+    with pytest.raises(ValueError, match=f"feature index 9.*out of range.*0 to {len(reductions) - 1}"):
         model.forward_intermediates(x, indices=[9])
-    with pytest.raises(ValueError, match="output_fmt must be 'NCHW', got 'NHWC'"):
+    with pytest.raises(ValueError, match="output_fmt.*'NCHW'.*'NHWC'"):
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
@@ -117,7 +115,7 @@ def test_prune_intermediate_layers():
     assert model.num_features == model.head_hidden_size == model.feature_info[2]["num_chs"]
     assert model.num_classes == 0 and "features.norm5.weight" not in model.state_dict()
     torch.testing.assert_close(model.forward_intermediates(x, indices=[1, 2], intermediates_only=True), levels[1:3])
-    with pytest.raises(ValueError, match="feature level 4 was pruned"):
+    with pytest.raises(ValueError, match="level 4.*pruned.*0 to 2"):
         model.forward_intermediates(x, indices=[4])
 
 
@@ -137,7 +135,7 @@ def test_features_only_backbone(name):
     ]
     torch.testing.assert_close(outputs, [levels[1], levels[-1]])
     assert backbone.pretrained_cfg == model.pretrained_cfg
-    with pytest.raises(ValueError, match="pass features_only=True"):
+    with pytest.raises(ValueError, match="out_indices.*features_only=True"):
         de.create_model(name, out_indices=(1,))
 
 
@@ -234,7 +232,7 @@ def test_timm_features_only_and_optimizer(timm):
     outputs = backbone(torch.randn(1, 3, 64, 64))
     assert backbone.feature_info.channels() == [o.shape[1] for o in outputs]
     assert [64 // o.shape[-1] for o in outputs] == backbone.feature_info.reduction() == [8, 16]
-    with pytest.raises(ValueError, match="feature_cls='hook' is not supported"):
+    with pytest.raises(ValueError, match="feature_cls='hook'.*not supported"):
         timm.create_model("densenet121_efficient", features_only=True, feature_cls="hook")
     model = timm.create_model("densenet121_efficient", block_config=(1, 1, 1, 1))
     from timm.optim import create_optimizer_v2
@@ -287,7 +285,7 @@ def test_make_efficient_matches_the_original(library, mode):
 
 
 def test_make_efficient_rejects_a_model_without_dense_layers():
-    with pytest.raises(ValueError, match="Sequential has no dense layer to convert"):
+    with pytest.raises(ValueError, match="Sequential.*no dense layer"):
         de.make_efficient(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
-    with pytest.raises(ValueError, match="valid values are False"):
+    with pytest.raises(ValueError, match="'yes'.*valid.*False.*True.*'max'"):
         de.make_efficient(torch.nn.Sequential(), efficient="yes")

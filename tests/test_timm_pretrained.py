@@ -110,7 +110,7 @@ def test_local_dir_config_is_checked_before_building(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["model_args"]["block_config"] = [1] * 40  # used to hang the constructor
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(de.InvalidConfigError, match="block_config has 40 dense blocks"):
+    with pytest.raises(de.InvalidConfigError, match="block_config.*40 dense blocks"):
         timm.create_model(f"local-dir:{tmp_path}")
 
 

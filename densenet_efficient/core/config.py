@@ -172,7 +172,8 @@ def check_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     rank = None
     for key in _SIZE_KEYS:
         value = checked.get(key)
-        check(key, _sizes(value, 2, 4) and 0 < value[0] <= MAX_CHANNELS, "[channels, *sizes] (1 to 3 sizes)")
+        expected = f"[channels, *sizes] (1 to 3 sizes; at most {MAX_CHANNELS} channels, {MAX_SIDE} per side)"
+        check(key, _sizes(value, 2, 4) and 0 < value[0] <= MAX_CHANNELS, expected)
         if value is not None and rank not in (None, len(value) - 1):
             raise ValueError(f"pretrained_cfg.{key} {value!r} has {len(value) - 1} spatial sizes, not {rank}")
         rank = len(value) - 1 if value is not None else rank
