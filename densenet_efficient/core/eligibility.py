@@ -11,10 +11,11 @@ global module hook sends every layer to its plain modules, except torch's module
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
@@ -49,16 +50,8 @@ SUPPORTED = (
 # Classes (and their subclasses) whose global module hooks only observe module boundaries.
 _OBSERVERS = frozenset({"torch.utils.module_tracker.ModuleTracker", "torch.distributed._tools.mod_tracker.ModTracker"})
 
-_T = TypeVar("_T")
 
-
-def _per_class(compute: Callable[[type], _T]) -> Callable[[type], _T]:
-    """``compute``, cached per class (a class does not change)."""
-    cache: dict[type, _T] = {}
-    return lambda cls: cache[cls] if cls in cache else cache.setdefault(cls, compute(cls))
-
-
-@_per_class
+@functools.cache  # per class: a class does not change
 def _name(cls: type) -> str:
     """The qualified name of ``cls``; of the class it parametrises for a class made by ``parametrize``."""
     base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
@@ -87,7 +80,7 @@ def activation(module: nn.Module | None) -> tuple[str, float] | None:
     return ACTIVATIONS[_name(type(module))](module) if _kind(module) == "act" else None
 
 
-@_per_class
+@functools.cache
 def _is_observer(cls: type) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in _OBSERVERS for c in cls.__mro__)
 
@@ -105,7 +98,7 @@ def _own_hooks(module: nn.Module) -> bool:
     )
 
 
-@_per_class
+@functools.cache
 def _methods(cls: type) -> frozenset[str]:
     return frozenset(name for name in dir(cls) if not name.startswith("__") and callable(getattr(cls, name, None)))
 
@@ -162,8 +155,7 @@ def efficient_obstacle(
             if module is None:  # a default ReLU, or a BN-ReLU without convolution
                 continue
             reason = _obstacle(module, role)
-            override = _instance_override(module)
-            if reason is None and override is not None:
+            if reason is None and (override := _instance_override(module)) is not None:
                 reason = f"has its own {override} set on the instance (not its class's)"
             if reason is None and _own_hooks(module):
                 reason = "has hooks (forward, forward pre- or backward hooks, or a legacy weight_norm, spectral_norm "

@@ -71,18 +71,9 @@ class SyncBatchNorm(_BatchNorm):
         if sync is None:
             return super().forward(input)
         self._check_input_dim(input)
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         momentum = batch_norm_momentum(self)
-        tracked = self.track_running_stats
-        return _SyncBatchNormFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            momentum,
-            self.eps,
-            sync,
-        )
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, *stats, momentum, self.eps, sync)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -92,15 +83,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     wrapping the model in ``DistributedDataParallel``."""
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        output = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            bias=module.bias is not None,
-        )
+        settings = [getattr(module, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")]
+        output = SyncBatchNorm(*settings, process_group, bias=module.bias is not None)
         if module.affine:
             output.weight, output.bias = module.weight, module.bias
         output.running_mean, output.running_var = module.running_mean, module.running_var
