@@ -29,11 +29,15 @@ from .eligibility import activation, is_customised
 from .functional import MemoryMode, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
+# DenseNet.config: the constructor arguments a saved model is rebuilt from (norm and act when not the default)
+_CONFIG_KEYS = "growth_rate block_config num_init_features bn_size compression drop_rate num_classes in_chans".split()
+_CONFIG_KEYS += ["stem", "spatial_dims", "global_pool"]
 # timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
 # MONAI's spellings (monai.networks.layers.factories, lower case) of the activations the function computes.
 ACTS = dict(relu=nn.ReLU, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
+_relu = partial(nn.ReLU, inplace=True)
 
 
 def _layer(kind: str, spatial_dims: int) -> Any:
@@ -119,10 +123,6 @@ class DenseLayer(nn.Module):
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
-
-
-def _relu() -> nn.Module:
-    return nn.ReLU(inplace=True)
 
 
 class DenseBlock(nn.ModuleDict):
@@ -491,12 +491,8 @@ class DenseNet(_Backbone):
             (optionally ``(name, {arguments})``), an activation class or module. The memory-efficient function
             computes all of these (docs/efficient-path.md).
 
-    Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface: ``num_classes``,
-    ``num_features``, ``head_hidden_size`` (the width the classifier reads), ``global_pool``, ``pretrained_cfg``
-    (alias ``default_cfg``), ``feature_info`` (the stem, each dense block but the last, the final features;
-    ImageNet stem reductions 2, 4, 8, ..., CIFAR stem 1, 1, 2, ...), ``forward_features``, ``forward_head``,
-    ``forward_intermediates``, ``prune_intermediate_layers``, ``reset_classifier``, ``set_grad_checkpointing``,
-    ``group_matcher``.
+    Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface (``head_hidden_size``: the
+    width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).
     """
 
     def __init__(
@@ -535,19 +531,8 @@ class DenseNet(_Backbone):
         self.efficient = efficient = check_memory_mode(efficient)
         global_pool = _check_pool(global_pool, num_classes)
         make_norm, make_act = layer_factory(norm, "norm", spatial_dims), layer_factory(act, "act")
-        self.config = dict(
-            growth_rate=growth_rate,
-            block_config=block_config,
-            num_init_features=num_init_features,
-            bn_size=bn_size,
-            compression=compression,
-            drop_rate=drop_rate,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            stem=stem,
-            spatial_dims=spatial_dims,
-            global_pool=global_pool,
-        )
+        checked = locals()  # the arguments as checked above
+        self.config = {key: checked[key] for key in _CONFIG_KEYS}
         # recorded only when not the default, so the configs of batch norm + ReLU models stay timm's
         self.config.update({k: v for k, v, default in (("norm", norm, "batch"), ("act", act, "relu")) if v != default})
         self.in_chans, self.spatial_dims, self.arch_name = in_chans, spatial_dims, arch_name
