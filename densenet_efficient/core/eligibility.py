@@ -1,12 +1,9 @@
 """Which BN-activation-Conv stages the memory-efficient function computes exactly, and the warning when it does not.
 
-The function reads a stage's tensors and settings and never calls its modules, so it computes a stage only when
-they do nothing else: batch norm (training or eval), a norm with fixed statistics, instance or group norm, an
-activation of :data:`ACTIVATIONS`, a bias-free zero-padded convolution (``torch.nn.utils.parametrize`` included);
-no hooks, no method replaced on the instance. Anything else (another norm, a bias, hooks, legacy weight_norm or
-spectral_norm, quantisation-aware training) runs the layer's plain modules, exactly, with a one-time warning. A
-global module hook sends every layer to its plain modules, except torch's module trackers' (``ModTracker``,
-``ModuleTracker``: they only observe module boundaries). Checked on every call, so later hooks are seen.
+The function reads a stage's tensors and settings and never calls its modules, so it computes only the modules of
+:data:`SUPPORTED` (``torch.nn.utils.parametrize`` included) with no hooks and no method replaced on the instance;
+anything else runs the layer's plain modules, exactly, with a one-time warning. So does every layer while a global
+module hook other than torch's module trackers' is set. Checked on every call, so later hooks are seen.
 """
 
 from __future__ import annotations

@@ -18,9 +18,7 @@ from torch import nn
 
 class OptimizerInBackward:
     """The hooks of :func:`optim_in_backward`: each steps its parameter with a one-parameter optimizer sharing
-    ``optimizer``'s state and hyperparameters (so lr schedulers, ``state_dict`` and ``load_state_dict`` work).
-    :meth:`step` and :meth:`zero_grad` refuse, saying why (no gradient is left to clip or scale); :meth:`remove`
-    detaches the hooks."""
+    ``optimizer``'s state and hyperparameters (so lr schedulers, ``state_dict`` and ``load_state_dict`` work)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer

@@ -42,9 +42,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 class SyncBatchNorm(_BatchNorm):
     """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
-    process). ``nn.SyncBatchNorm``'s arguments, parameters and buffers, on any device and backend (gloo on CPU
-    too); processes may hold different batch sizes. Without a group of several processes, or in eval mode, it is
-    ``nn.BatchNorm2d``."""
+    process; processes may hold different batch sizes), with ``nn.SyncBatchNorm``'s arguments, parameters and
+    buffers. Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
 
     def __init__(
         self,
@@ -77,10 +76,8 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """``module`` with every batch norm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) replaced by a
-    :class:`SyncBatchNorm` over ``process_group`` holding the same tensors, as
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does (a new object if ``module`` is a batch norm). Call it before
-    wrapping the model in ``DistributedDataParallel``."""
+    """``module`` with every batch norm replaced by a :class:`SyncBatchNorm` over ``process_group`` holding the same
+    tensors, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does. Call it before ``DistributedDataParallel``."""
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         settings = [getattr(module, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")]
