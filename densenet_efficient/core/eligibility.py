@@ -8,11 +8,10 @@ module hook other than torch's module trackers' is set. Checked on every call, s
 
 from __future__ import annotations
 
-import functools
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
@@ -47,8 +46,16 @@ SUPPORTED = (
 # Classes (and their subclasses) whose global module hooks only observe module boundaries.
 _OBSERVERS = frozenset({"torch.utils.module_tracker.ModuleTracker", "torch.distributed._tools.mod_tracker.ModTracker"})
 
+_T = TypeVar("_T")
 
-@functools.cache  # per class: a class does not change
+
+def _per_class(compute: Callable[[type], _T]) -> Callable[[type], _T]:
+    """``compute``, cached per class (a class does not change; ``functools.cache`` is not typed for classes)."""
+    cache: dict[type, _T] = {}
+    return lambda cls: cache[cls] if cls in cache else cache.setdefault(cls, compute(cls))
+
+
+@_per_class
 def _name(cls: type) -> str:
     """The qualified name of ``cls``; of the class it parametrises for a class made by ``parametrize``."""
     base = cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
@@ -77,7 +84,7 @@ def activation(module: nn.Module | None) -> tuple[str, float] | None:
     return ACTIVATIONS[_name(type(module))](module) if _kind(module) == "act" else None
 
 
-@functools.cache
+@_per_class
 def _is_observer(cls: type) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in _OBSERVERS for c in cls.__mro__)
 
@@ -95,7 +102,7 @@ def _own_hooks(module: nn.Module) -> bool:
     )
 
 
-@functools.cache
+@_per_class
 def _methods(cls: type) -> frozenset[str]:
     return frozenset(name for name in dir(cls) if not name.startswith("__") and callable(getattr(cls, name, None)))
 

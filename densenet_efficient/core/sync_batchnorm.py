@@ -40,26 +40,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
-    process; processes may hold different batch sizes), with ``nn.SyncBatchNorm``'s arguments, parameters and
-    buffers. Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-    ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.process_group = process_group
+    process; processes may hold different batch sizes): ``nn.SyncBatchNorm`` on any device and backend (gloo on CPU
+    too). Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -67,8 +51,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         sync = sync_group(self) if self.training else None
-        if sync is None:
-            return super().forward(input)
+        if sync is None:  # not nn.SyncBatchNorm's: it refuses CPU inputs in a process group even of one
+            return _BatchNorm.forward(self, input)
         self._check_input_dim(input)
         stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         momentum = batch_norm_momentum(self)
@@ -80,8 +64,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     tensors, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does. Call it before ``DistributedDataParallel``."""
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        settings = [getattr(module, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")]
-        output = SyncBatchNorm(*settings, process_group, bias=module.bias is not None)
+        settings = {k: getattr(module, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")}
+        output = SyncBatchNorm(**settings, process_group=process_group, bias=module.bias is not None)
         if module.affine:
             output.weight, output.bias = module.weight, module.bias
         output.running_mean, output.running_var = module.running_mean, module.running_var
