@@ -180,9 +180,7 @@ class Transition(nn.Module):
 
 
 def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
-    if spatial_dims == 1:
-        return F.avg_pool1d(x, kernel_size=2)
-    return F.avg_pool3d(x, kernel_size=2) if spatial_dims == 3 else F.avg_pool2d(x, kernel_size=2)
+    return F.avg_pool1d(x, 2) if spatial_dims == 1 else F.avg_pool3d(x, 2) if spatial_dims == 3 else F.avg_pool2d(x, 2)
 
 
 def _concat(features: List[Tensor]) -> Tensor:
@@ -485,11 +483,9 @@ class DenseNet(_Backbone):
             or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L) (MONAI's
             ``DenseNet`` layout).
-        norm: MONAI's argument: ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``
-            (optionally ``(name, {arguments})``) or a norm class taking the channels.
-        act: MONAI's argument: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``/``"silu"``
-            (optionally ``(name, {arguments})``), an activation class or module. The memory-efficient function
-            computes all of these (docs/efficient-path.md).
+        norm, act: MONAI's arguments (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group",
+            {"num_groups": G})``; ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, or
+            classes. The memory-efficient function computes all of these (docs/efficient-path.md).
 
     Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface (``head_hidden_size``: the
     width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).

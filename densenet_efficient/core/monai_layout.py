@@ -44,11 +44,8 @@ def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """``DenseNet`` constructor arguments of the MONAI DenseNet whose (MONAI-named) ``state_dict`` this is."""
     convert_state_dict(state_dict)  # checks that it is one
     layers: dict[int, int] = {}
-    for key in state_dict:
-        match = _DENSE_LAYER.match(key)
-        if match:
-            block, layer = int(match[1]), int(match[2])
-            layers[block] = max(layers.get(block, 0), layer)
+    for match in filter(None, map(_DENSE_LAYER.match, state_dict)):
+        layers[int(match[1])] = max(layers.get(int(match[1]), 0), int(match[2]))
     if not layers or sorted(layers) != list(range(1, len(layers) + 1)):
         raise ValueError("not a MONAI DenseNet state dict: its dense blocks are not numbered 1, 2, ...")
     conv0 = state_dict["features.conv0.weight"]
