@@ -34,10 +34,10 @@ _CONFIG_KEYS = "growth_rate block_config num_init_features bn_size compression d
 _CONFIG_KEYS += ["stem", "spatial_dims", "global_pool"]
 # timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
-# MONAI's spellings (monai.networks.layers.factories, lower case) of the activations the function computes.
-ACTS = dict(relu=nn.ReLU, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
-_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
 _relu = partial(nn.ReLU, inplace=True)
+# MONAI's spellings (monai.networks.layers.factories, lower case) of the activations the function computes.
+ACTS = dict(relu=_relu, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
+_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
 
 
 def _layer(kind: str, spatial_dims: int) -> Any:
@@ -59,8 +59,6 @@ def layer_factory(spec: Any, kind: str, spatial_dims: int = 2) -> Callable[..., 
     if isinstance(name, str) and name.lower() in names:
         if name.lower() == "group" and "num_groups" not in args:
             raise ValueError('norm="group" needs its number of groups: ("group", {"num_groups": 4})')
-        if name.lower() == "relu" and not args:
-            args = {"inplace": True}
         return partial(names[name.lower()], **args)
     if isinstance(name, type) and issubclass(name, nn.Module):
         return partial(name, **args)
@@ -662,11 +660,10 @@ class DenseNet(_Backbone):
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction).
 
-        ``indices``: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels (negative from the
-        end). ``stop_early`` and ``intermediates_only`` stop after the last level asked for; ``norm`` is accepted
-        for timm's signature (the last level is normalised already); ``output_fmt``: ``"NCHW"`` only. Returns the
-        levels, or ``(final, levels)`` where ``final`` is what ``forward_features`` returns. Training keeps the
-        memory mode's savings: the concatenations returned are outputs, not stored for backward.
+        ``indices`` as :func:`take_indices`. ``stop_early`` and ``intermediates_only`` stop after the last level
+        asked for; ``norm`` (the last level is normalised already) and ``output_fmt`` (``"NCHW"`` only) are timm's.
+        Returns the levels, or ``(final, levels)``, ``final`` as ``forward_features``. Training keeps the memory
+        mode's savings: the concatenations returned are outputs, not stored for backward.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -708,11 +705,8 @@ class DenseNet(_Backbone):
 
 class DenseNetFeatures(_Backbone):
     """A DenseNet as timm's ``features_only`` backbone: (N, in_chans, *spatial) -> one (N, num_chs, *spatial /
-    reduction) map per level of ``out_indices`` (default all).
-
-    The modules after the last level are dropped; the rest are the model's own (same state-dict keys, weights
-    shared). ``feature_info`` lists the levels returned. Training keeps the memory mode's savings.
-    """
+    reduction) map per level of ``out_indices`` (default all), listed in ``feature_info``. The modules after the last
+    level are dropped; the rest are the model's own (same state-dict keys, weights shared)."""
 
     def __init__(self, model: DenseNet, out_indices: int | Sequence[int] | None = None):
         super().__init__()

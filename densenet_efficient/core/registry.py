@@ -134,7 +134,7 @@ def cifar_architecture(depth: int, growth_rate: int = 12, bottleneck: bool = Tru
 
 
 def cifar_name(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> str:
-    """The model name of a CIFAR DenseNet: ``densenet_bc_<depth>_k<growth>`` or ``densenet_<depth>_k<growth>``."""
+    """The model name of a CIFAR DenseNet."""
     return f"densenet{'_bc' if bottleneck else ''}_{depth}_k{growth_rate}"
 
 

@@ -1,10 +1,6 @@
-"""Synchronized batch norm that works on every device and stays memory-efficient.
-
-``convert_sync_batchnorm(model)`` replaces every batch norm by :class:`SyncBatchNorm`: in training, with a process
-group of more than one process, each normalises with the statistics of every process's batch, on CPU (gloo) as on
-CUDA (NCCL). Inside dense layers and transitions the memory-efficient function computes them itself (one collective
-per batch norm each way, none when backward recomputes the norm; running statistics updated once).
-"""
+"""Synchronized batch norm on every device (gloo on CPU, NCCL on CUDA) that stays memory-efficient: inside dense
+layers and transitions the memory-efficient function computes it itself (one collective per batch norm each way,
+none when backward recomputes the norm; running statistics updated once)."""
 
 from __future__ import annotations
 
@@ -42,8 +38,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
-    process; processes may hold different batch sizes): ``nn.SyncBatchNorm`` on any device and backend (gloo on CPU
-    too). Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
+    process; processes may hold different batch sizes): ``nn.SyncBatchNorm`` on any device and backend. Without
+    a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
