@@ -570,12 +570,9 @@ class DenseNet(_Backbone):
         self.pretrained_cfg = architecture_cfg(
             stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
         )
-        for module in self.modules():
+        for module in self.modules():  # norms start at weight 1, bias 0 already
             if isinstance(module, _ConvNd):
                 nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, _BatchNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
