@@ -3,9 +3,7 @@ dimensions (signals, images, volumes).
 
 State-dict keys are torchvision's (``features.denseblockN.denselayerM.norm1``, ``features.transitionN.conv``,
 ``features.norm5``, ``classifier``), so torchvision and timm weights load with ``strict=True``. The model has timm's
-interface; :class:`DenseNetFeatures` is its ``features_only`` backbone. In ``torch.fx`` graphs dense layers and
-transitions are leaf modules (a traced training model still runs the memory-efficient function) and a dense block's
-node is its concatenation, as in torchvision; ``torch.jit.script`` compiles the plain modules.
+interface; :class:`DenseNetFeatures` is its ``features_only`` backbone. ``torch.fx`` and ``torch.jit.script`` work.
 """
 
 import copy
@@ -595,9 +593,8 @@ class DenseNet(_Backbone):
         return info, [names.index(name) for _, _, name in levels]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch for trading compute for memory, mapped to the memory modes so that it never raises memory:
-        ``True`` keeps a recomputing mode (``True`` or ``"max"``) and turns ``False`` into ``True``; ``False``
-        turns recomputation off (``efficient=False``). ``set_efficient("max")`` is the lowest-memory mode."""
+        """timm's switch, as memory modes that never raise memory: ``True`` keeps ``True`` or ``"max"`` (the lowest
+        memory) and turns ``False`` into ``True``; ``False`` is ``efficient=False``."""
         if not enable:
             self.set_efficient(False)
         elif not self.efficient:
