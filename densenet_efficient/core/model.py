@@ -487,6 +487,9 @@ class DenseNet(_Backbone):
     width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).
     """
 
+    classifier: nn.Module
+    global_pool: str
+
     def __init__(
         self,
         growth_rate: int = 32,
@@ -558,9 +561,7 @@ class DenseNet(_Backbone):
         features.add_module("relu5", make_act())
         self.features = features
         self.num_features = num_features
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.head_hidden_size = _pooled_width(num_features, global_pool)
-        self.classifier: nn.Module = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         _set_memory_mode(self, efficient)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = min_input_side(stem, len(block_config))
@@ -568,11 +569,9 @@ class DenseNet(_Backbone):
         self.pretrained_cfg = architecture_cfg(
             stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
         )
-        for module in self.modules():  # norms start at weight 1, bias 0 already
+        for module in self.modules():  # norms start at weight 1, bias 0 already; the classifier's bias at 0
             if isinstance(module, _ConvNd):
                 nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
 
     def _feature_levels(self, stem: str) -> tuple[FeatureInfo, list[int]]:
         """timm's ``feature_info`` (stem, each dense block but the last, final features) and the positions in
