@@ -54,8 +54,7 @@ def _plain_conv(module: object) -> TypeGuard[_ConvNd]:
     )
 
 
-def _acts_computed(module: nn.Module, *names: str) -> bool:
-    """Whether every child of ``module`` named ``names`` (if any) is an activation the function computes."""
+def _acts_computed(module: nn.Module, *names: str) -> bool:  # the children ``names`` (if any)
     return all(activation(getattr(module, name, None)) is not None for name in names)
 
 

@@ -325,8 +325,7 @@ class FeatureInfo(list):
 def take_indices(num_levels: int, indices: Union[int, List[int], None]) -> tuple[list[int], int]:
     """timm's level selection: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels (negative
     from the end). Returns the absolute indices and the largest."""
-    if indices is None:
-        indices = num_levels
+    indices = num_levels if indices is None else indices
     if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
         raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
     if isinstance(indices, int):
@@ -425,8 +424,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def _check_fraction(name: str, value: object, interval: str) -> float:
-    """``value`` as a float in ``interval``: ``"(0, 1]"`` or ``"[0, 1)"``."""
+def _check_fraction(name: str, value: object, interval: str) -> float:  # interval: "(0, 1]" or "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     number = float(value)
@@ -487,7 +485,6 @@ class DenseNet(_Backbone):
     width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).
     """
 
-    classifier: nn.Module
     global_pool: str
 
     def __init__(
@@ -544,10 +541,9 @@ class DenseNet(_Backbone):
             stem_layers = [("conv0", conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
         features = DenseFeatures(OrderedDict(stem_layers))
         num_features = num_init_features
+        layer_args = (bn_size, drop_rate, efficient, spatial_dims, make_norm, make_act)
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(
-                num_layers, num_features, growth_rate, bn_size, drop_rate, efficient, spatial_dims, make_norm, make_act
-            )
+            block = DenseBlock(num_layers, num_features, growth_rate, *layer_args)
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
@@ -624,11 +620,10 @@ class DenseNet(_Backbone):
         self.config["global_pool"] = self.global_pool = global_pool
         self.head_hidden_size = _pooled_width(self.num_features, global_pool)
         param = next(self.parameters())
+        self.classifier: nn.Module = nn.Identity()
         if num_classes:
             self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=param.device, dtype=param.dtype)
             nn.init.zeros_(self.classifier.bias)
-        else:
-            self.classifier = nn.Identity()
         self.classifier.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
