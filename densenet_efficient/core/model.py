@@ -357,23 +357,19 @@ def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: 
     if not torch.jit.is_scripting():
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a Tensor of shape {expected}, got {type(x).__name__}")
+    shape = "(" + ", ".join([str(size) for size in x.shape]) + ")"
     if not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
             "images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
         )
     if x.dim() != spatial_dims + 2 or x.shape[1] != in_chans:
-        raise ValueError(f"expected input of shape {expected}, got {_shape(x)}")
+        raise ValueError(f"expected input of shape {expected}, got {shape}")
     if min(x.shape[2:]) < min_input_size:
         raise ValueError(
-            f"input of shape {_shape(x)} is too small: this network needs every side ({axes}) of at least "
-            f"{min_input_size}"
+            f"input of shape {shape} is too small: this network needs every side ({axes}) of at least {min_input_size}"
         )
     return x
-
-
-def _shape(x: Tensor) -> str:
-    return "(" + ", ".join([str(size) for size in x.shape]) + ")"
 
 
 torch.fx.wrap("_checked_input")
@@ -382,10 +378,6 @@ torch.fx.wrap("_checked_input")
 def _pool_kind(pool_type: str) -> str:
     """``pool_type`` without timm's ``fast`` prefix: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""``."""
     return "avg" if pool_type == "fast" else pool_type[4:] if pool_type.startswith("fast") else pool_type
-
-
-def _pooled_width(num_features: int, pool_type: str) -> int:
-    return 2 * num_features if _pool_kind(pool_type) == "catavgmax" else num_features
 
 
 def _global_pool(x: Tensor, pool_type: str) -> Tensor:
@@ -618,7 +610,7 @@ class DenseNet(_Backbone):
         global_pool = _check_pool(global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
         self.config["global_pool"] = self.global_pool = global_pool
-        self.head_hidden_size = _pooled_width(self.num_features, global_pool)
+        self.head_hidden_size = self.num_features * (2 if _pool_kind(global_pool) == "catavgmax" else 1)
         param = next(self.parameters())
         self.classifier: nn.Module = nn.Identity()
         if num_classes:
