@@ -100,8 +100,7 @@ class DenseLayer(nn.Module):
             self.conv2 = conv(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
             self.conv1 = conv(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
-        self.drop_rate = float(drop_rate)
-        self.efficient = efficient
+        self.drop_rate, self.efficient = float(drop_rate), efficient
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
@@ -130,8 +129,7 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, *args: Any):
         super().__init__()
         for index in range(num_layers):
-            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, *args)
-            self.add_module(f"denselayer{index + 1}", layer)
+            self.add_module(f"denselayer{index + 1}", DenseLayer(in_channels + index * growth_rate, growth_rate, *args))
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         return _concat(self.extend(_feature_list(features)))
@@ -163,8 +161,7 @@ class Transition(nn.Module):
         super().__init__()
         self.norm, self.relu = (norm or _layer("BatchNorm", spatial_dims))(in_channels), (act or _relu)()
         self.conv = _layer("Conv", spatial_dims)(in_channels, out_channels, kernel_size=1, bias=False)
-        self.spatial_dims = spatial_dims
-        self.efficient = efficient
+        self.spatial_dims, self.efficient = spatial_dims, efficient
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
@@ -533,17 +530,16 @@ class DenseNet(_Backbone):
             stem_layers = [("conv0", conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
         features = DenseFeatures(OrderedDict(stem_layers))
         num_features = num_init_features
-        layer_args = (bn_size, drop_rate, efficient, spatial_dims, make_norm, make_act)
+        stage_args = (efficient, spatial_dims, make_norm, make_act)
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, growth_rate, *layer_args)
+            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, *stage_args)
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
                 out_features = math.floor(num_features * compression)
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
-                transition = Transition(num_features, out_features, efficient, spatial_dims, make_norm, make_act)
-                features.add_module(f"transition{index + 1}", transition)
+                features.add_module(f"transition{index + 1}", Transition(num_features, out_features, *stage_args))
                 num_features = out_features
         features.add_module("norm5", make_norm(num_features))
         features.add_module("relu5", make_act())

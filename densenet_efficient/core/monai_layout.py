@@ -68,9 +68,8 @@ def registered_name(args: Mapping[str, Any]) -> str:
     """The registered 3D architecture with ``args``' layout (MONAI's DenseNet121: ``densenet121_3d``)."""
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
     names = list_models("densenet*_3d")
-    for name in names:
-        if all(architecture(name)[key] == args[key] for key in keys):
-            return name
+    if found := [name for name in names if all(architecture(name)[key] == args[key] for key in keys)]:
+        return found[0]
     layout = ", ".join(f"{key}={args[key]}" for key in keys)
     raise ValueError(
         f"no registered architecture has this layout ({layout}); registered 3D DenseNets: "

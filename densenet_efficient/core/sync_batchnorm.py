@@ -65,8 +65,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         if module.affine:
             output.weight, output.bias = module.weight, module.bias
         output.running_mean, output.running_var = module.running_mean, module.running_var
-        output.num_batches_tracked = module.num_batches_tracked
-        output.training = module.training
+        output.num_batches_tracked, output.training = module.num_batches_tracked, module.training
         if hasattr(module, "qconfig"):
             output.qconfig = module.qconfig
     elif isinstance(module, SyncBatchNorm):
