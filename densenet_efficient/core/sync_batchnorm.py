@@ -36,10 +36,27 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
-    process; processes may hold different batch sizes): ``nn.SyncBatchNorm`` on any device and backend. Without
-    a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``."""
+    process; processes may hold different batch sizes), with ``nn.SyncBatchNorm``'s arguments, parameters and
+    buffers. Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``. Not a subclass of
+    ``nn.SyncBatchNorm``: DistributedDataParallel refuses those on CPU."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -47,8 +64,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         sync = sync_group(self) if self.training else None
-        if sync is None:  # not nn.SyncBatchNorm's: it refuses CPU inputs in a process group even of one
-            return _BatchNorm.forward(self, input)
+        if sync is None:
+            return super().forward(input)
         self._check_input_dim(input)
         stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         momentum = batch_norm_momentum(self)
