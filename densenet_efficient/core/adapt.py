@@ -158,12 +158,11 @@ def _pass_lists(parent: nn.Module) -> None:
 
 
 def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:
-    """Convert ``model``'s dense blocks, layers and transitions (see the module docstring; MONAI's with any
-    ``spatial_dims``, ``norm`` and ``act`` the function computes) in place to this package's modules around the same
-    submodules, in memory mode ``efficient``, and a ``Sequential`` of them (``model.features``) to a
-    :class:`DenseFeatures`. Parameters, buffers, state-dict keys, outputs, gradients and batch-norm statistics stay
-    the original's. Call it again to switch modes; timm's ``set_grad_checkpointing`` and torchvision's
-    ``memory_efficient`` no longer apply. Returns ``model``; ``ValueError`` if it has no dense layer to convert."""
+    """Convert ``model``'s dense blocks, layers and transitions (see the module docstring) in place to this package's
+    modules around the same submodules, in memory mode ``efficient``, and a ``Sequential`` of them to a
+    :class:`DenseFeatures`: parameters, buffers, state-dict keys, outputs, gradients and statistics stay the same.
+    Call it again to switch modes (timm's ``set_grad_checkpointing`` and torchvision's ``memory_efficient`` no longer
+    apply). Returns ``model``; ``ValueError`` if it has no dense layer to convert."""
     efficient = check_memory_mode(efficient)
     converted = _convert_children(model)
     _pass_lists(model)

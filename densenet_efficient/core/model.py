@@ -38,8 +38,7 @@ ACTS = dict(relu=_relu, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swis
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
 
 
-def _layer(kind: str, spatial_dims: int) -> Any:
-    """``nn.Conv2d``, ``nn.BatchNorm3d``, ``nn.MaxPool1d``, ... for ``kind`` in ``spatial_dims`` dimensions."""
+def _layer(kind: str, spatial_dims: int) -> Any:  # _layer("Conv", 3) is nn.Conv3d
     return getattr(nn, f"{kind}{spatial_dims}d")
 
 
@@ -404,8 +403,7 @@ def _check_pool(global_pool: object, num_classes: int) -> str:
     return global_pool
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an ``int`` (numpy integers accepted), at least ``minimum``."""
+def _check_int(name: str, value: object, minimum: int) -> int:  # numpy integers accepted
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -543,8 +541,7 @@ class DenseNet(_Backbone):
                 num_features = out_features
         features.add_module("norm5", make_norm(num_features))
         features.add_module("relu5", make_act())
-        self.features = features
-        self.num_features = num_features
+        self.features, self.num_features = features, num_features
         self.reset_classifier(num_classes, global_pool)
         _set_memory_mode(self, efficient)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
