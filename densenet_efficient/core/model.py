@@ -464,9 +464,9 @@ class DenseNet(_Backbone):
             or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L) (MONAI's
             ``DenseNet`` layout).
-        norm, act: MONAI's arguments (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group",
-            {"num_groups": G})``; ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, or
-            classes. The memory-efficient function computes all of these (docs/efficient-path.md).
+        norm: MONAI's (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``.
+        act: MONAI's: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, a class or module.
+            The memory-efficient function computes all of these norms and activations (docs/efficient-path.md).
 
     Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface (``head_hidden_size``: the
     width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).
