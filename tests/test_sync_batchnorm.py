@@ -221,6 +221,14 @@ def test_without_other_processes_it_is_plain_batchnorm(mode, group):
         assert torch.equal(result["buffers"][name], buffer), name
 
 
+def test_distributed_data_parallel_takes_it_on_cpu():
+    """DDP refuses nn.SyncBatchNorm and its subclasses on CPU modules: this class must stay outside them."""
+    model = de.convert_sync_batchnorm(tiny_model(True))
+    with _single_process_group():
+        nn.parallel.DistributedDataParallel(model)(batch()[0]).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_convert_replaces_every_batchnorm_and_shares_its_tensors():
     model = tiny_model(True)
     norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}

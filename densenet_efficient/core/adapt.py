@@ -24,6 +24,7 @@ from .functional import MemoryMode, check_memory_mode
 from .model import DenseBlock, DenseFeatures, DenseLayer, Transition, _relu, _set_memory_mode
 
 _LAYER_NAME = re.compile(r"denselayer\d+")
+_TRANSITION_ORDERS = (["norm", "relu", "conv", "pool"], ["norm", "conv", "pool"])  # the modules a Sequential runs
 _M = TypeVar("_M", bound=nn.Module)
 
 
@@ -53,8 +54,7 @@ def _plain_conv(module: object) -> TypeGuard[_ConvNd]:
     )
 
 
-def _acts_computed(module: nn.Module, *names: str) -> bool:
-    """Whether every child of ``module`` named ``names`` (if any) is an activation the function computes."""
+def _acts_computed(module: nn.Module, *names: str) -> bool:  # the children ``names`` (if any)
     return all(activation(getattr(module, name, None)) is not None for name in names)
 
 
@@ -121,10 +121,7 @@ def _as_transition(module: nn.Module) -> Transition | None:
     pooling = ((pool.kernel_size, 2), (pool.stride, 2), (pool.padding, 0))
     if pool.ceil_mode or not all(value in (size, (size,) * dims) for value, size in pooling):  # 2x, no padding
         return None
-    if isinstance(module, nn.Sequential) and list(module._modules) not in (
-        ["norm", "relu", "conv", "pool"],
-        ["norm", "conv", "pool"],
-    ):
+    if isinstance(module, nn.Sequential) and list(module._modules) not in _TRANSITION_ORDERS:
         return None
     return _around(Transition, norm=norm, relu=getattr(module, "relu", None) or _relu(), conv=conv, spatial_dims=dims)
 
@@ -151,33 +148,21 @@ def _pass_lists(parent: nn.Module) -> None:
     """Make each ``nn.Sequential`` of converted dense blocks and transitions a :class:`DenseFeatures`, which hands
     a block's maps to the transition as a list (no concatenation stored for backward); state-dict keys stay."""
     for name, child in list(parent.named_children()):
-        if (
-            type(child) is nn.Sequential
-            and any(isinstance(m, DenseBlock) for m in child)
-            and all(_ours_if_dense(m) for m in child)
-        ):
-            setattr(parent, name, DenseFeatures(OrderedDict(child.named_children())).train(child.training))
-        else:
-            _pass_lists(child)
-
-
-def _ours_if_dense(module: nn.Module) -> bool:
-    """Whether ``module`` is this package's or not one DenseFeatures takes for a dense block or transition (it
-    dispatches on the names ``denselayer1`` and ``norm``/``conv``)."""
-    if hasattr(module, "denselayer1"):
-        return isinstance(module, DenseBlock)
-    if hasattr(module, "norm") and hasattr(module, "conv"):
-        return isinstance(module, Transition)
-    return True
+        if type(child) is nn.Sequential and any(isinstance(m, DenseBlock) for m in child):
+            # DenseFeatures dispatches on the names denselayer1 and norm/conv: every module with them must be ours
+            named = [m for m in child if hasattr(m, "denselayer1") or (hasattr(m, "norm") and hasattr(m, "conv"))]
+            if all(isinstance(m, (DenseBlock, Transition)) for m in named):
+                setattr(parent, name, DenseFeatures(OrderedDict(child.named_children())).train(child.training))
+                continue
+        _pass_lists(child)
 
 
 def make_efficient(model: nn.Module, efficient: MemoryMode = True) -> nn.Module:
-    """Convert ``model``'s dense blocks, layers and transitions (see the module docstring; MONAI's with any
-    ``spatial_dims``, ``norm`` and ``act`` the function computes) in place to this package's modules around the same
-    submodules, in memory mode ``efficient``, and a ``Sequential`` of them (``model.features``) to a
-    :class:`DenseFeatures`. Parameters, buffers, state-dict keys, outputs, gradients and batch-norm statistics stay
-    the original's. Call it again to switch modes; timm's ``set_grad_checkpointing`` and torchvision's
-    ``memory_efficient`` no longer apply. Returns ``model``; ``ValueError`` if it has no dense layer to convert."""
+    """Convert ``model``'s dense blocks, layers and transitions (see the module docstring) in place to this package's
+    modules around the same submodules, in memory mode ``efficient``, and a ``Sequential`` of them to a
+    :class:`DenseFeatures`: parameters, buffers, state-dict keys, outputs, gradients and statistics stay the same.
+    Call it again to switch modes (timm's ``set_grad_checkpointing`` and torchvision's ``memory_efficient`` no longer
+    apply). Returns ``model``; ``ValueError`` if it has no dense layer to convert."""
     efficient = check_memory_mode(efficient)
     converted = _convert_children(model)
     _pass_lists(model)

@@ -114,11 +114,9 @@ def batch_norm_train_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
 
-    With ``sync``, where the input gradient is needed: the two per-channel sums (of ``grad`` and of
-    ``grad * (x - mean)``, from the local kernel's weight and bias gradients) and the element count are
-    all-reduced once, and the local kernel's input gradient is corrected from local to global means (one
-    ``addcmul``), so that it includes what every process's loss contributes through the shared statistics. Weight
-    and bias gradients stay per process, as in ``nn.SyncBatchNorm``: data parallelism averages them.
+    With ``sync``, the input gradient includes what every process's loss contributes through the shared statistics
+    (one all-reduce of the two per-channel sums and the count); weight and bias gradients stay per process, as in
+    ``nn.SyncBatchNorm``: data parallelism averages them.
     """
     if sync is None:
         return torch.ops.aten.native_batch_norm_backward(

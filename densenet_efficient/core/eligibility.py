@@ -1,12 +1,9 @@
 """Which BN-activation-Conv stages the memory-efficient function computes exactly, and the warning when it does not.
 
-The function reads a stage's tensors and settings and never calls its modules, so it computes a stage only when
-they do nothing else: batch norm (training or eval), a norm with fixed statistics, instance or group norm, an
-activation of :data:`ACTIVATIONS`, a bias-free zero-padded convolution (``torch.nn.utils.parametrize`` included);
-no hooks, no method replaced on the instance. Anything else (another norm, a bias, hooks, legacy weight_norm or
-spectral_norm, quantisation-aware training) runs the layer's plain modules, exactly, with a one-time warning. A
-global module hook sends every layer to its plain modules, except torch's module trackers' (``ModTracker``,
-``ModuleTracker``: they only observe module boundaries). Checked on every call, so later hooks are seen.
+The function reads a stage's tensors and settings and never calls its modules, so it computes only the modules of
+:data:`SUPPORTED` (``torch.nn.utils.parametrize`` included) with no hooks and no method replaced on the instance;
+anything else runs the layer's plain modules, exactly, with a one-time warning. So does every layer while a global
+module hook other than torch's module trackers' is set. Checked on every call, so later hooks are seen.
 """
 
 from __future__ import annotations
@@ -53,7 +50,7 @@ _T = TypeVar("_T")
 
 
 def _per_class(compute: Callable[[type], _T]) -> Callable[[type], _T]:
-    """``compute``, cached per class (a class does not change)."""
+    """``compute``, cached per class (a class does not change; ``functools.cache`` is not typed for classes)."""
     cache: dict[type, _T] = {}
     return lambda cls: cache[cls] if cls in cache else cache.setdefault(cls, compute(cls))
 
@@ -100,9 +97,7 @@ def _global_hooks() -> bool:
 
 
 def _own_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+    return any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks))
 
 
 @_per_class
@@ -162,8 +157,7 @@ def efficient_obstacle(
             if module is None:  # a default ReLU, or a BN-ReLU without convolution
                 continue
             reason = _obstacle(module, role)
-            override = _instance_override(module)
-            if reason is None and override is not None:
+            if reason is None and (override := _instance_override(module)) is not None:
                 reason = f"has its own {override} set on the instance (not its class's)"
             if reason is None and _own_hooks(module):
                 reason = "has hooks (forward, forward pre- or backward hooks, or a legacy weight_norm, spectral_norm "

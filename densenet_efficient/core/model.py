@@ -3,9 +3,7 @@ dimensions (signals, images, volumes).
 
 State-dict keys are torchvision's (``features.denseblockN.denselayerM.norm1``, ``features.transitionN.conv``,
 ``features.norm5``, ``classifier``), so torchvision and timm weights load with ``strict=True``. The model has timm's
-interface; :class:`DenseNetFeatures` is its ``features_only`` backbone. In ``torch.fx`` graphs dense layers and
-transitions are leaf modules (a traced training model still runs the memory-efficient function) and a dense block's
-node is its concatenation, as in torchvision; ``torch.jit.script`` compiles the plain modules.
+interface; :class:`DenseNetFeatures` is its ``features_only`` backbone. ``torch.fx`` and ``torch.jit.script`` work.
 """
 
 import copy
@@ -29,15 +27,18 @@ from .eligibility import activation, is_customised
 from .functional import MemoryMode, check_memory_mode
 
 STEMS = ("imagenet", "cifar")
+# DenseNet.config: the constructor arguments a saved model is rebuilt from (norm and act when not the default)
+_CONFIG_KEYS = "growth_rate block_config num_init_features bn_size compression drop_rate num_classes in_chans".split()
+_CONFIG_KEYS += ["stem", "spatial_dims", "global_pool"]
 # timm's SelectAdaptivePool2d pool types; "fast..." spellings compute the same values ("fast" alone is "avg").
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
+_relu = partial(nn.ReLU, inplace=True)
 # MONAI's spellings (monai.networks.layers.factories, lower case) of the activations the function computes.
-ACTS = dict(relu=nn.ReLU, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
+ACTS = dict(relu=_relu, leakyrelu=nn.LeakyReLU, prelu=nn.PReLU, elu=nn.ELU, swish=nn.SiLU, silu=nn.SiLU)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)  # what DenseFeatures runs with its activation as one function
 
 
-def _layer(kind: str, spatial_dims: int) -> Any:
-    """``nn.Conv2d``, ``nn.BatchNorm3d``, ``nn.MaxPool1d``, ... for ``kind`` in ``spatial_dims`` dimensions."""
+def _layer(kind: str, spatial_dims: int) -> Any:  # _layer("Conv", 3) is nn.Conv3d
     return getattr(nn, f"{kind}{spatial_dims}d")
 
 
@@ -55,8 +56,6 @@ def layer_factory(spec: Any, kind: str, spatial_dims: int = 2) -> Callable[..., 
     if isinstance(name, str) and name.lower() in names:
         if name.lower() == "group" and "num_groups" not in args:
             raise ValueError('norm="group" needs its number of groups: ("group", {"num_groups": 4})')
-        if name.lower() == "relu" and not args:
-            args = {"inplace": True}
         return partial(names[name.lower()], **args)
     if isinstance(name, type) and issubclass(name, nn.Module):
         return partial(name, **args)
@@ -100,8 +99,7 @@ class DenseLayer(nn.Module):
             self.conv2 = conv(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
             self.conv1 = conv(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
-        self.drop_rate = float(drop_rate)
-        self.efficient = efficient
+        self.drop_rate, self.efficient = float(drop_rate), efficient
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles plain modules; the autograd function stays Python
@@ -121,10 +119,6 @@ class DenseLayer(nn.Module):
         return new_features
 
 
-def _relu() -> nn.Module:
-    return nn.ReLU(inplace=True)
-
-
 class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers, each reading every feature map before it. ``forward``, as torchvision's and
     MONAI's: (N, C, *spatial) (or a list of maps of C channels) -> (N, C + num_layers * growth_rate, *spatial), the
@@ -134,8 +128,7 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, *args: Any):
         super().__init__()
         for index in range(num_layers):
-            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, *args)
-            self.add_module(f"denselayer{index + 1}", layer)
+            self.add_module(f"denselayer{index + 1}", DenseLayer(in_channels + index * growth_rate, growth_rate, *args))
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         return _concat(self.extend(_feature_list(features)))
@@ -167,8 +160,7 @@ class Transition(nn.Module):
         super().__init__()
         self.norm, self.relu = (norm or _layer("BatchNorm", spatial_dims))(in_channels), (act or _relu)()
         self.conv = _layer("Conv", spatial_dims)(in_channels, out_channels, kernel_size=1, bias=False)
-        self.spatial_dims = spatial_dims
-        self.efficient = efficient
+        self.spatial_dims, self.efficient = spatial_dims, efficient
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
@@ -180,9 +172,7 @@ class Transition(nn.Module):
 
 
 def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
-    if spatial_dims == 1:
-        return F.avg_pool1d(x, kernel_size=2)
-    return F.avg_pool3d(x, kernel_size=2) if spatial_dims == 3 else F.avg_pool2d(x, kernel_size=2)
+    return F.avg_pool1d(x, 2) if spatial_dims == 1 else F.avg_pool3d(x, 2) if spatial_dims == 3 else F.avg_pool2d(x, 2)
 
 
 def _concat(features: List[Tensor]) -> Tensor:
@@ -331,8 +321,7 @@ class FeatureInfo(list):
 def take_indices(num_levels: int, indices: Union[int, List[int], None]) -> tuple[list[int], int]:
     """timm's level selection: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels (negative
     from the end). Returns the absolute indices and the largest."""
-    if indices is None:
-        indices = num_levels
+    indices = num_levels if indices is None else indices
     if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
         raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
     if isinstance(indices, int):
@@ -364,23 +353,19 @@ def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: 
     if not torch.jit.is_scripting():
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a Tensor of shape {expected}, got {type(x).__name__}")
+    shape = "(" + ", ".join([str(size) for size in x.shape]) + ")"
     if not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
             "images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
         )
     if x.dim() != spatial_dims + 2 or x.shape[1] != in_chans:
-        raise ValueError(f"expected input of shape {expected}, got {_shape(x)}")
+        raise ValueError(f"expected input of shape {expected}, got {shape}")
     if min(x.shape[2:]) < min_input_size:
         raise ValueError(
-            f"input of shape {_shape(x)} is too small: this network needs every side ({axes}) of at least "
-            f"{min_input_size}"
+            f"input of shape {shape} is too small: this network needs every side ({axes}) of at least {min_input_size}"
         )
     return x
-
-
-def _shape(x: Tensor) -> str:
-    return "(" + ", ".join([str(size) for size in x.shape]) + ")"
 
 
 torch.fx.wrap("_checked_input")
@@ -389,10 +374,6 @@ torch.fx.wrap("_checked_input")
 def _pool_kind(pool_type: str) -> str:
     """``pool_type`` without timm's ``fast`` prefix: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""``."""
     return "avg" if pool_type == "fast" else pool_type[4:] if pool_type.startswith("fast") else pool_type
-
-
-def _pooled_width(num_features: int, pool_type: str) -> int:
-    return 2 * num_features if _pool_kind(pool_type) == "catavgmax" else num_features
 
 
 def _global_pool(x: Tensor, pool_type: str) -> Tensor:
@@ -422,8 +403,7 @@ def _check_pool(global_pool: object, num_classes: int) -> str:
     return global_pool
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an ``int`` (numpy integers accepted), at least ``minimum``."""
+def _check_int(name: str, value: object, minimum: int) -> int:  # numpy integers accepted
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -431,8 +411,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def _check_fraction(name: str, value: object, interval: str) -> float:
-    """``value`` as a float in ``interval``: ``"(0, 1]"`` or ``"[0, 1)"``."""
+def _check_fraction(name: str, value: object, interval: str) -> float:  # interval: "(0, 1]" or "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     number = float(value)
@@ -485,19 +464,15 @@ class DenseNet(_Backbone):
             or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L) (MONAI's
             ``DenseNet`` layout).
-        norm: MONAI's argument: ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``
-            (optionally ``(name, {arguments})``) or a norm class taking the channels.
-        act: MONAI's argument: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``/``"silu"``
-            (optionally ``(name, {arguments})``), an activation class or module. The memory-efficient function
-            computes all of these (docs/efficient-path.md).
+        norm: MONAI's (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``.
+        act: MONAI's: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, a class or module.
+            The memory-efficient function computes all of these norms and activations (docs/efficient-path.md).
 
-    Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface: ``num_classes``,
-    ``num_features``, ``head_hidden_size`` (the width the classifier reads), ``global_pool``, ``pretrained_cfg``
-    (alias ``default_cfg``), ``feature_info`` (the stem, each dense block but the last, the final features;
-    ImageNet stem reductions 2, 4, 8, ..., CIFAR stem 1, 1, 2, ...), ``forward_features``, ``forward_head``,
-    ``forward_intermediates``, ``prune_intermediate_layers``, ``reset_classifier``, ``set_grad_checkpointing``,
-    ``group_matcher``.
+    Input (N, in_chans, *spatial); output (N, num_classes) logits. timm's interface (``head_hidden_size``: the
+    width the classifier reads; ``feature_info``: the stem, each dense block but the last, the final features).
     """
+
+    global_pool: str
 
     def __init__(
         self,
@@ -535,19 +510,8 @@ class DenseNet(_Backbone):
         self.efficient = efficient = check_memory_mode(efficient)
         global_pool = _check_pool(global_pool, num_classes)
         make_norm, make_act = layer_factory(norm, "norm", spatial_dims), layer_factory(act, "act")
-        self.config = dict(
-            growth_rate=growth_rate,
-            block_config=block_config,
-            num_init_features=num_init_features,
-            bn_size=bn_size,
-            compression=compression,
-            drop_rate=drop_rate,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            stem=stem,
-            spatial_dims=spatial_dims,
-            global_pool=global_pool,
-        )
+        checked = locals()  # the arguments as checked above
+        self.config = {key: checked[key] for key in _CONFIG_KEYS}
         # recorded only when not the default, so the configs of batch norm + ReLU models stay timm's
         self.config.update({k: v for k, v, default in (("norm", norm, "batch"), ("act", act, "relu")) if v != default})
         self.in_chans, self.spatial_dims, self.arch_name = in_chans, spatial_dims, arch_name
@@ -564,26 +528,21 @@ class DenseNet(_Backbone):
             stem_layers = [("conv0", conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
         features = DenseFeatures(OrderedDict(stem_layers))
         num_features = num_init_features
+        stage_args = (efficient, spatial_dims, make_norm, make_act)
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(
-                num_layers, num_features, growth_rate, bn_size, drop_rate, efficient, spatial_dims, make_norm, make_act
-            )
+            block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, *stage_args)
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
                 out_features = math.floor(num_features * compression)
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
-                transition = Transition(num_features, out_features, efficient, spatial_dims, make_norm, make_act)
-                features.add_module(f"transition{index + 1}", transition)
+                features.add_module(f"transition{index + 1}", Transition(num_features, out_features, *stage_args))
                 num_features = out_features
         features.add_module("norm5", make_norm(num_features))
         features.add_module("relu5", make_act())
-        self.features = features
-        self.num_features = num_features
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.head_hidden_size = _pooled_width(num_features, global_pool)
-        self.classifier: nn.Module = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+        self.features, self.num_features = features, num_features
+        self.reset_classifier(num_classes, global_pool)
         _set_memory_mode(self, efficient)
         self.feature_info, self.feature_ends = self._feature_levels(stem)
         self.min_input_size = min_input_side(stem, len(block_config))
@@ -591,14 +550,9 @@ class DenseNet(_Backbone):
         self.pretrained_cfg = architecture_cfg(
             stem, in_chans, num_classes, spatial_dims, len(block_config), architecture=arch_name
         )
-        for module in self.modules():
+        for module in self.modules():  # norms start at weight 1, bias 0 already; the classifier's bias at 0
             if isinstance(module, _ConvNd):
                 nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, _BatchNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
 
     def _feature_levels(self, stem: str) -> tuple[FeatureInfo, list[int]]:
         """timm's ``feature_info`` (stem, each dense block but the last, final features) and the positions in
@@ -619,9 +573,8 @@ class DenseNet(_Backbone):
         return info, [names.index(name) for _, _, name in levels]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch for trading compute for memory, mapped to the memory modes so that it never raises memory:
-        ``True`` keeps a recomputing mode (``True`` or ``"max"``) and turns ``False`` into ``True``; ``False``
-        turns recomputation off (``efficient=False``). ``set_efficient("max")`` is the lowest-memory mode."""
+        """timm's switch, as memory modes that never raise memory: ``True`` keeps ``True`` or ``"max"`` (the lowest
+        memory) and turns ``False`` into ``True``; ``False`` is ``efficient=False``."""
         if not enable:
             self.set_efficient(False)
         elif not self.efficient:
@@ -650,13 +603,12 @@ class DenseNet(_Backbone):
         global_pool = _check_pool(global_pool, num_classes)
         self.config["num_classes"] = self.num_classes = num_classes
         self.config["global_pool"] = self.global_pool = global_pool
-        self.head_hidden_size = _pooled_width(self.num_features, global_pool)
+        self.head_hidden_size = self.num_features * (2 if _pool_kind(global_pool) == "catavgmax" else 1)
         param = next(self.parameters())
+        self.classifier: nn.Module = nn.Identity()
         if num_classes:
             self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=param.device, dtype=param.dtype)
             nn.init.zeros_(self.classifier.bias)
-        else:
-            self.classifier = nn.Identity()
         self.classifier.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -681,11 +633,10 @@ class DenseNet(_Backbone):
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction).
 
-        ``indices``: ``None`` all levels, an int ``n`` the last ``n``, a sequence those levels (negative from the
-        end). ``stop_early`` and ``intermediates_only`` stop after the last level asked for; ``norm`` is accepted
-        for timm's signature (the last level is normalised already); ``output_fmt``: ``"NCHW"`` only. Returns the
-        levels, or ``(final, levels)`` where ``final`` is what ``forward_features`` returns. Training keeps the
-        memory mode's savings: the concatenations returned are outputs, not stored for backward.
+        ``indices`` as :func:`take_indices`. ``stop_early`` and ``intermediates_only`` stop after the last level
+        asked for; ``norm`` (the last level is normalised already) and ``output_fmt`` (``"NCHW"`` only) are timm's.
+        Returns the levels, or ``(final, levels)``, ``final`` as ``forward_features``. Training keeps the memory
+        mode's savings: the concatenations returned are outputs, not stored for backward.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -727,11 +678,8 @@ class DenseNet(_Backbone):
 
 class DenseNetFeatures(_Backbone):
     """A DenseNet as timm's ``features_only`` backbone: (N, in_chans, *spatial) -> one (N, num_chs, *spatial /
-    reduction) map per level of ``out_indices`` (default all).
-
-    The modules after the last level are dropped; the rest are the model's own (same state-dict keys, weights
-    shared). ``feature_info`` lists the levels returned. Training keeps the memory mode's savings.
-    """
+    reduction) map per level of ``out_indices`` (default all), listed in ``feature_info``. The modules after the last
+    level are dropped; the rest are the model's own (same state-dict keys, weights shared)."""
 
     def __init__(self, model: DenseNet, out_indices: int | Sequence[int] | None = None):
         super().__init__()

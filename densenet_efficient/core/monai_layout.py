@@ -44,11 +44,8 @@ def model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """``DenseNet`` constructor arguments of the MONAI DenseNet whose (MONAI-named) ``state_dict`` this is."""
     convert_state_dict(state_dict)  # checks that it is one
     layers: dict[int, int] = {}
-    for key in state_dict:
-        match = _DENSE_LAYER.match(key)
-        if match:
-            block, layer = int(match[1]), int(match[2])
-            layers[block] = max(layers.get(block, 0), layer)
+    for match in filter(None, map(_DENSE_LAYER.match, state_dict)):
+        layers[int(match[1])] = max(layers.get(int(match[1]), 0), int(match[2]))
     if not layers or sorted(layers) != list(range(1, len(layers) + 1)):
         raise ValueError("not a MONAI DenseNet state dict: its dense blocks are not numbered 1, 2, ...")
     conv0 = state_dict["features.conv0.weight"]
@@ -71,9 +68,8 @@ def registered_name(args: Mapping[str, Any]) -> str:
     """The registered 3D architecture with ``args``' layout (MONAI's DenseNet121: ``densenet121_3d``)."""
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
     names = list_models("densenet*_3d")
-    for name in names:
-        if all(architecture(name)[key] == args[key] for key in keys):
-            return name
+    if found := [name for name in names if all(architecture(name)[key] == args[key] for key in keys)]:
+        return found[0]
     layout = ", ".join(f"{key}={args[key]}" for key in keys)
     raise ValueError(
         f"no registered architecture has this layout ({layout}); registered 3D DenseNets: "

@@ -2,9 +2,8 @@
 and its gradient freed, as soon as the gradient is accumulated (``Tensor.register_post_accumulate_grad_hook``).
 
 It computes what ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` computes with an optimizer that
-steps each parameter from its own gradient and state (SGD with momentum, Nesterov and weight decay; Adam, AdamW;
-...), and refuses where it can what needs every gradient at once or several backward passes per step: clipping by
-the global norm, a gradient scaler (fp16), gradient accumulation, DistributedDataParallel.
+steps each parameter from its own gradient and state (SGD, Adam, AdamW, ...), and refuses what needs every gradient
+at once or several backward passes per step (clipping, a GradScaler, accumulation, DistributedDataParallel).
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from torch import nn
 
 class OptimizerInBackward:
     """The hooks of :func:`optim_in_backward`: each steps its parameter with a one-parameter optimizer sharing
-    ``optimizer``'s state and hyperparameters (so lr schedulers, ``state_dict`` and ``load_state_dict`` work).
-    :meth:`step` and :meth:`zero_grad` refuse, saying why (no gradient is left to clip or scale); :meth:`remove`
-    detaches the hooks."""
+    ``optimizer``'s state and hyperparameters (so lr schedulers, ``state_dict`` and ``load_state_dict`` work)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer

@@ -1,11 +1,8 @@
 """Named architectures: the ``@register_model`` table, ``list_models``, ``architecture`` and the name resolver.
 
-The factories (``densenet121_efficient``, ...) and ``create_model`` live in :mod:`densenet_efficient.models`, which
-also knows the weights; this module only builds networks. Only names that torchvision or timm also use for a 2D
-ImageNet DenseNet carry the ``_efficient`` suffix, so that registering with timm never shadows timm's own
-``densenet121``. Names of this project only have none: the CIFAR networks (``densenet_bc_100_k12``, any depth as
-``densenet_bc_<depth>_k<growth>`` or ``densenet_<depth>_k<growth>``) and the volumetric ones (``densenet121_3d``
-...). The earlier 3D names (``densenet121_3d_efficient``, ...) are aliases: ``list_models(include_aliases=True)``.
+The factories and ``create_model`` live in :mod:`densenet_efficient.models`, which also knows the weights. Names
+that torchvision or timm also use carry the ``_efficient`` suffix (registering with timm never shadows timm's own
+``densenet121``); the CIFAR and 3D names have none (docs/index.md).
 """
 
 from __future__ import annotations
@@ -137,7 +134,7 @@ def cifar_architecture(depth: int, growth_rate: int = 12, bottleneck: bool = Tru
 
 
 def cifar_name(depth: int, growth_rate: int = 12, bottleneck: bool = True) -> str:
-    """The model name of a CIFAR DenseNet: ``densenet_bc_<depth>_k<growth>`` or ``densenet_<depth>_k<growth>``."""
+    """The model name of a CIFAR DenseNet."""
     return f"densenet{'_bc' if bottleneck else ''}_{depth}_k{growth_rate}"
 
 

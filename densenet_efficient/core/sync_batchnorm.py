@@ -1,10 +1,6 @@
-"""Synchronized batch norm that works on every device and stays memory-efficient.
-
-``convert_sync_batchnorm(model)`` replaces every batch norm by :class:`SyncBatchNorm`: in training, with a process
-group of more than one process, each normalises with the statistics of every process's batch, on CPU (gloo) as on
-CUDA (NCCL). Inside dense layers and transitions the memory-efficient function computes them itself (one collective
-per batch norm each way, none when backward recomputes the norm; running statistics updated once).
-"""
+"""Synchronized batch norm on every device (gloo on CPU, NCCL on CUDA) that stays memory-efficient: inside dense
+layers and transitions the memory-efficient function computes it itself (one collective per batch norm each way,
+none when backward recomputes the norm; running statistics updated once)."""
 
 from __future__ import annotations
 
@@ -42,9 +38,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 class SyncBatchNorm(_BatchNorm):
     """Batch norm over (N, C, *spatial) whose training statistics are shared by ``process_group`` (default: every
-    process). ``nn.SyncBatchNorm``'s arguments, parameters and buffers, on any device and backend (gloo on CPU
-    too); processes may hold different batch sizes. Without a group of several processes, or in eval mode, it is
-    ``nn.BatchNorm2d``."""
+    process; processes may hold different batch sizes), with ``nn.SyncBatchNorm``'s arguments, parameters and
+    buffers. Without a group of several processes, or in eval mode, it is ``nn.BatchNorm2d``. Not a subclass of
+    ``nn.SyncBatchNorm``: DistributedDataParallel refuses those on CPU."""
 
     def __init__(
         self,
@@ -71,41 +67,22 @@ class SyncBatchNorm(_BatchNorm):
         if sync is None:
             return super().forward(input)
         self._check_input_dim(input)
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         momentum = batch_norm_momentum(self)
-        tracked = self.track_running_stats
-        return _SyncBatchNormFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            momentum,
-            self.eps,
-            sync,
-        )
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, *stats, momentum, self.eps, sync)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """``module`` with every batch norm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) replaced by a
-    :class:`SyncBatchNorm` over ``process_group`` holding the same tensors, as
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does (a new object if ``module`` is a batch norm). Call it before
-    wrapping the model in ``DistributedDataParallel``."""
+    """``module`` with every batch norm replaced by a :class:`SyncBatchNorm` over ``process_group`` holding the same
+    tensors, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does. Call it before ``DistributedDataParallel``."""
     output = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        output = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            bias=module.bias is not None,
-        )
+        settings = {k: getattr(module, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")}
+        output = SyncBatchNorm(**settings, process_group=process_group, bias=module.bias is not None)
         if module.affine:
             output.weight, output.bias = module.weight, module.bias
         output.running_mean, output.running_var = module.running_mean, module.running_var
-        output.num_batches_tracked = module.num_batches_tracked
-        output.training = module.training
+        output.num_batches_tracked, output.training = module.num_batches_tracked, module.training
         if hasattr(module, "qconfig"):
             output.qconfig = module.qconfig
     elif isinstance(module, SyncBatchNorm):
