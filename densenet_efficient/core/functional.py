@@ -627,9 +627,7 @@ class _BnReluConvChain(torch.autograd.Function):
                 )
             if grad_conv_weight:
                 param_grads[2] = _cat(grad_conv_weight, 1)
-        for offset, param_grad in enumerate(param_grads):
-            if param_grad is not None:
-                param_grads[offset] = param_grad.to(params[offset].dtype)
+        param_grads = [g if g is None else g.to(p.dtype) for g, p in zip(param_grads, params, strict=True)]
         act_grads = [g for g, stage in zip(act_grads, stages, strict=True) if stage.act[0] == "prelu"]
         return (None, None, *param_grads, *input_grads, *act_grads)
 
@@ -710,12 +708,6 @@ def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
     return max_pool(x, *astuple(pool))
 
 
-def _max_pool_backward(grad: Tensor, x: Tensor, pool: _MaxPool, indices: Tensor) -> Tensor:
-    """Gradient of :func:`_max_pool` of ``x`` from the output's ``grad`` and the flat ``indices``."""
-    dims = {4: torch.ops.aten.max_pool2d_with_indices_backward, 5: torch.ops.aten.max_pool3d_with_indices_backward}
-    return dims[x.dim()](grad, x, *astuple(pool), indices)
-
-
 def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
     """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
     shape = [1] * indices.dim()
@@ -761,14 +753,6 @@ def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
     return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
 
 
-def _running_slice(stage: _Stage, part: slice) -> _Stage:
-    """``stage`` restricted to channels ``part``: its running statistics are views, updated in place."""
-    mean, var = stage.running_mean, stage.running_var
-    return replace(
-        stage, running_mean=None if mean is None else mean[part], running_var=None if var is None else var[part]
-    )
-
-
 class _ConvBnReluMaxPool(torch.autograd.Function):
     """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
 
@@ -796,9 +780,10 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated, first, second = _norm(
-                    conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
-                )
+                # The running statistics of channels part: views, updated in place
+                mean, var = (None if t is None else t[part] for t in (stage.running_mean, stage.running_var))
+                part_stage = replace(stage, running_mean=mean, running_var=var)
+                activated, first, second = _norm(conv_output, norm_weight[part], norm_bias[part], part_stage)
                 activated = activated.relu_()
                 pooled, indices = _max_pool(_as_pooled(activated), pool)
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
@@ -838,7 +823,8 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 pooled_input = _as_pooled(activated)
                 indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
                 grad_part = _as_pooled(grad_output[:, part]).to(activated.dtype)
-                grad = _max_pool_backward(grad_part, pooled_input, ctx.pool, indices).view_as(activated)
+                max_pool_backward = getattr(torch.ops.aten, f"max_pool{pooled_input.dim() - 2}d_with_indices_backward")
+                grad = max_pool_backward(grad_part, pooled_input, *astuple(ctx.pool), indices).view_as(activated)
                 del indices, pooled_input
                 if grad_activation is not None:
                     grad += grad_activation[:, part]
