@@ -104,14 +104,6 @@ def _chain(
     return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, *arguments)
 
 
-def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
-    """``act(x)`` for the plain modules (``None``: a ReLU, in place unless a backward hook made the norm's output
-    a view that autograd forbids modifying)."""
-    if act is None or (type(act) is nn.ReLU and not is_customised(act)):
-        return F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks))
-    return act(x)
-
-
 def bn_relu_conv(
     features: Sequence[Tensor], stages: Stages, efficient: MemoryMode, owner: nn.Module | None = None
 ) -> Tensor:
@@ -125,7 +117,10 @@ def bn_relu_conv(
         return _chain(features, triples, efficient)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, act, conv in triples:
-        x = conv(_activate(act, norm(x), norm))  # type: ignore[misc]
+        x = norm(x)
+        # A ReLU in place unless a backward hook made the norm's output a view that autograd forbids modifying
+        plain_relu = act is None or (type(act) is nn.ReLU and not is_customised(act))
+        x = conv(F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks)) if plain_relu else act(x))  # type: ignore[misc]
     return x
 
 

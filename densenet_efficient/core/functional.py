@@ -341,12 +341,10 @@ def _concat_bn_relu_backward(
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`) are processed one after the other:
-    ``a`` of the ``index``-th run's channels is recomputed (over the run's concatenation) and handed to
-    ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
-    the gradient for ``a``; ReLU's backward is written over it, and batch norm's backward turns it into each
-    piece's gradient, a tensor of its own. So the transients are two runs wide, never the concatenation's width.
-    Synchronized batch norms (one run) take the backward of the whole concatenation at once: one collective.
+    Run by run of :func:`_chunks`, ``a`` of the run's channels is recomputed and handed to ``activation_grad(a,
+    run)``, which takes what it needs (a weight gradient) and returns a new tensor, the gradient for ``a``; ReLU's
+    backward is written over it, and batch norm's backward turns it into each piece's gradient. The transients
+    are two runs wide. Synchronized batch norms (one run) take one backward of the concatenation: one collective.
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
@@ -482,12 +480,19 @@ class _BnReluConvChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
-            return _BnReluConvChain._differentiable_backward(ctx, grad_output)
         stages: Sequence[_Stage] = ctx.stages
         num_stages = len(stages)
         saved = ctx.saved_tensors
         end = len(saved) - sum(stage.act[0] == "prelu" for stage in stages)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
+
+            def recompute(*tensors: Tensor) -> list[Tensor]:
+                params, inputs = tensors[: 3 * num_stages], tensors[3 * num_stages : 3 * num_stages + ctx.num_inputs]
+                act_weights = _act_weights(stages, tensors[3 * num_stages + ctx.num_inputs :])
+                return [_chain(stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
+
+            tensors = saved[: 3 * num_stages] + saved[end - ctx.num_inputs :]
+            return None, None, *_differentiate(ctx, stages, tensors, 2, recompute, [grad_output])
         act_weights = _act_weights(stages, saved[end:])
         params, saved = saved[: 3 * num_stages], saved[3 * num_stages : end]
         statistics, saved = saved[: 2 * num_stages], saved[2 * num_stages :]
@@ -509,19 +514,6 @@ class _BnReluConvChain(torch.autograd.Function):
 
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
-
-        def norm_act_backward(index: int, x: Tensor, conv_grad: Callable[[Tensor], Tensor]) -> Tensor:
-            """A stage other than batch norm and ReLU: its input's gradient; its parameters' noted."""
-            offset = 3 * index
-            grad_x, param_grads[offset], param_grads[offset + 1], act_grads[index] = _norm_act_backward(
-                conv_grad,
-                x,
-                (params[offset], params[offset + 1], act_weights[index]),
-                statistics[2 * index : 2 * index + 2],
-                stages[index],
-                (param_needs_grad[offset], param_needs_grad[offset + 1], bool(act_needs_grad[index])),
-            )
-            return grad_x
 
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
         with autocast_off(grad_output.device.type):
@@ -559,16 +551,18 @@ class _BnReluConvChain(torch.autograd.Function):
                     )
                     return result
 
+                saved_stats, needs = statistics[2 * index : 2 * index + 2], param_needs_grad[3 * index : 3 * index + 2]
                 if not stage.default:
-                    grad = norm_act_backward(index, x, conv_grad)
+                    norm_params = (*params[3 * index : 3 * index + 2], act_weights[index])
+                    grad, param_grads[3 * index], param_grads[3 * index + 1], act_grads[index] = _norm_act_backward(
+                        conv_grad, x, norm_params, saved_stats, stage, (*needs, bool(act_needs_grad[index]))
+                    )
                     continue
                 activated = relu_output(index, x)
                 grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
-                mask = [True, *param_needs_grad[3 * index : 3 * index + 2]]
-                saved_stats = statistics[2 * index : 2 * index + 2]
                 grad, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(  # type: ignore[assignment]
-                    grad, x, params[3 * index], saved_stats, stage, mask
+                    grad, x, params[3 * index], saved_stats, stage, [True, *needs]
                 )
                 del x
 
@@ -630,20 +624,6 @@ class _BnReluConvChain(torch.autograd.Function):
         param_grads = [g if g is None else g.to(p.dtype) for g, p in zip(param_grads, params, strict=True)]
         act_grads = [g for g, stage in zip(act_grads, stages, strict=True) if stage.act[0] == "prelu"]
         return (None, None, *param_grads, *input_grads, *act_grads)
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
-        saved, num_params = ctx.saved_tensors, 3 * len(ctx.stages)
-        end = len(saved) - sum(stage.act[0] == "prelu" for stage in ctx.stages)
-
-        def recompute(*tensors: Tensor) -> list[Tensor]:
-            params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
-            act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
-            return [_chain(ctx.stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
-
-        tensors = saved[:num_params] + saved[end - ctx.num_inputs :]
-        return None, None, *_differentiate(ctx, ctx.stages, tensors, 2, recompute, [grad_output])
 
 
 def _differentiate(
@@ -744,12 +724,10 @@ def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool)
     return indices
 
 
-_STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are a quarter of its output
-
-
 def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
-    """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
-    width = channels if stage.sync is not None else -(-channels // _STEM_CHUNKS)
+    """The stem's four channel runs, so that its transients are a quarter of its output (one for synchronized batch
+    norm: one collective per pass)."""
+    width = channels if stage.sync is not None else -(-channels // 4)
     return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
 
 
@@ -757,12 +735,11 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
     """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
-    instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
-    recomputes the convolution from it (with 1 or 3 input channels, a few percent of a step). Plain autograd stores
-    the convolution's output, the BN-ReLU output and int64 indices: 2.5 times the convolution's output. Forward
-    and backward run in channel runs (:data:`_STEM_CHUNKS`), so the transients are a run's, except that an input
-    which needs a gradient gets it from one convolution backward over all channels (plain autograd's order), for
-    which the convolution output's gradient is held whole.
+    not plain autograd's int64 index); the input is referenced (the caller holds it anyway) and backward recomputes
+    the convolution from it (1 or 3 input channels: a few percent of a step). Plain autograd stores 2.5 times the
+    convolution's output. Both passes run by :func:`_channel_runs`, so the transients are a run's, except the
+    convolution output's gradient, held whole when the input needs a gradient (one convolution backward over all
+    channels: plain autograd's order).
 
     Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
     return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
@@ -805,9 +782,17 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
-        if torch.is_grad_enabled():  # create_graph=True
-            return _ConvBnReluMaxPool._differentiable_backward(ctx, grad_output, grad_activation)
         stage: _Stage = ctx.stage
+        if torch.is_grad_enabled():  # create_graph=True (see _differentiate)
+
+            def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
+                conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
+                activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+                pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
+                return [pooled] if grad_activation is None else [pooled, activated]
+
+            out_grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
+            return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, out_grads)
         x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
         channels = conv_weight.shape[0]
         needs = ctx.needs_input_grad[3:]
@@ -855,17 +840,3 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         grads += [norm_weight_grads, norm_bias_grads]
         wanted = (x, conv_weight, norm_weight, norm_bias)
         return None, None, None, *(_cat(g).to(t.dtype) if g else None for g, t in zip(grads, wanted, strict=True))
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
-        stage, dtype = ctx.stage, ctx.compute_dtype
-
-        def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
-            conv_output = _conv(_to(x, dtype), _to(conv_weight, dtype), stage)
-            activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
-            pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
-            return [pooled] if grad_activation is None else [pooled, activated]
-
-        grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
-        return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, grads)
