@@ -154,13 +154,6 @@ def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
     return operator
 
 
-def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
-    """Copy the operator's updated running statistics into the buffers (once per forward, as in eager)."""
-    with torch.no_grad():
-        for running, value in zip(updated, new, strict=True):
-            running.copy_(value)
-
-
 # --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
 
 
@@ -267,8 +260,9 @@ def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tens
     outputs = _chain_op(
         params, convolved, features, *arguments, keep_intermediates, autocast_dtype(features[0].device.type)
     )
-    updated = arguments[0]
-    _copy_back(updated, outputs[1 : 1 + len(updated)])
+    with torch.no_grad():  # the updated running statistics into the buffers, once per forward as in eager
+        for running, value in zip(arguments[0], outputs[1:], strict=False):
+            running.copy_(value)
     return outputs[0]
 
 
@@ -374,7 +368,7 @@ def conv_bn_relu_max_pool(
     arguments = _stage_arguments([stage])
     pooling = ([*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation], pool.ceil_mode)
     outputs = _stem_op(x, *params, *arguments, *pooling, keep_activation, autocast_dtype(x.device.type))
-    num_outputs = 2 if keep_activation else 1
-    updated = arguments[0]
-    _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])
+    with torch.no_grad():  # as the chain's
+        for running, value in zip(arguments[0], outputs[2 if keep_activation else 1 :], strict=False):
+            running.copy_(value)
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]

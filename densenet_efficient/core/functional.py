@@ -142,22 +142,6 @@ def _avg_pool(x: Tensor) -> Tensor:
     return _AVERAGE_POOLS[x.dim()](x, kernel_size=2)
 
 
-def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
-    """Gradient of :func:`_avg_pool` for an input of ``input_shape``: each window shares its output's gradient
-    equally (a power of two: exact); rows and columns the pooling dropped (odd sizes) get zero."""
-    spatial = len(input_shape) - 2
-    pooled = [2 * size for size in grad.shape[2:]]
-    dropped = pooled != list(input_shape[2:])
-    result = grad.new_zeros(input_shape) if dropped else grad.new_empty(input_shape)
-    windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
-    spread = grad * 0.5**spatial
-    for dim in range(2, 2 + spatial):
-        windows = windows.unflatten(2 * dim - 2, (-1, 2))
-        spread = spread.unsqueeze(2 * dim - 1)
-    windows.copy_(spread)
-    return result
-
-
 def _statistics(saved: Sequence[Tensor], stage: _Stage) -> tuple[Tensor, Tensor]:
     """Per-channel mean and inverse standard deviation from what :func:`_norm` returned for a batch norm."""
     mean, second = saved
@@ -569,12 +553,21 @@ class _BnReluConvChain(torch.autograd.Function):
             first = stages[0]
             weight = None if params[2] is None else conv_weight(0)  # None: a BN-ReLU without convolution
             grad = grad if weight is None else _to(grad, weight.dtype)
-            # A transition's gradient is spread to full size (an exact division by a power of two) and the
-            # convolution's gradients taken there, as plain autograd takes them: taken at the pooled size (the
-            # two commute), they would sum in another order, which ill-conditioned batch norms (1x1 maps at
-            # batch 2) amplify. The spread gradient is a transient of the convolution's output size.
+            # A transition's gradient is spread to full size (each window shares its output's gradient: an exact
+            # division by a power of two; what the pooling dropped, odd sizes, gets zero) and the convolution's
+            # gradients taken there, as plain autograd takes them: taken at the pooled size (the two commute),
+            # they would sum in another order, which ill-conditioned batch norms (1x1 maps at batch 2) amplify.
+            # The spread gradient is a transient of the convolution's output size.
             if first.pool:
-                grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
+                shape, pooled = [*grad.shape[:2], *inputs[0].shape[2:]], [2 * size for size in grad.shape[2:]]
+                result = grad.new_zeros(shape) if pooled != shape[2:] else grad.new_empty(shape)
+                windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
+                spread = grad * 0.5 ** len(pooled)
+                for dim in range(2, 2 + len(pooled)):
+                    windows, spread = windows.unflatten(2 * dim - 2, (-1, 2)), spread.unsqueeze(2 * dim - 1)
+                windows.copy_(spread)
+                grad = result
+                del windows, spread, result
             grad_conv_weight: list[Tensor] = []
             channels = [t.shape[1] for t in inputs]
             one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
