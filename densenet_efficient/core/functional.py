@@ -86,11 +86,10 @@ class _Stage:
 
 
 def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module | None = None) -> _Stage:
-    """The stage of ``norm`` (then ``act``, ``None``: ReLU) in its current mode, counting one training batch in it
-    if it is training; ``conv`` ``None`` for a norm and activation without convolution."""
-    # As nn.BatchNormNd: a training norm that tracks no running statistics neither uses nor updates them, an
-    # eval-mode (or frozen) norm without them uses the batch's. InstanceNorm uses the sample's in training or when
-    # it tracks none, and counts no batches; GroupNorm has none.
+    """The stage of ``norm`` (then ``act``, ``None``: ReLU; ``conv`` ``None``: none) in its current mode, counting
+    one training batch in it if it is training. As nn.BatchNormNd: a training norm that tracks no running
+    statistics neither uses nor updates them, an eval-mode (or frozen) norm without them uses the batch's.
+    InstanceNorm uses the sample's in training or when it tracks none, and counts no batches; GroupNorm has none."""
     assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
     kind = norm_kind(norm)
     training = norm.training and not is_frozen_norm(norm)
@@ -435,12 +434,10 @@ class _BnReluConvChain(torch.autograd.Function):
     """``conv_n(act_n(norm_n(... conv_1(act_1(norm_1(cat(inputs)))) ...)))``, each norm a batch norm (training or
     frozen), an instance norm or a group norm, each activation a ReLU or another of :data:`.eligibility.ACTIVATIONS`.
 
-    Arguments of ``apply``: ``stages`` (one :class:`_Stage` per stage), ``keep_intermediates`` (save the output of
-    every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature maps, each
-    (N, C_i, *spatial) with 1 to 3 spatial dimensions, then the weight of each PReLU stage. Returns the last
-    convolution's output. Stages other than batch norm and ReLU (see :attr:`_Stage.default`) recompute their
-    norm and activation in backward through :func:`_norm_act_backward`, run by run of pieces (group norm, whose
-    groups span pieces: the whole concatenation at once).
+    Arguments of ``apply``: ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but
+    the last), ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of
+    each PReLU stage. Returns the last convolution's output. Stages other than batch norm and ReLU recompute
+    through :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once).
     """
 
     @staticmethod
