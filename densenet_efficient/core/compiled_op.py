@@ -22,7 +22,6 @@ backward of a compiled model is refused by ``torch.compile`` itself.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -49,11 +48,6 @@ class _ForwardContext:
 
     def save_for_backward(self, *tensors: Tensor | None) -> None:
         self.saved = tensors
-
-
-def _backward_context(saved: Sequence[Tensor | None], needs: tuple[bool, ...], **attributes: Any) -> Any:
-    """The context an eager function's backward reads: the forward's attributes and saved tensors."""
-    return SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, **attributes)
 
 
 def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tensor], list[int], list[float]]:
@@ -119,14 +113,6 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
     return False
 
 
-def _caller_autocast(device_type: str, compute_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """The caller's autocast state (:func:`.functional.autocast_dtype`) again inside an operator: the eager
-    functions read it to choose their compute dtype."""
-    if compute_dtype is None:
-        return autocast_off(device_type)
-    return torch.autocast(device_type, dtype=compute_dtype)
-
-
 def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
     """Record under ``key`` where each of the ``saved`` tensors comes from among the operator's ``inputs`` (a
     ``None`` saved maps to a ``None`` input); return those that are not inputs, the extra outputs (their number
@@ -168,18 +154,7 @@ def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
     return operator
 
 
-def _copy_back(updated: Sequence[Tensor], new: Sequence[Tensor]) -> None:
-    """Copy the operator's updated running statistics into the buffers (once per forward, as in eager)."""
-    with torch.no_grad():
-        for running, value in zip(updated, new, strict=True):
-            running.copy_(value)
-
-
 # --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
-
-
-def _chain_layout_key(convolved: Sequence[bool], num_features: int, ints: Sequence[int], keep: bool) -> tuple:
-    return "chain", tuple(convolved), num_features, tuple(ints), keep
 
 
 def _chain_params(params: Sequence[Tensor], convolved: Sequence[bool]) -> list[Tensor | None]:
@@ -209,10 +184,11 @@ def _chain_impl(
     chain_params = _chain_params(params, convolved)
     stages = _stages(chain_params, updated, frozen, ints, floats)
     context = _ForwardContext()
-    with _caller_autocast(features[0].device.type, compute_dtype):
+    device_type = features[0].device.type  # the caller's autocast state again: the compute dtype's source
+    with torch.autocast(device_type, dtype=compute_dtype) if compute_dtype else autocast_off(device_type):
         # A None parameter: the convolution weight of a stage without convolution.
         output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
-    key = _chain_layout_key(convolved, len(features), ints, keep_intermediates)
+    key = ("chain", tuple(convolved), len(features), tuple(ints), keep_intermediates)
     extras = _save_layout(key, context.saved, (*chain_params, *features, *frozen))
     return [output, *updated, *extras]
 
@@ -235,7 +211,7 @@ def _chain_backward_impl(
     stages = _stages(saved[: 3 * (len(floats) // 2)], [], [], ints, floats)
     needs = (False, False, *needs_input_grad)
     attributes = dict(stages=stages, keep_intermediates=keep_intermediates, compute_dtype=compute_dtype)
-    context = _backward_context(saved, needs, num_inputs=num_inputs, **attributes)
+    context = SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, num_inputs=num_inputs, **attributes)
     # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grad_output)[2:]
@@ -248,7 +224,7 @@ _chain_backward_op = _operator("bn_relu_conv_chain_backward", _chain_backward_im
 def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
     params, convolved, features, updated, frozen, *arguments = inputs
     ctx.mark_non_differentiable(*output[1:])  # running statistics and saved tensors: no gradient flows back
-    key = _chain_layout_key(convolved, len(features), arguments[0], arguments[2])
+    key = ("chain", tuple(convolved), len(features), tuple(arguments[0]), arguments[2])
     chain_params = _chain_params(params, convolved)
     ctx.save_for_backward(*_saved(key, (*chain_params, *features, *frozen), output[1 + len(updated) :]))
     ctx.arguments = (*arguments, len(features))
@@ -284,28 +260,20 @@ def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tens
     outputs = _chain_op(
         params, convolved, features, *arguments, keep_intermediates, autocast_dtype(features[0].device.type)
     )
-    updated = arguments[0]
-    _copy_back(updated, outputs[1 : 1 + len(updated)])
+    with torch.no_grad():  # the updated running statistics into the buffers, once per forward as in eager
+        for running, value in zip(arguments[0], outputs[1:], strict=False):
+            running.copy_(value)
     return outputs[0]
 
 
 # ------------------------------------------------------------------------------------------------- the stem
 
 
-def _max_pool_arguments(pool: _MaxPool) -> list[int]:
-    """``pool``'s geometry as ints: kernel size, stride, padding, dilation (one per spatial dimension each)."""
-    return [*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation]
-
-
 def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
-    """The :class:`_MaxPool` of :func:`_max_pool_arguments`."""
+    """The :class:`_MaxPool` of ``geometry``: kernel size, stride, padding, dilation, one per spatial dimension."""
     dims = len(geometry) // 4
     kernel_size, stride, padding, dilation = (tuple(geometry[k * dims : (k + 1) * dims]) for k in range(4))
     return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def _stem_layout_key(ints: Sequence[int], keep_activation: bool) -> tuple:
-    return "stem", tuple(ints), keep_activation
 
 
 def _stem_impl(
@@ -328,11 +296,12 @@ def _stem_impl(
     params = (norm_weight, norm_bias, conv_weight)
     (stage,) = _stages(params, updated, frozen, ints, floats)
     context = _ForwardContext()
-    with _caller_autocast(x.device.type, compute_dtype):
+    device_type = x.device.type  # as the chain's
+    with torch.autocast(device_type, dtype=compute_dtype) if compute_dtype else autocast_off(device_type):
         outputs = _ConvBnReluMaxPool.forward(
             context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
         )
-    key = _stem_layout_key(ints, keep_activation)
+    key = ("stem", tuple(ints), keep_activation)
     extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
     return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
 
@@ -357,7 +326,8 @@ def _stem_backward_impl(
     (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], ints, floats)
     pool = _max_pool(max_pool, ceil_mode)
     needs = (False, False, False, *needs_input_grad)
-    context = _backward_context(saved, needs, stage=stage, pool=pool, compute_dtype=compute_dtype)
+    attributes = dict(stage=stage, pool=pool, compute_dtype=compute_dtype)
+    context = SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, **attributes)
     with torch.no_grad():
         gradients = _ConvBnReluMaxPool.backward(context, grad_output, grad_activation)[3:]
     return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
@@ -370,7 +340,7 @@ def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor])
     x, conv_weight, norm_weight, norm_bias, updated, frozen, *arguments = inputs
     num_outputs = 2 if arguments[-2] else 1  # keep_activation
     ctx.mark_non_differentiable(*output[num_outputs:])
-    key = _stem_layout_key(arguments[0], arguments[-2])
+    key = ("stem", tuple(arguments[0]), arguments[-2])
     tensors = (x, conv_weight, norm_weight, norm_bias)
     ctx.save_for_backward(*_saved(key, (*tensors, *frozen), output[num_outputs + len(updated) :]))
     ctx.arguments = arguments
@@ -396,9 +366,9 @@ def conv_bn_relu_max_pool(
     if _falls_back([stage]):
         return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
     arguments = _stage_arguments([stage])
-    pooling = (_max_pool_arguments(pool), pool.ceil_mode)
+    pooling = ([*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation], pool.ceil_mode)
     outputs = _stem_op(x, *params, *arguments, *pooling, keep_activation, autocast_dtype(x.device.type))
-    num_outputs = 2 if keep_activation else 1
-    updated = arguments[0]
-    _copy_back(updated, outputs[num_outputs : num_outputs + len(updated)])
+    with torch.no_grad():  # as the chain's
+        for running, value in zip(arguments[0], outputs[2 if keep_activation else 1 :], strict=False):
+            running.copy_(value)
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]

@@ -36,11 +36,6 @@ def _apply(function: type[torch.autograd.Function], operator: Callable[..., Any]
     return operator(*args) if torch.compiler.is_compiling() else function.apply(*args)
 
 
-def _triples(stages: Stages) -> list[tuple[nn.Module, nn.Module | None, nn.Module | None]]:
-    """``(norm, act, conv)`` per stage; a ``(norm, conv)`` pair has a ReLU (``act`` ``None``)."""
-    return [stage if len(stage) == 3 else (stage[0], None, stage[1]) for stage in stages]
-
-
 def _use_function(
     features: Sequence[Tensor],
     stages: Sequence[tuple[nn.Module, nn.Module | None, nn.Module | None]],
@@ -70,8 +65,13 @@ def _use_function(
         or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0  # forward-mode AD: the function has no jvp
         or torch.jit.is_tracing()
-        or _too_few_values(features[0], training, norm_kind(stages[0][0]) != "batch")
     ):
+        return False
+    # Too few values for the norm's statistics go to the plain modules: an empty batch or, in training, one value
+    # per channel (batch norm raises; the function would write NaN into running_var), one per sample per-sample.
+    x, per_sample = features[0], norm_kind(stages[0][0]) != "batch"
+    values = x[0, 0].numel() if per_sample and x.numel() else x.numel() // max(x.shape[1], 1)
+    if values == 0 or ((training or per_sample) and values == 1):
         return False
     if (torch.compiler.is_compiling() or autocast_dtype(features[0].device.type) is not None) and any(
         norm_kind(norm) != "batch" or not (act is None or type(act) is nn.ReLU) for norm, act, _ in stages
@@ -84,44 +84,24 @@ def _use_function(
     return True
 
 
-def _too_few_values(x: Tensor, training: bool, per_sample: bool) -> bool:
-    """Whether the norm of ``x`` (N, C, *spatial) must go to the plain modules: an empty batch or, in training,
-    one value per channel (batch norm raises; the function would write NaN into ``running_var``); for per-sample
-    norms one value per sample."""
-    values = x[0, 0].numel() if per_sample and x.numel() else x.numel() // max(x.shape[1], 1)
-    return values == 0 or ((training or per_sample) and values == 1)
-
-
-def _check_channels(features: Sequence[Tensor], norm: Any) -> None:
-    """Refuse feature maps whose channels do not add up to what ``norm`` normalises (the kernels do not check)."""
-    channels = [t.shape[1] for t in features]
-    # FrozenBatchNorm2d has no num_features, GroupNorm num_channels, a non-affine InstanceNorm no weight
+def _chain(
+    features: Sequence[Tensor], stages: Sequence[tuple[Any, Any, Any]], efficient: MemoryMode, pool: bool = False
+) -> Tensor:
+    """The memory-efficient function on ``features`` for ``(norm, act, conv)`` stages."""
+    # Channels must add up to what the norm normalises (the kernels do not check). FrozenBatchNorm2d has no
+    # num_features, GroupNorm num_channels, a non-affine InstanceNorm no weight.
+    norm, channels = stages[0][0], [t.shape[1] for t in features]
     expected = getattr(norm, "num_channels", None) or getattr(norm, "num_features", None) or norm.weight.shape[0]
     if sum(channels) != expected:
         raise ValueError(
             f"feature maps of {'+'.join(map(str, channels))} = {sum(channels)} channels, but "
             f"{type(norm).__name__} normalises {expected}: pass the feature maps it was built for"
         )
-
-
-def _chain(
-    features: Sequence[Tensor], stages: Sequence[tuple[Any, Any, Any]], efficient: MemoryMode, pool: bool = False
-) -> Tensor:
-    """The memory-efficient function on ``features`` for ``(norm, act, conv)`` stages."""
-    _check_channels(features, stages[0][0])
     chain: tuple[_Stage, ...] = tuple(_stage(norm, conv, pool, act) for norm, act, conv in stages)
     params = [t for norm, _, conv in stages for t in (norm.weight, norm.bias, None if conv is None else conv.weight)]
     act_weights = [act.weight for (_, act, _), stage in zip(stages, chain, strict=True) if stage.act[0] == "prelu"]
     arguments = (chain, efficient is True, *params, *features, *act_weights)
     return _apply(_BnReluConvChain, compiled_op.bn_relu_conv_chain, *arguments)
-
-
-def _activate(act: nn.Module | None, x: Tensor, norm: nn.Module) -> Tensor:
-    """``act(x)`` for the plain modules (``None``: a ReLU, in place unless a backward hook made the norm's output
-    a view that autograd forbids modifying)."""
-    if act is None or (type(act) is nn.ReLU and not is_customised(act)):
-        return F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks))
-    return act(x)
 
 
 def bn_relu_conv(
@@ -132,20 +112,16 @@ def bn_relu_conv(
     :func:`_use_function` says (training, frozen or mixed batch norms), otherwise the plain modules, at a naive
     DenseNet's cost; stages it would not compute exactly (:mod:`.eligibility`) warn once, naming ``owner``.
     """
-    triples = _triples(stages)
+    triples = [stage if len(stage) == 3 else (stage[0], None, stage[1]) for stage in stages]
     if _use_function(features, triples, efficient, owner):
         return _chain(features, triples, efficient)
     x = torch.cat(list(features), 1) if len(features) > 1 else features[0]
     for norm, act, conv in triples:
-        x = conv(_activate(act, norm(x), norm))  # type: ignore[misc]
+        x = norm(x)
+        # A ReLU in place unless a backward hook made the norm's output a view that autograd forbids modifying
+        plain_relu = act is None or (type(act) is nn.ReLU and not is_customised(act))
+        x = conv(F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks)) if plain_relu else act(x))  # type: ignore[misc]
     return x
-
-
-def _pointwise(conv: _ConvNd) -> bool:
-    """Whether ``conv`` is a 1x1 convolution without bias, stride or padding (a transition's backward spreads the
-    pooling's gradient at its input's size)."""
-    ones = all(v == 1 for v in (*conv.kernel_size, *conv.stride))
-    return conv.bias is None and ones and not isinstance(conv.padding, str) and not any(conv.padding)
 
 
 def bn_relu_conv_pool(
@@ -160,7 +136,10 @@ def bn_relu_conv_pool(
     *spatial / 2); ``act`` ``None``: a ReLU. In the efficient modes (see :func:`bn_relu_conv`) with a pointwise
     ``conv`` only the norm's statistics are stored for backward (plain autograd: the concatenation, the BN-ReLU
     output and the pooling's input); backward recomputes the BN-ReLU output from the feature maps."""
-    if _pointwise(conv) and _use_function(features, [(norm, act, conv)], efficient, owner):
+    # The function's backward spreads the pooling's gradient at the input's size: 1x1, no bias, stride or padding
+    ones = all(v == 1 for v in (*conv.kernel_size, *conv.stride))
+    pointwise = conv.bias is None and ones and not isinstance(conv.padding, str) and not any(conv.padding)
+    if pointwise and _use_function(features, [(norm, act, conv)], efficient, owner):
         return _chain(features, [(norm, act, conv)], efficient, pool=True)
     return _avg_pool(bn_relu_conv(features, [(norm, act, conv)], efficient, owner))
 
@@ -181,21 +160,6 @@ def bn_relu(
     return F.relu(x) if act is None else act(x)
 
 
-def _stem_supported(conv: _ConvNd, norm: _BatchNorm, pool: nn.Module) -> bool:
-    """Whether :class:`_ConvBnReluMaxPool` computes exactly what these modules do."""
-    pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-    return (
-        type(pool) is pools.get(conv.weight.dim() - 2)
-        and not pool.return_indices
-        and norm.affine
-        and conv.bias is None
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and not conv.transposed
-    )
-
-
 def conv_bn_relu_max_pool(
     x: Tensor,
     conv: nn.Module,
@@ -209,7 +173,19 @@ def conv_bn_relu_max_pool(
     ``x`` (N, C_in, *spatial), ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only the
     batch norm's statistics and one byte per pooled value are stored for backward (see
     :class:`_ConvBnReluMaxPool`); plain modules run otherwise and for modules the function does not reproduce."""
-    supported = isinstance(conv, _ConvNd) and isinstance(norm, _BatchNorm) and _stem_supported(conv, norm, pool)
+    pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+    supported = (  # modules that _ConvBnReluMaxPool reproduces exactly
+        isinstance(conv, _ConvNd)
+        and isinstance(norm, _BatchNorm)
+        and type(pool) is pools.get(conv.weight.dim() - 2)
+        and not pool.return_indices
+        and norm.affine
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not conv.transposed
+    )
     if supported and _use_function([x], [(norm, None, conv)], efficient, owner):
         stage, max_pool = _stage(norm, conv), _MaxPool.of(pool, x.dim() - 2)  # type: ignore[arg-type]  # checked
         stem = (stage, max_pool, keep_activation, x, conv.weight, norm.weight, norm.bias)

@@ -86,11 +86,10 @@ class _Stage:
 
 
 def _stage(norm: Any, conv: _ConvNd | None, pool: bool = False, act: nn.Module | None = None) -> _Stage:
-    """The stage of ``norm`` (then ``act``, ``None``: ReLU) in its current mode, counting one training batch in it
-    if it is training; ``conv`` ``None`` for a norm and activation without convolution."""
-    # As nn.BatchNormNd: a training norm that tracks no running statistics neither uses nor updates them, an
-    # eval-mode (or frozen) norm without them uses the batch's. InstanceNorm uses the sample's in training or when
-    # it tracks none, and counts no batches; GroupNorm has none.
+    """The stage of ``norm`` (then ``act``, ``None``: ReLU; ``conv`` ``None``: none) in its current mode, counting
+    one training batch in it if it is training. As nn.BatchNormNd: a training norm that tracks no running
+    statistics neither uses nor updates them, an eval-mode (or frozen) norm without them uses the batch's.
+    InstanceNorm uses the sample's in training or when it tracks none, and counts no batches; GroupNorm has none."""
     assert conv is None or not isinstance(conv.padding, str)  # string padding takes the plain path (.eligibility)
     kind = norm_kind(norm)
     training = norm.training and not is_frozen_norm(norm)
@@ -140,22 +139,6 @@ _AVERAGE_POOLS = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
 def _avg_pool(x: Tensor) -> Tensor:
     """2x average pooling over every spatial dimension of ``x`` (N, C, *spatial)."""
     return _AVERAGE_POOLS[x.dim()](x, kernel_size=2)
-
-
-def _avg_pool_backward(grad: Tensor, input_shape: Sequence[int]) -> Tensor:
-    """Gradient of :func:`_avg_pool` for an input of ``input_shape``: each window shares its output's gradient
-    equally (a power of two: exact); rows and columns the pooling dropped (odd sizes) get zero."""
-    spatial = len(input_shape) - 2
-    pooled = [2 * size for size in grad.shape[2:]]
-    dropped = pooled != list(input_shape[2:])
-    result = grad.new_zeros(input_shape) if dropped else grad.new_empty(input_shape)
-    windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
-    spread = grad * 0.5**spatial
-    for dim in range(2, 2 + spatial):
-        windows = windows.unflatten(2 * dim - 2, (-1, 2))
-        spread = spread.unsqueeze(2 * dim - 1)
-    windows.copy_(spread)
-    return result
 
 
 def _statistics(saved: Sequence[Tensor], stage: _Stage) -> tuple[Tensor, Tensor]:
@@ -341,12 +324,10 @@ def _concat_bn_relu_backward(
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
     """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
 
-    The ``runs`` of consecutive pieces ``[first, last)`` (see :func:`_chunks`) are processed one after the other:
-    ``a`` of the ``index``-th run's channels is recomputed (over the run's concatenation) and handed to
-    ``activation_grad(a, index)``, which takes what it needs of it (a weight gradient) and returns a new tensor,
-    the gradient for ``a``; ReLU's backward is written over it, and batch norm's backward turns it into each
-    piece's gradient, a tensor of its own. So the transients are two runs wide, never the concatenation's width.
-    Synchronized batch norms (one run) take the backward of the whole concatenation at once: one collective.
+    Run by run of :func:`_chunks`, ``a`` of the run's channels is recomputed and handed to ``activation_grad(a,
+    run)``, which takes what it needs (a weight gradient) and returns a new tensor, the gradient for ``a``; ReLU's
+    backward is written over it, and batch norm's backward turns it into each piece's gradient. The transients
+    are two runs wide. Synchronized batch norms (one run) take one backward of the concatenation: one collective.
     """
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
@@ -453,12 +434,10 @@ class _BnReluConvChain(torch.autograd.Function):
     """``conv_n(act_n(norm_n(... conv_1(act_1(norm_1(cat(inputs)))) ...)))``, each norm a batch norm (training or
     frozen), an instance norm or a group norm, each activation a ReLU or another of :data:`.eligibility.ACTIVATIONS`.
 
-    Arguments of ``apply``: ``stages`` (one :class:`_Stage` per stage), ``keep_intermediates`` (save the output of
-    every stage but the last), then ``weight, bias, conv_weight`` per stage, then the input feature maps, each
-    (N, C_i, *spatial) with 1 to 3 spatial dimensions, then the weight of each PReLU stage. Returns the last
-    convolution's output. Stages other than batch norm and ReLU (see :attr:`_Stage.default`) recompute their
-    norm and activation in backward through :func:`_norm_act_backward`, run by run of pieces (group norm, whose
-    groups span pieces: the whole concatenation at once).
+    Arguments of ``apply``: ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but
+    the last), ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of
+    each PReLU stage. Returns the last convolution's output. Stages other than batch norm and ReLU recompute
+    through :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once).
     """
 
     @staticmethod
@@ -482,12 +461,19 @@ class _BnReluConvChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
-            return _BnReluConvChain._differentiable_backward(ctx, grad_output)
         stages: Sequence[_Stage] = ctx.stages
         num_stages = len(stages)
         saved = ctx.saved_tensors
         end = len(saved) - sum(stage.act[0] == "prelu" for stage in stages)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
+
+            def recompute(*tensors: Tensor) -> list[Tensor]:
+                params, inputs = tensors[: 3 * num_stages], tensors[3 * num_stages : 3 * num_stages + ctx.num_inputs]
+                act_weights = _act_weights(stages, tensors[3 * num_stages + ctx.num_inputs :])
+                return [_chain(stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
+
+            tensors = saved[: 3 * num_stages] + saved[end - ctx.num_inputs :]
+            return None, None, *_differentiate(ctx, stages, tensors, 2, recompute, [grad_output])
         act_weights = _act_weights(stages, saved[end:])
         params, saved = saved[: 3 * num_stages], saved[3 * num_stages : end]
         statistics, saved = saved[: 2 * num_stages], saved[2 * num_stages :]
@@ -509,19 +495,6 @@ class _BnReluConvChain(torch.autograd.Function):
 
         def conv_weight(index: int) -> Tensor:
             return _to(params[3 * index + 2], compute_dtype)
-
-        def norm_act_backward(index: int, x: Tensor, conv_grad: Callable[[Tensor], Tensor]) -> Tensor:
-            """A stage other than batch norm and ReLU: its input's gradient; its parameters' noted."""
-            offset = 3 * index
-            grad_x, param_grads[offset], param_grads[offset + 1], act_grads[index] = _norm_act_backward(
-                conv_grad,
-                x,
-                (params[offset], params[offset + 1], act_weights[index]),
-                statistics[2 * index : 2 * index + 2],
-                stages[index],
-                (param_needs_grad[offset], param_needs_grad[offset + 1], bool(act_needs_grad[index])),
-            )
-            return grad_x
 
         param_grads: list[Tensor | None] = [None] * (3 * num_stages)
         with autocast_off(grad_output.device.type):
@@ -559,28 +532,39 @@ class _BnReluConvChain(torch.autograd.Function):
                     )
                     return result
 
+                saved_stats, needs = statistics[2 * index : 2 * index + 2], param_needs_grad[3 * index : 3 * index + 2]
                 if not stage.default:
-                    grad = norm_act_backward(index, x, conv_grad)
+                    norm_params = (*params[3 * index : 3 * index + 2], act_weights[index])
+                    grad, param_grads[3 * index], param_grads[3 * index + 1], act_grads[index] = _norm_act_backward(
+                        conv_grad, x, norm_params, saved_stats, stage, (*needs, bool(act_needs_grad[index]))
+                    )
                     continue
                 activated = relu_output(index, x)
                 grad = _relu_backward_(conv_grad(activated), activated).to(x.dtype)
                 del activated
-                mask = [True, *param_needs_grad[3 * index : 3 * index + 2]]
-                saved_stats = statistics[2 * index : 2 * index + 2]
                 grad, param_grads[3 * index], param_grads[3 * index + 1] = _norm_backward(  # type: ignore[assignment]
-                    grad, x, params[3 * index], saved_stats, stage, mask
+                    grad, x, params[3 * index], saved_stats, stage, [True, *needs]
                 )
                 del x
 
             first = stages[0]
             weight = None if params[2] is None else conv_weight(0)  # None: a BN-ReLU without convolution
             grad = grad if weight is None else _to(grad, weight.dtype)
-            # A transition's gradient is spread to full size (an exact division by a power of two) and the
-            # convolution's gradients taken there, as plain autograd takes them: taken at the pooled size (the
-            # two commute), they would sum in another order, which ill-conditioned batch norms (1x1 maps at
-            # batch 2) amplify. The spread gradient is a transient of the convolution's output size.
+            # A transition's gradient is spread to full size (each window shares its output's gradient: an exact
+            # division by a power of two; what the pooling dropped, odd sizes, gets zero) and the convolution's
+            # gradients taken there, as plain autograd takes them: taken at the pooled size (the two commute),
+            # they would sum in another order, which ill-conditioned batch norms (1x1 maps at batch 2) amplify.
+            # The spread gradient is a transient of the convolution's output size.
             if first.pool:
-                grad = _avg_pool_backward(grad, [grad.shape[0], grad.shape[1], *inputs[0].shape[2:]])
+                shape, pooled = [*grad.shape[:2], *inputs[0].shape[2:]], [2 * size for size in grad.shape[2:]]
+                result = grad.new_zeros(shape) if pooled != shape[2:] else grad.new_empty(shape)
+                windows = result[(slice(None), slice(None)) + tuple(slice(0, size) for size in pooled)]
+                spread = grad * 0.5 ** len(pooled)
+                for dim in range(2, 2 + len(pooled)):
+                    windows, spread = windows.unflatten(2 * dim - 2, (-1, 2)), spread.unsqueeze(2 * dim - 1)
+                windows.copy_(spread)
+                grad = result
+                del windows, spread, result
             grad_conv_weight: list[Tensor] = []
             channels = [t.shape[1] for t in inputs]
             one_run = first.sync is not None or first.groups != 1 or weight is None or first.norm == "group"
@@ -627,25 +611,9 @@ class _BnReluConvChain(torch.autograd.Function):
                 )
             if grad_conv_weight:
                 param_grads[2] = _cat(grad_conv_weight, 1)
-        for offset, param_grad in enumerate(param_grads):
-            if param_grad is not None:
-                param_grads[offset] = param_grad.to(params[offset].dtype)
+        param_grads = [g if g is None else g.to(p.dtype) for g, p in zip(param_grads, params, strict=True)]
         act_grads = [g for g, stage in zip(act_grads, stages, strict=True) if stage.act[0] == "prelu"]
         return (None, None, *param_grads, *input_grads, *act_grads)
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
-        saved, num_params = ctx.saved_tensors, 3 * len(ctx.stages)
-        end = len(saved) - sum(stage.act[0] == "prelu" for stage in ctx.stages)
-
-        def recompute(*tensors: Tensor) -> list[Tensor]:
-            params, inputs = tensors[:num_params], tensors[num_params : num_params + ctx.num_inputs]
-            act_weights = _act_weights(ctx.stages, tensors[num_params + ctx.num_inputs :])
-            return [_chain(ctx.stages, params, inputs, ctx.compute_dtype, False, False, act_weights)[0]]
-
-        tensors = saved[:num_params] + saved[end - ctx.num_inputs :]
-        return None, None, *_differentiate(ctx, ctx.stages, tensors, 2, recompute, [grad_output])
 
 
 def _differentiate(
@@ -710,12 +678,6 @@ def _max_pool(x: Tensor, pool: _MaxPool) -> tuple[Tensor, Tensor]:
     return max_pool(x, *astuple(pool))
 
 
-def _max_pool_backward(grad: Tensor, x: Tensor, pool: _MaxPool, indices: Tensor) -> Tensor:
-    """Gradient of :func:`_max_pool` of ``x`` from the output's ``grad`` and the flat ``indices``."""
-    dims = {4: torch.ops.aten.max_pool2d_with_indices_backward, 5: torch.ops.aten.max_pool3d_with_indices_backward}
-    return dims[x.dim()](grad, x, *astuple(pool), indices)
-
-
 def _window_starts(pool: _MaxPool, dim: int, indices: Tensor) -> Tensor:
     """First input coordinate along spatial dimension ``dim`` of each output's window, shaped to broadcast."""
     shape = [1] * indices.dim()
@@ -752,33 +714,22 @@ def _flat_indices(positions: Tensor, input_sizes: Sequence[int], pool: _MaxPool)
     return indices
 
 
-_STEM_CHUNKS = 4  # the stem runs in this many channel runs: its transients are a quarter of its output
-
-
 def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
-    """The stem's channel runs (one for synchronized batch norm: one collective per pass)."""
-    width = channels if stage.sync is not None else -(-channels // _STEM_CHUNKS)
+    """The stem's four channel runs, so that its transients are a quarter of its output (one for synchronized batch
+    norm: one collective per pass)."""
+    width = channels if stage.sync is not None else -(-channels // 4)
     return [slice(start, min(start + width, channels)) for start in range(0, channels, width)]
-
-
-def _running_slice(stage: _Stage, part: slice) -> _Stage:
-    """``stage`` restricted to channels ``part``: its running statistics are views, updated in place."""
-    mean, var = stage.running_mean, stage.running_var
-    return replace(
-        stage, running_mean=None if mean is None else mean[part], running_var=None if var is None else var[part]
-    )
 
 
 class _ConvBnReluMaxPool(torch.autograd.Function):
     """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
-    instead of plain autograd's int64 index); the input is referenced (the caller holds it anyway), and backward
-    recomputes the convolution from it (with 1 or 3 input channels, a few percent of a step). Plain autograd stores
-    the convolution's output, the BN-ReLU output and int64 indices: 2.5 times the convolution's output. Forward
-    and backward run in channel runs (:data:`_STEM_CHUNKS`), so the transients are a run's, except that an input
-    which needs a gradient gets it from one convolution backward over all channels (plain autograd's order), for
-    which the convolution output's gradient is held whole.
+    not plain autograd's int64 index); the input is referenced (the caller holds it anyway) and backward recomputes
+    the convolution from it (1 or 3 input channels: a few percent of a step). Plain autograd stores 2.5 times the
+    convolution's output. Both passes run by :func:`_channel_runs`, so the transients are a run's, except the
+    convolution output's gradient, held whole when the input needs a gradient (one convolution backward over all
+    channels: plain autograd's order).
 
     Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
     return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
@@ -796,9 +747,10 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             inputs, weight = _to(x, compute_dtype), _to(conv_weight, compute_dtype)
             for part in _channel_runs(channels, stage):
                 conv_output = _conv(inputs, weight[part], stage)
-                activated, first, second = _norm(
-                    conv_output, norm_weight[part], norm_bias[part], _running_slice(stage, part)
-                )
+                # The running statistics of channels part: views, updated in place
+                mean, var = (None if t is None else t[part] for t in (stage.running_mean, stage.running_var))
+                part_stage = replace(stage, running_mean=mean, running_var=var)
+                activated, first, second = _norm(conv_output, norm_weight[part], norm_bias[part], part_stage)
                 activated = activated.relu_()
                 pooled, indices = _max_pool(_as_pooled(activated), pool)
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
@@ -820,9 +772,17 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_activation: Tensor | None = None):
-        if torch.is_grad_enabled():  # create_graph=True
-            return _ConvBnReluMaxPool._differentiable_backward(ctx, grad_output, grad_activation)
         stage: _Stage = ctx.stage
+        if torch.is_grad_enabled():  # create_graph=True (see _differentiate)
+
+            def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
+                conv_output = _conv(_to(x, ctx.compute_dtype), _to(conv_weight, ctx.compute_dtype), stage)
+                activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
+                pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
+                return [pooled] if grad_activation is None else [pooled, activated]
+
+            out_grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
+            return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, out_grads)
         x, conv_weight, norm_weight, norm_bias, first, second, *positions = ctx.saved_tensors
         channels = conv_weight.shape[0]
         needs = ctx.needs_input_grad[3:]
@@ -838,7 +798,8 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 pooled_input = _as_pooled(activated)
                 indices = _flat_indices(positions[index], pooled_input.shape[2:], ctx.pool)
                 grad_part = _as_pooled(grad_output[:, part]).to(activated.dtype)
-                grad = _max_pool_backward(grad_part, pooled_input, ctx.pool, indices).view_as(activated)
+                max_pool_backward = getattr(torch.ops.aten, f"max_pool{pooled_input.dim() - 2}d_with_indices_backward")
+                grad = max_pool_backward(grad_part, pooled_input, *astuple(ctx.pool), indices).view_as(activated)
                 del indices, pooled_input
                 if grad_activation is not None:
                     grad += grad_activation[:, part]
@@ -869,17 +830,3 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
         grads += [norm_weight_grads, norm_bias_grads]
         wanted = (x, conv_weight, norm_weight, norm_bias)
         return None, None, None, *(_cat(g).to(t.dtype) if g else None for g, t in zip(grads, wanted, strict=True))
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_output: Tensor, grad_activation: Tensor | None) -> tuple[Tensor | None, ...]:
-        """Backward that autograd can differentiate again (see :func:`_differentiate`)."""
-        stage, dtype = ctx.stage, ctx.compute_dtype
-
-        def recompute(x: Tensor, conv_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> list[Tensor]:
-            conv_output = _conv(_to(x, dtype), _to(conv_weight, dtype), stage)
-            activated = _norm(conv_output, norm_weight, norm_bias, stage, update_running_stats=False)[0].relu()
-            pooled = _max_pool(_as_pooled(activated), ctx.pool)[0].view_as(grad_output)
-            return [pooled] if grad_activation is None else [pooled, activated]
-
-        grads = [grad_output] if grad_activation is None else [grad_output, grad_activation]
-        return None, None, None, *_differentiate(ctx, [stage], ctx.saved_tensors[:4], 3, recompute, grads)
