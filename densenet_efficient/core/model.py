@@ -353,15 +353,16 @@ def _checked_input(x: Tensor, in_chans: int, min_input_size: int, spatial_dims: 
     if not torch.jit.is_scripting():
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a Tensor of shape {expected}, got {type(x).__name__}")
-    shape = "(" + ", ".join([str(size) for size in x.shape]) + ")"
     if not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}: convert "
             "images with x.float() / 255 and normalise them (densenet_efficient.transforms does both)"
         )
-    if x.dim() != spatial_dims + 2 or x.shape[1] != in_chans:
-        raise ValueError(f"expected input of shape {expected}, got {shape}")
-    if min(x.shape[2:]) < min_input_size:
+    wrong_shape = x.dim() != spatial_dims + 2 or x.shape[1] != in_chans
+    if wrong_shape or min(x.shape[2:]) < min_input_size:
+        shape = "(" + ", ".join([str(size) for size in x.shape]) + ")"  # only when refused: no guard on sizes
+        if wrong_shape:
+            raise ValueError(f"expected input of shape {expected}, got {shape}")
         raise ValueError(
             f"input of shape {shape} is too small: this network needs every side ({axes}) of at least {min_input_size}"
         )
