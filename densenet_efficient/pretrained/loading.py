@@ -273,9 +273,20 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
     full = {**architecture(name), **args}
     try:
-        _check_bounds(full)
+        blocks = full.get("block_config")  # bounds: a network too big to be a DenseNet anyone trains
+        if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
+            raise ValueError(f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS})")
+        layers = sum(blocks) if isinstance(blocks, tuple) and all(is_int(n) for n in blocks) else 0
+        if layers > _MAX_LAYERS:
+            raise ValueError(f"block_config {blocks} asks for {layers} layers (at most {_MAX_LAYERS})")
+        bounds = {"growth_rate": _MAX_WIDTH, "num_init_features": _MAX_WIDTH, "in_chans": MAX_CHANNELS}
+        for key, bound in (bounds | {"num_classes": MAX_CLASSES}).items():
+            if is_int(full.get(key)) and full[key] > bound:
+                raise ValueError(f"{key}={full[key]} is beyond the bound of {bound}")
+        growth, bn_size = full.get("growth_rate"), full.get("bn_size")
+        if is_int(growth) and is_int(bn_size) and bn_size * growth > _MAX_WIDTH:
+            raise ValueError(f"bn_size * growth_rate = {bn_size * growth} is beyond the bound of {_MAX_WIDTH}")
         if args:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
-            blocks = full["block_config"]
             bad = tuple(n for n in blocks if not is_int(n) or n < 1) if isinstance(blocks, tuple) else blocks
             with torch.device("meta"):
                 DenseNet(**{**full, "block_config": bad or (1,)}, efficient=False)
@@ -287,24 +298,6 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
             f"{where}: invalid model_args: {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
         )
     return args
-
-
-def _check_bounds(args: Mapping[str, Any]) -> None:
-    """``ValueError`` for a network too big to be a DenseNet anyone trains, before anything is built."""
-    blocks = args.get("block_config")
-    if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
-        raise ValueError(f"block_config has {len(blocks)} dense blocks (at most {_MAX_BLOCKS})")
-    layers = sum(blocks) if isinstance(blocks, tuple) and all(isinstance(n, int) for n in blocks) else 0
-    if layers > _MAX_LAYERS:
-        raise ValueError(f"block_config {blocks} asks for {layers} layers (at most {_MAX_LAYERS})")
-    bounds = {"growth_rate": _MAX_WIDTH, "num_init_features": _MAX_WIDTH, "in_chans": MAX_CHANNELS}
-    for key, bound in (bounds | {"num_classes": MAX_CLASSES}).items():
-        value = args.get(key)
-        if is_int(value) and value > bound:
-            raise ValueError(f"{key}={value} is beyond the bound of {bound}")
-    growth, bn_size = args.get("growth_rate"), args.get("bn_size")
-    if isinstance(growth, int) and isinstance(bn_size, int) and bn_size * growth > _MAX_WIDTH:
-        raise ValueError(f"bn_size * growth_rate = {bn_size * growth} is beyond the bound of {_MAX_WIDTH}")
 
 
 def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
@@ -395,7 +388,23 @@ def load_state_dict_into(
     conv, target = state_dict.get(_FIRST_CONV), expected.get(_FIRST_CONV)
     if conv is not None and target is not None and conv.dim() == target.dim() and conv.shape[0] == target.shape[0]:
         state_dict[_FIRST_CONV] = adapt_input_conv(target.shape[1], conv)
-    skipped = _skip_other_classifier(expected, state_dict, source)
+    ours, theirs = expected.get("classifier.weight"), state_dict.get("classifier.weight")
+    classes = [0 if w is None else w.shape[0] for w in (ours, theirs)]
+    skipped = _CLASSIFIER_KEYS if classes[0] != classes[1] else ()
+    if skipped and ours is not None and theirs is not None:  # a classifier for other features is no fine-tuning head
+        bias_shape = getattr(state_dict.get("classifier.bias"), "shape", theirs.shape[:1])
+        if theirs.dim() != 2 or theirs.shape[1] != ours.shape[1] or bias_shape != theirs.shape[:1]:
+            raise IncompatibleWeightsError(
+                f"{source}: classifier.weight {tuple(theirs.shape)} (model: {tuple(ours.shape)}) is transposed or "
+                "for other features: only a (classes, features) classifier is replaced"
+            )
+    if skipped:
+        warnings.warn(
+            f"{source}: the weights have {classes[1]} classes, the model {classes[0]}: loaded everything but the "
+            "classifier (fine-tuning)",
+            stacklevel=3,
+        )
+        state_dict = {key: value for key, value in state_dict.items() if key not in _CLASSIFIER_KEYS}
     present = {*state_dict, *skipped}
     missing = [k for k in expected if k not in present and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
@@ -439,30 +448,3 @@ def _listing(what: str, keys: list[str], shown: int = 5) -> str:
     keys = sorted(keys, key=lambda key: key.endswith("num_batches_tracked"))  # the telling keys first
     more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
     return f"{len(keys)} {what}" + (f" ({', '.join(keys[:shown])}{more})" if keys else "")
-
-
-def _skip_other_classifier(
-    expected: Mapping[str, Tensor], state_dict: dict[str, Tensor], source: str
-) -> tuple[str, ...]:
-    """Drop (in place, with a warning) the weights' classifier when the model has another number of classes;
-    returns the dropped keys. A classifier for other features or transposed is refused: it is no fine-tuning head."""
-    ours, theirs = expected.get("classifier.weight"), state_dict.get("classifier.weight")
-    classes = [0 if w is None else w.shape[0] for w in (ours, theirs)]
-    if classes[0] == classes[1]:
-        return ()
-    bias = state_dict.get("classifier.bias")
-    if ours is not None and theirs is not None:
-        bad_bias = bias is not None and bias.shape != theirs.shape[:1]
-        if theirs.dim() != 2 or theirs.shape[1] != ours.shape[1] or bad_bias:
-            raise IncompatibleWeightsError(
-                f"{source}: classifier.weight {tuple(theirs.shape)} (model: {tuple(ours.shape)}) is transposed or "
-                "for other features: only a (classes, features) classifier is replaced"
-            )
-    warnings.warn(
-        f"{source}: the weights have {classes[1]} classes, the model {classes[0]}: loaded everything but the "
-        "classifier (fine-tuning)",
-        stacklevel=4,
-    )
-    for key in _CLASSIFIER_KEYS:
-        state_dict.pop(key, None)
-    return _CLASSIFIER_KEYS
