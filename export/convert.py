@@ -48,17 +48,6 @@ def torchvision_url(name: str, endpoint: str | None = None) -> str:
     return url.replace(TORCHVISION_URL_BASE, endpoint.rstrip("/"), 1) if endpoint else url
 
 
-def read_checkpoint(location: str) -> dict[str, torch.Tensor]:
-    """The state dict of a local path; of a URL, downloaded to torch.hub's cache, its sha256 checked against the
-    name's prefix (the bytes checked are the bytes read)."""
-    if not location.startswith(("http://", "https://")):
-        return read_state_dict(location)
-    prefix = _HASH_PREFIX.search(location)
-    if prefix is None:
-        raise SystemExit(f"{location}: a checkpoint URL must end in -<sha256 prefix>.pth, as torchvision's do")
-    return read_state_dict(*fetch_url_bytes(location, prefix.group(1)))
-
-
 def save_if_equal(
     model: DenseNet, reference: tuple[str, nn.Module], state: dict, size: int, out: Path, **meta: Any
 ) -> int:
@@ -102,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     location = torchvision_url(args.torchvision, args.endpoint) if args.torchvision else args.checkpoint
     name = args.model or f"{args.torchvision}_efficient"
-    state_dict = read_checkpoint(location)
+    is_url, prefix = location.startswith(("http://", "https://")), _HASH_PREFIX.search(location)
+    if is_url and prefix is None:
+        raise SystemExit(f"{location}: a checkpoint URL must end in -<sha256 prefix>.pth, as torchvision's do")
+    # a URL: downloaded to torch.hub's cache, its sha256 checked against the name's prefix on the bytes read
+    state_dict = read_state_dict(*fetch_url_bytes(location, prefix.group(1)) if is_url and prefix else (location,))
     classifier = state_dict.get("classifier.weight")
     model = create_model(name, **({} if classifier is None else {"num_classes": classifier.shape[0]}))
     model.load_state_dict(state_dict, strict=True)

@@ -51,29 +51,22 @@ def validate_manifest(manifest: Any, where: str | Path) -> None:
             raise ManifestError(f"{where}: the default tag of {model!r} is {tag!r}, which has no entry")
 
 
-def hub_facts(hub: dict[str, Any], *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
-    """The Hub's LFS ``sha256``, ``size`` and full-commit ``revision`` of an entry's file (its revision or main)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token)
-    revision = api.model_info(hub["repo_id"], revision=hub["revision"] or "main").sha
-    infos = api.get_paths_info(hub["repo_id"], hub["filename"], revision=revision)
-    if not infos:
-        raise FileNotFoundError(f"{hub['repo_id']} has no {hub['filename']} at {revision}")
-    lfs = infos[0].lfs
-    return {"sha256": lfs.sha256 if lfs else None, "size": infos[0].size, "revision": revision}
-
-
 def check_and_fill(manifest: dict[str, Any], keys: Sequence[str], fill: bool, **hub_options: Any) -> bool:
     """Print one line per entry; with ``fill``, put the Hub's values into empty fields. True if all agree."""
-    agree = True
+    from huggingface_hub import HfApi
+
+    agree, api = True, HfApi(**hub_options)
     for key in keys:
         hub = manifest["weights"][key]["hub"]
         if hub is None:
             print(f"{key}: no Hub file (URL source only)")
             continue
-        try:
-            facts = hub_facts(hub, **hub_options)
+        try:  # the Hub's LFS sha256, size and full-commit revision of the file (at its revision or main)
+            revision = api.model_info(hub["repo_id"], revision=hub["revision"] or "main").sha
+            if not (infos := api.get_paths_info(hub["repo_id"], hub["filename"], revision=revision)):
+                raise FileNotFoundError(f"{hub['repo_id']} has no {hub['filename']} at {revision}")
+            info = infos[0]
+            facts = {"sha256": info.lfs.sha256 if info.lfs else None, "size": info.size, "revision": revision}
         except Exception as error:  # any Hub error is this entry's failure; the others are still checked
             print(f"{key}: FAILED {type(error).__name__}: {str(error).splitlines()[0]}")
             agree = False
@@ -106,20 +99,15 @@ def table(manifest: dict[str, Any]) -> str:
         hub = entry["hub"]
         hub_cell = f"[{hub['repo_id']}](https://huggingface.co/{hub['repo_id']})" if hub else ""
         pinned = ", ".join(field for field in FIELDS if hub and hub[field] is not None) or "no"
-        url = entry["url"]
-        fallback = f"{url['url']} ({url_pinning(url)})" if url else ""
+        url, fallback = entry["url"], ""
+        if url:  # its whole sha256 pinned, or only the hash prefix in its name (torchvision's check)
+            pinning = f"only the {len(url['sha256_prefix'])}-hex-digit sha256 prefix in its name"
+            fallback = f"{url['url']} ({'sha256' if url['sha256'] else pinning})"
         rows.append(
             f"| `{key}` | {default} | {results} | {entry['license'] or 'unknown'} | {entry['source']} "
             f"| {hub_cell} | {pinned} | {fallback} |"
         )
     return "\n".join(rows)
-
-
-def url_pinning(url: dict[str, Any]) -> str:
-    """How a URL source is pinned: its whole sha256, or only the hash prefix in its name (torchvision's check)."""
-    if url["sha256"]:
-        return "sha256"
-    return f"only the {len(url['sha256_prefix'])}-hex-digit sha256 prefix in its name"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

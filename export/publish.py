@@ -21,26 +21,6 @@ from densenet_efficient.pretrained.loading import WEIGHTS_FILENAME
 from densenet_efficient.pretrained.saving import CARD_FILENAME
 
 
-def upload_files(folder: Path) -> list[str]:
-    """The files ``folder``'s card lists; ``SystemExit`` naming what is missing or what else the folder holds."""
-    card = folder / CARD_FILENAME
-    if not card.is_file():
-        raise SystemExit(f"{folder} has no {CARD_FILENAME}: write the folder with save_pretrained or export.convert")
-    from huggingface_hub import ModelCard
-
-    listed = list(ModelCard(card.read_text(encoding="utf-8")).data.to_dict().get("files", []))
-    if not listed:
-        raise SystemExit(f"{card} lists no files: write the folder with save_pretrained or export.convert")
-    present = {path.name for path in folder.iterdir()}
-    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
-    if missing or extra:
-        raise SystemExit(
-            f"{folder} must hold exactly the files its card lists ({', '.join(listed)}): missing {missing}, "
-            f"not listed {extra} (move them out)"
-        )
-    return listed
-
-
 def publish(
     folder: Path,
     repo_id: str,
@@ -51,9 +31,21 @@ def publish(
     message: str | None = None,
 ) -> str:
     """Upload the files ``folder``'s card lists to ``repo_id`` (created if missing) in one commit; returns it."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelCard
 
-    files = upload_files(folder)
+    card = folder / CARD_FILENAME  # exactly the files the card lists, checked before any request
+    if not card.is_file():
+        raise SystemExit(f"{folder} has no {CARD_FILENAME}: write the folder with save_pretrained or export.convert")
+    files = list(ModelCard(card.read_text(encoding="utf-8")).data.to_dict().get("files", []))
+    if not files:
+        raise SystemExit(f"{card} lists no files: write the folder with save_pretrained or export.convert")
+    present = {path.name for path in folder.iterdir()}
+    missing, extra = sorted(set(files) - present), sorted(present - set(files))
+    if missing or extra:
+        raise SystemExit(
+            f"{folder} must hold exactly the files its card lists ({', '.join(files)}): missing {missing}, "
+            f"not listed {extra} (move them out)"
+        )
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     message = message or f"Upload {folder.name} with densenet_efficient"
@@ -68,7 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", help="Hub token (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--message", help="commit message")
-    return parser.parse_args(argv)  # publish checks the folder before any request
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
