@@ -61,23 +61,6 @@ def _weights_reference(name: str, cfg: Mapping[str, Any]) -> str | None:
 _STRUCTURE_KEYS = ("pool_size", "test_pool_size", "min_input_size", "num_classes", "first_conv", "classifier")
 
 
-def _model_cfg(
-    model: DenseNet, timm_cfg: Mapping[str, Any], overlay: Mapping[str, Any], weights_loaded: bool
-) -> dict[str, Any]:
-    """``model.pretrained_cfg`` as timm sets it: timm's resolved one below what the loader read with the weights
-    (or above the network's structure), the overlay over all, adapted to the model."""
-    timm_keys = {key: value for key, value in timm_cfg.items() if value is not None and key != "state_dict"}
-    if weights_loaded:
-        cfg = {**timm_keys, **model.pretrained_cfg}
-    else:
-        cfg = {**model.pretrained_cfg, **{k: v for k, v in timm_keys.items() if k not in _STRUCTURE_KEYS}}
-    cfg.update({key: value for key, value in overlay.items() if key != "state_dict"})
-    cfg = adapt_cfg(cfg, model.in_chans, model.num_classes)
-    stem, block_config = model.config["stem"], model.config["block_config"]
-    assert isinstance(stem, str) and isinstance(block_config, tuple)
-    return check_pretrained_cfg(with_pool_sizes(cfg, stem, len(block_config)))
-
-
 def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
     def entrypoint(
         pretrained: bool = False,
@@ -105,9 +88,17 @@ def _timm_entrypoint(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
             model = create_model(name, weights=reference, cache_dir=cache_dir, **kwargs)
         if pretrained and reference is None:
             load_pretrained(model, cfg, model.num_classes, model.in_chans, cache_dir=cache_dir, strict=False)
-        model.pretrained_cfg = _model_cfg(
-            model, cfg, pretrained_cfg_overlay or {}, weights_loaded=reference is not None
-        )
+        # timm's resolved cfg below what the loader read with the weights, else over the network's but for its
+        # structure; the overlay over all; adapted to the model
+        timm_keys = {key: value for key, value in cfg.items() if value is not None and key != "state_dict"}
+        if reference is None:
+            merged = {**model.pretrained_cfg, **{k: v for k, v in timm_keys.items() if k not in _STRUCTURE_KEYS}}
+        else:
+            merged = {**timm_keys, **model.pretrained_cfg}
+        merged.update({k: v for k, v in (pretrained_cfg_overlay or {}).items() if k != "state_dict"})
+        merged = adapt_cfg(merged, model.in_chans, model.num_classes)
+        blocks = len(model.config["block_config"])
+        model.pretrained_cfg = check_pretrained_cfg(with_pool_sizes(merged, str(model.config["stem"]), blocks))
         model.pretrained_model_args = dict(pretrained_model_args or {})
         if dtype is not None:
             model.to(dtype=dtype)
