@@ -11,22 +11,15 @@ import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402
 import warnings as _warnings  # noqa: E402
 
-
-def _warn_if_another_copy_is_imported() -> None:
-    """Python reuses a ``densenet_efficient`` already imported from elsewhere: say so, naming both folders."""
-    imported = _sys.modules.get("densenet_efficient")
-    if imported is None:
-        return
-    here = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "densenet_efficient")
-    there = _os.path.dirname(_os.path.abspath(getattr(imported, "__file__", None) or "?"))
-    if _os.path.realpath(there) != _os.path.realpath(here):
-        _warnings.warn(
-            f"densenet_efficient is already imported from {there}, not {here}: load from a fresh Python process",
-            stacklevel=3,
-        )
-
-
-_warn_if_another_copy_is_imported()
+# Python reuses a densenet_efficient already imported from elsewhere: say so, naming both folders.
+_imported = _sys.modules.get("densenet_efficient")
+_here = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "densenet_efficient")
+_there = _os.path.dirname(_os.path.abspath(getattr(_imported, "__file__", None) or "?"))
+if _imported is not None and _os.path.realpath(_there) != _os.path.realpath(_here):
+    _warnings.warn(
+        f"densenet_efficient is already imported from {_there}, not {_here}: load from a fresh Python process",
+        stacklevel=2,
+    )
 
 from densenet_efficient.core.registry import entrypoints as _entrypoints  # noqa: E402
 from densenet_efficient.models import cifar_densenet  # noqa: E402, F401  (any CIFAR depth; registers the models)
