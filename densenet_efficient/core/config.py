@@ -91,16 +91,8 @@ CIFAR10 = InputCfg((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.261
 CIFAR100 = InputCfg((3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 1.0)
 
 
-def feature_side(side: int, stem: str, num_blocks: int) -> int:
-    """Side of the final feature map for an input of side ``side``: the ImageNet stem halves it twice (7x7/2
-    conv, 3x3/2 max-pool, both rounding up), each transition halves it (rounding down)."""
-    if stem == "imagenet":
-        side = -(-side // 4)
-    return side // 2 ** (num_blocks - 1)
-
-
 def min_input_side(stem: str, num_blocks: int) -> int:
-    """Smallest input side that leaves a final feature map of side 1 (closed form of :func:`feature_side`)."""
+    """Smallest input side that leaves a final feature map of side 1 (see :func:`with_pool_sizes`)."""
     reduction = 2 ** (num_blocks - 1)
     return 4 * reduction - 3 if stem == "imagenet" else reduction
 
@@ -136,12 +128,14 @@ def architecture_cfg(
 
 
 def with_pool_sizes(cfg: Mapping[str, Any], stem: str, num_blocks: int) -> dict[str, Any]:
-    """``cfg`` with ``pool_size``/``test_pool_size`` those of its ``input_size``/``test_input_size``."""
-    updated = dict(cfg)
+    """``cfg`` with ``pool_size``/``test_pool_size`` those of its ``input_size``/``test_input_size``: the ImageNet
+    stem halves a side twice (7x7/2 conv, 3x3/2 max-pool, both rounding up), each transition halves it (down)."""
+    updated, first = dict(cfg), 4 if stem == "imagenet" else 1
     for size_key, pool_key in (("input_size", "pool_size"), ("test_input_size", "test_pool_size")):
         updated.pop(pool_key, None)
         if updated.get(size_key) is not None:
-            updated[pool_key] = tuple(feature_side(side, stem, num_blocks) for side in tuple(updated[size_key])[1:])
+            sides = tuple(updated[size_key])[1:]
+            updated[pool_key] = tuple(-(-side // first) // 2 ** (num_blocks - 1) for side in sides)
     return updated
 
 

@@ -15,16 +15,6 @@ from ..core.config import InputCfg
 from .manifest import PretrainedCfg
 
 
-def input_cfg(model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg | InputCfg) -> InputCfg:
-    """The :class:`InputCfg` of a model (its ``pretrained_cfg``), a ``pretrained_cfg`` dict or a manifest entry."""
-    if isinstance(model_or_cfg, InputCfg | PretrainedCfg):
-        return model_or_cfg if isinstance(model_or_cfg, InputCfg) else model_or_cfg.input
-    cfg = getattr(model_or_cfg, "pretrained_cfg", None) if isinstance(model_or_cfg, nn.Module) else model_or_cfg
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"expected a model, a pretrained_cfg dict or a PretrainedCfg, got {type(cfg).__name__}")
-    return InputCfg.from_dict(cfg)
-
-
 def transforms(
     model_or_cfg: nn.Module | Mapping[str, Any] | PretrainedCfg | InputCfg,
     training: bool = False,
@@ -32,10 +22,14 @@ def transforms(
     use_test_size: bool = False,
 ) -> Any:
     """The transform (PIL image or uint8 (C, H, W) tensor -> normalised float32 (C, H, W)) for ``model_or_cfg``
-    (see :func:`input_cfg`): for evaluation, resize to ``size / crop_pct`` and centre-crop (timm's
+    (a model: its ``pretrained_cfg``): for evaluation, resize to ``size / crop_pct`` and centre-crop (timm's
     ``create_transform``); ``training``: random resized crop and flip. ``use_test_size``: at ``test_input_size``/
     ``test_crop_pct`` where given. 1 channel: grayscale. Volumes and signals: a :class:`ResizeNormalize`."""
-    cfg = input_cfg(model_or_cfg)
+    found: Any = model_or_cfg.input if isinstance(model_or_cfg, PretrainedCfg) else model_or_cfg
+    found = getattr(found, "pretrained_cfg", None) if isinstance(found, nn.Module) else found
+    if not isinstance(found, InputCfg | Mapping):
+        raise TypeError(f"expected a model, a pretrained_cfg dict or a PretrainedCfg, got {type(found).__name__}")
+    cfg = found if isinstance(found, InputCfg) else InputCfg.from_dict(found)
     channels, *sides = (use_test_size and cfg.test_input_size) or cfg.input_size
     crop_pct = (use_test_size and cfg.test_crop_pct) or cfg.crop_pct
     if len(sides) != 2:
