@@ -44,7 +44,8 @@ _TIMM_KEYS |= {"label_names", "label_descriptions"}
 _OWN_KEYS = {*_TIMM_KEYS, FORMAT_KEY, "weights_sha256"}
 # timm's DenseNets of this layout; timm arguments accepted only at timm's default (memory_efficient at any value).
 TIMM_DENSENETS = {f"densenet{n}": f"densenet{n}_efficient" for n in (121, 169, 201, 161)}
-_TIMM_SHARED_ARGS = ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")
+_TIMM_ARGS = {key: key for key in ("growth_rate", "block_config", "num_classes", "in_chans", "bn_size")}
+_TIMM_ARGS["proj_drop_rate"] = "drop_rate"
 _TIMM_DEFAULT_ONLY: dict[str, Any] = dict(global_pool="avg", stem_type="", act_layer="relu", norm_layer="batchnorm2d")
 _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
@@ -226,8 +227,18 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
     raw = config.get("model_args", {})
     if not isinstance(raw, dict):
         raise InvalidConfigError(f"{where}: 'model_args' must be an object, got {json.dumps(raw)}")
-    pool = {"global_pool": config["global_pool"]} if "global_pool" in config else {}
-    args = dict(raw) if ours else _timm_model_args(name, pool | raw, where)
+    args = dict(raw)
+    if not ours:  # timm's: shared names kept, others only at timm's default, a stem of 2 * growth_rate (stem_type='')
+        settings = ({"global_pool": config["global_pool"]} if "global_pool" in config else {}) | raw
+        args = {_TIMM_ARGS[key]: value for key, value in settings.items() if key in _TIMM_ARGS}
+        for key, value in settings.items():
+            if key in _TIMM_ARGS or (key == "memory_efficient" and isinstance(value, bool)):
+                continue
+            if key not in _TIMM_DEFAULT_ONLY or value != _TIMM_DEFAULT_ONLY[key]:
+                why = "is not supported by" if key in _TIMM_DEFAULT_ONLY else "has no counterpart in"
+                raise InvalidConfigError(f"{where}: timm argument {key}={value!r} {why} {name}")
+        if is_int(growth_rate := args.get("growth_rate", architecture(name).get("growth_rate", 32))):
+            args["num_init_features"] = 2 * growth_rate
     if marker is None:
         args.pop("efficient", None)  # timm records every create_model argument; the memory mode is no weight
     if "num_classes" in config and config["num_classes"] != args.setdefault("num_classes", config["num_classes"]):
@@ -244,25 +255,6 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
         raise InvalidConfigError(f"{where}: {error}") from None
     cfg = {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCE_KEYS} | {"architecture": name}
     return check_model_args(name, args, where), cfg
-
-
-def _timm_model_args(name: str, settings: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """timm DenseNet arguments -> this model's: shared names kept, ``proj_drop_rate`` -> ``drop_rate``, a stem of
-    ``2 * growth_rate`` (timm's ``stem_type=''``); the others only at timm's default."""
-    args: dict[str, Any] = {key: settings[key] for key in _TIMM_SHARED_ARGS if key in settings}
-    if "proj_drop_rate" in settings:
-        args["drop_rate"] = settings["proj_drop_rate"]
-    for key, value in settings.items():
-        if key in (*_TIMM_SHARED_ARGS, "proj_drop_rate") or (key == "memory_efficient" and isinstance(value, bool)):
-            continue
-        if key not in _TIMM_DEFAULT_ONLY:
-            raise InvalidConfigError(f"{where}: timm argument {key}={value!r} has no counterpart in {name}")
-        if value != _TIMM_DEFAULT_ONLY[key]:
-            raise InvalidConfigError(f"{where}: timm argument {key}={value!r} is not supported by {name}")
-    growth_rate = args.get("growth_rate", architecture(name).get("growth_rate", 32))
-    if isinstance(growth_rate, int) and not isinstance(growth_rate, bool):
-        args["num_init_features"] = 2 * growth_rate
-    return args
 
 
 def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> dict[str, Any]:
