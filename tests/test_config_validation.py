@@ -177,14 +177,20 @@ def test_timm_repo_on_the_hub_loads(timm_small, loopback_hub, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key, value", [("global_pool", "max"), ("stem_type", "deep"), ("act_layer", "gelu"), ("aa_layer", "blurpool")]
+    "key, value, why",
+    [("global_pool", "max", "not supported"), ("stem_type", "deep", "not supported")]
+    + [
+        ("act_layer", "gelu", "not supported"),
+        ("aa_layer", "blurpool", "not supported"),
+        ("zoom", 2, "no counterpart"),
+    ],
 )
-def test_timm_argument_off_its_default_is_refused(timm_small, tmp_path, key, value):
+def test_timm_argument_off_its_default_is_refused(timm_small, tmp_path, key, value, why):
     _, folder = timm_small
     for path in folder.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
     edit_config(tmp_path / "config.json", lambda c: c["model_args"].update({key: value}))
-    with pytest.raises(de.InvalidConfigError, match=f"{key}={value!r}.*not supported.*densenet121_efficient"):
+    with pytest.raises(de.InvalidConfigError, match=f"{key}={value!r} .*{why}.*densenet121_efficient"):
         de.create_model("densenet121_efficient", weights=str(tmp_path))
 
 
