@@ -130,11 +130,9 @@ def manifest_path() -> Path:
 def load_manifest() -> dict[str, Any]:
     """The manifest: ``{"version": 1, "default_tags": {model: tag}, "weights": {"model.tag": entry}}``."""
     path = manifest_path()
-    try:
+    try:  # read_regular_file raises ManifestError itself, but for a missing file
         manifest = json.loads(read_regular_file(path, 16 * 2**20, ManifestError))
-    except (OSError, ValueError) as error:
-        if isinstance(error, ManifestError):
-            raise
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or not {"default_tags", "weights"} <= set(manifest):
         raise ManifestError(f"{path}: a weights manifest is an object with 'default_tags' and 'weights'")

@@ -125,14 +125,9 @@ def config_json(
             f"save_pretrained: input_size {inputs.input_size} and {len(inputs.label_names or ())} label_names do not "
             f"fit a model of {in_chans} input channels and {cfg['num_classes']} classes"
         )
-    config = {
-        FORMAT_KEY: CONFIG_FORMAT,
-        "architecture": name,
-        "model_args": args,
-        "num_classes": args.get("num_classes"),
-    }
+    config: dict[str, Any] = dict(architecture=name, model_args=args, num_classes=args.get("num_classes"))
     config.update(num_features=getattr(model, "num_features", None), global_pool=args.get("global_pool", "avg"))
-    config["pretrained_cfg"] = json.loads(json.dumps(cfg))
+    config |= {FORMAT_KEY: CONFIG_FORMAT, "pretrained_cfg": json.loads(json.dumps(cfg))}
     return config | ({"weights_sha256": weights_sha256} if weights_sha256 else {})
 
 
