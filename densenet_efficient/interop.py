@@ -22,23 +22,6 @@ from .pretrained.manifest import load_manifest, weights_entry
 _ENTRYPOINT_MODULE = "densenet_efficient"
 
 
-def timm_default_cfgs(names: list[str]) -> dict[str, Any]:
-    """timm's ``default_cfgs`` for ``names``: each one's manifest tags (default first), else its architecture's."""
-    from timm.models import generate_default_cfgs
-
-    manifest = load_manifest()
-    cfgs: dict[str, Any] = {}
-    for name in names:
-        tags = sorted(key.split(".", 1)[1] for key in manifest["weights"] if key.split(".", 1)[0] == name)
-        default = manifest["default_tags"].get(name)
-        for tag in sorted(tags, key=lambda tag: tag != default):
-            cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
-        if not tags:  # the architecture's own, from its network on the meta device
-            with torch.device("meta"):
-                cfgs[name] = create_model(name, efficient=False).pretrained_cfg
-    return generate_default_cfgs(cfgs)
-
-
 def _weights_reference(name: str, cfg: Mapping[str, Any]) -> str | None:
     """What this package's loader reads for timm's resolved ``pretrained_cfg``, in timm's order of sources; ``None``:
     timm's ``load_pretrained`` reads it (``state_dict``, ``url``, another Hub file name)."""
@@ -116,11 +99,19 @@ def register_with_timm(pattern: str = "*") -> list[str]:
     manifest's weights (checksums checked), ``"local-dir:FOLDER"``/``"hf-hub:org/name"`` a ``save_pretrained`` (or
     ``save_for_hf``) set; ``pretrained_cfg``, ``pretrained_cfg_overlay`` and ``pretrained_model_args`` act as on
     timm's models, and ``timm.list_pretrained``/``get_pretrained_cfg_value``/``resolve_data_config`` see them."""
-    from timm.models import register_model
+    from timm.models import generate_default_cfgs, register_model
 
-    names = registry.list_models(pattern)
+    names, manifest, cfgs = registry.list_models(pattern), load_manifest(), dict[str, Any]()
+    for name in names:  # each one's manifest tags (default first), else its architecture's (built on meta)
+        tags = sorted(key.split(".", 1)[1] for key in manifest["weights"] if key.split(".", 1)[0] == name)
+        default = manifest["default_tags"].get(name)
+        for tag in sorted(tags, key=lambda tag: tag != default):
+            cfgs[f"{name}.{tag}{'*' if tag == default else ''}"] = weights_entry(name, tag).model_cfg()
+        if not tags:
+            with torch.device("meta"):
+                cfgs[name] = create_model(name, efficient=False).pretrained_cfg
     package = sys.modules[_ENTRYPOINT_MODULE]
-    package.default_cfgs = {**getattr(package, "default_cfgs", {}), **timm_default_cfgs(names)}  # type: ignore[attr-defined]
+    package.default_cfgs = {**getattr(package, "default_cfgs", {}), **generate_default_cfgs(cfgs)}  # type: ignore[attr-defined]
     for name in names:
         with warnings.catch_warnings():  # timm warns when a name is registered again
             warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")

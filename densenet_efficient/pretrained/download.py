@@ -215,11 +215,9 @@ def fetch_manifest_weights(
     if hub:
         if not hub.sha256:
             warnings.warn(f"{key} is not pinned: checked against the Hub's own LFS sha256 only", stacklevel=2)
+        options: dict[str, Any] = dict(revision=hub.revision, sha256=hub.sha256, size=hub.size)
         try:
-            options: dict[str, Any] = dict(
-                revision=hub.revision, sha256=hub.sha256, cache_dir=cache_dir, endpoint=endpoint
-            )
-            return fetch_hub_bytes(hub.repo_id, hub.filename, size=hub.size, **options)
+            return fetch_hub_bytes(hub.repo_id, hub.filename, cache_dir=cache_dir, endpoint=endpoint, **options)
         except WeightsNotAvailableError as error:
             failures.append(str(error))
             why = "the Hub copy is not available"

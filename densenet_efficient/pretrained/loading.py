@@ -156,8 +156,7 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
     """A file, or a folder's ``model.safetensors``/``pytorch_model.bin``, and the ``config.json`` beside it, each
     read once. A ``weights_sha256`` in the config seals the set: another file (a save running or cut) is refused."""
     folder, file = (path, None) if path.is_dir() else (path.parent, path)
-    if file is None:
-        file = next((f for f in (folder / WEIGHTS_FILENAME, folder / TORCH_WEIGHTS_FILENAME) if f.exists()), None)
+    file = file or next((f for f in (folder / WEIGHTS_FILENAME, folder / TORCH_WEIGHTS_FILENAME) if f.exists()), None)
     if file is None or not file.exists():
         raise FileNotFoundError(
             f"file not found: {file or folder / WEIGHTS_FILENAME}; pass a tag of {name!r}, a file, a saved folder or "
@@ -361,12 +360,10 @@ def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
         raise IncompatibleWeightsError(
             f"cannot adapt a first convolution of {weight.shape[1]} input channels to {in_chans}: only 3"
         )
-    adapted = weight.float()
     if in_chans == 1:
-        adapted = adapted.sum(dim=1, keepdim=True)
-    else:
-        adapted = adapted.repeat(1, math.ceil(in_chans / 3), *(1,) * (weight.dim() - 2))[:, :in_chans] * (3 / in_chans)
-    return adapted.to(weight.dtype)
+        return weight.float().sum(dim=1, keepdim=True).to(weight.dtype)
+    repeats = (1, math.ceil(in_chans / 3), *(1,) * (weight.dim() - 2))
+    return (weight.float().repeat(repeats)[:, :in_chans] * (3 / in_chans)).to(weight.dtype)
 
 
 def load_state_dict_into(
