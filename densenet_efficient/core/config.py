@@ -105,10 +105,9 @@ def architecture_cfg(
     num_blocks: int = 4,
     architecture: str | None = None,
 ) -> dict[str, Any]:
-    """``model.pretrained_cfg`` of a network without weights: the input its stem was designed for (CIFAR's 32 px
-    images or ImageNet's 224 px crops with their statistics, the channel average for other channel counts; signals
-    (224 or 32 long) and volumes (side :data:`VOLUME_SIZE` or 32) normalised: mean 0, std 1, as MONAI's intensity
-    transforms leave them) and what the network determines (``pool_size``, ``min_input_size``, ``first_conv``...)."""
+    """``model.pretrained_cfg`` of a network without weights: the input its stem was designed for (CIFAR's 32 px or
+    ImageNet's 224 px images, their statistics averaged for other channel counts; signals and volumes of mean 0, std 1
+    as MONAI's transforms leave them) and what the network determines (``pool_size``, ``first_conv``...)."""
     inputs = CIFAR10 if stem == "cifar" else IMAGENET
     if spatial_dims != 2:
         side = VOLUME_SIZE if spatial_dims == 3 and stem == "imagenet" else inputs.input_size[-1]
