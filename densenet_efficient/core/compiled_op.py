@@ -238,10 +238,8 @@ def _chain_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     computed = iter(_chain_backward_op(grads[0], list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
     gradients = [next(computed) if needed else None for needed in ctx.needs]
     present = ctx.chain_present
-    result = list(ctx.no_gradients)
-    result[0] = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
-    result[2] = gradients[len(present) :]
-    return tuple(result)
+    param_grads = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
+    return param_grads, ctx.no_gradients[1], gradients[len(present) :], *ctx.no_gradients[3:]
 
 
 _chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)

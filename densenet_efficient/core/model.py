@@ -384,13 +384,10 @@ def _global_pool(x: Tensor, pool_type: str) -> Tensor:
     if kind == "":
         return x
     flat = x.flatten(2)
-    if kind == "avg":
-        return flat.mean(2)
-    if kind == "max":
-        return flat.amax(2)
-    if kind == "catavgmax":
-        return torch.cat([flat.mean(2), flat.amax(2)], 1)
-    return 0.5 * (flat.mean(2) + flat.amax(2))
+    if kind == "avg" or kind == "max":
+        return flat.mean(2) if kind == "avg" else flat.amax(2)
+    pooled = [flat.mean(2), flat.amax(2)]
+    return torch.cat(pooled, 1) if kind == "catavgmax" else 0.5 * (pooled[0] + pooled[1])
 
 
 def _check_pool(global_pool: object, num_classes: int) -> str:
