@@ -740,7 +740,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
     def forward(ctx, stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor) -> Any:
         conv_weight, norm_weight, norm_bias = params
         compute_dtype = autocast_dtype(x.device.type)
-        pooled_parts, positions, means, seconds = [], [], [], []
+        pooled_parts, positions, statistics = [], [], []
         activation: Tensor | None = None
         channels = conv_weight.shape[0]
         with autocast_off(x.device.type):
@@ -756,8 +756,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
                 del indices, conv_output
                 pooled_parts.append(pooled)
-                means.append(first)
-                seconds.append(second)
+                statistics.append((first, second))
                 if keep_activation:
                     if activation is None:
                         activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
@@ -766,7 +765,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             output = torch.cat(pooled_parts, 1)
         del pooled_parts
         ctx.stage, ctx.pool, ctx.compute_dtype = stage, pool, compute_dtype
-        ctx.save_for_backward(x, *params, torch.cat(means), torch.cat(seconds), *positions)
+        ctx.save_for_backward(x, *params, *(torch.cat(s) for s in zip(*statistics, strict=True)), *positions)
         output = output.squeeze(2) if x.dim() == 3 else output
         return output if activation is None else (output, activation)
 
