@@ -322,13 +322,11 @@ def _concat_bn_relu_backward(
     compute_dtype: torch.dtype | None,
     runs: Sequence[tuple[int, int]],
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
-    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
-
-    Run by run of :func:`_chunks`, ``a`` of the run's channels is recomputed and handed to ``activation_grad(a,
-    run)``, which takes what it needs (a weight gradient) and returns a new tensor, the gradient for ``a``; ReLU's
-    backward is written over it, and batch norm's backward turns it into each piece's gradient. The transients
-    are two runs wide. Synchronized batch norms (one run) take one backward of the concatenation: one collective.
-    """
+    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias. Run
+    by run of :func:`_chunks`, ``a`` is recomputed and handed to ``activation_grad(a, run)``, which takes what it
+    needs (a weight gradient) and returns a new tensor, the gradient for ``a``: ReLU's backward is written over it,
+    then batch norm's gives each piece's. The transients are two runs wide. Synchronized batch norms (one run) take
+    one backward of the concatenation: one collective."""
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
     widths = [sum(channels[first:last]) for first, last in runs]
@@ -433,12 +431,10 @@ def _act_weights(stages: Sequence[_Stage], weights: Sequence[Tensor | None]) -> 
 class _BnReluConvChain(torch.autograd.Function):
     """``conv_n(act_n(norm_n(... conv_1(act_1(norm_1(cat(inputs)))) ...)))``, each norm a batch norm (training or
     frozen), an instance norm or a group norm, each activation a ReLU or another of :data:`.eligibility.ACTIVATIONS`.
-
-    Arguments of ``apply``: ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but
-    the last), ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of
-    each PReLU stage. Returns the last convolution's output. Stages other than batch norm and ReLU recompute
-    through :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once).
-    """
+    ``apply`` takes ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but the last),
+    ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of each PReLU
+    stage; returns the last convolution's output. Stages other than batch norm and ReLU recompute through
+    :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once)."""
 
     @staticmethod
     def forward(ctx, stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor) -> Tensor:
@@ -723,18 +719,16 @@ def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
 
 class _ConvBnReluMaxPool(torch.autograd.Function):
     """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
+    ``apply`` takes the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also return the
+    BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias; returns the pooled output, or
+    ``(pooled, activation)``.
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
     not plain autograd's int64 index); the input is referenced (the caller holds it anyway) and backward recomputes
     the convolution from it (1 or 3 input channels: a few percent of a step). Plain autograd stores 2.5 times the
     convolution's output. Both passes run by :func:`_channel_runs`, so the transients are a run's, except the
     convolution output's gradient, held whole when the input needs a gradient (one convolution backward over all
-    channels: plain autograd's order).
-
-    Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
-    return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
-    output, or ``(pooled, activation)``.
-    """
+    channels: plain autograd's order)."""
 
     @staticmethod
     def forward(ctx, stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor) -> Any:

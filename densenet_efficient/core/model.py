@@ -68,12 +68,10 @@ def layer_factory(spec: Any, kind: str, spatial_dims: int = 2) -> Callable[..., 
 class DenseLayer(nn.Module):
     """One dense layer: with a bottleneck (``bn_size > 0``) BN-ReLU-Conv1x1 to ``bn_size * growth_rate`` channels
     then BN-ReLU-Conv3x3 to ``growth_rate``, without one a single BN-ReLU-Conv3x3; dropout if ``drop_rate > 0``.
-
     Input: (N, in_channels, *spatial) or, as torchvision's ``_DenseLayer``, a list of (N, C_i, *spatial) maps with
     sum(C_i) == ``in_channels`` (concatenated, in the efficient modes only in backward). Output: (N, growth_rate,
     *spatial). Stored for backward: plain autograd keeps the concatenation and each BN-ReLU output;
-    ``efficient=True`` only the batch statistics and the bottleneck output; ``"max"`` only the statistics.
-    """
+    ``efficient=True`` only the batch statistics and the bottleneck output; ``"max"`` only the statistics."""
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
     qualified_name = ""  # where the layer is in its network (see _set_memory_mode), for messages
@@ -629,13 +627,11 @@ class DenseNet(_Backbone):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction).
-
-        ``indices`` as :func:`take_indices`. ``stop_early`` and ``intermediates_only`` stop after the last level
-        asked for; ``norm`` (the last level is normalised already) and ``output_fmt`` (``"NCHW"`` only) are timm's.
-        Returns the levels, or ``(final, levels)``, ``final`` as ``forward_features``. Training keeps the memory
-        mode's savings: the concatenations returned are outputs, not stored for backward.
-        """
+        """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction),
+        or ``(final, levels)``, ``final`` as ``forward_features``. ``indices`` as :func:`take_indices`. ``stop_early``
+        and ``intermediates_only`` stop after the last level asked for; ``norm`` (the last level is normalised
+        already) and ``output_fmt`` (``"NCHW"`` only) are timm's. Training keeps the memory mode's savings: the
+        concatenations returned are outputs, not stored for backward."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         taken, last = take_indices(len(self.feature_info), indices)
@@ -656,10 +652,8 @@ class DenseNet(_Backbone):
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
         """Drop the modules after the last level of ``indices`` (timm's semantics); returns the absolute indices.
-
         The classifier goes with ``prune_head``, and always when the final features go (``num_features`` and
-        ``head_hidden_size`` are then the last kept level's). ``prune_norm`` is accepted for timm's signature.
-        """
+        ``head_hidden_size`` are then the last kept level's). ``prune_norm`` is accepted for timm's signature."""
         taken, last = take_indices(len(self.feature_info), indices)
         end = self.feature_ends[last]
         pruned_end = end < len(self.features) - 1
