@@ -6,17 +6,12 @@ compilation :mod:`.efficient` calls ``torch.library.custom_op`` operators instea
 ``densenet_efficient::bn_relu_conv_chain`` for ``_BnReluConvChain`` (dense layers, transitions, the final norm)
 and ``densenet_efficient::conv_bn_relu_max_pool`` for ``_ConvBnReluMaxPool`` (the ImageNet stem). The compiler
 fuses around them but cannot see inside, and saves what ``setup_context`` saves: what the eager function saves.
-Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Forward and
-backward run the eager functions' own code on a stand-in context, so both paths compute the same values. All take
-their tensors in the layout inductor gives them (``flexible_layout``: no copy of a channels-last map per operator).
-
-Arguments are tensors and plain values (:func:`_stage_arguments`). Each returns its output(s), the updated running
-statistics (copies), then the tensors its forward saved that are not inputs (batch statistics, bottlenecks, window
-positions).
-
-Synchronized batch norms (their collectives cannot run inside an opaque operator) fall back to the traced
-function with a warning, ``torch.export`` without one (exported programs hold standard operators only); double
-backward of a compiled model is refused by ``torch.compile`` itself.
+Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Both run the
+eager functions' own code on a stand-in context (the same values) on tensors in the layout inductor gives them
+(``flexible_layout``: no copy of a channels-last map per operator). Arguments are tensors and plain values
+(:func:`_stage_arguments`); each returns its output(s), the updated running statistics (copies), then the tensors
+its forward saved that are not inputs. Synchronized batch norms and ``torch.export`` trace the function itself
+(:func:`_falls_back`); ``torch.compile`` refuses double backward of a compiled model.
 """
 
 from __future__ import annotations
@@ -95,8 +90,8 @@ def _stages(
 
 
 def _falls_back(stages: Sequence[_Stage]) -> bool:
-    """Whether ``stages`` run as the eager function, traced through: under ``torch.export``, and with a warning
-    for synchronized batch norms."""
+    """Whether ``stages`` run as the eager function, traced through: under ``torch.export`` (exported programs hold
+    standard operators only), and with a warning for synchronized batch norms (collectives need the trace)."""
     if torch.compiler.is_exporting():
         return True
     if any(stage.sync is not None for stage in stages):
