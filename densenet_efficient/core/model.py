@@ -513,15 +513,11 @@ class DenseNet(_Backbone):
         self.in_chans, self.spatial_dims, self.arch_name = in_chans, spatial_dims, arch_name
 
         conv = _layer("Conv", spatial_dims)
+        geometry = dict(kernel_size=7, stride=2, padding=3) if stem == "imagenet" else dict(kernel_size=3, padding=1)
+        stem_layers = [("conv0", conv(in_chans, num_init_features, **geometry, bias=False))]
         if stem == "imagenet":
-            stem_layers = [
-                ("conv0", conv(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", make_norm(num_init_features)),
-                ("relu0", make_act()),
-                ("pool0", _layer("MaxPool", spatial_dims)(kernel_size=3, stride=2, padding=1)),
-            ]
-        else:
-            stem_layers = [("conv0", conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
+            stem_layers += [("norm0", make_norm(num_init_features)), ("relu0", make_act())]
+            stem_layers.append(("pool0", _layer("MaxPool", spatial_dims)(kernel_size=3, stride=2, padding=1)))
         features = DenseFeatures(OrderedDict(stem_layers))
         num_features = num_init_features
         stage_args = (efficient, spatial_dims, make_norm, make_act)
