@@ -167,13 +167,8 @@ def _norm(
     if stage.norm == "group":
         return torch.native_group_norm(x.contiguous(), weight, bias, n, c, x[0, 0].numel(), stage.num_groups, stage.eps)
     if stage.norm == "batch" and stage.batch_stats:
-        out, first, second = (
-            batch_norm_train(
-                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
-            )
-            if update_running_stats
-            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
-        )
+        buffers = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
+        out, first, second = batch_norm_train(x, weight, bias, *buffers, stage.momentum, stage.eps, stage.sync)
         # The kernels give fp32 statistics for reduced-precision x, the fake kernel x's dtype (torch.compile)
         reduced = first.dtype in (torch.float16, torch.bfloat16)
         return (out, first.float(), second.float()) if reduced else (out, first, second)
