@@ -237,10 +237,9 @@ def _norm_act_backward(
     stage: _Stage,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Backward through ``a = act(norm(x))`` of any stage: ``a`` is recomputed (with a small graph for the
-    activation's own backward kernels) and handed to ``conv_grad``, which returns the gradient for it. ``params``:
-    the norm's weight and bias and the activation's weight; ``needs``: which of them need a gradient. Returns the
-    gradients of ``x`` and of ``params``."""
+    """Backward through ``a = act(norm(x))`` of any stage: ``a`` recomputed (a small graph for the activation's
+    backward kernels) and handed to ``conv_grad``, which returns its gradient. ``params``: norm weight and bias,
+    activation weight; ``needs``: which need a gradient. Returns the gradients of ``x`` and ``params``."""
     weight, bias, act_weight = params
     normalized = _renorm(x, weight, bias, saved, stage).requires_grad_()
     leaves = [normalized] + ([act_weight.detach().requires_grad_()] if needs[2] and act_weight is not None else [])
