@@ -452,14 +452,12 @@ class DenseNet(_Backbone):
         in_chans: input channels.
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (3x3 conv).
         efficient: ``False`` (plain autograd), ``True`` (recompute concatenation, BN and ReLU in backward) or
-            ``"max"`` (also the bottleneck convolution): the same outputs, gradients and batch-norm statistics,
-            different memory and time.
+            ``"max"`` (also the bottleneck convolution): the same outputs, gradients and BN statistics, less memory.
         arch_name: the registered name it was built as (``create_model`` sets it; saved with the weights).
         global_pool: timm's pooling before the classifier: ``"avg"`` (default), ``"max"``, ``"avgmax"`` (their
             mean), ``"catavgmax"`` (both, concatenated: ``2 * num_features`` wide), their ``"fast..."`` spellings,
             or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
-        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L) (MONAI's
-            ``DenseNet`` layout).
+        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L), as MONAI.
         norm: MONAI's (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``.
         act: MONAI's: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, a class or module.
             The memory-efficient function computes all of these norms and activations (docs/efficient-path.md).
