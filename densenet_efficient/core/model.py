@@ -118,10 +118,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers, each reading every feature map before it. ``forward``, as torchvision's and
-    MONAI's: (N, C, *spatial) (or a list of maps of C channels) -> (N, C + num_layers * growth_rate, *spatial), the
-    input and each layer's new features concatenated; :meth:`extend` returns them as a list (what
-    :class:`DenseFeatures` hands to the transition, so that no concatenation is stored for backward)."""
+    """``num_layers`` dense layers, each reading every feature map before it: (N, C, *spatial) (or a list of maps of
+    C channels) -> (N, C + num_layers * growth_rate, *spatial), as torchvision's and MONAI's; :meth:`extend` returns
+    the input and new features as a list (DenseFeatures passes it on: no concatenation stored for backward)."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, *args: Any):
         super().__init__()
