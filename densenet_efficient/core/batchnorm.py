@@ -46,12 +46,9 @@ def channel_view(x: Tensor) -> tuple[int, ...]:
 def sync_statistics(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, sync: SyncGroup
 ) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance of ``x`` (N, C, *spatial) over every process of ``sync``.
-
-    One collective: an all-gather of each process's (mean, biased variance, count), combined with the counts, so
-    processes may hold different batch sizes (even none). Updates the running statistics once, with the global
-    mean and the unbiased global variance, as ``nn.SyncBatchNorm`` does.
-    """
+    """Batch mean and biased variance of ``x`` (N, C, *spatial) over every process of ``sync``, by one all-gather
+    of each process's (mean, biased variance, count): batch sizes may differ (even be zero). Updates the running
+    statistics once, with the global mean and unbiased variance, as ``nn.SyncBatchNorm`` does."""
     channels, count = x.shape[1], x.numel() // x.shape[1]
     stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     if count:
@@ -89,10 +86,7 @@ def batch_norm_train(
     sync: SyncGroup | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm of ``x``: (output, per-channel batch mean, inverse std), running stats updated.
-
-    With ``sync``, the statistics are those of the batch of every process in the group (one collective), and
-    ``x`` is normalised with them by the inference kernel.
-    """
+    With ``sync``, the statistics of every process's batch (one collective), applied by the inference kernel."""
     if sync is None:
         if x.numel() == x.shape[1]:  # as nn.BatchNorm2d: a variance of one value would write NaN into running_var
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
@@ -113,11 +107,8 @@ def batch_norm_train_backward(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of training-mode batch norm for input, weight and bias (``None`` where not in ``output_mask``).
-
-    With ``sync``, the input gradient includes what every process's loss contributes through the shared statistics
-    (one all-reduce of the two per-channel sums and the count); weight and bias gradients stay per process, as in
-    ``nn.SyncBatchNorm``: data parallelism averages them.
-    """
+    With ``sync``, the input's includes every process's loss through the shared statistics (one all-reduce of the
+    two per-channel sums and the count); weight and bias gradients stay per process (DDP averages them)."""
     if sync is None:
         return torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, eps, list(output_mask)

@@ -6,18 +6,12 @@ compilation :mod:`.efficient` calls ``torch.library.custom_op`` operators instea
 ``densenet_efficient::bn_relu_conv_chain`` for ``_BnReluConvChain`` (dense layers, transitions, the final norm)
 and ``densenet_efficient::conv_bn_relu_max_pool`` for ``_ConvBnReluMaxPool`` (the ImageNet stem). The compiler
 fuses around them but cannot see inside, and saves what ``setup_context`` saves: what the eager function saves.
-Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Forward and
-backward run the eager functions' own code on a stand-in context, so both paths compute the same values. All take
-their tensors in the layout inductor gives them (``flexible_layout``: no copy of a channels-last map per operator).
-
-Arguments are tensors and plain values: parameters, feature maps, running statistics (those a training norm
-updates, returned updated as copies, and those an eval-mode norm reads), and per stage its kind, pooling,
-momentum, eps, convolution geometry and groups. Each returns its output(s), the updated running statistics, then
-the tensors its forward saved that are not inputs (batch statistics, kept bottlenecks, window positions).
-
-Synchronized batch norms (their collectives cannot run inside an opaque operator) fall back to the traced
-function with a warning, ``torch.export`` without one (exported programs hold standard operators only); double
-backward of a compiled model is refused by ``torch.compile`` itself.
+Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Both run the
+eager functions' own code on a stand-in context (the same values) on tensors in the layout inductor gives them
+(``flexible_layout``: no copy of a channels-last map per operator). Arguments are tensors and plain values
+(:func:`_stage_arguments`); each returns its output(s), the updated running statistics (copies), then the tensors
+its forward saved that are not inputs. Synchronized batch norms and ``torch.export`` trace the function itself
+(:func:`_falls_back`); ``torch.compile`` refuses double backward of a compiled model.
 """
 
 from __future__ import annotations
@@ -37,9 +31,7 @@ _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, t
 _TRAIN_UNTRACKED = 1  # batch statistics, no running statistics (training without tracking; eval without them)
 _FROZEN = 2  # running statistics read (eval mode)
 
-# Where each tensor an eager function's forward saves comes from, by the operator's structure (the key): ("input",
-# i), the i-th operator input it may save (``_save_layout``), or ("extra", j), the j-th extra output. Recorded by
-# the forward (real or fake, which runs first) for setup_context: the functions save by structure, not values.
+# By the operator's structure, where each tensor its forward saves comes from (see _save_layout).
 _LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 
 
@@ -98,8 +90,8 @@ def _stages(
 
 
 def _falls_back(stages: Sequence[_Stage]) -> bool:
-    """Whether ``stages`` run as the eager function, traced through: under ``torch.export``, and with a warning
-    for synchronized batch norms."""
+    """Whether ``stages`` run as the eager function, traced through: under ``torch.export`` (exported programs hold
+    standard operators only), and with a warning for synchronized batch norms (collectives need the trace)."""
     if torch.compiler.is_exporting():
         return True
     if any(stage.sync is not None for stage in stages):
@@ -114,9 +106,10 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
 
 
 def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
-    """Record under ``key`` where each of the ``saved`` tensors comes from among the operator's ``inputs`` (a
-    ``None`` saved maps to a ``None`` input); return those that are not inputs, the extra outputs (their number
-    completes the key: the stem saves one tensor per channel run, as many as its channels make)."""
+    """Record under ``key`` where each of the ``saved`` tensors comes from: ``("input", i)``, the operator's
+    ``inputs[i]`` (``None`` too), or ``("extra", j)``, the j-th extra output. The forward (real or fake, which runs
+    first) records it for setup_context: the functions save by structure, not values. Returns the extra outputs
+    (their number completes the key: the stem saves one tensor per channel run)."""
     positions = {id(t): index for index, t in enumerate(inputs)}
     layout: list[tuple[str, int]] = []
     extras: list[Tensor] = []
@@ -138,15 +131,13 @@ def _saved(key: tuple[Any, ...], inputs: Sequence[Tensor | None], extras: Sequen
 
 
 def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
-    """A gradient of nothing for each operator input, in the structure ``torch.library`` matches the backward's
-    result against: a list of ``None`` for a list of tensors (an empty list too, whatever it would hold), else
-    ``None``."""
+    """A gradient of nothing for each operator input, structured as ``torch.library`` expects: a list of ``None``
+    for a list of tensors (an empty list too), else ``None``."""
     return [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None for a in inputs]
 
 
 def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
-    """``impl`` as the operator ``densenet_efficient::name``; on fake tensors (shapes only) ``impl`` itself, whose
-    every operator runs on fake tensors."""
+    """``impl`` as the operator ``densenet_efficient::name``, ``impl`` itself on fake tensors (shapes only)."""
     operator = torch.library.custom_op(
         f"densenet_efficient::{name}", impl, mutates_args=(), tags=torch.Tag.flexible_layout
     )
@@ -238,10 +229,8 @@ def _chain_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     computed = iter(_chain_backward_op(grads[0], list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
     gradients = [next(computed) if needed else None for needed in ctx.needs]
     present = ctx.chain_present
-    result = list(ctx.no_gradients)
-    result[0] = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
-    result[2] = gradients[len(present) :]
-    return tuple(result)
+    param_grads = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
+    return param_grads, ctx.no_gradients[1], gradients[len(present) :], *ctx.no_gradients[3:]
 
 
 _chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)

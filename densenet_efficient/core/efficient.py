@@ -110,8 +110,7 @@ def bn_relu_conv(
     """Apply ``conv(act(norm(.)))`` for each ``(norm, act, conv)`` of ``stages`` to ``cat(features, 1)``, feature
     maps (N, C_i, *spatial); a ``(norm, conv)`` pair has a ReLU. The memory-efficient function runs where
     :func:`_use_function` says (training, frozen or mixed batch norms), otherwise the plain modules, at a naive
-    DenseNet's cost; stages it would not compute exactly (:mod:`.eligibility`) warn once, naming ``owner``.
-    """
+    DenseNet's cost; stages it would not compute exactly (:mod:`.eligibility`) warn once, naming ``owner``."""
     triples = [stage if len(stage) == 3 else (stage[0], None, stage[1]) for stage in stages]
     if _use_function(features, triples, efficient, owner):
         return _chain(features, triples, efficient)
@@ -133,9 +132,8 @@ def bn_relu_conv_pool(
     act: nn.Module | None = None,
 ) -> Tensor:
     """A transition: ``avg_pool(conv(act(norm(cat(features, 1)))), 2)``, (N, C, *spatial) -> (N, C_out,
-    *spatial / 2); ``act`` ``None``: a ReLU. In the efficient modes (see :func:`bn_relu_conv`) with a pointwise
-    ``conv`` only the norm's statistics are stored for backward (plain autograd: the concatenation, the BN-ReLU
-    output and the pooling's input); backward recomputes the BN-ReLU output from the feature maps."""
+    *spatial / 2); ``act`` ``None``: a ReLU. The efficient modes (:func:`bn_relu_conv`) with a pointwise ``conv``
+    store only the norm's statistics (plain autograd: the concatenation, the BN-ReLU output, the pooling's input)."""
     # The function's backward spreads the pooling's gradient at the input's size: 1x1, no bias, stride or padding
     ones = all(v == 1 for v in (*conv.kernel_size, *conv.stride))
     pointwise = conv.bias is None and ones and not isinstance(conv.padding, str) and not any(conv.padding)
@@ -170,9 +168,8 @@ def conv_bn_relu_max_pool(
     owner: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """An ImageNet stem: ``pool(relu(norm(conv(x))))`` and, with ``keep_activation``, ``relu(norm(conv(x)))``;
-    ``x`` (N, C_in, *spatial), ``pool`` a max pooling. In the efficient modes (see :func:`bn_relu_conv`) only the
-    batch norm's statistics and one byte per pooled value are stored for backward (see
-    :class:`_ConvBnReluMaxPool`); plain modules run otherwise and for modules the function does not reproduce."""
+    ``x`` (N, C_in, *spatial), ``pool`` a max pooling. The efficient modes (:func:`bn_relu_conv`) store only the
+    statistics and a byte per pooled value (:class:`_ConvBnReluMaxPool`) for the modules that function reproduces."""
     pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
     supported = (  # modules that _ConvBnReluMaxPool reproduces exactly
         isinstance(conv, _ConvNd)

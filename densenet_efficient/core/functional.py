@@ -167,13 +167,8 @@ def _norm(
     if stage.norm == "group":
         return torch.native_group_norm(x.contiguous(), weight, bias, n, c, x[0, 0].numel(), stage.num_groups, stage.eps)
     if stage.norm == "batch" and stage.batch_stats:
-        out, first, second = (
-            batch_norm_train(
-                x, weight, bias, stage.running_mean, stage.running_var, stage.momentum, stage.eps, stage.sync
-            )
-            if update_running_stats
-            else torch.native_batch_norm(x, weight, bias, None, None, True, stage.momentum, stage.eps)
-        )
+        buffers = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
+        out, first, second = batch_norm_train(x, weight, bias, *buffers, stage.momentum, stage.eps, stage.sync)
         # The kernels give fp32 statistics for reduced-precision x, the fake kernel x's dtype (torch.compile)
         reduced = first.dtype in (torch.float16, torch.bfloat16)
         return (out, first.float(), second.float()) if reduced else (out, first, second)
@@ -242,10 +237,9 @@ def _norm_act_backward(
     stage: _Stage,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Backward through ``a = act(norm(x))`` of any stage: ``a`` is recomputed (with a small graph for the
-    activation's own backward kernels) and handed to ``conv_grad``, which returns the gradient for it. ``params``:
-    the norm's weight and bias and the activation's weight; ``needs``: which of them need a gradient. Returns the
-    gradients of ``x`` and of ``params``."""
+    """Backward through ``a = act(norm(x))`` of any stage: ``a`` recomputed (a small graph for the activation's
+    backward kernels) and handed to ``conv_grad``, which returns its gradient. ``params``: norm weight and bias,
+    activation weight; ``needs``: which need a gradient. Returns the gradients of ``x`` and ``params``."""
     weight, bias, act_weight = params
     normalized = _renorm(x, weight, bias, saved, stage).requires_grad_()
     leaves = [normalized] + ([act_weight.detach().requires_grad_()] if needs[2] and act_weight is not None else [])
@@ -322,13 +316,11 @@ def _concat_bn_relu_backward(
     compute_dtype: torch.dtype | None,
     runs: Sequence[tuple[int, int]],
 ) -> tuple[list[Tensor | None], Tensor | None, Tensor | None]:
-    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias.
-
-    Run by run of :func:`_chunks`, ``a`` of the run's channels is recomputed and handed to ``activation_grad(a,
-    run)``, which takes what it needs (a weight gradient) and returns a new tensor, the gradient for ``a``; ReLU's
-    backward is written over it, and batch norm's backward turns it into each piece's gradient. The transients
-    are two runs wide. Synchronized batch norms (one run) take one backward of the concatenation: one collective.
-    """
+    """Backward through ``a = relu(batch_norm(cat(inputs, 1)))`` to the inputs and the norm's weight and bias. Run
+    by run of :func:`_chunks`, ``a`` is recomputed and handed to ``activation_grad(a, run)``, which takes what it
+    needs (a weight gradient) and returns a new tensor, the gradient for ``a``: ReLU's backward is written over it,
+    then batch norm's gives each piece's. The transients are two runs wide. Synchronized batch norms (one run) take
+    one backward of the concatenation: one collective."""
     weight, bias = norm_params
     channels = [t.shape[1] for t in inputs]
     widths = [sum(channels[first:last]) for first, last in runs]
@@ -433,12 +425,10 @@ def _act_weights(stages: Sequence[_Stage], weights: Sequence[Tensor | None]) -> 
 class _BnReluConvChain(torch.autograd.Function):
     """``conv_n(act_n(norm_n(... conv_1(act_1(norm_1(cat(inputs)))) ...)))``, each norm a batch norm (training or
     frozen), an instance norm or a group norm, each activation a ReLU or another of :data:`.eligibility.ACTIVATIONS`.
-
-    Arguments of ``apply``: ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but
-    the last), ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of
-    each PReLU stage. Returns the last convolution's output. Stages other than batch norm and ReLU recompute
-    through :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once).
-    """
+    ``apply`` takes ``stages`` (:class:`_Stage`), ``keep_intermediates`` (save every stage's output but the last),
+    ``weight, bias, conv_weight`` per stage, the input feature maps (N, C_i, *spatial), the weight of each PReLU
+    stage; returns the last convolution's output. Stages other than batch norm and ReLU recompute through
+    :func:`_norm_act_backward`, run by run of pieces (group norm: the whole concatenation at once)."""
 
     @staticmethod
     def forward(ctx, stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor) -> Tensor:
@@ -723,24 +713,22 @@ def _channel_runs(channels: int, stage: _Stage) -> list[slice]:
 
 class _ConvBnReluMaxPool(torch.autograd.Function):
     """An ImageNet stem, ``max_pool(relu(bn(conv(x))))``, with the training- or eval-mode batch norm exact.
+    ``apply`` takes the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also return the
+    BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias; returns the pooled output, or
+    ``(pooled, activation)``.
 
     Stored for backward: the per-channel statistics and each maximum's position in its pooling window (one byte,
     not plain autograd's int64 index); the input is referenced (the caller holds it anyway) and backward recomputes
     the convolution from it (1 or 3 input channels: a few percent of a step). Plain autograd stores 2.5 times the
     convolution's output. Both passes run by :func:`_channel_runs`, so the transients are a run's, except the
     convolution output's gradient, held whole when the input needs a gradient (one convolution backward over all
-    channels: plain autograd's order).
-
-    Arguments of ``apply``: the batch norm's :class:`_Stage`, the :class:`_MaxPool`, ``keep_activation`` (also
-    return the BN-ReLU output), ``x``, the convolution's weight, the norm's weight and bias. Returns the pooled
-    output, or ``(pooled, activation)``.
-    """
+    channels: plain autograd's order)."""
 
     @staticmethod
     def forward(ctx, stage: _Stage, pool: _MaxPool, keep_activation: bool, x: Tensor, *params: Tensor) -> Any:
         conv_weight, norm_weight, norm_bias = params
         compute_dtype = autocast_dtype(x.device.type)
-        pooled_parts, positions, means, seconds = [], [], [], []
+        pooled_parts, positions, statistics = [], [], []
         activation: Tensor | None = None
         channels = conv_weight.shape[0]
         with autocast_off(x.device.type):
@@ -756,8 +744,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
                 positions.append(_window_positions(indices, _as_pooled(activated).shape[2:], pool))
                 del indices, conv_output
                 pooled_parts.append(pooled)
-                means.append(first)
-                seconds.append(second)
+                statistics.append((first, second))
                 if keep_activation:
                     if activation is None:
                         activation = activated.new_empty((activated.shape[0], channels, *activated.shape[2:]))
@@ -766,7 +753,7 @@ class _ConvBnReluMaxPool(torch.autograd.Function):
             output = torch.cat(pooled_parts, 1)
         del pooled_parts
         ctx.stage, ctx.pool, ctx.compute_dtype = stage, pool, compute_dtype
-        ctx.save_for_backward(x, *params, torch.cat(means), torch.cat(seconds), *positions)
+        ctx.save_for_backward(x, *params, *(torch.cat(s) for s in zip(*statistics, strict=True)), *positions)
         output = output.squeeze(2) if x.dim() == 3 else output
         return output if activation is None else (output, activation)
 

@@ -68,12 +68,10 @@ def layer_factory(spec: Any, kind: str, spatial_dims: int = 2) -> Callable[..., 
 class DenseLayer(nn.Module):
     """One dense layer: with a bottleneck (``bn_size > 0``) BN-ReLU-Conv1x1 to ``bn_size * growth_rate`` channels
     then BN-ReLU-Conv3x3 to ``growth_rate``, without one a single BN-ReLU-Conv3x3; dropout if ``drop_rate > 0``.
-
     Input: (N, in_channels, *spatial) or, as torchvision's ``_DenseLayer``, a list of (N, C_i, *spatial) maps with
     sum(C_i) == ``in_channels`` (concatenated, in the efficient modes only in backward). Output: (N, growth_rate,
     *spatial). Stored for backward: plain autograd keeps the concatenation and each BN-ReLU output;
-    ``efficient=True`` only the batch statistics and the bottleneck output; ``"max"`` only the statistics.
-    """
+    ``efficient=True`` only the batch statistics and the bottleneck output; ``"max"`` only the statistics."""
 
     __jit_ignored_attributes__ = ["efficient", "qualified_name"]  # the scripted path runs plain modules
     qualified_name = ""  # where the layer is in its network (see _set_memory_mode), for messages
@@ -120,10 +118,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers, each reading every feature map before it. ``forward``, as torchvision's and
-    MONAI's: (N, C, *spatial) (or a list of maps of C channels) -> (N, C + num_layers * growth_rate, *spatial), the
-    input and each layer's new features concatenated; :meth:`extend` returns them as a list (what
-    :class:`DenseFeatures` hands to the transition, so that no concatenation is stored for backward)."""
+    """``num_layers`` dense layers, each reading every feature map before it: (N, C, *spatial) (or a list of maps of
+    C channels) -> (N, C + num_layers * growth_rate, *spatial), as torchvision's and MONAI's; :meth:`extend` returns
+    the input and new features as a list (DenseFeatures passes it on: no concatenation stored for backward)."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, *args: Any):
         super().__init__()
@@ -384,13 +381,10 @@ def _global_pool(x: Tensor, pool_type: str) -> Tensor:
     if kind == "":
         return x
     flat = x.flatten(2)
-    if kind == "avg":
-        return flat.mean(2)
-    if kind == "max":
-        return flat.amax(2)
-    if kind == "catavgmax":
-        return torch.cat([flat.mean(2), flat.amax(2)], 1)
-    return 0.5 * (flat.mean(2) + flat.amax(2))
+    if kind == "avg" or kind == "max":
+        return flat.mean(2) if kind == "avg" else flat.amax(2)
+    pooled = [flat.mean(2), flat.amax(2)]
+    return torch.cat(pooled, 1) if kind == "catavgmax" else 0.5 * (pooled[0] + pooled[1])
 
 
 def _check_pool(global_pool: object, num_classes: int) -> str:
@@ -457,14 +451,12 @@ class DenseNet(_Backbone):
         in_chans: input channels.
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (3x3 conv).
         efficient: ``False`` (plain autograd), ``True`` (recompute concatenation, BN and ReLU in backward) or
-            ``"max"`` (also the bottleneck convolution): the same outputs, gradients and batch-norm statistics,
-            different memory and time.
+            ``"max"`` (also the bottleneck convolution): the same outputs, gradients and BN statistics, less memory.
         arch_name: the registered name it was built as (``create_model`` sets it; saved with the weights).
         global_pool: timm's pooling before the classifier: ``"avg"`` (default), ``"max"``, ``"avgmax"`` (their
             mean), ``"catavgmax"`` (both, concatenated: ``2 * num_features`` wide), their ``"fast..."`` spellings,
             or ``""`` (none: ``forward`` returns feature maps; needs ``num_classes=0``).
-        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L) (MONAI's
-            ``DenseNet`` layout).
+        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals (N, C, L), as MONAI.
         norm: MONAI's (:func:`layer_factory`): ``"batch"`` (default), ``"instance"``, ``("group", {"num_groups": G})``.
         act: MONAI's: ``"relu"`` (default), ``"leakyrelu"``, ``"prelu"``, ``"elu"``, ``"swish"``, a class or module.
             The memory-efficient function computes all of these norms and activations (docs/efficient-path.md).
@@ -518,15 +510,11 @@ class DenseNet(_Backbone):
         self.in_chans, self.spatial_dims, self.arch_name = in_chans, spatial_dims, arch_name
 
         conv = _layer("Conv", spatial_dims)
+        geometry = dict(kernel_size=7, stride=2, padding=3) if stem == "imagenet" else dict(kernel_size=3, padding=1)
+        stem_layers = [("conv0", conv(in_chans, num_init_features, **geometry, bias=False))]
         if stem == "imagenet":
-            stem_layers = [
-                ("conv0", conv(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", make_norm(num_init_features)),
-                ("relu0", make_act()),
-                ("pool0", _layer("MaxPool", spatial_dims)(kernel_size=3, stride=2, padding=1)),
-            ]
-        else:
-            stem_layers = [("conv0", conv(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
+            stem_layers += [("norm0", make_norm(num_init_features)), ("relu0", make_act())]
+            stem_layers.append(("pool0", _layer("MaxPool", spatial_dims)(kernel_size=3, stride=2, padding=1)))
         features = DenseFeatures(OrderedDict(stem_layers))
         num_features = num_init_features
         stage_args = (efficient, spatial_dims, make_norm, make_act)
@@ -632,13 +620,11 @@ class DenseNet(_Backbone):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction).
-
-        ``indices`` as :func:`take_indices`. ``stop_early`` and ``intermediates_only`` stop after the last level
-        asked for; ``norm`` (the last level is normalised already) and ``output_fmt`` (``"NCHW"`` only) are timm's.
-        Returns the levels, or ``(final, levels)``, ``final`` as ``forward_features``. Training keeps the memory
-        mode's savings: the concatenations returned are outputs, not stored for backward.
-        """
+        """timm's multi-scale features: the levels of ``feature_info``, each (N, num_chs, *spatial / reduction),
+        or ``(final, levels)``, ``final`` as ``forward_features``. ``indices`` as :func:`take_indices`. ``stop_early``
+        and ``intermediates_only`` stop after the last level asked for; ``norm`` (the last level is normalised
+        already) and ``output_fmt`` (``"NCHW"`` only) are timm's. Training keeps the memory mode's savings: the
+        concatenations returned are outputs, not stored for backward."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         taken, last = take_indices(len(self.feature_info), indices)
@@ -659,10 +645,8 @@ class DenseNet(_Backbone):
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
         """Drop the modules after the last level of ``indices`` (timm's semantics); returns the absolute indices.
-
         The classifier goes with ``prune_head``, and always when the final features go (``num_features`` and
-        ``head_hidden_size`` are then the last kept level's). ``prune_norm`` is accepted for timm's signature.
-        """
+        ``head_hidden_size`` are then the last kept level's). ``prune_norm`` is accepted for timm's signature."""
         taken, last = take_indices(len(self.feature_info), indices)
         end = self.feature_ends[last]
         pruned_end = end < len(self.features) - 1

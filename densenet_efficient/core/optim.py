@@ -30,8 +30,7 @@ class OptimizerInBackward:
                     self._handles.append(parameter.register_post_accumulate_grad_hook(partial(self._step, one, index)))
 
     def _step(self, one: torch.optim.Optimizer, index: int, parameter: torch.Tensor) -> None:
-        # The group's hyperparameters and the state now: a scheduler changes the former, and load_state_dict
-        # replaces both dictionaries.
+        # The group's hyperparameters and state now: schedulers change the former, load_state_dict replaces both
         group = self.optimizer.param_groups[index]
         one.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
         one.state = self.optimizer.state
