@@ -160,15 +160,6 @@ def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | No
     return peers
 
 
-def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
-    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget`` (a backend each)."""
-    from torch._dynamo import lookup_backend
-    from torch._functorch import config as functorch_config
-
-    with_budget = functorch_config.patch(activation_memory_budget=budget)(lookup_backend(backend))
-    return torch.compile(model, backend=with_budget)  # type: ignore[return-value]  # a module, in fact
-
-
 @dataclass(frozen=True)
 class Setting:
     """Everything a measurement depends on besides the model (field names are bench's option names)."""
@@ -209,8 +200,12 @@ class Runner:
         if setting.optimizer_in_backward:  # a training step is then forward and backward alone
             optim_in_backward(model, sgd)
         self.compiled, self.model = peer.compile_budget is not None, model
-        if peer.compile_budget is not None:
-            self.model = compile_model(model, peer.compile_budget, setting.compile_backend)
+        if self.compiled:  # under its activation_memory_budget, a backend each
+            from torch._dynamo import lookup_backend
+            from torch._functorch.config import patch
+
+            backend = patch(activation_memory_budget=peer.compile_budget)(lookup_backend(setting.compile_backend))
+            self.model = torch.compile(model, backend=backend)  # type: ignore[assignment]
         self.amp_dtype, self.device = common.PRECISIONS[setting.dtype], setting.device
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
 
@@ -343,9 +338,9 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     rows = []
     for key, (plain, synced) in zip(modes, queue.get(), strict=True):
         step_s, sync_step_s = statistics.median(plain), statistics.median(synced)
-        rows.append(dict(mode=key, label=f"efficient={common.MODES[key]!r}", processes=processes, step_s=step_s))
-        rows[-1].update(sync_step_s=sync_step_s, sync_time_ratio=sync_step_s / step_s)
-        rows[-1].update(step_times=plain, sync_step_times=synced)
+        row = dict(mode=key, label=f"efficient={common.MODES[key]!r}", processes=processes, step_s=step_s)
+        rows.append(row | dict(sync_step_s=sync_step_s, sync_time_ratio=sync_step_s / step_s, step_times=plain))
+        rows[-1]["sync_step_times"] = synced
     return rows
 
 
