@@ -47,10 +47,6 @@ class Splits:
     classes: list[str]
     preprocessing: InputCfg
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, InputCfg]:
     """``weights`` of ``model`` (a tag, ``None`` for the default one, a saved file or folder, ``hf-hub:org/name``)
@@ -113,12 +109,8 @@ def _split(indices: Sequence[int], fraction: float) -> tuple[list[int], list[int
 
 def _digits_splits(preprocessing: InputCfg | None, image_size: int | None, val_fraction: float) -> Splits:
     """scikit-learn's digits as tensors: values 0..16 scaled to [0, 1], resized bilinearly, normalised."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError(
-            "the digits dataset comes with scikit-learn: pip install 'densenet-efficient[train]'"
-        ) from error
+    from sklearn.datasets import load_digits  # the CLI names the extra that brings it when it is missing
+
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -132,12 +124,8 @@ def _digits_splits(preprocessing: InputCfg | None, image_size: int | None, val_f
     images = images.expand(-1, preprocessing.channels, -1, -1)
     mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
     images = ((images - mean) / std).contiguous()
-
-    def subset(indices: list[int]) -> TensorDataset:
-        return TensorDataset(images[indices], labels[indices])
-
-    classes = [str(label) for label in digits.target_names]
-    return Splits(subset(train), subset(val) if val else None, subset(test), classes, preprocessing)
+    train_set, val_set, test_set = (TensorDataset(images[indices], labels[indices]) for indices in (train, val, test))
+    return Splits(train_set, val_set if val else None, test_set, [str(n) for n in digits.target_names], preprocessing)
 
 
 def _transforms(preprocessing: InputCfg, train: bool, photos: bool):
@@ -168,8 +156,7 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
         if scan.classes != scans[0].classes:
             raise ValueError(f"class folders differ: {train_root} has {scans[0].classes}, {other} has {scan.classes}")
     samples = [path for scan in scans for path, _ in scan.samples]
-    unreadable = _unreadable_images(samples)
-    if unreadable:
+    if unreadable := _unreadable_images(samples):
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:5])
         listing += f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         if bad_images == "error":

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if (dataset := splits.test if args.split == "test" else splits.val) is None:
         raise UsageError("--split val needs a validation set: pass --val-fraction above 0")
     model = weights.load_into(create_model(args.model, **{**weights.model_args, "efficient": False}))
-    if model.num_classes != splits.num_classes:
+    if model.num_classes != len(splits.classes):
         raise ValueError(
-            f"the weights have {model.num_classes} classes, {args.dataset} has {splits.num_classes}: evaluate them on "
+            f"the weights have {model.num_classes} classes, {args.dataset} has {len(splits.classes)}: evaluate them on "
             "the dataset they were trained for"
         )
     model.to(device)

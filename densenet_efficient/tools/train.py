@@ -271,7 +271,7 @@ class Trainer:
         self.splits = build_splits(config.dataset, config.data, preprocessing=preprocessing, **options)
         if config.download and ctx.rank == 0:
             ctx.barrier()
-        classes = self.splits.num_classes
+        classes = len(self.splits.classes)
         if classes < 2:
             raise UsageError(f"{config.dataset} has {classes} class: a classifier needs at least 2 (a folder each)")
         if config.num_classes not in (None, classes):
