@@ -74,8 +74,23 @@ def build_splits(
     and flip; photos: random resized crop and flip); ``bad_images``: one of :data:`BAD_IMAGES`."""
     if dataset not in DATASETS or not 0 <= val_fraction < 1:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)} ({dataset!r}), val_fraction in [0, 1)")
-    if dataset == "digits":
-        return _digits_splits(preprocessing, image_size, val_fraction)
+    if dataset == "digits":  # values 0..16 scaled to [0, 1], resized bilinearly, normalised
+        from sklearn.datasets import load_digits  # the CLI names the extra that brings it when it is missing
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        rest, test = _split(range(len(labels)), TEST_FRACTION)
+        train, val = _split(rest, val_fraction)
+        if preprocessing is None:
+            preprocessing = InputCfg((1, 32, 32), (images[train].mean().item(),), (images[train].std().item(),), 1.0)
+        preprocessing = preprocessing.with_size(image_size)
+        images = F.interpolate(images, preprocessing.input_size[1:], mode="bilinear", align_corners=False).clamp_(0, 1)
+        images = images.expand(-1, preprocessing.channels, -1, -1)
+        mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
+        images = ((images - mean) / std).contiguous()
+        sets = [TensorDataset(images[indices], labels[indices]) for indices in (train, val, test)]
+        return Splits(sets[0], sets[1] if val else None, sets[2], [str(n) for n in digits.target_names], preprocessing)
     if root is None:
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
     preprocessing = (preprocessing or DEFAULT_INPUT[dataset]).with_size(image_size)
@@ -105,27 +120,6 @@ def _split(indices: Sequence[int], fraction: float) -> tuple[list[int], list[int
     order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0)).tolist()
     held_out = round(len(indices) * fraction)
     return [indices[i] for i in sorted(order[held_out:])], [indices[i] for i in sorted(order[:held_out])]
-
-
-def _digits_splits(preprocessing: InputCfg | None, image_size: int | None, val_fraction: float) -> Splits:
-    """scikit-learn's digits as tensors: values 0..16 scaled to [0, 1], resized bilinearly, normalised."""
-    from sklearn.datasets import load_digits  # the CLI names the extra that brings it when it is missing
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    rest, test = _split(range(len(labels)), TEST_FRACTION)
-    train, val = _split(rest, val_fraction)
-    if preprocessing is None:
-        preprocessing = InputCfg((1, 32, 32), (images[train].mean().item(),), (images[train].std().item(),), 1.0)
-    preprocessing = preprocessing.with_size(image_size)
-    size = preprocessing.input_size[1:]
-    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
-    images = images.expand(-1, preprocessing.channels, -1, -1)
-    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
-    images = ((images - mean) / std).contiguous()
-    train_set, val_set, test_set = (TensorDataset(images[indices], labels[indices]) for indices in (train, val, test))
-    return Splits(train_set, val_set if val else None, test_set, [str(n) for n in digits.target_names], preprocessing)
 
 
 def _transforms(preprocessing: InputCfg, train: bool, photos: bool):

@@ -59,13 +59,6 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def operator_count(step: Callable[[], object]) -> int:
-    """Aten operators ``step()`` dispatches (:class:`OperatorCount`)."""
-    with OperatorCount() as counter:
-        step()
-    return counter.total
-
-
 @contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """Discard what native code writes to file descriptor 2 inside (the profiler's C++ libraries log their start,
