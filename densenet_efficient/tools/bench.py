@@ -346,10 +346,6 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     return rows
 
 
-def _threads_per_process(processes: int) -> int:
-    return max(1, torch.get_num_threads() // processes)
-
-
 def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: list, queue) -> None:
     """One process of :func:`measure_sync_cost`; rank 0 puts each mode's [plain, synced] step times in ``queue``."""
     import torch.distributed as dist
@@ -357,7 +353,7 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
 
     cuda = setting.device.type == "cuda"
     setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
-    torch.set_num_threads(_threads_per_process(processes))
+    torch.set_num_threads(max(1, torch.get_num_threads() // processes))
     if cuda:
         torch.cuda.set_device(setting.device)  # NCCL's barrier and communicators use the current device
     init = f"tcp://127.0.0.1:{port}"
@@ -558,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     summary = f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."
     if processes:
         synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
-        threads = "" if cuda else f" of {_threads_per_process(processes)} thread(s)"
+        threads = "" if cuda else f" of {max(1, torch.get_num_threads() // processes)} thread(s)"
         summary = (
             f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
             f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "

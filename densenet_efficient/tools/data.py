@@ -138,6 +138,9 @@ def _transforms(preprocessing: InputCfg, train: bool, photos: bool):
 
 def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float, tfs, bad_images: str) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -150,7 +153,20 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
         if scan.classes != scans[0].classes:
             raise ValueError(f"class folders differ: {train_root} has {scans[0].classes}, {other} has {scan.classes}")
     samples = [path for scan in scans for path, _ in scan.samples]
-    if unreadable := _unreadable_images(samples):
+
+    def problem(path: str) -> str | None:  # decoded as torchvision's loader does (JPEGs at reduced scale: all read)
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))
+                image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for a damaged file
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = pool.map(problem, samples, chunksize=64)
+        unreadable = {path: reason for path, reason in zip(samples, reasons, strict=True) if reason is not None}
+    if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:5])
         listing += f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         if bad_images == "error":
@@ -169,28 +185,6 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
     train, held_out = folder(train_root, True), folder(train_root, False)
     rest, test_indices = _split(range(len(train)), 0 if named else TEST_FRACTION)
     test: Dataset = folder(named[0], False) if named else Subset(held_out, test_indices)
-    if len(named) == 2:
-        return Splits(Subset(train, rest), folder(named[1], False), test, train.classes, preprocessing)
-    rest, val = _split(rest, val_fraction)
-    return Splits(Subset(train, rest), Subset(held_out, val) if val else None, test, train.classes, preprocessing)
-
-
-def _unreadable_images(paths: list[str]) -> dict[str, str]:
-    """``{path: reason}`` for the images PIL cannot decode as torchvision's loader does (JPEGs at reduced scale:
-    the whole file is still read), on up to 8 threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    def problem(path: str) -> str | None:
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (64, 64))
-                image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for a damaged file
-            return f"{type(error).__name__}: {error}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = pool.map(problem, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
+    rest, val = _split(rest, 0 if len(named) == 2 else val_fraction)
+    held: Dataset | None = folder(named[1], False) if len(named) == 2 else Subset(held_out, val) if val else None
+    return Splits(Subset(train, rest), held, test, train.classes, preprocessing)
