@@ -26,7 +26,7 @@ from ..core import convert_sync_batchnorm, optim_in_backward
 from ..core.model import DenseBlock, DenseLayer, DenseNet, DenseNetFeatures
 from ..models import create_model
 from . import common
-from .memory import OperatorCount, allocator_peak, peak_memory
+from .memory import allocator_peak, operator_count, peak_memory
 
 BASELINE = "checkpoint"
 PEER_KEYS = (*common.MODES, BASELINE)
@@ -284,9 +284,7 @@ def measure(name: str, setting: Setting, keys=PEER_KEYS, progress: common.Progre
         if cpu:
             row["allocator_peak_bytes"] = allocator_peak(runner.step)
         if not runner.compiled:  # the aten operators of one step: on a launch-bound GPU, each is a kernel
-            with OperatorCount() as counter:
-                runner.step()
-            row["operators"] = counter.total
+            row["operators"] = operator_count(runner.step)
         _advance(progress, 1, f"{name}, {peer.label}: memory measured")
     gc.collect()  # the predictions' fake tensors, not a timed step, pay for their collection
     timers = {key: runner.timed_step for key, runner in runners.items()}

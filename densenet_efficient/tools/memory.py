@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
@@ -49,14 +50,27 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 class OperatorCount(TorchDispatchMode):
-    """Context manager: ``total``, the aten operators dispatched inside it (views and in-place ones included):
-    deterministic, the kernels a launch-bound device would run."""
+    """Context manager: ``by_name``, the count of each aten operator dispatched inside it (views and in-place ones
+    included), and their ``total``: deterministic, the kernels a launch-bound device would run."""
 
-    total = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return self.by_name.total()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
+        self.by_name[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def operator_count(step: Callable[[], object]) -> int:
+    """Aten operators ``step()`` dispatches (:class:`OperatorCount`)."""
+    with OperatorCount() as counter:
+        step()
+    return counter.total
 
 
 @contextmanager
