@@ -570,14 +570,12 @@ def run(args: argparse.Namespace) -> int:
         what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
         progress.note(f"{what}; the time left is estimated from the first ones")
         rows = []
-        try:
+        with contextlib.closing(progress):
             for extra, name, size in configs:
                 setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
                 fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
                 fixed.update(device=str(args.device), dtype=args.dtype, **extra)
                 rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
-        finally:
-            progress.close()
         others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
         warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
         for warning in warnings:

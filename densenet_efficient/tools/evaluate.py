@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -52,12 +53,10 @@ def run(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     progress = Progress("eval", len(loader), unit="batch")
     progress.note(f"{args.dataset} ({args.split}): {len(loader)} batches of up to {args.batch_size} on {device}")
-    try:
+    with contextlib.closing(progress):
         metrics = evaluate(
             model, progress.each(loader, "batch"), device, amp=args.amp, channels_last=args.channels_last
         )
-    finally:
-        progress.close()
     result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics}
     print(text := json.dumps(result, indent=2))
     if args.json:
