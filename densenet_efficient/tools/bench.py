@@ -160,15 +160,6 @@ def make_peers(name: str, keys: Iterable[str] = PEER_KEYS, setting: Setting | No
     return peers
 
 
-def compile_model(model: nn.Module, budget: float, backend: str) -> nn.Module:
-    """``torch.compile(model)`` with ``backend`` under ``activation_memory_budget`` ``budget`` (a backend each)."""
-    from torch._dynamo import lookup_backend
-    from torch._functorch import config as functorch_config
-
-    with_budget = functorch_config.patch(activation_memory_budget=budget)(lookup_backend(backend))
-    return torch.compile(model, backend=with_budget)  # type: ignore[return-value]  # a module, in fact
-
-
 @dataclass(frozen=True)
 class Setting:
     """Everything a measurement depends on besides the model (field names are bench's option names)."""
@@ -209,8 +200,12 @@ class Runner:
         if setting.optimizer_in_backward:  # a training step is then forward and backward alone
             optim_in_backward(model, sgd)
         self.compiled, self.model = peer.compile_budget is not None, model
-        if peer.compile_budget is not None:
-            self.model = compile_model(model, peer.compile_budget, setting.compile_backend)
+        if self.compiled:  # under its activation_memory_budget, a backend each
+            from torch._dynamo import lookup_backend
+            from torch._functorch.config import patch
+
+            backend = patch(activation_memory_budget=peer.compile_budget)(lookup_backend(setting.compile_backend))
+            self.model = torch.compile(model, backend=backend)  # type: ignore[assignment]
         self.amp_dtype, self.device = common.PRECISIONS[setting.dtype], setting.device
         self.scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.dtype == "fp16")
 
@@ -343,14 +338,10 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
     rows = []
     for key, (plain, synced) in zip(modes, queue.get(), strict=True):
         step_s, sync_step_s = statistics.median(plain), statistics.median(synced)
-        rows.append(dict(mode=key, label=f"efficient={common.MODES[key]!r}", processes=processes, step_s=step_s))
-        rows[-1].update(sync_step_s=sync_step_s, sync_time_ratio=sync_step_s / step_s)
-        rows[-1].update(step_times=plain, sync_step_times=synced)
+        row = dict(mode=key, label=f"efficient={common.MODES[key]!r}", processes=processes, step_s=step_s)
+        rows.append(row | dict(sync_step_s=sync_step_s, sync_time_ratio=sync_step_s / step_s, step_times=plain))
+        rows[-1]["sync_step_times"] = synced
     return rows
-
-
-def _threads_per_process(processes: int) -> int:
-    return max(1, torch.get_num_threads() // processes)
 
 
 def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: list, queue) -> None:
@@ -360,7 +351,7 @@ def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setti
 
     cuda = setting.device.type == "cuda"
     setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
-    torch.set_num_threads(_threads_per_process(processes))
+    torch.set_num_threads(max(1, torch.get_num_threads() // processes))
     if cuda:
         torch.cuda.set_device(setting.device)  # NCCL's barrier and communicators use the current device
     init = f"tcp://127.0.0.1:{port}"
@@ -561,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
     summary = f"{head}, torch {torch.__version__}\nmemory: {memory}, {before}.\ntime: {timing}."
     if processes:
         synced = measure_sync_cost(configs[0][1], base, args.modes, processes)
-        threads = "" if cuda else f" of {_threads_per_process(processes)} thread(s)"
+        threads = "" if cuda else f" of {max(1, torch.get_num_threads() // processes)} thread(s)"
         summary = (
             f"{summary.splitlines()[0]}; {processes} processes{threads}, batch {base.batch_size} per process\ntime: "
             f"median of {base.repeats} DistributedDataParallel steps after {base.warmup} warm-up step(s), the slowest "
@@ -579,14 +570,12 @@ def run(args: argparse.Namespace) -> int:
         what = f"{len(configs)} configuration(s) x {peers} peers, {steps} training steps"
         progress.note(f"{what}; the time left is estimated from the first ones")
         rows = []
-        try:
+        with contextlib.closing(progress):
             for extra, name, size in configs:
                 setting = replace(base, input_size=size, batch_size=extra.get("batch_size", base.batch_size))
                 fixed = dict(model=name, depth=None, batch_size=setting.batch_size, input_size=size)
                 fixed.update(device=str(args.device), dtype=args.dtype, **extra)
                 rows += [{**fixed, **row} for row in measure(name, setting, args.modes, progress)]
-        finally:
-            progress.close()
         others_load = max(start_load, os.getloadavg()[0] - torch.get_num_threads())  # beyond this run's threads
         warnings = timing_warnings(rows, others_load, os.cpu_count() or 1) if args.repeats else []
         for warning in warnings:

@@ -47,10 +47,6 @@ class Splits:
     classes: list[str]
     preprocessing: InputCfg
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 def pretrained_weights(model: str, weights: str | os.PathLike | None) -> tuple[PretrainedWeights, InputCfg]:
     """``weights`` of ``model`` (a tag, ``None`` for the default one, a saved file or folder, ``hf-hub:org/name``)
@@ -78,8 +74,23 @@ def build_splits(
     and flip; photos: random resized crop and flip); ``bad_images``: one of :data:`BAD_IMAGES`."""
     if dataset not in DATASETS or not 0 <= val_fraction < 1:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)} ({dataset!r}), val_fraction in [0, 1)")
-    if dataset == "digits":
-        return _digits_splits(preprocessing, image_size, val_fraction)
+    if dataset == "digits":  # values 0..16 scaled to [0, 1], resized bilinearly, normalised
+        from sklearn.datasets import load_digits  # the CLI names the extra that brings it when it is missing
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        rest, test = _split(range(len(labels)), TEST_FRACTION)
+        train, val = _split(rest, val_fraction)
+        if preprocessing is None:
+            preprocessing = InputCfg((1, 32, 32), (images[train].mean().item(),), (images[train].std().item(),), 1.0)
+        preprocessing = preprocessing.with_size(image_size)
+        images = F.interpolate(images, preprocessing.input_size[1:], mode="bilinear", align_corners=False).clamp_(0, 1)
+        images = images.expand(-1, preprocessing.channels, -1, -1)
+        mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
+        images = ((images - mean) / std).contiguous()
+        sets = [TensorDataset(images[indices], labels[indices]) for indices in (train, val, test)]
+        return Splits(sets[0], sets[1] if val else None, sets[2], [str(n) for n in digits.target_names], preprocessing)
     if root is None:
         raise ValueError(f"dataset {dataset!r} needs a data folder (--data DIR)")
     preprocessing = (preprocessing or DEFAULT_INPUT[dataset]).with_size(image_size)
@@ -111,35 +122,6 @@ def _split(indices: Sequence[int], fraction: float) -> tuple[list[int], list[int
     return [indices[i] for i in sorted(order[held_out:])], [indices[i] for i in sorted(order[:held_out])]
 
 
-def _digits_splits(preprocessing: InputCfg | None, image_size: int | None, val_fraction: float) -> Splits:
-    """scikit-learn's digits as tensors: values 0..16 scaled to [0, 1], resized bilinearly, normalised."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError(
-            "the digits dataset comes with scikit-learn: pip install 'densenet-efficient[train]'"
-        ) from error
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    rest, test = _split(range(len(labels)), TEST_FRACTION)
-    train, val = _split(rest, val_fraction)
-    if preprocessing is None:
-        preprocessing = InputCfg((1, 32, 32), (images[train].mean().item(),), (images[train].std().item(),), 1.0)
-    preprocessing = preprocessing.with_size(image_size)
-    size = preprocessing.input_size[1:]
-    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
-    images = images.expand(-1, preprocessing.channels, -1, -1)
-    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
-    images = ((images - mean) / std).contiguous()
-
-    def subset(indices: list[int]) -> TensorDataset:
-        return TensorDataset(images[indices], labels[indices])
-
-    classes = [str(label) for label in digits.target_names]
-    return Splits(subset(train), subset(val) if val else None, subset(test), classes, preprocessing)
-
-
 def _transforms(preprocessing: InputCfg, train: bool, photos: bool):
     """:func:`~densenet_efficient.transforms` for evaluation (CIFAR: no crop) and for training on photos;
     CIFAR-style training augmentation (random crop with padding, flip) otherwise."""
@@ -156,6 +138,9 @@ def _transforms(preprocessing: InputCfg, train: bool, photos: bool):
 
 def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float, tfs, bad_images: str) -> Splits:
     """``root/train`` (+ ``root/test`` and/or ``root/val``), or a flat ``root`` of class folders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -168,7 +153,19 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
         if scan.classes != scans[0].classes:
             raise ValueError(f"class folders differ: {train_root} has {scans[0].classes}, {other} has {scan.classes}")
     samples = [path for scan in scans for path, _ in scan.samples]
-    unreadable = _unreadable_images(samples)
+
+    def problem(path: str) -> str | None:  # decoded as torchvision's loader does (JPEGs at reduced scale: all read)
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))
+                image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for a damaged file
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = pool.map(problem, samples, chunksize=64)
+        unreadable = {path: reason for path, reason in zip(samples, reasons, strict=True) if reason is not None}
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:5])
         listing += f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
@@ -188,28 +185,6 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
     train, held_out = folder(train_root, True), folder(train_root, False)
     rest, test_indices = _split(range(len(train)), 0 if named else TEST_FRACTION)
     test: Dataset = folder(named[0], False) if named else Subset(held_out, test_indices)
-    if len(named) == 2:
-        return Splits(Subset(train, rest), folder(named[1], False), test, train.classes, preprocessing)
-    rest, val = _split(rest, val_fraction)
-    return Splits(Subset(train, rest), Subset(held_out, val) if val else None, test, train.classes, preprocessing)
-
-
-def _unreadable_images(paths: list[str]) -> dict[str, str]:
-    """``{path: reason}`` for the images PIL cannot decode as torchvision's loader does (JPEGs at reduced scale:
-    the whole file is still read), on up to 8 threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    def problem(path: str) -> str | None:
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (64, 64))
-                image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for a damaged file
-            return f"{type(error).__name__}: {error}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = pool.map(problem, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
+    rest, val = _split(rest, 0 if len(named) == 2 else val_fraction)
+    held: Dataset | None = folder(named[1], False) if len(named) == 2 else Subset(held_out, val) if val else None
+    return Splits(Subset(train, rest), held, test, train.classes, preprocessing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if (dataset := splits.test if args.split == "test" else splits.val) is None:
         raise UsageError("--split val needs a validation set: pass --val-fraction above 0")
     model = weights.load_into(create_model(args.model, **{**weights.model_args, "efficient": False}))
-    if model.num_classes != splits.num_classes:
+    if model.num_classes != len(splits.classes):
         raise ValueError(
-            f"the weights have {model.num_classes} classes, {args.dataset} has {splits.num_classes}: evaluate them on "
+            f"the weights have {model.num_classes} classes, {args.dataset} has {len(splits.classes)}: evaluate them on "
             "the dataset they were trained for"
         )
     model.to(device)
@@ -52,12 +53,10 @@ def run(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     progress = Progress("eval", len(loader), unit="batch")
     progress.note(f"{args.dataset} ({args.split}): {len(loader)} batches of up to {args.batch_size} on {device}")
-    try:
+    with contextlib.closing(progress):
         metrics = evaluate(
             model, progress.each(loader, "batch"), device, amp=args.amp, channels_last=args.channels_last
         )
-    finally:
-        progress.close()
     result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics}
     print(text := json.dumps(result, indent=2))
     if args.json:

@@ -161,6 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     modes = {key: common.MODES[key] for key in args.modes}
+    builds = {key: partial(create_model, args.model, efficient=mode) for key, mode in modes.items()}
     family = args.family or "densenet_bc_k12"
     size, family_size = (
         common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
@@ -179,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"memory_bytes": args.memory, **record, "model": args.model, "modes": []}
     table: list[list[object]] = []
     for key, mode in modes.items():
-        build = partial(create_model, args.model, efficient=mode)
-        at_batch, batch = question.total(build), largest_batch(build, args.memory, question)
+        at_batch, batch = question.total(builds[key]), largest_batch(builds[key], args.memory, question)
         result["modes"].append({"mode": key, "total_bytes": at_batch, "largest_batch": batch})
         table.append([f"efficient={mode!r}", _gib(at_batch), batch])
     print(markdown(["mode", f"memory at batch {args.batch_size}", "largest batch"], table))
@@ -188,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
         setting = Setting(torch.device("cpu"), args.dtype, args.batch_size, size, repeats=0)
         result["measured"], table = measure(args.model, setting, tuple(modes)), []
         for row in result["measured"]:  # bench predicts until naive fits
-            build = partial(create_model, args.model, efficient=modes[row["mode"]])
-            predicted = row["predicted_bytes"] = row["predicted_bytes"] or question.footprint(build).peak
+            predicted = row["predicted_bytes"] = row["predicted_bytes"] or question.footprint(builds[row["mode"]]).peak
             mib = [f"{row[key] / 2**20:.1f} MiB" for key in ("predicted_bytes", "peak_bytes", "allocator_peak_bytes")]
             table.append([row["label"], *mib, f"{row['allocator_peak_bytes'] / predicted:.3f}"])
         print(f"\nChecked on this CPU, one training step at batch {args.batch_size} (peak above parameters and input):")
@@ -200,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
             smallest = create_model(args.model, efficient=False).min_input_size
         result["largest_input"], table = [], []
         for key, mode in modes.items():
-            build = partial(create_model, args.model, efficient=mode)
-            side, total = largest_input(build, args.memory, question, smallest)
+            side, total = largest_input(builds[key], args.memory, question, smallest)
             result["largest_input"].append({"mode": key, "side": side, "total_bytes": total})
             naive = result["largest_input"][0]["side"] if next(iter(modes)) == "false" else None
             shape, memory = (

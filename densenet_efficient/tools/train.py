@@ -227,40 +227,12 @@ def distributed(device: str | torch.device | None, timeout: float = 600.0) -> It
             dist.destroy_process_group()
 
 
-def _loaders(config: TrainConfig, splits, ctx: DistContext):
-    """Train loader (DistributedSampler, per-process batches), its sampler and per-process shards of val/test."""
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-
-    per_process, remainder = divmod(config.batch_size, ctx.world_size * config.accum_steps)
-    if remainder:
-        parts = f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by world size x accumulation steps {parts}")
-    images = len(splits.train)
-    if images < config.batch_size:
-        raise ValueError(f"the training set has {images} images, fewer than one batch of {config.batch_size}")
-    options: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
-    sampler: DistributedSampler[int] = DistributedSampler(
-        splits.train, num_replicas=ctx.world_size, rank=ctx.rank, seed=config.seed, drop_last=True
-    )
-    train = DataLoader(splits.train, per_process * config.accum_steps, sampler=sampler, drop_last=True, **options)
-    trained = len(train) * config.batch_size
-    if trained < images and ctx.rank == 0:
-        left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
-        print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
-
-    def shard(dataset):
-        if dataset is not None:
-            return DataLoader(
-                Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)), 2 * per_process, **options
-            )
-
-    return train, sampler, shard(splits.val), shard(splits.test)
-
-
 class Trainer:
     """One training run: model, optimizer, schedule and data for this process (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, ctx: DistContext):
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+
         self.config, self.ctx, self.output = config, ctx, Path(config.output)
         weights, preprocessing = (
             pretrained_weights(config.model, config.weights) if config.weights or config.pretrained else (None, None)
@@ -271,7 +243,7 @@ class Trainer:
         self.splits = build_splits(config.dataset, config.data, preprocessing=preprocessing, **options)
         if config.download and ctx.rank == 0:
             ctx.barrier()
-        classes = self.splits.num_classes
+        classes = len(self.splits.classes)
         if classes < 2:
             raise UsageError(f"{config.dataset} has {classes} class: a classifier needs at least 2 (a folder each)")
         if config.num_classes not in (None, classes):
@@ -301,7 +273,31 @@ class Trainer:
         self.start_epoch = 0
         if config.resume:
             self._restore()
-        self.train_loader, self.sampler, self.val_loader, self.test_loader = _loaders(config, self.splits, ctx)
+        # The train loader (DistributedSampler, per-process batches), its sampler and per-process shards of val/test.
+        per_process, remainder = divmod(config.batch_size, ctx.world_size * config.accum_steps)
+        if remainder:
+            parts = f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by world size x accumulation steps {parts}"
+            )
+        if (images := len(self.splits.train)) < config.batch_size:  # type: ignore[arg-type]
+            raise ValueError(f"the training set has {images} images, fewer than one batch of {config.batch_size}")
+        loading: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            self.splits.train, num_replicas=ctx.world_size, rank=ctx.rank, seed=config.seed, drop_last=True
+        )
+        self.train_loader = DataLoader(
+            self.splits.train, per_process * config.accum_steps, sampler=self.sampler, drop_last=True, **loading
+        )
+        if (trained := len(self.train_loader) * config.batch_size) < images and ctx.rank == 0:
+            left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
+            print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
+        self.val_loader, self.test_loader = (
+            DataLoader(Subset(data, range(ctx.rank, len(data), ctx.world_size)), 2 * per_process, **loading)  # type: ignore[arg-type]
+            if data is not None
+            else None
+            for data in (self.splits.val, self.splits.test)
+        )
         network: nn.Module = convert_sync_batchnorm(self.model) if config.sync_bn else self.model  # in place
         self.ddp = None
         if ctx.world_size > 1:
@@ -363,26 +359,6 @@ class Trainer:
         state_dict = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
         return save(state_dict, metadata={"format": "pt"})
 
-    def _save(self, epoch: int) -> None:
-        """Rank 0, after ``epoch`` (1-based): the checkpoint, then the best weights and the metrics."""
-        if epoch == self.start_epoch + 1:  # with the run's first files: a run that fails before leaves none
-            config = _json_bytes(config_json(self.model, self.config.model, self.splits.preprocessing.to_dict()))
-            for folder in (self.output, self.output / CHECKPOINT_DIR):
-                folder.mkdir(parents=True, exist_ok=True)
-                write_atomically(folder / CONFIG_FILENAME, config)
-        model_bytes = self._model_bytes()
-        state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler")}
-        state.update(epoch=epoch, history=self.history, best=self.best, efficient=self.config.efficient)
-        state["config"] = self._recipe()
-        save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
-        if self.best["epoch"] == epoch:
-            write_atomically(self.output / BEST_FILENAME, model_bytes)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in self.history for key in row)))
-        writer.writeheader()
-        writer.writerows(self.history)
-        write_atomically(self.output / "metrics.csv", text.getvalue().encode())
-
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best weights and export them. Returns the results."""
         for epoch in range(self.start_epoch, self.config.epochs):
@@ -399,11 +375,52 @@ class Trainer:
             score = row.get("val_top1", row["train_top1"])
             if not self.best or score > self.best["score"]:
                 self.best = {"epoch": epoch + 1, "score": score}
-            if self.ctx.rank == 0:
-                self._save(epoch + 1)
+            if self.ctx.rank == 0:  # the checkpoint, then the best weights and the metrics
+                if epoch == self.start_epoch:  # with the run's first files: a run that fails before leaves none
+                    cfg = config_json(self.model, self.config.model, self.splits.preprocessing.to_dict())
+                    for folder in (self.output, self.output / CHECKPOINT_DIR):
+                        folder.mkdir(parents=True, exist_ok=True)
+                        write_atomically(folder / CONFIG_FILENAME, _json_bytes(cfg))
+                model_bytes = self._model_bytes()
+                state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler")}
+                state.update(epoch=epoch + 1, history=self.history, best=self.best, efficient=self.config.efficient)
+                state["config"] = self._recipe()
+                save_checkpoint(self.output, model_bytes, state, self.config.keep_checkpoints)
+                if self.best["epoch"] == epoch + 1:
+                    write_atomically(self.output / BEST_FILENAME, model_bytes)
+                text = io.StringIO()
+                writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for r in self.history for key in r)))
+                writer.writeheader()
+                writer.writerows(self.history)
+                write_atomically(self.output / "metrics.csv", text.getvalue().encode())
                 print(_epoch_line(row), flush=True)
             self.ctx.barrier()
-        return self._finish()
+        # Test the best epoch's weights, read from its checkpoint (kept for this: the run's own best whatever
+        # best.safetensors holds); rank 0 writes them as best.safetensors, the export and results.json.
+        epoch = self.best["epoch"]
+        self.model.load_state_dict(load_checkpoint(self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt")[0])
+        test = self._evaluate(self.test_loader)
+        self._check_finite(epoch - 1, "test loss of its weights", test["loss"])
+        results = {"best_epoch": epoch, "best_score": self.best["score"], "test": test, "epochs": len(self.history)}
+        if self.ctx.rank == 0:
+            write_atomically(self.output / BEST_FILENAME, self._model_bytes())
+            write_atomically(self.output / "curves.png", _curves_png(self.history))
+            if self.config.export:  # the best weights as save_pretrained writes them, and their manifest entry
+                config, preprocessing = self.config, self.splits.preprocessing
+                side = preprocessing.input_size[-1]
+                protocol = f"densenet-efficient eval --dataset {config.dataset} (input {side} px)"
+                top = {key: round(test[key], 3) for key in ("top1", "top5")}
+                metric = dict(dataset=config.dataset, split="test", **top, protocol=protocol)
+                metadata: dict[str, Any] = dict(
+                    dataset=config.dataset, label_names=self.splits.classes, metrics=[metric]
+                )
+                metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.to_dict())
+                entry = save_pretrained(self.model, self.output / "export", architecture=config.model, **metadata)
+                write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
+                results["export"] = str(self.output / "export")
+            write_atomically(self.output / "results.json", _json_bytes(results))
+            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% (best epoch {epoch}): {self.output}")
+        return results
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set: loss, top-1, images/s (and CUDA peak memory) over all processes."""
@@ -475,34 +492,6 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         options: dict[str, Any] = dict(amp=self.config.amp, channels_last=self.config.channels_last)
         return evaluate(self.model, loader, self.ctx.device, all_reduce=self.ctx.all_reduce, **options)
-
-    def _finish(self) -> dict[str, Any]:
-        """Test the best epoch's weights, read from its checkpoint (kept for this: the run's own best whatever
-        ``best.safetensors`` holds); rank 0 writes them as ``best.safetensors``, the export and results.json."""
-        epoch = self.best["epoch"]
-        self.model.load_state_dict(load_checkpoint(self.output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt")[0])
-        test = self._evaluate(self.test_loader)
-        self._check_finite(epoch - 1, "test loss of its weights", test["loss"])
-        results = {"best_epoch": epoch, "best_score": self.best["score"], "test": test, "epochs": len(self.history)}
-        if self.ctx.rank == 0:
-            write_atomically(self.output / BEST_FILENAME, self._model_bytes())
-            write_atomically(self.output / "curves.png", _curves_png(self.history))
-            if self.config.export:  # the best weights as save_pretrained writes them, and their manifest entry
-                config, preprocessing = self.config, self.splits.preprocessing
-                side = preprocessing.input_size[-1]
-                protocol = f"densenet-efficient eval --dataset {config.dataset} (input {side} px)"
-                top = {key: round(test[key], 3) for key in ("top1", "top5")}
-                metric = dict(dataset=config.dataset, split="test", **top, protocol=protocol)
-                metadata: dict[str, Any] = dict(
-                    dataset=config.dataset, label_names=self.splits.classes, metrics=[metric]
-                )
-                metadata.update(source="densenet-efficient train", recipe=config.recipe(), **preprocessing.to_dict())
-                entry = save_pretrained(self.model, self.output / "export", architecture=config.model, **metadata)
-                write_atomically(self.output / "manifest_entry.json", _json_bytes(entry))
-                results["export"] = str(self.output / "export")
-            write_atomically(self.output / "results.json", _json_bytes(results))
-            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% (best epoch {epoch}): {self.output}")
-        return results
 
 
 def _json_bytes(value: Any) -> bytes:
