@@ -24,10 +24,10 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -280,7 +280,7 @@ class Trainer:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by world size x accumulation steps {parts}"
             )
-        if (images := len(self.splits.train)) < config.batch_size:  # type: ignore[arg-type]
+        if (images := len(cast(Sized, self.splits.train))) < config.batch_size:
             raise ValueError(f"the training set has {images} images, fewer than one batch of {config.batch_size}")
         loading: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
         self.sampler: DistributedSampler[int] = DistributedSampler(
@@ -293,7 +293,9 @@ class Trainer:
             left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
             print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
         self.val_loader, self.test_loader = (
-            DataLoader(Subset(data, range(ctx.rank, len(data), ctx.world_size)), 2 * per_process, **loading)  # type: ignore[arg-type]
+            DataLoader(
+                Subset(data, range(ctx.rank, len(cast(Sized, data)), ctx.world_size)), 2 * per_process, **loading
+            )
             if data is not None
             else None
             for data in (self.splits.val, self.splits.test)
