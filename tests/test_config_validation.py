@@ -75,6 +75,7 @@ def test_huge_config_is_refused_before_any_allocation(tmp_path, monkeypatch):
     builds anything."""
     _, config = saved(tmp_path)
     edit_config(config, lambda c: c["model_args"].update(growth_rate=3000, num_init_features=4000))
+    models.architecture("densenet_40_k12")  # the registry's defaults, cached once per process: not the model loaded
 
     def no_build(*args, **kwargs):
         raise AssertionError("create_model built the model before the config was checked")

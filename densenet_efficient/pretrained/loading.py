@@ -262,7 +262,8 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
     if unknown := sorted(set(model_args) - set(MODEL_ARGS)):
         raise InvalidConfigError(f"{where}: model_args {unknown} are not arguments of {name}; valid: {MODEL_ARGS}")
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in model_args.items()}
-    full = {**architecture(name), **args}
+    arch = architecture(name)
+    full = {**arch, **args}
     try:
         blocks = full.get("block_config")  # bounds: a network too big to be a DenseNet anyone trains
         if isinstance(blocks, tuple) and len(blocks) > _MAX_BLOCKS:
@@ -277,7 +278,7 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
         growth, bn_size = full.get("growth_rate"), full.get("bn_size")
         if is_int(growth) and is_int(bn_size) and bn_size * growth > _MAX_WIDTH:
             raise ValueError(f"bn_size * growth_rate = {bn_size * growth} is beyond the bound of {_MAX_WIDTH}")
-        if args:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
+        if full != arch:  # the constructor's own checks, on one layer on the meta device: nothing is allocated
             bad = tuple(n for n in blocks if not is_int(n) or n < 1) if isinstance(blocks, tuple) else blocks
             with torch.device("meta"):
                 DenseNet(**{**full, "block_config": bad or (1,)}, efficient=False)
