@@ -79,20 +79,16 @@ def assert_same_training(
             assert_close_relative(result[2][name], reference[2][name], rtol, name)
 
 
+# The arguments of a small MONAI DenseNet (two blocks, five dense layers), MONAI's spelling.
+SMALL_MONAI = dict(in_channels=2, out_channels=3, init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2)
+
+
 def monai_densenet(spatial_dims=3):
     """A small random MONAI DenseNet with non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(2)
     from monai.networks.nets import DenseNet
 
-    model = DenseNet(
-        spatial_dims=spatial_dims,
-        in_channels=2,
-        out_channels=3,
-        init_features=8,
-        growth_rate=4,
-        block_config=(2, 3),
-        bn_size=2,
-    )
+    model = DenseNet(spatial_dims=spatial_dims, **SMALL_MONAI)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)

@@ -12,7 +12,7 @@ import densenet_efficient as de
 from densenet_efficient.core import functional
 from densenet_efficient.core.efficient import bn_relu
 from densenet_efficient.core.monai_layout import convert_state_dict, from_monai, monai_densenet
-from tests.model_helpers import EFFICIENT_MODES, assert_same_training
+from tests.model_helpers import EFFICIENT_MODES, SMALL_MONAI, assert_same_training
 from tests.test_memory_parts import FLOAT, model_tensors, saved_bytes
 
 NORMS = {
@@ -210,17 +210,7 @@ MONAI_CASES = [
 
 def small_monai(norm, act, spatial_dims=3):
     torch.manual_seed(3)
-    return monai_nets.DenseNet(
-        spatial_dims=spatial_dims,
-        in_channels=2,
-        out_channels=3,
-        init_features=8,
-        growth_rate=4,
-        block_config=(2, 3),
-        bn_size=2,
-        norm=norm,
-        act=act,
-    )
+    return monai_nets.DenseNet(spatial_dims=spatial_dims, norm=norm, act=act, **SMALL_MONAI)
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
@@ -246,17 +236,7 @@ def test_make_efficient_converts_monai_networks_with_their_norms_and_activations
 @pytest.mark.parametrize(("norm", "act"), MONAI_CASES)
 def test_monai_style_constructor_gives_monai_outputs_with_monai_weights(norm, act):
     monai = small_monai(norm, act, spatial_dims=2).eval()
-    ours = monai_densenet(
-        spatial_dims=2,
-        in_channels=2,
-        out_channels=3,
-        init_features=8,
-        growth_rate=4,
-        block_config=(2, 3),
-        bn_size=2,
-        norm=norm,
-        act=act,
-    )
+    ours = monai_densenet(spatial_dims=2, norm=norm, act=act, **SMALL_MONAI)
     ours.load_state_dict(convert_state_dict(monai.state_dict()))
     x = batch()[0]
     with torch.no_grad():
