@@ -346,38 +346,35 @@ def measure_sync_cost(name: str, setting: Setting, keys: tuple[str, ...], proces
 
 def _sync_worker(rank: int, processes: int, port: int, name: str, setting: Setting, modes: list, queue) -> None:
     """One process of :func:`measure_sync_cost`; rank 0 puts each mode's [plain, synced] step times in ``queue``."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    cuda = setting.device.type == "cuda"
-    setting = replace(setting, device=torch.device("cuda", rank) if cuda else setting.device)
+    from .train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(processes)
     torch.set_num_threads(max(1, torch.get_num_threads() // processes))
-    if cuda:
-        torch.cuda.set_device(setting.device)  # NCCL's barrier and communicators use the current device
-    init = f"tcp://127.0.0.1:{port}"
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=processes)
+    with distributed(setting.device.type) as ctx:
+        setting = replace(setting, device=ctx.device)
 
-    def slowest_step(runner: Runner) -> float:
-        dist.barrier()
-        elapsed = torch.tensor(runner.timed_step(), device=setting.device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        return float(elapsed)
+        def slowest_step(runner: Runner) -> float:
+            ctx.barrier()
+            elapsed = torch.tensor(runner.timed_step(), device=ctx.device)
+            ctx.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+            return float(elapsed)
 
-    timers: dict[Any, Callable[[], float]] = {}
-    for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
-        runner = Runner(Peer(key, key, partial(create_model, name, efficient=common.MODES[key])), setting)
-        network = convert_sync_batchnorm(runner.model) if sync else runner.model  # the same parameters
-        runner.model = DistributedDataParallel(network, device_ids=[rank] if cuda else None)
-        for _ in range(setting.warmup):
-            runner.step()
-        timers[key, sync] = partial(slowest_step, runner)
-    times = interleaved(timers, setting.repeats)
-    if rank == 0:
-        queue.put([[times[key, False], times[key, True]] for key in modes])
-    dist.barrier()  # one process destroying its gloo group while another's threads still run aborts that one
-    del timers, runner
-    gc.collect()  # DDP sits in a reference cycle: left to the interpreter's exit, gloo can abort
-    dist.destroy_process_group()
+        timers: dict[Any, Callable[[], float]] = {}
+        for key, sync in [(key, sync) for key in modes for sync in (False, True)]:
+            runner = Runner(Peer(key, key, partial(create_model, name, efficient=common.MODES[key])), setting)
+            network = convert_sync_batchnorm(runner.model) if sync else runner.model  # the same parameters
+            runner.model = DistributedDataParallel(network, device_ids=[rank] if ctx.device.type == "cuda" else None)
+            for _ in range(setting.warmup):
+                runner.step()
+            timers[key, sync] = partial(slowest_step, runner)
+        times = interleaved(timers, setting.repeats)
+        if rank == 0:
+            queue.put([[times[key, False], times[key, True]] for key in modes])
+        ctx.barrier()  # one process destroying its gloo group while another's threads still run aborts that one
+        del timers, runner
 
 
 def markdown(header: list[str], rows: Iterable[Iterable[object]]) -> str:

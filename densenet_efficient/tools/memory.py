@@ -8,7 +8,7 @@ import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, redirect_stderr, suppress
+from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
 from itertools import accumulate
 from types import SimpleNamespace
@@ -74,51 +74,32 @@ def operator_count(step: Callable[[], object]) -> int:
 
 
 @contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Discard what native code writes to file descriptor 2 inside (the profiler's C++ libraries log their start,
-    stop and every freed block allocated before); Python's ``sys.stderr`` still reaches the terminal."""
+def AllocatorPeak() -> Iterator[Any]:
+    """Context manager whose value's ``peak`` is the bytes the CPU allocator holds inside it above what it held on
+    entry, the largest running sum of ``torch.profiler``'s memory events (``events`` of them): kernels' temporaries
+    and compiled graphs included, which :class:`LiveTensorBytes` does not see. What native code writes to file
+    descriptor 2 inside is discarded (the profiler logs its start, stop and every freed block allocated before);
+    Python's ``sys.stderr`` still reaches the terminal."""
+    from torch.profiler import ProfilerActivity, profile
+
     sys.stderr.flush()
-    saved = os.dup(2)
-    on_fd_2 = False
+    counter, saved, on_fd_2 = SimpleNamespace(peak=0, events=0), os.dup(2), False
     with suppress(AttributeError, OSError, ValueError):  # replaced by a capture (pytest) or an in-memory stream
         on_fd_2 = sys.stderr.fileno() == 2
     try:
-        with (
-            open(saved, "w", closefd=False, errors="backslashreplace") as python,
-            redirect_stderr(python if on_fd_2 else sys.stderr),
-        ):
-            with open(os.devnull, "w") as devnull:
+        with open(saved, "w", closefd=False, errors="backslashreplace") as python:
+            with redirect_stderr(python if on_fd_2 else sys.stderr), open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)
-            yield
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+                    yield counter
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-class AllocatorPeak:
-    """Context manager: ``peak`` bytes the CPU allocator holds inside it above what it held on entry, the largest
-    running sum of ``torch.profiler``'s memory events (``events`` of them): kernels' temporaries and compiled
-    graphs included, which :class:`LiveTensorBytes` does not see."""
-
-    peak = events = 0
-
-    def __enter__(self) -> AllocatorPeak:
-        from torch.profiler import ProfilerActivity, profile
-
-        self._stack = ExitStack()
-        self._stack.enter_context(_native_stderr_silenced())
-        self._profile = self._stack.enter_context(profile(activities=[ProfilerActivity.CPU], profile_memory=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
-        assert self._profile.profiler is not None and self._profile.profiler.kineto_results is not None
-        events: list[Any] = self._profile.profiler.kineto_results.events()  # stubs lack _KinetoEvent.nbytes
-        cpu = torch.autograd.DeviceType.CPU
-        changes = sorted(
-            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu
-        )
-        self.peak, self.events = max(accumulate([0] + [nbytes for _, nbytes in changes])), len(changes)
+    assert profiled.profiler is not None and profiled.profiler.kineto_results is not None
+    events: list[Any] = profiled.profiler.kineto_results.events()  # stubs lack _KinetoEvent.nbytes
+    cpu = torch.autograd.DeviceType.CPU
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+    counter.peak, counter.events = max(accumulate([0] + [nbytes for _, nbytes in changes])), len(changes)
 
 
 def allocator_peak(step: Callable[[], object]) -> int:

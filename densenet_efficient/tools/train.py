@@ -274,12 +274,10 @@ class Trainer:
         if config.resume:
             self._restore()
         # The train loader (DistributedSampler, per-process batches), its sampler and per-process shards of val/test.
-        per_process, remainder = divmod(config.batch_size, ctx.world_size * config.accum_steps)
+        per_process, remainder = divmod(config.batch_size, parts := ctx.world_size * config.accum_steps)
         if remainder:
-            parts = f"({ctx.world_size} x {config.accum_steps} = {ctx.world_size * config.accum_steps})"
-            raise ValueError(
-                f"batch_size {config.batch_size} must be divisible by world size x accumulation steps {parts}"
-            )
+            what = f"world size x accumulation steps ({ctx.world_size} x {config.accum_steps} = {parts})"
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by {what}")
         if (images := len(cast(Sized, self.splits.train))) < config.batch_size:
             raise ValueError(f"the training set has {images} images, fewer than one batch of {config.batch_size}")
         loading: dict[str, Any] = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
@@ -292,13 +290,12 @@ class Trainer:
         if (trained := len(self.train_loader) * config.batch_size) < images and ctx.rank == 0:
             left = f"the other {images - trained}, drawn anew every epoch, are left out: a batch size dividing {images}"
             print(f"each epoch trains on {trained} of the {images} training images in full batches; {left} uses all")
+
+        def shard(data: Any) -> DataLoader:  # this process's part of val or test
+            return DataLoader(Subset(data, range(ctx.rank, len(data), ctx.world_size)), 2 * per_process, **loading)
+
         self.val_loader, self.test_loader = (
-            DataLoader(
-                Subset(data, range(ctx.rank, len(cast(Sized, data)), ctx.world_size)), 2 * per_process, **loading
-            )
-            if data is not None
-            else None
-            for data in (self.splits.val, self.splits.test)
+            None if d is None else shard(d) for d in (self.splits.val, self.splits.test)
         )
         network: nn.Module = convert_sync_batchnorm(self.model) if config.sync_bn else self.model  # in place
         self.ddp = None
