@@ -10,7 +10,6 @@ import ast
 import contextlib
 import csv
 import dataclasses
-import datetime
 import gc
 import hashlib
 import io
@@ -26,6 +25,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,8 +217,7 @@ def distributed(device: str | torch.device | None, timeout: float = 600.0) -> It
         torch.cuda.set_device(target)
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
-        backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     try:
         yield DistContext(rank, world_size, target)
     finally:
@@ -584,7 +583,7 @@ def output_lock(output: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     def name_the_holder(handle: int) -> None:
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        started = datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
 
