@@ -186,15 +186,10 @@ def model_io(model: nn.Module) -> tuple[int, int, int]:
 
 
 def random_batch(
-    batch_size: int,
-    input_size: int,
-    in_chans: int,
-    num_classes: int,
-    spatial_dims: int = 2,
-    device: torch.device | str = "cpu",
+    batch_size: int, side: int, chans: int, num_classes: int, spatial_dims: int = 2, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
-    """Random inputs (N, C) + (input_size,) * spatial_dims and class labels (N,)."""
-    images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
+    """Random inputs (N, chans) + (side,) * spatial_dims and class labels (N,)."""
+    images = torch.randn((batch_size, chans) + (side,) * spatial_dims, device=device)
     return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
 
 

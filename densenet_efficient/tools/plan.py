@@ -25,8 +25,7 @@ from . import common
 from .bench import Setting, markdown, measure
 from .memory import Footprint
 
-_UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
-_UNITS.update({u + "ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")})
+_UNITS = {"b": 1, **{u + s: base ** (i + 1) for i, u in enumerate("kmgt") for s, base in (("b", 1000), ("ib", 1024))}}
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
 MAX_LAYERS = 2**20  # the search for the deepest network stops here
