@@ -2,8 +2,7 @@
 
 The registry's models (``densenet_efficient.list_models(include_aliases=True)``) and ``cifar_densenet`` (any
 depth: ``depth=190, growth_rate=12``); each takes ``pretrained``, ``weights``, ``efficient`` and ``DenseNet``'s
-arguments (``torch.hub.help``). Offline: ``source="local"`` on a checkout (docs/getting-started.md).
-"""
+arguments (``torch.hub.help``). Offline: ``source="local"`` on a checkout (docs/getting-started.md)."""
 
 dependencies = ["torch", "safetensors", "huggingface_hub"]
 

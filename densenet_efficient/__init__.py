@@ -2,8 +2,7 @@
 
 Layers (imports only go down): :mod:`.core` (the autograd chain, model, registry), :mod:`.pretrained` (manifest,
 downloads, loading, saving), :mod:`.models` (``create_model``, the factories), :mod:`.tools` (the commands);
-:mod:`.interop` registers the architectures with timm on request.
-"""
+:mod:`.interop` registers the architectures with timm on request."""
 
 from importlib import metadata as _metadata
 

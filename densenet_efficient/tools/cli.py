@@ -1,8 +1,7 @@
 """The ``densenet-efficient`` command (also ``python -m densenet_efficient``): each subcommand's module provides
 ``add_arguments(parser)`` and ``run(args) -> int``. An error is one line on stderr and exit status 2 (usage: argparse's
 and :class:`~.common.UsageError`), 1 (any other failure) or 130 (Ctrl-C); ``--debug`` or
-``DENSENET_EFFICIENT_DEBUG=1`` shows the traceback instead.
-"""
+``DENSENET_EFFICIENT_DEBUG=1`` shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -56,10 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = subparsers.add_parser(name, help=text, description=text)
         module.add_arguments(subparser)
         subparser.set_defaults(run=module.run)
-    for command in (parser, *subparsers.choices.values()):  # SUPPRESS: `densenet-efficient --debug COMMAND` holds
-        command.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=f"traceback ({DEBUG_ENV}=1)"
-        )
+    for each in (parser, *subparsers.choices.values()):  # SUPPRESS: `densenet-efficient --debug COMMAND` holds
+        each.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=f"traceback ({DEBUG_ENV}=1)")
     return parser
 
 

@@ -161,12 +161,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def input_size(name: str, requested: int | None) -> int:
-    """``requested``, or the input side of model ``name``'s ``pretrained_cfg`` (32 CIFAR, 224 ImageNet, 96 3D);
-    :class:`UsageError` if it is below the network's minimum."""
+    """``requested`` or model ``name``'s input side (32 CIFAR, 224 ImageNet, 96 3D); :class:`UsageError` below its
+    minimum."""
     with torch.device("meta"):
         model = create_model(name, efficient=False)
-    size = requested or model.pretrained_cfg["input_size"][-1]
-    if size < model.min_input_size:
+    if (size := requested or model.pretrained_cfg["input_size"][-1]) < model.min_input_size:
         raise UsageError(f"--input-size {size} is too small for {name}: it needs at least {model.min_input_size}")
     return size
 
@@ -187,15 +186,10 @@ def model_io(model: nn.Module) -> tuple[int, int, int]:
 
 
 def random_batch(
-    batch_size: int,
-    input_size: int,
-    in_chans: int,
-    num_classes: int,
-    spatial_dims: int = 2,
-    device: torch.device | str = "cpu",
+    batch_size: int, side: int, chans: int, num_classes: int, spatial_dims: int = 2, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
-    """Random inputs (N, C) + (input_size,) * spatial_dims and class labels (N,)."""
-    images = torch.randn((batch_size, in_chans) + (input_size,) * spatial_dims, device=device)
+    """Random inputs (N, chans) + (side,) * spatial_dims and class labels (N,)."""
+    images = torch.randn((batch_size, chans) + (side,) * spatial_dims, device=device)
     return images, torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
 
 
@@ -221,12 +215,10 @@ def train_step(
 
 def predict(build: Callable[[], nn.Module], batch_size: int, input_size: int, dtype: str = "fp32") -> Footprint:
     """Footprint of one training step of ``build()`` on a random batch, measured on fake tensors."""
-
-    def setup() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-        model = build()
-        return model, random_batch(batch_size, input_size, *model_io(model))
-
-    return fake_footprint(setup, lambda model, batch: train_step(model, batch[0], batch[1], PRECISIONS[dtype]))
+    return fake_footprint(
+        lambda: (model := build(), random_batch(batch_size, input_size, *model_io(model))),
+        lambda model, batch: train_step(model, batch[0], batch[1], PRECISIONS[dtype]),
+    )
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:

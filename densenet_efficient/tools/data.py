@@ -2,8 +2,7 @@
 ``digits`` (scikit-learn's 8x8 digits, upsampled; 20% test), ``cifar10``/``cifar100`` (torchvision's, in ``--data``)
 and ``imagefolder`` (``DIR/train`` with ``DIR/val`` and/or ``DIR/test``, or a flat ``DIR``: 20% test), each image
 decoded once first (``bad_images``: name the unreadable ones, or skip them). Images are prepared as an
-:class:`~..core.config.InputCfg` says: the dataset's own, or the pretrained weights' when fine-tuning.
-"""
+:class:`~..core.config.InputCfg` says: the dataset's own, or the pretrained weights' when fine-tuning."""
 
 from __future__ import annotations
 
@@ -142,7 +141,6 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
 
     from PIL import Image
     from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     if not root.is_dir():
         raise DatasetNotFoundError(f"no folder {root}: expected an ImageFolder tree (one sub-folder per class)")
@@ -176,11 +174,10 @@ def _imagefolder_splits(root: Path, preprocessing: InputCfg, val_fraction: float
             )
         warnings.warn(f"skipped {len(unreadable)} unreadable images of {len(samples)}: {listing}", stacklevel=3)
 
-    def folder(path: Path, train: bool) -> ImageFolder:
-        def readable(file: str) -> bool:
-            return has_file_allowed_extension(file, IMG_EXTENSIONS) and file not in unreadable
+    readable = set(samples) - unreadable.keys()
 
-        return ImageFolder(path, tfs[0] if train else tfs[1], is_valid_file=readable)
+    def folder(path: Path, train: bool) -> ImageFolder:  # of the images found and decoded above, the readable ones
+        return ImageFolder(path, tfs[0] if train else tfs[1], is_valid_file=readable.__contains__)
 
     train, held_out = folder(train_root, True), folder(train_root, False)
     rest, test_indices = _split(range(len(train)), 0 if named else TEST_FRACTION)

@@ -47,17 +47,13 @@ def run(args: argparse.Namespace) -> int:
             f"the weights have {model.num_classes} classes, {args.dataset} has {len(splits.classes)}: evaluate them on "
             "the dataset they were trained for"
         )
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     progress = Progress("eval", len(loader), unit="batch")
     progress.note(f"{args.dataset} ({args.split}): {len(loader)} batches of up to {args.batch_size} on {device}")
     with contextlib.closing(progress):
-        metrics = evaluate(
-            model, progress.each(loader, "batch"), device, amp=args.amp, channels_last=args.channels_last
-        )
-    result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **metrics}
+        scores = evaluate(model, progress.each(loader, "batch"), device, amp=args.amp, channels_last=args.channels_last)
+    result = {"model": args.model, "weights": args.weights, "dataset": args.dataset, "split": args.split, **scores}
     print(text := json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")

@@ -2,8 +2,7 @@
 
 One training step runs on fake tensors (no device needed), its live tensor bytes counted as ``bench`` counts them on
 CPU; the total is parameters, ``--optimizer-copies`` of them, buffers and the step's peak (on CUDA, cuDNN workspaces
-and the caching allocator come on top). Fake steps settle every answer at its boundary (docs/memory.md).
-"""
+and the caching allocator come on top). Fake steps settle every answer at its boundary (docs/memory.md)."""
 
 from __future__ import annotations
 
@@ -26,12 +25,12 @@ from . import common
 from .bench import Setting, markdown, measure
 from .memory import Footprint
 
-_UNITS = {"b": 1, **{u + "b": 1000 ** (i + 1) for i, u in enumerate("kmgt")}}
-_UNITS.update({u + "ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")})
+_UNITS = {"b": 1, **{u + s: base ** (i + 1) for i, u in enumerate("kmgt") for s, base in (("b", 1000), ("ib", 1024))}}
 FIT_LAYERS = (16, 20, 24)
 CHECK_LAYERS = 28
 MAX_LAYERS = 2**20  # the search for the deepest network stops here
 MAX_SIDE = 2**16  # and the search for the largest input here
+Build = Callable[[], nn.Module]  # a model's constructor, e.g. partial(create_model, name, efficient=mode)
 
 
 def parse_memory(value: str) -> int:
@@ -59,7 +58,7 @@ class Question:
     optimizer_copies: int = 1
     progress: common.Progress | None = field(default=None, compare=False, repr=False)
 
-    def footprint(self, build: Callable[[], nn.Module], batch_size: int | None = None, what: str = "") -> Footprint:
+    def footprint(self, build: Build, batch_size: int | None = None, what: str = "") -> Footprint:
         batch_size = batch_size or self.batch_size
         footprint = common.predict(build, batch_size, self.input_size, self.dtype)
         if self.progress is not None:
@@ -70,11 +69,11 @@ class Question:
             )
         return footprint
 
-    def total(self, build: Callable[[], nn.Module], batch_size: int | None = None) -> int:
+    def total(self, build: Build, batch_size: int | None = None) -> int:
         return self.footprint(build, batch_size).total(self.optimizer_copies)
 
 
-def largest_batch(build: Callable[[], nn.Module], budget: int, question: Question) -> int:
+def largest_batch(build: Build, budget: int, question: Question) -> int:
     """The largest batch whose training total fits in ``budget`` bytes (0: none), from the line through 8 and 16."""
     at_8, at_16 = question.total(build, 8), question.total(build, 16)
     per_image = max((at_16 - at_8) / 8, 1.0)
@@ -84,9 +83,7 @@ def largest_batch(build: Callable[[], nn.Module], budget: int, question: Questio
     return max(batch, 0)
 
 
-def largest_input(
-    build: Callable[[], nn.Module], budget: int, question: Question, smallest: int
-) -> tuple[int, int | None]:
+def largest_input(build: Build, budget: int, question: Question, smallest: int) -> tuple[int, int | None]:
     """The largest input side (at least ``smallest``) whose training total at the question's batch size fits in
     ``budget`` bytes, and that total (``(0, None)``: none), bracketed by doubling, then bisected."""
     total = cache(lambda side: replace(question, input_size=side).total(build))
@@ -162,10 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     modes = {key: common.MODES[key] for key in args.modes}
     builds = {key: partial(create_model, args.model, efficient=mode) for key, mode in modes.items()}
-    family = args.family or "densenet_bc_k12"
-    size, family_size = (
-        common.input_size(name, args.input_size) for name in (args.model, common.family_member(family, 10))
-    )
+    size = common.input_size(args.model, args.input_size)
+    family_size = common.input_size(common.family_member(args.family or "densenet_bc_k12", 10), args.input_size)
     steps = len(modes) * (4 + 8 * args.largest_input + 8 * bool(args.family))  # about that many fake steps
     progress = common.Progress("plan", steps, unit="fake step")
     question = Question(args.batch_size, size, args.dtype, args.optimizer_copies, progress)
@@ -202,9 +197,7 @@ def run(args: argparse.Namespace) -> int:
             side, total = largest_input(builds[key], args.memory, question, smallest)
             result["largest_input"].append({"mode": key, "side": side, "total_bytes": total})
             naive = result["largest_input"][0]["side"] if next(iter(modes)) == "false" else None
-            shape, memory = (
-                (common.input_label(args.model, side), _gib(total)) if side and total else ("none fits", "-")
-            )
+            shape, memory = (common.input_label(args.model, side), _gib(total)) if total else ("none fits", "-")
             table.append([f"efficient={mode!r}", side, shape, memory, f"{side / naive:.2f}" if naive and side else "-"])
         print(f"\nLargest input of {args.model} at batch {args.batch_size}:")
         print(markdown(["mode", "side", "input", "memory", "side x naive"], table))
