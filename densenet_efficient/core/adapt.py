@@ -123,7 +123,7 @@ def _as_transition(module: nn.Module) -> Transition | None:
         return None
     if isinstance(module, nn.Sequential) and list(module._modules) not in _TRANSITION_ORDERS:
         return None
-    return _around(Transition, norm=norm, relu=getattr(module, "relu", None) or _relu(), conv=conv, spatial_dims=dims)
+    return _around(Transition, norm=norm, relu=getattr(module, "relu", None) or _relu(), conv=conv)
 
 
 def _convert_children(parent: nn.Module) -> int:
