@@ -498,6 +498,7 @@ class DenseNet(_Backbone):
         if spatial_dims not in (1, 2, 3) or type(spatial_dims) is not int:
             raise ValueError(f"spatial_dims must be 1, 2 or 3 (signals, images, volumes), got {spatial_dims!r}")
         self.efficient = efficient = check_memory_mode(efficient)
+        global_pool = _check_pool(global_pool, num_classes)
         make_norm, make_act = layer_factory(norm, "norm", spatial_dims), layer_factory(act, "act")
         checked = locals()  # the arguments as checked above
         self.config = {key: checked[key] for key in _CONFIG_KEYS}
