@@ -54,10 +54,6 @@ def _plain_conv(module: object) -> TypeGuard[_ConvNd]:
     )
 
 
-def _acts_computed(module: nn.Module, *names: str) -> bool:  # the children ``names`` (if any)
-    return all(activation(getattr(module, name, None)) is not None for name in names)
-
-
 def _as_dense_layer(module: nn.Module) -> DenseLayer | None:
     """A :class:`DenseLayer` around the modules of ``module`` (returning the new features), or ``None``."""
     norm1, conv1 = getattr(module, "norm1", None), getattr(module, "conv1", None)
@@ -66,7 +62,7 @@ def _as_dense_layer(module: nn.Module) -> DenseLayer | None:
         return None
     if (norm2 is None) != (conv2 is None) or (conv2 is not None and not (_relu_norm(norm2) and _plain_conv(conv2))):
         return None
-    if not _acts_computed(module, "relu1", "relu2"):
+    if any(activation(getattr(module, name, None)) is None for name in ("relu1", "relu2")):
         return None
     names = ["norm1", "relu1", "conv1"] + (["norm2", "relu2", "conv2"] if conv2 is not None else [])
     if isinstance(module, nn.Sequential) and list(module._modules) != names:  # it runs in order: nothing else
@@ -115,7 +111,7 @@ def _as_transition(module: nn.Module) -> Transition | None:
     pool, norm, conv = getattr(module, "pool", None), getattr(module, "norm", None), getattr(module, "conv", None)
     if isinstance(module, Transition) or not _relu_norm(norm) or not _plain_conv(conv):
         return None
-    if not isinstance(pool, _AvgPoolNd) or not _acts_computed(module, "relu"):
+    if not isinstance(pool, _AvgPoolNd) or activation(getattr(module, "relu", None)) is None:
         return None
     dims = conv.weight.dim() - 2
     pooling = ((pool.kernel_size, 2), (pool.stride, 2), (pool.padding, 0))
@@ -123,7 +119,7 @@ def _as_transition(module: nn.Module) -> Transition | None:
         return None
     if isinstance(module, nn.Sequential) and list(module._modules) not in _TRANSITION_ORDERS:
         return None
-    return _around(Transition, norm=norm, relu=getattr(module, "relu", None) or _relu(), conv=conv, spatial_dims=dims)
+    return _around(Transition, norm=norm, relu=getattr(module, "relu", None) or _relu(), conv=conv)
 
 
 def _convert_children(parent: nn.Module) -> int:

@@ -115,14 +115,8 @@ def architecture_cfg(
         inputs = InputCfg(size, (0.0,) * in_chans, (1.0,) * in_chans, 1.0, interpolation)
     else:
         inputs = dataclasses.replace(inputs, interpolation="bicubic").adapt(in_chans, 0)
-    cfg = {
-        **inputs.to_dict(),
-        "min_input_size": (in_chans,) + (min_input_side(stem, num_blocks),) * spatial_dims,
-        "crop_mode": "center",
-        "num_classes": num_classes,
-        "first_conv": "features.conv0",
-        "classifier": "classifier",
-    }
+    cfg = inputs.to_dict() | {"min_input_size": (in_chans,) + (min_input_side(stem, num_blocks),) * spatial_dims}
+    cfg |= dict(crop_mode="center", num_classes=num_classes, first_conv="features.conv0", classifier="classifier")
     return with_pool_sizes(cfg | ({"architecture": architecture} if architecture else {}), stem, num_blocks)
 
 

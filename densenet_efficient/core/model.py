@@ -157,19 +157,16 @@ class Transition(nn.Module):
         super().__init__()
         self.norm, self.relu = (norm or _layer("BatchNorm", spatial_dims))(in_channels), (act or _relu)()
         self.conv = _layer("Conv", spatial_dims)(in_channels, out_channels, kernel_size=1, bias=False)
-        self.spatial_dims, self.efficient = spatial_dims, efficient
+        self.efficient = efficient
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if torch.jit.is_scripting():
-            return _avg_pool(self.conv(self.relu(self.norm(_concat(_feature_list(features))))), self.spatial_dims)
+            x = self.conv(self.relu(self.norm(_concat(_feature_list(features)))))
+            return F.avg_pool1d(x, 2) if x.dim() == 3 else F.avg_pool3d(x, 2) if x.dim() == 5 else F.avg_pool2d(x, 2)
         traced = _record_as_fx_leaf(self, features)
         if traced is not None:
             return traced
         return bn_relu_conv_pool(_feature_list(features), self.norm, self.conv, self.efficient, self, self.relu)
-
-
-def _avg_pool(x: Tensor, spatial_dims: int) -> Tensor:
-    return F.avg_pool1d(x, 2) if spatial_dims == 1 else F.avg_pool3d(x, 2) if spatial_dims == 3 else F.avg_pool2d(x, 2)
 
 
 def _concat(features: List[Tensor]) -> Tensor:
@@ -509,20 +506,22 @@ class DenseNet(_Backbone):
         self.config.update({k: v for k, v, default in (("norm", norm, "batch"), ("act", act, "relu")) if v != default})
         self.in_chans, self.spatial_dims, self.arch_name = in_chans, spatial_dims, arch_name
 
-        conv = _layer("Conv", spatial_dims)
         geometry = dict(kernel_size=7, stride=2, padding=3) if stem == "imagenet" else dict(kernel_size=3, padding=1)
-        stem_layers = [("conv0", conv(in_chans, num_init_features, **geometry, bias=False))]
+        stem_layers = [("conv0", _layer("Conv", spatial_dims)(in_chans, num_init_features, **geometry, bias=False))]
         if stem == "imagenet":
             stem_layers += [("norm0", make_norm(num_init_features)), ("relu0", make_act())]
             stem_layers.append(("pool0", _layer("MaxPool", spatial_dims)(kernel_size=3, stride=2, padding=1)))
         features = DenseFeatures(OrderedDict(stem_layers))
-        num_features = num_init_features
+        # timm's feature levels (channels, reduction, module): the stem, each dense block but the last, the final ReLU
+        levels = [(num_init_features, 2, "relu0") if stem == "imagenet" else (num_init_features, 1, "conv0")]
+        num_features, reduction = num_init_features, 4 if stem == "imagenet" else 1
         stage_args = (efficient, spatial_dims, make_norm, make_act)
         for index, num_layers in enumerate(block_config):
             block = DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, *stage_args)
             features.add_module(f"denseblock{index + 1}", block)
             num_features += num_layers * growth_rate
             if index != len(block_config) - 1:
+                levels.append((num_features, reduction * 2**index, f"denseblock{index + 1}"))
                 out_features = math.floor(num_features * compression)
                 if out_features < 1:
                     raise ValueError(f"compression={compression} leaves no channels after dense block {index + 1}")
@@ -530,10 +529,15 @@ class DenseNet(_Backbone):
                 num_features = out_features
         features.add_module("norm5", make_norm(num_features))
         features.add_module("relu5", make_act())
+        levels.append((num_features, reduction * 2 ** (len(block_config) - 1), "relu5"))
         self.features, self.num_features = features, num_features
         self.reset_classifier(num_classes, global_pool)
         _set_memory_mode(self, efficient)
-        self.feature_info, self.feature_ends = self._feature_levels(stem)
+        self.feature_info = FeatureInfo(
+            dict(num_chs=chs, reduction=r, module=f"features.{name}", index=index)
+            for index, (chs, r, name) in enumerate(levels)
+        )
+        self.feature_ends = [list(features._modules).index(name) for _, _, name in levels]  # their positions
         self.min_input_size = min_input_side(stem, len(block_config))
         # timm's name for what the weights (or, without weights, the architecture) expect as input.
         self.pretrained_cfg = architecture_cfg(
@@ -543,31 +547,10 @@ class DenseNet(_Backbone):
             if isinstance(module, _ConvNd):
                 nn.init.kaiming_normal_(module.weight)
 
-    def _feature_levels(self, stem: str) -> tuple[FeatureInfo, list[int]]:
-        """timm's ``feature_info`` (stem, each dense block but the last, final features) and the positions in
-        ``self.features`` of the modules whose outputs they are."""
-        names = list(self.features._modules)
-        stem_channels = self.features[0].out_channels
-        levels = [(stem_channels, 2, "relu0") if stem == "imagenet" else (stem_channels, 1, "conv0")]
-        reduction = 4 if stem == "imagenet" else 1
-        for name, module in self.features.named_children():
-            if isinstance(module, Transition):
-                levels.append((module.conv.in_channels, reduction, names[names.index(name) - 1]))
-                reduction *= 2
-        levels.append((self.num_features, reduction, "relu5"))
-        info = FeatureInfo(
-            dict(num_chs=chs, reduction=r, module=f"features.{name}", index=index)
-            for index, (chs, r, name) in enumerate(levels)
-        )
-        return info, [names.index(name) for _, _, name in levels]
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch, as memory modes that never raise memory: ``True`` keeps ``True`` or ``"max"`` (the lowest
         memory) and turns ``False`` into ``True``; ``False`` is ``efficient=False``."""
-        if not enable:
-            self.set_efficient(False)
-        elif not self.efficient:
-            self.set_efficient(True)
+        self.set_efficient((self.efficient or True) if enable else False)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's parameter groups (layer-wise learning rates): the stem, then each dense block with its transition

@@ -85,8 +85,7 @@ def from_monai(
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     args = model_args(state_dict)
     if isinstance(source, nn.Module):  # its norm and activation (a state dict holds batch norm and ReLU)
-        stem = source.get_submodule("features")
-        args.update(norm=_norm_spec(stem.get_submodule("norm0")), act=stem.get_submodule("relu0"))
+        args.update(norm=_norm_spec(source.get_submodule("features.norm0")), act=source.get_submodule("features.relu0"))
     name = resolve_model(name or registered_name(args))
     model = DenseNet(**{**architecture(name), **args}, efficient=efficient, arch_name=name)
     model.load_state_dict(convert_state_dict(state_dict), strict=True)

@@ -67,8 +67,7 @@ def optim_in_backward(
             "optim_in_backward cannot wrap DistributedDataParallel: its bucketed all-reduce averages gradients "
             "after the hooks that would step them; train one process, or use an ordinary optimizer step"
         )
-    holding = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    if holding:
+    if holding := [name for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]:
         raise ValueError(
             f"{len(holding)} parameters already hold a gradient (first: {holding[0]}): gradient accumulation over "
             "several backward passes cannot step inside backward; call model.zero_grad(set_to_none=True) first"
