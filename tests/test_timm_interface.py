@@ -54,8 +54,9 @@ def test_global_pool_values_and_errors():
     expected = 0.5 * (features.mean((2, 3)) + features.amax((2, 3)))
     torch.testing.assert_close(model(x), expected)
     assert small("densenet_40_k12", num_classes=0, global_pool="").eval()(x).shape == features.shape
-    with pytest.raises(ValueError, match=r"global_pool.*one of.*'avgmax'.*'mean'"):
-        small("densenet_40_k12", global_pool="mean")
+    for bad in ("mean", None):  # None: the constructor's own check, not an AttributeError later
+        with pytest.raises(ValueError, match=rf"global_pool.*one of.*'avgmax'.*{bad!r}"):
+            small("densenet_40_k12", global_pool=bad)
     with pytest.raises(ValueError, match="global_pool=''.*num_classes=0.*num_classes=10"):
         small("densenet_40_k12", global_pool="")
     assert small("densenet_40_k12").config["global_pool"] == "avg"
