@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_efficient import DenseNet, create_model
 from densenet_efficient.core import compiled_op
-from densenet_efficient.core.functional import _BnReluConvChain, _ConvBnReluMaxPool, _Stage
+from densenet_efficient.core.functional import _BnReluConvChain, _ConvBnReluMaxPool, _MaxPool, _Stage
 from densenet_efficient.core.model import DenseLayer, Transition
 from densenet_efficient.tools.memory import allocator_peak, saved_tensor_bytes
 from tests.model_helpers import freeze_batch_norms
@@ -60,73 +61,82 @@ def test_compiled_model_calls_one_opaque_operator_per_dense_layer_transition_fin
     assert sum("conv_bn_relu_max_pool" in target for target in targets) == stems
 
 
-def _running(kinds, channels):
-    """Running statistics of stages of ``kinds`` normalising ``channels``: those updated, and those read."""
-    pairs = [[torch.randn(width) * 0.1, torch.rand(width) + 0.5] for width in channels]
-    updated = [t for kind, pair in zip(kinds, pairs, strict=True) if kind == compiled_op._TRAIN_UPDATING for t in pair]
-    frozen = [t for kind, pair in zip(kinds, pairs, strict=True) if kind == compiled_op._FROZEN for t in pair]
-    return updated, frozen
+def _stage(kind, channels, geometry=((1, 1), (0, 0), (1, 1)), pool=False):
+    """A stage (groups 1, momentum 0.1, eps 1e-5) of ``kind`` normalising ``channels``: training with its running
+    statistics ("updating") or without ("untracked"), or eval mode ("frozen"); ``geometry``: its convolution's
+    stride, padding and dilation (empty: no convolution)."""
+    running = (None, None) if kind == "untracked" else (torch.randn(channels) * 0.1, torch.rand(channels) + 0.5)
+    return _Stage(*running, 0.1, 1e-5, *geometry, 1, kind != "frozen", pool=pool)
 
 
 # Chains on two feature maps of 5 + 3 channels: a dense layer (BN-ReLU-1x1 conv, BN-ReLU-3x3 conv), a transition
 # (BN-ReLU-1x1 conv, 2x average pooling) and a final norm (BN-ReLU, no convolution).
-CHAINS = ("dense layer", "transition", "final norm")
-
-
-def _chain_arguments(form, kinds, keep_intermediates):
-    """Operator arguments (all but the compute dtype) for a chain of ``form``, its stages of ``kinds``."""
+def _chain_case(form, kinds):
+    """The stages of ``kinds`` and the tensors (parameters, then feature maps) of a chain of ``form``."""
     if form == "dense layer":
+        stages = [_stage(kinds[0], 8), _stage(kinds[1], 6, ((1, 1), (1, 1), (1, 1)))]
         params = [torch.rand(8) + 0.5, torch.randn(8), torch.randn(6, 8, 1, 1)]
         params += [torch.rand(6) + 0.5, torch.randn(6), torch.randn(4, 6, 3, 3)]
-        convolved, pools, channels = [True, True], [False, False], [8, 6]
-        geometry = [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
     else:
-        params = [torch.rand(8) + 0.5, torch.randn(8)] + ([torch.randn(4, 8, 1, 1)] if form == "transition" else [])
-        convolved, pools, channels = [form == "transition"], [form == "transition"], [8]
-        geometry = [1, 1, 0, 0, 1, 1] if form == "transition" else []
-    for param in params:
-        param.requires_grad_(True)
-    features = [torch.randn(2, 5, 6, 6, requires_grad=True), torch.randn(2, 3, 6, 6, requires_grad=True)]
-    updated, frozen = _running(kinds, channels)
-    return (params, convolved, features, updated, frozen, *_scalars(kinds, pools, geometry), keep_intermediates)
+        transition = form == "transition"
+        stages = [_stage(kinds[0], 8, ((1, 1), (0, 0), (1, 1)) if transition else ((), (), ()), transition)]
+        params = [torch.rand(8) + 0.5, torch.randn(8), torch.randn(4, 8, 1, 1) if transition else None]
+    features = [torch.randn(2, 5, 6, 6), torch.randn(2, 3, 6, 6)]
+    return stages, [t if t is None else t.requires_grad_(True) for t in (*params, *features)]
 
 
-def _scalars(kinds, pools, geometry):
-    """The operators' ints and floats for stages of ``kinds`` and ``pools`` (groups 1, momentum 0.1, eps 1e-5)."""
-    ints = [value for kind, pool in zip(kinds, pools, strict=True) for value in (kind, int(pool), 1)]
-    return ints + geometry, [0.1] * len(kinds) + [1e-5] * len(kinds)
+def _stem_case(kind):
+    """The stage, max pooling and tensors (input, convolution weight, norm weight and bias) of a stem: a 3x3 stride-2
+    convolution of 3 to 6 channels (the stem runs in channel runs: several here), a 3x3 stride-2 max pooling."""
+    tensors = [torch.randn(2, 3, 12, 12), torch.randn(6, 3, 3, 3), torch.rand(6) + 0.5, torch.randn(6)]
+    pool = _MaxPool((3, 3), (2, 2), (1, 1), (1, 1), False)
+    return _stage(kind, 6, ((2, 2), (1, 1), (1, 1))), pool, [t.requires_grad_(True) for t in tensors]
 
 
-def _opcheck_backward(monkeypatch, name, forward, arguments):
-    """opcheck the backward operator ``name`` of ``forward`` on what one backward of ``forward(*arguments)`` passes
-    it (the backward operator has no autograd of its own: its backward is never differentiated)."""
-    backward, calls = getattr(compiled_op, name), []
-    monkeypatch.setattr(compiled_op, name, lambda *args: calls.append(args) or backward(*args))
-    forward(*arguments)[0].sum().backward()
-    (call,) = calls
-    torch.library.opcheck(backward, call, test_utils=("test_schema", "test_faketensor"))
+class _OperatorCalls(TorchDispatchMode):
+    """Records the arguments of each call of an operator of this project."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "densenet_efficient":
+            self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def _opcheck(wrapper, *arguments):
+    """opcheck the operator ``wrapper(*arguments)`` calls and its backward operator (which has no autograd of its
+    own: it is never differentiated), on the arguments one forward and backward pass them."""
+    with _OperatorCalls() as recorded:
+        outputs = wrapper(*arguments)
+        (outputs[0] if isinstance(outputs, tuple) else outputs).sum().backward()
+    (forward, forward_arguments), (backward, backward_arguments) = recorded.calls
+    assert str(backward) == str(forward).replace(".default", "_backward.default")
+    torch.library.opcheck(forward, forward_arguments)
+    torch.library.opcheck(backward, backward_arguments, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(
     "form, kinds, keep_intermediates",
     # One case per form in the fast subset (opcheck takes about a second each); the other kinds with the slow tests.
     [
-        ("dense layer", [0, 0], True),
-        pytest.param("dense layer", [2, 2], False, marks=pytest.mark.slow),
-        pytest.param("dense layer", [0, 2], False, marks=pytest.mark.slow),
-        pytest.param("dense layer", [1, 0], True, marks=pytest.mark.slow),
-        ("transition", [0], True),
-        pytest.param("transition", [2], False, marks=pytest.mark.slow),
-        ("final norm", [0], True),
-        pytest.param("final norm", [1], False, marks=pytest.mark.slow),
-        pytest.param("final norm", [2], False, marks=pytest.mark.slow),
+        ("dense layer", ["updating", "updating"], True),
+        pytest.param("dense layer", ["frozen", "frozen"], False, marks=pytest.mark.slow),
+        pytest.param("dense layer", ["updating", "frozen"], False, marks=pytest.mark.slow),
+        pytest.param("dense layer", ["untracked", "updating"], True, marks=pytest.mark.slow),
+        ("transition", ["updating"], True),
+        pytest.param("transition", ["frozen"], False, marks=pytest.mark.slow),
+        ("final norm", ["updating"], True),
+        pytest.param("final norm", ["untracked"], False, marks=pytest.mark.slow),
+        pytest.param("final norm", ["frozen"], False, marks=pytest.mark.slow),
     ],
 )
-def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates, monkeypatch):
+def test_operator_passes_torch_library_opcheck(form, kinds, keep_intermediates):
     # Schema (nothing mutated), fake (shapes-only) kernel, autograd registration, and AOT dispatch.
-    arguments = _chain_arguments(form, kinds, keep_intermediates) + (None,)
-    torch.library.opcheck(compiled_op._chain_op, arguments)
-    _opcheck_backward(monkeypatch, "_chain_backward_op", compiled_op._chain_op, arguments)
+    stages, tensors = _chain_case(form, kinds)
+    _opcheck(compiled_op.bn_relu_conv_chain, stages, keep_intermediates, *tensors)
 
 
 def _reference_stages(stages):
@@ -153,77 +163,69 @@ def _assert_same_running_statistics(stages, reference_stages):
 @pytest.mark.parametrize(
     "form, kinds",
     [
-        ("dense layer", [0, 0]),
-        ("dense layer", [2, 2]),
-        ("dense layer", [0, 2]),
-        ("transition", [0]),
-        ("transition", [2]),
-        ("final norm", [0]),
-        ("final norm", [2]),
+        ("dense layer", ["updating", "updating"]),
+        ("dense layer", ["frozen", "frozen"]),
+        ("dense layer", ["updating", "frozen"]),
+        ("transition", ["updating"]),
+        ("transition", ["frozen"]),
+        ("final norm", ["updating"]),
+        ("final norm", ["frozen"]),
     ],
 )
 @pytest.mark.parametrize("keep_intermediates", [True, False])
 def test_operator_computes_what_the_eager_function_computes(form, kinds, keep_intermediates):
-    arguments = _chain_arguments(form, kinds, keep_intermediates)
-    params, convolved, features, updated, frozen = arguments[:5]
-    tensors = compiled_op._chain_params(params, convolved)
-    stages = compiled_op._stages(tensors, updated, frozen, *arguments[5:7])
-    assert [stage.pool for stage in stages] == arguments[5][1 : 3 * len(kinds) : 3]
-    assert compiled_op._stage_arguments(stages)[2:] == arguments[5:7]  # the arguments describe the stages
+    stages, tensors = _chain_case(form, kinds)
+    inputs = [t for t in tensors if t is not None]
     reference_stages = _reference_stages(stages)
-    expected = _BnReluConvChain.apply(reference_stages, keep_intermediates, *tensors, *features)
+    expected = _BnReluConvChain.apply(reference_stages, keep_intermediates, *tensors)
     grad_output = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, [*params, *features], grad_output)
-    got = compiled_op.bn_relu_conv_chain(stages, keep_intermediates, *tensors, *features)
-    got_grads = torch.autograd.grad(got, [*params, *features], grad_output)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_output)
+    with _OperatorCalls() as recorded:
+        got = compiled_op.bn_relu_conv_chain(stages, keep_intermediates, *tensors)
+        got_grads = torch.autograd.grad(got, inputs, grad_output)
+    assert [str(func) for func, _ in recorded.calls] == [
+        f"densenet_efficient.bn_relu_conv_chain{s}.default" for s in ("", "_backward")
+    ]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
     _assert_same_running_statistics(stages, reference_stages)
 
 
-def _stem_arguments(kind, keep_activation):
-    """Stem operator arguments (all but the compute dtype): a 3x3 stride-2 convolution of 3 to 6 channels (the
-    stem runs in channel runs: several here), its norm of ``kind``, a 3x3 stride-2 max pooling."""
-    x = torch.randn(2, 3, 12, 12, requires_grad=True)
-    params = [torch.randn(6, 3, 3, 3), torch.rand(6) + 0.5, torch.randn(6)]
-    for param in params:
-        param.requires_grad_(True)
-    updated, frozen = _running([kind], [6])
-    stage = _scalars([kind], [False], [2, 2, 1, 1, 1, 1])  # geometry: stride, padding, dilation
-    max_pool = [3, 3, 2, 2, 1, 1, 1, 1]  # kernel size, stride, padding, dilation
-    return (x, *params, updated, frozen, *stage, max_pool, False, keep_activation)
-
-
 @pytest.mark.parametrize(
     "kind, keep_activation",
-    [(0, True), *(pytest.param(*case, marks=pytest.mark.slow) for case in [(0, False), (1, False), (2, True)])],
+    [
+        ("updating", True),
+        *(
+            pytest.param(*case, marks=pytest.mark.slow)
+            for case in [("updating", False), ("untracked", False), ("frozen", True)]
+        ),
+    ],
 )
-def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation, monkeypatch):
-    arguments = _stem_arguments(kind, keep_activation) + (None,)
-    torch.library.opcheck(compiled_op._stem_op, arguments)
-    _opcheck_backward(monkeypatch, "_stem_backward_op", compiled_op._stem_op, arguments)
+def test_stem_operator_passes_torch_library_opcheck(kind, keep_activation):
+    stage, pool, tensors = _stem_case(kind)
+    _opcheck(compiled_op.conv_bn_relu_max_pool, stage, pool, keep_activation, *tensors)
 
 
-@pytest.mark.parametrize("kind", [0, 2])
+@pytest.mark.parametrize("kind", ["updating", "frozen"])
 @pytest.mark.parametrize("keep_activation", [True, False])
 def test_stem_operator_computes_what_the_eager_function_computes(kind, keep_activation):
-    arguments = _stem_arguments(kind, keep_activation)
-    x, conv_weight, norm_weight, norm_bias, updated, frozen = arguments[:6]
-    tensors = [x, conv_weight, norm_weight, norm_bias]
-    stages = compiled_op._stages((norm_weight, norm_bias, conv_weight), updated, frozen, *arguments[6:8])
-    pool = compiled_op._max_pool(*arguments[8:10])
-    reference_stages = _reference_stages(stages)
+    stage, pool, tensors = _stem_case(kind)
+    reference_stages = _reference_stages([stage])
     expected = _ConvBnReluMaxPool.apply(reference_stages[0], pool, keep_activation, *tensors)
     expected = expected if keep_activation else (expected,)
     grads = [torch.randn_like(t) for t in expected]
     expected_grads = torch.autograd.grad(expected, tensors, grads)
-    got = compiled_op.conv_bn_relu_max_pool(stages[0], pool, keep_activation, *tensors)
-    got = got if keep_activation else (got,)
-    got_grads = torch.autograd.grad(got, tensors, grads)
+    with _OperatorCalls() as recorded:
+        got = compiled_op.conv_bn_relu_max_pool(stage, pool, keep_activation, *tensors)
+        got = got if keep_activation else (got,)
+        got_grads = torch.autograd.grad(got, tensors, grads)
+    assert [str(func) for func, _ in recorded.calls] == [
+        f"densenet_efficient.conv_bn_relu_max_pool{s}.default" for s in ("", "_backward")
+    ]
     for got_tensor, expected_tensor in zip((*got, *got_grads), (*expected, *expected_grads), strict=True):
         torch.testing.assert_close(got_tensor, expected_tensor, rtol=0, atol=0)
-    _assert_same_running_statistics(stages, reference_stages)
+    _assert_same_running_statistics([stage], reference_stages)
 
 
 def test_synchronized_batch_norms_fall_back_to_the_traced_function_with_a_warning(monkeypatch):
@@ -235,7 +237,7 @@ def test_synchronized_batch_norms_fall_back_to_the_traced_function_with_a_warnin
     with pytest.warns(UserWarning, match="synchronized batch norms.*compiler's choice"):
         compiled_op.bn_relu_conv_chain([stage], True, feature)
     with pytest.warns(UserWarning, match="synchronized batch norms.*compiler's choice"):
-        compiled_op.conv_bn_relu_max_pool(stage, compiled_op._max_pool([3, 3, 2, 2, 1, 1, 1, 1], False), False, feature)
+        compiled_op.conv_bn_relu_max_pool(stage, _MaxPool((3, 3), (2, 2), (1, 1), (1, 1), False), False, feature)
     assert len(calls) == 2
 
 

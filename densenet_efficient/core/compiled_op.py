@@ -8,10 +8,11 @@ and ``densenet_efficient::conv_bn_relu_max_pool`` for ``_ConvBnReluMaxPool`` (th
 fuses around them but cannot see inside, and saves what ``setup_context`` saves: what the eager function saves.
 Each backward is an operator too (``..._backward``; traced, inductor kept more alive than eager). Both run the
 eager functions' own code on a stand-in context (the same values) on tensors in the layout inductor gives them
-(``flexible_layout``: no copy of a channels-last map per operator). Arguments are tensors and plain values
-(:func:`_stage_arguments`); each returns its output(s), the updated running statistics (copies), then the tensors
-its forward saved that are not inputs. Synchronized batch norms and ``torch.export`` trace the function itself
-(:func:`_falls_back`); ``torch.compile`` refuses double backward of a compiled model.
+(``flexible_layout``: no copy of a channels-last map per operator). Arguments (:func:`_stage_arguments`): the
+function's tensors, running statistics, ints and floats; each returns the updated running statistics (copies),
+the function's output(s), then the tensors its forward saved that are not inputs. Synchronized batch norms and
+``torch.export`` trace the function itself (:func:`_falls_back`); ``torch.compile`` refuses double backward of a
+compiled model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,8 +32,10 @@ _TRAIN_UPDATING = 0  # batch statistics, running statistics updated (training, t
 _TRAIN_UNTRACKED = 1  # batch statistics, no running statistics (training without tracking; eval without them)
 _FROZEN = 2  # running statistics read (eval mode)
 
-# By the operator's structure, where each tensor its forward saves comes from (see _save_layout).
-_LAYOUTS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
+# By the operator's structure: its number of results, and where each tensor its forward saves comes from (an index
+# into its tensors, frozen statistics and extra outputs; None for None). The forward (real or fake, which runs
+# first) records it for setup_context: the functions save by structure, not values.
+_LAYOUTS: dict[tuple[Any, ...], tuple[int, tuple[int | None, ...]]] = {}
 
 
 class _ForwardContext:
@@ -44,8 +47,8 @@ class _ForwardContext:
 
 def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tensor], list[int], list[float]]:
     """The operator arguments that describe ``stages``: updated and frozen running statistics, ints (per stage its
-    kind, pooling and groups, then each stage's stride, padding and dilation: none without convolution) and floats
-    (each stage's momentum, then each one's eps)."""
+    kind, pooling, groups and spatial dimensions, none without convolution; then each stage's stride, padding and
+    dilation) and floats (each stage's momentum, then each one's eps)."""
     updated: list[Tensor] = []
     frozen: list[Tensor] = []
     ints: list[int] = []
@@ -56,37 +59,38 @@ def _stage_arguments(stages: Sequence[_Stage]) -> tuple[list[Tensor], list[Tenso
             ints.append(_TRAIN_UPDATING if stage.batch_stats else _FROZEN)
         else:
             ints.append(_TRAIN_UNTRACKED)
-        ints += (int(stage.pool), stage.groups)
+        ints += (int(stage.pool), stage.groups, len(stage.stride))
         geometry += (*stage.stride, *stage.padding, *stage.dilation)
     return updated, frozen, ints + geometry, [s.momentum for s in stages] + [s.eps for s in stages]
 
 
 def _stages(
-    params: Sequence[Tensor | None],
-    updated: Sequence[Tensor],
-    frozen: Sequence[Tensor],
-    ints: list[int],
-    floats: list[float],
-) -> tuple[_Stage, ...]:
-    """The stages the operator's arguments describe (see :func:`_stage_arguments`); ``params``: norm weight, norm
-    bias and convolution weight per stage, whose convolution weights give the geometry's dimensions. Empty
-    ``updated`` and ``frozen``: stages without running statistics, for backward (it reads the saved ones)."""
+    updated: Sequence[Tensor], frozen: Sequence[Tensor], ints: list[int], floats: list[float]
+) -> tuple[tuple[_Stage, ...], list[int]]:
+    """The stages the operator's arguments describe (see :func:`_stage_arguments`), and the ints after theirs.
+    Empty ``updated`` and ``frozen``: stages without running statistics, for backward (it reads the saved ones)."""
     stages = []
     running = {_TRAIN_UPDATING: iter(updated), _FROZEN: iter(frozen)}
     num_stages = len(floats) // 2
-    start = 3 * num_stages
+    start = 4 * num_stages
     for index in range(num_stages):
-        kind, pool, groups = ints[3 * index : 3 * index + 3]
+        kind, pool, groups, dims = ints[4 * index : 4 * index + 4]
         mean, var = (next(running[kind], None), next(running[kind], None)) if kind in running else (None, None)
-        conv_weight = params[3 * index + 2]
-        dims = 0 if conv_weight is None else conv_weight.dim() - 2
         stride, padding, dilation = (tuple(ints[start + k * dims : start + (k + 1) * dims]) for k in range(3))
         start += 3 * dims
         momentum, eps = floats[index], floats[num_stages + index]
         stages.append(
             _Stage(mean, var, momentum, eps, stride, padding, dilation, groups, kind != _FROZEN, pool=bool(pool))
         )
-    return tuple(stages)
+    return tuple(stages), ints[start:]
+
+
+def _with_gaps(items: Sequence[Any], stages: Sequence[_Stage], gap: Any) -> list[Any]:
+    """``items``, one per tensor the eager function takes, with ``gap`` for the convolution weight of each stage
+    without convolution (a chain's: its parameters come first, norm weight, norm bias, convolution weight)."""
+    gaps = {3 * index + 2 for index, stage in enumerate(stages) if not stage.stride}
+    remaining = iter(items)
+    return [gap if index in gaps else next(remaining) for index in range(len(items) + len(gaps))]
 
 
 def _falls_back(stages: Sequence[_Stage]) -> bool:
@@ -105,38 +109,7 @@ def _falls_back(stages: Sequence[_Stage]) -> bool:
     return False
 
 
-def _save_layout(key: tuple[Any, ...], saved: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> list[Tensor]:
-    """Record under ``key`` where each of the ``saved`` tensors comes from: ``("input", i)``, the operator's
-    ``inputs[i]`` (``None`` too), or ``("extra", j)``, the j-th extra output. The forward (real or fake, which runs
-    first) records it for setup_context: the functions save by structure, not values. Returns the extra outputs
-    (their number completes the key: the stem saves one tensor per channel run)."""
-    positions = {id(t): index for index, t in enumerate(inputs)}
-    layout: list[tuple[str, int]] = []
-    extras: list[Tensor] = []
-    for tensor in saved:
-        if id(tensor) in positions:
-            layout.append(("input", positions[id(tensor)]))
-        else:
-            assert tensor is not None
-            layout.append(("extra", len(extras)))
-            extras.append(tensor)
-    _LAYOUTS[key + (len(extras),)] = tuple(layout)
-    return extras
-
-
-def _saved(key: tuple[Any, ...], inputs: Sequence[Tensor | None], extras: Sequence[Tensor]) -> list[Tensor | None]:
-    """The tensors the forward saved, from the operator's inputs and extra outputs, as :func:`_save_layout`
-    recorded them."""
-    return [inputs[i] if source == "input" else extras[i] for source, i in _LAYOUTS[key + (len(extras),)]]
-
-
-def _no_gradients(inputs: Sequence[Any]) -> list[Any]:
-    """A gradient of nothing for each operator input, structured as ``torch.library`` expects: a list of ``None``
-    for a list of tensors (an empty list too), else ``None``."""
-    return [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None for a in inputs]
-
-
-def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
+def _custom_op(name: str, impl: Callable[..., list[Tensor]]) -> Any:
     """``impl`` as the operator ``densenet_efficient::name``, ``impl`` itself on fake tensors (shapes only)."""
     operator = torch.library.custom_op(
         f"densenet_efficient::{name}", impl, mutates_args=(), tags=torch.Tag.flexible_layout
@@ -145,95 +118,108 @@ def _operator(name: str, impl: Callable[..., list[Tensor]]) -> Any:
     return operator
 
 
-# --------------------------------------------------------------------------------------- BN-ReLU-Conv chains
+def _operator(
+    name: str, function: type[torch.autograd.Function], arguments: Callable[[Any, list[int]], dict[str, Any]]
+) -> Any:
+    """``function`` as the operator ``densenet_efficient::name`` with its backward ``..._backward``; ``arguments``:
+    the function's arguments before its tensors from the stages and the ints after theirs, by the names its forward
+    gives them on its context."""
+
+    def forward(
+        tensors: list[Tensor],
+        updated: list[Tensor],
+        frozen: list[Tensor],
+        ints: list[int],
+        floats: list[float],
+        compute_dtype: torch.dtype | None,
+    ) -> list[Tensor]:
+        # A functional operator (autograd cannot be registered for a mutating one): training norms update copies of
+        # their running statistics, returned for the caller to copy back once.
+        updated = [t.clone() for t in updated]
+        stages, tail = _stages(updated, frozen, ints, floats)
+        context = _ForwardContext()
+        device_type = tensors[0].device.type  # the caller's autocast state again: the compute dtype's source
+        with torch.autocast(device_type, dtype=compute_dtype) if compute_dtype else autocast_off(device_type):
+            results = function.forward(context, *arguments(stages, tail).values(), *_with_gaps(tensors, stages, None))
+        results = list(results) if isinstance(results, tuple) else [results]
+        inputs = (*tensors, *frozen)
+        extras = [t for t in context.saved if t is not None and all(t is not i for i in inputs)]
+        positions = {id(t): index for index, t in enumerate((*inputs, *extras))}
+        layout = tuple(None if t is None else positions[id(t)] for t in context.saved)
+        outputs = [*updated, *results, *extras]
+        _LAYOUTS[(name, len(tensors), tuple(ints), len(outputs))] = (len(results), layout)
+        return outputs
+
+    def backward_op(
+        grads: list[Tensor],
+        saved: list[Tensor | None],
+        ints: list[int],
+        floats: list[float],
+        compute_dtype: torch.dtype | None,
+        needs_input_grad: list[bool],
+    ) -> list[Tensor]:
+        """The gradients ``needs_input_grad`` asks for, by the eager function's backward from what it saved."""
+        stages, tail = _stages([], [], ints, floats)
+        leading = arguments(stages, tail)
+        needs = _with_gaps(needs_input_grad, stages, False)
+        context = SimpleNamespace(
+            saved_tensors=tuple(saved),
+            needs_input_grad=(False,) * len(leading) + tuple(needs),
+            compute_dtype=compute_dtype,
+            num_inputs=len(needs) - 3 * len(stages),  # the chain's feature maps
+            **leading,
+        )
+        # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
+        with torch.no_grad():
+            gradients = function.backward(context, *grads)[len(leading) :]
+        return [grad for grad, needed in zip(gradients, needs, strict=True) if needed]
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+        tensors, updated, frozen, ints, floats, compute_dtype = inputs
+        num_results, layout = _LAYOUTS[(name, len(tensors), tuple(ints), len(output))]
+        ctx.results = slice(len(updated), len(updated) + num_results)
+        # Running statistics and saved tensors: no gradient flows back.
+        ctx.mark_non_differentiable(*output[: ctx.results.start], *output[ctx.results.stop :])
+        available = (*tensors, *frozen, *output[ctx.results.stop :])
+        ctx.save_for_backward(*(None if index is None else available[index] for index in layout))
+        ctx.arguments = (ints, floats, compute_dtype)
+        ctx.needs = [t.requires_grad for t in tensors]
+        ctx.no_gradients = ([None] * len(updated), [None] * len(frozen), None, None, None)
+
+    def backward(ctx: Any, grads: list[Tensor]) -> tuple[Any, ...]:
+        computed = iter(backward_operator(grads[ctx.results], list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
+        return [next(computed) if needed else None for needed in ctx.needs], *ctx.no_gradients
+
+    backward_operator = _custom_op(f"{name}_backward", backward_op)
+    operator = _custom_op(name, forward)
+    operator.register_autograd(backward, setup_context=setup_context)
+    return operator
 
 
-def _chain_params(params: Sequence[Tensor], convolved: Sequence[bool]) -> list[Tensor | None]:
-    """The eager function's parameters, norm weight, norm bias and convolution weight per stage (``None`` for a
-    stage without convolution), from the operator's: a list of tensors only (autograd is registered for lists of
-    tensors, not of optional ones), and per stage whether it has a convolution."""
-    tensors = iter(params)
-    return [t for has_conv in convolved for t in (next(tensors), next(tensors), next(tensors) if has_conv else None)]
+def _stem_arguments(stages: Sequence[_Stage], tail: list[int]) -> dict[str, Any]:
+    """The stem's stage, max pooling and ``keep_activation``; ``tail``: the pooling's kernel size, stride, padding
+    and dilation (one per spatial dimension), ``ceil_mode``, ``keep_activation``."""
+    dims = (len(tail) - 2) // 4
+    kernel_size, stride, padding, dilation = (tuple(tail[k * dims : (k + 1) * dims]) for k in range(4))
+    pool = _MaxPool(kernel_size, stride, padding, dilation, bool(tail[-2]))
+    return dict(stage=stages[0], pool=pool, keep_activation=bool(tail[-1]))
 
 
-def _chain_impl(
-    params: list[Tensor],
-    convolved: list[bool],
-    features: list[Tensor],
-    updated: list[Tensor],
-    frozen: list[Tensor],
-    ints: list[int],
-    floats: list[float],
-    keep_intermediates: bool,
-    compute_dtype: torch.dtype | None,
-) -> list[Tensor]:
-    """The chain's output, the updated running statistics (for ``updated``), then the tensors saved for backward
-    that are not inputs (see the module's docstring)."""
-    # A functional operator (autograd cannot be registered for a mutating one): training norms update copies of
-    # their running statistics, returned for the caller to copy back once.
-    updated = [t.clone() for t in updated]
-    chain_params = _chain_params(params, convolved)
-    stages = _stages(chain_params, updated, frozen, ints, floats)
-    context = _ForwardContext()
-    device_type = features[0].device.type  # the caller's autocast state again: the compute dtype's source
-    with torch.autocast(device_type, dtype=compute_dtype) if compute_dtype else autocast_off(device_type):
-        # A None parameter: the convolution weight of a stage without convolution.
-        output = _BnReluConvChain.forward(context, stages, keep_intermediates, *chain_params, *features)  # type: ignore[arg-type]
-    key = ("chain", tuple(convolved), len(features), tuple(ints), keep_intermediates)
-    extras = _save_layout(key, context.saved, (*chain_params, *features, *frozen))
-    return [output, *updated, *extras]
+_chain_op = _operator(
+    "bn_relu_conv_chain", _BnReluConvChain, lambda stages, tail: dict(stages=stages, keep_intermediates=bool(tail[0]))
+)
+_stem_op = _operator("conv_bn_relu_max_pool", _ConvBnReluMaxPool, _stem_arguments)
 
 
-_chain_op = _operator("bn_relu_conv_chain", _chain_impl)
-
-
-def _chain_backward_impl(
-    grad_output: Tensor,
-    saved: list[Tensor | None],
-    ints: list[int],
-    floats: list[float],
-    keep_intermediates: bool,
-    compute_dtype: torch.dtype | None,
-    num_inputs: int,
-    needs_input_grad: list[bool],
-) -> list[Tensor]:
-    """The gradients ``needs_input_grad`` asks for, of the eager function's parameters then feature maps, by its
-    backward from the tensors its forward saved (``saved``: parameters first)."""
-    stages = _stages(saved[: 3 * (len(floats) // 2)], [], [], ints, floats)
-    needs = (False, False, *needs_input_grad)
-    attributes = dict(stages=stages, keep_intermediates=keep_intermediates, compute_dtype=compute_dtype)
-    context = SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, num_inputs=num_inputs, **attributes)
-    # The compiled backward is never differentiated again (torch.compile refuses create_graph=True).
-    with torch.no_grad():
-        gradients = _BnReluConvChain.backward(context, grad_output)[2:]
-    return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
-
-
-_chain_backward_op = _operator("bn_relu_conv_chain_backward", _chain_backward_impl)
-
-
-def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    params, convolved, features, updated, frozen, *arguments = inputs
-    ctx.mark_non_differentiable(*output[1:])  # running statistics and saved tensors: no gradient flows back
-    key = ("chain", tuple(convolved), len(features), tuple(arguments[0]), arguments[2])
-    chain_params = _chain_params(params, convolved)
-    ctx.save_for_backward(*_saved(key, (*chain_params, *features, *frozen), output[1 + len(updated) :]))
-    ctx.arguments = (*arguments, len(features))
-    ctx.needs = [t is not None and t.requires_grad for t in (*chain_params, *features)]
-    ctx.chain_present = [t is not None for t in chain_params]
-    ctx.no_gradients = _no_gradients(inputs)
-
-
-def _chain_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
-    assert grads[0] is not None, "backward reached the chain without a gradient for its output"
-    computed = iter(_chain_backward_op(grads[0], list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
-    gradients = [next(computed) if needed else None for needed in ctx.needs]
-    present = ctx.chain_present
-    param_grads = [grad for grad, is_param in zip(gradients[: len(present)], present, strict=True) if is_param]
-    return param_grads, ctx.no_gradients[1], gradients[len(present) :], *ctx.no_gradients[3:]
-
-
-_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
+def _run(operator: Any, stages: Sequence[_Stage], tail: list[int], tensors: Sequence[Tensor | None]) -> list[Tensor]:
+    """The outputs of the eager function of ``operator`` on ``stages``, ``tensors`` and the ints ``tail``."""
+    updated, frozen, ints, floats = _stage_arguments(stages)
+    present = [t for t in tensors if t is not None]
+    outputs = operator(present, updated, frozen, ints + tail, floats, autocast_dtype(present[0].device.type))
+    with torch.no_grad():  # the updated running statistics into the buffers, once per forward as in eager
+        for running, value in zip(updated, outputs, strict=False):
+            running.copy_(value)
+    return outputs[len(updated) :]
 
 
 def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tensors: Tensor | None) -> Tensor:
@@ -241,110 +227,7 @@ def bn_relu_conv_chain(stages: Sequence[_Stage], keep_intermediates: bool, *tens
     :func:`_falls_back` for when the function itself runs, traced through by the compiler)."""
     if _falls_back(stages):
         return _BnReluConvChain.apply(stages, keep_intermediates, *tensors)
-    num_params = 3 * len(stages)
-    convolved = [tensors[index] is not None for index in range(2, num_params, 3)]
-    params = [t for t in tensors[:num_params] if t is not None]
-    features = cast(list[Tensor], list(tensors[num_params:]))
-    arguments = _stage_arguments(stages)
-    outputs = _chain_op(
-        params, convolved, features, *arguments, keep_intermediates, autocast_dtype(features[0].device.type)
-    )
-    with torch.no_grad():  # the updated running statistics into the buffers, once per forward as in eager
-        for running, value in zip(arguments[0], outputs[1:], strict=False):
-            running.copy_(value)
-    return outputs[0]
-
-
-# ------------------------------------------------------------------------------------------------- the stem
-
-
-def _max_pool(geometry: Sequence[int], ceil_mode: bool) -> _MaxPool:
-    """The :class:`_MaxPool` of ``geometry``: kernel size, stride, padding, dilation, one per spatial dimension."""
-    dims = len(geometry) // 4
-    kernel_size, stride, padding, dilation = (tuple(geometry[k * dims : (k + 1) * dims]) for k in range(4))
-    return _MaxPool(kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def _stem_impl(
-    x: Tensor,
-    conv_weight: Tensor,
-    norm_weight: Tensor,
-    norm_bias: Tensor,
-    updated: list[Tensor],
-    frozen: list[Tensor],
-    ints: list[int],
-    floats: list[float],
-    max_pool: list[int],
-    ceil_mode: bool,
-    keep_activation: bool,
-    compute_dtype: torch.dtype | None,
-) -> list[Tensor]:
-    """The pooled output, the BN-ReLU output if ``keep_activation``, the updated running statistics (for
-    ``updated``), then the tensors saved for backward that are not inputs (see the module's docstring)."""
-    updated = [t.clone() for t in updated]  # functional, as the chain's operator
-    params = (norm_weight, norm_bias, conv_weight)
-    (stage,) = _stages(params, updated, frozen, ints, floats)
-    context = _ForwardContext()
-    device_type = x.device.type  # as the chain's
-    with torch.autocast(device_type, dtype=compute_dtype) if compute_dtype else autocast_off(device_type):
-        outputs = _ConvBnReluMaxPool.forward(
-            context, stage, _max_pool(max_pool, ceil_mode), keep_activation, x, conv_weight, norm_weight, norm_bias
-        )
-    key = ("stem", tuple(ints), keep_activation)
-    extras = _save_layout(key, context.saved, (x, conv_weight, norm_weight, norm_bias, *frozen))
-    return [*(outputs if keep_activation else (outputs,)), *updated, *extras]
-
-
-_stem_op = _operator("conv_bn_relu_max_pool", _stem_impl)
-
-
-def _stem_backward_impl(
-    grad_output: Tensor,
-    grad_activation: Tensor | None,
-    saved: list[Tensor],
-    ints: list[int],
-    floats: list[float],
-    max_pool: list[int],
-    ceil_mode: bool,
-    keep_activation: bool,
-    compute_dtype: torch.dtype | None,
-    needs_input_grad: list[bool],
-) -> list[Tensor]:
-    """The gradients ``needs_input_grad`` asks for, of the input, convolution weight, norm weight and norm bias,
-    by the eager function's backward from the tensors its forward saved (``saved``), as the chain's."""
-    (stage,) = _stages((saved[2], saved[3], saved[1]), [], [], ints, floats)
-    pool = _max_pool(max_pool, ceil_mode)
-    needs = (False, False, False, *needs_input_grad)
-    attributes = dict(stage=stage, pool=pool, compute_dtype=compute_dtype)
-    context = SimpleNamespace(saved_tensors=tuple(saved), needs_input_grad=needs, **attributes)
-    with torch.no_grad():
-        gradients = _ConvBnReluMaxPool.backward(context, grad_output, grad_activation)[3:]
-    return [grad for grad, needed in zip(gradients, needs_input_grad, strict=True) if needed]
-
-
-_stem_backward_op = _operator("conv_bn_relu_max_pool_backward", _stem_backward_impl)
-
-
-def _stem_setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    x, conv_weight, norm_weight, norm_bias, updated, frozen, *arguments = inputs
-    num_outputs = 2 if arguments[-2] else 1  # keep_activation
-    ctx.mark_non_differentiable(*output[num_outputs:])
-    key = ("stem", tuple(arguments[0]), arguments[-2])
-    tensors = (x, conv_weight, norm_weight, norm_bias)
-    ctx.save_for_backward(*_saved(key, (*tensors, *frozen), output[num_outputs + len(updated) :]))
-    ctx.arguments = arguments
-    ctx.needs = [t.requires_grad for t in tensors]
-    ctx.no_gradients = _no_gradients(inputs)
-
-
-def _stem_backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
-    assert grads[0] is not None, "backward reached the stem without a gradient for its output"
-    grad_activation = grads[1] if ctx.arguments[-2] else None  # keep_activation
-    computed = iter(_stem_backward_op(grads[0], grad_activation, list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
-    return (*(next(computed) if needed else None for needed in ctx.needs), *ctx.no_gradients[4:])
-
-
-_stem_op.register_autograd(_stem_backward, setup_context=_stem_setup_context)
+    return _run(_chain_op, stages, [int(keep_intermediates)], tensors)[0]
 
 
 def conv_bn_relu_max_pool(
@@ -354,10 +237,6 @@ def conv_bn_relu_max_pool(
     opaque operator; falls back as :func:`bn_relu_conv_chain` does."""
     if _falls_back([stage]):
         return _ConvBnReluMaxPool.apply(stage, pool, keep_activation, x, *params)
-    arguments = _stage_arguments([stage])
-    pooling = ([*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation], pool.ceil_mode)
-    outputs = _stem_op(x, *params, *arguments, *pooling, keep_activation, autocast_dtype(x.device.type))
-    with torch.no_grad():  # as the chain's
-        for running, value in zip(arguments[0], outputs[2 if keep_activation else 1 :], strict=False):
-            running.copy_(value)
+    tail = [*pool.kernel_size, *pool.stride, *pool.padding, *pool.dilation, int(pool.ceil_mode), int(keep_activation)]
+    outputs = _run(_stem_op, [stage], tail, (x, *params))
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]
