@@ -8,6 +8,7 @@ deserialised; a ``config.json`` is checked before anything is built (:func:`pars
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -70,15 +71,10 @@ class PretrainedWeights:
     def load_into(self, model: nn.Module) -> nn.Module:
         """Load the tensors into ``model`` (:func:`load_state_dict_into`) and set its ``pretrained_cfg``."""
         load_state_dict_into(model, self.read(), self.source, check_values=not self.vouched)
-        if isinstance(model, DenseNet):
-            model.pretrained_cfg = model_pretrained_cfg(model, self.pretrained_cfg)
+        if isinstance(model, DenseNet):  # the weights' cfg over the architecture's, adapted to the model
+            cfg = {**model.pretrained_cfg, **self.pretrained_cfg}
+            model.pretrained_cfg = adapt_cfg(cfg, model.in_chans, model.num_classes)
         return model
-
-
-def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``model.pretrained_cfg`` once weights of ``weights_cfg`` are loaded: theirs over the architecture's, adapted
-    to the model's input channels and classes."""
-    return adapt_cfg({**model.pretrained_cfg, **weights_cfg}, model.in_chans, model.num_classes)
 
 
 def resolve_weights(
@@ -139,14 +135,12 @@ def _hub_weights(name: str, reference: str, cache_dir: Any, endpoint: str | None
         raise UnknownWeightsError(
             f"Invalid Hub repo id {repo_id!r} (not 'org/name'): expected 'hf-hub:org/name[@revision]'"
         ) from None
-    options: dict[str, Any] = dict(cache_dir=cache_dir, endpoint=endpoint)
-    config_path, config = fetch_hub_bytes(
-        repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options
-    )
+    fetch = functools.partial(fetch_hub_bytes, repo_id, cache_dir=cache_dir, endpoint=endpoint)
+    config_path, config = fetch(CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES)
     where = f"{reference} ({CONFIG_FILENAME})"
     model_args, input_cfg = parse_config(name, _config_of(config, where), where)
     commit = Path(config_path).parent.name  # snapshots/<commit>/: the weights of that same commit
-    state_dict = read_state_dict(*fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, **options))
+    state_dict = read_state_dict(*fetch(WEIGHTS_FILENAME, revision=commit))
     check_shapes(name, model_args, state_dict, where)
     input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
     return PretrainedWeights(reference, model_args, lambda: state_dict, input_cfg)
@@ -162,8 +156,7 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
             f"file not found: {file or folder / WEIGHTS_FILENAME}; pass a tag of {name!r}, a file, a saved folder or "
             "'hf-hub:org/name'"
         )
-    config_file = folder / CONFIG_FILENAME
-    config = {}
+    config_file, config = folder / CONFIG_FILENAME, {}
     if os.path.lexists(config_file):
         config = _config_of(read_regular_file(config_file, _MAX_CONFIG_BYTES, InvalidConfigError), str(config_file))
     data = read_regular_file(file, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
@@ -303,9 +296,7 @@ def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
         for layer in range(layers):
             width = channels + layer * growth
             norms += width + bn_size * growth
-            convs += (
-                width * bn_size * growth + bn_size * growth * growth * kernel if bn_size else width * growth * kernel
-            )
+            convs += growth * (width * bn_size + bn_size * growth * kernel if bn_size else width * kernel)
         channels += layers * growth
         if index < len(args["block_config"]) - 1:
             out = math.floor(channels * args.get("compression", 0.5))
