@@ -52,6 +52,7 @@ _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
 )
+_PATH_LIKE = re.compile(rf"\A[~.]|[/{re.escape(os.sep)}]|\.(?:safetensors|pth|pt|bin)\Z")  # how a path looks
 _CLASSIFIER_KEYS, _FIRST_CONV = ("classifier.weight", "classifier.bias"), "features.conv0.weight"
 _MAX_CONFIG_BYTES, _MAX_CONFIG_DEPTH = 16 * 2**20, 8
 _MAX_BLOCKS, _MAX_LAYERS, _MAX_WIDTH, _MAX_PARAMETERS = 16, 10_000, 4096, 2**32
@@ -95,13 +96,7 @@ def resolve_weights(
         raise UnknownWeightsError(f"weights={reference!r} is empty: pass a tag, a path or 'hf-hub:org/name'")
     if reference is not None and reference.startswith(HF_HUB_PREFIX):
         return _hub_weights(name, reference, cache_dir, endpoint)
-    if reference is None or not (
-        "/" in reference
-        or os.sep in reference
-        or reference.startswith(("~", "."))
-        or reference.endswith((".safetensors", ".pth", ".pt", ".bin"))
-        or Path(reference).exists()
-    ):
+    if reference is None or not (_PATH_LIKE.search(reference) or Path(reference).exists()):
         return _manifest_weights(name, reference, cache_dir, endpoint)
     return _local_weights(name, Path(reference).expanduser())
 
@@ -216,10 +211,9 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
     if wanted != name:
         described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
         raise UnknownWeightsError(f"{where} describes {described}, not {name!r}: use create_model({wanted!r}, ...)")
-    raw = config.get("model_args", {})
-    if not isinstance(raw, dict):
-        raise InvalidConfigError(f"{where}: 'model_args' must be an object, got {json.dumps(raw)}")
-    args = dict(raw)
+    if bad := [key for key in ("model_args", "pretrained_cfg") if not isinstance(config.get(key, {}), dict)]:
+        raise InvalidConfigError(f"{where}: {bad[0]!r} must be an object, got {json.dumps(config[bad[0]])}")
+    args = dict(raw := config.get("model_args", {}))
     if not ours:  # timm's: shared names kept, others only at timm's default, a stem of 2 * growth_rate (stem_type='')
         settings = ({"global_pool": config["global_pool"]} if "global_pool" in config else {}) | raw
         args = {_TIMM_ARGS[key]: value for key, value in settings.items() if key in _TIMM_ARGS}
@@ -238,8 +232,6 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
             f"{where}: num_classes {config['num_classes']} and model_args.num_classes {args['num_classes']} differ"
         )
     cfg = config.get("pretrained_cfg", {})  # with timm's top-level label names; without where it was exported from
-    if not isinstance(cfg, dict):
-        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
     labels = {key: config.get(key) for key in ("label_names", "label_descriptions")}
     try:
         cfg = check_pretrained_cfg({key: value for key, value in (labels | cfg).items() if value is not None})
@@ -275,13 +267,10 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
             bad = tuple(n for n in blocks if not is_int(n) or n < 1) if isinstance(blocks, tuple) else blocks
             with torch.device("meta"):
                 DenseNet(**{**full, "block_config": bad or (1,)}, efficient=False)
-        parameters, _ = state_size(full)
+        if (parameters := state_size(full)[0]) > _MAX_PARAMETERS:
+            raise ValueError(f"{parameters:,} parameters (at most {_MAX_PARAMETERS:,})")
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
-    if parameters > _MAX_PARAMETERS:
-        raise InvalidConfigError(
-            f"{where}: invalid model_args: {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
-        )
     return args
 
 
