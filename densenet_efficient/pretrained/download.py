@@ -43,10 +43,8 @@ def _meter(name: str, limit: int) -> type[tqdm]:
 
     class Meter(tqdm):
         def __init__(self, *args: Any, **kwargs: Any):
-            if (kwargs.get("total") or 0) > limit:
-                raise WeightsNotAvailableError(
-                    f"{name}: the server announces {kwargs['total']:,} bytes, more than {limit:,}"
-                )
+            if (total := kwargs.get("total") or 0) > limit:
+                raise WeightsNotAvailableError(f"{name}: the server announces {total:,} bytes, more than {limit:,}")
             super().__init__(*args, **{**kwargs, "disable": kwargs.get("disable") or None})
 
         def update(self, n: float | None = 1) -> bool | None:
