@@ -80,9 +80,8 @@ def cifar_densenet(
     """A CIFAR DenseNet of any valid depth for 32x32 inputs: DenseNet-BC (``bottleneck``: (depth - 4) / 6
     bottleneck layers a block, a 2k stem, compression 0.5) or plain ((depth - 4) / 3 layers, a 16 stem, none).
     Its ``arch_name`` (:func:`cifar_name`) builds it again with :func:`create_model`; the rest: the factories'."""
-    arch = cifar_architecture(depth, growth_rate, bottleneck)
-    name = cifar_name(depth, growth_rate, bottleneck)
-    return _create(name, arch, pretrained, weights, **kwargs)
+    shape = (depth, growth_rate, bottleneck)
+    return _create(cifar_name(*shape), cifar_architecture(*shape), pretrained, weights, **kwargs)
 
 
 def _factory(name: str, arch: dict[str, Any], doc: str) -> Callable[..., DenseNet]:

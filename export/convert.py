@@ -30,7 +30,6 @@ from densenet_efficient.tools.bench import torchvision_densenet
 
 TORCHVISION_URL_BASE = "https://download.pytorch.org"
 TOLERANCE = 1e-5  # largest absolute logit difference a converted model may have (also export.monai's)
-TORCHVISION_PREPROCESSING = IMAGENET.to_dict()  # torchvision's: bilinear resize to 256, centre crop 224
 TORCHVISION_LABELS = "imagenet-1k"
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
@@ -102,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model.config["stem"] != "imagenet" or model.config["compression"] != 0.5 or model.in_chans != 3:
         raise SystemExit("torchvision's DenseNet has an ImageNet stem, compression 0.5 and 3 channels: not this model")
     source = "torchvision's ImageNet weights" if args.torchvision else "a checkpoint in torchvision's layout"
-    metadata = dict(tag=args.tag, source=f"converted from {source} ({location})", **TORCHVISION_PREPROCESSING)
+    metadata = dict(tag=args.tag, source=f"converted from {source} ({location})", **IMAGENET.to_dict())  # torchvision's
     metadata |= {"labels": args.labels} if args.labels else {}
     reference = ("torchvision", torchvision_densenet(model.config))
     return save_if_equal(model, reference, state_dict, args.image_size, args.output, **metadata)

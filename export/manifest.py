@@ -132,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "table":
         print(table(manifest))
         return 0
-    unknown = sorted(set(args.keys) - set(manifest["weights"]))
-    if unknown:
+    if unknown := sorted(set(args.keys) - set(manifest["weights"])):
         print(f"error: no entries {unknown}; entries: {', '.join(manifest['weights'])}", file=sys.stderr)
         return 2
     keys, fill = args.keys or list(manifest["weights"]), args.action == "fill"

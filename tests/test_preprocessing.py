@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import densenet_efficient as de
-from densenet_efficient.pretrained.loading import adapt_input_conv, model_pretrained_cfg
+from densenet_efficient.pretrained.loading import PretrainedWeights, adapt_input_conv
 from densenet_efficient.pretrained.manifest import label_names
 from tests.weights_helpers import randomise_batch_norm, small_model
 
@@ -120,13 +120,15 @@ def test_architecture_defaults_without_weights():
 def test_imagenet_weights_carry_torchvisions_category_names():
     from torchvision.models import DenseNet121_Weights
 
-    model = de.create_model("densenet121_efficient", block_config=[1, 1, 1, 1])
-    cfg = model_pretrained_cfg(model, de.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_cfg())
+    def loaded_cfg(model: de.DenseNet) -> dict:  # the cfg the loader gives a model loading tv_in1k's weights
+        weights_cfg = de.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_cfg()
+        return PretrainedWeights("tv_in1k", {}, model.state_dict, weights_cfg).load_into(model).pretrained_cfg
+
+    cfg = loaded_cfg(de.create_model("densenet121_efficient", block_config=[1, 1, 1, 1]))
     assert cfg["label_names"] == tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
     assert len(cfg["label_names"]) == 1000 and cfg["label_names"][281] == "tabby"
     assert cfg["license"] == "apache-2.0" and "converted from torchvision" in cfg["description"]
-    tuned = de.create_model("densenet121_efficient", block_config=[1, 1, 1, 1], num_classes=5)
-    tuned_cfg = model_pretrained_cfg(tuned, de.get_pretrained_cfg("densenet121_efficient.tv_in1k").model_cfg())
+    tuned_cfg = loaded_cfg(de.create_model("densenet121_efficient", block_config=[1, 1, 1, 1], num_classes=5))
     assert "label_names" not in tuned_cfg and tuned_cfg["num_classes"] == 5  # other classes: not ImageNet's
     assert label_names("imagenet-1k") == cfg["label_names"]
 

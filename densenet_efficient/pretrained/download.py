@@ -24,12 +24,7 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, tqdm
 
-from .errors import (
-    ChecksumMismatchError,
-    InvalidWeightsFileError,
-    UnverifiedWeightsError,
-    WeightsNotAvailableError,
-)
+from .errors import ChecksumMismatchError, InvalidWeightsFileError, UnverifiedWeightsError, WeightsNotAvailableError
 from .files import MAX_WEIGHTS_BYTES, env_flag, read_regular_file
 from .manifest import PretrainedCfg
 
@@ -48,10 +43,8 @@ def _meter(name: str, limit: int) -> type[tqdm]:
 
     class Meter(tqdm):
         def __init__(self, *args: Any, **kwargs: Any):
-            if (kwargs.get("total") or 0) > limit:
-                raise WeightsNotAvailableError(
-                    f"{name}: the server announces {kwargs['total']:,} bytes, more than {limit:,}"
-                )
+            if (total := kwargs.get("total") or 0) > limit:
+                raise WeightsNotAvailableError(f"{name}: the server announces {total:,} bytes, more than {limit:,}")
             super().__init__(*args, **{**kwargs, "disable": kwargs.get("disable") or None})
 
         def update(self, n: float | None = 1) -> bool | None:
@@ -113,20 +106,15 @@ def fetch_hub_bytes(
             etag, served_size = served.etag or "", served.size or 0
             mismatch = bool(sha256) and len(etag) == 64 and etag != sha256
             if mismatch or served_size > limit:
-                problem = (
-                    f"sha256 {etag}, expected {sha256}"
-                    if mismatch
-                    else f"{served_size:,} bytes, more than the {limit:,}"
-                )
+                too_big = f"{served_size:,} bytes, more than the {limit:,}"
+                problem = f"sha256 {etag}, expected {sha256}" if mismatch else too_big
                 raise ChecksumMismatchError(f"{name}: the Hub serves {problem}; nothing was downloaded.{floating}")
             if etag:  # the transfer, bounded, into the blob the client then links (its own has no deadline)
                 folder = Path(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
                 on_hub = served.location.startswith((endpoint or constants.ENDPOINT).rstrip("/") + "/")
                 _download(served.location, folder / "blobs" / etag, limit, build_hf_headers() if on_hub else {})
-        options: dict[str, Any] = dict(
-            revision=revision, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=TIMEOUT_S
-        )
-        path = Path(hf_hub_download(repo_id, filename, tqdm_class=_meter(name, limit), **options))
+        options: dict[str, Any] = dict(cache_dir=cache_dir, endpoint=endpoint, etag_timeout=TIMEOUT_S)
+        path = Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=_meter(name, limit), **options))
     except Exception as error:  # HTTP, connection, offline without a copy, a transfer the meter stopped
         if isinstance(error, (WeightsNotAvailableError, ChecksumMismatchError)):
             raise
@@ -191,14 +179,13 @@ def _download(url: str, path: Path, limit: int, headers: dict[str, str] | None =
         with (
             os.fdopen(handle, "wb") as file,
             urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=TIMEOUT_S) as response,
+            _meter(url, limit)(total=response.length, unit="B", unit_scale=True, desc=path.name, leave=False) as bar,
         ):
             expected, received = response.length, 0  # response.length counts down as it is read
-            bar = _meter(url, limit)(total=expected, unit="B", unit_scale=True, desc=path.name, leave=False)
-            with bar:
-                while chunk := response.read1(1 << 20):  # what has arrived: a drip reaches the meter
-                    bar.update(len(chunk))
-                    file.write(chunk)
-                    received += len(chunk)
+            while chunk := response.read1(1 << 20):  # what has arrived: a drip reaches the meter
+                bar.update(len(chunk))
+                file.write(chunk)
+                received += len(chunk)
             if expected is not None and received != expected:
                 raise http.client.IncompleteRead(b"", expected - received)
         os.replace(temporary, path)

@@ -65,11 +65,9 @@ def lock_file(handle: int, *, blocking: bool = True) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a locked temporary file beside ``path``, then rename it over ``path``; an ``OSError``
     names ``path`` (e.g. ENOSPC "cannot write <path>")."""
+    temporary = ""
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    except OSError as error:
-        raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-    try:
         lock_file(handle)
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -77,8 +75,8 @@ def write_atomically(path: Path, data: bytes) -> None:
             os.replace(temporary, path)  # still locked: no cleaner takes it for a leftover
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        if isinstance(error, OSError) and not error.filename:
+            os.unlink(temporary)  # "" when mkstemp failed: nothing to remove
+        if isinstance(error, OSError):
             raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
 

@@ -8,6 +8,7 @@ deserialised; a ``config.json`` is checked before anything is built (:func:`pars
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -51,6 +52,7 @@ _TIMM_DEFAULT_ONLY |= {"aa_layer": None, "aa_stem_only": True, "drop_rate": 0.0}
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$", re.M
 )
+_PATH_LIKE = re.compile(rf"\A[~.]|[/{re.escape(os.sep)}]|\.(?:safetensors|pth|pt|bin)\Z")  # how a path looks
 _CLASSIFIER_KEYS, _FIRST_CONV = ("classifier.weight", "classifier.bias"), "features.conv0.weight"
 _MAX_CONFIG_BYTES, _MAX_CONFIG_DEPTH = 16 * 2**20, 8
 _MAX_BLOCKS, _MAX_LAYERS, _MAX_WIDTH, _MAX_PARAMETERS = 16, 10_000, 4096, 2**32
@@ -70,15 +72,10 @@ class PretrainedWeights:
     def load_into(self, model: nn.Module) -> nn.Module:
         """Load the tensors into ``model`` (:func:`load_state_dict_into`) and set its ``pretrained_cfg``."""
         load_state_dict_into(model, self.read(), self.source, check_values=not self.vouched)
-        if isinstance(model, DenseNet):
-            model.pretrained_cfg = model_pretrained_cfg(model, self.pretrained_cfg)
+        if isinstance(model, DenseNet):  # the weights' cfg over the architecture's, adapted to the model
+            cfg = {**model.pretrained_cfg, **self.pretrained_cfg}
+            model.pretrained_cfg = adapt_cfg(cfg, model.in_chans, model.num_classes)
         return model
-
-
-def model_pretrained_cfg(model: DenseNet, weights_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``model.pretrained_cfg`` once weights of ``weights_cfg`` are loaded: theirs over the architecture's, adapted
-    to the model's input channels and classes."""
-    return adapt_cfg({**model.pretrained_cfg, **weights_cfg}, model.in_chans, model.num_classes)
 
 
 def resolve_weights(
@@ -99,13 +96,7 @@ def resolve_weights(
         raise UnknownWeightsError(f"weights={reference!r} is empty: pass a tag, a path or 'hf-hub:org/name'")
     if reference is not None and reference.startswith(HF_HUB_PREFIX):
         return _hub_weights(name, reference, cache_dir, endpoint)
-    if reference is None or not (
-        "/" in reference
-        or os.sep in reference
-        or reference.startswith(("~", "."))
-        or reference.endswith((".safetensors", ".pth", ".pt", ".bin"))
-        or Path(reference).exists()
-    ):
+    if reference is None or not (_PATH_LIKE.search(reference) or Path(reference).exists()):
         return _manifest_weights(name, reference, cache_dir, endpoint)
     return _local_weights(name, Path(reference).expanduser())
 
@@ -139,14 +130,12 @@ def _hub_weights(name: str, reference: str, cache_dir: Any, endpoint: str | None
         raise UnknownWeightsError(
             f"Invalid Hub repo id {repo_id!r} (not 'org/name'): expected 'hf-hub:org/name[@revision]'"
         ) from None
-    options: dict[str, Any] = dict(cache_dir=cache_dir, endpoint=endpoint)
-    config_path, config = fetch_hub_bytes(
-        repo_id, CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES, **options
-    )
+    fetch = functools.partial(fetch_hub_bytes, repo_id, cache_dir=cache_dir, endpoint=endpoint)
+    config_path, config = fetch(CONFIG_FILENAME, revision=revision or None, size=_MAX_CONFIG_BYTES)
     where = f"{reference} ({CONFIG_FILENAME})"
     model_args, input_cfg = parse_config(name, _config_of(config, where), where)
     commit = Path(config_path).parent.name  # snapshots/<commit>/: the weights of that same commit
-    state_dict = read_state_dict(*fetch_hub_bytes(repo_id, WEIGHTS_FILENAME, revision=commit, **options))
+    state_dict = read_state_dict(*fetch(WEIGHTS_FILENAME, revision=commit))
     check_shapes(name, model_args, state_dict, where)
     input_cfg.update(hf_hub_id=reference[len(HF_HUB_PREFIX) :], source="hf-hub")
     return PretrainedWeights(reference, model_args, lambda: state_dict, input_cfg)
@@ -162,8 +151,7 @@ def _local_weights(name: str, path: Path) -> PretrainedWeights:
             f"file not found: {file or folder / WEIGHTS_FILENAME}; pass a tag of {name!r}, a file, a saved folder or "
             "'hf-hub:org/name'"
         )
-    config_file = folder / CONFIG_FILENAME
-    config = {}
+    config_file, config = folder / CONFIG_FILENAME, {}
     if os.path.lexists(config_file):
         config = _config_of(read_regular_file(config_file, _MAX_CONFIG_BYTES, InvalidConfigError), str(config_file))
     data = read_regular_file(file, MAX_WEIGHTS_BYTES, InvalidWeightsFileError)
@@ -223,10 +211,9 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
     if wanted != name:
         described = f"weights for {saved_for!r}" if ours else f"timm's {saved_for!r}"
         raise UnknownWeightsError(f"{where} describes {described}, not {name!r}: use create_model({wanted!r}, ...)")
-    raw = config.get("model_args", {})
-    if not isinstance(raw, dict):
-        raise InvalidConfigError(f"{where}: 'model_args' must be an object, got {json.dumps(raw)}")
-    args = dict(raw)
+    if bad := [key for key in ("model_args", "pretrained_cfg") if not isinstance(config.get(key, {}), dict)]:
+        raise InvalidConfigError(f"{where}: {bad[0]!r} must be an object, got {json.dumps(config[bad[0]])}")
+    args = dict(raw := config.get("model_args", {}))
     if not ours:  # timm's: shared names kept, others only at timm's default, a stem of 2 * growth_rate (stem_type='')
         settings = ({"global_pool": config["global_pool"]} if "global_pool" in config else {}) | raw
         args = {_TIMM_ARGS[key]: value for key, value in settings.items() if key in _TIMM_ARGS}
@@ -245,8 +232,6 @@ def parse_config(name: str, config: Mapping[str, Any], where: str) -> tuple[dict
             f"{where}: num_classes {config['num_classes']} and model_args.num_classes {args['num_classes']} differ"
         )
     cfg = config.get("pretrained_cfg", {})  # with timm's top-level label names; without where it was exported from
-    if not isinstance(cfg, dict):
-        raise InvalidConfigError(f"{where}: 'pretrained_cfg' must be an object, got {json.dumps(cfg)}")
     labels = {key: config.get(key) for key in ("label_names", "label_descriptions")}
     try:
         cfg = check_pretrained_cfg({key: value for key, value in (labels | cfg).items() if value is not None})
@@ -282,13 +267,10 @@ def check_model_args(name: str, model_args: Mapping[str, Any], where: str) -> di
             bad = tuple(n for n in blocks if not is_int(n) or n < 1) if isinstance(blocks, tuple) else blocks
             with torch.device("meta"):
                 DenseNet(**{**full, "block_config": bad or (1,)}, efficient=False)
-        parameters, _ = state_size(full)
+        if (parameters := state_size(full)[0]) > _MAX_PARAMETERS:
+            raise ValueError(f"{parameters:,} parameters (at most {_MAX_PARAMETERS:,})")
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(f"{where}: invalid model_args: {error}") from error
-    if parameters > _MAX_PARAMETERS:
-        raise InvalidConfigError(
-            f"{where}: invalid model_args: {parameters:,} parameters (at most {_MAX_PARAMETERS:,})"
-        )
     return args
 
 
@@ -303,9 +285,7 @@ def state_size(args: Mapping[str, Any]) -> tuple[int, int]:
         for layer in range(layers):
             width = channels + layer * growth
             norms += width + bn_size * growth
-            convs += (
-                width * bn_size * growth + bn_size * growth * growth * kernel if bn_size else width * growth * kernel
-            )
+            convs += growth * (width * bn_size + bn_size * growth * kernel if bn_size else width * kernel)
         channels += layers * growth
         if index < len(args["block_config"]) - 1:
             out = math.floor(channels * args.get("compression", 0.5))

@@ -52,6 +52,7 @@ def transforms(
     return T.Compose([*steps, ToFloatTensor(), T.Normalize(cfg.mean, cfg.std)])
 
 
+@dataclass(frozen=True)
 class ToFloatTensor:
     """PIL image or uint8 (C, H, W) tensor -> float32 in [0, 1]; float tensors pass unchanged."""
 
@@ -60,9 +61,6 @@ class ToFloatTensor:
 
         tensor = image if isinstance(image, Tensor) else F.pil_to_tensor(image)
         return F.convert_image_dtype(tensor, torch.float32)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 @dataclass(frozen=True)

@@ -80,9 +80,8 @@ def save_pretrained(
                     file.flush()
                     os.fsync(file.fileno())
             except OSError as error:  # a full disk: say which file of which folder
-                raise type(error)(
-                    error.errno, f"cannot write {directory / filename}: {error.strerror or error}"
-                ) from error
+                why = error.strerror or error
+                raise type(error)(error.errno, f"cannot write {directory / filename}: {why}") from error
         if first:
             os.rename(staging, directory)
         for filename in files if not first else ():
