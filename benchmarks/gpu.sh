@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: the CUDA tests, then the benchmark matrix, written under $OUT with the device's name
-# and torch's version. About 8 minutes on an H100, the compiled rows last (inductor's compiles: the slowest step, the
-# one to lose if time runs out). DEVICE=cpu runs the same steps at tiny sizes (a slow test does, so the script is
+# and torch's version. About 7 minutes on an H100 (estimated: it has not run there yet), the last 2 the compiled rows
+# (inductor's compiles: the slowest step, the one to lose if time runs out). DEVICE=cpu runs the same steps at tiny sizes (a slow test does, so the script is
 # known to work before a GPU is spent on it).
 #
 #   benchmarks/gpu.sh                      # CUDA, results in benchmarks/results/gpu-<device>-<date>/
