@@ -39,8 +39,9 @@ def test_gpu_script_runs_every_step_on_cpu_and_writes_results(tmp_path):
         "bench-densenet_bc_10_k12-optimizer-in-backward",
         "plan",
         *[f"largest-batch-{entry['mode']}-{entry['largest_batch']}" for entry in plan["modes"]],
+        "bench-densenet_bc_10_k12-compiled",  # last: on CUDA inductor's compiles take minutes
     ]
-    compiled = json.loads((folder / "bench-densenet_bc_10_k12-fp32.json").read_text())["rows"]
+    compiled = json.loads((folder / "bench-densenet_bc_10_k12-compiled.json").read_text())["rows"]
     assert [row["label"] for row in compiled if "compile" in row["label"]] == [
         "torch.compile, efficient=False",
         "torch.compile, efficient='max'",
@@ -50,3 +51,15 @@ def test_gpu_script_runs_every_step_on_cpu_and_writes_results(tmp_path):
     for entry in plan["modes"]:
         checked = json.loads((folder / f"largest-batch-{entry['mode']}.json").read_text())["rows"][0]
         assert checked["batch_size"] == entry["largest_batch"] > 0 and checked["peak_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_records_a_step_past_its_time_limit_and_goes_on(tmp_path):
+    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable, "LIMIT": "1"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    summary = next(tmp_path.iterdir()).joinpath("summary.md").read_text()
+    rows = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ") and ".txt |" in line]
+    assert [row[0][2:] for row in rows][-2:] == ["plan", "bench-densenet_bc_10_k12-compiled"]  # no largest batch
+    assert len(rows) == 7 and all(row[2] == "failed (124)" for row in rows), summary
+    assert "Total:" in summary

@@ -223,6 +223,7 @@ class Runner:
 
     def peak_bytes(self) -> int:
         """Peak memory of one step above what was allocated before it (:func:`.memory.peak_memory`)."""
+        self.model.zero_grad(set_to_none=True)  # freed in the step, old gradients would lower CUDA's count by theirs
         with peak_memory(self.device) as stats:
             self.step()
         return stats["peak"]
