@@ -228,6 +228,39 @@ def test_stem_operator_computes_what_the_eager_function_computes(kind, keep_acti
     _assert_same_running_statistics([stage], reference_stages)
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_operators_on_signals_and_volumes_with_some_tensors_frozen(dims):
+    # The operators' ints carry each stage's spatial dimensions (a signal's stem pools as an image one row high);
+    # gradients only for the tensors that need them (frozen layers, an input without gradient).
+    size, geometry = (lambda n: (n,) * dims), (lambda s, p: ((s,) * dims, (p,) * dims, (1,) * dims))
+    layer = [_stage("frozen", 8, geometry(1, 0)), _stage("updating", 6, geometry(1, 1))]
+    layer_in = [torch.rand(8) + 0.5, torch.randn(8), torch.randn(6, 8, *size(1)), torch.rand(6) + 0.5]
+    layer_in += [torch.randn(6), torch.randn(4, 6, *size(3))]
+    layer_in += [torch.randn(2, 5, *size(6)), torch.randn(2, 3, *size(6))]
+    pool = _MaxPool.of(torch.nn.MaxPool3d(3, 2, 1) if dims == 3 else torch.nn.MaxPool1d(3, 2, 1), dims)
+    stem = [_stage("updating", 6, geometry(2, 1))]
+    stem_in = [torch.randn(2, 3, *size(12)), torch.randn(6, 3, *size(3)), torch.rand(6) + 0.5, torch.randn(6)]
+    for function, operator, stages, arguments, tensors, frozen in [
+        (_BnReluConvChain, compiled_op.bn_relu_conv_chain, layer, lambda s: (s, True), layer_in, (0, 2, 4, 6)),
+        (_ConvBnReluMaxPool, compiled_op.conv_bn_relu_max_pool, stem, lambda s: (s[0], pool, True), stem_in, (0, 2)),
+    ]:
+        tensors = [t.requires_grad_(index not in frozen) for index, t in enumerate(tensors)]
+        needing = [t for t in tensors if t.requires_grad]
+        reference_stages = _reference_stages(stages)
+        expected = function.apply(*arguments(reference_stages), *tensors)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        grads = [torch.randn_like(t) for t in expected]
+        expected_grads = torch.autograd.grad(expected, needing, grads)
+        with _OperatorCalls() as recorded:
+            got = operator(*arguments(stages), *tensors)
+            got = got if isinstance(got, tuple) else (got,)
+            got_grads = torch.autograd.grad(got, needing, grads)
+        assert len(recorded.calls) == 2  # the operator and its backward
+        for got_tensor, expected_tensor in zip((*got, *got_grads), (*expected, *expected_grads), strict=True):
+            torch.testing.assert_close(got_tensor, expected_tensor, rtol=0, atol=0)
+        _assert_same_running_statistics(stages, reference_stages)
+
+
 def test_synchronized_batch_norms_fall_back_to_the_traced_function_with_a_warning(monkeypatch):
     calls = []
     for function in (_BnReluConvChain, _ConvBnReluMaxPool):
