@@ -303,6 +303,44 @@ def test_compiled_model_matches_eager_outputs_gradients_and_batch_norm_buffers(s
         assert not got.requires_grad
 
 
+@pytest.mark.slow
+def test_compiled_intermediates_of_a_partly_frozen_model_match_plain_autograd_over_batch_sizes():
+    # Cumulative running averages (momentum=None), a frozen stem norm and a dense layer's first norm frozen (a chain
+    # of an eval-mode and a training norm), a frozen convolution, the stem's activation kept (forward_intermediates)
+    # and the input's gradient, at a second and third batch size (recompiled, then dynamic).
+    naive = DenseNet(**IMAGENET, efficient=False)
+    for module in naive.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    naive.features.norm0.eval()
+    naive.features.denseblock1.denselayer1.norm1.eval()
+    naive.features.conv0.weight.requires_grad_(False)
+    model = copy.deepcopy(naive).set_efficient(True)
+    targets = []
+
+    def backend(graph, example_inputs):
+        targets.extend(str(node.target) for node in graph.graph.nodes)
+        return torch._dynamo.lookup_backend(BACKEND)(graph, example_inputs)
+
+    compiled = torch.compile(model.forward_intermediates, backend=backend)
+    for size in (2, 3, 4):
+        images = torch.randn(size, 3, 32, 32)
+        inputs = []
+        for forward in (compiled, naive.forward_intermediates):
+            inputs.append(images.clone().requires_grad_())
+            final, levels = forward(inputs[-1])
+            sum(t.square().mean() * (index + 1) for index, t in enumerate((final, *levels))).backward()
+        torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-4, atol=1e-6)
+        for (name, got), expected in zip(model.named_parameters(), naive.parameters(), strict=True):
+            assert (got.grad is None) == (expected.grad is None), name  # conv0 frozen, the classifier unused
+            if got.grad is not None:
+                torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+                got.grad = expected.grad = None
+        for (name, got), expected in zip(model.named_buffers(), naive.buffers(), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert sum("conv_bn_relu_max_pool" in target for target in targets) >= 2  # compiled, not run eagerly
+
+
 def _compiled_saved_bytes(model, images, labels):
     """Bytes the compiled forward graph hands to backward: its outputs that are neither graph inputs (parameters,
     buffers, the batch) nor the logits, partitioned by the min-cut partitioner torch.compile's default uses."""
