@@ -228,6 +228,39 @@ def test_stem_operator_computes_what_the_eager_function_computes(kind, keep_acti
     _assert_same_running_statistics([stage], reference_stages)
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_operators_on_signals_and_volumes_with_some_tensors_frozen(dims):
+    # The operators' ints carry each stage's spatial dimensions (a signal's stem pools as an image one row high);
+    # gradients only for the tensors that need them (frozen layers, an input without gradient).
+    size, geometry = (lambda n: (n,) * dims), (lambda s, p: ((s,) * dims, (p,) * dims, (1,) * dims))
+    layer = [_stage("frozen", 8, geometry(1, 0)), _stage("updating", 6, geometry(1, 1))]
+    layer_in = [torch.rand(8) + 0.5, torch.randn(8), torch.randn(6, 8, *size(1)), torch.rand(6) + 0.5]
+    layer_in += [torch.randn(6), torch.randn(4, 6, *size(3))]
+    layer_in += [torch.randn(2, 5, *size(6)), torch.randn(2, 3, *size(6))]
+    pool = _MaxPool.of(torch.nn.MaxPool3d(3, 2, 1) if dims == 3 else torch.nn.MaxPool1d(3, 2, 1), dims)
+    stem = [_stage("updating", 6, geometry(2, 1))]
+    stem_in = [torch.randn(2, 3, *size(12)), torch.randn(6, 3, *size(3)), torch.rand(6) + 0.5, torch.randn(6)]
+    for function, operator, stages, arguments, tensors, frozen in [
+        (_BnReluConvChain, compiled_op.bn_relu_conv_chain, layer, lambda s: (s, True), layer_in, (0, 2, 4, 6)),
+        (_ConvBnReluMaxPool, compiled_op.conv_bn_relu_max_pool, stem, lambda s: (s[0], pool, True), stem_in, (0, 2)),
+    ]:
+        tensors = [t.requires_grad_(index not in frozen) for index, t in enumerate(tensors)]
+        needing = [t for t in tensors if t.requires_grad]
+        reference_stages = _reference_stages(stages)
+        expected = function.apply(*arguments(reference_stages), *tensors)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        grads = [torch.randn_like(t) for t in expected]
+        expected_grads = torch.autograd.grad(expected, needing, grads)
+        with _OperatorCalls() as recorded:
+            got = operator(*arguments(stages), *tensors)
+            got = got if isinstance(got, tuple) else (got,)
+            got_grads = torch.autograd.grad(got, needing, grads)
+        assert len(recorded.calls) == 2  # the operator and its backward
+        for got_tensor, expected_tensor in zip((*got, *got_grads), (*expected, *expected_grads), strict=True):
+            torch.testing.assert_close(got_tensor, expected_tensor, rtol=0, atol=0)
+        _assert_same_running_statistics(stages, reference_stages)
+
+
 def test_synchronized_batch_norms_fall_back_to_the_traced_function_with_a_warning(monkeypatch):
     calls = []
     for function in (_BnReluConvChain, _ConvBnReluMaxPool):
@@ -268,6 +301,44 @@ def test_compiled_model_matches_eager_outputs_gradients_and_batch_norm_buffers(s
     for (name, got), (_, expected) in zip(model.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
         assert not got.requires_grad
+
+
+@pytest.mark.slow
+def test_compiled_intermediates_of_a_partly_frozen_model_match_plain_autograd_over_batch_sizes():
+    # Cumulative running averages (momentum=None), a frozen stem norm and a dense layer's first norm frozen (a chain
+    # of an eval-mode and a training norm), a frozen convolution, the stem's activation kept (forward_intermediates)
+    # and the input's gradient, at a second and third batch size (recompiled, then dynamic).
+    naive = DenseNet(**IMAGENET, efficient=False)
+    for module in naive.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    naive.features.norm0.eval()
+    naive.features.denseblock1.denselayer1.norm1.eval()
+    naive.features.conv0.weight.requires_grad_(False)
+    model = copy.deepcopy(naive).set_efficient(True)
+    targets = []
+
+    def backend(graph, example_inputs):
+        targets.extend(str(node.target) for node in graph.graph.nodes)
+        return torch._dynamo.lookup_backend(BACKEND)(graph, example_inputs)
+
+    compiled = torch.compile(model.forward_intermediates, backend=backend)
+    for size in (2, 3, 4):
+        images = torch.randn(size, 3, 32, 32)
+        inputs = []
+        for forward in (compiled, naive.forward_intermediates):
+            inputs.append(images.clone().requires_grad_())
+            final, levels = forward(inputs[-1])
+            sum(t.square().mean() * (index + 1) for index, t in enumerate((final, *levels))).backward()
+        torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-4, atol=1e-6)
+        for (name, got), expected in zip(model.named_parameters(), naive.parameters(), strict=True):
+            assert (got.grad is None) == (expected.grad is None), name  # conv0 frozen, the classifier unused
+            if got.grad is not None:
+                torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+                got.grad = expected.grad = None
+        for (name, got), expected in zip(model.named_buffers(), naive.buffers(), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert sum("conv_bn_relu_max_pool" in target for target in targets) >= 2  # compiled, not run eagerly
 
 
 def _compiled_saved_bytes(model, images, labels):

@@ -158,7 +158,7 @@ def _norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, stage: _Stage, update_running_stats: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``stage``'s norm of ``x`` (N, C, *spatial) and the two tensors its backward needs: for batch norm per
-    channel, the batch mean and inverse std (fp32 for reduced-precision ``x``), or the running statistics
+    channel, the batch mean and inverse std (in the dtype the kernels give), or the running statistics
     themselves (eval mode: not modified, as plain autograd saves them); per (sample, group) mean and rstd for group
     norm; per (sample, channel) for instance norm (the running ones repeated per sample, whose running statistics
     become the sample average of their updated repetitions, as ``torch.instance_norm`` does). Running statistics
@@ -169,8 +169,9 @@ def _norm(
     if stage.norm == "batch" and stage.batch_stats:
         buffers = (stage.running_mean, stage.running_var) if update_running_stats else (None, None)
         out, first, second = batch_norm_train(x, weight, bias, *buffers, stage.momentum, stage.eps, stage.sync)
-        # The kernels give fp32 statistics for reduced-precision x, the fake kernel x's dtype (torch.compile)
-        reduced = first.dtype in (torch.float16, torch.bfloat16)
+        # As real kernels give them (fake ones: x's dtype): fp32 for reduced-precision x, on CPU with fp32 weights only
+        kept = x.is_cpu and getattr(weight, "dtype", x.dtype) == x.dtype
+        reduced = first.dtype in (torch.float16, torch.bfloat16) and not kept
         return (out, first.float(), second.float()) if reduced else (out, first, second)
     if stage.norm == "batch":
         stats = stage.running_mean, stage.running_var
