@@ -97,9 +97,13 @@ def test_bfloat16_model_cpu(mode, batch):
     reference, result = (train(copy.deepcopy(base).set_efficient(m), inputs, batch[1], steps=1) for m in (False, mode))
     torch.testing.assert_close(result[0], reference[0])  # logits
     torch.testing.assert_close(result[2], reference[2])  # buffers
-    # One step: bf16 rounding in backward's other order (plain autograd's own error against fp32 is larger).
-    expected, actual = (torch.cat([g.flatten().float() for g in r[1].values()]) for r in (reference, result))
-    assert (actual - expected).norm() <= 0.15 * expected.norm()
+    # Gradients: bf16 rounding in another order, no further from the same weights' fp32 gradients than plain
+    # bf16 autograd's.
+    exact = train(copy.deepcopy(base).float(), inputs.float(), batch[1], steps=1)
+    errors = [
+        torch.cat([(r[1][k].float() - exact[1][k]).flatten() for k in exact[1]]).norm() for r in (reference, result)
+    ]
+    assert errors[1] <= 1.5 * errors[0], errors
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
