@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from . import compiled_op
+from .batchnorm import sync_group
 from .eligibility import efficient_obstacle, is_customised, is_frozen_norm, norm_kind, warn_fallback
 from .functional import (
     MemoryMode,
@@ -121,6 +122,26 @@ def bn_relu_conv(
         plain_relu = act is None or (type(act) is nn.ReLU and not is_customised(act))
         x = conv(F.relu(x, inplace=not (norm._backward_hooks or norm._backward_pre_hooks)) if plain_relu else act(x))  # type: ignore[misc]
     return x
+
+
+def dense_block(
+    features: Sequence[Tensor], layers: Sequence[tuple[Sequence[tuple[Any, Any, Any]], MemoryMode, nn.Module]]
+) -> list[Tensor] | None:
+    """Under ``torch.compile``, the new features (N, k, *spatial) of dense layers ``((norm, act, conv) stages,
+    efficient, owner)`` on the block's one map ``features`` as one operator (:func:`.compiled_op.dense_block`: each
+    map's gradient summed as eager sums it), where every layer would run the function in mode ``"max"``; else
+    ``None``. Not for ``True``, whose per-layer operators keep the eager peak (DenseNet-BC-40, batch 32: 1.003 x;
+    ``"max"`` 1.114 x per layer, 1.009 x as blocks)."""
+    compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    if not compiling or len(features) != 1 or {e for _, e, _ in layers} != {"max"}:
+        return None
+    if any(sync_group(norm) is not None for stages, _, _ in layers for norm, _, _ in stages) or not all(
+        _use_function(features, stages, "max", owner) for stages, _, owner in layers
+    ):
+        return None
+    chains = [tuple(_stage(norm, conv, False, act) for norm, act, conv in stages) for stages, _, _ in layers]
+    params = [t for stages, _, _ in layers for norm, _, conv in stages for t in (norm.weight, norm.bias, conv.weight)]
+    return compiled_op.dense_block(chains, False, params, features)
 
 
 def bn_relu_conv_pool(

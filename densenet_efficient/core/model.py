@@ -22,7 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .config import architecture_cfg, min_input_side
-from .efficient import bn_relu, bn_relu_conv, bn_relu_conv_pool, conv_bn_relu_max_pool
+from .efficient import bn_relu, bn_relu_conv, bn_relu_conv_pool, conv_bn_relu_max_pool, dense_block
 from .eligibility import activation, is_customised
 from .functional import MemoryMode, check_memory_mode
 
@@ -108,13 +108,16 @@ class DenseLayer(nn.Module):
             traced = _record_as_fx_leaf(self, features)
             if traced is not None:
                 return traced
-            stages = [(self.norm1, self.relu1, self.conv1)]
-            if hasattr(self, "conv2"):
-                stages.append((self.norm2, self.relu2, self.conv2))
-            new_features = bn_relu_conv(_feature_list(features), stages, self.efficient, self)
+            new_features = bn_relu_conv(_feature_list(features), self.stages(), self.efficient, self)
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
+
+    @torch.jit.unused
+    def stages(self) -> List[Tuple[nn.Module, nn.Module, nn.Module]]:
+        """``(norm, act, conv)`` per BN-ReLU-Conv."""
+        stages = [(self.norm1, self.relu1, self.conv1)]
+        return stages + [(self.norm2, self.relu2, self.conv2)] if hasattr(self, "conv2") else stages
 
 
 class DenseBlock(nn.ModuleDict):
@@ -133,9 +136,24 @@ class DenseBlock(nn.ModuleDict):
     def extend(self, features: List[Tensor]) -> List[Tensor]:
         """The input feature maps followed by each layer's new features (N, growth_rate, *spatial)."""
         features = list(features)
+        if not torch.jit.is_scripting():
+            new_features = _one_operator(self, features)
+            if new_features is not None:
+                return features + new_features
         for layer in self.values():
             features.append(layer(features))
         return features
+
+
+def _one_operator(block: DenseBlock, features: List[Tensor]) -> Optional[List[Tensor]]:
+    """Under ``torch.compile``, the new features of ``block``'s layers as one operator (:func:`.efficient.dense_block`)
+    unless a layer has hooks or dropout in training (they run layer by layer)."""
+    layers: list[Any] = list(block.values())
+    if not torch.compiler.is_compiling() or any(
+        type(m) is not DenseLayer or is_customised(m) or (m.drop_rate and m.training) for m in layers
+    ):
+        return None
+    return dense_block(features, [(m.stages(), m.efficient, m) for m in layers])
 
 
 class Transition(nn.Module):
