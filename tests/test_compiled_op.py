@@ -203,8 +203,8 @@ def test_operator_computes_what_the_eager_function_computes(form, kinds, keep_in
     _assert_same_running_statistics(stages, reference_stages)
 
 
-@pytest.mark.parametrize("kinds, keep_intermediates", [(["updating"] * 4, False), (["frozen", "updating"] * 2, True)])
-def test_block_operator_computes_what_the_layers_functions_compute(kinds, keep_intermediates):
+@pytest.mark.parametrize("kinds", [["updating"] * 4, ["frozen", "updating"] * 2])
+def test_block_operator_computes_what_the_layers_functions_compute(kinds):
     # Two dense layers on a map of 8 channels (BN-ReLU-1x1 conv to 6, BN-ReLU-3x3 conv to 4 channels each).
     layers, params, features = [], [], [torch.randn(2, 8, 6, 6)]
     for index, channels in enumerate((8, 12)):
@@ -215,11 +215,11 @@ def test_block_operator_computes_what_the_layers_functions_compute(kinds, keep_i
     reference = [_reference_stages(stages) for stages in layers]
     maps = list(features)
     for index, stages in enumerate(reference):
-        maps.append(_BnReluConvChain.apply(stages, keep_intermediates, *params[6 * index : 6 * index + 6], *maps))
+        maps.append(_BnReluConvChain.apply(stages, False, *params[6 * index : 6 * index + 6], *maps))
     grads = [torch.randn_like(t) for t in maps[1:]]
     expected_grads = torch.autograd.grad(maps[1:], inputs, grads)
     with _OperatorCalls() as recorded:
-        got = compiled_op.dense_block(layers, keep_intermediates, params, features)
+        got = compiled_op.dense_block(layers, params, features[0])
         # The layers' backward operators add into the new features' gradients (declared mutated): copies
         got_grads = torch.autograd.grad(got, inputs, [g.clone() for g in grads])
     for got_tensor, expected_tensor in zip((*got, *got_grads), (*maps[1:], *expected_grads), strict=True):
@@ -479,11 +479,12 @@ def test_inductor_keeps_the_eager_allocator_peak(name, batch, mode):
 
 
 @pytest.mark.slow
-def test_inductor_under_cpu_bf16_autocast_matches_plain_autograd():
+@pytest.mark.parametrize("mode", [True, "max"])  # "max": dense blocks as one operator
+def test_inductor_under_cpu_bf16_autocast_matches_plain_autograd(mode):
     # The fake batch-norm kernel gives bf16 statistics where the CPU kernel gives fp32: inductor's check of the
     # stem operator's outputs failed before the efficient functions cast their statistics to fp32.
     naive = DenseNet(**IMAGENET, efficient=False)
-    model = copy.deepcopy(naive).set_efficient(True)
+    model = copy.deepcopy(naive).set_efficient(mode)
     images, labels = _batch(side=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(

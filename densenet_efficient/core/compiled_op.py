@@ -217,30 +217,29 @@ _stem_op = _operator("conv_bn_relu_max_pool", _ConvBnReluMaxPool, _stem_argument
 
 
 class _DenseBlockChain:
-    """A dense block's layers, each a :class:`_BnReluConvChain` on every feature map before it, as one operator
-    (:func:`dense_block`). ``forward`` takes ``layers`` (each layer's stages), ``keep_intermediates``, each layer's
-    parameters (norm weight, norm bias, conv weight per stage), the block's input maps; returns each layer's new
-    features (N, k, *spatial) and saves what each layer's function saves, layer after layer."""
+    """A dense block's layers in mode "max", each a :class:`_BnReluConvChain` on every feature map before it, as
+    one operator (:func:`dense_block`). ``forward`` takes ``layers`` (each layer's stages), each layer's parameters
+    (norm weight, norm bias, conv weight per stage), the block's input map; returns each layer's new features (N,
+    k, *spatial) and saves what each layer's function saves, layer after layer."""
 
     @staticmethod
-    def forward(ctx: Any, layers: Sequence[Sequence[_Stage]], keep_intermediates: bool, *tensors: Tensor) -> Any:
+    def forward(ctx: Any, layers: Sequence[Sequence[_Stage]], *tensors: Tensor) -> Any:
         params = iter(tensors)
         features = list(tensors[sum(3 * len(stages) for stages in layers) :])
         saved: list[Tensor | None] = []
         for stages in layers:
             layer = _ForwardContext()
             layer_params = [next(params) for _ in range(3 * len(stages))]
-            features.append(_BnReluConvChain.forward(layer, stages, keep_intermediates, *layer_params, *features))
+            features.append(_BnReluConvChain.forward(layer, stages, False, *layer_params, *features))
             saved += layer.saved
         ctx.save_for_backward(*saved)
         return tuple(features[len(features) - len(layers) :])
 
 
 def _block_arguments(stages: Sequence[_Stage], tail: list[int]) -> dict[str, Any]:
-    """The block's layers (``tail``: ``keep_intermediates``, then each layer's number of stages)."""
-    ends = [sum(tail[1 : index + 2]) for index in range(len(tail) - 1)]
-    layers = [stages[end - size : end] for end, size in zip(ends, tail[1:], strict=True)]
-    return dict(layers=layers, keep_intermediates=bool(tail[0]))
+    """The block's layers (``tail``: each layer's number of stages)."""
+    ends = [sum(tail[: index + 1]) for index in range(len(tail))]
+    return dict(layers=[stages[end - size : end] for end, size in zip(ends, tail, strict=True)])
 
 
 def _layer_backward_impl(
@@ -258,15 +257,13 @@ def _layer_backward_impl(
     saved: from its new features' gradient ``grads[-1]``, the earlier new features' added into ``grads[:-1]``, the
     parameters' written ``into`` (those ``needs_input_grad`` asks for); returns the input map's, plus ``previous``
     (empty if not asked for)."""
-    stages, tail = _stages([], [], ints, floats)
-    arguments = _block_arguments(stages, tail)
     context = SimpleNamespace(
         saved_tensors=tuple(saved),
         needs_input_grad=(False, False, *needs_input_grad),
         compute_dtype=compute_dtype,
         num_inputs=len(grads),
-        stages=arguments["layers"][layer],
-        keep_intermediates=arguments["keep_intermediates"],
+        stages=_block_arguments(*_stages([], [], ints, floats))["layers"][layer],
+        keep_intermediates=False,
     )
     with torch.no_grad():
         gradients = _BnReluConvChain.backward(context, grads[-1])[2:]
@@ -291,15 +288,14 @@ def _block_backward(ctx: Any, grads: list[Tensor]) -> list[Tensor | None]:
     operators last, side by side), the new features' into their own gradients; each layer's saved tensors and
     gradient free once its operator has run."""
     ints, floats, compute_dtype = ctx.arguments
-    arguments = _block_arguments(*_stages([], [], ints, floats))
-    layers, keep = arguments["layers"], arguments["keep_intermediates"]
+    layers = _block_arguments(*_stages([], [], ints, floats))["layers"]
     num_params = sum(3 * len(stages) for stages in layers)
     accumulated = [g.clone() if 0 in g.stride() else g for g in grads]  # a sum's expanded: copied
     into = [torch.empty_strided(*layout[:2], dtype=layout[2], device=layout[3]) for layout in ctx.layouts[:-1]]
     end, param_end, needs, input_grad = len(ctx.saved_tensors), num_params, ctx.needs, None
     for index in reversed(range(len(layers))):
         stages, count = layers[index], 3 * len(layers[index])
-        start = end - (5 * len(stages) + (len(stages) - 1 if keep else 0) + 1 + index)
+        start = end - (5 * len(stages) + 1 + index)  # parameters, statistics, input maps
         layer_needs = [*needs[param_end - count : param_end], needs[-1], *[True] * index]
         wanted = [t for t, needed in zip(into[param_end - count : param_end], layer_needs, strict=False) if needed]
         saved = list(ctx.saved_tensors[start:end])
@@ -343,10 +339,9 @@ def conv_bn_relu_max_pool(
     return (outputs[0], outputs[1]) if keep_activation else outputs[0]
 
 
-def dense_block(
-    layers: Sequence[Sequence[_Stage]], keep_intermediates: bool, params: Sequence[Tensor], features: Sequence[Tensor]
-) -> list[Tensor]:
-    """A dense block's new features as one operator (:class:`_DenseBlockChain`): ``layers``' stages, each layer's
-    parameters (norm weight, norm bias, conv weight per stage), the block's input maps (N, C_i, *spatial)."""
-    tail = [int(keep_intermediates), *(len(stages) for stages in layers)]
-    return _run(_block_op, [stage for stages in layers for stage in stages], tail, (*params, *features))[: len(layers)]
+def dense_block(layers: Sequence[Sequence[_Stage]], params: Sequence[Tensor], x: Tensor) -> list[Tensor]:
+    """A dense block's new features in mode "max" as one operator (:class:`_DenseBlockChain`): ``layers``' stages,
+    each layer's parameters (norm weight, norm bias, conv weight per stage), the block's input map ``x`` (N, C,
+    *spatial)."""
+    stages = [stage for layer in layers for stage in layer]
+    return _run(_block_op, stages, [len(layer) for layer in layers], (*params, x))[: len(layers)]

@@ -141,7 +141,7 @@ def dense_block(
         return None
     chains = [tuple(_stage(norm, conv, False, act) for norm, act, conv in stages) for stages, _, _ in layers]
     params = [t for stages, _, _ in layers for norm, _, conv in stages for t in (norm.weight, norm.bias, conv.weight)]
-    return compiled_op.dense_block(chains, False, params, features)
+    return compiled_op.dense_block(chains, params, features[0])
 
 
 def bn_relu_conv_pool(
