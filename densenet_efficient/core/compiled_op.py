@@ -195,7 +195,8 @@ def _operator(
         computed = iter(backward_operator(grads[ctx.results], list(ctx.saved_tensors), *ctx.arguments, ctx.needs))
         return [next(computed) if needed else None for needed in ctx.needs], *ctx.no_gradients
 
-    backward_operator = _custom_op(f"{name}_backward", backward_op)
+    if formula is None:  # a block's backward is its own (one operator per layer)
+        backward_operator = _custom_op(f"{name}_backward", backward_op)
     operator = _custom_op(name, forward)
     operator.register_autograd(backward, setup_context=setup_context)
     return operator
