@@ -463,11 +463,12 @@ def test_inductor_compiled_model_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, batch, mode", [(NAME, 16, True), (NAME, 16, "max"), ("densenet_bc_28_k12", 8, "max")])
+@pytest.mark.parametrize("name, batch, mode", [(NAME, 16, True), ("densenet_bc_28_k12", 8, "max")])
 def test_inductor_keeps_the_eager_allocator_peak(name, batch, mode):
     # Before the backward became an operator and the operators took inductor's layouts, inductor fused the traced
     # backward and copied the stem's channels-last output per operator: "max" needed 1.37 x its eager peak on NAME.
-    # Four layers a block, one operator each, "max" needed 1.098 x (inductor summed each map's gradients last).
+    # On DenseNet-BC-28 (four layers a block), one operator per layer, "max" needed 1.098 x (inductor summed each
+    # map's gradients last); as one operator per block 1.042 x.
     model = create_model(name, efficient=mode)
     images, labels = _batch(batch, 32)
     _step(model, images, labels)  # gradients exist: later steps accumulate into them, eager and compiled alike
