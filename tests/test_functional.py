@@ -89,11 +89,13 @@ def test_autocast_bfloat16_cpu(mode, batch):
     assert_same_training(base, *batch, mode, rtol=1e-2, autocast=autocast)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
-def test_bfloat16_model_cpu(mode, batch):
-    # The CPU kernel gives a bf16 model's batch statistics in bf16, and its backward takes them so (fp32 raised).
-    base = small_networks()["imagenet_stem"].to(torch.bfloat16)
-    inputs = batch[0].to(torch.bfloat16)
+def test_reduced_precision_model_cpu(mode, dtype, batch):
+    # The CPU kernel gives a bf16/fp16 model's batch statistics in its dtype, and its backward takes them so (fp32
+    # raised).
+    base = small_networks()["imagenet_stem"].to(dtype)
+    inputs = batch[0].to(dtype)
     reference, result = (train(copy.deepcopy(base).set_efficient(m), inputs, batch[1], steps=1) for m in (False, mode))
     torch.testing.assert_close(result[0], reference[0])  # logits
     torch.testing.assert_close(result[2], reference[2])  # buffers
