@@ -130,10 +130,11 @@ def dense_block(
     """Under ``torch.compile``, the new features (N, k, *spatial) of dense layers ``((norm, act, conv) stages,
     efficient, owner)`` on the block's one map ``features`` as one operator (:func:`.compiled_op.dense_block`: each
     map's gradient summed as eager sums it), where every layer would run the function in mode ``"max"``; else
-    ``None``. Not for ``True``, whose per-layer operators keep the eager peak (DenseNet-BC-40, batch 32: 1.003 x;
+    ``None``. Not for channels-last maps (the stem's gradient came out wrong: they run layer by layer), nor for
+    ``True``, whose per-layer operators keep the eager peak (DenseNet-BC-40, batch 32: 1.003 x;
     ``"max"`` 1.114 x per layer, 1.009 x as blocks)."""
     compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-    if not compiling or len(features) != 1 or {e for _, e, _ in layers} != {"max"}:
+    if not compiling or len(features) != 1 or not features[0].is_contiguous() or {e for _, e, _ in layers} != {"max"}:
         return None
     if any(sync_group(norm) is not None for stages, _, _ in layers for norm, _, _ in stages) or not all(
         _use_function(features, stages, "max", owner) for stages, _, owner in layers
